@@ -1,0 +1,59 @@
+# Two commands on a fresh clone: `make run` and `make test`. Both build what they need.
+PYTHON ?= python3
+VENV := .venv
+ENGINE_VENV := .venv-engine
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install install-engine run test test-full test-torchfree lint model upgrade clean
+
+install: $(VENV)/.installed
+
+# Everything: engine, training, export, dev tools, pinned by constraints.txt.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[all]'
+	touch $@
+
+# The base install only (no torch/transformers/optimum): what an ops person deploys.
+install-engine: $(ENGINE_VENV)/.installed
+$(ENGINE_VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(ENGINE_VENV)
+	$(ENGINE_VENV)/bin/pip install -q --upgrade pip
+	$(ENGINE_VENV)/bin/pip install -q -c constraints.txt -e . pytest
+	touch $@
+
+# The main job: caption the sample folder with the bundle shipped in the package, no torch installed.
+run: $(ENGINE_VENV)/.installed
+	$(ENGINE_VENV)/bin/edlight caption examples/ --out captions.jsonl --overwrite
+	@cat captions.jsonl
+
+test: test-full test-torchfree
+
+test-full: $(VENV)/.installed
+	$(VENV)/bin/pytest -q tests
+
+# The same engine tests again where torch, transformers and optimum are absent.
+test-torchfree: $(ENGINE_VENV)/.installed
+	$(ENGINE_VENV)/bin/pytest -q tests/torchfree
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# Rebuild the default bundle shipped in engine/default_bundle from the generator, with fixed seeds.
+model: $(VENV)/.installed
+	$(VENV)/bin/python -m train.make_model
+
+# Re-resolve the newest versions allowed by pyproject's ranges and re-pin them.
+upgrade:
+	rm -rf build/upgrade-venv
+	$(PYTHON) -m venv build/upgrade-venv
+	build/upgrade-venv/bin/pip install -q --upgrade pip
+	build/upgrade-venv/bin/pip install -q 'torch==2.13.0' -e '.[all]'
+	{ echo "# The exact tested set. Refresh with \`make upgrade\`. torch must stay pinned: an unpinned torch pulls a multi-GB CUDA build."; \
+	  build/upgrade-venv/bin/pip freeze --exclude-editable | grep -vi '^edlight'; } > constraints.txt
+	rm -rf build/upgrade-venv
+
+clean:
+	rm -rf $(VENV) $(ENGINE_VENV) build *.egg-info

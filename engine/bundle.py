@@ -1,0 +1,206 @@
+"""The model bundle: the one directory an ops person copies to a CPU server.
+
+This module owns the bundle format. The export stage writes bundles through
+`Manifest` and `write_manifest`; the engine opens them only through
+`Bundle.load`, which refuses a missing file or a hash mismatch before any work.
+
+Layout of a bundle directory::
+
+    edlight.json                 manifest (this schema)
+    encoder_model.onnx           Pix2Struct vision encoder
+    decoder_model_merged.onnx    text decoder with KV cache (layout "merged"), or
+    decoder_model.onnx + decoder_with_past_model.onnx   (layout "split")
+    tokenizer.json, preprocessor_config.json, config.json, generation_config.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import BundleError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "edlight.json"
+SUPPORT_FILES = ("tokenizer.json", "preprocessor_config.json", "config.json", "generation_config.json")
+DECODER_LAYOUTS = {
+    "merged": ("decoder_merged",),
+    "split": ("decoder", "decoder_with_past"),
+}
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """What `edlight.json` holds. Unknown keys from newer writers are kept in `extra`."""
+
+    source: str  # checkpoint the bundle was exported from (path or hub id)
+    max_patches: int
+    decoder_layout: str  # "merged" or "split"
+    onnx_files: dict[str, str]  # role ("encoder", "decoder_merged", "decoder", "decoder_with_past") -> file name
+    quantization: str | None = None  # None (fp32) or "int8"
+    graph_rewrites: list[str] = field(default_factory=list)  # export-time graph optimisations applied
+    versions: dict[str, str] = field(default_factory=dict)  # torch/transformers/optimum/onnxruntime used
+    parity: dict[str, Any] | None = None  # PyTorch vs engine BLEU on the test split, when exported with --data
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, every file but the manifest
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        extra = data.pop("extra")
+        data.update(extra)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: Path) -> Manifest:
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        missing = [k for k in ("source", "max_patches", "decoder_layout", "onnx_files", "files") if k not in data]
+        if missing:
+            raise BundleError(f"{where}: manifest lacks {', '.join(missing)}")
+        version = data.get("format_version", 0)
+        if version > FORMAT_VERSION:
+            raise BundleError(
+                f"{where}: bundle format {version} is newer than this engine understands ({FORMAT_VERSION}); "
+                "upgrade edlight"
+            )
+        extra = {k: v for k, v in data.items() if k not in known}
+        manifest = cls(**{k: v for k, v in data.items() if k in known}, extra=extra)
+        if manifest.decoder_layout not in DECODER_LAYOUTS:
+            raise BundleError(f"{where}: unknown decoder_layout {manifest.decoder_layout!r}")
+        roles = ("encoder", *DECODER_LAYOUTS[manifest.decoder_layout])
+        absent = [r for r in roles if r not in manifest.onnx_files]
+        if absent:
+            raise BundleError(f"{where}: manifest names no ONNX file for {', '.join(absent)}")
+        return manifest
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Path:
+    """Hash every file in `directory` into `manifest.files` and write `edlight.json`."""
+    directory = Path(directory)
+    manifest.files = {
+        p.relative_to(directory).as_posix(): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+    path = directory / MANIFEST_NAME
+    path.write_text(manifest.to_json(), encoding="utf-8")
+    return path
+
+
+@dataclass
+class Bundle:
+    """A verified bundle on disk plus the model facts the engine needs."""
+
+    path: Path
+    manifest: Manifest
+    config: dict[str, Any]
+    generation_config: dict[str, Any]
+    preprocessor_config: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: str | Path, verify_hashes: bool = True) -> Bundle:
+        """Open a bundle directory.
+
+        Raises BundleError when the directory or its manifest is missing, a listed
+        file is absent, or (with `verify_hashes`) a file's sha256 differs from the manifest.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise BundleError(f"{root}: no such bundle directory")
+        manifest_path = root / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise BundleError(f"{root}: not an edlight bundle ({MANIFEST_NAME} is missing); create one with `edlight export`")
+        try:
+            data = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{manifest_path}: unreadable manifest: {exc}") from exc
+        if not isinstance(data, dict):
+            raise BundleError(f"{manifest_path}: manifest is not a JSON object")
+        manifest = Manifest.from_dict(data, manifest_path)
+
+        needed = set(SUPPORT_FILES) | set(manifest.onnx_files.values())
+        unlisted = sorted(needed - set(manifest.files))
+        if unlisted:
+            raise BundleError(f"{root}: manifest does not list {', '.join(unlisted)}")
+        for name, expected in sorted(manifest.files.items()):
+            file_path = root / name
+            if not file_path.is_file():
+                raise BundleError(f"{file_path}: missing from bundle (listed in {MANIFEST_NAME})")
+            if verify_hashes and sha256_file(file_path) != expected:
+                raise BundleError(f"{file_path}: sha256 does not match {MANIFEST_NAME}; the bundle was modified or is corrupt")
+
+        def read_json(name: str) -> dict[str, Any]:
+            try:
+                loaded = json.loads((root / name).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise BundleError(f"{root / name}: unreadable JSON: {exc}") from exc
+            if not isinstance(loaded, dict):
+                raise BundleError(f"{root / name}: expected a JSON object")
+            return loaded
+
+        return cls(
+            path=root,
+            manifest=manifest,
+            config=read_json("config.json"),
+            generation_config=read_json("generation_config.json"),
+            preprocessor_config=read_json("preprocessor_config.json"),
+        )
+
+    def onnx_path(self, role: str) -> Path:
+        return self.path / self.manifest.onnx_files[role]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.json"
+
+    @property
+    def max_patches(self) -> int:
+        return int(self.manifest.max_patches)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        size = self.preprocessor_config.get("patch_size", {"height": 16, "width": 16})
+        return int(size["height"]), int(size["width"])
+
+    def _text_config(self) -> dict[str, Any]:
+        text = self.config.get("text_config", {})
+        return text if isinstance(text, dict) else {}
+
+    @property
+    def decoder_start_token_id(self) -> int:
+        for source in (self.generation_config, self.config, self._text_config()):
+            if source.get("decoder_start_token_id") is not None:
+                return int(source["decoder_start_token_id"])
+        return self.pad_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        for source in (self.generation_config, self.config, self._text_config()):
+            if source.get("pad_token_id") is not None:
+                return int(source["pad_token_id"])
+        return 0
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        for source in (self.generation_config, self.config, self._text_config()):
+            value = source.get("eos_token_id")
+            if value is not None:
+                return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+        return [1]
+
+    @property
+    def default_max_new_tokens(self) -> int:
+        value = self.generation_config.get("max_new_tokens") or self.generation_config.get("max_length") or 64
+        return int(value)

@@ -1,0 +1,81 @@
+"""The `edlight` command: a thin click layer over the Python API.
+
+Training, export, parity and benchmark commands live in packages that need
+torch/transformers/optimum. They are imported only when invoked, so
+`edlight caption` works on an engine-only install, and a command whose extra
+is missing says which extra to install and exits 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+# name -> (module, attribute, extra that provides its dependencies, one-line help)
+LAZY_COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "caption": ("engine.caption_cli", "caption", "", "Caption images and folders with an ONNX bundle."),
+    "data": ("train.data_cli", "data", "", "Generate and check data folders (images + metadata)."),
+    "train": ("train.cli", "train", "train", "Fine-tune Pix2Struct on a data folder."),
+    "evaluate": ("train.cli", "evaluate", "train", "BLEU/chrF of a PyTorch checkpoint on a data folder."),
+    "export": ("export.cli", "export", "export", "Export a checkpoint to a verified ONNX bundle."),
+    "parity": ("export.parity_cli", "parity", "export", "Check that a bundle's BLEU matches PyTorch's."),
+    "bench": ("benchmarks.cli", "bench", "", "Latency, throughput and memory of the runtimes."),
+}
+
+# Imports that mean "this extra is not installed", as opposed to a bug in our code.
+EXTRA_MODULES = {"torch", "transformers", "optimum", "accelerate", "onnx", "matplotlib", "ray"}
+
+
+class MissingExtraCommand(click.Command):
+    """Stands in for a command whose extra is not installed."""
+
+    def __init__(self, name: str, extra: str, missing: str, help_text: str) -> None:
+        super().__init__(name, help=f"{help_text} (needs edlight[{extra}])", context_settings={"ignore_unknown_options": True})
+        self.params = [click.Argument(["args"], nargs=-1, type=click.UNPROCESSED)]
+        self.extra = extra
+        self.missing = missing
+
+    def invoke(self, ctx: click.Context) -> None:
+        click.echo(
+            f"error: `edlight {self.name}` needs the [{self.extra}] extra ({self.missing} is not installed).\n"
+            f"  install it with: pip install 'edlight[{self.extra}]' -c constraints.txt",
+            err=True,
+        )
+        ctx.exit(2)
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(LAZY_COMMANDS)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Listed from the table, not by importing: `edlight --help` must not load torch.
+        rows = [(name, help_text) for name, (_, _, _, help_text) in sorted(LAZY_COMMANDS.items())]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in LAZY_COMMANDS:
+            return None
+        module_name, attr, extra, help_text = LAZY_COMMANDS[cmd_name]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            root = (exc.name or "").split(".")[0]
+            if root in EXTRA_MODULES:
+                return MissingExtraCommand(cmd_name, extra or root, root, help_text)
+            raise
+        command: click.Command = getattr(module, attr)
+        return command
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="edlight")
+def main() -> None:
+    """edlight: describe photos of student work with Pix2Struct."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
