@@ -1,0 +1,357 @@
+"""Data folders: the imagefolder reader, `check_folder` on each kind of problem, the stable split, the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from engine.cli import main
+from train.data import DataError, check_folder, load_split, read_examples, split_of
+
+
+def _image(path: Path, size: tuple[int, int] = (40, 30), fmt: str = "JPEG") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (200, 120, 40)).save(path, format=fmt)
+    return path
+
+
+def _jsonl(folder: Path, rows: list[dict[str, object]] | list[str]) -> Path:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+    path = folder / "metadata.jsonl"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Three good images, one in a subfolder, listed in metadata.jsonl."""
+    _image(tmp_path / "a.jpg", (40, 30))
+    _image(tmp_path / "b.png", (20, 50), "PNG")
+    _image(tmp_path / "sub" / "c.jpg", (60, 60))
+    _jsonl(
+        tmp_path,
+        [
+            {"file_name": "a.jpg", "text": "The student wrote 7 + 5 = 12, which is correct."},
+            {"file_name": "./b.png", "text": "  A clock showing 3:30.  ", "extra": 1},
+            {"file_name": "sub/c.jpg", "text": "Tally marks for 4 and 9."},
+        ],
+    )
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The reader.
+
+
+def test_read_jsonl_keeps_order_normalises_names_and_strips_captions(folder: Path) -> None:
+    examples = read_examples(folder)
+    assert [e.file_name for e in examples] == ["a.jpg", "b.png", "sub/c.jpg"]
+    assert examples[1].text == "A clock showing 3:30."
+    assert examples[2].path == folder / "sub" / "c.jpg"
+
+
+def test_read_csv_with_quoted_commas(tmp_path: Path) -> None:
+    _image(tmp_path / "x" / "1.jpg")
+    _image(tmp_path / "2.jpg")
+    (tmp_path / "metadata.csv").write_text(
+        'file_name,text\nx/1.jpg,"Bar graph: 3, 5 and 2."\n2.jpg,Number line: 3 jumps of 2.\n', encoding="utf-8"
+    )
+    examples = read_examples(tmp_path)
+    assert [(e.file_name, e.text) for e in examples] == [
+        ("x/1.jpg", "Bar graph: 3, 5 and 2."),
+        ("2.jpg", "Number line: 3 jumps of 2."),
+    ]
+
+
+def test_other_caption_column_in_jsonl_and_csv(tmp_path: Path) -> None:
+    jsonl, csvf = tmp_path / "j", tmp_path / "c"
+    for f in (jsonl, csvf):
+        _image(f / "a.jpg")
+    _jsonl(jsonl, [{"file_name": "a.jpg", "description": "Four stars."}])
+    (csvf / "metadata.csv").write_text("description,file_name\nFour stars.,a.jpg\n", encoding="utf-8")
+    for f in (jsonl, csvf):
+        assert [e.text for e in read_examples(f, caption_column="description")] == ["Four stars."]
+        with pytest.raises(DataError):
+            read_examples(f)  # no "text" column there
+
+
+def test_read_examples_raises_with_every_bad_line(tmp_path: Path) -> None:
+    _jsonl(tmp_path, [{"file_name": "a.jpg", "text": "ok"}, "{not json", {"file_name": "b.jpg", "text": ""}])
+    with pytest.raises(DataError) as info:
+        read_examples(tmp_path)
+    message = str(info.value)
+    assert "metadata.jsonl:2: malformed JSON" in message
+    assert "metadata.jsonl:3: empty caption for b.jpg" in message
+    assert len(info.value.problems) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# check_folder: one test per kind of problem, then all at once.
+
+
+def _only_problem(folder: Path) -> str:
+    report = check_folder(folder)
+    assert not report.ok
+    assert len(report.problems) == 1, report.problems
+    return str(report.problems[0])
+
+
+def test_clean_folder_is_ok_with_stats(folder: Path) -> None:
+    report = check_folder(folder)
+    assert report.ok and not report.warnings
+    assert len(report.examples) == 3
+    assert report.sizes["b.png"] == (20, 50)
+    stats = report.stats()
+    assert stats["examples"] == 3
+    assert stats["image_width"] == {"min": 20, "median": 40, "mean": 40.0, "max": 60}
+    assert stats["caption_words"]["max"] == 11  # type: ignore[index]
+    summary = report.summary()
+    assert "3 usable, 0 problems" in summary and "image width px: min 20" in summary
+
+
+def test_missing_image(folder: Path) -> None:
+    (folder / "sub" / "c.jpg").unlink()
+    assert _only_problem(folder) == "sub/c.jpg: image not found"
+
+
+def test_unreadable_image(folder: Path) -> None:
+    (folder / "a.jpg").write_text("this is not a picture")
+    assert _only_problem(folder).startswith("a.jpg: unreadable image")
+
+
+def test_truncated_image_is_caught_by_a_full_decode(folder: Path) -> None:
+    buf = io.BytesIO()
+    Image.effect_noise((300, 200), 60).convert("RGB").save(buf, format="JPEG", quality=90)
+    (folder / "a.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with Image.open(folder / "a.jpg") as im:  # the header alone looks fine
+        assert im.size == (300, 200)
+    assert _only_problem(folder).startswith("a.jpg: truncated image")
+
+
+def test_malformed_json_line_has_its_number(folder: Path) -> None:
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    lines.insert(1, '{"file_name": "d.jpg", "text": "oops"')
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    assert _only_problem(folder).startswith("metadata.jsonl:2: malformed JSON")
+
+
+def test_non_object_json_line(folder: Path) -> None:
+    with (folder / "metadata.jsonl").open("a") as f:
+        f.write('["a.jpg", "text"]\n')
+    assert _only_problem(folder) == "metadata.jsonl:4: expected a JSON object, got list"
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ({"file_name": "a.jpg", "text": "   "}, "metadata.jsonl:1: empty caption for a.jpg"),
+        ({"file_name": "a.jpg"}, "metadata.jsonl:1: missing caption column 'text' for a.jpg"),
+        ({"file_name": "a.jpg", "text": 7}, "metadata.jsonl:1: caption 'text' of a.jpg is not text: 7"),
+        ({"text": "no file"}, "metadata.jsonl:1: missing or empty file_name"),
+    ],
+)
+def test_missing_or_empty_caption_or_name(tmp_path: Path, row: dict[str, object], expected: str) -> None:
+    _image(tmp_path / "a.jpg")
+    _jsonl(tmp_path, [row])
+    report = check_folder(tmp_path)
+    assert [str(p) for p in report.problems] == [expected]
+
+
+def test_duplicate_file_name(folder: Path) -> None:
+    with (folder / "metadata.jsonl").open("a") as f:
+        f.write(json.dumps({"file_name": "sub/./c.jpg", "text": "again"}) + "\n")
+    assert _only_problem(folder) == "metadata.jsonl:4: duplicate file_name 'sub/c.jpg' (first listed at metadata.jsonl:3)"
+
+
+@pytest.mark.parametrize("name", ["../outside.jpg", "/etc/passwd", "sub/../../outside.jpg", "C:/outside.jpg"])
+def test_path_escaping_the_folder(tmp_path: Path, name: str) -> None:
+    data = tmp_path / "data"
+    _image(tmp_path / "outside.jpg")
+    _image(data / "a.jpg")
+    _jsonl(data, [{"file_name": "a.jpg", "text": "fine"}, {"file_name": name, "text": "sneaky"}])
+    report = check_folder(data)
+    assert [str(p) for p in report.problems] == [f"metadata.jsonl:2: file_name {name!r} points outside the folder"]
+
+
+def test_symlink_escaping_the_folder(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _image(tmp_path / "outside.jpg")
+    _image(data / "a.jpg")
+    (data / "link.jpg").symlink_to(tmp_path / "outside.jpg")
+    _jsonl(data, [{"file_name": "a.jpg", "text": "fine"}, {"file_name": "link.jpg", "text": "sneaky"}])
+    assert "points outside the folder (through a link)" in _only_problem(data)
+
+
+def test_unlisted_images_are_warnings_only(folder: Path) -> None:
+    _image(folder / "sub" / "extra.png", fmt="PNG")
+    (folder / "notes.txt").write_text("not an image, not a warning")
+    report = check_folder(folder)
+    assert report.ok
+    assert [str(w) for w in report.warnings] == ["sub/extra.png: image is not listed in metadata.jsonl"]
+
+
+def test_metadata_file_missing_or_ambiguous(tmp_path: Path) -> None:
+    _image(tmp_path / "a.jpg")
+    assert "no metadata.jsonl or metadata.csv" in _only_problem(tmp_path)
+    _jsonl(tmp_path, [{"file_name": "a.jpg", "text": "x"}])
+    (tmp_path / "metadata.csv").write_text("file_name,text\na.jpg,x\n")
+    assert "both metadata.jsonl and metadata.csv" in _only_problem(tmp_path)
+
+
+def test_csv_problems_have_line_numbers(tmp_path: Path) -> None:
+    _image(tmp_path / "a.jpg")
+    _image(tmp_path / "b.jpg")
+    (tmp_path / "metadata.csv").write_text('file_name,text\na.jpg,"one, two",three\nb.jpg,\nc.jpg\n')
+    report = check_folder(tmp_path)
+    assert [str(p) for p in report.problems] == [
+        "metadata.csv:2: expected 2 fields, found 3",
+        "metadata.csv:3: empty caption for b.jpg",
+        "metadata.csv:4: expected 2 fields, found 1",
+    ]
+    (tmp_path / "metadata.csv").write_text("image,text\na.jpg,x\n")
+    assert "metadata.csv:1: no 'file_name' column" in _only_problem(tmp_path)
+
+
+def test_every_problem_is_reported_at_once(folder: Path) -> None:
+    (folder / "b.png").unlink()
+    (folder / "sub" / "c.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    with (folder / "metadata.jsonl").open("a") as f:
+        f.write("{broken\n")
+        f.write(json.dumps({"file_name": "a.jpg", "text": "dup"}) + "\n")
+        f.write(json.dumps({"file_name": "e.jpg", "text": ""}) + "\n")
+        f.write(json.dumps({"file_name": "../x.jpg", "text": "out"}) + "\n")
+    report = check_folder(folder)
+    wheres = sorted(p.where for p in report.problems)
+    assert wheres == sorted(
+        ["b.png", "sub/c.jpg", "metadata.jsonl:4", "metadata.jsonl:5", "metadata.jsonl:6", "metadata.jsonl:7"]
+    )
+    assert [e.file_name for e in report.examples] == ["a.jpg"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The split.
+
+
+def test_split_of_is_deterministic_and_roughly_the_ratio() -> None:
+    names = [f"img_{i:05d}.jpg" for i in range(10_000)]
+    test = [n for n in names if split_of(n) == "test"]
+    assert 900 <= len(test) <= 1100
+    assert [split_of(n) for n in names[:50]] == [split_of(n) for n in names[:50]]
+    assert 2800 <= sum(split_of(n, test_ratio=0.3) == "test" for n in names) <= 3200
+    # A larger ratio only moves files into test; another seed reshuffles.
+    assert all(split_of(n, test_ratio=0.3) == "test" for n in test)
+    assert [split_of(n, seed=1) for n in names[:200]] != [split_of(n) for n in names[:200]]
+    assert {split_of(n, test_ratio=0.0) for n in names[:100]} == {"train"}
+    assert {split_of(n, test_ratio=1.0) for n in names[:100]} == {"test"}
+    with pytest.raises(ValueError):
+        split_of("a.jpg", test_ratio=1.5)
+
+
+def test_adding_images_never_moves_existing_ones(tmp_path: Path) -> None:
+    def build(n: int) -> None:
+        for i in range(n):
+            if not (tmp_path / f"{i:03d}.jpg").exists():
+                _image(tmp_path / f"{i:03d}.jpg", (8, 8))
+        _jsonl(tmp_path, [{"file_name": f"{i:03d}.jpg", "text": f"image {i}"} for i in range(n)])
+
+    build(60)
+    before = {s: {e.file_name for e in load_split(tmp_path, s, test_ratio=0.25)} for s in ("train", "test")}
+    assert before["train"] and before["test"] and not before["train"] & before["test"]
+    build(150)
+    after = {s: {e.file_name for e in load_split(tmp_path, s, test_ratio=0.25)} for s in ("train", "test")}
+    assert before["train"] <= after["train"] and before["test"] <= after["test"]
+    assert len(after["train"] | after["test"]) == 150
+    assert 20 <= len(after["test"]) <= 60
+    assert len(load_split(tmp_path, "all")) == 150
+
+
+def test_load_split_raises_listing_all_bad_files(folder: Path) -> None:
+    (folder / "a.jpg").unlink()
+    (folder / "b.png").write_bytes(b"nope")
+    with pytest.raises(DataError) as info:
+        load_split(folder, "all")
+    assert "a.jpg: image not found" in str(info.value)
+    assert "b.png: unreadable image" in str(info.value)
+    assert {p.file_name for p in info.value.problems} == {"a.jpg", "b.png"}
+
+
+def test_load_split_skip_bad_returns_good_ones_and_records_the_rest(
+    folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (folder / "a.jpg").unlink()
+    with (folder / "metadata.jsonl").open("a") as f:
+        f.write("{broken\n")
+    with caplog.at_level(logging.WARNING, logger="train.data"):
+        examples = load_split(folder, "all", skip_bad=True)
+    assert [e.file_name for e in examples] == ["b.png", "sub/c.jpg"]
+    assert [str(p) for p in examples.skipped] == [
+        "metadata.jsonl:4: malformed JSON (Expecting property name enclosed in double quotes at column 2)",
+        "a.jpg: image not found",
+    ]
+    assert "skipped 2 bad entries" in caplog.text and "a.jpg: image not found" in caplog.text
+    assert load_split(folder.parent / folder.name, "all", skip_bad=True).skipped  # still recorded on reload
+
+
+def test_load_split_without_metadata_raises_even_with_skip_bad(tmp_path: Path) -> None:
+    _image(tmp_path / "a.jpg")
+    with pytest.raises(DataError, match="no metadata.jsonl or metadata.csv"):
+        load_split(tmp_path, "all", skip_bad=True)
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_split(tmp_path, "validation")
+    with pytest.raises(DataError, match="not a folder"):
+        load_split(tmp_path / "missing")
+
+
+def test_data_modules_do_not_import_torch() -> None:
+    code = (
+        "import sys, train, train.data, train.synth, train.data_cli\n"
+        "heavy = [m for m in ('torch', 'transformers', 'optimum') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CLI, through the top-level `edlight` group (lazy loading included).
+
+
+def test_cli_check_clean_folder_prints_summary(folder: Path) -> None:
+    result = CliRunner().invoke(main, ["data", "check", str(folder), "--test-ratio", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "examples: 3 usable, 0 problems, 0 warnings" in result.output
+    assert "split (test_ratio 0.5, seed 0):" in result.output
+
+
+def test_cli_check_lists_every_problem_and_exits_1(folder: Path) -> None:
+    (folder / "a.jpg").unlink()
+    _image(folder / "stray.jpg")
+    with (folder / "metadata.jsonl").open("a") as f:
+        f.write("nope\n")
+    result = CliRunner().invoke(main, ["data", "check", str(folder)])
+    assert result.exit_code == 1
+    assert "error: a.jpg: image not found" in result.output
+    assert "error: metadata.jsonl:4: malformed JSON" in result.output
+    assert "warning: stray.jpg: image is not listed in metadata.jsonl" in result.output
+    assert "2 problem(s)" in result.output
+
+
+def test_cli_check_caption_column(tmp_path: Path) -> None:
+    _image(tmp_path / "a.jpg")
+    _jsonl(tmp_path, [{"file_name": "a.jpg", "caption": "Four stars."}])
+    assert CliRunner().invoke(main, ["data", "check", str(tmp_path)]).exit_code == 1
+    result = CliRunner().invoke(main, ["data", "check", str(tmp_path), "--caption-column", "caption"])
+    assert result.exit_code == 0, result.output
+
+
+def test_cli_check_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["data", "check", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
