@@ -1,0 +1,133 @@
+"""`edlight caption`: a thin click layer over `Captioner.caption_folder`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from engine.errors import EdlightError
+from engine.images import DEFAULT_MAX_PIXELS
+
+# Parity keys worth a glance before a long run, in display order (written by export.parity).
+PARITY_KEYS = ("passed", "split", "images", "bleu_torch", "bleu_engine", "bleu_diff", "identical_share")
+
+
+def describe_bundle(bundle: Any) -> str:
+    """One line about the model in use, with the parity results recorded at export if any."""
+    manifest = bundle.manifest
+    parts = [f"model: {bundle.path}", manifest.quantization or "fp32", f"{manifest.max_patches} patches"]
+    parity = manifest.parity
+    if isinstance(parity, dict) and parity:
+        shown = [
+            f"{key}={parity[key]:.3g}" if isinstance(parity[key], float) else f"{key}={parity[key]}"
+            for key in PARITY_KEYS
+            if key in parity
+        ]
+        parts.append("parity vs PyTorch: " + (", ".join(shown) or "recorded"))
+    else:
+        parts.append("no parity results recorded")
+    return " | ".join(parts)
+
+
+@click.command("caption")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "model", type=click.Path(path_type=Path), default=None,
+              help="Bundle directory made by `edlight export` (default: the bundle shipped with edlight).")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Output file (default: captions.jsonl, or captions.csv with --format csv).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads (default: all cores).")
+@click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="Longest caption in tokens (default: the bundle's generation config).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Refuse images larger than this many pixels (checked before decoding).")
+@click.option("--overwrite", is_flag=True, help="Start a fresh output file instead of resuming.")
+@click.option("--strict", is_flag=True, help="Exit 1 if any image failed, in this run or an earlier one resumed here (default: exit 0).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run on Ray: a pool of actors, each loading the model once (needs edlight[distributed]).")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="With --ray: an existing Ray cluster (default: start a local Ray with this machine's cores).")
+@click.option("--actors", type=click.IntRange(min=1), default=None,
+              help="With --ray: number of actors (default: one per 2 CPUs of the cluster).")
+@click.option("--ray-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True, metavar="SECONDS",
+              help="With --ray: stop with an error when no result arrives for this long (a stalled cluster).")
+def caption(
+    inputs: tuple[Path, ...],
+    model: Path | None,
+    out: Path | None,
+    fmt: str,
+    batch_size: int,
+    threads: int | None,
+    num_beams: int,
+    max_new_tokens: int | None,
+    max_pixels: int,
+    overwrite: bool,
+    strict: bool,
+    quiet: bool,
+    use_ray: bool,
+    ray_address: str | None,
+    actors: int | None,
+    ray_timeout: float,
+) -> None:
+    """Caption image files and folders (walked recursively, sorted) into JSONL or CSV records.
+
+    Resumes by default: images already in the output are skipped. A bad image becomes an error
+    record; the run goes on.
+    """
+    if use_ray:
+        _caption_on_ray(inputs, model, out, fmt, batch_size, threads, num_beams, max_new_tokens, max_pixels,
+                        overwrite, strict, quiet, ray_address, actors, ray_timeout)
+        return
+    if ray_address is not None or actors is not None:
+        raise click.UsageError("--ray-address and --actors need --ray")
+    from engine.captioner import Captioner
+
+    try:
+        # The bundle is opened and verified before any input is looked at.
+        captioner = Captioner(
+            model, threads=threads, batch_size=batch_size, num_beams=num_beams,
+            max_new_tokens=max_new_tokens, max_pixels=max_pixels,
+        )
+    except EdlightError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from exc
+    click.echo(describe_bundle(captioner.bundle), err=True)
+    try:
+        summary = captioner.caption_folder(list(inputs), out=out, fmt=fmt, overwrite=overwrite, progress=not quiet)
+    except (EdlightError, FileNotFoundError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from exc
+    click.echo(summary.line(), err=True)
+    if strict and summary.any_failed:
+        raise SystemExit(1)
+
+
+def _caption_on_ray(
+    inputs: tuple[Path, ...], model: Path | None, out: Path | None, fmt: str, batch_size: int,
+    threads: int | None, num_beams: int, max_new_tokens: int | None, max_pixels: int, overwrite: bool,
+    strict: bool, quiet: bool, address: str | None, actors: int | None, timeout: float,
+) -> None:
+    """`edlight caption --ray`: the same job through engine.ray_caption (same output, same exit codes)."""
+    from engine.bundle import Bundle
+    from engine.captioner import resolve_bundle
+    from engine.ray_caption import caption_folder_ray, import_ray
+
+    try:
+        import_ray()  # a missing extra is said first, before any work
+        click.echo(describe_bundle(Bundle.load(resolve_bundle(model))), err=True)
+        summary = caption_folder_ray(
+            list(inputs), out, model, address=address, actors=actors, threads=threads, batch_size=batch_size,
+            num_beams=num_beams, max_new_tokens=max_new_tokens, max_pixels=max_pixels, fmt=fmt,
+            overwrite=overwrite, progress=not quiet, stall_timeout=timeout, log=lambda line: click.echo(line, err=True),
+        )
+    except (EdlightError, FileNotFoundError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from exc
+    click.echo(summary.line(), err=True)
+    if strict and summary.any_failed:
+        raise SystemExit(1)

@@ -1,0 +1,228 @@
+"""The public engine API: `Captioner` turns images into captions with an ONNX bundle, without torch.
+
+Images are processed in batches. A worker thread decodes and preprocesses the next batch while ONNX
+Runtime runs the current one (PIL, numpy and ONNX Runtime all release the GIL in their heavy parts),
+and results always come back in input order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from engine.bundle import MANIFEST_NAME, Bundle
+from engine.decode import Decoder, GenerationSettings, generate
+from engine.errors import BundleError, ImageError
+from engine.images import DEFAULT_MAX_PIXELS, ImageSource, describe, load_image
+from engine.preprocess import PatchConfig, Patches, image_to_patches, stack
+from engine.session import OnnxModel, SessionSettings
+from engine.tokenizer import CaptionTokenizer
+
+if TYPE_CHECKING:
+    from engine.folder import FolderSummary
+
+DEFAULT_BUNDLE = Path(__file__).resolve().parent / "default_bundle"
+
+Key = TypeVar("Key")
+
+
+def resolve_bundle(bundle: str | Path | None) -> Path:
+    """The bundle directory to use: `bundle`, or the default one shipped in the package.
+
+    Raises BundleError when no bundle is given and the package has no default bundle.
+    """
+    if bundle is not None:
+        return Path(bundle)
+    if not (DEFAULT_BUNDLE / MANIFEST_NAME).is_file():
+        raise BundleError(
+            f"no default model is installed ({DEFAULT_BUNDLE} has no {MANIFEST_NAME}): "
+            "build it with `make model`, or pass --model BUNDLE (a directory made by `edlight export`)"
+        )
+    return DEFAULT_BUNDLE
+
+
+@dataclass
+class Timings:
+    """Accumulated work since the last `reset_timings()`. Preprocessing overlaps the model runs."""
+
+    images: int = 0  # images captioned (failed images are not counted)
+    preprocess_s: float = 0.0  # decoding + resizing + patching, in the worker thread
+    encoder_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0  # decoder runs
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class _Prepared:
+    """One batch after image loading: patches for the good images, an error for the bad ones."""
+
+    keys: list[Any]
+    patches: list[Patches | None]
+    errors: list[str | None]
+    seconds: float
+
+
+class Captioner:
+    """Caption images with a verified ONNX bundle.
+
+    >>> captioner = Captioner()                      # the bundle shipped in engine/default_bundle
+    >>> captioner.caption(["a.jpg", "b.png"])        # -> ["a drawing of ...", "..."]
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path | None = None,
+        threads: int | None = None,
+        batch_size: int = 8,
+        num_beams: int = 1,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        verify: bool = True,
+    ) -> None:
+        """Open and verify `bundle` (default: the packaged one) and load its ONNX sessions.
+
+        `threads` sets ONNX Runtime's intra-op threads (None: all cores). `max_new_tokens` defaults to
+        the bundle's generation config. `max_pixels` is the pixel cap for decoding images.
+        Raises BundleError (missing, incomplete or tampered bundle), ModelRuntimeError (ONNX Runtime
+        cannot load a model) and ValueError (bad settings), all before any image is read.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.bundle = Bundle.load(resolve_bundle(bundle), verify_hashes=verify)
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self.patch_config = PatchConfig.from_preprocessor_config(
+            self.bundle.preprocessor_config, max_patches=self.bundle.max_patches
+        )
+        self.tokenizer = CaptionTokenizer.from_bundle_dir(self.bundle.path)
+        self.generation = GenerationSettings(
+            max_new_tokens=self.bundle.default_max_new_tokens if max_new_tokens is None else max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            num_beams=num_beams,
+            length_penalty=float(self.bundle.generation_config.get("length_penalty", 1.0)),
+            early_stopping=self.bundle.generation_config.get("early_stopping") is True,
+            decoder_start_token_id=self.bundle.decoder_start_token_id,
+            eos_token_ids=tuple(self.bundle.eos_token_ids),
+        )
+        settings = SessionSettings(threads=threads)
+        path = self.bundle.path
+        self.encoder = OnnxModel(self.bundle.onnx_path("encoder"), settings, bundle=path)
+        if self.bundle.manifest.decoder_layout == "merged":
+            self.decoder = Decoder(OnnxModel(self.bundle.onnx_path("decoder_merged"), settings, bundle=path))
+        else:
+            self.decoder = Decoder(
+                OnnxModel(self.bundle.onnx_path("decoder"), settings, bundle=path),
+                OnnxModel(self.bundle.onnx_path("decoder_with_past"), settings, bundle=path),
+            )
+        self._encoder_input = self.encoder.input_names[0] if "flattened_patches" not in self.encoder.inputs else "flattened_patches"
+        self._encoder_output = "last_hidden_state" if "last_hidden_state" in self.encoder.outputs else self.encoder.output_names[0]
+        self.timings = Timings()
+
+    # ----------------------------------------------------------------------------------- public API
+    def caption(self, images: Sequence[ImageSource] | ImageSource) -> list[str]:
+        """Captions for paths, encoded bytes or PIL images, in input order.
+
+        A single path/bytes/PIL image is accepted too (a list of one caption is returned).
+        Raises ImageError naming the first image that cannot be read (nothing is returned then).
+        """
+        if isinstance(images, (str, Path, bytes, bytearray)) or hasattr(images, "getbands"):
+            images = [images]  # type: ignore[list-item]
+        items = [(i, source, describe(source, i)) for i, source in enumerate(images)]  # type: ignore[arg-type]
+        captions: list[str] = []
+        for _, caption, error in self.iter_captions(items):
+            if error is not None:
+                raise ImageError(error)
+            captions.append(caption or "")
+        return captions
+
+    def caption_folder(
+        self,
+        inputs: Sequence[str | Path] | str | Path,
+        out: str | Path | None = None,
+        fmt: str = "jsonl",
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> FolderSummary:
+        """Caption every image under `inputs` (files and folders) into a JSONL/CSV file; see engine.folder."""
+        from engine.folder import caption_folder
+
+        return caption_folder(self, inputs, out=out, fmt=fmt, overwrite=overwrite, progress=progress)
+
+    def reset_timings(self) -> None:
+        self.timings = Timings()
+
+    def iter_captions(
+        self, items: Iterable[tuple[Key, ImageSource, str]]
+    ) -> Iterator[tuple[Key, str | None, str | None]]:
+        """Stream `(key, caption, error)` for `(key, source, label)` items, in input order.
+
+        Exactly one of caption/error is None. Image problems become error strings (naming `label`);
+        model failures raise ModelRuntimeError.
+        """
+        batches = _chunks(iter(items), self.batch_size)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edlight-preprocess") as pool:
+            first = next(batches, None)
+            pending: Future[_Prepared] | None = pool.submit(self._prepare, first) if first else None
+            while pending is not None:
+                prepared = pending.result()
+                following = next(batches, None)
+                # Start loading the next batch before running the model on this one.
+                pending = pool.submit(self._prepare, following) if following else None
+                yield from self._finish(prepared)
+
+    # ------------------------------------------------------------------------------------ internals
+    def _prepare(self, batch: list[tuple[Any, ImageSource, str]]) -> _Prepared:
+        started = time.perf_counter()
+        patches: list[Patches | None] = []
+        errors: list[str | None] = []
+        for _, source, label in batch:
+            try:
+                image = load_image(source, max_pixels=self.max_pixels, name=label)
+                patches.append(image_to_patches(image, self.patch_config))
+                errors.append(None)
+            except ImageError as exc:
+                patches.append(None)
+                errors.append(str(exc))
+            except Exception as exc:  # noqa: BLE001 - one odd file must not stop a folder of thousands
+                patches.append(None)
+                errors.append(f"{label}: unexpected error while reading the image: {exc!r}")
+        return _Prepared([key for key, _, _ in batch], patches, errors, time.perf_counter() - started)
+
+    def _finish(self, prepared: _Prepared) -> Iterator[tuple[Any, str | None, str | None]]:
+        self.timings.preprocess_s += prepared.seconds
+        good = [p for p in prepared.patches if p is not None]
+        captions = iter(self._run_model(good) if good else [])
+        for key, patch, error in zip(prepared.keys, prepared.patches, prepared.errors, strict=True):
+            yield (key, next(captions), None) if patch is not None else (key, None, error)
+
+    def _run_model(self, patches: list[Patches]) -> list[str]:
+        flattened, mask = stack(patches)
+        started = time.perf_counter()
+        feeds = {
+            self._encoder_input: flattened,
+            "attention_mask": mask.astype(self.encoder.input_dtype("attention_mask"), copy=False),
+        }
+        hidden = self.encoder.run(feeds, [self._encoder_output])[self._encoder_output]
+        encoded = time.perf_counter()
+        result = generate(self.decoder, np.ascontiguousarray(hidden), mask, self.generation)
+        self.timings.encoder_s += encoded - started
+        self.timings.decode_s += time.perf_counter() - encoded
+        self.timings.decode_steps += result.steps
+        self.timings.images += len(patches)
+        return self.tokenizer.decode_batch(result.sequences)
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    while chunk := list(islice(items, size)):
+        yield chunk

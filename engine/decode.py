@@ -1,0 +1,324 @@
+"""Text generation over the exported Pix2Struct decoder: KV cache, greedy and beam search.
+
+Two decoder layouts exist (named in the bundle manifest):
+
+- "merged": `decoder_model_merged.onnx`, one graph with a `use_cache_branch` switch;
+- "split": `decoder_model.onnx` for the first step and `decoder_with_past_model.onnx` after it.
+
+Either way the first step computes the cross-attention keys/values from the encoder output; they
+are then fed back unchanged at every later step (computed once per image). Self-attention
+keys/values grow by one position per step. Rows that finish are dropped from the batch (their KV
+rows are sliced away), so a long caption does not make the short ones pay, and a batch gives the
+same tokens as each image alone.
+
+Greedy and beam search follow transformers' `generate` (4.57) exactly: greedy argmax; beam search
+with `2 * num_beams` candidates, length-penalised finished hypotheses, and the default
+`early_stopping=False` stopping heuristic. `min_new_tokens` suppresses EOS until reached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.errors import ModelRuntimeError
+from engine.session import OnnxModel
+
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+NEG_INF = np.float32(-1.0e9)  # the "impossible" score transformers uses in beam search
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What to generate. Token ids come from the bundle's configs (see Captioner)."""
+
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    decoder_start_token_id: int = 0
+    eos_token_ids: tuple[int, ...] = (1,)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0 or self.min_new_tokens < 0:
+            raise ValueError("max_new_tokens and min_new_tokens must be >= 0")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+
+
+@dataclass
+class DecoderState:
+    """KV cache and encoder context of the rows still being decoded."""
+
+    self_kv: list[np.ndarray]  # in the order of `Decoder.self_names`, each [rows, heads, past_len, head_dim]
+    cross_kv: list[np.ndarray]  # in the order of `Decoder.cross_names`, each [rows, heads, enc_len, head_dim]
+    encoder_hidden: np.ndarray | None  # [rows, enc_len, hidden]; None once no later step needs it
+    encoder_mask: np.ndarray  # [rows, enc_len]
+    past_len: int = 0
+
+    @property
+    def rows(self) -> int:
+        return int(self.encoder_mask.shape[0])
+
+    def select(self, rows: np.ndarray) -> DecoderState:
+        """Keep/reorder/repeat rows (a gather along the batch axis of every tensor)."""
+        return DecoderState(
+            self_kv=[np.take(t, rows, axis=0) for t in self.self_kv],
+            cross_kv=[np.take(t, rows, axis=0) for t in self.cross_kv],
+            encoder_hidden=None if self.encoder_hidden is None else np.take(self.encoder_hidden, rows, axis=0),
+            encoder_mask=np.take(self.encoder_mask, rows, axis=0),
+            past_len=self.past_len,
+        )
+
+    def reorder_self(self, rows: np.ndarray) -> None:
+        """Reorder only the self-attention cache: beams of one image share their cross-attention K/V."""
+        self.self_kv = [np.take(t, rows, axis=0) for t in self.self_kv]
+
+
+@dataclass
+class DecodeResult:
+    sequences: list[list[int]]  # generated ids per input row, without the start token and the EOS
+    steps: int = 0  # decoder runs
+    finished: list[bool] = field(default_factory=list)  # True where the row ended with EOS
+
+
+class Decoder:
+    """The decoder graph(s) of a bundle behind two calls: `start` and `advance`."""
+
+    def __init__(self, first: OnnxModel, with_past: OnnxModel | None = None) -> None:
+        """`first` is the merged decoder, or the no-past decoder of the split layout with `with_past`.
+
+        Raises ModelRuntimeError when the graphs lack the inputs/outputs this loop needs.
+        """
+        self.first = first
+        self.with_past = with_past or first
+        self.merged = with_past is None
+        cached = self.with_past
+        if self.merged and "use_cache_branch" not in first.inputs:
+            raise ModelRuntimeError(f"{first.path}: a merged decoder needs a use_cache_branch input")
+        past_names = [n for n in cached.input_names if n.startswith(PAST_PREFIX)]
+        if not past_names:
+            raise ModelRuntimeError(f"{cached.path}: decoder has no past_key_values inputs (exported without KV cache?)")
+        self.self_names = [n for n in past_names if ".encoder." not in n]
+        self.cross_names = [n for n in past_names if ".encoder." in n]
+        for model, names in ((first, self.self_names + self.cross_names), (cached, self.self_names)):
+            missing = [self.present(n) for n in names if self.present(n) not in model.outputs]
+            if missing:
+                raise ModelRuntimeError(f"{model.path}: decoder lacks outputs {', '.join(missing[:4])}")
+        for model in {id(first): first, id(cached): cached}.values():
+            for name in ("input_ids", "encoder_attention_mask"):
+                if name not in model.inputs:
+                    raise ModelRuntimeError(f"{model.path}: decoder lacks input {name}")
+        shape = cached.input_shape(self.self_names[0])
+        self.num_heads, self.head_dim = shape[1], shape[3]
+        self.kv_dtype = cached.input_dtype(self.self_names[0])
+        self.vocab_size = first.outputs["logits"].shape[-1]
+
+    @staticmethod
+    def present(past_name: str) -> str:
+        return PRESENT_PREFIX + past_name[len(PAST_PREFIX):]
+
+    def _common_feeds(self, model: OnnxModel, ids: np.ndarray, total_len: int, state_mask: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {
+            "input_ids": ids.astype(model.input_dtype("input_ids"), copy=False),
+            "encoder_attention_mask": state_mask.astype(model.input_dtype("encoder_attention_mask"), copy=False),
+        }
+        if "attention_mask" in model.inputs:  # all decoder rows have the same length: no padding
+            feeds["attention_mask"] = np.ones((ids.shape[0], total_len), dtype=model.input_dtype("attention_mask"))
+        return feeds
+
+    def start(self, encoder_hidden: np.ndarray, encoder_mask: np.ndarray, input_ids: np.ndarray) -> tuple[np.ndarray, DecoderState]:
+        """First step from the start token(s): returns last-position logits [rows, vocab] and the cache."""
+        model = self.first
+        rows = input_ids.shape[0]
+        feeds = self._common_feeds(model, input_ids, input_ids.shape[1], encoder_mask)
+        feeds["encoder_hidden_states"] = encoder_hidden
+        if self.merged:
+            # The no-cache branch ignores the past inputs, but the graph still wants them: empty tensors.
+            empty = np.zeros((rows, self._dim(self.num_heads), 0, self._dim(self.head_dim)), dtype=self.kv_dtype)
+            for name in self.self_names + self.cross_names:
+                feeds[name] = empty
+            feeds["use_cache_branch"] = np.zeros((1,), dtype=np.bool_)
+        names = ["logits"] + [self.present(n) for n in self.self_names + self.cross_names]
+        out = model.run(feeds, names)
+        state = DecoderState(
+            self_kv=[out[self.present(n)] for n in self.self_names],
+            cross_kv=[out[self.present(n)] for n in self.cross_names],
+            # The split layout's with-past graph reads only the cached cross K/V: drop the hidden states
+            # so that row selection does not copy them.
+            encoder_hidden=encoder_hidden if "encoder_hidden_states" in self.with_past.inputs else None,
+            encoder_mask=encoder_mask,
+            past_len=input_ids.shape[1],
+        )
+        return np.asarray(out["logits"][:, -1, :], dtype=np.float32), state
+
+    def advance(self, state: DecoderState, input_ids: np.ndarray) -> np.ndarray:
+        """One cached step: feeds one token per row, updates `state` in place, returns logits [rows, vocab]."""
+        model = self.with_past
+        feeds = self._common_feeds(model, input_ids, state.past_len + input_ids.shape[1], state.encoder_mask)
+        feeds.update(zip(self.self_names, state.self_kv, strict=True))
+        feeds.update(zip(self.cross_names, state.cross_kv, strict=True))
+        if state.encoder_hidden is not None:
+            feeds["encoder_hidden_states"] = state.encoder_hidden
+        if self.merged:
+            feeds["use_cache_branch"] = np.ones((1,), dtype=np.bool_)
+        names = ["logits"] + [self.present(n) for n in self.self_names]
+        out = model.run(feeds, names)
+        state.self_kv = [out[self.present(n)] for n in self.self_names]
+        state.past_len += input_ids.shape[1]
+        return np.asarray(out["logits"][:, -1, :], dtype=np.float32)
+
+    def _dim(self, value: int | str | None) -> int:
+        if not isinstance(value, int):
+            raise ModelRuntimeError(f"{self.with_past.path}: past key/value shapes need static heads and head size, got {value!r}")
+        return value
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores per row, best first (ties: lowest index first)."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(np.arange(scores.shape[1]), (scores.shape[0], 1))
+    order = np.lexsort((part, -np.take_along_axis(scores, part, axis=1)), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+def generate(decoder: Decoder, encoder_hidden: np.ndarray, encoder_mask: np.ndarray, settings: GenerationSettings) -> DecodeResult:
+    """Caption token ids for a batch of encoded images (greedy when num_beams == 1, else beam search)."""
+    if settings.num_beams == 1:
+        return greedy(decoder, encoder_hidden, encoder_mask, settings)
+    return beam_search(decoder, encoder_hidden, encoder_mask, settings)
+
+
+def greedy(decoder: Decoder, encoder_hidden: np.ndarray, encoder_mask: np.ndarray, settings: GenerationSettings) -> DecodeResult:
+    rows = encoder_hidden.shape[0]
+    sequences: list[list[int]] = [[] for _ in range(rows)]
+    finished = [False] * rows
+    if settings.max_new_tokens == 0 or rows == 0:
+        return DecodeResult(sequences, 0, finished)
+    eos = np.array(settings.eos_token_ids, dtype=np.int64)
+    start = np.full((rows, 1), settings.decoder_start_token_id, dtype=np.int64)
+    logits, state = decoder.start(encoder_hidden, encoder_mask, start)
+    steps = 1
+    active = np.arange(rows)  # input row of each row of `state`
+    for step in range(settings.max_new_tokens):
+        if step < settings.min_new_tokens:
+            logits[:, eos] = -np.inf
+        tokens = logits.argmax(axis=-1)
+        done = np.isin(tokens, eos)
+        for row, token, is_done in zip(active, tokens, done, strict=True):
+            if is_done:
+                finished[row] = True
+            else:
+                sequences[row].append(int(token))
+        if step + 1 >= settings.max_new_tokens:
+            break
+        if done.any():
+            keep = np.flatnonzero(~done)
+            if keep.size == 0:
+                break
+            state, active, tokens = state.select(keep), active[keep], tokens[keep]
+        logits = decoder.advance(state, tokens[:, None])
+        steps += 1
+    return DecodeResult(sequences, steps, finished)
+
+
+def beam_search(decoder: Decoder, encoder_hidden: np.ndarray, encoder_mask: np.ndarray, settings: GenerationSettings) -> DecodeResult:
+    """transformers' beam search (num_return_sequences=1), images decoded independently in one batch."""
+    images, beams, length = encoder_hidden.shape[0], settings.num_beams, settings.max_new_tokens
+    if length == 0 or images == 0:
+        return DecodeResult([[] for _ in range(images)], 0, [False] * images)
+    eos = np.array(settings.eos_token_ids, dtype=np.int64)
+    keep_k = max(2, 1 + len(eos)) * beams
+    penalty = settings.length_penalty
+
+    start = np.full((images, 1), settings.decoder_start_token_id, dtype=np.int64)
+    logits, state = decoder.start(encoder_hidden, encoder_mask, start)
+    steps = 1
+    # Every beam of an image starts identical: run the first step once per image, then repeat rows.
+    state = state.select(np.repeat(np.arange(images), beams))
+    logits = np.repeat(logits, beams, axis=0)
+
+    running_seq = np.zeros((images, beams, length), dtype=np.int64)
+    running_scores = np.zeros((images, beams), dtype=np.float32)
+    running_scores[:, 1:] = NEG_INF  # only beam 0 may expand at the first step
+    done_seq = np.zeros((images, beams, length), dtype=np.int64)
+    done_len = np.zeros((images, beams), dtype=np.int64)
+    done_scores = np.full((images, beams), NEG_INF, dtype=np.float32)
+    done_flag = np.zeros((images, beams), dtype=bool)
+    searching = np.ones(images, dtype=bool)  # transformers' is_early_stop_heuristic_unsatisfied
+    alive = np.arange(images)  # images whose rows are in `state`, in state order
+    vocab = logits.shape[-1]
+
+    for cur in range(length):
+        n = alive.size
+        logp = log_softmax(logits)
+        if cur < settings.min_new_tokens:
+            logp[:, eos] = -np.inf
+        scores = (logp.reshape(n, beams, vocab) + running_scores[alive][:, :, None]).reshape(n, beams * vocab)
+        top = _top_k(scores, keep_k)
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        source_beam, tokens = top // vocab, top % vocab
+        candidates = np.take_along_axis(running_seq[alive], source_beam[:, :, None], axis=1)
+        candidates[:, :, cur] = tokens
+        hits = np.isin(tokens, eos) | (cur + 1 >= length)
+
+        # Next running beams: the best candidates that did not just stop.
+        open_scores = top_scores + hits.astype(np.float32) * NEG_INF
+        best_open = _top_k(open_scores, beams)
+        running_seq[alive] = np.take_along_axis(candidates, best_open[:, :, None], axis=1)
+        running_scores[alive] = np.take_along_axis(open_scores, best_open, axis=1)
+        parent = np.take_along_axis(source_beam, best_open, axis=1)
+
+        # Finished hypotheses: only candidates within the top `beams` may enter, length-penalised.
+        just_done = hits & (np.arange(top.shape[1]) < beams)[None, :]
+        final_scores = top_scores / np.float32((cur + 1) ** penalty)
+        if settings.early_stopping:
+            final_scores = final_scores + (done_flag[alive].all(axis=1, keepdims=True)).astype(np.float32) * NEG_INF
+        final_scores = final_scores + (~searching[alive])[:, None].astype(np.float32) * NEG_INF
+        final_scores = final_scores + (~just_done).astype(np.float32) * NEG_INF
+        merged_scores = np.concatenate([done_scores[alive], final_scores], axis=1)
+        merged_seq = np.concatenate([done_seq[alive], candidates], axis=1)
+        merged_len = np.concatenate([done_len[alive], np.full(top.shape, cur + 1)], axis=1)
+        merged_flag = np.concatenate([done_flag[alive], just_done], axis=1)
+        best = _top_k(merged_scores, beams)
+        done_scores[alive] = np.take_along_axis(merged_scores, best, axis=1)
+        done_seq[alive] = np.take_along_axis(merged_seq, best[:, :, None], axis=1)
+        done_len[alive] = np.take_along_axis(merged_len, best, axis=1)
+        done_flag[alive] = np.take_along_axis(merged_flag, best, axis=1)
+
+        # Stopping heuristic (early_stopping=False): can the best open beam still beat the worst finished one?
+        best_possible = running_scores[alive][:, :1] / np.float32((cur + 1) ** penalty)
+        worst_done = np.where(done_flag[alive], done_scores[alive].min(axis=1, keepdims=True), NEG_INF)
+        searching[alive] &= (best_possible > worst_done).any(axis=1)
+        if settings.early_stopping:
+            searching[alive] &= ~done_flag[alive].all(axis=1)
+        if cur + 1 >= length or hits.all() or not searching[alive].any():
+            break
+
+        # Reorder the self-attention cache to the chosen parents, then drop images that are done.
+        state.reorder_self((np.arange(n)[:, None] * beams + parent).reshape(-1))
+        next_tokens = np.take_along_axis(tokens, best_open, axis=1).reshape(-1)
+        still = searching[alive]
+        if not still.all():
+            keep_rows = (np.flatnonzero(still)[:, None] * beams + np.arange(beams)).reshape(-1)
+            state = state.select(keep_rows)
+            next_tokens = next_tokens[keep_rows]
+            alive = alive[still]
+        logits = decoder.advance(state, next_tokens[:, None])
+        steps += 1
+
+    sequences, finished = [], []
+    for image in range(images):
+        seq = done_seq[image, 0, : done_len[image, 0]].tolist()
+        ended = bool(seq) and seq[-1] in settings.eos_token_ids
+        sequences.append(seq[:-1] if ended else seq)
+        finished.append(ended)
+    return DecodeResult(sequences, steps, finished)

@@ -1,0 +1,181 @@
+"""Safe image loading: every input becomes an 8-bit RGB PIL image or a named `ImageError`.
+
+Images are read once, here, at the edge of the engine:
+
+- the pixel count is checked from the header *before* any pixel is decoded (a pixel cap,
+  default 50 MP), so a decompression bomb costs nothing;
+- EXIF orientation is applied (phones store portrait photos sideways);
+- every mode becomes RGB: alpha is flattened onto white (a transparent PNG of a drawing
+  should look like the drawing on paper, not on black), palettes are expanded, 16-bit and
+  float images are scaled down to 8 bits instead of being clipped, CMYK is converted;
+- only the first frame of an animated GIF/WebP/TIFF is used;
+- zero-byte, truncated, non-image, directory, broken-symlink, unreadable and non-regular
+  files each raise `ImageError` with a message naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import warnings
+from pathlib import Path
+from struct import error as struct_error  # raised by a few PIL plugins on garbage headers
+from typing import IO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from engine.errors import ImageError
+
+# About 50 megapixels: a 8000x6000 photo fits, a 100k x 100k PNG bomb does not.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+ImageSource = str | Path | bytes | Image.Image
+
+
+def describe(source: ImageSource, index: int | None = None) -> str:
+    """A short human name for an image source, used in error messages."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    where = f" #{index}" if index is not None else ""
+    if isinstance(source, bytes):
+        return f"<bytes{where}, {len(source)} B>"
+    return f"<PIL image{where}>"
+
+
+def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
+    """Load a path, the bytes of an encoded image, or a PIL image as an 8-bit RGB PIL image.
+
+    `max_pixels` caps width*height (checked before decoding; 0 or negative disables the cap).
+    `name` is used in error messages instead of the path (e.g. for bytes inputs).
+    Raises ImageError naming the source for anything that is not a decodable, safe image.
+    """
+    label = name or describe(source)
+    if isinstance(source, Image.Image):
+        _check_pixels(source.size, max_pixels, label)
+        return to_rgb(_first_frame(source), label)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise ImageError(f"{label}: empty input (0 bytes)")
+        return _decode(io.BytesIO(data), max_pixels, label)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        _check_path(path, label)
+        try:
+            handle = open(path, "rb")
+        except OSError as exc:
+            raise ImageError(f"{label}: cannot open: {exc.strerror or exc}") from exc
+        with handle:
+            return _decode(handle, max_pixels, label)
+    raise ImageError(f"{label}: unsupported input type {type(source).__name__} (expected a path, bytes or PIL image)")
+
+
+def _check_path(path: Path, label: str) -> None:
+    """Refuse, with a precise reason, anything at `path` that is not a non-empty regular file."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError as exc:
+        if os.path.islink(path):
+            raise ImageError(f"{label}: broken symbolic link (points to {os.readlink(path)!r}, which does not exist)") from exc
+        raise ImageError(f"{label}: no such file") from exc
+    except PermissionError as exc:
+        raise ImageError(f"{label}: permission denied") from exc
+    except OSError as exc:  # ELOOP (symlink loop), ENAMETOOLONG, EIO, ...
+        raise ImageError(f"{label}: cannot access: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError(f"{label}: is a directory, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        # Opening a FIFO or a device would block or read forever.
+        raise ImageError(f"{label}: not a regular file (a pipe, socket or device)")
+    if info.st_size == 0:
+        raise ImageError(f"{label}: empty file (0 bytes)")
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int, label: str) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{label}: image has no pixels ({width}x{height})")
+    if max_pixels > 0 and width * height > max_pixels:
+        raise ImageError(
+            f"{label}: image too large to decode safely: {width}x{height} = {width * height / 1e6:.1f} MP "
+            f"exceeds the pixel cap of {max_pixels / 1e6:.1f} MP (raise it with --max-pixels)"
+        )
+
+
+def _decode(handle: IO[bytes], max_pixels: int, label: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # Our own cap decides; PIL's bomb warning would only repeat it less precisely.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(handle)
+            _check_pixels(image.size, max_pixels, label)
+            image.load()  # decodes the first frame only
+    except ImageError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{label}: not an image, or an image format that cannot be read") from exc
+    except Image.DecompressionBombError as exc:  # PIL's own hard limit fires inside Image.open
+        raise ImageError(
+            f"{label}: image too large to decode safely ({exc}); the pixel cap is {max_pixels / 1e6:.1f} MP"
+        ) from exc
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error) as exc:
+        # PIL reports truncated and corrupt data as OSError ("image file is truncated",
+        # "broken data stream") and some malformed headers as SyntaxError/ValueError.
+        raise ImageError(f"{label}: truncated or corrupt image data ({exc})") from exc
+    except MemoryError as exc:
+        raise ImageError(f"{label}: not enough memory to decode this image") from exc
+    return to_rgb(image, label)
+
+
+def _first_frame(image: Image.Image) -> Image.Image:
+    if getattr(image, "n_frames", 1) > 1 and image.tell() != 0:
+        image.seek(0)
+    return image
+
+
+def to_rgb(image: Image.Image, label: str = "<image>") -> Image.Image:
+    """Apply EXIF orientation and convert any PIL mode to 8-bit RGB (alpha flattened onto white)."""
+    try:
+        image = ImageOps.exif_transpose(image) or image
+    except Exception:  # noqa: BLE001 - a malformed EXIF block must not lose an otherwise good image
+        pass
+    try:
+        return _convert(image)
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"{label}: cannot convert image mode {image.mode} to RGB ({exc})") from exc
+
+
+def _convert(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(image), mode)).convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode in ("P", "L", "RGB") and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    """Scale 16-bit, 32-bit integer and float greyscale pixels to 0..255 (PIL would clip them)."""
+    if mode == "F":
+        values = np.nan_to_num(array.astype(np.float64))
+        low, high = float(values.min()), float(values.max())
+        # Floats are usually 0..1 or 0..255; anything else is stretched to its own range.
+        if 0.0 <= low and high <= 1.0:
+            scaled = values * 255.0
+        elif 0.0 <= low and high <= 255.0:
+            scaled = values
+        else:
+            scaled = (values - low) * (255.0 / (high - low or 1.0))
+        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    values = array.astype(np.int64)
+    high = int(values.max()) if values.size else 0
+    # PNG/TIFF store 16-bit data in "I;16" or widened into "I": both use 0..65535.
+    full_scale = 65535 if high > 255 or mode.startswith("I;16") else 255
+    return np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)

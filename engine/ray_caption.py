@@ -1,0 +1,331 @@
+"""Caption folders on Ray: the same engine as a pool of Ray actors over a Ray Dataset of image paths.
+
+The driver (this process) walks the inputs and applies the resume rule exactly as a local run does
+(engine.folder), builds a Ray Dataset of the image paths still to do, and maps it through a fixed pool
+of actors that each load the bundle once (a `Captioner`). Results stream back in input order
+(`preserve_order`) and are appended to the same JSONL/CSV file, flushed per block, so a killed run keeps
+what it finished and a rerun skips it. Output records are identical to a local run's.
+
+Paths are read by the actors, so on a multi-node cluster the images and the bundle must be visible at
+the same absolute paths on every node (a shared file system), and edlight must be installed there.
+
+Ray is an optional extra (`pip install 'edlight[distributed]'`). It is imported only inside this
+module's functions, so the engine works without it.
+
+Why actors get fractional CPUs: on a small machine, actors that each reserve a whole CPU can leave
+no CPU for Ray Data's own tasks and the job stalls with no error. The pool is sized from the
+cluster's CPUs with headroom kept free, and a watchdog raises `RayStallError` when no batch comes
+back for `stall_timeout` seconds, so a stall is loud instead of silent.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.bundle import Bundle
+from engine.captioner import resolve_bundle
+from engine.errors import EdlightError
+from engine.folder import FolderSummary, RecordWriter, _progress_bar, plan_folder_job
+from engine.images import DEFAULT_MAX_PIXELS
+
+INSTALL_HINT = "pip install 'edlight[distributed]' -c constraints.txt"
+DEFAULT_STALL_TIMEOUT_S = 300.0  # covers actor start-up and the bundle load before the first batch
+# Each actor call covers a few engine batches so that the Captioner's preprocessing of the next batch
+# overlaps the model run on this one; the output is still flushed every call.
+ENGINE_BATCHES_PER_CALL = 2
+
+
+class RayUnavailableError(EdlightError):
+    """Ray is not installed: the [distributed] extra is needed."""
+
+
+class RayStallError(EdlightError):
+    """The Ray job returned no results for longer than the stall timeout."""
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How the actor pool uses the cluster."""
+
+    actors: int
+    cpus_per_actor: float  # Ray's reservation per actor (fractional: leaves room for Ray Data's tasks)
+    threads: int  # ONNX Runtime threads per actor: its share of the cluster's cores
+    cluster_cpus: float
+
+    def line(self) -> str:
+        return (
+            f"ray: {self.actors} actor(s) x {self.cpus_per_actor:g} CPU reserved, {self.threads} ONNX Runtime "
+            f"thread(s) each, on a cluster of {self.cluster_cpus:g} CPUs"
+        )
+
+
+def plan_actors(cluster_cpus: float, actors: int | None = None, threads: int | None = None) -> ActorPlan:
+    """Size the actor pool for a cluster with `cluster_cpus` CPUs (from `ray.cluster_resources()`).
+
+    Default: one actor per 2 cores (at least 1). Actors together reserve all but one CPU (half the CPUs
+    below 2), so Ray Data's tasks can always be scheduled; the threads of each actor match its share of
+    the cores (`cluster_cpus / actors`, at least 1) unless `threads` is given.
+    Raises EdlightError when the cluster has no CPU, ValueError for actors/threads below 1.
+    """
+    if cluster_cpus <= 0:
+        raise EdlightError("the Ray cluster has no CPU: it cannot run the captioning actors")
+    if actors is None:
+        actors = max(1, int(cluster_cpus // 2))
+    if actors < 1:
+        raise ValueError(f"actors must be >= 1, got {actors}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    reserve = 1.0 if cluster_cpus >= 2 else cluster_cpus / 2
+    # Rounded down to 1/1000: Ray accepts at most 4 decimals and the sum must stay within the budget.
+    per_actor = math.floor((cluster_cpus - reserve) / actors * 1000) / 1000
+    per_actor = max(per_actor, 0.001)
+    return ActorPlan(
+        actors=actors,
+        cpus_per_actor=per_actor,
+        threads=threads if threads is not None else max(1, int(cluster_cpus // actors)),
+        cluster_cpus=cluster_cpus,
+    )
+
+
+def import_ray() -> Any:
+    """The `ray` module (with ray.data loaded). Raises RayUnavailableError naming the extra to install."""
+    try:
+        ray = importlib.import_module("ray")
+        importlib.import_module("ray.data")
+    except ImportError as exc:
+        raise RayUnavailableError(
+            f"captioning on Ray needs the [distributed] extra ({exc.name or 'ray'} is not installed); "
+            f"install it with: {INSTALL_HINT}"
+        ) from exc
+    return ray
+
+
+class CaptionActor:
+    """A Ray Data map_batches callable: one Captioner per actor, loaded once."""
+
+    def __init__(self, bundle: str, threads: int, batch_size: int, num_beams: int,
+                 max_new_tokens: int | None, max_pixels: int) -> None:
+        from engine.captioner import Captioner
+
+        self.captioner = Captioner(
+            bundle, threads=threads, batch_size=batch_size, num_beams=num_beams,
+            max_new_tokens=max_new_tokens, max_pixels=max_pixels,
+        )
+
+    def __call__(self, batch: dict[str, Any]) -> Any:
+        """Rows {file, path, label} -> a pyarrow table {file, caption, error} in the same order."""
+        import pyarrow as pa
+
+        items = [(str(f), Path(str(p)), str(label))
+                 for f, p, label in zip(batch["file"], batch["path"], batch["label"], strict=True)]
+        files, captions, errors = [], [], []
+        for file, caption, error in self.captioner.iter_captions(items):
+            files.append(file)
+            captions.append(caption)
+            errors.append(error)
+        # An explicit schema: a block whose images all failed would otherwise get a null-typed column.
+        return pa.table({
+            "file": pa.array(files, pa.string()),
+            "caption": pa.array(captions, pa.string()),
+            "error": pa.array(errors, pa.string()),
+        })
+
+
+def caption_folder_ray(
+    inputs: Sequence[str | Path] | str | Path,
+    out: str | Path | None = None,
+    bundle: str | Path | None = None,
+    *,
+    address: str | None = None,
+    actors: int | None = None,
+    threads: int | None = None,
+    num_cpus: int | None = None,
+    batch_size: int = 8,
+    num_beams: int = 1,
+    max_new_tokens: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    fmt: str = "jsonl",
+    overwrite: bool = False,
+    progress: bool = True,
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
+    log: Any = None,
+) -> FolderSummary:
+    """Caption every image under `inputs` into `out` with a pool of Ray actors; like `Captioner.caption_folder`.
+
+    Ray: if this process is already connected (`ray.init` was called), that cluster is used; otherwise
+    `address` connects to an existing cluster, and without it a local Ray is started with `num_cpus`
+    (default: this machine's cores) and shut down at the end. `actors`/`threads`: see `plan_actors`.
+    Engine settings (`bundle`, `batch_size`, `num_beams`, `max_new_tokens`, `max_pixels`) are those of
+    `Captioner`; output, format, resume and `overwrite` are those of a local run. `log` (a callable
+    taking one str, e.g. click.echo) receives a line describing the actor pool.
+
+    Returns the FolderSummary (its `seconds` start when the cluster is connected, so they include the
+    actors' start-up). Raises RayUnavailableError without ray, BundleError for a bad bundle (before
+    Ray starts), FileNotFoundError for a missing input, OutputError for an unusable output file,
+    RayStallError when no result arrives for `stall_timeout` seconds, and whatever the actors raise
+    (e.g. ModelRuntimeError).
+    """
+    ray = import_ray()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if stall_timeout <= 0:
+        raise ValueError(f"stall_timeout must be > 0, got {stall_timeout}")
+    # Verified here, before Ray starts; actors reload it by absolute path (their working dir may differ).
+    bundle_dir = Bundle.load(resolve_bundle(bundle)).path.absolute()
+    todo, summary = plan_folder_job(inputs, out, fmt=fmt, overwrite=overwrite)
+
+    with RecordWriter(summary.out, fmt) as writer:
+        if not todo:
+            return summary  # nothing left: no need to start a cluster
+        started_here = _connect(ray, address, num_cpus)
+        try:
+            started = time.perf_counter()
+            plan = plan_actors(float(ray.cluster_resources().get("CPU", 0)), actors, threads)
+            if log is not None:
+                log(plan.line())
+            constructor = (str(bundle_dir), plan.threads, batch_size, num_beams, max_new_tokens, max_pixels)
+            rows = [{"file": f.file, "path": str(f.path.absolute()), "label": str(f.path)} for f in todo]
+            bar = _progress_bar(len(todo), progress)
+            try:
+                for records in _stream_records(ray, rows, constructor, plan, batch_size, stall_timeout):
+                    writer.write(records)
+                    failed = sum(1 for r in records if r["error"] is not None)
+                    summary.failed += failed
+                    summary.captioned += len(records) - failed
+                    if bar is not None:
+                        bar.update(len(records))
+            finally:
+                if bar is not None:
+                    bar.close()
+            summary.seconds = time.perf_counter() - started
+        finally:
+            if started_here:
+                ray.shutdown()
+    return summary
+
+
+def _connect(ray: Any, address: str | None, num_cpus: int | None) -> bool:
+    """Connect to Ray; True if this call started it (then the caller shuts it down)."""
+    if ray.is_initialized():
+        return False
+    options: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
+    if address:
+        ray.init(address=address, **options)
+    else:
+        # "local": a fresh instance of our own, never an unrelated cluster found through RAY_ADDRESS.
+        ray.init(address="local", num_cpus=num_cpus or _machine_cores(), **options)
+    return True
+
+
+def _machine_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _stream_records(
+    ray: Any,
+    rows: list[dict[str, str]],
+    constructor: tuple[Any, ...],
+    plan: ActorPlan,
+    batch_size: int,
+    stall_timeout: float,
+) -> Iterator[list[dict[str, Any]]]:
+    """Run the dataset and yield record lists in input order; raise RayStallError on a stall."""
+    context = ray.data.DataContext.get_current()
+    saved = (context.execution_options.preserve_order, context.enable_progress_bars,
+             getattr(context, "print_on_execution_start", None))
+    context.execution_options.preserve_order = True  # records come back in input order
+    context.enable_progress_bars = False  # our own bar counts images
+    if saved[2] is not None:
+        context.print_on_execution_start = False
+    # Ray Data's INFO lines and its "progress bars disabled" warning would clutter the CLI's output.
+    quieted = [(logging.getLogger(name), level) for name, level in
+               (("ray.data", logging.WARNING), ("ray.data._internal.progress", logging.ERROR))]
+    saved_levels = [logger.level for logger, _ in quieted]
+    for logger, level in quieted:
+        logger.setLevel(level)
+    try:
+        # Blocks of one actor call each, and small enough that every actor gets work on small folders.
+        rows_per_call = max(1, min(batch_size * ENGINE_BATCHES_PER_CALL, math.ceil(len(rows) / plan.actors)))
+        dataset = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / rows_per_call)))
+        dataset = dataset.map_batches(
+            CaptionActor,
+            fn_constructor_args=constructor,
+            batch_size=rows_per_call,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=plan.actors),
+            num_cpus=plan.cpus_per_actor,
+        )
+        batches = dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+        for table in _watch(batches, stall_timeout, lambda: _stall_message(ray, plan, stall_timeout)):
+            yield table.to_pylist()
+    finally:
+        context.execution_options.preserve_order, context.enable_progress_bars = saved[:2]
+        if saved[2] is not None:
+            context.print_on_execution_start = saved[2]
+        for (logger, _), level in zip(quieted, saved_levels, strict=True):
+            logger.setLevel(level)
+
+
+def _watch(items: Any, timeout: float, message: Any) -> Iterator[Any]:
+    """Yield from `items` (consumed in a helper thread); RayStallError if none arrives for `timeout` s."""
+    results: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        results.put(("item", item), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            results.put(("done", None))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
+            results.put(("error", exc))
+
+    thread = threading.Thread(target=pump, name="edlight-ray-results", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                kind, value = results.get(timeout=timeout)
+            except queue.Empty:
+                raise RayStallError(message()) from None
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+
+
+def _stall_message(ray: Any, plan: ActorPlan, timeout: float) -> str:
+    try:
+        available = float(ray.available_resources().get("CPU", 0))
+        cpus = f"{available:g} of {plan.cluster_cpus:g} CPUs free now"
+    except Exception:  # noqa: BLE001 - the message must not fail
+        cpus = f"{plan.cluster_cpus:g} CPUs"
+    return (
+        f"the Ray job returned no results for {timeout:g} s, so it was stopped. It asked for "
+        f"{plan.actors} actor(s) x {plan.cpus_per_actor:g} CPU ({cpus}). A job stalls when its actors "
+        "cannot be placed (the cluster is busy with other work, or too small) or leave no CPU for Ray "
+        "Data's tasks: try fewer --actors, check `ray status`, or raise the timeout if actors are just slow "
+        "to start."
+    )

@@ -1,0 +1,102 @@
+"""The one place that talks to `onnxruntime.InferenceSession`.
+
+Session options live here; input/output names and types are read from the model, never assumed;
+any ONNX Runtime failure is re-raised as `ModelRuntimeError` naming the model file (and so the bundle).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from engine.errors import ModelRuntimeError
+
+# ONNX tensor type strings -> numpy dtypes, for the inputs the engine feeds.
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """Runtime knobs shared by every session of a bundle."""
+
+    threads: int | None = None  # intra-op threads; None lets ONNX Runtime use every core
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    graph_optimization: str = "all"  # "disabled" | "basic" | "extended" | "all"
+
+    def options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        if self.threads is not None:
+            if self.threads < 1:
+                raise ValueError(f"threads must be >= 1, got {self.threads}")
+            options.intra_op_num_threads = self.threads
+        # One graph runs at a time; inter-op parallelism only adds contention on a shared CPU.
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        levels = {
+            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }
+        options.graph_optimization_level = levels[self.graph_optimization]
+        options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise
+        return options
+
+
+class OnnxModel:
+    """One ONNX file loaded into an ONNX Runtime session."""
+
+    def __init__(self, path: Path, settings: SessionSettings | None = None, bundle: Path | None = None) -> None:
+        """Load `path`. Raises ModelRuntimeError (naming the file) when ONNX Runtime cannot load it."""
+        self.path = Path(path)
+        self.bundle = Path(bundle) if bundle is not None else self.path.parent
+        self.settings = settings or SessionSettings()
+        available = set(ort.get_available_providers())
+        providers = [p for p in self.settings.providers if p in available] or ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(os.fspath(self.path), self.settings.options(), providers=providers)
+        except Exception as exc:  # ORT raises its own Exception subclasses (Fail, InvalidProtobuf, ...)
+            raise ModelRuntimeError(f"{self.path}: ONNX Runtime cannot load this model of bundle {self.bundle}: {exc}") from exc
+        wanted = self.settings.providers[0]
+        if wanted not in self.session.get_providers():
+            warnings.warn(f"{self.path}: {wanted} unavailable, running on {self.session.get_providers()[0]}", stacklevel=2)
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.outputs = {o.name: o for o in self.session.get_outputs()}
+        self.input_names = list(self.inputs)
+        self.output_names = list(self.outputs)
+
+    def input_dtype(self, name: str) -> type[np.generic]:
+        """numpy dtype the model expects for input `name`."""
+        kind = self.inputs[name].type
+        if kind not in _ORT_TYPES:
+            raise ModelRuntimeError(f"{self.path}: input {name} has unsupported type {kind}")
+        return _ORT_TYPES[kind]
+
+    def input_shape(self, name: str) -> list[int | str | None]:
+        return list(self.inputs[name].shape)
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the model; returns the requested outputs (all by default) by name.
+
+        Raises ModelRuntimeError naming the model file when ONNX Runtime fails.
+        """
+        names = list(outputs) if outputs is not None else self.output_names
+        try:
+            results = self.session.run(names, dict(feeds))
+        except Exception as exc:  # noqa: BLE001 - every ORT failure becomes the engine's own error
+            shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in feeds.items())
+            raise ModelRuntimeError(f"{self.path} (bundle {self.bundle}): inference failed: {exc} [inputs: {shapes}]") from exc
+        return dict(zip(names, results, strict=True))

@@ -1,0 +1,121 @@
+"""The torch-free engine against PyTorch `generate` on the tiny trained model (full environment).
+
+Greedy captions must be identical token for token, on both decoder layouts; beam search and
+min_new_tokens must follow transformers' semantics; the engine must run with torch blocked.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from engine import Captioner
+from engine.images import load_image
+
+pytestmark = pytest.mark.slow
+
+MAX_NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def images(synth_data: Path) -> list[Path]:
+    """Thirty generated images (the split does not matter: we compare two runtimes, not quality)."""
+    return sorted(p for p in synth_data.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})[:30]
+
+
+@pytest.fixture(scope="module")
+def torch_model(tiny_checkpoint: Path):  # noqa: ANN201
+    from transformers import Pix2StructForConditionalGeneration, Pix2StructProcessor
+
+    model = Pix2StructForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    return model, Pix2StructProcessor.from_pretrained(tiny_checkpoint)
+
+
+def torch_captions(torch_model, paths: list[Path], **generate_kwargs: int) -> list[str]:  # noqa: ANN001
+    import torch
+
+    model, processor = torch_model
+    pixels = [load_image(p) for p in paths]
+    image_processor = processor.image_processor
+    # The image processor directly: Pix2StructProcessor.__call__ would force 2048 patches.
+    batch = image_processor(images=pixels, max_patches=image_processor.max_patches, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            flattened_patches=batch["flattened_patches"], attention_mask=batch["attention_mask"],
+            max_new_tokens=MAX_NEW_TOKENS, **generate_kwargs,
+        )
+    return processor.batch_decode(out, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def other_layout_bundle(tiny_checkpoint: Path, tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same checkpoint exported with the decoder layout tiny_bundle does not use."""
+    from engine.bundle import Bundle
+    from export.onnx import export_bundle
+
+    layout = Bundle.load(tiny_bundle, verify_hashes=False).manifest.decoder_layout
+    other = "split" if layout == "merged" else "merged"
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("layout") / other, decoder_layout=other)
+
+
+def test_greedy_captions_equal_pytorch(tiny_bundle: Path, torch_model, images: list[Path]) -> None:  # noqa: ANN001
+    engine = Captioner(tiny_bundle, batch_size=4, max_new_tokens=MAX_NEW_TOKENS).caption(images)
+    reference = torch_captions(torch_model, images)
+    assert engine == reference
+    assert len(set(reference)) > 1, "the tiny model says the same thing for every image: a weak test"
+
+
+def test_both_decoder_layouts_give_the_same_captions(tiny_bundle: Path, other_layout_bundle: Path, images: list[Path]) -> None:
+    first = Captioner(tiny_bundle, batch_size=5, max_new_tokens=MAX_NEW_TOKENS)
+    second = Captioner(other_layout_bundle, batch_size=3, max_new_tokens=MAX_NEW_TOKENS)
+    assert first.bundle.manifest.decoder_layout != second.bundle.manifest.decoder_layout
+    assert first.caption(images) == second.caption(images)
+
+
+def test_beam_search_follows_transformers(tiny_bundle: Path, torch_model, images: list[Path]) -> None:  # noqa: ANN001
+    subset = images[:12]
+    engine = Captioner(tiny_bundle, batch_size=4, num_beams=3, max_new_tokens=MAX_NEW_TOKENS).caption(subset)
+    reference = torch_captions(torch_model, subset, num_beams=3)
+    identical = sum(a == b for a, b in zip(engine, reference, strict=True))
+    # Beam scores are sums of log-probabilities; a float32 near-tie may order two beams differently.
+    assert identical >= len(subset) - 1, list(zip(engine, reference, strict=True))
+
+
+def test_min_new_tokens_matches_transformers(tiny_bundle: Path, torch_model, images: list[Path]) -> None:  # noqa: ANN001
+    subset = images[:6]
+    engine = Captioner(tiny_bundle, batch_size=3, max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS)
+    assert engine.caption(subset) == torch_captions(torch_model, subset, min_new_tokens=MAX_NEW_TOKENS)
+    assert engine.timings.decode_steps == 2 * MAX_NEW_TOKENS  # two batches, every row forced to full length
+
+
+def test_batch_and_single_identical_on_the_trained_model(tiny_bundle: Path, images: list[Path]) -> None:
+    captioner = Captioner(tiny_bundle, batch_size=8, max_new_tokens=MAX_NEW_TOKENS)
+    subset = images[:10]
+    assert captioner.caption(subset) == [captioner.caption([p])[0] for p in subset]
+
+
+def test_engine_runs_with_torch_blocked(tiny_bundle: Path, images: list[Path]) -> None:
+    script = textwrap.dedent(
+        """
+        import importlib.abc, sys
+
+        class Blocker(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {"torch", "transformers", "optimum"}:
+                    raise ImportError("blocked " + name)
+
+        sys.meta_path.insert(0, Blocker())
+        from engine import Captioner
+        print("\\n".join(Captioner(sys.argv[1], max_new_tokens=int(sys.argv[2])).caption(sys.argv[3:])))
+        """
+    )
+    subset = images[:3]
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_bundle), str(MAX_NEW_TOKENS), *map(str, subset)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == Captioner(tiny_bundle, max_new_tokens=MAX_NEW_TOKENS).caption(subset)

@@ -1,0 +1,227 @@
+"""End to end without torch: the Captioner API, folder runs, resume, and the CLI, on a real bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from engine import Captioner
+from engine.caption_cli import caption as caption_command
+from engine.errors import BundleError, ImageError
+from engine.folder import collect_inputs, read_done
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def photo(seed: int, width: int = 96, height: int = 64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(height // 8, 1), max(width // 8, 1), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
+
+
+def make_folder(root: Path, count: int) -> list[str]:
+    """`count` distinct images spread over two levels; returns their record names in walk order."""
+    names = []
+    for i in range(count):
+        name = f"{'nested/' if i % 3 == 0 else ''}img_{i:03d}.png"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        photo(i, 64 + 8 * (i % 5), 48 + 16 * (i % 4)).save(root / name)
+        names.append(name)
+    return [f.file for f in collect_inputs([root])]
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def captioner(engine_bundle: Path) -> Captioner:
+    return Captioner(engine_bundle, batch_size=3, threads=1)
+
+
+def test_batch_equals_single_and_order_is_kept(captioner: Captioner) -> None:
+    images = [photo(i, 40 + 30 * i, 200 - 20 * i) for i in range(7)]
+    batched = captioner.caption(images)
+    single = [captioner.caption([image])[0] for image in images]
+    assert batched == single
+    assert captioner.caption(images[::-1]) == batched[::-1]
+    assert all(isinstance(c, str) for c in batched)
+
+
+def test_path_str_bytes_and_pil_give_the_same_caption(captioner: Captioner, tmp_path: Path) -> None:
+    photo(3).save(tmp_path / "a.png")
+    sources = [tmp_path / "a.png", str(tmp_path / "a.png"), (tmp_path / "a.png").read_bytes(), Image.open(tmp_path / "a.png")]
+    captions = captioner.caption(sources)
+    assert len(set(captions)) == 1
+    assert captioner.caption(tmp_path / "a.png") == captions[:1]  # a single source is accepted too
+
+
+def test_timings_accumulate_and_reset(captioner: Captioner) -> None:
+    captioner.reset_timings()
+    captioner.caption([photo(1), photo(2)])
+    timings = captioner.timings
+    assert timings.images == 2 and timings.decode_steps >= 1
+    assert timings.encoder_s > 0 and timings.decode_s > 0 and timings.preprocess_s > 0
+    captioner.reset_timings()
+    assert captioner.timings.images == 0
+
+
+def test_a_bad_image_raises_a_named_error(captioner: Captioner, tmp_path: Path) -> None:
+    (tmp_path / "bad.jpg").write_text("not a jpeg")
+    with pytest.raises(ImageError, match=r"bad\.jpg: not an image"):
+        captioner.caption([photo(1), tmp_path / "bad.jpg"])
+
+
+def test_bad_corpus_gives_one_clear_record_per_file(captioner: Captioner, bad_corpus, tmp_path: Path) -> None:  # noqa: ANN001
+    root, expected = bad_corpus
+    out = tmp_path / "out.jsonl"
+    summary = captioner.caption_folder(root, out=out, progress=False)
+    got = records(out)
+    assert [r["file"] for r in got] == sorted(expected, key=lambda n: n.split("/"))
+    for record in got:
+        problem = expected[record["file"]]
+        if problem is None:
+            assert record["error"] is None and isinstance(record["caption"], str), record
+        else:
+            assert record["caption"] is None and problem in record["error"], record
+    failed = sum(1 for p in expected.values() if p is not None)
+    assert (summary.captioned, summary.failed, summary.total) == (len(expected) - failed, failed, len(expected))
+
+
+def test_folder_records_match_the_api_and_keep_walk_order(captioner: Captioner, tmp_path: Path) -> None:
+    names = make_folder(tmp_path / "in", 8)
+    out = tmp_path / "captions.jsonl"
+    captioner.caption_folder([tmp_path / "in"], out=out, progress=False)
+    got = records(out)
+    assert [r["file"] for r in got] == names == sorted(names, key=lambda n: n.split("/"))
+    assert [r["caption"] for r in got] == captioner.caption([tmp_path / "in" / n for n in names])
+
+
+def test_resume_repairs_a_torn_last_line(captioner: Captioner, tmp_path: Path) -> None:
+    names = make_folder(tmp_path / "in", 7)
+    out = tmp_path / "captions.jsonl"
+    captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    complete = out.read_text(encoding="utf-8")
+    lines = complete.splitlines(keepends=True)
+    # A kill in the middle of writing record 5: 4 whole lines and half of the 5th.
+    out.write_text("".join(lines[:4]) + lines[4][: len(lines[4]) // 2], encoding="utf-8")
+    summary = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    assert summary.skipped == 4 and summary.captioned == 3
+    assert out.read_text(encoding="utf-8") == complete
+    assert [r["file"] for r in records(out)] == names
+
+
+def test_resume_after_a_killed_run(engine_bundle: Path, tmp_path: Path) -> None:
+    names = make_folder(tmp_path / "in", 60)
+    out = tmp_path / "captions.jsonl"
+    command = [sys.executable, "-m", "engine.cli", "caption", str(tmp_path / "in"), "--model", str(engine_bundle),
+               "--out", str(out), "--batch-size", "1", "--threads", "1", "--quiet"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed; use more images"
+    before = len(read_done(out, "jsonl"))
+    assert 3 <= before < len(names)
+
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{before} already done" in result.stderr
+    got = records(out)
+    assert [r["file"] for r in got] == names  # none lost, none twice, in order
+    assert all(r["error"] is None for r in got)
+
+
+def test_csv_output_and_resume(captioner: Captioner, tmp_path: Path) -> None:
+    names = make_folder(tmp_path / "in", 5)
+    out = tmp_path / "c.csv"
+    captioner.caption_folder(tmp_path / "in", out=out, fmt="csv", progress=False)
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    summary = captioner.caption_folder(tmp_path / "in", out=out, fmt="csv", progress=False)
+    assert (summary.skipped, summary.failed) == (5, 1)
+    import csv
+
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert [r["file"] for r in rows] == names + ["broken.png"]
+    assert rows[-1]["caption"] == "" and "broken.png" in rows[-1]["error"]
+    assert all(r["caption"] and not r["error"] for r in rows[:-1])
+
+
+def test_overwrite_starts_afresh(captioner: Captioner, tmp_path: Path) -> None:
+    make_folder(tmp_path / "in", 3)
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"file": "old.png", "caption": "x", "error": null}\n')
+    captioner.caption_folder(tmp_path / "in", out=out, overwrite=True, progress=False)
+    assert "old.png" not in out.read_text() and len(records(out)) == 3
+
+
+def test_a_damaged_output_is_refused_not_clobbered(captioner: Captioner, tmp_path: Path) -> None:
+    make_folder(tmp_path / "in", 2)
+    out = tmp_path / "o.jsonl"
+    out.write_text("garbage line\n" + '{"file": "a.png", "caption": "x", "error": null}\n')
+    with pytest.raises(Exception, match=r"o\.jsonl:1: not a caption record"):
+        captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    assert out.read_text().startswith("garbage line")
+
+
+def test_cli_captions_prints_a_summary_and_honours_strict(engine_bundle: Path, tmp_path: Path) -> None:
+    names = make_folder(tmp_path / "in", 4)
+    (tmp_path / "in" / "zero.jpg").write_bytes(b"")
+    out = tmp_path / "cli.jsonl"
+    runner = CliRunner()
+    args = [str(tmp_path / "in"), "--model", str(engine_bundle), "--out", str(out), "--batch-size", "2", "--quiet"]
+    result = runner.invoke(caption_command, args)
+    assert result.exit_code == 0, result.output
+    assert "captioned 4, failed 1 of 5 images" in result.output
+    assert f"model: {engine_bundle}" in result.output
+    assert [r["file"] for r in records(out)] == sorted(names + ["zero.jpg"], key=lambda n: n.split("/"))
+    strict = runner.invoke(caption_command, [*args, "--strict"])
+    assert strict.exit_code == 1 and "1 of them failed" in strict.output
+    csv_run = runner.invoke(caption_command, [*args[:-3], "--out", str(tmp_path / "x.csv"), "--format", "csv", "--quiet"])
+    assert csv_run.exit_code == 0 and (tmp_path / "x.csv").read_text().startswith("file,caption,error\n")
+
+
+def test_cli_refuses_a_missing_or_tampered_bundle_before_reading_images(engine_bundle: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    # The input does not exist: if images were looked at first, that would be the error reported.
+    missing = runner.invoke(caption_command, [str(tmp_path / "no-input"), "--model", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "no such bundle directory" in missing.output
+
+    tampered = tmp_path / "bundle"
+    shutil.copytree(engine_bundle, tampered)
+    config = tampered / "generation_config.json"
+    config.write_text(config.read_text() + " ")
+    result = runner.invoke(caption_command, [str(tmp_path / "no-input"), "--model", str(tampered)])
+    assert result.exit_code == 2
+    assert "generation_config.json: sha256 does not match" in result.output
+    with pytest.raises(BundleError, match="sha256"):
+        Captioner(tampered)
+
+
+def test_cli_prints_the_parity_recorded_in_the_manifest(engine_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(engine_bundle, bundle)
+    manifest = json.loads((bundle / "edlight.json").read_text())
+    manifest["parity"] = {"passed": True, "split": "test", "images": 20, "bleu_torch": 41.25, "bleu_engine": 40.5,
+                          "bleu_diff": -0.75, "identical_share": 0.9, "failures": []}
+    (bundle / "edlight.json").write_text(json.dumps(manifest))  # the manifest is not among the hashed files
+    make_folder(tmp_path / "in", 1)
+    result = CliRunner().invoke(caption_command, [str(tmp_path / "in"), "--model", str(bundle), "--out",
+                                                  str(tmp_path / "o.jsonl"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "parity vs PyTorch: passed=True, split=test, images=20, bleu_torch=41.2, bleu_engine=40.5" in result.output

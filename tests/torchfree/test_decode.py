@@ -1,0 +1,145 @@
+"""The generation loop on small hand-made cases (no ONNX model).
+
+`ScriptedDecoder` plays the decoder: the next-token distribution is a table lookup on (image, prefix).
+It keeps the prefix *in the KV cache tensors* that the loop slices, reorders and repeats, so a wrong
+row bookkeeping in greedy/beam search shows up as wrong tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.decode import DecoderState, GenerationSettings, beam_search, generate, greedy
+
+VOCAB = 6  # 0 = pad/start, 1 = EOS, 2..5 words
+EOS = 1
+
+
+def dist(**probs: float) -> np.ndarray:
+    """Log-probabilities over VOCAB; unnamed tokens share what is left."""
+    p = np.zeros(VOCAB)
+    for name, value in probs.items():
+        p[int(name[1:])] = value
+    rest = [t for t in range(VOCAB) if p[t] == 0]
+    p[rest] = (1.0 - p.sum()) / len(rest)
+    return np.log(p).astype(np.float32)
+
+
+# image id -> prefix (tuple of generated ids) -> log-probs of the next token
+TABLE = {
+    # image 0: "2 3" then EOS
+    0: {(): dist(t2=0.9), (2,): dist(t3=0.9), (2, 3): dist(t1=0.9)},
+    # image 1: "4 4 4 ..." forever
+    1: {},
+    # image 2: EOS at once; if EOS is suppressed, "5" then EOS
+    2: {(): dist(t1=0.8, t5=0.15), (5,): dist(t1=0.9)},
+    # image 3: greedy takes 2 (0.5) then must stop with p=0.3; beam search finds 3 (0.4) then EOS (0.9)
+    3: {(): dist(t2=0.5, t3=0.4), (2,): dist(t1=0.3), (3,): dist(t1=0.9)},
+    # image 4: after step 2 both surviving beams descend from beam 1 ("3"): the cache must be reordered
+    4: {
+        (): dist(t2=0.5, t3=0.4), (2,): dist(t1=0.01), (3,): dist(t5=0.6, t4=0.35),
+        (3, 5): dist(t3=0.9), (3, 5, 3): dist(t1=0.9), (3, 4): dist(t2=0.9), (3, 4, 2): dist(t1=0.9),
+    },
+}
+
+
+def lookup(image: int, prefix: tuple[int, ...]) -> np.ndarray:
+    if image == 1:
+        return dist(t4=0.9)
+    return TABLE[image].get(prefix, dist(t1=0.95))
+
+
+class ScriptedDecoder:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def _logits(self, state: DecoderState) -> np.ndarray:
+        images = state.cross_kv[0][:, 0, 0, 0].astype(int)
+        prefixes = state.self_kv[0][:, 0, 1:, 0].astype(int)  # drop the start token
+        return np.stack([lookup(int(i), tuple(p.tolist())) for i, p in zip(images, prefixes, strict=True)])
+
+    def start(self, encoder_hidden: np.ndarray, encoder_mask: np.ndarray, input_ids: np.ndarray) -> tuple[np.ndarray, DecoderState]:
+        self.calls += 1
+        rows = input_ids.shape[0]
+        state = DecoderState(
+            self_kv=[input_ids.astype(np.float32).reshape(rows, 1, 1, 1)],
+            cross_kv=[encoder_hidden[:, :1, :1].reshape(rows, 1, 1, 1).copy()],
+            encoder_hidden=encoder_hidden,
+            encoder_mask=encoder_mask,
+            past_len=1,
+        )
+        return self._logits(state), state
+
+    def advance(self, state: DecoderState, input_ids: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        new = input_ids.astype(np.float32).reshape(-1, 1, 1, 1)
+        state.self_kv = [np.concatenate([state.self_kv[0], new], axis=2)]
+        state.past_len += 1
+        return self._logits(state)
+
+
+def run(images: list[int], fn=generate, **kwargs: int) -> list[list[int]]:  # noqa: ANN001
+    hidden = np.array(images, dtype=np.float32).reshape(-1, 1, 1) * np.ones((1, 3, 2), dtype=np.float32)
+    mask = np.ones((len(images), 3), dtype=np.int64)
+    settings = GenerationSettings(max_new_tokens=kwargs.pop("max_new_tokens", 8), eos_token_ids=(EOS,), **kwargs)
+    return fn(ScriptedDecoder(), hidden, mask, settings).sequences
+
+
+def test_greedy_stops_each_row_at_its_own_eos_or_length() -> None:
+    assert run([0, 1, 2], max_new_tokens=5) == [[2, 3], [4, 4, 4, 4, 4], []]
+
+
+def test_greedy_batch_equals_single_in_any_order() -> None:
+    batch = run([2, 1, 0, 3, 1], max_new_tokens=6)
+    assert batch == [run([i], max_new_tokens=6)[0] for i in (2, 1, 0, 3, 1)]
+
+
+def test_greedy_drops_finished_rows_from_the_batch() -> None:
+    decoder = ScriptedDecoder()
+    hidden = np.array([2.0, 1.0]).reshape(2, 1, 1) * np.ones((1, 3, 2), dtype=np.float32)
+    result = greedy(decoder, hidden.astype(np.float32), np.ones((2, 3), np.int64), GenerationSettings(max_new_tokens=4))
+    assert result.sequences == [[], [4, 4, 4, 4]]
+    assert result.finished == [True, False]
+    assert result.steps == decoder.calls == 4  # the finished row did not keep the loop going longer
+
+
+def test_min_new_tokens_suppresses_eos_until_reached() -> None:
+    assert run([2], max_new_tokens=5) == [[]]
+    assert run([2], max_new_tokens=5, min_new_tokens=1) == [[5]]
+    assert run([0], max_new_tokens=5, min_new_tokens=4)[0][:2] == [2, 3]
+    assert len(run([0], max_new_tokens=5, min_new_tokens=4)[0]) >= 4
+
+
+def test_zero_new_tokens_gives_empty_captions() -> None:
+    assert run([0, 1], max_new_tokens=0) == [[], []]
+
+
+def test_beam_search_finds_the_more_likely_caption_that_greedy_misses() -> None:
+    assert run([3], max_new_tokens=5) == [[2]]
+    assert run([3], max_new_tokens=5, num_beams=2) == [[3]]
+
+
+def test_beam_search_follows_the_parents_of_the_surviving_beams() -> None:
+    assert run([4], max_new_tokens=6, num_beams=2) == [[3, 5, 3]]
+    assert run([4, 1, 4], max_new_tokens=6, num_beams=2)[2] == [3, 5, 3]
+
+
+def test_beam_search_batch_equals_single_and_respects_length() -> None:
+    images = [3, 1, 0, 2, 4]
+    batch = run(images, max_new_tokens=4, num_beams=3)
+    assert batch == [run([i], max_new_tokens=4, num_beams=3)[0] for i in images]
+    assert batch[1] == [4, 4, 4, 4]
+    assert batch[2] == [2, 3]
+
+
+def test_one_beam_is_greedy() -> None:
+    assert run([0, 1, 2, 3], num_beams=1) == run([0, 1, 2, 3], fn=greedy)
+    assert run([3], fn=beam_search, num_beams=1, max_new_tokens=5) == [[2]]
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError):
+        GenerationSettings(max_new_tokens=-1)
+    with pytest.raises(ValueError):
+        GenerationSettings(max_new_tokens=4, num_beams=0)

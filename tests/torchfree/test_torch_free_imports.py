@@ -1,0 +1,74 @@
+"""The engine never imports torch, transformers or optimum, not even indirectly.
+
+A subprocess installs an import hook that makes those packages unimportable, imports every engine
+module, captions an image with a bundle and runs the CLI. Run in the full environment, this proves
+the engine does not *reach* for them even though they are installed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+SCRIPT = textwrap.dedent(
+    """
+    import importlib, importlib.abc, pkgutil, sys
+
+    BLOCKED = {"torch", "transformers", "optimum", "torchvision", "accelerate"}
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"blocked import of {name} (the engine must not need it)")
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+
+    import engine
+    modules = sorted(m.name for m in pkgutil.walk_packages(engine.__path__, "engine."))
+    for name in modules:
+        importlib.import_module(name)
+
+    from PIL import Image
+    from engine import Captioner
+    from engine.cli import main
+
+    captions = Captioner(sys.argv[1], batch_size=2).caption([Image.new("RGB", (64, 48), "white")] * 3)
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions), captions
+    try:
+        main(["caption", sys.argv[2], "--model", sys.argv[1], "--out", sys.argv[3], "--quiet"])
+    except SystemExit as exit:
+        assert exit.code in (0, None), exit.code
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    assert not leaked, leaked
+    print("OK", len(modules), "modules:", ",".join(modules))
+    """
+)
+
+
+def test_engine_runs_with_torch_transformers_optimum_blocked(engine_bundle: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), "red").save(folder / "red.png")
+    out = tmp_path / "out.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(engine_bundle), str(folder), str(out)],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("OK")
+    for module in ("engine.captioner", "engine.decode", "engine.folder", "engine.caption_cli", "engine.session"):
+        assert module in result.stdout
+    assert '"file": "red.png"' in out.read_text()
+
+
+def test_the_blocker_itself_blocks(tmp_path: Path) -> None:
+    """Guard against a hook that blocks nothing: importing transformers under it must fail."""
+    code = SCRIPT.split("import engine")[0] + "import transformers\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "blocked import of transformers" in result.stderr or "No module named 'transformers'" in result.stderr
