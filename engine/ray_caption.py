@@ -25,9 +25,10 @@ import logging
 import math
 import os
 import queue
+import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,10 @@ class RayUnavailableError(EdlightError):
 
 class RayStallError(EdlightError):
     """The Ray job returned no results for longer than the stall timeout."""
+
+
+class RayConnectionError(EdlightError):
+    """The Ray cluster at the given address cannot be reached or joined."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +163,7 @@ def caption_folder_ray(
     overwrite: bool = False,
     progress: bool = True,
     stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
-    log: Any = None,
+    log: Callable[[str], None] | None = None,
 ) -> FolderSummary:
     """Caption every image under `inputs` into `out` with a pool of Ray actors; like `Captioner.caption_folder`.
 
@@ -184,19 +189,20 @@ def caption_folder_ray(
     bundle_dir = Bundle.load(resolve_bundle(bundle)).path.absolute()
     todo, summary = plan_folder_job(inputs, out, fmt=fmt, overwrite=overwrite)
 
-    with RecordWriter(summary.out, fmt) as writer:
-        if not todo:
-            return summary  # nothing left: no need to start a cluster
-        started_here = _connect(ray, address, num_cpus)
+    if not todo:
+        with RecordWriter(summary.out, fmt):  # the file exists afterwards, as after a local run
+            return summary  # nothing left: no need for a cluster
+    started_here = _connect(ray, address, num_cpus)
+    try:
+        started = time.perf_counter()
+        plan = plan_actors(float(ray.cluster_resources().get("CPU", 0)), actors, threads)
+        if log is not None:
+            log(plan.line())
+        constructor = (str(bundle_dir), plan.threads, batch_size, num_beams, max_new_tokens, max_pixels)
+        rows = [{"file": f.file, "path": str(f.path.absolute()), "label": str(f.path)} for f in todo]
+        bar = _progress_bar(len(todo), progress)
         try:
-            started = time.perf_counter()
-            plan = plan_actors(float(ray.cluster_resources().get("CPU", 0)), actors, threads)
-            if log is not None:
-                log(plan.line())
-            constructor = (str(bundle_dir), plan.threads, batch_size, num_beams, max_new_tokens, max_pixels)
-            rows = [{"file": f.file, "path": str(f.path.absolute()), "label": str(f.path)} for f in todo]
-            bar = _progress_bar(len(todo), progress)
-            try:
+            with RecordWriter(summary.out, fmt) as writer:
                 for records in _stream_records(ray, rows, constructor, plan, batch_size, stall_timeout):
                     writer.write(records)
                     failed = sum(1 for r in records if r["error"] is not None)
@@ -204,27 +210,54 @@ def caption_folder_ray(
                     summary.captioned += len(records) - failed
                     if bar is not None:
                         bar.update(len(records))
-            finally:
-                if bar is not None:
-                    bar.close()
-            summary.seconds = time.perf_counter() - started
         finally:
-            if started_here:
-                ray.shutdown()
+            if bar is not None:
+                bar.close()
+        summary.seconds = time.perf_counter() - started
+    finally:
+        if started_here:
+            ray.shutdown()
     return summary
 
 
 def _connect(ray: Any, address: str | None, num_cpus: int | None) -> bool:
-    """Connect to Ray; True if this call started it (then the caller shuts it down)."""
+    """Connect to Ray; True if this call started it (then the caller shuts it down).
+
+    Raises RayConnectionError when `address` cannot be reached or joined.
+    """
     if ray.is_initialized():
         return False
     options: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
     if address:
-        ray.init(address=address, **options)
+        # ray.init retries an unreachable address for minutes with only log lines: check it first.
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **options)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise RayConnectionError(
+                f"cannot join the Ray cluster at {address}: {exc}. If the cluster uses token authentication "
+                "(the default since Ray 2.52), set RAY_AUTH_MODE=token and provide its token "
+                "(RAY_AUTH_TOKEN, or ~/.ray/auth_token)"
+            ) from exc
     else:
         # "local": a fresh instance of our own, never an unrelated cluster found through RAY_ADDRESS.
         ray.init(address="local", num_cpus=num_cpus or _machine_cores(), **options)
     return True
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Raise RayConnectionError if a `host:port` (or `ray://host:port`) address refuses connections."""
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and the like: Ray resolves those itself, and fails fast when it cannot
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise RayConnectionError(
+            f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}): check the address, "
+            "or start a cluster with `ray start --head`"
+        ) from exc
 
 
 def _machine_cores() -> int:
@@ -294,6 +327,10 @@ def _watch(items: Any, timeout: float, message: Any) -> Iterator[Any]:
                     except queue.Full:
                         continue
                 if stop.is_set():
+                    # The consumer is gone (stall or error): closing the iterator stops the Ray execution.
+                    close = getattr(items, "close", None)
+                    if close is not None:
+                        close()
                     return
             results.put(("done", None))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread

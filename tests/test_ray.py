@@ -1,0 +1,228 @@
+"""Captioning on Ray (engine.ray_caption): same records as the local engine, resume after a kill, loud stalls.
+
+The Ray tests share one local Ray with 2 CPUs (module fixture, shut down at teardown) and the session's
+tiny bundle. The local reference runs with 1 ONNX Runtime thread, like each of the 2 actors, so that
+captions are bit-identical whatever the thread count does to float sums.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.ray_caption import (
+    RayConnectionError,
+    RayStallError,
+    _check_reachable,
+    caption_folder_ray,
+    plan_actors,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+# ----------------------------------------------------------------------------------- sizing (no Ray)
+@pytest.mark.parametrize("cpus", [1, 2, 3, 8, 64])
+@pytest.mark.parametrize("actors", [None, 1, 2, 5])
+def test_plan_leaves_a_cpu_for_ray_data_tasks(cpus: int, actors: int | None) -> None:
+    plan = plan_actors(cpus, actors)
+    reserve = 1.0 if cpus >= 2 else cpus / 2
+    assert plan.actors == (actors or max(1, cpus // 2))
+    assert 0 < plan.cpus_per_actor * plan.actors <= cpus - reserve + 1e-9
+    assert plan.threads == max(1, cpus // plan.actors)
+
+
+def test_plan_on_two_cores_gives_fractional_actors() -> None:
+    # The case seen to stall with whole-CPU actors: 2 actors on 2 cores must reserve half a CPU each.
+    plan = plan_actors(2.0, 2)
+    assert (plan.actors, plan.cpus_per_actor, plan.threads) == (2, 0.5, 1)
+    assert plan_actors(2.0, None, threads=3).threads == 3
+
+
+def test_an_unreachable_address_fails_at_once() -> None:
+    with socket.socket() as probe:  # a port that was just free: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(RayConnectionError, match=rf"cannot reach a Ray cluster at ray://127.0.0.1:{port}"):
+        _check_reachable(f"ray://127.0.0.1:{port}")
+    assert time.monotonic() - started < 10
+    _check_reachable("auto")  # resolved by Ray itself
+
+
+# ------------------------------------------------------------------------------------ missing extra
+def test_without_ray_the_cli_names_the_extra(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import sys
+
+        class BlockRay:
+            def find_spec(self, name, path=None, target=None):
+                if name == "ray" or name.startswith("ray."):
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+                return None
+
+        sys.meta_path.insert(0, BlockRay())
+        from engine.ray_caption import RayUnavailableError, caption_folder_ray
+        try:
+            caption_folder_ray([{str(EXAMPLES)!r}], {str(tmp_path / "api.jsonl")!r})
+        except RayUnavailableError as exc:
+            print("API:", exc)
+        from engine.cli import main
+        # A bundle that does not exist: the missing extra must be reported first, before any work.
+        main(["caption", {str(EXAMPLES)!r}, "--ray", "--model", {str(tmp_path / "no-bundle")!r},
+              "--out", {str(tmp_path / "cli.jsonl")!r}])
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "API: captioning on Ray needs the [distributed] extra" in result.stdout
+    assert "error: captioning on Ray needs the [distributed] extra (ray is not installed)" in result.stderr
+    assert "pip install 'edlight[distributed]'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "cli.jsonl").exists() and not (tmp_path / "api.jsonl").exists()
+
+
+# --------------------------------------------------------------------------------------- on Ray
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[object]:
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """examples/ plus a corrupt and a truncated image (error records), in a nested layout."""
+    folder = tmp_path_factory.mktemp("ray-inputs") / "inputs"
+    shutil.copytree(EXAMPLES, folder / "examples")
+    (folder / "corrupt.jpg").write_text("this is not an image")
+    data = (EXAMPLES / "00001.jpg").read_bytes()
+    (folder / "examples" / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    return folder
+
+
+def _records(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.slow
+def test_ray_records_equal_the_local_engine(local_ray: object, tiny_bundle: Path, mixed_folder: Path,
+                                            tmp_path: Path) -> None:
+    from engine.captioner import Captioner
+
+    local = Captioner(tiny_bundle, threads=1).caption_folder([mixed_folder], tmp_path / "local.jsonl", progress=False)
+    lines: list[str] = []
+    summary = caption_folder_ray([mixed_folder], tmp_path / "ray.jsonl", tiny_bundle, actors=2, progress=False,
+                                 log=lines.append)
+
+    assert lines == ["ray: 2 actor(s) x 0.5 CPU reserved, 1 ONNX Runtime thread(s) each, on a cluster of 2 CPUs"]
+    records = _records(tmp_path / "ray.jsonl")
+    assert (tmp_path / "ray.jsonl").read_bytes() == (tmp_path / "local.jsonl").read_bytes()
+    examples = sorted(p.name for p in EXAMPLES.glob("*.jpg")) + ["truncated.jpg"]
+    assert [r["file"] for r in records] == ["corrupt.jpg"] + [f"examples/{name}" for name in examples]
+    failed = {r["file"]: r["error"] for r in records if r["error"] is not None}
+    assert set(failed) == {"corrupt.jpg", "examples/truncated.jpg"}
+    assert all(r["caption"] for r in records if r["error"] is None)
+    assert (summary.total, summary.captioned, summary.failed) == (local.total, local.captioned, local.failed) == (10, 8, 2)
+
+    # A rerun resumes: everything is already there, nothing is written, Ray is not even needed.
+    again = caption_folder_ray([mixed_folder], tmp_path / "ray.jsonl", tiny_bundle, progress=False)
+    assert (again.skipped, again.captioned, again.failed, again.failed_before) == (10, 0, 0, 2)
+    assert _records(tmp_path / "ray.jsonl") == records
+
+
+@pytest.mark.slow
+def test_cli_ray_option_writes_the_local_csv(local_ray: object, tiny_bundle: Path, mixed_folder: Path,
+                                             tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from engine.captioner import Captioner
+    from engine.cli import main
+
+    Captioner(tiny_bundle, threads=1).caption_folder([mixed_folder], tmp_path / "local.csv", fmt="csv", progress=False)
+    args = ["caption", str(mixed_folder), "--model", str(tiny_bundle), "--format", "csv", "--quiet"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "ray.csv"), "--ray", "--actors", "2", "--strict"])
+    assert result.exit_code == 1, result.output  # --strict: two images failed
+    assert "ray: 2 actor(s) x 0.5 CPU reserved" in result.output
+    assert "captioned 8, failed 2 of 10 images" in result.output
+    assert (tmp_path / "ray.csv").read_bytes() == (tmp_path / "local.csv").read_bytes()
+
+    misuse = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "x.csv"), "--actors", "2"])
+    assert misuse.exit_code == 2 and "--ray-address and --actors need --ray" in misuse.output
+
+
+KILLED_RUN = """
+import sys
+from engine.ray_caption import caption_folder_ray
+caption_folder_ray([sys.argv[1]], sys.argv[2], sys.argv[3], num_cpus=2, actors=2, batch_size=1, progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_killed_ray_run_resumes_without_loss_or_duplicates(local_ray: object, tiny_bundle: Path,
+                                                           tmp_path: Path) -> None:
+    from engine.captioner import Captioner
+    from train.synth import generate
+
+    folder = generate(tmp_path / "images", n=48, seed=3)
+    out = tmp_path / "captions.jsonl"
+    # Its own process group, so the kill takes the Ray it started (raylet, workers) down with it.
+    job = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(folder), str(out), str(tiny_bundle)],
+                           cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 2):
+            assert job.poll() is None, f"the run ended before it could be killed: {job.stderr.read()!r}"  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the Ray run wrote nothing in 90 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=30)
+    kept = _records(out) if out.read_bytes().endswith(b"\n") else _records(out)[:-1]
+    assert 2 <= len(kept) < 48, "the kill must land mid-run for this test to mean anything"
+
+    summary = caption_folder_ray([folder], out, tiny_bundle, actors=2, progress=False)
+    assert summary.skipped == len(kept) and summary.captioned + summary.failed == 48 - len(kept)
+
+    reference = tmp_path / "local.jsonl"
+    Captioner(tiny_bundle, threads=1).caption_folder([folder], reference, progress=False)
+    # One record per image, none lost, none twice, in input order, and the same as an uninterrupted local run.
+    assert _records(out) == _records(reference)
+
+
+@pytest.mark.slow
+def test_a_stalled_ray_job_fails_loudly(local_ray: object, tiny_bundle: Path, mixed_folder: Path,
+                                        tmp_path: Path) -> None:
+    import ray
+
+    @ray.remote(num_cpus=2)
+    class Hog:  # another job holding every CPU: the caption actors can never be placed
+        def ready(self) -> bool:
+            return True
+
+    hog = Hog.remote()  # type: ignore[attr-defined]
+    ray.get(hog.ready.remote(), timeout=60)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RayStallError, match=r"returned no results for 5 s.*actor\(s\) x 0\.5 CPU"):
+            caption_folder_ray([mixed_folder], tmp_path / "stalled.jsonl", tiny_bundle, actors=2,
+                               progress=False, stall_timeout=5)
+        assert time.monotonic() - started < 60
+    finally:
+        ray.kill(hog)
+    assert (tmp_path / "stalled.jsonl").read_text() == ""  # nothing half-written
