@@ -96,6 +96,7 @@ class Decoder:
         self.first = first
         self.with_past = with_past or first
         self.merged = with_past is None
+        self.models = [first] if self.merged else [first, self.with_past]
         cached = self.with_past
         if self.merged and "use_cache_branch" not in first.inputs:
             raise ModelRuntimeError(f"{first.path}: a merged decoder needs a use_cache_branch input")
