@@ -1,0 +1,102 @@
+"""`edlight bench`: PyTorch, Optimum and the engine measured side by side, in one run."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import click
+
+from benchmarks.machine import available_cpus
+from benchmarks.settings import DEFAULT_TOKENS, SIZES, SYSTEMS, BenchSettings
+from engine.errors import EdlightError
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers such as 1,4,8") from None
+    if not numbers or any(n < 1 for n in numbers):
+        raise click.BadParameter(f"{value!r}: batch sizes must be positive integers")
+    return numbers
+
+
+def _system_list(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown system(s) {', '.join(unknown) or '(none)'}; choose from {','.join(SYSTEMS)}")
+    return names
+
+
+def _default_cache() -> Path:
+    return Path(os.environ.get("EDLIGHT_BENCH_CACHE", Path.home() / ".cache" / "edlight" / "bench"))
+
+
+@click.command("bench")
+@click.option("--size", type=click.Choice(SIZES), default="base", show_default=True,
+              help="base: random weights, exact textcaps-base architecture (282M, 2048 patches); tiny: a small trained model.")
+@click.option("--systems", default=",".join(SYSTEMS), show_default=True, callback=_system_list,
+              help="Comma-separated systems to measure.")
+@click.option("--batch-sizes", default="1,4", show_default=True, callback=_int_list, help="Comma-separated batch sizes.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads per system [default: CPUs available].")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per system and batch size.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed runs before them.")
+@click.option("--tokens", type=click.IntRange(min=1), default=DEFAULT_TOKENS, show_default=True,
+              help="Generated tokens, forced (min = max new tokens), the same for every system.")
+@click.option("--model", "bundles", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="An engine bundle (fp32 or int8, told apart by its manifest); repeat for both. Default: exported here.")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A Pix2Struct save_pretrained checkpoint for torch/optimum (and for bundles not given). Default: built here.")
+@click.option("--optimum-model", "optimum_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A plain Optimum export to use for the optimum system. Default: exported here from the checkpoint.")
+@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A folder of images to caption. Default: generated student-work images.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"), show_default=True,
+              help="Where results.json, results.md, chart.png and the worker logs go.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Built models and exports [default: $EDLIGHT_BENCH_CACHE or ~/.cache/edlight/bench].")
+@click.option("--no-interleave", is_flag=True, help="Run the systems one after another instead of round-robin.")
+@click.option("--ceiling-seconds", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
+              help="How long to time the MatMul ceiling (at the start and at the end).")
+def bench(
+    size: str, systems: list[str], batch_sizes: list[int], threads: int | None, repeats: int, warmup: int, tokens: int,
+    bundles: tuple[Path, ...], checkpoint: Path | None, optimum_dir: Path | None, images_dir: Path | None, out: Path,
+    cache_dir: Path | None, no_interleave: bool, ceiling_seconds: float,
+) -> None:
+    """Latency, throughput and memory of PyTorch, Optimum and the engine (fp32, int8) in one run.
+
+    Each system runs in its own process, warmed up, with the timed repeats interleaved across
+    systems. Systems whose libraries are absent are skipped with a note. Writes results.json,
+    results.md and chart.png into --out.
+    """
+    from benchmarks.models import prepare_models
+    from benchmarks.report import write_all
+    from benchmarks.runner import run_benchmark
+
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        elapsed = int(time.perf_counter() - started)
+        click.echo(f"[bench {elapsed // 60:02d}:{elapsed % 60:02d}] {message}")
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        settings = BenchSettings(
+            size=size, systems=systems, batch_sizes=batch_sizes, threads=threads or available_cpus(), repeats=repeats,
+            warmup=warmup, tokens=tokens, out=out, cache_dir=cache_dir or _default_cache(),
+            ceiling_seconds=ceiling_seconds, interleave=not no_interleave,
+        )
+        log(f"{size} size; systems {','.join(settings.systems)}; batch sizes {settings.batch_sizes}; "
+            f"{settings.threads} threads; cache {settings.cache_dir}")
+        models = prepare_models(size, settings.systems, settings.cache_dir, log, checkpoint=checkpoint,
+                                bundles=list(bundles), optimum_dir=optimum_dir, images_dir=images_dir)
+        results = run_benchmark(settings, models, log)
+    except (EdlightError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    paths = write_all(results, settings.out)
+    click.echo("")
+    click.echo(paths["markdown"].read_text(encoding="utf-8"))
+    log("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -1,0 +1,44 @@
+"""The edlight engine (`engine.Captioner`) on a bundle, fp32 or int8.
+
+Its own `Timings` split preprocessing, encoder and decoding; the total is the
+wall time of `caption()` around them. Imports nothing but the engine, so this
+system runs on an engine-only install.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from benchmarks.timing import RunTiming, SystemSpec
+
+
+class EngineSystem:
+    def __init__(self, spec: SystemSpec) -> None:
+        from engine.captioner import Captioner
+
+        self.spec = spec
+        self.captioner = Captioner(
+            bundle=spec.model_path,
+            threads=spec.threads,
+            batch_size=spec.batch_size,
+            num_beams=1,
+            max_new_tokens=spec.tokens,
+            min_new_tokens=spec.tokens,
+        )
+
+    def run(self, images: list[Any]) -> RunTiming:
+        self.captioner.reset_timings()
+        start = time.perf_counter()
+        captions = self.captioner.caption(images)
+        end = time.perf_counter()
+        t = self.captioner.timings
+        return RunTiming(
+            batch_size=len(images),
+            preprocess_s=float(t.preprocess_s),
+            encoder_s=float(t.encoder_s),
+            decode_s=end - start - float(t.preprocess_s) - float(t.encoder_s),
+            total_s=end - start,
+            decode_steps=int(t.decode_steps),
+            captions=list(captions),
+        )

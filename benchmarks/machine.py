@@ -1,0 +1,133 @@
+"""Facts about the machine and the process: CPU, cores, memory, library versions, peak RSS."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import resource
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+LIBRARIES = (
+    "edlight",
+    "torch",
+    "transformers",
+    "optimum",
+    "optimum-onnx",
+    "onnxruntime",
+    "onnx",
+    "numpy",
+    "tokenizers",
+    "pillow",
+)
+# CPU features that decide which kernels ONNX Runtime and PyTorch can use.
+INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _cpuinfo() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return model, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and value.strip():
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = value.split()
+    return model, flags
+
+
+def physical_cores() -> int | None:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False)
+    except ImportError:
+        return None
+
+
+def memory_bytes() -> tuple[int | None, int | None]:
+    """(total, available) physical memory in bytes, None where unknown."""
+    try:
+        text = Path("/proc/meminfo").read_text(encoding="utf-8")
+    except OSError:
+        return None, None
+    values = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[key] = int(parts[0]) * 1024
+    return values.get("MemTotal"), values.get("MemAvailable")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    """What results.json records about where it ran."""
+    model, flags = _cpuinfo()
+    total, available = memory_bytes()
+    return {
+        "cpu_model": model,
+        "cpu_flags": [f for f in INTERESTING_FLAGS if f in flags],
+        "logical_cpus": os.cpu_count(),
+        "available_cpus": available_cpus(),
+        "physical_cores": physical_cores(),
+        "threads": threads,
+        "memory_total_bytes": total,
+        "memory_available_bytes": available,
+        "platform": platform.platform(),
+        "versions": library_versions(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (high-water mark, never decreases).
+
+    On Linux this is VmHWM, the peak of the process's own address space. Not ru_maxrss: Linux
+    carries the parent's RSS at fork over into a child's ru_maxrss across exec, so a worker
+    started by a 1 GB parent would never report less than 1 GB.
+    """
+    value = _proc_status_bytes("VmHWM:")
+    if value is not None:
+        return value
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, others KiB
+
+
+def current_rss_bytes() -> int | None:
+    return _proc_status_bytes("VmRSS:")
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    return None

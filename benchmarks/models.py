@@ -1,0 +1,414 @@
+"""The models under test, built once and cached between runs.
+
+- base: a randomly initialised model with the exact google/pix2struct-textcaps-base architecture
+  (`train.presets.build_from_preset("base")`: 282M parameters, 2048 patches, vocab 50244), saved
+  with `save_pretrained`, exported by Optimum for the Optimum system and by `export.onnx.export_bundle`
+  (fp32 and int8) for the engine.
+- tiny: a tiny model trained on generated images (or the checkpoint/bundles the caller names).
+
+Everything is cached under `cache_dir`, keyed by what it was built from (library versions, the
+preset, the source of the export code), and written into a temporary directory that is renamed
+into place only when complete, so an interrupted build is never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from benchmarks.settings import missing_modules
+from engine.errors import EdlightError
+
+Log = Callable[[str], None]
+BASE_SEED = 0
+TINY_TRAIN_IMAGES = 64  # the quick path: enough to train one epoch in well under a minute
+BENCH_IMAGES = 8  # distinct images fed to the systems (batches cycle through them)
+OPTIMUM_TASK = "image-to-text-with-past"
+# Captions for the base tokenizer when the synthetic generator is not installed.
+FALLBACK_CAPTIONS = [
+    "a worksheet with three addition problems, two answered correctly",
+    "a drawing of a tree with a brown trunk and green leaves",
+    "a handwritten paragraph about the water cycle with a diagram",
+    "a bar chart of favourite fruits coloured in with crayons",
+    "a map of a neighbourhood with a school, a park and a river",
+    "a fraction worksheet, 1/2 and 3/4 shaded in circles",
+]
+
+
+class BenchSetupError(EdlightError):
+    """The models or images a benchmark needs cannot be found or built."""
+
+
+@dataclass
+class ModelSet:
+    """Paths to everything the systems load, plus the model facts the report needs."""
+
+    size: str
+    checkpoint: Path | None  # save_pretrained dir: the torch system and the Optimum system's processor
+    optimum_dir: Path | None  # plain Optimum export of `checkpoint`
+    bundles: dict[str, Path]  # "engine" -> fp32 bundle, "engine-int8" -> int8 bundle
+    images: list[Path]
+    max_patches: int
+    vision_config: dict[str, Any]
+    parameters: int | None
+    notes: list[str] = field(default_factory=list)
+    unavailable: dict[str, str] = field(default_factory=dict)  # system -> why its model could not be had
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "optimum_dir": str(self.optimum_dir) if self.optimum_dir else None,
+            "bundles": {k: str(v) for k, v in self.bundles.items()},
+            "images": [str(p) for p in self.images],
+            "max_patches": self.max_patches,
+            "parameters": self.parameters,
+            "vision_config": {k: self.vision_config.get(k) for k in (
+                "hidden_size", "num_hidden_layers", "num_attention_heads", "d_kv", "d_ff", "patch_embed_hidden_size")},
+            "notes": self.notes,
+        }
+
+
+def _versions(*names: str) -> dict[str, str]:
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+def _source_digest(*relative: str) -> str:
+    """sha256 of the project's own source files that shape an artefact (so code changes rebuild it)."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for pattern in relative:
+        for path in sorted(root.glob(pattern)):
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _key(recipe: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _cached(target: Path, build: Callable[[Path], None], what: str, log: Log) -> Path:
+    """Return `target` if complete; otherwise build it in a temporary sibling and rename it into place."""
+    marker = target / ".complete"
+    if marker.is_file():
+        log(f"using cached {what}: {target}")
+        return target
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        log(f"building {what} (cached afterwards in {target}) ...")
+        build(tmp)
+        marker_tmp = tmp / ".complete"
+        marker_tmp.write_text("ok\n", encoding="utf-8")
+        tmp.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def count_parameters(checkpoint: Path) -> int | None:
+    """Parameters in a checkpoint's safetensors files, read from their headers (no torch needed)."""
+    total = 0
+    files = sorted(checkpoint.glob("*.safetensors"))
+    if not files:
+        return None
+    for path in files:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in entry["shape"]:
+                    count *= int(dim)
+                total += count
+    return total
+
+
+# --- images -------------------------------------------------------------------------------------
+
+
+def bench_images(cache_dir: Path, log: Log, folder: Path | None = None) -> list[Path]:
+    """The images every system captions: `folder`'s images, or generated student-work images (cached)."""
+    suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    if folder is not None:
+        images = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in suffixes)[:BENCH_IMAGES]
+        if not images:
+            raise BenchSetupError(f"{folder}: no images (.png/.jpg/...) to benchmark with")
+        return images
+
+    try:
+        from train.synth import generate
+    except ImportError:  # engine-only install: plain drawn pages (content does not change the work done)
+        root = _cached(cache_dir / "images-plain", partial(_plain_images, n=BENCH_IMAGES),
+                       f"{BENCH_IMAGES} benchmark images", log)
+    else:
+        root = _cached(cache_dir / "images-synth", lambda tmp: generate(tmp / "data", n=BENCH_IMAGES, seed=1234),
+                       f"{BENCH_IMAGES} generated benchmark images", log)
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes)
+    if not images:
+        raise BenchSetupError(f"{root}: the cached benchmark images are missing; delete the folder to rebuild it")
+    return images
+
+
+def _plain_images(out: Path, *, n: int) -> None:
+    """Page-like test images drawn with PIL, for machines without the training extra."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(0)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image = Image.new("RGB", (1024, 768), "white")
+        draw = ImageDraw.Draw(image)
+        for line in range(12):
+            y = 60 + line * 50
+            draw.text((60, y), " ".join(rng.choice(FALLBACK_CAPTIONS).split()[: rng.randint(3, 9)]), fill="black")
+            draw.rectangle((700, y, 700 + rng.randint(20, 250), y + 30), outline="blue", width=3)
+        image.save(out / f"page_{i:02d}.png")
+
+
+def _captions_of(images: list[Path]) -> list[str]:
+    """Captions from metadata.jsonl files next to `images` (the synthetic generator writes them)."""
+    captions: list[str] = []
+    for meta in {p.parent / "metadata.jsonl" for p in images}:
+        if meta.is_file():
+            for line in meta.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    captions.append(str(json.loads(line).get("text", "")))
+    return [c for c in captions if c] or FALLBACK_CAPTIONS
+
+
+# --- builders -----------------------------------------------------------------------------------
+
+
+def build_base_checkpoint(out: Path, captions: list[str]) -> None:
+    """Randomly initialised textcaps-base model + processor (max_patches 2048) saved into `out`."""
+    from train.presets import build_from_preset
+
+    model, processor = build_from_preset("base", captions, seed=BASE_SEED)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def export_optimum(checkpoint: Path, out: Path) -> None:
+    """Optimum's own ONNX export (`image-to-text-with-past`, merged decoder), as a user would run it."""
+    from optimum.exporters.onnx import onnx_export_from_model
+    from transformers import Pix2StructForConditionalGeneration, Pix2StructProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    model = Pix2StructForConditionalGeneration.from_pretrained(checkpoint).eval()
+    processor = Pix2StructProcessor.from_pretrained(checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings: expected for Pix2Struct, pages of them
+        # Pix2Struct's ONNX config reads the static patch count from the processor: pass the checkpoint's.
+        onnx_export_from_model(
+            model, out, task=OPTIMUM_TASK, preprocessors=[processor.tokenizer, processor], do_validation=False, device="cpu"
+        )
+    # ORTModelForPix2Struct loads the merged decoder when present; the split copies are dead weight on disk.
+    if (out / "decoder_model_merged.onnx").is_file():
+        for name in ("decoder_model.onnx", "decoder_with_past_model.onnx"):
+            for path in out.glob(f"{name}*"):
+                path.unlink()
+
+
+def export_engine_bundle(checkpoint: Path, out: Path, quantize: str | None) -> None:
+    from export.onnx import export_bundle
+
+    export_bundle(checkpoint, out / "bundle", quantize=quantize)
+
+
+def train_tiny(out: Path, log: Log) -> None:
+    """The quick tiny model: one epoch on generated images (CI and first runs)."""
+    from train.loop import TrainConfig, train
+    from train.synth import generate
+
+    data = generate(out / "data", n=TINY_TRAIN_IMAGES, seed=0)
+    log(f"training the tiny preset for 1 epoch on {TINY_TRAIN_IMAGES} generated images ...")
+    result = train(TrainConfig(data=data, out=out / "run", preset="tiny", epochs=1, batch_size=16, seed=0))
+    shutil.copytree(result.best_dir, out / "checkpoint")
+
+
+# --- the set ------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BenchSetupError(f"{path}: unreadable ({exc})") from exc
+    if not isinstance(data, dict):
+        raise BenchSetupError(f"{path}: expected a JSON object")
+    return data
+
+
+def classify_bundles(paths: list[Path]) -> dict[str, Path]:
+    """Map bundles to systems by their manifest: fp32 -> "engine", int8 -> "engine-int8"."""
+    from engine.bundle import Bundle
+
+    found: dict[str, Path] = {}
+    for path in paths:
+        bundle = Bundle.load(path, verify_hashes=False)
+        system = "engine-int8" if bundle.manifest.quantization == "int8" else "engine"
+        if system in found:
+            raise BenchSetupError(f"{path}: a second {system} bundle (first: {found[system]}); pass one fp32 and one int8")
+        found[system] = Path(path)
+    return found
+
+
+def _needs(systems: list[str], *names: str) -> bool:
+    return any(s in systems for s in names)
+
+
+def prepare_models(
+    size: str,
+    systems: list[str],
+    cache_dir: Path,
+    log: Log,
+    checkpoint: Path | None = None,
+    bundles: list[Path] | None = None,
+    optimum_dir: Path | None = None,
+    images_dir: Path | None = None,
+) -> ModelSet:
+    """Find or build every model the requested `systems` need, and the benchmark images.
+
+    Given paths win over building: `checkpoint` (torch, and the source of the Optimum export and
+    of any bundle not given), `bundles` (fp32/int8 by their manifest), `optimum_dir`. Systems whose
+    model cannot be had here (e.g. no torch to build or export) are left out of the set with a note.
+    Raises BenchSetupError for unusable given paths.
+    """
+    notes: list[str] = []
+    unavailable: dict[str, str] = {}
+    cache_dir = Path(cache_dir).expanduser()
+    given = classify_bundles([Path(b) for b in bundles or []])
+    images = bench_images(cache_dir, log, images_dir)
+    have_torch = _has("torch") and _has("transformers")
+    export_versions = _versions("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
+
+    # Bundles to build: only for engine systems that can run here (no point exporting for a missing engine).
+    wanted_bundles = [s for s in ("engine", "engine-int8") if s in systems and s not in given and not missing_modules(s)]
+    if checkpoint is None and (_needs(systems, "torch", "optimum") or wanted_bundles):
+        if not have_torch:
+            if not given:
+                raise BenchSetupError(
+                    "building the benchmark model needs torch and transformers (pip install 'edlight[export]'); "
+                    "on an engine-only machine pass --model BUNDLE for each bundle to benchmark"
+                )
+            notes.append("no torch here: the model is not built; only the given bundles are measured")
+        elif size == "base":
+            recipe = {"what": "base", "seed": BASE_SEED, **_versions("edlight", "torch", "transformers", "tokenizers"),
+                      "presets": _source_digest("train/presets.py")}
+            captions = _captions_of(images)
+            root = _cached(cache_dir / f"base-{_key(recipe)}",
+                           lambda tmp: build_base_checkpoint(tmp / "checkpoint", captions),
+                           "the base-size model (282M parameters, random weights)", log)
+            checkpoint = root / "checkpoint"
+        else:
+            recipe = {"what": "tiny", "images": TINY_TRAIN_IMAGES, **_versions("edlight", "torch", "transformers"),
+                      "train": _source_digest("train/*.py")}
+            root = _cached(cache_dir / f"tiny-{_key(recipe)}", lambda tmp: train_tiny(tmp, log),
+                           "the tiny model (1 epoch on generated images)", log)
+            checkpoint = root / "checkpoint"
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint).expanduser()
+        if not (checkpoint / "config.json").is_file():
+            raise BenchSetupError(f"{checkpoint}: not a save_pretrained checkpoint (config.json is missing)")
+
+    checkpoint_id = _checkpoint_identity(checkpoint) if checkpoint is not None else None
+    if "optimum" in systems and optimum_dir is None and checkpoint is not None:
+        if _has("optimum"):
+            recipe = {"what": "optimum", "checkpoint": checkpoint_id, **export_versions}
+            try:
+                optimum_dir = _cached(cache_dir / f"optimum-{_key(recipe)}", partial(export_optimum, checkpoint),
+                                      "the plain Optimum ONNX export", log)
+            except Exception as exc:  # as below: the other systems still get measured
+                unavailable["optimum"] = f"the Optimum export failed: {type(exc).__name__}: {exc}"
+                log(f"optimum: the export failed ({type(exc).__name__}: {exc}); it will be skipped")
+        else:
+            unavailable["optimum"] = "optimum is not installed, no Optimum export"
+
+    for system in wanted_bundles:
+        quantize = "int8" if system == "engine-int8" else None
+        if checkpoint is None:
+            continue
+        if not _has("optimum"):
+            unavailable[system] = "no bundle given (--model) and the export extra is not installed to make one"
+            continue
+        recipe = {"what": "bundle", "quantize": quantize, "checkpoint": checkpoint_id, **export_versions,
+                  "export": _source_digest("export/*.py", "engine/bundle.py")}
+        try:
+            root = _cached(cache_dir / f"{system}-{_key(recipe)}",
+                           partial(export_engine_bundle, checkpoint, quantize=quantize),
+                           f"the {system} bundle (export.onnx.export_bundle, quantize={quantize})", log)
+        except Exception as exc:  # one failed export must not cost the other systems' numbers
+            unavailable[system] = f"exporting the bundle failed: {type(exc).__name__}: {exc}"
+            log(f"{system}: exporting the bundle failed ({type(exc).__name__}: {exc}); it will be skipped")
+            continue
+        given[system] = root / "bundle"
+
+    config_source = checkpoint / "config.json" if checkpoint is not None else None
+    if config_source is None and given:
+        config_source = next(iter(given.values())) / "config.json"
+    if config_source is None:
+        raise BenchSetupError("nothing to benchmark: pass --checkpoint and/or --model, or install the export extra")
+    config = _read_json(config_source)
+    max_patches = _max_patches(checkpoint, given)
+    return ModelSet(
+        size=size,
+        checkpoint=checkpoint,
+        optimum_dir=Path(optimum_dir) if optimum_dir is not None else None,
+        bundles=given,
+        images=images,
+        max_patches=max_patches,
+        vision_config=dict(config.get("vision_config") or {}),
+        parameters=count_parameters(checkpoint) if checkpoint is not None else None,
+        notes=notes,
+        unavailable=unavailable,
+    )
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _checkpoint_identity(checkpoint: Path) -> dict[str, Any]:
+    """Cheap identity of a checkpoint: its path plus size and mtime of each weight and config file."""
+    files = sorted(p for p in checkpoint.iterdir() if p.suffix in {".safetensors", ".bin", ".json"})
+    return {"path": str(checkpoint.resolve()), "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+
+
+def _max_patches(checkpoint: Path | None, bundles: dict[str, Path]) -> int:
+    sources = [checkpoint / "preprocessor_config.json"] if checkpoint is not None else []
+    sources += [b / "preprocessor_config.json" for b in bundles.values()]
+    for source in sources:
+        if source.is_file():
+            value = _read_json(source).get("max_patches")
+            if value:
+                return int(value)
+    raise BenchSetupError(f"no preprocessor_config.json with max_patches in {', '.join(map(str, sources)) or 'any model'}")

@@ -1,0 +1,152 @@
+"""Writes a results document (runner.run_benchmark) as results.json, results.md and chart.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+JSON_NAME, MARKDOWN_NAME, CHART_NAME = "results.json", "results.md", "chart.png"
+SYSTEM_COLOURS = {"torch": "#d62728", "optimum": "#ff7f0e", "engine": "#1f77b4", "engine-int8": "#2ca02c"}
+
+
+def write_json(results: dict[str, Any], out: Path) -> Path:
+    path = Path(out) / JSON_NAME
+    path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _gib(value: int | None) -> str:
+    return f"{value / 2**30:.2f} GiB" if value else "-"
+
+
+def _num(stats: dict[str, float] | None, digits: int = 3, key: str = "median") -> str:
+    return f"{stats[key]:.{digits}f}" if stats else "-"
+
+
+def machine_line(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    v = m.get("versions", {})
+    libs = ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "optimum", "onnxruntime") if k in v)
+    flags = "/".join(m.get("cpu_flags") or []) or "no AVX-512"
+    return (f"{m['cpu_model']} ({flags}), {m['available_cpus']} CPUs available, {m['threads']} threads, "
+            f"{_gib(m.get('memory_total_bytes'))} RAM; {libs}; {m['date']}")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The human table: one row per system and batch size, per-image seconds (medians)."""
+    model = results["model"]
+    settings = results["settings"]
+    ceiling = results["ceiling"].get("matmul_gflops")
+    flops = (model.get("encoder_flops_per_image") or {}).get("total")
+    params = f"{model['parameters'] / 1e6:.1f}M parameters, " if model.get("parameters") else ""
+    lines = [
+        f"# edlight benchmark ({model['size']} size)",
+        "",
+        f"Machine: {machine_line(results)}.",
+        f"Model: {params}{model['max_patches']} patches per image, {settings['tokens']} generated tokens forced "
+        f"(min_new_tokens = max_new_tokens, greedy); {settings['warmup']} warm-up and {settings['repeats']} timed "
+        "runs per cell, median (min-max) over the timed runs; each system in its own process.",
+    ]
+    if ceiling:
+        lines.append(f"Ceiling: ONNX Runtime fp32 MatMul 2048x768 @ 768x2048 at {ceiling:.0f} GFLOP/s; "
+                     f"encoder work {flops / 1e9:.3g} GFLOP per image." if flops else
+                     f"Ceiling: ONNX Runtime fp32 MatMul at {ceiling:.0f} GFLOP/s.")
+    lines += [
+        "",
+        "| system | batch | preprocess s/img | encoder s/img | decode s/img | decode ms/step | total s/img (min-max) "
+        "| images/s | vs Optimum | peak RSS | encoder GFLOP/s | of ceiling |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    optimum = {r["batch_size"]: r["total_s_per_image"]["median"] for r in results["results"]
+               if r["system"] == "optimum" and r.get("total_s_per_image")}
+    for r in results["results"]:
+        if not r.get("total_s_per_image"):
+            lines.append(f"| {r['system']} | {r['batch_size']} | failed: {r.get('error') or 'no timed run'} "
+                         "| | | | | | | | | |")
+            continue
+        total = r["total_s_per_image"]
+        ratio = f"{total['median'] / optimum[r['batch_size']]:.2f}x" if r["batch_size"] in optimum else "-"
+        gflops = f"{r['encoder_gflops_per_s']:.0f}" if r.get("encoder_gflops_per_s") else "-"
+        share = f"{100 * r['encoder_ceiling_fraction']:.0f}%" if r.get("encoder_ceiling_fraction") else "-"
+        lines.append(
+            f"| {r['system']} | {r['batch_size']} | {_num(r['preprocess_s_per_image'])} | {_num(r['encoder_s_per_image'])} "
+            f"| {_num(r['decode_s_per_image'])} | {_num(r['decode_ms_per_step'], 1)} "
+            f"| {total['median']:.3f} ({total['min']:.3f}-{total['max']:.3f}) | {r['images_per_s']:.3g} | {ratio} "
+            f"| {_gib(r.get('peak_rss_bytes'))} | {gflops} | {share} |"
+        )
+    notes = [f"- {system}: skipped ({why})" for system, why in results.get("skipped", {}).items()]
+    notes += [f"- {note}" for note in results.get("notes", [])]
+    notes += [f"- {r['system']} at batch {r['batch_size']}: run alone, not interleaved (memory)"
+              for r in results["results"] if not r.get("interleaved", True)]
+    mismatched = [f"{r['system']} (batch {r['batch_size']})" for r in results["results"]
+                  if r.get("captions_match_torch") is False]
+    if mismatched:
+        notes.append(f"- captions differ from PyTorch's on the same batch: {', '.join(mismatched)}")
+    if notes:
+        lines += ["", "Notes:", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(results: dict[str, Any], out: Path) -> Path:
+    path = Path(out) / MARKDOWN_NAME
+    path.write_text(markdown(results), encoding="utf-8")
+    return path
+
+
+def write_chart(results: dict[str, Any], out: Path) -> Path:
+    """Seconds per image by system and batch size: grouped bars, encoder share darker, min-max whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["results"] if r.get("total_s_per_image")]
+    systems = list(dict.fromkeys(r["system"] for r in results["results"]))
+    batches = sorted({r["batch_size"] for r in results["results"]})
+    width = 0.8 / max(len(systems), 1)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(batches) * max(len(systems), 1) / 2, 4.5), dpi=120)
+    for i, system in enumerate(systems):
+        cells = {r["batch_size"]: r for r in rows if r["system"] == system}
+        xs = [b_i + (i - (len(systems) - 1) / 2) * width for b_i, b in enumerate(batches) if b in cells]
+        found = [cells[b] for b in batches if b in cells]
+        if not found:
+            continue
+        totals = [c["total_s_per_image"]["median"] for c in found]
+        encoders = [c["encoder_s_per_image"]["median"] for c in found]
+        errors = [[t - c["total_s_per_image"]["min"] for t, c in zip(totals, found, strict=True)],
+                  [c["total_s_per_image"]["max"] - t for t, c in zip(totals, found, strict=True)]]
+        colour = SYSTEM_COLOURS.get(system, "grey")
+        ax.bar(xs, totals, width, color=colour, alpha=0.45, label=system, yerr=errors, capsize=3)
+        ax.bar(xs, encoders, width, color=colour, alpha=0.95)
+        for x, t, c in zip(xs, totals, found, strict=True):  # above the whisker, so they never overlap
+            ax.annotate(f"{t:.3g}", (x, c["total_s_per_image"]["max"]), ha="center", va="bottom", fontsize=7,
+                        xytext=(0, 2), textcoords="offset points")
+    totals_all = [r["total_s_per_image"]["median"] for r in rows]
+    log_scale = bool(totals_all) and max(totals_all) > 15 * min(totals_all)
+    if log_scale:
+        ax.set_yscale("log")  # PyTorch next to a 10x faster runtime: linear bars would hide the fast ones
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_ylabel("seconds per image (dark: encoder)" + (", log scale" if log_scale else ""))
+    m = results["machine"]
+    ax.set_title(f"edlight bench, {results['model']['size']} size, {m['threads']} threads\n{m['cpu_model']}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(out) / CHART_NAME
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_all(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    """chart.png (when matplotlib is installed; else a note), then results.json and results.md."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    try:
+        paths["chart"] = write_chart(results, out)
+    except ImportError:
+        results.setdefault("notes", []).append("chart: skipped (matplotlib is not installed)")
+    paths["json"] = write_json(results, out)
+    paths["markdown"] = write_markdown(results, out)
+    return paths

@@ -1,0 +1,386 @@
+"""The benchmark runner: one process per system and batch size, repeats interleaved across systems.
+
+For each batch size (ascending) the runner starts one worker per system, warms each up, then runs
+the timed repeats round-robin, rotating the order each round, so slow drift of a shared machine
+(other jobs, thermal state) lands on every system alike. Each worker's peak RSS is therefore that
+system's at that batch size. When the workers' estimated memory would not fit in the memory
+available, that batch size runs the systems one after another instead (recorded per cell).
+The MatMul ceiling is measured in a worker of its own at the start and at the end of the run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from benchmarks.flops import encoder_flops
+from benchmarks.machine import machine_info, memory_bytes
+from benchmarks.models import ModelSet
+from benchmarks.settings import SYSTEMS, BenchSettings, missing_modules
+from benchmarks.timing import RunTiming, SystemSpec
+
+Log = Callable[[str], None]
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MEMORY_HEADROOM = 0.8  # use at most this share of the available memory for workers alive together
+
+
+class WorkerError(RuntimeError):
+    """A worker reported an error or died (e.g. killed for memory)."""
+
+
+class Worker:
+    """A `python -m benchmarks.worker` process; its stderr goes to `log_path`."""
+
+    def __init__(self, hello: dict[str, Any], threads: int, log_path: Path) -> None:
+        env = dict(os.environ)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(threads)
+        env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self._log: TextIO = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=env,
+            cwd=REPO_ROOT,
+        )
+        self.peak_rss_bytes: int | None = None
+        self.send(hello)
+
+    def send(self, message: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass  # the read that follows reports how the worker died
+
+    def receive(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            code = self.process.wait()
+            why = f"killed by signal {-code}" + (" (likely out of memory)" if code == -9 else "") if code < 0 else f"exit code {code}"
+            raise WorkerError(f"worker died ({why}); log: {self.log_path}\n{self.log_tail()}")
+        reply: dict[str, Any] = json.loads(line)
+        if reply.get("peak_rss_bytes"):
+            self.peak_rss_bytes = int(reply["peak_rss_bytes"])
+        if reply.get("event") == "error":
+            message = f"{reply.get('error')}; log: {self.log_path}\n{self.log_tail()}"
+            self.close()
+            raise WorkerError(message)
+        return reply
+
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.send(message)
+        return self.receive()
+
+    def log_tail(self, lines: int = 15) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join("    " + line for line in text[-lines:])
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.request({"cmd": "exit"})
+            except (WorkerError, ValueError):
+                pass
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@dataclass
+class Cell:
+    """One system at one batch size."""
+
+    system: str
+    batch_size: int
+    status: str = "ok"  # "ok" or "failed"
+    error: str | None = None
+    interleaved: bool = True
+    load_s: float | None = None
+    warmup_s: list[float] = field(default_factory=list)
+    runs: list[RunTiming] = field(default_factory=list)
+    peak_rss_bytes: int | None = None
+    log: str | None = None
+
+
+def _spec(system: str, models: ModelSet, settings: BenchSettings, batch_size: int) -> SystemSpec | None:
+    if system in ("engine", "engine-int8"):
+        model = processor = models.bundles.get(system)
+    elif system == "optimum":
+        model, processor = models.optimum_dir, models.checkpoint or models.optimum_dir
+    else:
+        model = processor = models.checkpoint
+    if model is None or processor is None:
+        return None
+    return SystemSpec(
+        system=system,
+        model_path=str(model),
+        processor_path=str(processor),
+        threads=settings.threads,
+        batch_size=batch_size,
+        tokens=settings.tokens,
+        max_patches=models.max_patches,
+        images=[str(p) for p in models.images],
+    )
+
+
+def plan_systems(settings: BenchSettings, models: ModelSet) -> tuple[list[str], dict[str, str]]:
+    """(systems to run, {skipped system: why}) in the order requested."""
+    runnable, skipped = [], {}
+    for system in settings.systems:
+        missing = missing_modules(system)
+        if missing:
+            skipped[system] = f"not installed here: {', '.join(missing)}"
+        elif system in models.unavailable:
+            skipped[system] = models.unavailable[system]
+        elif _spec(system, models, settings, 1) is None:
+            need = {"torch": "a checkpoint (--checkpoint)", "optimum": "a checkpoint or an Optimum export"}
+            skipped[system] = f"no model: needs {need.get(system, 'a bundle (--model)')}"
+        else:
+            runnable.append(system)
+    return runnable, skipped
+
+
+def _model_bytes(path: str) -> int:
+    root = Path(path)
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.suffix in {".onnx", ".safetensors", ".bin", ".onnx_data"})
+
+
+def estimate_peak_bytes(spec: SystemSpec, models: ModelSet, measured: dict[str, tuple[int, int]]) -> int:
+    """A rough estimate of a worker's peak memory: weights, attention score tensors, slack.
+
+    `measured` holds (batch, peak) already seen for this system; a larger batch adds the
+    attention tensors of the extra images to that figure.
+    """
+    heads = int(models.vision_config.get("num_attention_heads", 12))
+    # heads x patches^2 fp32 tensors alive at the peak, per image: a middle guess (Optimum at base size
+    # holds ~10: 9.2 GB at batch 4 in BASELINE.md); the measured peak of a smaller batch refines it.
+    per_image = heads * models.max_patches**2 * 4 * 6
+    guess = int(_model_bytes(spec.model_path) * 1.5) + spec.batch_size * per_image + (400 << 20)
+    if spec.system in measured:
+        batch, peak = measured[spec.system]
+        guess = max(guess, peak + (spec.batch_size - batch) * per_image)
+    return guess
+
+
+def measure_ceiling(settings: BenchSettings, log: Log, when: str) -> dict[str, Any] | None:
+    """ONNX Runtime MatMul GFLOP/s in a worker of its own; None (with a note) without the onnx package."""
+    if importlib.util.find_spec("onnx") is None:
+        log("ceiling: skipped (the onnx package is not installed)")
+        return None
+    worker = Worker({"ceiling": {"threads": settings.threads, "seconds": settings.ceiling_seconds}},
+                    settings.threads, settings.out / "logs" / f"ceiling-{when}.log")
+    try:
+        result: dict[str, Any] = worker.receive()["ceiling"]
+    except WorkerError as exc:
+        log(f"ceiling ({when}): failed: {exc}")
+        return None
+    finally:
+        worker.close()
+    log(f"ceiling ({when}): ONNX Runtime fp32 MatMul {result['gflops_median']:.0f} GFLOP/s median, "
+        f"{result['gflops_best']:.0f} best ({settings.threads} threads)")
+    return result
+
+
+def _describe(run: RunTiming) -> str:
+    b = run.batch_size
+    return (f"{run.total_s:.2f} s ({run.total_s / b:.3f} s/image; encoder {run.encoder_s / b:.3f}, "
+            f"decode {run.decode_s / b:.3f} over {run.decode_steps} steps)")
+
+
+def run_batch_size(
+    systems: list[str], batch_size: int, settings: BenchSettings, models: ModelSet, log: Log,
+    measured: dict[str, tuple[int, int]],
+) -> list[Cell]:
+    """All systems at one batch size: start, warm up, interleaved timed repeats, close."""
+    specs = {s: spec for s in systems if (spec := _spec(s, models, settings, batch_size)) is not None}
+    cells = {s: Cell(system=s, batch_size=batch_size) for s in specs}
+    need = sum(estimate_peak_bytes(spec, models, measured) for spec in specs.values())
+    _, available = memory_bytes()
+    interleave = settings.interleave and (available is None or need <= MEMORY_HEADROOM * available)
+    if settings.interleave and not interleave:
+        log(f"batch {batch_size}: the workers may need ~{need / 2**30:.1f} GiB together, "
+            f"{(available or 0) / 2**30:.1f} GiB available: running the systems one after another")
+    groups = [list(specs)] if interleave else [[s] for s in specs]
+    for group in groups:
+        workers: dict[str, Worker] = {}
+        try:
+            for system in group:
+                cells[system].interleaved = interleave
+                worker = _start(system, specs[system], settings, cells[system], log)
+                if worker is not None:
+                    workers[system] = worker
+            for round_index in range(settings.repeats):
+                order = [group[(i + round_index) % len(group)] for i in range(len(group))]
+                for system in order:
+                    if system not in workers:
+                        continue
+                    try:
+                        reply = workers[system].request({"cmd": "run"})
+                    except WorkerError as exc:
+                        _fail(cells[system], exc, log)
+                        workers.pop(system)
+                        continue
+                    run = RunTiming(**reply["timing"])
+                    cells[system].runs.append(run)
+                    log(f"  b={batch_size} {system:<11} repeat {round_index + 1}/{settings.repeats}: {_describe(run)}")
+        finally:
+            for system, worker in workers.items():
+                worker.close()
+                cells[system].peak_rss_bytes = worker.peak_rss_bytes
+                if worker.peak_rss_bytes:
+                    measured[system] = (batch_size, worker.peak_rss_bytes)
+    return list(cells.values())
+
+
+def _start(system: str, spec: SystemSpec, settings: BenchSettings, cell: Cell, log: Log) -> Worker | None:
+    log_path = settings.out / "logs" / f"{system}-b{spec.batch_size}.log"
+    cell.log = str(log_path)
+    log(f"  b={spec.batch_size} {system:<11} loading {Path(spec.model_path).name} ...")
+    worker = Worker({"spec": spec.to_dict()}, settings.threads, log_path)
+    try:
+        cell.load_s = float(worker.receive()["load_s"])
+        for i in range(settings.warmup):
+            reply = worker.request({"cmd": "run"})
+            run = RunTiming(**reply["timing"])
+            cell.warmup_s.append(run.total_s)
+            log(f"  b={spec.batch_size} {system:<11} warm-up {i + 1}/{settings.warmup}: {run.total_s:.2f} s "
+                f"(loaded in {cell.load_s:.1f} s)")
+    except WorkerError as exc:
+        _fail(cell, exc, log)
+        worker.close()
+        cell.peak_rss_bytes = worker.peak_rss_bytes
+        return None
+    return worker
+
+
+def _fail(cell: Cell, exc: Exception, log: Log) -> None:
+    cell.status, cell.error = "failed", str(exc).splitlines()[0]
+    log(f"  b={cell.batch_size} {cell.system}: FAILED: {exc}")
+
+
+# --- summary -------------------------------------------------------------------------------------
+
+
+def _stats(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarise(cell: Cell, flops_per_image: float | None, ceiling_gflops: float | None) -> dict[str, Any]:
+    """Per-image figures of one cell: medians and ranges over its timed repeats."""
+    b = cell.batch_size
+    runs = cell.runs
+    out: dict[str, Any] = {
+        "system": cell.system,
+        "description": SYSTEMS[cell.system][0],
+        "batch_size": b,
+        "status": cell.status if runs or cell.status != "ok" else "failed",
+        "error": cell.error,
+        "interleaved": cell.interleaved,
+        "repeats": len(runs),
+        "load_s": cell.load_s,
+        "warmup_s": cell.warmup_s,
+        "peak_rss_bytes": cell.peak_rss_bytes,
+        "log": cell.log,
+    }
+    if not runs:
+        return out
+    steps = statistics.median(r.decode_steps for r in runs)
+    encoder_s = _stats([r.encoder_s / b for r in runs])
+    total = _stats([r.total_s / b for r in runs])
+    assert encoder_s is not None and total is not None
+    out.update(
+        preprocess_s_per_image=_stats([r.preprocess_s / b for r in runs]),
+        encoder_s_per_image=encoder_s,
+        decode_s_per_image=_stats([r.decode_s / b for r in runs]),
+        total_s_per_image=total,
+        decode_steps=steps,
+        # One decoding step of the whole batch (what a token costs in latency) ...
+        decode_ms_per_step=_stats([1000 * r.decode_s / max(r.decode_steps, 1) for r in runs]),
+        # ... and per image (what it costs in throughput).
+        decode_ms_per_token_per_image=_stats([1000 * r.decode_s / max(r.decode_steps, 1) / b for r in runs]),
+        images_per_s=b / statistics.median(r.total_s for r in runs),
+        captions=runs[-1].captions,
+        raw_runs=[{k: v for k, v in r.to_dict().items() if k != "captions"} for r in runs],
+    )
+    if flops_per_image and encoder_s["median"] > 0:
+        gflops = flops_per_image / encoder_s["median"] / 1e9
+        out["encoder_gflops_per_s"] = gflops
+        out["encoder_ceiling_fraction"] = gflops / ceiling_gflops if ceiling_gflops else None
+    return out
+
+
+def run_benchmark(settings: BenchSettings, models: ModelSet, log: Log) -> dict[str, Any]:
+    """Run every runnable system at every batch size; returns the results document (see report.py)."""
+    started = time.perf_counter()
+    settings.out.mkdir(parents=True, exist_ok=True)
+    systems, skipped = plan_systems(settings, models)
+    for system, why in skipped.items():
+        log(f"skipping {system}: {why}")
+    flops = encoder_flops(models.vision_config, models.max_patches) if models.vision_config else None
+    if flops:
+        log(f"encoder work: {flops.total / 1e9:.1f} GFLOP per image at {models.max_patches} patches "
+            f"({flops.linear / 1e9:.1f} linear, {flops.attention / 1e9:.1f} attention)")
+    ceilings = [c for c in [measure_ceiling(settings, log, "start")] if c]
+
+    measured: dict[str, tuple[int, int]] = {}
+    cells: list[Cell] = []
+    for batch_size in settings.batch_sizes:
+        if not systems:
+            break
+        log(f"batch size {batch_size}: {', '.join(systems)} ({settings.warmup} warm-up + {settings.repeats} timed each)")
+        cells += run_batch_size(systems, batch_size, settings, models, log, measured)
+
+    if systems:
+        end = measure_ceiling(settings, log, "end")
+        if end:
+            ceilings.append(end)
+    ceiling_gflops = statistics.mean(c["gflops_median"] for c in ceilings) if ceilings else None
+    flops_total = flops.total if flops else None
+    results = [summarise(cell, flops_total, ceiling_gflops) for cell in cells]
+    _compare_captions(results)
+    return {
+        "machine": machine_info(settings.threads),
+        "settings": settings.to_dict(),
+        "model": models.to_dict() | {"encoder_flops_per_image": flops.to_dict() if flops else None},
+        "ceiling": {"matmul_gflops": ceiling_gflops, "measurements": ceilings},
+        "skipped": skipped,
+        "notes": models.notes,
+        "results": results,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def _compare_captions(results: list[dict[str, Any]]) -> None:
+    """Mark whether each fp32 system's captions equal PyTorch's on the same batch (same model, greedy)."""
+    reference = {r["batch_size"]: r.get("captions") for r in results if r["system"] == "torch" and r.get("captions")}
+    for r in results:
+        if r.get("captions") and r["batch_size"] in reference and r["system"] != "torch":
+            r["captions_match_torch"] = r["captions"] == reference[r["batch_size"]]

@@ -1,0 +1,133 @@
+"""`edlight bench`: the tiny-size benchmark end to end, plus its pieces (FLOPs, ceiling, workers, planning)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from benchmarks.cli import bench
+from benchmarks.flops import encoder_flops
+
+ALL_SYSTEMS = ("torch", "optimum", "engine", "engine-int8")
+TOKENS = 8
+
+
+def test_encoder_flops_of_textcaps_base_match_the_baseline() -> None:
+    """BASELINE.md: about 503 GFLOP per image at 2048 patches, 348 in linear layers and 155 in attention."""
+    from transformers import Pix2StructConfig
+
+    flops = encoder_flops(Pix2StructConfig().vision_config.to_dict(), 2048)
+    assert flops.linear / 1e9 == pytest.approx(347.9, abs=0.1)
+    assert flops.attention / 1e9 == pytest.approx(154.6, abs=0.1)
+    assert flops.total == pytest.approx(flops.embedding + flops.linear + flops.attention)
+    # Attention grows with the square of the patch count, the linear layers linearly.
+    half = encoder_flops(Pix2StructConfig().vision_config.to_dict(), 1024)
+    assert half.attention == pytest.approx(flops.attention / 4)
+    assert half.linear == pytest.approx(flops.linear / 2)
+
+
+def test_matmul_ceiling_is_measured() -> None:
+    from benchmarks.ceiling import measure_ceiling
+
+    ceiling = measure_ceiling(threads=1, seconds=0.1, min_runs=2)
+    assert ceiling.runs >= 2
+    assert 0 < ceiling.gflops_median <= ceiling.gflops_best
+
+
+def test_bad_options_are_refused_with_a_message() -> None:
+    runner = CliRunner()
+    result = runner.invoke(bench, ["--systems", "torch,tensorflow"])
+    assert result.exit_code == 2
+    assert "tensorflow" in result.output
+    result = runner.invoke(bench, ["--batch-sizes", "1,zero"])
+    assert result.exit_code == 2
+    assert "comma-separated integers" in result.output
+
+
+def test_systems_without_their_libraries_are_skipped_with_a_note(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from benchmarks import runner, settings
+    from benchmarks.models import ModelSet
+
+    monkeypatch.setitem(settings.SYSTEMS, "engine", ("engine needing an absent library", ("edlight_no_such_module",)))
+    models = ModelSet(size="tiny", checkpoint=tmp_path, optimum_dir=None, bundles={}, images=[], max_patches=16,
+                      vision_config={}, parameters=None)
+    plan = settings.BenchSettings(size="tiny", systems=["torch", "engine"], out=tmp_path)
+    runnable, skipped = runner.plan_systems(plan, models)
+    assert runnable == ["torch"]
+    assert skipped == {"engine": "not installed here: edlight_no_such_module"}
+
+
+def test_a_worker_that_cannot_load_its_model_fails_with_its_log(tmp_path: Path) -> None:
+    from benchmarks.runner import Worker, WorkerError
+    from benchmarks.timing import SystemSpec
+
+    spec = SystemSpec(system="engine", model_path=str(tmp_path / "missing"), processor_path=str(tmp_path / "missing"),
+                      threads=1, batch_size=1, tokens=2, max_patches=16, images=[])
+    worker = Worker({"spec": spec.to_dict()}, threads=1, log_path=tmp_path / "w.log")
+    with pytest.raises(WorkerError, match="missing") as info:
+        worker.receive()
+    worker.close()
+    assert str(tmp_path / "w.log") in str(info.value)
+    assert worker.process.returncode == 1
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_writes_json_table_and_chart(
+    tiny_checkpoint: Path, tiny_bundle: Path, tiny_bundle_int8: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = [
+        "--size", "tiny", "--checkpoint", str(tiny_checkpoint), "--model", str(tiny_bundle), "--model", str(tiny_bundle_int8),
+        "--batch-sizes", "2,1", "--repeats", "2", "--warmup", "1", "--tokens", str(TOKENS), "--threads", "2",
+        "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--ceiling-seconds", "0.3",
+    ]
+    result = CliRunner().invoke(bench, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "warm-up" in result.output and "repeat 2/2" in result.output  # progress is printed as it goes
+
+    doc = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    machine = doc["machine"]
+    for key in ("cpu_model", "logical_cpus", "threads", "versions", "date", "memory_total_bytes"):
+        assert key in machine
+    assert machine["threads"] == 2
+    assert {"onnxruntime", "torch", "transformers", "optimum"} <= set(machine["versions"])
+    assert doc["settings"]["batch_sizes"] == [1, 2]  # sorted
+    assert doc["skipped"] == {}
+    assert doc["model"]["size"] == "tiny" and doc["model"]["parameters"] > 0
+    flops = doc["model"]["encoder_flops_per_image"]
+    assert flops["patches"] == doc["model"]["max_patches"] and flops["total"] > 0
+    assert doc["ceiling"]["matmul_gflops"] > 0 and len(doc["ceiling"]["measurements"]) == 2
+
+    cells = {(r["system"], r["batch_size"]): r for r in doc["results"]}
+    assert set(cells) == {(s, b) for s in ALL_SYSTEMS for b in (1, 2)}
+    for (system, batch), r in cells.items():
+        assert r["status"] == "ok", (system, batch, r["error"])
+        assert r["repeats"] == 2 and len(r["raw_runs"]) == 2 and len(r["warmup_s"]) == 1
+        assert r["decode_steps"] == TOKENS  # forced length: every system did the same work
+        for key in ("preprocess_s_per_image", "encoder_s_per_image", "decode_s_per_image", "total_s_per_image",
+                    "decode_ms_per_step"):
+            stats = r[key]
+            assert stats["min"] <= stats["median"] <= stats["max"], (system, key)
+        assert r["encoder_s_per_image"]["median"] > 0
+        assert r["total_s_per_image"]["median"] >= r["encoder_s_per_image"]["median"]
+        assert r["images_per_s"] == pytest.approx(batch / (r["total_s_per_image"]["median"] * batch), rel=1e-6)
+        assert r["peak_rss_bytes"] > 50 << 20  # a real process, not a placeholder
+        assert r["load_s"] > 0
+        assert 0 < r["encoder_ceiling_fraction"] < 5
+        assert len(r["captions"]) == batch and all(isinstance(c, str) for c in r["captions"])
+        if system != "torch":
+            assert isinstance(r["captions_match_torch"], bool)
+    # Separate processes per system: the engine does not carry torch's memory.
+    assert cells[("engine", 1)]["peak_rss_bytes"] < cells[("torch", 1)]["peak_rss_bytes"]
+
+    table = (out / "results.md").read_text(encoding="utf-8")
+    assert "| system | batch |" in table and "of ceiling" in table
+    for system in ALL_SYSTEMS:
+        assert f"| {system} | 1 |" in table and f"| {system} | 2 |" in table
+    assert table in result.output  # the table is printed too
+
+    chart = (out / "chart.png").read_bytes()
+    assert chart[:8] == b"\x89PNG\r\n\x1a\n" and len(chart) > 5000
