@@ -1,0 +1,68 @@
+"""`edlight export`: a thin click layer over export.onnx.export_bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import click
+
+from engine.bundle import MANIFEST_NAME
+from engine.errors import EdlightError
+
+
+class _EchoHandler(logging.Handler):
+    """Log records to click's current stderr (which CliRunner swaps per invocation)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"export: {record.getMessage()}", err=True)
+
+
+@click.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to create.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Dynamic int8 weights (per channel).")
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Data folder: validate on its test images and store the parity check (engine vs PyTorch BLEU) in the manifest.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.option(
+    "--decoder-layout",
+    type=click.Choice(["split", "merged"]),
+    default=None,
+    help="Decoder files to ship (default: merged: as fast as split in the engine, half the memory).",
+)
+def export(checkpoint: Path, out: Path, quantize: str | None, data: Path | None, force: bool, decoder_layout: str | None) -> None:
+    """Export CHECKPOINT (a Pix2Struct save_pretrained directory) to a verified ONNX bundle."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from export.onnx import DEFAULT_LAYOUT, export_bundle
+
+    logger = logging.getLogger("edlight.export")
+    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):  # stage messages: a base export takes minutes
+        logger.addHandler(_EchoHandler())
+    logger.setLevel(logging.INFO)
+    try:
+        bundle = export_bundle(checkpoint, out, quantize=quantize, data=data, force=force, decoder_layout=decoder_layout or DEFAULT_LAYOUT)
+    except EdlightError as exc:
+        raise click.ClickException(str(exc)) from exc
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text(encoding="utf-8"))
+    validation = manifest.get("validation", {})
+    click.echo(f"bundle: {bundle}")
+    click.echo(f"  decoder layout: {manifest['decoder_layout']}, quantization: {manifest.get('quantization') or 'fp32'}, max_patches: {manifest['max_patches']}")
+    for kind, result in validation.items():
+        click.echo(
+            f"  {kind} vs PyTorch on {result['images']} images: identical greedy tokens {result['identical_share']:.0%}, "
+            f"token agreement {result['token_agreement']:.1%}, encoder max |diff| {result['encoder_max_abs_diff']:.2g}"
+        )
+    parity = manifest.get("parity")
+    if parity:
+        click.echo(
+            f"  parity on {parity.get('split')} split ({parity.get('images')} images): BLEU torch {parity['bleu_torch']:.2f}, "
+            f"engine {parity['bleu_engine']:.2f}, identical {parity['identical_share']:.1%} -> "
+            f"{'passed' if parity['passed'] else 'FAILED'}"
+        )

@@ -1,0 +1,385 @@
+"""Export a Pix2Struct checkpoint to a verified edlight bundle.
+
+    checkpoint (save_pretrained dir) -> Optimum ONNX export (encoder + KV-cache decoder)
+      -> pick the decoder layout -> [int8] -> validate vs PyTorch on real images
+      -> support files + manifest (engine.bundle owns the schema) -> [parity on --data] -> rename into place
+
+Everything is written into a hidden temporary directory beside `out` and renamed at the end, so an
+interrupted export never leaves a directory that looks like a bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.bundle import DECODER_LAYOUTS, SUPPORT_FILES, Bundle, Manifest, write_manifest
+from export import ExportError
+
+if TYPE_CHECKING:
+    from export.validate import GreedyComparison
+
+TASK = "image-to-text-with-past"
+# Which decoder the bundle ships. Measured on this 2-core machine (ORT 1.32, 2 threads, shared and
+# noisy), the engine's decode time per image is a tie: base-size decoder (768 hidden, 12 layers,
+# 2048 patches, 20 tokens) split 1.37-1.97 s vs merged 1.35-2.05 s at batch 1, 0.85 vs 0.80 s at
+# batch 8; small (256 hidden, 6 layers, 512 patches) 0.10-0.17 vs 0.14 s. Only a bare per-step
+# micro-benchmark favours split (0.8 vs 1.0 ms on the small decoder; equal at base size). So the
+# tie-break decides: the merged decoder ships one set of decoder weights instead of two (base:
+# 0.76 GB instead of 1.47 GB, on disk and in RAM), and at base size memory runs out before time does.
+DEFAULT_LAYOUT = "merged"
+# Optimum's file names for each bundle role.
+OPTIMUM_FILES = {
+    "encoder": "encoder_model.onnx",
+    "decoder": "decoder_model.onnx",
+    "decoder_with_past": "decoder_with_past_model.onnx",
+    "decoder_merged": "decoder_model_merged.onnx",
+}
+# Logits of a trained model reach tens; 1e-5 (Optimum's default for Pix2Struct) flags float noise.
+VALIDATION_ATOL = 1e-4
+# Greedy tokens compared with PyTorch during export (short: it runs on every export).
+VALIDATION_TOKENS = 16
+VALIDATION_IMAGES = 4
+# Below this share of greedy tokens shared with PyTorch, an int8 export is reported as suspicious.
+INT8_WARN_AGREEMENT = 0.5
+
+log = logging.getLogger("edlight.export")
+
+
+@dataclass
+class CheckpointInfo:
+    """What the export needs to know about a checkpoint, read without loading the weights."""
+
+    path: Path
+    config: dict[str, Any]
+    max_patches: int
+    patch_size: tuple[int, int]
+
+
+def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
+    """Check that `checkpoint` is a Pix2Struct save_pretrained directory with processor and tokenizer.
+
+    Raises ExportError (one line, naming the path and what to do) for each problem.
+    """
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise ExportError(f"{path}: checkpoint not found; pass a directory written by `edlight train` (RUN/best)")
+    if not path.is_dir():
+        raise ExportError(f"{path}: not a directory; pass a save_pretrained checkpoint directory (e.g. RUN/best)")
+    config = _read_json(path / "config.json", "model config", "is it a save_pretrained checkpoint?")
+    model_type = config.get("model_type")
+    if model_type != "pix2struct":
+        raise ExportError(f"{path / 'config.json'}: model_type is {model_type!r}, not 'pix2struct'; edlight exports Pix2Struct only")
+    weights = [p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"} or p.name.endswith(".safetensors.index.json")]
+    if not weights:
+        raise ExportError(f"{path}: no model weights (*.safetensors or *.bin); re-save the model with save_pretrained")
+    pre = _read_json(
+        path / "preprocessor_config.json",
+        "processor config",
+        "save the processor into the checkpoint (processor.save_pretrained(CHECKPOINT))",
+    )
+    max_patches = pre.get("max_patches")
+    if not isinstance(max_patches, int) or max_patches <= 0:
+        raise ExportError(
+            f"{path / 'preprocessor_config.json'}: max_patches is {max_patches!r}; Pix2Struct's export fixes the patch "
+            "count to it, so set a positive integer and re-save the processor"
+        )
+    size = pre.get("patch_size") or {"height": 16, "width": 16}
+    if not (path / "tokenizer.json").is_file():
+        raise ExportError(
+            f"{path / 'tokenizer.json'}: missing; the engine needs a fast tokenizer: save one with "
+            "processor.tokenizer.save_pretrained(CHECKPOINT)"
+        )
+    return CheckpointInfo(path=path, config=config, max_patches=max_patches, patch_size=(int(size["height"]), int(size["width"])))
+
+
+def _read_json(path: Path, what: str, hint: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ExportError(f"{path}: {what} missing; {hint}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path}: unreadable {what} ({exc}); {hint}") from exc
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: {what} is not a JSON object; {hint}")
+    return data
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for dist in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@contextmanager
+def _optimum_validation_is_fatal() -> Iterator[list[str]]:
+    """Optimum logs a failed output comparison as a warning and carries on; collect those to fail on."""
+    failures: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if "succeeded with the warning" in message:
+                failures.append(message.split("\n")[0])
+
+    handler = Catch(level=logging.WARNING)
+    logger = logging.getLogger("optimum")
+    logger.addHandler(handler)
+    try:
+        yield failures
+    finally:
+        logger.removeHandler(handler)
+
+
+def _load_pytorch(info: CheckpointInfo) -> tuple[Any, Any]:
+    from transformers import Pix2StructForConditionalGeneration, Pix2StructProcessor
+
+    try:
+        processor = Pix2StructProcessor.from_pretrained(info.path)
+    except Exception as exc:  # transformers raises OSError/ValueError/TypeError for broken processor files
+        raise ExportError(f"{info.path}: cannot load the Pix2Struct processor/tokenizer ({exc}); re-save the processor") from exc
+    try:
+        model = Pix2StructForConditionalGeneration.from_pretrained(info.path).eval()
+    except Exception as exc:
+        raise ExportError(f"{info.path}: cannot load the Pix2Struct model ({exc}); re-save it with save_pretrained") from exc
+    if not getattr(model.config.text_config, "is_decoder", False):
+        # A non-causal text decoder attends to future tokens: its cached ONNX decoder cannot match it.
+        raise ExportError(
+            f"{info.path / 'config.json'}: text_config.is_decoder is false (a non-causal decoder); "
+            "set it to true (train.presets.ensure_causal_decoder) and re-save the checkpoint"
+        )
+    if processor.image_processor.max_patches != info.max_patches:
+        raise ExportError(f"{info.path}: processor max_patches {processor.image_processor.max_patches} != preprocessor_config.json {info.max_patches}")
+    return model, processor
+
+
+def _run_optimum(model: Any, processor: Any, raw: Path, layout: str) -> None:
+    """Optimum export of encoder, decoder and decoder_with_past (+ the merged decoder) into `raw`."""
+    import torch
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    # Pix2Struct's ONNX config reads the static patch count from preprocessors[1].image_processor:
+    # hand it the checkpoint's own processor rather than whatever Optimum would guess from the path.
+    with _optimum_validation_is_fatal() as failures, warnings.catch_warnings():
+        # Tracing chatter about Python control flow Optimum already accounts for (past/no-past graphs).
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        try:
+            onnx_export_from_model(
+                model,
+                raw,
+                task=TASK,
+                preprocessors=[processor.tokenizer, processor],
+                atol=VALIDATION_ATOL,
+                do_validation=True,
+                # Post-processing merges the two decoders: a minute of work at base size, wasted for "split".
+                no_post_process=layout != "merged",
+                device="cpu",
+            )
+        except Exception as exc:
+            raise ExportError(f"{model.config._name_or_path}: Optimum ONNX export failed: {exc}") from exc
+    if failures:
+        raise ExportError(f"{model.config._name_or_path}: ONNX outputs differ from PyTorch (Optimum validation): {failures[0]}")
+
+
+def _validation_images(data: Path | None) -> list[Any]:
+    from export.validate import sample_images
+
+    if data is None:
+        return sample_images()
+    from PIL import Image
+
+    from train.data import load_split
+
+    examples = load_split(data, "test")[:VALIDATION_IMAGES] or load_split(data, "all")[:VALIDATION_IMAGES]
+    images = []
+    for example in examples:
+        with Image.open(example.path) as img:
+            images.append(img.convert("RGB"))
+    return images or sample_images()
+
+
+def _place_temp_dir(out: Path, force: bool) -> Path:
+    if out.exists() and not force:
+        raise ExportError(f"{out}: already exists; choose another --out or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory; choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise ExportError(f"{out.parent}: cannot write the bundle there ({exc.strerror or exc}); choose a writable --out") from exc
+
+
+def _move_into_place(staged: Path, out: Path, force: bool) -> None:
+    """Rename the finished bundle to `out`; with force, the old `out` is removed only after that succeeds."""
+    old = None
+    if out.exists():
+        if not force:
+            raise ExportError(f"{out}: appeared during the export; pass --force to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(staged, out)
+    except OSError as exc:
+        if old is not None:
+            os.replace(old, out)
+        raise ExportError(f"{out}: cannot move the finished bundle into place ({exc.strerror or exc})") from exc
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    out: str | Path,
+    quantize: str | None = None,
+    data: str | Path | None = None,
+    force: bool = False,
+    *,
+    decoder_layout: str = DEFAULT_LAYOUT,
+) -> Path:
+    """Export `checkpoint` (a Pix2Struct save_pretrained dir) to the bundle directory `out`.
+
+    quantize: None (fp32) or "int8" (dynamic, per-channel weights). data: a data folder; when given,
+    its test split supplies the validation images and the parity check (engine vs PyTorch BLEU),
+    whose result is stored in the manifest. force: replace an existing `out`. decoder_layout:
+    "split" or "merged" (see DEFAULT_LAYOUT).
+
+    Returns the bundle path. Raises ExportError for a bad checkpoint, an unwritable or existing
+    `out`, an export whose outputs or greedy tokens differ from PyTorch, or a failed parity check;
+    in every failure case no bundle is left at `out` (an existing one is kept).
+    """
+    if quantize not in (None, "int8"):
+        raise ExportError(f"quantize={quantize!r}: supported values are None (fp32) and 'int8'")
+    if decoder_layout not in DECODER_LAYOUTS:
+        raise ExportError(f"decoder_layout={decoder_layout!r}: use one of {', '.join(sorted(DECODER_LAYOUTS))}")
+    info = inspect_checkpoint(checkpoint)
+    data_path = Path(data) if data is not None else None
+    if data_path is not None and not data_path.is_dir():
+        raise ExportError(f"{data_path}: data folder not found; pass a folder with images and metadata.jsonl")
+    out = Path(out).expanduser().absolute()
+    tmp = _place_temp_dir(out, force)
+    try:
+        staged = _build(info, tmp, quantize, data_path, decoder_layout)
+        _move_into_place(staged, out, force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _build(info: CheckpointInfo, tmp: Path, quantize: str | None, data: Path | None, layout: str) -> Path:
+    from export.validate import compare_greedy
+
+    log.info("loading %s", info.path)
+    model, processor = _load_pytorch(info)
+    log.info("exporting with Optimum (%s, max_patches=%d)", TASK, info.max_patches)
+    raw, bundle = tmp / "optimum", tmp / "bundle"
+    bundle.mkdir()
+    _run_optimum(model, processor, raw, layout)
+
+    roles = ("encoder", *DECODER_LAYOUTS[layout])
+    onnx_files = {role: OPTIMUM_FILES[role] for role in roles}
+    for name in onnx_files.values():
+        _move_onnx(raw, bundle, name)
+    encoder_patches = _static_patch_count(bundle / onnx_files["encoder"])
+    if encoder_patches != info.max_patches:
+        raise ExportError(f"{info.path}: encoder was exported for {encoder_patches} patches but the processor uses {info.max_patches}")
+    for name in SUPPORT_FILES:
+        # Optimum's copies: it moves generation settings out of config.json consistently with the graphs.
+        source = raw / name if (raw / name).is_file() else info.path / name
+        if not source.is_file():
+            raise ExportError(f"{info.path / name}: missing; re-save the checkpoint with model and processor save_pretrained")
+        shutil.copy2(source, bundle / name)
+    shutil.rmtree(raw)
+
+    images = _validation_images(data)
+    log.info("validating the %s decoder against PyTorch on %d images", layout, len(images))
+    fp32 = compare_greedy(model, processor, bundle, onnx_files, layout, images, VALIDATION_TOKENS)
+    require_identical(fp32, info.path)
+    validation: dict[str, Any] = {"fp32": fp32.to_dict()}
+
+    if quantize == "int8":
+        from export.quantize import quantize_int8
+
+        log.info("quantizing to int8")
+        for role, name in onnx_files.items():
+            quantized = bundle / f"{Path(name).stem}_int8.onnx"
+            quantize_int8(bundle / name, quantized)
+            (bundle / name).unlink()
+            onnx_files[role] = quantized.name
+        int8 = compare_greedy(model, processor, bundle, onnx_files, layout, images, VALIDATION_TOKENS)
+        validation["int8"] = int8.to_dict()
+        log.info("int8 vs PyTorch greedy tokens: %s", validation["int8"])
+        if int8.token_agreement < INT8_WARN_AGREEMENT:
+            # Not fatal: an untrained model (benchmarks) has near-tied logits that int8 flips at will.
+            log.warning(
+                "int8 greedy tokens agree with PyTorch on only %.0f%% of positions; check captions with `edlight parity`",
+                100 * int8.token_agreement,
+            )
+
+    manifest = Manifest(
+        source=str(info.path.absolute()),
+        max_patches=info.max_patches,
+        decoder_layout=layout,
+        onnx_files=onnx_files,
+        quantization=quantize,
+        versions=library_versions(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        extra={"validation": validation},
+    )
+    write_manifest(bundle, manifest)
+    Bundle.load(bundle)  # the reader's own check of what we just wrote
+
+    if data is not None:
+        from export.parity import run_parity
+
+        log.info("parity check on the test split of %s", data)
+        report = run_parity(bundle, info.path, data)
+        manifest.parity = report.to_dict(brief=True)
+        write_manifest(bundle, manifest)
+        if not report.passed:
+            raise ExportError(f"{info.path}: parity check on {data} failed: {report.summary_line()}")
+    return bundle
+
+
+def require_identical(comparison: GreedyComparison, checkpoint: Path) -> None:
+    """Raise ExportError when an fp32 export's greedy tokens differ from PyTorch's on any image."""
+    if comparison.mismatches:
+        first = comparison.mismatches[0]
+        raise ExportError(
+            f"{checkpoint}: ONNX greedy tokens differ from PyTorch on {len(comparison.mismatches)}/"
+            f"{len(comparison.torch_tokens)} validation images (image {first['image']}, position {first['position']}: "
+            f"torch {first['torch']} vs onnx {first['onnx']}); the export is not faithful, do not ship it"
+        )
+
+
+def _move_onnx(raw: Path, bundle: Path, name: str) -> None:
+    source = raw / name
+    if not source.is_file():
+        raise ExportError(f"{source}: Optimum did not produce {name}; the export is incomplete")
+    os.replace(source, bundle / name)  # same directory tree: a rename, not a copy of a GB file
+    # Models over 2 GB keep their weights in a side file next to the graph.
+    for side in raw.glob(f"{name}_data*"):
+        os.replace(side, bundle / side.name)
+
+
+def _static_patch_count(encoder: Path) -> int:
+    import onnx
+
+    graph = onnx.load(str(encoder), load_external_data=False).graph
+    dims = next(i for i in graph.input if i.name == "flattened_patches").type.tensor_type.shape.dim
+    return int(dims[1].dim_value)

@@ -1,0 +1,195 @@
+"""Parity: does the ONNX engine caption like the PyTorch model it was exported from?
+
+Both run on the same images of a data folder's split with the same decoding settings. The report
+holds BLEU/chrF of each against the references, their difference, the share of identical captions,
+BLEU of the engine against PyTorch, and the first differing captions side by side. It passes when
+|BLEU difference| <= tolerance and (fp32) identical share >= min_identical.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.bundle import Bundle
+from engine.errors import EdlightError
+
+# BLEU points the engine may differ from PyTorch, by bundle quantization (None = fp32).
+DEFAULT_TOLERANCE = {None: 0.1, "int8": 1.0}
+# Share of captions that must be identical. int8 changes some argmaxes by design: no floor there.
+DEFAULT_MIN_IDENTICAL: dict[str | None, float | None] = {None: 0.99, "int8": None}
+
+
+class ParityError(EdlightError):
+    """Parity cannot be measured (bad bundle/checkpoint/data folder, empty split)."""
+
+
+@dataclass
+class ParityReport:
+    """Result of one parity run; `passed` says whether the bundle may stand in for the checkpoint."""
+
+    bundle: str
+    checkpoint: str
+    data: str
+    split: str
+    images: int
+    quantization: str | None
+    num_beams: int
+    max_new_tokens: int
+    bleu_torch: float
+    chrf_torch: float
+    bleu_engine: float
+    chrf_engine: float
+    bleu_diff: float  # engine - torch
+    chrf_diff: float
+    identical_share: float
+    bleu_engine_vs_torch: float
+    tolerance: float
+    min_identical: float | None
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+    differences: list[dict[str, str]] = field(default_factory=list)  # first differing captions
+    seconds_torch: float = 0.0
+    seconds_engine: float = 0.0
+
+    def to_dict(self, brief: bool = False) -> dict[str, Any]:
+        """Everything as JSON-ready values; `brief` drops the caption examples (for the bundle manifest)."""
+        data = asdict(self)
+        if brief:
+            data.pop("differences")
+            data.pop("bundle")  # stored inside the bundle, whose path may change (it is staged, then moved)
+            data["differences_count"] = round((1 - self.identical_share) * self.images)
+        return data
+
+    def summary_line(self) -> str:
+        verdict = "passed" if self.passed else "FAILED: " + "; ".join(self.failures)
+        return (
+            f"BLEU torch {self.bleu_torch:.2f} vs engine {self.bleu_engine:.2f} (diff {self.bleu_diff:+.2f}, "
+            f"tolerance {self.tolerance}), identical {self.identical_share:.1%} of {self.images} -> {verdict}"
+        )
+
+    def table(self) -> str:
+        """A human-readable report: scores side by side, then the first differing captions."""
+        rows = [
+            ("", "BLEU", "chrF"),
+            ("PyTorch vs references", f"{self.bleu_torch:.2f}", f"{self.chrf_torch:.2f}"),
+            ("engine vs references", f"{self.bleu_engine:.2f}", f"{self.chrf_engine:.2f}"),
+            ("difference (engine - PyTorch)", f"{self.bleu_diff:+.2f}", f"{self.chrf_diff:+.2f}"),
+            ("engine vs PyTorch", f"{self.bleu_engine_vs_torch:.2f}", ""),
+        ]
+        width = max(len(r[0]) for r in rows)
+        lines = [
+            f"parity: {self.bundle} ({self.quantization or 'fp32'}) vs {self.checkpoint}",
+            f"  {self.split} split of {self.data}: {self.images} images, num_beams={self.num_beams}, "
+            f"max_new_tokens={self.max_new_tokens}; PyTorch {self.seconds_torch:.1f}s, engine {self.seconds_engine:.1f}s",
+            "",
+        ]
+        lines += [f"  {a:<{width}}  {b:>7}  {c:>7}" for a, b, c in rows]
+        floor = f" (required >= {self.min_identical:.0%})" if self.min_identical is not None else ""
+        lines += ["", f"  identical captions: {self.identical_share:.1%}{floor}", f"  BLEU tolerance: {self.tolerance}"]
+        if self.differences:
+            lines += ["", f"  first {len(self.differences)} differing captions:"]
+            for d in self.differences:
+                lines += [f"  - {d['file_name']}", f"      torch : {d['torch']}", f"      engine: {d['engine']}"]
+        lines += ["", "PASSED" if self.passed else "FAILED: " + "; ".join(self.failures)]
+        return "\n".join(lines)
+
+
+def run_parity(
+    bundle: str | Path,
+    checkpoint: str | Path,
+    data: str | Path,
+    split: str = "test",
+    num_beams: int = 1,
+    max_new_tokens: int | None = None,
+    tolerance: float | None = None,
+    min_identical: float | None = None,
+    batch_size: int = 8,
+    max_differences: int = 10,
+) -> ParityReport:
+    """Caption `split` of `data` with the checkpoint (PyTorch generate) and the bundle (engine); compare.
+
+    max_new_tokens defaults to the bundle's generation config, and both sides use the same value.
+    tolerance / min_identical default from the bundle's quantization (DEFAULT_TOLERANCE,
+    DEFAULT_MIN_IDENTICAL). Raises ParityError for an unusable bundle, checkpoint or data folder,
+    or an empty split; a parity failure is not an exception but `report.passed == False`.
+    """
+    from engine.captioner import Captioner
+    from train.checkpoint import load_checkpoint
+    from train.data import load_split
+    from train.evaluate import corpus_scores, generate_captions
+
+    try:
+        loaded = Bundle.load(bundle)
+        examples = load_split(Path(data), split=split)
+    except EdlightError as exc:
+        raise ParityError(str(exc)) from exc
+    if not examples:
+        raise ParityError(f"{data}: the {split} split is empty; parity needs images with references")
+    quant = loaded.manifest.quantization
+    tol = DEFAULT_TOLERANCE.get(quant, 1.0) if tolerance is None else float(tolerance)
+    floor = DEFAULT_MIN_IDENTICAL.get(quant) if min_identical is None else float(min_identical)
+    max_new = int(max_new_tokens or loaded.default_max_new_tokens)
+
+    try:
+        model, processor = load_checkpoint(checkpoint)
+    except (EdlightError, OSError, ValueError) as exc:
+        raise ParityError(f"{checkpoint}: cannot load the PyTorch checkpoint ({exc})") from exc
+    failures = []
+    if processor.image_processor.max_patches != loaded.max_patches:
+        failures.append(
+            f"checkpoint uses max_patches={processor.image_processor.max_patches} but the bundle {loaded.max_patches}: "
+            "not the checkpoint this bundle was exported from"
+        )
+
+    paths = [e.path for e in examples]
+    start = time.perf_counter()
+    torch_caps = generate_captions(model, processor, paths, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new)
+    seconds_torch = time.perf_counter() - start
+    del model
+
+    start = time.perf_counter()
+    captioner = Captioner(loaded.path, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new)
+    engine_caps = [c.strip() for c in captioner.caption(paths)]
+    seconds_engine = time.perf_counter() - start
+
+    refs = [e.text for e in examples]
+    torch_scores, engine_scores = corpus_scores(torch_caps, refs), corpus_scores(engine_caps, refs)
+    identical = sum(a == b for a, b in zip(torch_caps, engine_caps, strict=True)) / len(examples)
+    bleu_diff = engine_scores["bleu"] - torch_scores["bleu"]
+    if abs(bleu_diff) > tol:
+        failures.append(f"BLEU differs by {bleu_diff:+.2f} (> {tol})")
+    if floor is not None and identical < floor:
+        failures.append(f"identical captions {identical:.1%} < {floor:.0%}")
+    differences = [
+        {"file_name": e.file_name, "reference": e.text, "torch": a, "engine": b}
+        for e, a, b in zip(examples, torch_caps, engine_caps, strict=True)
+        if a != b
+    ][:max_differences]
+    return ParityReport(
+        bundle=str(loaded.path),
+        checkpoint=str(checkpoint),
+        data=str(data),
+        split=split,
+        images=len(examples),
+        quantization=quant,
+        num_beams=num_beams,
+        max_new_tokens=max_new,
+        bleu_torch=round(torch_scores["bleu"], 4),
+        chrf_torch=round(torch_scores["chrf"], 4),
+        bleu_engine=round(engine_scores["bleu"], 4),
+        chrf_engine=round(engine_scores["chrf"], 4),
+        bleu_diff=round(bleu_diff, 4),
+        chrf_diff=round(engine_scores["chrf"] - torch_scores["chrf"], 4),
+        identical_share=round(identical, 4),
+        bleu_engine_vs_torch=round(corpus_scores(engine_caps, torch_caps)["bleu"], 4),
+        tolerance=tol,
+        min_identical=floor,
+        passed=not failures,
+        failures=failures,
+        differences=differences,
+        seconds_torch=round(seconds_torch, 3),
+        seconds_engine=round(seconds_engine, 3),
+    )

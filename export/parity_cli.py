@@ -1,0 +1,64 @@
+"""`edlight parity`: a thin click layer over export.parity.run_parity. Exit 1 when parity fails."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from engine.errors import EdlightError
+
+
+@click.command("parity")
+@click.option("--model", "bundle", required=True, type=click.Path(path_type=Path), help="Bundle directory (edlight export).")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="PyTorch checkpoint it came from.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Data folder (images + metadata).")
+@click.option("--split", type=click.Choice(["test", "train", "all"]), default="test", show_default=True)
+@click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the bundle's generation config.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--tolerance", type=click.FloatRange(min=0), default=None, help="Max |BLEU difference| (default 0.1 fp32, 1.0 int8).")
+@click.option("--min-identical", type=click.FloatRange(0, 1), default=None, help="Min share of identical captions (default 0.99 fp32, none for int8).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the full report as JSON here.")
+def parity(
+    bundle: Path,
+    checkpoint: Path,
+    data: Path,
+    split: str,
+    num_beams: int,
+    max_new_tokens: int | None,
+    batch_size: int,
+    tolerance: float | None,
+    min_identical: float | None,
+    out: Path | None,
+) -> None:
+    """Check that a bundle's captions and BLEU match the PyTorch checkpoint's on the same images."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from export.parity import run_parity
+
+    try:
+        report = run_parity(
+            bundle,
+            checkpoint,
+            data,
+            split=split,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            tolerance=tolerance,
+            min_identical=min_identical,
+            batch_size=batch_size,
+        )
+    except EdlightError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(report.table())
+    if out is not None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise click.ClickException(f"{out}: cannot write the report ({exc.strerror or exc})") from exc
+        click.echo(f"report: {out}")
+    if not report.passed:
+        click.get_current_context().exit(1)

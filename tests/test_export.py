@@ -1,0 +1,276 @@
+"""Export: checkpoint -> verified ONNX bundle (fp32, int8, both decoder layouts), atomicity, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from engine.bundle import MANIFEST_NAME, SUPPORT_FILES, Bundle
+from engine.errors import BundleError
+from export import ExportError
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+CAPTIONS = [
+    "a worksheet with three red circles and the number 7",
+    "a drawing of a blue house next to a green tree",
+    "handwritten letters a b c on lined paper",
+    "a math page with 2 + 3 = 5 written in pencil",
+]
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `tiny` preset, randomly initialised, 64 patches: fast to export, and untrained so any
+    export bug that shifts logits shows up as different greedy tokens."""
+    from train.presets import build_from_preset
+
+    model, processor = build_from_preset("tiny", CAPTIONS, max_patches=64, seed=0)
+    out = tmp_path_factory.mktemp("ckpt") / "random"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def _leftovers(parent: Path, name: str) -> list[Path]:
+    return [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+def test_fp32_bundle_manifest_verifies(tiny_bundle: Path, tiny_checkpoint: Path) -> None:
+    from export.onnx import DEFAULT_LAYOUT
+
+    bundle = Bundle.load(tiny_bundle)
+    m = bundle.manifest
+    assert m.format_version == 1
+    assert m.source == str(tiny_checkpoint.absolute())
+    pre = json.loads((tiny_checkpoint / "preprocessor_config.json").read_text())
+    assert m.max_patches == pre["max_patches"] == bundle.preprocessor_config["max_patches"]
+    assert m.decoder_layout == DEFAULT_LAYOUT
+    assert m.quantization is None
+    assert {"torch", "transformers", "optimum", "onnxruntime"} <= set(m.versions)
+    on_disk = {p.name for p in tiny_bundle.iterdir()} - {MANIFEST_NAME}
+    assert set(m.files) == on_disk
+    assert set(SUPPORT_FILES) | set(m.onnx_files.values()) <= on_disk
+    # Nothing beyond what the engine reads (no tokenizer_config.json, no unused decoder).
+    assert len(on_disk) == len(SUPPORT_FILES) + len(m.onnx_files)
+    assert m.extra["validation"]["fp32"]["identical_share"] == 1.0
+    assert m.extra["validation"]["fp32"]["encoder_max_abs_diff"] < 1e-4
+    assert not _leftovers(tiny_bundle.parent, tiny_bundle.name)
+
+
+def test_int8_merged_quantizes_both_branches(random_checkpoint: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from export.onnx import export_bundle
+    from export.quantize import count_quantized_nodes
+
+    out = export_bundle(random_checkpoint, tmp_path / "int8", quantize="int8", decoder_layout="merged")
+    bundle = Bundle.load(out)
+    assert bundle.manifest.quantization == "int8"
+    assert set(bundle.manifest.onnx_files) == {"encoder", "decoder_merged"}
+    assert count_quantized_nodes(bundle.onnx_path("encoder")).get("MatMulInteger", 0) > 0
+    merged = bundle.onnx_path("decoder_merged")
+    # The merged decoder's weights live in the two branches of one If node: both must be int8.
+    top = onnx.load(str(merged)).graph
+    branches = [a.g for n in top.node if n.op_type == "If" for a in n.attribute]
+    assert len(branches) == 2
+    for branch in branches:
+        assert sum(n.op_type == "MatMulInteger" for n in branch.node) > 0
+        assert not any(n.op_type == "MatMul" and "lm_head" in n.name for n in branch.node)
+    int8 = bundle.manifest.extra["validation"]["int8"]
+    assert int8["images"] == 4 and int8["encoder_max_abs_diff"] < 1.0
+
+
+def test_split_and_merged_give_pytorch_tokens(random_checkpoint: Path, tmp_path: Path) -> None:
+    """Both layouts, decoded by a plain ORT greedy loop, reproduce PyTorch's greedy tokens."""
+    from export.onnx import export_bundle
+    from export.validate import compare_greedy, sample_images
+    from train.checkpoint import load_checkpoint
+
+    model, processor = load_checkpoint(random_checkpoint)
+    for layout in ("split", "merged"):
+        bundle = Bundle.load(export_bundle(random_checkpoint, tmp_path / layout, decoder_layout=layout))
+        assert bundle.manifest.extra["validation"]["fp32"]["identical_share"] == 1.0
+        result = compare_greedy(model, processor, bundle.path, bundle.manifest.onnx_files, bundle.manifest.decoder_layout,
+                                sample_images(), max_new_tokens=20)
+        assert result.mismatches == []
+        assert result.torch_tokens == result.onnx_tokens
+        # An untrained model rarely emits EOS at once: the sequences are long enough to mean something.
+        assert sum(len(t) for t in result.torch_tokens) > 4 * 5
+
+
+def test_validation_catches_a_wrong_model(random_checkpoint: Path, tmp_path: Path) -> None:
+    """The token check is not vacuous: graphs of another model (same shapes, other seed) fail it loudly."""
+    from export.onnx import export_bundle, require_identical
+    from export.validate import compare_greedy, sample_images
+    from train.checkpoint import load_checkpoint
+    from train.presets import build_from_preset
+
+    other, processor = build_from_preset("tiny", CAPTIONS, max_patches=64, seed=1)
+    other.save_pretrained(tmp_path / "other")
+    processor.save_pretrained(tmp_path / "other")
+    bundle = Bundle.load(export_bundle(tmp_path / "other", tmp_path / "b"))
+    model, processor = load_checkpoint(random_checkpoint)
+    result = compare_greedy(model, processor, bundle.path, bundle.manifest.onnx_files, bundle.manifest.decoder_layout,
+                            sample_images(), max_new_tokens=12)
+    assert result.mismatches and result.identical_share < 1.0
+    with pytest.raises(ExportError, match=r"greedy tokens differ from PyTorch on \d/4 validation images"):
+        require_identical(result, random_checkpoint)
+
+
+def test_tampered_or_missing_file_is_rejected(tiny_bundle: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(tiny_bundle, tmp_path / "b"))
+    Bundle.load(copy)
+    encoder = copy / Bundle.load(copy).manifest.onnx_files["encoder"]
+    data = bytearray(encoder.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    encoder.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        Bundle.load(copy)
+    shutil.copy2(tiny_bundle / encoder.name, encoder)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match="tokenizer.json"):
+        Bundle.load(copy)
+
+
+def test_existing_out_refused_unless_force(random_checkpoint: Path, tmp_path: Path) -> None:
+    from export.onnx import export_bundle
+
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="already exists.*--force"):
+        export_bundle(random_checkpoint, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    export_bundle(random_checkpoint, out, force=True)
+    assert not (out / "keep.txt").exists()
+    Bundle.load(out)
+    assert not _leftovers(tmp_path, "bundle")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_export_leaves_no_bundle(random_checkpoint: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    """Kill a real export once its ONNX files exist: `out` must not appear and no staging dir may load."""
+    out = tmp_path / "bundle"
+    code = f"from export.onnx import export_bundle; export_bundle({str(random_checkpoint)!r}, {str(out)!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any((d / "bundle").is_dir() and any((d / "bundle").glob("*.onnx")) for d in _leftovers(tmp_path, "bundle")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the export finished before it could be interrupted"
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists()
+    for leftover in _leftovers(tmp_path, "bundle"):
+        for candidate in [leftover, *[p for p in leftover.rglob("*") if p.is_dir()]]:
+            with pytest.raises(BundleError):
+                Bundle.load(candidate)
+    if sig == signal.SIGINT:  # a catchable interruption cleans up after itself
+        assert not _leftovers(tmp_path, "bundle")
+
+
+def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
+    ck = Path(shutil.copytree(checkpoint, tmp_path / "ck"))
+    if how == "not_pix2struct":
+        config = json.loads((ck / "config.json").read_text())
+        config["model_type"] = "t5"
+        (ck / "config.json").write_text(json.dumps(config))
+    elif how == "no_processor":
+        (ck / "preprocessor_config.json").unlink()
+    elif how == "no_tokenizer":
+        (ck / "tokenizer.json").unlink()
+    elif how == "no_weights":
+        (ck / "model.safetensors").unlink()
+    elif how == "non_causal":
+        config = json.loads((ck / "config.json").read_text())
+        config["text_config"]["is_decoder"] = False
+        (ck / "config.json").write_text(json.dumps(config))
+    return ck
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("not_pix2struct", "not 'pix2struct'"),
+        ("no_processor", "preprocessor_config.json: processor config missing"),
+        ("no_tokenizer", "tokenizer.json: missing"),
+        ("no_weights", "no model weights"),
+        ("non_causal", "is_decoder is false"),
+    ],
+)
+def test_bad_checkpoint_is_one_line_error(random_checkpoint: Path, tmp_path: Path, how: str, message: str) -> None:
+    from export.onnx import export_bundle
+
+    ck = _broken_copy(random_checkpoint, tmp_path, how)
+    with pytest.raises(ExportError, match=message) as info:
+        export_bundle(ck, tmp_path / "out")
+    assert str(ck) in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists() and not _leftovers(tmp_path, "out")
+
+
+def test_missing_checkpoint_and_unwritable_out(random_checkpoint: Path, tmp_path: Path) -> None:
+    from export.onnx import export_bundle
+
+    with pytest.raises(ExportError, match=r"nope: checkpoint not found"):
+        export_bundle(tmp_path / "nope", tmp_path / "out")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    # Root ignores permission bits, so block the output with a file where a directory must go.
+    with pytest.raises(ExportError, match=r"cannot write the bundle there.*writable --out"):
+        export_bundle(random_checkpoint, blocker / "out")
+
+
+def test_cli_export_and_errors(random_checkpoint: Path, tmp_path: Path) -> None:
+    from export.cli import export
+
+    runner = CliRunner()
+    result = runner.invoke(export, [str(random_checkpoint), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "identical greedy tokens 100%" in result.output
+    Bundle.load(tmp_path / "b")
+    again = runner.invoke(export, [str(random_checkpoint), "--out", str(tmp_path / "b")])
+    assert again.exit_code == 1
+    assert again.output.strip().count("\n") == 0 and "--force" in again.output
+    missing = runner.invoke(export, [str(tmp_path / "missing"), "--out", str(tmp_path / "c")])
+    assert missing.exit_code == 1 and "checkpoint not found" in missing.output
+
+
+def test_trained_fp32_bundle_tokens_equal_pytorch_on_test_images(tiny_checkpoint: Path, tiny_bundle: Path, synth_data: Path) -> None:
+    """The shared tiny trained model: ONNX greedy tokens equal PyTorch's on every test image."""
+    from PIL import Image
+
+    from export.validate import compare_greedy
+    from train.checkpoint import load_checkpoint
+    from train.data import load_split
+
+    model, processor = load_checkpoint(tiny_checkpoint)
+    bundle = Bundle.load(tiny_bundle)
+    images = [Image.open(e.path).convert("RGB") for e in load_split(synth_data, "test")]
+    assert len(images) >= 10
+    result = compare_greedy(model, processor, bundle.path, bundle.manifest.onnx_files, bundle.manifest.decoder_layout,
+                            images, max_new_tokens=bundle.default_max_new_tokens)
+    assert result.mismatches == [] and result.identical_share == 1.0
+
+
+def test_trained_int8_bundle_verifies(tiny_bundle_int8: Path) -> None:
+    bundle = Bundle.load(tiny_bundle_int8)
+    assert bundle.manifest.quantization == "int8"
+    assert all(name.endswith("_int8.onnx") for name in bundle.manifest.onnx_files.values())
+    # A trained model's int8 greedy tokens stay mostly those of PyTorch.
+    assert bundle.manifest.extra["validation"]["int8"]["token_agreement"] >= 0.8
+

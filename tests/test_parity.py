@@ -1,0 +1,123 @@
+"""Parity: the engine on the exported bundle captions like PyTorch on the shared tiny trained model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from engine.bundle import Bundle, write_manifest
+
+pytestmark = pytest.mark.slow
+
+
+def test_fp32_bundle_matches_pytorch(tiny_bundle: Path, tiny_checkpoint: Path, synth_data: Path) -> None:
+    from export.parity import run_parity
+
+    report = run_parity(tiny_bundle, tiny_checkpoint, synth_data)
+    print(report.table())
+    assert report.images >= 10
+    assert report.identical_share >= 0.99
+    assert abs(report.bleu_diff) <= 0.1
+    assert report.passed and report.failures == []
+    # Identical and non-empty (sacrebleu scores empty-vs-empty as 0): the comparison is not vacuous.
+    assert report.bleu_engine_vs_torch > 99
+    assert report.tolerance == 0.1 and report.min_identical == 0.99
+
+
+def test_int8_bundle_within_tolerance(tiny_bundle_int8: Path, tiny_checkpoint: Path, synth_data: Path) -> None:
+    from export.parity import run_parity
+
+    report = run_parity(tiny_bundle_int8, tiny_checkpoint, synth_data)
+    print(report.table())  # the int8 BLEU difference, reported with -s
+    assert report.quantization == "int8" and report.tolerance == 1.0 and report.min_identical is None
+    assert abs(report.bleu_diff) <= 1.0
+    assert report.passed
+
+
+def test_cli_writes_json_and_passes(tiny_bundle: Path, tiny_checkpoint: Path, synth_data: Path, tmp_path: Path) -> None:
+    from export.parity_cli import parity
+
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        parity,
+        ["--model", str(tiny_bundle), "--checkpoint", str(tiny_checkpoint), "--data", str(synth_data), "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "PyTorch vs references" in result.output and "PASSED" in result.output
+    report = json.loads(out.read_text())
+    assert report["passed"] is True and report["identical_share"] >= 0.99
+
+
+def _with_wrong_tokenizer(bundle: Path, tmp_path: Path) -> Path:
+    """A copy whose tokenizer maps ids to the wrong pieces, re-hashed so the manifest still verifies."""
+    broken = Path(shutil.copytree(bundle, tmp_path / "broken"))
+    data = json.loads((broken / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    specials = len(data["added_tokens"])
+    if isinstance(vocab, list):  # Unigram: [[piece, score], ...], position = id
+        pieces = [entry[0] for entry in vocab[specials:]]
+        for entry, piece in zip(vocab[specials:], reversed(pieces), strict=True):
+            entry[0] = piece
+    else:  # BPE / WordPiece / WordLevel: {piece: id}
+        ordinary = sorted((i, t) for t, i in vocab.items() if i >= specials)
+        ids = [i for i, _ in ordinary]
+        for (_, piece), new_id in zip(ordinary, reversed(ids), strict=True):
+            vocab[piece] = new_id
+    (broken / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    manifest = Bundle.load(broken, verify_hashes=False).manifest
+    write_manifest(broken, manifest)
+    Bundle.load(broken)  # hashes match: only parity can tell
+    return broken
+
+
+def test_wrong_tokenizer_fails_with_exit_1(tiny_bundle: Path, tiny_checkpoint: Path, synth_data: Path, tmp_path: Path) -> None:
+    from export.parity_cli import parity
+
+    broken = _with_wrong_tokenizer(tiny_bundle, tmp_path)
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        parity, ["--model", str(broken), "--checkpoint", str(tiny_checkpoint), "--data", str(synth_data), "--out", str(out)]
+    )
+    assert result.exit_code == 1, result.output
+    assert "FAILED" in result.output and "engine:" in result.output  # differing captions side by side
+    report = json.loads(out.read_text())
+    assert report["passed"] is False and report["identical_share"] < 0.5
+    assert report["differences"] and report["differences"][0]["torch"] != report["differences"][0]["engine"]
+
+
+def test_bad_inputs_are_one_line_errors(tiny_bundle: Path, tiny_checkpoint: Path, synth_data: Path, tmp_path: Path) -> None:
+    from export.parity_cli import parity
+
+    runner = CliRunner()
+    missing = runner.invoke(parity, ["--model", str(tmp_path / "nope"), "--checkpoint", str(tiny_checkpoint), "--data", str(synth_data)])
+    assert missing.exit_code == 1 and "no such bundle directory" in missing.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_data = runner.invoke(parity, ["--model", str(tiny_bundle), "--checkpoint", str(tiny_checkpoint), "--data", str(empty)])
+    # The data folder's own error (train.data lists every problem, one per line), not a traceback.
+    assert no_data.exit_code == 1 and no_data.output.startswith(f"Error: {empty}")
+    assert "Traceback" not in no_data.output
+
+
+def test_export_with_data_stores_parity_split_layout(tiny_checkpoint: Path, synth_data: Path, tmp_path: Path) -> None:
+    """`edlight export --data` runs parity on the staged bundle and ships the result; here with the
+    split decoder (the shared fixtures use the default, merged), so both layouts the engine reads are
+    held to the same standard."""
+    from export.cli import export
+
+    out = tmp_path / "split"
+    result = CliRunner().invoke(
+        export, [str(tiny_checkpoint), "--out", str(out), "--data", str(synth_data), "--decoder-layout", "split"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "parity on test split" in result.output and "passed" in result.output
+    bundle = Bundle.load(out)
+    assert bundle.manifest.decoder_layout == "split"
+    shipped = bundle.manifest.parity
+    assert shipped is not None and shipped["passed"] is True
+    assert shipped["identical_share"] >= 0.99 and abs(shipped["bleu_diff"]) <= 0.1
+    assert "bundle" not in shipped and "differences" not in shipped
