@@ -1,0 +1,386 @@
+"""Training: presets/tokenizer, the loop (loss, checkpoints, resume, DDP), evaluation, bad input, the CLI.
+
+The expensive pieces are shared: `tiny_run` (conftest) is the 3-epoch preset run; the other
+runs here use a 40-image folder at 64 patches so each takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from click.testing import CliRunner  # noqa: E402
+
+from train.checkpoint import CheckpointError, atomic_save, recover  # noqa: E402
+from train.data import DataError  # noqa: E402
+from train.loop import TrainConfig, TrainError, epoch_batches, train  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = dict(preset="tiny", batch_size=8, max_patches=64, max_new_tokens=12, progress=False)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 generated images (about 36 train / 4 test)."""
+    from train.synth import generate
+
+    out = tmp_path_factory.mktemp("small") / "data"
+    generate(out, n=40, seed=1)
+    return out
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- presets and tokenizer
+
+
+def test_tokenizer_is_t5_style_and_round_trips() -> None:
+    from train.presets import EOS_ID, PAD_ID, UNK_ID, train_tokenizer
+
+    caps = ["The student wrote 7 + 5 = 12, which is correct.", "A clock showing 10:45."] * 5
+    tok = train_tokenizer(caps, vocab_size=200)
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (PAD_ID, EOS_ID, UNK_ID)
+    assert (tok.pad_token, tok.eos_token) == ("<pad>", "</s>")
+    text = "The student wrote 93 + 48 = 141, which is wrong."  # digits and words never seen together
+    ids = tok(text).input_ids
+    assert ids[-1] == EOS_ID and UNK_ID not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert "4" in tok.convert_ids_to_tokens(ids) and "141" not in tok.convert_ids_to_tokens(
+        ids
+    )  # digit by digit
+
+
+def test_base_preset_is_textcaps_base_architecture() -> None:
+    from transformers import Pix2StructConfig
+
+    from train.presets import PRESETS, model_config
+
+    got = model_config(PRESETS["base"], PRESETS["base"].model_vocab or 0)
+    ref = Pix2StructConfig()
+    for tower in ("text_config", "vision_config"):
+        mine, theirs = getattr(got, tower).to_dict(), getattr(ref, tower).to_dict()
+        keys = [
+            k
+            for k in theirs
+            if k not in ("dropout_rate", "attention_dropout", "use_cache", "_name_or_path", "transformers_version")
+        ]
+        assert {k: mine[k] for k in keys} == {k: theirs[k] for k in keys}, tower
+    assert got.text_config.vocab_size == 50244 and got.text_config.is_decoder
+
+
+def test_preset_processor_saves_and_reloads(tmp_path: Path) -> None:
+    from transformers import Pix2StructForConditionalGeneration, Pix2StructProcessor
+
+    from train.evaluate import encode_images
+    from train.presets import build_from_preset
+
+    model, proc = build_from_preset("tiny", ["One 1 two 2.", "Three 3 four 4."], max_patches=48)
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").is_file() and (tmp_path / "preprocessor_config.json").is_file()
+    proc2 = Pix2StructProcessor.from_pretrained(tmp_path)
+    model2 = Pix2StructForConditionalGeneration.from_pretrained(tmp_path)
+    assert proc2.image_processor.max_patches == 48
+    assert model2.config.decoder_start_token_id == 0 and model2.generation_config.eos_token_id == 1
+    from PIL import Image
+
+    enc = encode_images(proc2, [Image.new("RGB", (300, 200), "white")])
+    assert tuple(enc["flattened_patches"].shape) == (1, 48, 770)  # the checkpoint's budget, not 2048
+
+
+# ----------------------------------------------------------------------------- pieces of the loop
+
+
+@pytest.mark.parametrize("n,batch,world", [(35, 4, 2), (33, 4, 2), (9, 4, 3), (7, 8, 1), (17, 2, 4)])
+def test_epoch_batches_cover_every_example_once(n: int, batch: int, world: int) -> None:
+    per_rank = [epoch_batches(n, batch, world, r, seed=3, epoch=1) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1  # DDP needs the same number of steps everywhere
+    flat = [i for rank in per_rank for b in rank for i in b]
+    assert sorted(flat) == list(range(n))
+    assert all(len(b) > 0 for rank in per_rank for b in rank)
+    assert epoch_batches(n, batch, world, 0, seed=3, epoch=2) != per_rank[0] or n < 3
+
+
+def test_augment_is_seeded_and_changes_the_image() -> None:
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from train.augment import augment
+
+    img = Image.new("RGB", (200, 120), (240, 238, 230))
+    ImageDraw.Draw(img).text((20, 40), "7 + 5 = 12", fill=(20, 20, 120))
+    a = augment(img, np.random.default_rng([0, 1, 2]))
+    b = augment(img, np.random.default_rng([0, 1, 2]))
+    c = augment(img, np.random.default_rng([0, 1, 3]))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert a.size != c.size or not np.array_equal(np.asarray(a), np.asarray(c))
+    assert a.mode == "RGB"
+
+
+def test_atomic_save_recovers_after_a_kill_between_renames(tmp_path: Path) -> None:
+    dest = tmp_path / "last"
+    atomic_save(dest, lambda d: (d / "f").write_text("v1"))
+    dest.rename(tmp_path / ".last.old")  # as if killed right after the first rename
+    recover(dest)
+    assert (dest / "f").read_text() == "v1"
+    atomic_save(dest, lambda d: (d / "f").write_text("v2"))
+    assert (dest / "f").read_text() == "v2" and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def test_corpus_scores() -> None:
+    from train.evaluate import corpus_scores
+
+    refs = ["The student wrote 7 + 5 = 12, which is correct.", "A clock showing 3:15."]
+    assert corpus_scores(refs, refs) == {"bleu": pytest.approx(100.0), "chrf": pytest.approx(100.0)}
+    low = corpus_scores(["A clock.", "The student"], refs)
+    assert 0 <= low["bleu"] < 50 and 0 < low["chrf"] < 60
+    with pytest.raises(ValueError):
+        corpus_scores(["x"], [])
+
+
+# ----------------------------------------------------------------------------- the shared tiny run
+
+
+@pytest.mark.slow
+def test_tiny_run_learns_and_reloads(tiny_run: Path, synth_data: Path, tmp_path: Path) -> None:
+    from transformers import Pix2StructForConditionalGeneration, Pix2StructProcessor
+
+    from train.evaluate import evaluate_checkpoint, generate_captions
+
+    metrics = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert metrics[-1]["loss"] < 0.8 * metrics[0]["loss"]
+    steps = [json.loads(line) for line in (tiny_run / "steps.jsonl").read_text().splitlines()]
+    assert sum(s["loss"] for s in steps[-3:]) < sum(s["loss"] for s in steps[:3])
+    assert all(m["bleu"] is not None and m["images_per_s"] > 0 for m in metrics)
+    assert (tiny_run / "curves.png").stat().st_size > 1000
+    assert (tiny_run / "last" / "trainer_state.pt").is_file()
+    assert not (tiny_run / "best" / "trainer_state.pt").exists()
+    assert not [p for p in tiny_run.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+    for ckpt in (tiny_run / "best", tiny_run / "last"):
+        model = Pix2StructForConditionalGeneration.from_pretrained(ckpt)
+        proc = Pix2StructProcessor.from_pretrained(ckpt)
+        assert model.config.text_config.is_decoder
+        assert proc.tokenizer.pad_token_id == 0 and proc.tokenizer.eos_token_id == 1
+
+    images = sorted(synth_data.glob("*.jpg"))[:3]
+    caps = generate_captions(model, proc, images, batch_size=2, max_new_tokens=8)
+    assert len(caps) == 3 and all(isinstance(c, str) for c in caps)
+    assert generate_captions(model, proc, images[::-1], batch_size=3, max_new_tokens=8) == caps[::-1]
+
+    out = tmp_path / "pred.jsonl"
+    report = evaluate_checkpoint(tiny_run / "best", synth_data, split="test", out=out, max_new_tokens=16)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert report.n == len(rows) > 0 and set(rows[0]) == {"file_name", "reference", "prediction"}
+    assert 0.0 <= report.bleu <= 100.0
+
+
+@pytest.mark.slow
+def test_evaluate_cli(tiny_run: Path, synth_data: Path, tmp_path: Path) -> None:
+    from train.cli import evaluate
+
+    out = tmp_path / "p.jsonl"
+    args = [
+        str(tiny_run / "best"),
+        "--data",
+        str(synth_data),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]
+    res = CliRunner().invoke(evaluate, args)
+    assert res.exit_code == 0, res.output
+    scores = json.loads(res.output.splitlines()[0])
+    assert scores["split"] == "test" and scores["n"] > 0 and "bleu" in scores and out.is_file()
+
+    res = CliRunner().invoke(evaluate, [str(synth_data), "--data", str(synth_data)])
+    assert res.exit_code == 1 and "no config.json" in res.output
+
+
+# ----------------------------------------------------------------------------- resume, run dir guards
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_losses_and_weights(small_data: Path, tmp_path: Path) -> None:
+    full = train(TrainConfig(data=small_data, out=tmp_path / "full", epochs=2, seed=5, **FAST))
+    part = TrainConfig(data=small_data, out=tmp_path / "cut", epochs=2, seed=5, stop_after=1, **FAST)
+    first = train(part)
+    assert [m["epoch"] for m in first.metrics] == [1]
+    part.resume, part.stop_after = True, None
+    second = train(part)
+    assert [m["epoch"] for m in second.metrics] == [1, 2]
+
+    def steps(run: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (run / "steps.jsonl").read_text().splitlines()]
+
+    assert len(steps(tmp_path / "cut")) == len(steps(tmp_path / "full")) > 2
+    assert steps(tmp_path / "cut") == pytest.approx(steps(tmp_path / "full"), rel=1e-5, abs=1e-6)
+    a, b = _weights(full.last_dir), _weights(second.last_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert second.metrics[-1]["bleu"] == pytest.approx(full.metrics[-1]["bleu"], abs=1e-6)
+
+    # The finished run is guarded: nothing is overwritten without --resume or by a different run.
+    before = (tmp_path / "full" / "last" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(TrainError, match="already holds this run"):
+        train(TrainConfig(data=small_data, out=tmp_path / "full", epochs=2, seed=5, **FAST))
+    with pytest.raises(TrainError, match="different run.*lr"):
+        train(
+            TrainConfig(
+                data=small_data, out=tmp_path / "full", epochs=2, seed=5, lr=1e-2, resume=True, **FAST
+            )
+        )
+    assert (tmp_path / "full" / "last" / "model.safetensors").stat().st_mtime_ns == before
+    # A resume with nothing left to do is a no-op that returns the metrics.
+    done = train(TrainConfig(data=small_data, out=tmp_path / "full", epochs=2, seed=5, resume=True, **FAST))
+    assert [m["epoch"] for m in done.metrics] == [1, 2]
+    assert (tmp_path / "full" / "last" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_refuses_foreign_out_dir_and_missing_data(small_data: Path, tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(TrainError, match="not empty"):
+        train(TrainConfig(data=small_data, out=foreign, **FAST))
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    with pytest.raises(DataError, match="not found"):
+        train(TrainConfig(data=tmp_path / "nope", out=tmp_path / "run", **FAST))
+    with pytest.raises(TrainError, match="exactly one"):
+        train(TrainConfig(data=small_data, out=tmp_path / "run", base="x", preset="tiny"))
+    with pytest.raises(TrainError, match="unknown preset"):
+        train(TrainConfig(data=small_data, out=tmp_path / "run", preset="huge"))
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- bad data
+
+
+@pytest.mark.slow
+def test_bad_data_is_refused_or_skipped(small_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    images = sorted(data.glob("*.jpg"))
+    images[0].write_bytes(images[0].read_bytes()[:200])  # truncated JPEG
+    images[1].unlink()  # listed but missing
+    with pytest.raises(DataError) as info:
+        train(TrainConfig(data=data, out=tmp_path / "run", epochs=1, **FAST))
+    msg = str(info.value)
+    assert images[0].name in msg and images[1].name in msg
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+    res = train(TrainConfig(data=data, out=tmp_path / "run", epochs=1, skip_bad=True, **FAST))
+    assert res.skipped == 2
+    assert res.metrics[0]["train_images"] + 2 <= 40
+
+
+# ----------------------------------------------------------------------------- fine-tuning a --base checkpoint
+
+
+@pytest.mark.slow
+def test_finetune_from_base_checkpoint(small_data: Path, tmp_path: Path) -> None:
+    from transformers import Pix2StructProcessor
+
+    from train.data import load_split
+    from train.presets import build_from_preset
+
+    base = tmp_path / "base"
+    model, proc = build_from_preset("tiny", [e.text for e in load_split(small_data)], max_patches=64)
+    model.config.text_config.is_decoder = False  # the known pitfall of some published checkpoints
+    model.save_pretrained(base)
+    proc.save_pretrained(base)
+
+    with pytest.warns(UserWarning, match="is_decoder"):
+        res = train(
+            TrainConfig(
+                data=small_data,
+                out=tmp_path / "ft",
+                base=base,
+                epochs=1,
+                lr=1e-3,
+                batch_size=8,
+                max_new_tokens=12,
+                progress=False,
+            )
+        )
+    cfg = json.loads((res.last_dir / "config.json").read_text())
+    assert cfg["text_config"].get("is_decoder", True) is True  # True is the default, so it may be left out
+    assert (
+        Pix2StructProcessor.from_pretrained(res.last_dir).tokenizer.get_vocab() == proc.tokenizer.get_vocab()
+    )
+    assert json.loads((res.last_dir / "preprocessor_config.json").read_text())["max_patches"] == 64
+    before, after = _weights(base), _weights(res.last_dir)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+
+    not_p2s = tmp_path / "t5"
+    not_p2s.mkdir()
+    (not_p2s / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(CheckpointError, match="not a Pix2Struct checkpoint"):
+        train(TrainConfig(data=small_data, out=tmp_path / "ft2", base=not_p2s, progress=False))
+    with pytest.raises(CheckpointError, match="not found"):
+        train(TrainConfig(data=small_data, out=tmp_path / "ft2", base=tmp_path / "missing", progress=False))
+    assert not (tmp_path / "ft2").exists()
+
+
+# ----------------------------------------------------------------------------- CLI and two processes
+
+
+def test_train_cli_usage_errors(small_data: Path, tmp_path: Path) -> None:
+    from train.cli import train as train_cmd
+
+    res = CliRunner().invoke(train_cmd, ["--data", str(small_data), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "exactly one of --base" in res.output
+    res = CliRunner().invoke(
+        train_cmd, ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "r"), "--preset", "tiny"]
+    )
+    assert res.exit_code == 1 and "data folder not found" in res.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_on_cpu(small_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "engine.cli", "train", "--data", str(small_data), "--out", str(out), "--preset", "tiny",
+        "--epochs", "2", "--batch-size", "4", "--max-patches", "64", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]  # one writer: no duplicated lines
+    n_train = len(__import__("train.data", fromlist=["load_split"]).load_split(small_data, "train"))
+    for m in metrics:
+        assert m["processes"] == 2
+        assert m["train_images"] == m["unique_images"] == n_train  # every image once per epoch
+    assert proc.stdout.count("done: 2 epochs") == 1 and proc.stderr.count("epoch 2/2:") == 1  # rank 0 only
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best", "curves.png", "last", "metrics.jsonl", "run_config.json", "steps.jsonl",
+    ]  # fmt: skip
+    from transformers import Pix2StructForConditionalGeneration
+
+    assert Pix2StructForConditionalGeneration.from_pretrained(out / "last").config.text_config.is_decoder

@@ -1,0 +1,143 @@
+"""Loading and atomically saving Pix2Struct checkpoints (save_pretrained dirs with processor + tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine.errors import EdlightError
+
+
+class CheckpointError(EdlightError):
+    """A checkpoint is missing, is not Pix2Struct, or lacks its processor/tokenizer."""
+
+
+PROCESSOR_FILES = ("preprocessor_config.json",)
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # either is enough for T5TokenizerFast
+
+
+def check_checkpoint_dir(path: str | Path) -> Path:
+    """Check that `path` is a local Pix2Struct save_pretrained dir with processor and tokenizer.
+
+    Returns the path; raises CheckpointError naming the path and what is wrong.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint must be a save_pretrained directory, got a file: {path}")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} is not a model checkpoint: no config.json")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{cfg_file}: unreadable config ({exc})") from exc
+    model_type = cfg.get("model_type")
+    if model_type != "pix2struct":
+        raise CheckpointError(f"{path} is not a Pix2Struct checkpoint (model_type={model_type!r})")
+    if not any(
+        (path / f).is_file()
+        for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+    ):
+        raise CheckpointError(f"{path}: no model weights (model.safetensors or pytorch_model.bin)")
+    if not all((path / f).is_file() for f in PROCESSOR_FILES):
+        raise CheckpointError(
+            f"{path}: no preprocessor_config.json; save the Pix2StructProcessor with the model"
+        )
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{path}: no tokenizer (tokenizer.json); save the Pix2StructProcessor with the model"
+        )
+    return path
+
+
+def is_hub_id(name: str | Path) -> bool:
+    """True for "org/name" strings that are not a local path (loaded from the Hugging Face hub)."""
+    text = str(name)
+    return not Path(text).expanduser().exists() and text.count("/") == 1 and not text.startswith((".", "/", "~"))
+
+
+def load_checkpoint(path: str | Path, max_patches: int | None = None) -> tuple[Any, Any]:
+    """Load (Pix2StructForConditionalGeneration, Pix2StructProcessor) from a checkpoint.
+
+    `path` is a local save_pretrained dir, or a hub id such as google/pix2struct-textcaps-base
+    where a network (or the local hub cache) can provide it. A checkpoint whose text decoder is
+    not causal (`text_config.is_decoder=False`) is fixed with a warning. `max_patches` overrides
+    the processor's patch budget. Raises CheckpointError for anything that is not a complete
+    Pix2Struct checkpoint.
+    """
+    from transformers import AutoConfig, Pix2StructForConditionalGeneration, Pix2StructProcessor
+
+    from train.presets import ensure_causal_decoder
+
+    if is_hub_id(path):
+        try:
+            model_type = AutoConfig.from_pretrained(str(path)).model_type
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint not found: {path} is not a local directory and the hub could not provide it ({exc})"
+            ) from exc
+        if model_type != "pix2struct":
+            raise CheckpointError(f"{path} is not a Pix2Struct checkpoint (model_type={model_type!r})")
+    else:
+        path = check_checkpoint_dir(path)
+    try:
+        model = Pix2StructForConditionalGeneration.from_pretrained(path)
+        processor = Pix2StructProcessor.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot load the Pix2Struct checkpoint with its processor ({exc})") from exc
+    if ensure_causal_decoder(model):
+        warnings.warn(
+            f"{path}: text_config.is_decoder was False (a non-causal decoder); set it to True",
+            stacklevel=2,
+        )
+    if max_patches is not None:
+        processor.image_processor.max_patches = int(max_patches)
+    seq_len = getattr(model.config.vision_config, "seq_len", None)
+    patches = processor.image_processor.max_patches
+    if seq_len is not None and patches > seq_len:
+        warnings.warn(
+            f"{path}: max_patches={patches} exceeds the model's {seq_len} row/column positions; "
+            "very tall or wide images may fail",
+            stacklevel=2,
+        )
+    return model, processor
+
+
+def atomic_save(dest: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp_dir)` then swap `tmp_dir` into `dest`, so `dest` is always complete or absent-but-recoverable.
+
+    The old `dest` is first renamed to `.NAME.old` and deleted after the new one is in
+    place; `recover(dest)` restores it after a kill between the two renames.
+    """
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    old = dest.with_name(f".{dest.name}.old")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    if old.exists():
+        shutil.rmtree(old)
+    return dest
+
+
+def recover(dest: Path) -> None:
+    """Undo a half-finished `atomic_save`: restore `.NAME.old` if `dest` is gone; drop stale temp dirs."""
+    dest = Path(dest)
+    old = dest.with_name(f".{dest.name}.old")
+    if not dest.exists() and old.exists():
+        old.rename(dest)
+    for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)

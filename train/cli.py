@@ -1,0 +1,173 @@
+"""`edlight train` and `edlight evaluate`: thin click layers over train.loop.train and train.evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from engine.errors import EdlightError
+
+
+@click.command()
+@click.option(
+    "--data", "data", required=True, type=click.Path(path_type=Path), help="Data folder (images + metadata)."
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Run directory (best/, last/, metrics).",
+)
+@click.option(
+    "--base", type=str, default=None, help="Pix2Struct checkpoint (save_pretrained dir) to fine-tune."
+)
+@click.option(
+    "--preset", type=click.Choice(["tiny", "small", "base"]), default=None, help="Build a model from scratch."
+)
+@click.option("--epochs", type=int, default=None, help="Epochs (default: the preset's; 5 for --base).")
+@click.option("--batch-size", type=int, default=None, help="Images per step per process.")
+@click.option(
+    "--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step."
+)
+@click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW, warmup then cosine decay).")
+@click.option("--max-patches", type=int, default=None, help="Patch budget per image (default: the model's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last/ checkpoint.")
+@click.option(
+    "--skip-bad", is_flag=True, help="Train on the good examples and skip bad files (default: refuse)."
+)
+@click.option("--no-augment", is_flag=True, help="Turn off training-time augmentation.")
+@click.option("--caption-column", default="text", show_default=True, help="Caption column of the metadata.")
+@click.option(
+    "--test-ratio", type=float, default=0.1, show_default=True, help="Share of files in the test split."
+)
+@click.option("--workers", type=int, default=1, show_default=True, help="Data loader workers per process.")
+@click.option(
+    "--threads", type=int, default=None, help="Torch threads per process (default: cores left after workers)."
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train(
+    data: Path,
+    out: Path,
+    base: str | None,
+    preset: str | None,
+    epochs: int | None,
+    batch_size: int | None,
+    grad_accum: int,
+    lr: float | None,
+    max_patches: int | None,
+    seed: int,
+    resume: bool,
+    skip_bad: bool,
+    no_augment: bool,
+    caption_column: str,
+    test_ratio: float,
+    workers: int,
+    threads: int | None,
+    no_progress: bool,
+) -> None:
+    """Fine-tune Pix2Struct on DATA; writes RUN/best, RUN/last, metrics.jsonl and curves.png.
+
+    Runs unchanged under `accelerate launch` or `torchrun` for several processes.
+    """
+    from train.loop import TrainConfig
+    from train.loop import train as run_training
+
+    if (base is None) == (preset is None):
+        raise click.UsageError("give exactly one of --base CHECKPOINT or --preset NAME")
+    cfg = TrainConfig(
+        data=data,
+        out=out,
+        base=base,
+        preset=preset,
+        epochs=epochs,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        max_patches=max_patches,
+        seed=seed,
+        resume=resume,
+        skip_bad=skip_bad,
+        augment=not no_augment,
+        caption_column=caption_column,
+        test_ratio=test_ratio,
+        num_workers=workers,
+        threads=threads,
+        progress=not no_progress,
+    )
+    try:
+        result = run_training(cfg)
+    except EdlightError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not result.is_main:
+        return
+    if result.metrics:
+        last = result.metrics[-1]
+        best = max(
+            (m for m in result.metrics if m.get("bleu") is not None), key=lambda m: m["bleu"], default=None
+        )
+        summary = f"done: {len(result.metrics)} epochs, last loss {last['loss']:.4f}"
+        if best is not None:
+            summary += f", best test BLEU {best['bleu']:.2f} (epoch {best['epoch']})"
+        click.echo(summary)
+    click.echo(f"best: {result.best_dir}\nlast: {result.last_dir}")
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option(
+    "--data", "data", required=True, type=click.Path(path_type=Path), help="Data folder (images + metadata)."
+)
+@click.option("--split", type=click.Choice(["test", "train", "all"]), default="test", show_default=True)
+@click.option(
+    "--out", "out", type=click.Path(path_type=Path), default=None, help="Write predictions (JSONL) here."
+)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--num-beams", type=int, default=1, show_default=True)
+@click.option("--max-new-tokens", type=int, default=None, help="Default: the checkpoint's generation config.")
+@click.option("--caption-column", default="text", show_default=True)
+@click.option("--test-ratio", type=float, default=0.1, show_default=True)
+@click.option("--skip-bad", is_flag=True, help="Score the good examples and skip bad files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+def evaluate(
+    checkpoint: Path,
+    data: Path,
+    split: str,
+    out: Path | None,
+    batch_size: int,
+    num_beams: int,
+    max_new_tokens: int | None,
+    caption_column: str,
+    test_ratio: float,
+    skip_bad: bool,
+    as_json: bool,
+) -> None:
+    """BLEU and chrF of CHECKPOINT's captions on a split of DATA (sacrebleu defaults)."""
+    from train.evaluate import evaluate_checkpoint
+
+    try:
+        report = evaluate_checkpoint(
+            checkpoint,
+            data,
+            split=split,
+            out=out,
+            batch_size=batch_size,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            caption_column=caption_column,
+            test_ratio=test_ratio,
+            skip_bad=skip_bad,
+        )
+    except (EdlightError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(
+            json.dumps({"split": report.split, "n": report.n, "bleu": report.bleu, "chrf": report.chrf})
+        )
+    else:
+        click.echo(report.summary())
+    if out is not None:
+        click.echo(f"predictions: {out}")

@@ -1,0 +1,652 @@
+"""Fine-tune Pix2Struct on a data folder: read top to bottom.
+
+One process, or several unchanged under `accelerate launch` / `torchrun` (DDP; gloo on CPU).
+Every process sees its own slice of each global batch; only rank 0 writes to RUN/.
+
+RUN/ layout
+  run_config.json   the settings that define the run (a rerun or --resume must match)
+  metrics.jsonl     one line per epoch: loss, lr, images/s, BLEU, chrF, wall time
+  steps.jsonl       one line per optimizer step: loss, lr
+  curves.png        loss and BLEU per epoch
+  best/             save_pretrained dir (model + processor + tokenizer) with the best test BLEU
+  last/             the same after the latest epoch, plus trainer_state.pt (optimizer, scheduler,
+                    RNG, epoch/step) for --resume
+Both checkpoint dirs are written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate tokenises inside worker processes
+
+from engine.errors import EdlightError
+
+# Generic defaults for fine-tuning a --base checkpoint; presets bring their own (train/presets.py).
+BASE_DEFAULTS = {"epochs": 5, "batch_size": 8, "lr": 1e-4, "warmup_ratio": 0.05, "max_new_tokens": 64}
+# Training images are shrunk once to about this multiple of the pixels the processor keeps,
+# so augmentation and patch extraction work on small images (the processor rescales anyway).
+PREDOWNSCALE_AREA = 1.6
+# In-memory cache of the shrunk training images, per process.
+CACHE_BYTES = 2 * 1024**3
+# Settings that define a run: --resume and a second `train` into the same --out must match them.
+IDENTITY_FIELDS = (
+    "data", "base", "preset", "batch_size", "grad_accum", "lr", "max_patches", "seed", "augment",
+    "test_ratio", "split_seed", "caption_column", "skip_bad", "warmup_ratio", "weight_decay", "max_grad_norm",
+)  # fmt: skip
+
+
+class TrainError(EdlightError):
+    """Training cannot start or continue: bad settings, a conflicting --out, nothing to train on."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything `train` needs. Fields left as None take the preset's (or BASE_DEFAULTS') value."""
+
+    data: Path | str
+    out: Path | str
+    base: Path | str | None = None  # a Pix2Struct save_pretrained dir to fine-tune
+    preset: str | None = None  # or a named config built from scratch (train/presets.py)
+    epochs: int | None = None
+    batch_size: int | None = None  # per process
+    grad_accum: int = 1
+    lr: float | None = None
+    max_patches: int | None = None  # default: the checkpoint's/preset's
+    seed: int = 0
+    resume: bool = False
+    skip_bad: bool = False
+    augment: bool = True
+    test_ratio: float = 0.1
+    split_seed: int = 0
+    caption_column: str = "text"
+    max_new_tokens: int | None = None  # for the per-epoch evaluation
+    warmup_ratio: float | None = None
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    eval_batch_size: int = 32
+    num_workers: int = 1  # DataLoader workers per process: prepare batches while the model trains
+    threads: int | None = None  # torch threads per process; None: the CPU cores left after the workers
+    progress: bool = True
+    stop_after: int | None = None  # end this invocation after N epochs (schedule still spans `epochs`)
+
+    def resolved(self) -> TrainConfig:
+        """A copy with paths made absolute and None fields filled from the preset or BASE_DEFAULTS."""
+        from train.presets import get_preset
+
+        if (self.base is None) == (self.preset is None):
+            raise TrainError("give exactly one of --base CHECKPOINT or --preset NAME")
+        defaults = dict(BASE_DEFAULTS)
+        if self.preset is not None:
+            try:
+                p = get_preset(self.preset)
+            except ValueError as exc:
+                raise TrainError(str(exc)) from None
+            defaults.update(
+                epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, warmup_ratio=p.warmup_ratio,
+                max_new_tokens=p.max_new_tokens,
+            )  # fmt: skip
+        c = TrainConfig(**asdict(self))
+        c.data = Path(c.data).expanduser().resolve()
+        c.out = Path(c.out).expanduser().resolve()
+        if c.base is not None and Path(c.base).expanduser().exists():
+            c.base = str(Path(c.base).expanduser().resolve())
+        for name, value in defaults.items():
+            if getattr(c, name) is None:
+                setattr(c, name, value)
+        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
+            if int(getattr(c, name)) < 1:
+                raise TrainError(f"{name} must be at least 1, got {getattr(c, name)}")
+        if c.lr is None or c.lr <= 0:
+            raise TrainError(f"lr must be positive, got {c.lr}")
+        return c
+
+    def identity(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: (str(d[k]) if isinstance(d[k], Path) else d[k]) for k in IDENTITY_FIELDS}
+
+
+@dataclass
+class TrainResult:
+    best_dir: Path
+    last_dir: Path
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    skipped: int = 0  # bad data entries left out with skip_bad
+    is_main: bool = True  # False on the other ranks of a multi-process run (they wrote nothing)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class CaptionDataset:
+    """Training examples as (patches, mask, caption); images shrunk once, augmented per epoch.
+
+    Keys are (epoch, index) pairs: augmentation is seeded by (seed, epoch, index), so the
+    images do not depend on worker processes or on where a run was resumed.
+    """
+
+    def __init__(self, examples: Sequence[Any], processor: Any, augment: bool, seed: int) -> None:
+        self.examples = list(examples)
+        self.processor = processor
+        self.max_patches = int(processor.image_processor.max_patches)
+        self.augment = augment
+        self.seed = seed
+        self._cache: dict[int, Image.Image] = {}
+        self._cache_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _load(self, i: int) -> Image.Image:
+        if i in self._cache:
+            return self._cache[i]
+        from train.evaluate import load_rgb
+
+        target = self.max_patches * 16 * 16 * PREDOWNSCALE_AREA
+        path = self.examples[i].path
+        with Image.open(path) as f:
+            if f.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale directly: far cheaper
+                side = math.sqrt(target / max(1, f.size[0] * f.size[1]))
+                if side < 1:
+                    f.draft("RGB", (max(1, int(f.size[0] * side)), max(1, int(f.size[1] * side))))
+            img = load_rgb(f)
+        area = img.size[0] * img.size[1]
+        if area > target:
+            s = math.sqrt(target / area)
+            img = img.resize(
+                (max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))), Image.Resampling.BILINEAR
+            )
+        nbytes = img.size[0] * img.size[1] * 3
+        if self._cache_bytes + nbytes <= CACHE_BYTES:
+            self._cache[i] = img
+            self._cache_bytes += nbytes
+        return img
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, Any, str]:
+        from train.evaluate import encode_images
+
+        epoch, i = key
+        img = self._load(i)
+        if self.augment:
+            from train.augment import augment
+
+            img = augment(img, np.random.default_rng([self.seed, epoch, i]))
+        enc = encode_images(self.processor, [img])
+        return enc["flattened_patches"][0], enc["attention_mask"][0], self.examples[i].text
+
+
+def make_collate(tokenizer: Any, max_length: int = 128) -> Any:
+    """Stack patches; tokenise captions (with </s>), padding -> -100 so it is not learned."""
+    import torch
+
+    def collate(items: list[tuple[Any, Any, str]]) -> dict[str, Any]:
+        patches = torch.stack([it[0] for it in items])
+        mask = torch.stack([it[1] for it in items])
+        tok = tokenizer(
+            [it[2] for it in items],
+            padding="longest",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        labels = tok["input_ids"].masked_fill(tok["attention_mask"] == 0, -100)
+        return {"flattened_patches": patches, "attention_mask": mask, "labels": labels}
+
+    return collate
+
+
+def epoch_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's index batches for one epoch; every index is used exactly once across ranks.
+
+    The permutation depends only on (seed, epoch), so all ranks agree without talking and
+    a resumed run replays the same order. A global batch of `batch_size * world` indices is
+    cut into `world` near-equal parts; a final remainder too small to give every rank an
+    example is folded into the previous global batch, so no rank ever gets an empty batch
+    and every rank runs the same number of steps (DDP needs that).
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    per_step = batch_size * world
+    groups = [perm[i : i + per_step] for i in range(0, n, per_step)]
+    if len(groups) > 1 and len(groups[-1]) < world:
+        groups[-2].extend(groups.pop())
+    batches = []
+    for grp in groups:
+        parts = np.array_split(np.array(grp, dtype=np.int64), world)
+        batches.append([int(x) for x in parts[rank]])
+    return batches
+
+
+# ----------------------------------------------------------------------------- run dir
+
+
+def _check_out(cfg: TrainConfig) -> str:
+    """Decide what to do with RUN/: "fresh" or "resume". Raises TrainError on a conflicting dir."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} exists and is not a directory")
+    run_file = out / "run_config.json"
+    if run_file.is_file():
+        try:
+            saved = json.loads(run_file.read_text())
+        except ValueError as exc:
+            raise TrainError(f"{run_file}: unreadable ({exc}); choose a new --out") from exc
+        mine = cfg.identity()
+        diffs = [f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in IDENTITY_FIELDS if saved.get(k) != mine[k]]
+        if diffs:
+            raise TrainError(
+                f"--out {out} holds a different run; choose a new --out. Differences: " + "; ".join(diffs)
+            )
+        if not cfg.resume:
+            raise TrainError(
+                f"--out {out} already holds this run; pass --resume to continue it or choose a new --out"
+            )
+        if (out / "last" / "trainer_state.pt").is_file():
+            return "resume"
+        return "fresh"  # killed before the first checkpoint: nothing to resume, start over in place
+    if out.exists() and any(out.iterdir()):
+        raise TrainError(
+            f"--out {out} is not empty and holds no edlight run; choose a new or empty directory"
+        )
+    return "fresh"
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break  # a torn last line from a kill
+    return rows
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def plot_curves(metrics: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any]], path: Path) -> None:
+    """PNG of train loss (per step and per epoch) and test BLEU/chrF per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    if steps:
+        n_per_epoch = max(1, max(s["step"] for s in steps) / max(1, max(s["epoch"] for s in steps)))
+        ax1.plot(
+            [s["step"] / n_per_epoch for s in steps], [s["loss"] for s in steps], alpha=0.3, label="step"
+        )
+    ax1.plot([m["epoch"] for m in metrics], [m["loss"] for m in metrics], "o-", label="epoch mean")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("train loss")
+    ax1.set_yscale("log")
+    ax1.legend()
+    ev = [m for m in metrics if m.get("bleu") is not None]
+    ax2.plot([m["epoch"] for m in ev], [m["bleu"] for m in ev], "o-", label="BLEU")
+    ax2.plot([m["epoch"] for m in ev], [m["chrf"] for m in ev], "s--", label="chrF")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("test score")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _lr_lambda(total: int, warmup: int) -> Any:
+    """Linear warmup to the peak, then cosine decay to 5% of it."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+class EpochSampler:
+    """A batch sampler whose batches the loop replaces each epoch (persistent workers keep their cache)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train per `config`; returns the best/last checkpoint dirs and the per-epoch metrics.
+
+    Raises TrainError (bad settings, conflicting --out), DataError (missing or bad data
+    folder; every bad file listed unless skip_bad) and CheckpointError (a --base that is
+    not a complete Pix2Struct checkpoint). Nothing in an existing run dir is overwritten
+    unless `resume` continues that same run.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _run(config)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting, e.g. the rest of a test session
+
+
+def _run(config: TrainConfig) -> TrainResult:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+
+    from train.checkpoint import atomic_save, check_checkpoint_dir, is_hub_id, load_checkpoint, recover
+    from train.data import DataError, load_split, split_of
+    from train.evaluate import corpus_scores, encode_images, generate_from_patches, load_rgb
+    from train.presets import build_from_preset, count_parameters
+
+    cfg = config.resolved()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # One process's worker preparing images plus intra-op threads must not exceed the cores: an
+    # oversubscribed OpenMP pool spins and waits (measured here: ~10x slower steps on a busy 2-core box).
+    if cfg.threads is not None or "OMP_NUM_THREADS" not in os.environ:
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(cfg.threads or max(1, cores // accelerator.num_processes - cfg.num_workers))
+    is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    log = _log if is_main else (lambda _msg: None)
+    out = Path(cfg.out)
+    data = Path(cfg.data)
+
+    # --- checks before any work: data, checkpoint, run dir
+    if not data.exists():
+        raise DataError(f"data folder not found: {data}")
+    if not data.is_dir():
+        raise DataError(f"data folder is not a directory: {data}")
+    if cfg.base is not None and not is_hub_id(cfg.base):
+        check_checkpoint_dir(cfg.base)  # before anything is written (a hub id is checked when loaded)
+    if is_main and out.exists():
+        recover(out / "last")  # a kill between two renames of atomic_save
+        recover(out / "best")
+    accelerator.wait_for_everyone()
+    mode = _check_out(cfg)
+    accelerator.wait_for_everyone()  # every rank has judged RUN/ before rank 0 writes to it
+    # Validated once (every image opened); the split is a pure function of the file name.
+    all_ok = load_split(
+        data, split="all", test_ratio=cfg.test_ratio, seed=cfg.split_seed, caption_column=cfg.caption_column,
+        skip_bad=cfg.skip_bad,
+    )  # fmt: skip
+    part = [split_of(e.file_name, test_ratio=cfg.test_ratio, seed=cfg.split_seed) for e in all_ok]
+    train_ex = [e for e, s in zip(all_ok, part, strict=True) if s == "train"]
+    test_ex = [e for e, s in zip(all_ok, part, strict=True) if s == "test"]
+    skipped = len(getattr(all_ok, "skipped", []))  # train.data.Examples lists what skip_bad left out
+    if cfg.skip_bad:
+        log(f"--skip-bad: training on {len(all_ok)} good examples, skipped {skipped} bad entries")
+    if not train_ex:
+        raise TrainError(f"{data}: the train split is empty ({len(all_ok)} usable examples in all)")
+    if not test_ex:
+        log(f"warning: {data}: the test split is empty; no BLEU, best/ follows the lowest train loss")
+
+    # --- model, processor, optimizer
+    set_seed(cfg.seed)
+    if mode == "resume":
+        model, processor = load_checkpoint(out / "last", max_patches=cfg.max_patches)
+    elif cfg.base is not None:
+        model, processor = load_checkpoint(cfg.base, max_patches=cfg.max_patches)
+    else:
+        assert cfg.preset is not None
+        model, processor = build_from_preset(
+            cfg.preset, [e.text for e in train_ex], cfg.max_patches, seed=cfg.seed
+        )
+    if cfg.max_new_tokens:
+        model.generation_config.max_new_tokens = cfg.max_new_tokens
+    max_patches = int(processor.image_processor.max_patches)
+
+    dataset = CaptionDataset(train_ex, processor, augment=cfg.augment, seed=cfg.seed)
+    sampler = EpochSampler()
+    # Workers decode/augment/patch the next batches while the model trains on this one;
+    # torch gives each worker one thread, which is what small image ops want.
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=make_collate(processor.tokenizer),
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
+    steps_per_epoch = len(epoch_batches(len(train_ex), cfg.batch_size, world, rank, cfg.seed, 0))
+    opt_steps_per_epoch = math.ceil(steps_per_epoch / cfg.grad_accum)
+    total_steps = opt_steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup_ratio * total_steps))
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup))
+
+    start_epoch, step, prev_wall = 0, 0, 0.0
+    metrics: list[dict[str, Any]] = []
+    steps_log: list[dict[str, Any]] = []
+    if mode == "resume":
+        state = torch.load(out / "last" / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start_epoch, step, prev_wall = state["epoch"], state["step"], state.get("wall_s", 0.0)
+        metrics = [m for m in _read_jsonl(out / "metrics.jsonl") if m["epoch"] <= start_epoch]
+        steps_log = [s for s in _read_jsonl(out / "steps.jsonl") if s["step"] <= step]
+        log(f"resuming {out} after epoch {start_epoch} (step {step})")
+        if start_epoch >= cfg.epochs:
+            log(f"nothing to do: {start_epoch} of {cfg.epochs} epochs already done")
+    elif is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(
+            json.dumps({**cfg.identity(), "epochs": cfg.epochs}, indent=2) + "\n"
+        )
+        for stale in ("metrics.jsonl", "steps.jsonl"):
+            (out / stale).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+
+    model = accelerator.prepare(model)
+    model.train()
+    raw_model = accelerator.unwrap_model(model)
+    if mode != "resume":
+        log(
+            f"model: {count_parameters(raw_model) / 1e6:.2f}M parameters, {max_patches} patches, "
+            f"vocab {raw_model.config.text_config.vocab_size}; data: {len(train_ex)} train / {len(test_ex)} test; "
+            f"{world} process(es) x batch {cfg.batch_size} x accum {cfg.grad_accum}, {total_steps} steps"
+        )
+
+    # The test images never change: encode them once (unless that takes too much memory).
+    test_cache: list[dict[str, Any]] | None = None
+    my_test = test_ex[rank::world]
+    cache_ok = len(my_test) * max_patches * 770 * 4 < 1.5 * 1024**3
+
+    def evaluate() -> tuple[dict[str, float], list[str]]:
+        nonlocal test_cache
+        raw_model.eval()
+        preds: list[str] = []
+        batches = [my_test[i : i + cfg.eval_batch_size] for i in range(0, len(my_test), cfg.eval_batch_size)]
+        if cache_ok and test_cache is None:
+            test_cache = [encode_images(processor, [load_rgb(e.path) for e in b]) for b in batches]
+        for bi, b in enumerate(batches):
+            enc = (
+                test_cache[bi]
+                if test_cache is not None
+                else encode_images(processor, [load_rgb(e.path) for e in b])
+            )
+            preds.extend(
+                generate_from_patches(raw_model, processor, **enc, max_new_tokens=cfg.max_new_tokens)
+            )
+        raw_model.train()
+        gathered = gather_object([list(zip(range(rank, len(test_ex), world), preds, strict=True))])
+        flat = sorted((pair for part in gathered for pair in part), key=lambda t: t[0])
+        hyps = [h for _, h in flat]
+        return corpus_scores(hyps, [e.text for e in test_ex]), hyps
+
+    def save(dest: Path, with_state: bool, epoch: int, wall: float) -> None:
+        def write(tmp: Path) -> None:
+            raw_model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            if with_state:
+                torch.save(
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                     "epoch": epoch, "step": step, "wall_s": wall, "config": asdict(cfg)},
+                    tmp / "trainer_state.pt",
+                )  # fmt: skip
+
+        atomic_save(dest, write)
+
+    best_key = max((m["bleu"] for m in metrics if m.get("bleu") is not None), default=-math.inf)
+    best_loss = min((m["loss"] for m in metrics), default=math.inf)
+    run_start = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    last_epoch_run = min(cfg.epochs, start_epoch + cfg.stop_after) if cfg.stop_after else cfg.epochs
+    for epoch in range(start_epoch, last_epoch_run):
+        batches = epoch_batches(len(train_ex), cfg.batch_size, world, rank, cfg.seed, epoch)
+        seen = [i for b in batches for i in b]
+        bar = tqdm(
+            total=len(batches),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not (is_main and cfg.progress),
+            file=sys.stderr,
+            leave=False,
+        )
+        t0, n_images, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+        group_loss, group_n = 0.0, 0
+        optimizer.zero_grad(set_to_none=True)
+        sampler.batches = [[(epoch, i) for i in b] for b in batches]
+        for bi, batch in enumerate(loader):
+            group_end = (bi + 1) % cfg.grad_accum == 0 or bi + 1 == len(batches)
+            group_size = (
+                cfg.grad_accum
+                if (bi // cfg.grad_accum + 1) * cfg.grad_accum <= len(batches)
+                else len(batches) % cfg.grad_accum
+            )
+            # Gradients are summed locally and all-reduced only on the group's last micro-batch.
+            ctx = accelerator.no_sync(model) if not group_end else contextlib.nullcontext()
+            with ctx:
+                loss = model(**batch).loss
+                accelerator.backward(loss / group_size)
+            group_loss += float(loss.detach())
+            group_n += 1
+            n_images += len(batch["labels"])
+            if group_end:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                # the logged loss is the mean over all processes, so it does not depend on the rank
+                step_loss = float(accelerator.reduce(torch.tensor(group_loss / group_n), reduction="mean"))
+                loss_sum += step_loss
+                loss_n += 1
+                steps_log.append(
+                    {"step": step, "epoch": epoch + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0]}
+                )
+                group_loss, group_n = 0.0, 0
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(
+                loss=f"{steps_log[-1]['loss'] if steps_log else float('nan'):.3f}",
+                img_s=f"{n_images * world / max(elapsed, 1e-9):.1f}",
+            )
+            bar.update(1)
+            if (
+                is_main
+                and not cfg.progress
+                and (bi + 1) % max(1, len(batches) // 4) == 0
+                and bi + 1 < len(batches)
+            ):
+                log(f"  epoch {epoch + 1} batch {bi + 1}/{len(batches)}: loss {steps_log[-1]['loss']:.4f}, "
+                    f"{n_images * world / max(elapsed, 1e-9):.1f} img/s")  # fmt: skip
+        bar.close()
+        train_s = time.perf_counter() - t0
+        total_images = int(accelerator.reduce(torch.tensor(n_images), reduction="sum"))
+        all_seen = gather_object([seen])
+        seen_flat = [i for part in all_seen for i in part]
+
+        t1 = time.perf_counter()
+        scores, hyps = evaluate() if test_ex else ({}, [])
+        eval_s = time.perf_counter() - t1
+        wall = prev_wall + time.perf_counter() - run_start
+        record = {
+            "epoch": epoch + 1, "step": step, "loss": loss_sum / max(1, loss_n), "lr": scheduler.get_last_lr()[0],
+            "images_per_s": total_images / train_s, "train_s": train_s, "eval_s": eval_s, "wall_s": wall,
+            "bleu": scores.get("bleu"), "chrf": scores.get("chrf"), "train_images": total_images,
+            "unique_images": len(set(seen_flat)), "processes": world,
+        }  # fmt: skip
+        improved = (record["bleu"] > best_key) if test_ex else (record["loss"] < best_loss)
+        record["best"] = bool(improved)
+        metrics.append(record)
+        if is_main:
+            if improved:
+                save(out / "best", False, epoch + 1, wall)
+            save(out / "last", True, epoch + 1, wall)
+            _write_jsonl(out / "metrics.jsonl", metrics)
+            _write_jsonl(out / "steps.jsonl", steps_log)
+            try:
+                plot_curves(metrics, steps_log, out / "curves.png")
+            except Exception as exc:  # a plot must never stop a training run
+                log(f"warning: could not draw curves.png ({exc})")
+            bleu_txt = f"BLEU {record['bleu']:.2f} chrF {record['chrf']:.2f}" if test_ex else "no test split"
+            log(
+                f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}  {record['images_per_s']:.1f} img/s  "
+                f"{bleu_txt}  (train {train_s:.0f}s, eval {eval_s:.0f}s, total {wall:.0f}s)"
+                + ("  * best" if improved else "")
+            )
+            if hyps:
+                log(f"  e.g. {hyps[0]!r}\n   vs {test_ex[0].text!r}")
+        if improved:
+            best_key = record["bleu"] if test_ex else best_key
+            best_loss = min(best_loss, record["loss"])
+        accelerator.wait_for_everyone()
+
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(
+        best_dir=out / "best", last_dir=out / "last", metrics=metrics, skipped=skipped, is_main=is_main
+    )
