@@ -105,6 +105,10 @@ class Captioner:
         self.patch_config = PatchConfig.from_preprocessor_config(
             self.bundle.preprocessor_config, max_patches=self.bundle.max_patches
         )
+        vision = self.bundle.config.get("vision_config") or {}
+        # Row/column ids index position tables of `seq_len` rows; a model trained with a table no larger
+        # than max_patches cannot embed the grid of a very long, thin image (e.g. 10000x10).
+        self.position_limit = int(vision.get("seq_len", 4096)) if isinstance(vision, dict) else 4096
         self.tokenizer = CaptionTokenizer.from_bundle_dir(self.bundle.path)
         self.generation = GenerationSettings(
             max_new_tokens=self.bundle.default_max_new_tokens if max_new_tokens is None else max_new_tokens,
@@ -128,6 +132,10 @@ class Captioner:
         self._encoder_input = self.encoder.input_names[0] if "flattened_patches" not in self.encoder.inputs else "flattened_patches"
         self._encoder_output = "last_hidden_state" if "last_hidden_state" in self.encoder.outputs else self.encoder.output_names[0]
         self.trims_padding = self._patch_axis_is_dynamic()
+        # Dynamic int8 quantizes activations with one scale per tensor, i.e. per batch: batched images would
+        # nudge each other's numbers, and a caption could change with its neighbours in the folder (or
+        # between a run and its resume). int8 bundles therefore run one image at a time.
+        self.one_image_per_run = self.bundle.manifest.quantization is not None
         self.timings = Timings()
 
     # ----------------------------------------------------------------------------------- public API
@@ -190,7 +198,13 @@ class Captioner:
         for _, source, label in batch:
             try:
                 image = load_image(source, max_pixels=self.max_pixels, name=label)
-                patches.append(image_to_patches(image, self.patch_config))
+                patch = image_to_patches(image, self.patch_config)
+                if max(patch.rows, patch.cols) >= self.position_limit:
+                    raise ImageError(
+                        f"{label}: a {image.width}x{image.height} image becomes a {patch.rows}x{patch.cols} patch "
+                        f"grid, beyond this model's {self.position_limit - 1} row/column positions (aspect ratio too extreme)"
+                    )
+                patches.append(patch)
                 errors.append(None)
             except ImageError as exc:
                 patches.append(None)
@@ -216,6 +230,8 @@ class Captioner:
         return all(len(shape) > 1 and not isinstance(shape[1], int) for shape in shapes)
 
     def _run_model(self, patches: list[Patches]) -> list[str]:
+        if self.one_image_per_run and len(patches) > 1:
+            return [caption for patch in patches for caption in self._run_model([patch])]
         flattened, mask = stack(patches)
         if self.trims_padding:
             # The processor pads at the end, so padding patches can be cut off when no image in the batch
