@@ -39,6 +39,7 @@ class EngineSystem:
             encoder_s=float(t.encoder_s),
             decode_s=end - start - float(t.preprocess_s) - float(t.encoder_s),
             total_s=end - start,
-            decode_steps=int(t.decode_steps),
+            # Steps per model run: int8 bundles run one image at a time, so a batch makes several runs.
+            decode_steps=round(t.decode_steps / max(t.model_runs, 1)),
             captions=list(captions),
         )

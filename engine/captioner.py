@@ -57,6 +57,7 @@ class Timings:
     encoder_s: float = 0.0
     decode_s: float = 0.0
     decode_steps: int = 0  # decoder runs
+    model_runs: int = 0  # encoder + decoding passes (a batch, or one image each for int8 bundles)
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.__dict__.items()}
@@ -250,6 +251,7 @@ class Captioner:
         self.timings.encoder_s += encoded - started
         self.timings.decode_s += time.perf_counter() - encoded
         self.timings.decode_steps += result.steps
+        self.timings.model_runs += 1
         self.timings.images += len(patches)
         return self.tokenizer.decode_batch(result.sequences)
 
