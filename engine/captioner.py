@@ -234,26 +234,38 @@ class Captioner:
         if self.one_image_per_run and len(patches) > 1:
             return [caption for patch in patches for caption in self._run_model([patch])]
         flattened, mask = stack(patches)
-        if self.trims_padding:
-            # The processor pads at the end, so padding patches can be cut off when no image in the batch
-            # needs them: the valid rows come out the same, and attention and cross-attention get cheaper
-            # (and unpadded batches take ONNX Runtime's fused attention path).
-            used = max(int(mask.sum(axis=1).max()), 1)
-            flattened, mask = flattened[:, :used], mask[:, :used]
         started = time.perf_counter()
-        feeds = {
-            self._encoder_input: flattened,
-            "attention_mask": mask.astype(self.encoder.input_dtype("attention_mask"), copy=False),
-        }
-        hidden = self.encoder.run(feeds, [self._encoder_output])[self._encoder_output]
+        if self.trims_padding:
+            # The processor pads at the end, so each image's padding patches can be cut off: its valid rows
+            # come out the same. The encoder is compute-bound, so it runs image by image at no loss: no
+            # image pays for another's padding, every run takes ONNX Runtime's fused (unmasked) attention
+            # path, and no batch x heads x patches^2 score tensor is held. The decoder, bound by reading its
+            # weights, still runs the whole batch, on encoder states padded back to the longest image.
+            used = [max(int(row.sum()), 1) for row in mask]
+            width = max(used)
+            hidden_rows = [self._encode(flattened[i : i + 1, :n], mask[i : i + 1, :n]) for i, n in enumerate(used)]
+            hidden = np.zeros((len(patches), width, hidden_rows[0].shape[-1]), dtype=hidden_rows[0].dtype)
+            for i, (row, n) in enumerate(zip(hidden_rows, used, strict=True)):
+                hidden[i, :n] = row[0]
+            mask = mask[:, :width]
+        else:
+            hidden = self._encode(flattened, mask)
         encoded = time.perf_counter()
-        result = generate(self.decoder, np.ascontiguousarray(hidden), mask, self.generation)
+        result = generate(self.decoder, hidden, mask, self.generation)
         self.timings.encoder_s += encoded - started
         self.timings.decode_s += time.perf_counter() - encoded
         self.timings.decode_steps += result.steps
         self.timings.model_runs += 1
         self.timings.images += len(patches)
         return self.tokenizer.decode_batch(result.sequences)
+
+    def _encode(self, flattened: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        feeds = {
+            self._encoder_input: flattened,
+            "attention_mask": mask.astype(self.encoder.input_dtype("attention_mask"), copy=False),
+        }
+        hidden = self.encoder.run(feeds, [self._encoder_output])[self._encoder_output]
+        return np.ascontiguousarray(hidden)
 
 
 def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
