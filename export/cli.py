@@ -46,10 +46,13 @@ def export(checkpoint: Path, out: Path, quantize: str | None, data: Path | None,
     if not any(isinstance(h, _EchoHandler) for h in logger.handlers):  # stage messages: a base export takes minutes
         logger.addHandler(_EchoHandler())
     logger.setLevel(logging.INFO)
+    propagate, logger.propagate = logger.propagate, False  # libraries configure the root logger too: print once
     try:
         bundle = export_bundle(checkpoint, out, quantize=quantize, data=data, force=force, decoder_layout=decoder_layout or DEFAULT_LAYOUT)
     except EdlightError as exc:
         raise click.ClickException(str(exc)) from exc
+    finally:
+        logger.propagate = propagate
     manifest = json.loads((bundle / MANIFEST_NAME).read_text(encoding="utf-8"))
     validation = manifest.get("validation", {})
     click.echo(f"bundle: {bundle}")
