@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from benchmarks.timing import RunTiming, SystemSpec
+from benchmarks.timing import GenerateSystem, SystemSpec
 
 
-class OptimumSystem:
+class OptimumSystem(GenerateSystem):
     def __init__(self, spec: SystemSpec) -> None:
         import onnxruntime as ort
         from optimum.onnxruntime import ORTModelForPix2Struct
@@ -56,28 +56,3 @@ class OptimumSystem:
             return forward(*args, **kwargs)
 
         decoder.forward = counted
-
-    def run(self, images: list[Any]) -> RunTiming:
-        self._encoder_s, self._decoder_calls = 0.0, 0
-        start = time.perf_counter()
-        inputs = self.processor(images=images, return_tensors="pt", max_patches=self.spec.max_patches)
-        preprocessed = time.perf_counter()
-        ids = self.model.generate(
-            flattened_patches=inputs["flattened_patches"],
-            attention_mask=inputs["attention_mask"],
-            max_new_tokens=self.spec.tokens,
-            min_new_tokens=self.spec.tokens,
-            num_beams=1,
-            do_sample=False,
-        )
-        captions = self.processor.batch_decode(ids, skip_special_tokens=True)
-        end = time.perf_counter()
-        return RunTiming(
-            batch_size=len(images),
-            preprocess_s=preprocessed - start,
-            encoder_s=self._encoder_s,
-            decode_s=end - preprocessed - self._encoder_s,
-            total_s=end - start,
-            decode_steps=self._decoder_calls,
-            captions=captions,
-        )

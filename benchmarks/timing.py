@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -43,6 +45,49 @@ class System(Protocol):
     """A loaded runtime. `run` captions `images` as one batch with `tokens` forced new tokens."""
 
     def run(self, images: list[Any]) -> RunTiming: ...
+
+
+class GenerateSystem:
+    """Shared `run` of the transformers-style systems (torch, Optimum): processor, then `model.generate`.
+
+    Subclasses load `processor` and `model` and keep `_encoder_s` / `_decoder_calls` up to date from
+    inside `generate` (hooks or wrapped forwards).
+    """
+
+    spec: SystemSpec
+    processor: Any
+    model: Any
+    _encoder_s: float
+    _decoder_calls: int
+
+    def _generate_context(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def run(self, images: list[Any]) -> RunTiming:
+        self._encoder_s, self._decoder_calls = 0.0, 0
+        start = time.perf_counter()
+        inputs = self.processor(images=images, return_tensors="pt", max_patches=self.spec.max_patches)
+        preprocessed = time.perf_counter()
+        with self._generate_context():
+            ids = self.model.generate(
+                flattened_patches=inputs["flattened_patches"],
+                attention_mask=inputs["attention_mask"],
+                max_new_tokens=self.spec.tokens,
+                min_new_tokens=self.spec.tokens,
+                num_beams=1,
+                do_sample=False,
+            )
+        captions = self.processor.batch_decode(ids, skip_special_tokens=True)
+        end = time.perf_counter()
+        return RunTiming(
+            batch_size=len(images),
+            preprocess_s=preprocessed - start,
+            encoder_s=self._encoder_s,
+            decode_s=end - preprocessed - self._encoder_s,
+            total_s=end - start,
+            decode_steps=self._decoder_calls,
+            captions=captions,
+        )
 
 
 def load_system(spec: SystemSpec) -> System:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from benchmarks.timing import RunTiming, SystemSpec
+from benchmarks.timing import GenerateSystem, SystemSpec
 
 
-class TorchSystem:
+class TorchSystem(GenerateSystem):
     def __init__(self, spec: SystemSpec) -> None:
         import torch
         from transformers import Pix2StructForConditionalGeneration, Pix2StructProcessor
@@ -43,28 +43,5 @@ class TorchSystem:
     def _decoder_called(self, *_: Any) -> None:
         self._decoder_calls += 1
 
-    def run(self, images: list[Any]) -> RunTiming:
-        self._encoder_s, self._decoder_calls = 0.0, 0
-        start = time.perf_counter()
-        inputs = self.processor(images=images, return_tensors="pt", max_patches=self.spec.max_patches)
-        preprocessed = time.perf_counter()
-        with self.torch.inference_mode():
-            ids = self.model.generate(
-                flattened_patches=inputs["flattened_patches"],
-                attention_mask=inputs["attention_mask"],
-                max_new_tokens=self.spec.tokens,
-                min_new_tokens=self.spec.tokens,
-                num_beams=1,
-                do_sample=False,
-            )
-        captions = self.processor.batch_decode(ids, skip_special_tokens=True)
-        end = time.perf_counter()
-        return RunTiming(
-            batch_size=len(images),
-            preprocess_s=preprocessed - start,
-            encoder_s=self._encoder_s,
-            decode_s=end - preprocessed - self._encoder_s,
-            total_s=end - start,
-            decode_steps=self._decoder_calls,
-            captions=captions,
-        )
+    def _generate_context(self) -> Any:
+        return self.torch.inference_mode()
