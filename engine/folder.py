@@ -226,6 +226,16 @@ def plan_folder_job(
     return todo, summary
 
 
+def write_batch(writer: RecordWriter, records: list[dict[str, Any]], summary: FolderSummary, bar: Any) -> None:
+    """Append `records` to the output, count them in `summary` and advance the progress bar (if any)."""
+    writer.write(records)
+    failed = sum(1 for r in records if r["error"] is not None)
+    summary.failed += failed
+    summary.captioned += len(records) - failed
+    if bar is not None:
+        bar.update(len(records))
+
+
 def caption_folder(
     captioner: Captioner,
     inputs: Sequence[str | Path] | str | Path,
@@ -251,19 +261,11 @@ def caption_folder(
         with RecordWriter(out_path, fmt) as writer:
             for file, caption, error in captioner.iter_captions(items):
                 pending.append({"file": file, "caption": caption, "error": error})
-                if error is None:
-                    summary.captioned += 1
-                else:
-                    summary.failed += 1
                 if len(pending) >= captioner.batch_size:
-                    writer.write(pending)
-                    if bar is not None:
-                        bar.update(len(pending))
+                    write_batch(writer, pending, summary, bar)
                     pending = []
             if pending:
-                writer.write(pending)
-                if bar is not None:
-                    bar.update(len(pending))
+                write_batch(writer, pending, summary, bar)
     finally:
         if bar is not None:
             bar.close()

@@ -36,7 +36,7 @@ from typing import Any
 from engine.bundle import Bundle
 from engine.captioner import resolve_bundle
 from engine.errors import EdlightError
-from engine.folder import FolderSummary, RecordWriter, _progress_bar, plan_folder_job
+from engine.folder import FolderSummary, RecordWriter, _progress_bar, plan_folder_job, write_batch
 from engine.images import DEFAULT_MAX_PIXELS
 
 INSTALL_HINT = "pip install 'edlight[distributed]' -c constraints.txt"
@@ -204,12 +204,7 @@ def caption_folder_ray(
         try:
             with RecordWriter(summary.out, fmt) as writer:
                 for records in _stream_records(ray, rows, constructor, plan, batch_size, stall_timeout):
-                    writer.write(records)
-                    failed = sum(1 for r in records if r["error"] is not None)
-                    summary.failed += failed
-                    summary.captioned += len(records) - failed
-                    if bar is not None:
-                        bar.update(len(records))
+                    write_batch(writer, records, summary, bar)
         finally:
             if bar is not None:
                 bar.close()
