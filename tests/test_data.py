@@ -206,6 +206,53 @@ def test_metadata_file_missing_or_ambiguous(tmp_path: Path) -> None:
     assert "both metadata.jsonl and metadata.csv" in _only_problem(tmp_path)
 
 
+def test_metadata_in_subfolders_lists_images_relative_to_its_folder(tmp_path: Path) -> None:
+    """The Hugging Face imagefolder layout with one metadata file per split folder (and one at the top)."""
+    _image(tmp_path / "top.jpg")
+    _image(tmp_path / "train" / "a.jpg")
+    _image(tmp_path / "train" / "deep" / "b.jpg")
+    _image(tmp_path / "test" / "c.png", fmt="PNG")
+    _jsonl(tmp_path, [{"file_name": "top.jpg", "text": "top"}])
+    _jsonl(tmp_path / "train", [{"file_name": "a.jpg", "text": "a"}, {"file_name": "deep/b.jpg", "text": "b"}])
+    (tmp_path / "test" / "metadata.csv").write_text("file_name,text\nc.png,c\n")
+    examples = read_examples(tmp_path)
+    assert [(e.file_name, e.text) for e in examples] == [
+        ("top.jpg", "top"), ("test/c.png", "c"), ("train/a.jpg", "a"), ("train/deep/b.jpg", "b"),
+    ]  # fmt: skip
+    assert examples[3].path == tmp_path / "train" / "deep" / "b.jpg"
+    report = check_folder(tmp_path)
+    assert report.ok and not report.warnings
+    assert report.metadata == "metadata.jsonl, test/metadata.csv, train/metadata.jsonl"
+
+
+def test_problems_in_subfolder_metadata_name_that_file(tmp_path: Path) -> None:
+    _image(tmp_path / "a.jpg")
+    _image(tmp_path / "train" / "b.jpg")
+    _image(tmp_path / "other.jpg")
+    _jsonl(tmp_path, [{"file_name": "a.jpg", "text": "a"}, {"file_name": "train/b.jpg", "text": "b"}])
+    _jsonl(
+        tmp_path / "train",
+        ["{broken", {"file_name": "b.jpg", "text": "again"}, {"file_name": "../other.jpg", "text": "out"}],
+    )
+    report = check_folder(tmp_path)
+    assert [str(p) for p in report.problems] == [
+        "train/metadata.jsonl:1: malformed JSON (Expecting property name enclosed in double quotes at column 2)",
+        "train/metadata.jsonl:2: duplicate file_name 'train/b.jpg' (first listed at metadata.jsonl:2)",
+        "train/metadata.jsonl:3: file_name '../other.jpg' points outside the folder",
+    ]
+    assert [str(w) for w in report.warnings] == [
+        "other.jpg: image is not listed in metadata.jsonl, train/metadata.jsonl"
+    ]
+
+
+def test_both_formats_in_one_subfolder_is_fatal(tmp_path: Path) -> None:
+    _image(tmp_path / "train" / "a.jpg")
+    _jsonl(tmp_path / "train", [{"file_name": "a.jpg", "text": "x"}])
+    (tmp_path / "train" / "metadata.csv").write_text("file_name,text\na.jpg,x\n")
+    with pytest.raises(DataError, match="both metadata.jsonl and metadata.csv"):
+        load_split(tmp_path, split="all", skip_bad=True)
+
+
 def test_csv_problems_have_line_numbers(tmp_path: Path) -> None:
     _image(tmp_path / "a.jpg")
     _image(tmp_path / "b.jpg")

@@ -1,10 +1,12 @@
 """Data folders: images plus a `metadata.jsonl` or `metadata.csv` (the Hugging Face imagefolder convention).
 
-A folder holds images (subfolders allowed) and one metadata file at its top:
+A folder holds images (subfolders allowed) and metadata files, at its top and/or in subfolders:
 - `metadata.jsonl`: one JSON object per line, `{"file_name": "sub/a.jpg", "text": "..."}`;
 - `metadata.csv`: a header row with `file_name` and the caption column, then one row per image.
-`file_name` is relative to the folder; the caption column is `text` unless told otherwise. Other columns are
-allowed and ignored.
+`file_name` is relative to the folder holding that metadata file (so `train/metadata.jsonl` and
+`test/metadata.jsonl` each list their own images, as in the Hugging Face imagefolder layout) and may not leave
+it; examples are named relative to the data folder. One folder may hold only one of the two formats. The
+caption column is `text` unless told otherwise. Other columns are allowed and ignored.
 
 Three entry points, from cheap to thorough:
 - `read_examples`: parses the metadata (no image is opened) and raises DataError listing every bad line;
@@ -112,13 +114,16 @@ def _check_name(folder: Path, raw: object, where: str) -> tuple[str | None, Prob
 
 
 def _add_entry(
-    parsed: _Parsed, folder: Path, seen: dict[str, str], raw_name: object, caption: object, column: str, where: str
+    parsed: _Parsed, folder: Path, sub: str, seen: dict[str, str], raw_name: object, caption: object, column: str,
+    where: str,
 ) -> None:
-    name, problem = _check_name(folder, raw_name, where)
+    """One metadata row of the file in `folder / sub` (`sub` is "" for the data folder's own metadata)."""
+    name, problem = _check_name(folder / sub, raw_name, where)
     if problem is not None:
         parsed.problems.append(problem)
         return
     assert name is not None
+    name = posixpath.join(sub, name) if sub else name  # examples are named relative to the data folder
     if name in seen:
         parsed.problems.append(Problem(where, f"duplicate file_name {name!r} (first listed at {seen[name]})", name))
         return
@@ -133,11 +138,12 @@ def _add_entry(
         parsed.examples.append(Example(name, caption.strip(), folder / name))
 
 
-def _parse_jsonl(folder: Path, path: Path, column: str, parsed: _Parsed) -> None:
-    seen: dict[str, str] = {}
+def _parse_jsonl(folder: Path, sub: str, column: str, parsed: _Parsed, seen: dict[str, str]) -> None:
+    path = folder / sub / METADATA_FILES[0]
+    label = posixpath.join(sub, path.name)
     with path.open(encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
-            where = f"{path.name}:{number}"
+            where = f"{label}:{number}"
             if not line.strip():
                 continue  # blank lines (a trailing newline) carry nothing
             try:
@@ -148,11 +154,12 @@ def _parse_jsonl(folder: Path, path: Path, column: str, parsed: _Parsed) -> None
             if not isinstance(row, dict):
                 parsed.problems.append(Problem(where, f"expected a JSON object, got {type(row).__name__}"))
                 continue
-            _add_entry(parsed, folder, seen, row.get("file_name"), row.get(column), column, where)
+            _add_entry(parsed, folder, sub, seen, row.get("file_name"), row.get(column), column, where)
 
 
-def _parse_csv(folder: Path, path: Path, column: str, parsed: _Parsed) -> None:
-    seen: dict[str, str] = {}
+def _parse_csv(folder: Path, sub: str, column: str, parsed: _Parsed, seen: dict[str, str]) -> None:
+    path = folder / sub / METADATA_FILES[1]
+    label = posixpath.join(sub, path.name)
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
@@ -160,45 +167,62 @@ def _parse_csv(folder: Path, path: Path, column: str, parsed: _Parsed) -> None:
         if missing:
             parsed.fatal = True
             parsed.problems.append(
-                Problem(f"{path.name}:1", f"no {' or '.join(repr(c) for c in missing)} column (header: {header})")
+                Problem(f"{label}:1", f"no {' or '.join(repr(c) for c in missing)} column (header: {header})")
             )
             return
         for row in reader:
-            where = f"{path.name}:{reader.line_num}"
+            where = f"{label}:{reader.line_num}"
             extra = row.get(None)  # type: ignore[call-overload]
             if extra or any(v is None for v in row.values()):
                 found = len([v for k, v in row.items() if k is not None and v is not None]) + len(extra or [])
                 parsed.problems.append(Problem(where, f"expected {len(header)} fields, found {found}"))
                 continue
-            _add_entry(parsed, folder, seen, row["file_name"], row[column], column, where)
+            _add_entry(parsed, folder, sub, seen, row["file_name"], row[column], column, where)
+
+
+def _metadata_files(folder: Path) -> list[tuple[str, list[str]]]:
+    """(subfolder relative to `folder`, metadata file names there) for every folder holding one, top first."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        present = [name for name in METADATA_FILES if name in files]
+        if present:
+            rel = Path(root).relative_to(folder).as_posix()
+            found.append(("" if rel == "." else rel, present))
+    return found
 
 
 def _parse(folder: str | Path, caption_column: str) -> _Parsed:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
-    present = [name for name in METADATA_FILES if (folder / name).is_file()]
-    parsed = _Parsed(metadata=present[0] if present else "")
-    if not present:
+    found = _metadata_files(folder)
+    labels = [posixpath.join(sub, name) for sub, names in found for name in names]
+    parsed = _Parsed(metadata=", ".join(labels))
+    if not found:
         parsed.fatal = True
-        parsed.problems.append(Problem(str(folder), "no metadata.jsonl or metadata.csv"))
+        parsed.problems.append(Problem(str(folder), "no metadata.jsonl or metadata.csv (at the top or in a subfolder)"))
         return parsed
-    if len(present) > 1:
-        parsed.fatal = True
-        parsed.problems.append(Problem(str(folder), "both metadata.jsonl and metadata.csv are present; keep one"))
-        return parsed
-    path = folder / present[0]
-    try:
-        if path.suffix == ".jsonl":
-            _parse_jsonl(folder, path, caption_column, parsed)
-        else:
-            _parse_csv(folder, path, caption_column, parsed)
-    except UnicodeDecodeError as exc:
-        parsed.fatal = True
-        parsed.problems.append(Problem(path.name, f"not UTF-8 text ({exc.reason} at byte {exc.start})"))
-    except csv.Error as exc:
-        parsed.fatal = True
-        parsed.problems.append(Problem(path.name, f"malformed CSV ({exc})"))
+    seen: dict[str, str] = {}  # shared: an image listed by two metadata files is a duplicate
+    for sub, names in found:
+        if len(names) > 1:
+            parsed.fatal = True
+            where = str(folder / sub) if sub else str(folder)
+            parsed.problems.append(Problem(where, "both metadata.jsonl and metadata.csv are present; keep one"))
+            continue
+        path = folder / sub / names[0]
+        label = posixpath.join(sub, names[0])
+        try:
+            if path.suffix == ".jsonl":
+                _parse_jsonl(folder, sub, caption_column, parsed, seen)
+            else:
+                _parse_csv(folder, sub, caption_column, parsed, seen)
+        except UnicodeDecodeError as exc:
+            parsed.fatal = True
+            parsed.problems.append(Problem(label, f"not UTF-8 text ({exc.reason} at byte {exc.start})"))
+        except csv.Error as exc:
+            parsed.fatal = True
+            parsed.problems.append(Problem(label, f"malformed CSV ({exc})"))
     return parsed
 
 
