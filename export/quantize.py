@@ -8,6 +8,9 @@ almost all of the merged decoder's weights would stay fp32.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from export import ExportError
@@ -24,18 +27,42 @@ def quantize_int8(source: Path, target: Path) -> Path:
 
     source, target = Path(source), Path(target)
     try:
-        quantize_dynamic(
-            model_input=source,
-            model_output=target,
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            # Gather (embeddings) stays fp32: per-channel int8 embeddings cost accuracy for little speed.
-            op_types_to_quantize=["MatMul"],
-            extra_options={"EnableSubgraph": True},
-        )
+        with _without_preprocessing_advice():
+            quantize_dynamic(
+                model_input=source,
+                model_output=target,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                # Gather (embeddings) stays fp32: per-channel int8 embeddings cost accuracy for little speed.
+                op_types_to_quantize=["MatMul"],
+                extra_options={"EnableSubgraph": True},
+            )
     except Exception as exc:  # the quantizer raises bare ValueError/RuntimeError/onnx errors
         raise ExportError(f"{source}: int8 quantization failed: {exc}") from exc
     return target
+
+
+class _DropPreprocessingAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_preprocessing_advice() -> Iterator[None]:
+    """Silence the quantizer's "Please consider pre-processing" warning, printed once per graph.
+
+    Its pre-processing (shape inference plus ONNX Runtime graph optimisation) is for static
+    quantization; these graphs come from Optimum with shapes and were already rewritten and
+    optimised by export.optimize, and dynamic quantization needs no calibration shapes.
+    Every other message of the quantizer still gets through.
+    """
+    root = logging.getLogger()
+    advice = _DropPreprocessingAdvice()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
 
 
 def count_quantized_nodes(path: Path) -> dict[str, int]:

@@ -94,6 +94,35 @@ def test_int8_merged_quantizes_both_branches(random_checkpoint: Path, tmp_path: 
     assert int8["images"] == 4 and int8["encoder_max_abs_diff"] < 1.0
 
 
+def test_int8_quantizer_prints_no_preprocessing_advice(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The quantizer's "consider pre-processing" advice does not apply to our graphs; other warnings stay."""
+    import logging
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.quantize import count_quantized_nodes, quantize_int8
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 32])],
+        [weight],
+    )
+    source = tmp_path / "matmul.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
+    with caplog.at_level(logging.WARNING):
+        quantize_int8(source, tmp_path / "matmul_int8.onnx")
+        logging.getLogger().warning("an unrelated warning")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("pre-processing" in m for m in messages)
+    assert "an unrelated warning" in messages
+    assert count_quantized_nodes(tmp_path / "matmul_int8.onnx").get("MatMulInteger", 0) == 1
+
+
 def test_split_and_merged_give_pytorch_tokens(random_checkpoint: Path, tmp_path: Path) -> None:
     """Both layouts, decoded by a plain ORT greedy loop, reproduce PyTorch's greedy tokens."""
     from export.onnx import export_bundle
