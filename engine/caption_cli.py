@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from engine.errors import EdlightError
 from engine.images import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from engine.folder import FolderSummary
 
 # Parity keys worth a glance before a long run, in display order (written by export.parity).
 PARITY_KEYS = ("passed", "split", "images", "bleu_torch", "bleu_engine", "bleu_diff", "identical_share")
@@ -94,14 +97,23 @@ def caption(
             max_new_tokens=max_new_tokens, max_pixels=max_pixels,
         )
     except EdlightError as exc:
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(2) from exc
+        _fail(exc)
     click.echo(describe_bundle(captioner.bundle), err=True)
     try:
         summary = captioner.caption_folder(list(inputs), out=out, fmt=fmt, overwrite=overwrite, progress=not quiet)
     except (EdlightError, FileNotFoundError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(2) from exc
+        _fail(exc)
+    _finish(summary, strict)
+
+
+def _fail(exc: Exception) -> NoReturn:
+    """A job that cannot run (bad bundle, input or output): one line, exit 2."""
+    click.echo(f"error: {exc}", err=True)
+    raise SystemExit(2) from exc
+
+
+def _finish(summary: FolderSummary, strict: bool) -> None:
+    """The summary line; exit 1 under --strict when any image failed."""
     click.echo(summary.line(), err=True)
     if strict and summary.any_failed:
         raise SystemExit(1)
@@ -126,8 +138,5 @@ def _caption_on_ray(
             overwrite=overwrite, progress=not quiet, stall_timeout=timeout, log=lambda line: click.echo(line, err=True),
         )
     except (EdlightError, FileNotFoundError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(2) from exc
-    click.echo(summary.line(), err=True)
-    if strict and summary.any_failed:
-        raise SystemExit(1)
+        _fail(exc)
+    _finish(summary, strict)
