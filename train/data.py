@@ -113,17 +113,38 @@ def _check_name(folder: Path, raw: object, where: str) -> tuple[str | None, Prob
     return name, None
 
 
+@dataclass(frozen=True)
+class _MetadataFile:
+    """One metadata file: `name` in the subfolder `sub` ("" for the top) of the data folder `root`."""
+
+    root: Path
+    sub: str
+    name: str
+
+    @property
+    def folder(self) -> Path:  # the file names it lists are relative to this folder
+        return self.root / self.sub
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.name
+
+    @property
+    def label(self) -> str:  # how problems name it: "metadata.jsonl", "train/metadata.jsonl"
+        return posixpath.join(self.sub, self.name)
+
+
 def _add_entry(
-    parsed: _Parsed, folder: Path, sub: str, seen: dict[str, str], raw_name: object, caption: object, column: str,
+    parsed: _Parsed, meta: _MetadataFile, seen: dict[str, str], raw_name: object, caption: object, column: str,
     where: str,
 ) -> None:
-    """One metadata row of the file in `folder / sub` (`sub` is "" for the data folder's own metadata)."""
-    name, problem = _check_name(folder / sub, raw_name, where)
+    """One metadata row of `meta`."""
+    name, problem = _check_name(meta.folder, raw_name, where)
     if problem is not None:
         parsed.problems.append(problem)
         return
     assert name is not None
-    name = posixpath.join(sub, name) if sub else name  # examples are named relative to the data folder
+    name = posixpath.join(meta.sub, name)  # examples are named relative to the data folder
     if name in seen:
         parsed.problems.append(Problem(where, f"duplicate file_name {name!r} (first listed at {seen[name]})", name))
         return
@@ -135,15 +156,13 @@ def _add_entry(
     elif not caption.strip():
         parsed.problems.append(Problem(where, f"empty caption for {name}", name))
     else:
-        parsed.examples.append(Example(name, caption.strip(), folder / name))
+        parsed.examples.append(Example(name, caption.strip(), meta.root / name))
 
 
-def _parse_jsonl(folder: Path, sub: str, column: str, parsed: _Parsed, seen: dict[str, str]) -> None:
-    path = folder / sub / METADATA_FILES[0]
-    label = posixpath.join(sub, path.name)
-    with path.open(encoding="utf-8-sig") as f:
+def _parse_jsonl(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[str, str]) -> None:
+    with meta.path.open(encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
-            where = f"{label}:{number}"
+            where = f"{meta.label}:{number}"
             if not line.strip():
                 continue  # blank lines (a trailing newline) carry nothing
             try:
@@ -154,41 +173,39 @@ def _parse_jsonl(folder: Path, sub: str, column: str, parsed: _Parsed, seen: dic
             if not isinstance(row, dict):
                 parsed.problems.append(Problem(where, f"expected a JSON object, got {type(row).__name__}"))
                 continue
-            _add_entry(parsed, folder, sub, seen, row.get("file_name"), row.get(column), column, where)
+            _add_entry(parsed, meta, seen, row.get("file_name"), row.get(column), column, where)
 
 
-def _parse_csv(folder: Path, sub: str, column: str, parsed: _Parsed, seen: dict[str, str]) -> None:
-    path = folder / sub / METADATA_FILES[1]
-    label = posixpath.join(sub, path.name)
-    with path.open(encoding="utf-8-sig", newline="") as f:
+def _parse_csv(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[str, str]) -> None:
+    with meta.path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         missing = [c for c in ("file_name", column) if c not in header]
         if missing:
             parsed.fatal = True
             parsed.problems.append(
-                Problem(f"{label}:1", f"no {' or '.join(repr(c) for c in missing)} column (header: {header})")
+                Problem(f"{meta.label}:1", f"no {' or '.join(repr(c) for c in missing)} column (header: {header})")
             )
             return
         for row in reader:
-            where = f"{label}:{reader.line_num}"
+            where = f"{meta.label}:{reader.line_num}"
             extra = row.get(None)  # type: ignore[call-overload]
             if extra or any(v is None for v in row.values()):
                 found = len([v for k, v in row.items() if k is not None and v is not None]) + len(extra or [])
                 parsed.problems.append(Problem(where, f"expected {len(header)} fields, found {found}"))
                 continue
-            _add_entry(parsed, folder, sub, seen, row["file_name"], row[column], column, where)
+            _add_entry(parsed, meta, seen, row["file_name"], row[column], column, where)
 
 
-def _metadata_files(folder: Path) -> list[tuple[str, list[str]]]:
-    """(subfolder relative to `folder`, metadata file names there) for every folder holding one, top first."""
+def _metadata_files(folder: Path) -> list[list[_MetadataFile]]:
+    """The metadata files of every folder holding any (one list per folder), the top folder first."""
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        present = [name for name in METADATA_FILES if name in files]
+        rel = Path(root).relative_to(folder).as_posix()
+        present = [_MetadataFile(folder, "" if rel == "." else rel, name) for name in METADATA_FILES if name in files]
         if present:
-            rel = Path(root).relative_to(folder).as_posix()
-            found.append(("" if rel == "." else rel, present))
+            found.append(present)
     return found
 
 
@@ -197,32 +214,29 @@ def _parse(folder: str | Path, caption_column: str) -> _Parsed:
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
     found = _metadata_files(folder)
-    labels = [posixpath.join(sub, name) for sub, names in found for name in names]
-    parsed = _Parsed(metadata=", ".join(labels))
+    parsed = _Parsed(metadata=", ".join(meta.label for present in found for meta in present))
     if not found:
         parsed.fatal = True
         parsed.problems.append(Problem(str(folder), "no metadata.jsonl or metadata.csv (at the top or in a subfolder)"))
         return parsed
     seen: dict[str, str] = {}  # shared: an image listed by two metadata files is a duplicate
-    for sub, names in found:
-        if len(names) > 1:
+    for present in found:
+        meta = present[0]
+        if len(present) > 1:
             parsed.fatal = True
-            where = str(folder / sub) if sub else str(folder)
-            parsed.problems.append(Problem(where, "both metadata.jsonl and metadata.csv are present; keep one"))
+            parsed.problems.append(Problem(str(meta.folder), "both metadata.jsonl and metadata.csv are present; keep one"))
             continue
-        path = folder / sub / names[0]
-        label = posixpath.join(sub, names[0])
         try:
-            if path.suffix == ".jsonl":
-                _parse_jsonl(folder, sub, caption_column, parsed, seen)
+            if meta.path.suffix == ".jsonl":
+                _parse_jsonl(meta, caption_column, parsed, seen)
             else:
-                _parse_csv(folder, sub, caption_column, parsed, seen)
+                _parse_csv(meta, caption_column, parsed, seen)
         except UnicodeDecodeError as exc:
             parsed.fatal = True
-            parsed.problems.append(Problem(label, f"not UTF-8 text ({exc.reason} at byte {exc.start})"))
+            parsed.problems.append(Problem(meta.label, f"not UTF-8 text ({exc.reason} at byte {exc.start})"))
         except csv.Error as exc:
             parsed.fatal = True
-            parsed.problems.append(Problem(label, f"malformed CSV ({exc})"))
+            parsed.problems.append(Problem(meta.label, f"malformed CSV ({exc})"))
     return parsed
 
 
