@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from engine.errors import EdlightError
+from engine.folder import resolve_format
 from engine.images import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
@@ -40,7 +41,8 @@ def describe_bundle(bundle: Any) -> str:
               help="Bundle directory made by `edlight export` (default: the bundle shipped with edlight).")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Output file (default: captions.jsonl, or captions.csv with --format csv).")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
+              help="Output format (default: csv when --out ends in .csv, else jsonl).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads (default: all cores).")
 @click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True)
@@ -63,7 +65,7 @@ def caption(
     inputs: tuple[Path, ...],
     model: Path | None,
     out: Path | None,
-    fmt: str,
+    fmt: str | None,
     batch_size: int,
     threads: int | None,
     num_beams: int,
@@ -82,6 +84,7 @@ def caption(
     Resumes by default: images already in the output are skipped. A bad image becomes an error
     record; the run goes on.
     """
+    fmt = resolve_format(fmt, out)
     if use_ray:
         _caption_on_ray(inputs, model, out, fmt, batch_size, threads, num_beams, max_new_tokens, max_pixels,
                         overwrite, strict, quiet, ray_address, actors, ray_timeout)

@@ -120,35 +120,80 @@ class RecordWriter:
             raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
         self.out, self.fmt = out, fmt
         self._handle: TextIO | None = None
+        self._regular = True
 
     def __enter__(self) -> RecordWriter:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not self.out.exists() or self.out.stat().st_size == 0
+        folder = self.out.parent
         try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            why = "a file, not a folder" if folder.exists() or isinstance(exc, FileExistsError) else exc.strerror or exc
+            raise OutputError(f"{self.out}: cannot create its folder {folder}: {why}") from exc
+        try:
+            # A device or pipe (/dev/stdout) is written as a stream: never read back, truncated or synced.
+            self._regular = not self.out.exists() or self.out.is_file()
+            fresh = not self._regular or not self.out.exists() or self.out.stat().st_size == 0
             self._handle = open(self.out, "a", encoding="utf-8", newline="")
         except OSError as exc:
             raise OutputError(f"{self.out}: cannot write: {exc.strerror or exc}") from exc
         if fresh and self.fmt == "csv":
-            self._handle.write(",".join(FIELDS) + "\n")
+            self._write(",".join(FIELDS) + "\n")
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if self._handle is None:
+            return
+        try:
             self._handle.close()
+        except OSError as error:
+            if exc_type is None:  # otherwise the write error on its way out already says it
+                raise OutputError(f"{self.out}: cannot write: {error.strerror or error}") from error
 
     def write(self, records: list[dict[str, Any]]) -> None:
+        self._write("".join(format_record(r, self.fmt) for r in records))
+
+    def _write(self, text: str) -> None:
         assert self._handle is not None
-        self._handle.write("".join(format_record(r, self.fmt) for r in records))
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        try:
+            self._handle.write(text)
+            self._handle.flush()
+            if self._regular:
+                os.fsync(self._handle.fileno())
+        except OSError as exc:
+            raise OutputError(f"{self.out}: cannot write: {exc.strerror or exc}") from exc
+
+
+def _printable(text: str) -> str:
+    """`text` with the undecodable bytes of a file name (surrogate escapes, see os.fsdecode) as \\xNN."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _csv_field(value: object) -> str:
+    # Newlines inside a field would split a record over several lines and defeat torn-line repair.
+    return " ".join(_printable(str(value)).splitlines())
+
+
+def record_name(file: str, fmt: str) -> str:
+    """The "file" of a record as `read_done` reads it back (how a rerun recognises a finished image)."""
+    return file if fmt == "jsonl" else _csv_field(file)
 
 
 def format_record(record: dict[str, Any], fmt: str) -> str:
     if fmt == "jsonl":
-        return json.dumps({k: record.get(k) for k in FIELDS}, ensure_ascii=False) + "\n"
+        fields = {k: record.get(k) for k in FIELDS}
+        line = json.dumps(fields, ensure_ascii=False)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            # A file name that is not valid UTF-8: \\u escapes keep the line valid and read back exactly.
+            line = json.dumps(fields, ensure_ascii=True)
+        return line + "\n"
     buffer = io.StringIO()
-    # Newlines inside a field would split a record over several lines and defeat torn-line repair.
-    row = ["" if record.get(k) is None else " ".join(str(record[k]).splitlines()) for k in FIELDS]
+    row = ["" if record.get(k) is None else _csv_field(record[k]) for k in FIELDS]
     csv.writer(buffer, lineterminator="\n").writerow(row)
     return buffer.getvalue()
 
@@ -160,8 +205,8 @@ def read_done(out: Path, fmt: str) -> dict[str, bool]:
 
     Raises OutputError when a line other than the last is not a record (not our file, or damaged).
     """
-    if not out.exists():
-        return {}
+    if not out.is_file():
+        return {}  # nothing yet, or a device or pipe (/dev/stdout): nothing to resume
     try:
         data = out.read_bytes()
     except OSError as exc:
@@ -178,7 +223,9 @@ def read_done(out: Path, fmt: str) -> dict[str, bool]:
         try:
             text = raw.decode("utf-8")
             if fmt == "csv":
-                if number == 1 and text.split(",")[:3] == list(FIELDS):
+                if number == 1:
+                    if text.rstrip("\r").split(",") != list(FIELDS):
+                        raise ValueError(f"the first line is not the CSV header {','.join(FIELDS)}")
                     continue
                 row = next(csv.reader([text]))
                 file, failed = row[0], len(row) > 2 and bool(row[2])
@@ -195,6 +242,13 @@ def read_done(out: Path, fmt: str) -> dict[str, bool]:
 
 def default_output(fmt: str) -> Path:
     return Path("captions.jsonl" if fmt == "jsonl" else "captions.csv")
+
+
+def resolve_format(fmt: str | None, out: str | Path | None) -> str:
+    """The output format: `fmt` when given, else csv for an --out ending in .csv, else jsonl."""
+    if fmt is not None:
+        return fmt
+    return "csv" if out is not None and Path(out).suffix.lower() == ".csv" else "jsonl"
 
 
 def plan_folder_job(
@@ -215,13 +269,16 @@ def plan_folder_job(
         inputs = [inputs]
     out_path = Path(out) if out is not None else default_output(fmt)
     files = collect_inputs(inputs)
-    if overwrite and out_path.exists():
-        out_path.unlink()
+    if overwrite and out_path.is_file():  # never unlink a device such as /dev/stdout
+        try:
+            out_path.unlink()
+        except OSError as exc:
+            raise OutputError(f"{out_path}: cannot start afresh: {exc.strerror or exc}") from exc
     done = read_done(out_path, fmt)
-    todo = [f for f in files if f.file not in done]
+    todo = [f for f in files if record_name(f.file, fmt) not in done]
     summary = FolderSummary(
         total=len(files), skipped=len(files) - len(todo), captioned=0, failed=0, seconds=0.0, out=out_path,
-        failed_before=sum(1 for f in files if done.get(f.file)),
+        failed_before=sum(1 for f in files if done.get(record_name(f.file, fmt))),
     )
     return todo, summary
 

@@ -19,7 +19,7 @@ from PIL import Image
 from engine import Captioner
 from engine.caption_cli import caption as caption_command
 from engine.errors import BundleError, ImageError
-from engine.folder import collect_inputs, read_done
+from engine.folder import OutputError, collect_inputs, read_done
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -177,6 +177,56 @@ def test_a_damaged_output_is_refused_not_clobbered(captioner: Captioner, tmp_pat
     with pytest.raises(Exception, match=r"o\.jsonl:1: not a caption record"):
         captioner.caption_folder(tmp_path / "in", out=out, progress=False)
     assert out.read_text().startswith("garbage line")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs a file system that takes any bytes in a name")
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_odd_file_names_are_written_and_resumed(captioner: Captioner, tmp_path: Path, fmt: str) -> None:
+    # A name that is not UTF-8 (os.fsdecode gives it surrogate escapes) and one with a newline.
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in (b"ok.png", b"latin1-\xe9t\xe9.png", b"two\nlines.png"):
+        photo(len(name)).save(os.fsdecode(bytes(folder) + b"/" + name))
+    out = tmp_path / f"o.{fmt}"
+    first = captioner.caption_folder(folder, out=out, fmt=fmt, progress=False)
+    assert (first.captioned, first.failed) == (3, 0)
+    text = out.read_text(encoding="utf-8")  # still a valid UTF-8 file
+    assert r"latin1-\xe9t\xe9.png" in text if fmt == "csv" else r"latin1-\udce9t\udce9.png" in text
+    again = captioner.caption_folder(folder, out=out, fmt=fmt, progress=False)
+    assert (again.skipped, again.captioned) == (3, 0)
+
+
+def test_unusable_outputs_are_named_errors(captioner: Captioner, tmp_path: Path) -> None:
+    make_folder(tmp_path / "in", 2)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(OutputError, match=r"cannot create its folder .*a_file: a file, not a folder"):
+        captioner.caption_folder(tmp_path / "in", out=tmp_path / "a_file" / "o.jsonl", progress=False)
+    jsonl = tmp_path / "o.jsonl"
+    captioner.caption_folder(tmp_path / "in", out=jsonl, progress=False)
+    before = jsonl.read_bytes()
+    with pytest.raises(OutputError, match=r"o\.jsonl:1: .*not the CSV header"):
+        captioner.caption_folder(tmp_path / "in", out=jsonl, fmt="csv", progress=False)
+    assert jsonl.read_bytes() == before
+    if Path("/dev/full").exists():  # writes fail with ENOSPC
+        with pytest.raises(OutputError, match="/dev/full: cannot write"):
+            captioner.caption_folder(tmp_path / "in", out="/dev/full", progress=False)
+
+
+def test_cli_writes_to_a_stream_and_picks_csv_from_the_name(engine_bundle: Path, tmp_path: Path) -> None:
+    make_folder(tmp_path / "in", 2)
+    fifo = tmp_path / "stream"
+    os.mkfifo(fifo)
+    # A pipe is written as a stream: not read back for resuming, not synced, not unlinked by --overwrite.
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    runner = CliRunner()
+    base = [str(tmp_path / "in"), "--model", str(engine_bundle), "--quiet"]
+    result = runner.invoke(caption_command, [*base, "--out", str(fifo), "--overwrite", "--format", "csv"])
+    streamed = reader.communicate(timeout=60)[0].decode()
+    assert result.exit_code == 0, result.output
+    assert streamed.startswith("file,caption,error\n") and len(streamed.splitlines()) == 3
+    assert fifo.exists()
+    named = runner.invoke(caption_command, [*base, "--out", str(tmp_path / "c.csv")])
+    assert named.exit_code == 0 and (tmp_path / "c.csv").read_text().startswith("file,caption,error\n")
 
 
 def test_cli_captions_prints_a_summary_and_honours_strict(engine_bundle: Path, tmp_path: Path) -> None:
