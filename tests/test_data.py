@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,24 @@ def test_truncated_image_is_caught_by_a_full_decode(folder: Path) -> None:
     with Image.open(folder / "a.jpg") as im:  # the header alone looks fine
         assert im.size == (300, 200)
     assert _only_problem(folder).startswith("a.jpg: truncated image")
+
+
+def test_image_above_the_pixel_cap_is_a_problem_before_training_meets_it(folder: Path) -> None:
+    # 8000 x 7000 = 56 MP: training and the engine refuse to decode it, so the check must too.
+    Image.new("1", (8000, 7000)).save(folder / "b.png")
+    problem = _only_problem(folder)
+    assert problem.startswith("b.png: image too large: 8000x7000 = 56.0 MP, above the 50 MP"), problem
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    # Python 3.11's is_file raises for a too-long name (-> cannot access); newer ones say False (-> not found).
+    [("a\x00.jpg", "contains a NUL character"), ("x" * 300 + ".jpg", "cannot access the file|image not found")],
+)
+def test_impossible_file_names_are_problems(tmp_path: Path, name: str, expected: str) -> None:
+    _image(tmp_path / "ok.jpg")
+    _jsonl(tmp_path, [{"file_name": "ok.jpg", "text": "fine"}, {"file_name": name, "text": "bad"}])
+    assert re.search(expected, _only_problem(tmp_path))
 
 
 def test_malformed_json_line_has_its_number(folder: Path) -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from engine.errors import EdlightError
+from engine.images import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,13 @@ def _check_name(folder: Path, raw: object, where: str) -> tuple[str | None, Prob
     drive = len(name) > 2 and name[0].isalpha() and name[1] == ":" and name[2] in "/\\"  # C:/x.jpg
     if posixpath.isabs(name) or name == ".." or name.startswith("../") or drive:
         return None, Problem(where, f"file_name {raw!r} points outside the folder", raw)
+    if "\x00" in name:
+        return None, Problem(where, f"file_name {raw!r} contains a NUL character", raw)
     # A symlink can still lead out of the folder.
-    real, root = os.path.realpath(folder / name), os.path.realpath(folder)
+    try:
+        real, root = os.path.realpath(folder / name), os.path.realpath(folder)
+    except (OSError, ValueError) as exc:
+        return None, Problem(where, f"file_name {raw!r} cannot be resolved ({exc})", raw)
     if os.path.commonpath([real, root]) != root:
         return None, Problem(where, f"file_name {raw!r} points outside the folder (through a link)", raw)
     return name, None
@@ -260,12 +266,22 @@ def _inspect(example: Example) -> tuple[tuple[int, int] | None, Problem | None]:
     """The image's size, or why it cannot be used. Decodes the whole file: a header can look fine while
     the data is cut short."""
     name = example.file_name
-    if not example.path.is_file():
-        return None, Problem(name, "image not found" if not example.path.exists() else "not a file", name)
+    try:
+        if not example.path.is_file():
+            return None, Problem(name, "image not found" if not example.path.exists() else "not a file", name)
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        return None, Problem(name, f"cannot access the file: {exc.strerror or exc}", name)
     try:
         with Image.open(example.path) as im:
-            im.load()
             size = im.size
+            if size[0] * size[1] > DEFAULT_MAX_PIXELS:  # checked before decoding, as training loads it
+                return None, Problem(
+                    name,
+                    f"image too large: {size[0]}x{size[1]} = {size[0] * size[1] / 1e6:.1f} MP, above the "
+                    f"{DEFAULT_MAX_PIXELS / 1e6:.0f} MP that training and the engine decode (downscale it)",
+                    name,
+                )
+            im.load()
     except UnidentifiedImageError:
         return None, Problem(name, "unreadable image (not an image format Pillow can read)", name)
     except Image.DecompressionBombError as exc:

@@ -19,14 +19,14 @@ from engine.images import load_image
 ImageInput = str | Path | Image.Image
 
 
-def load_rgb(image: ImageInput) -> Image.Image:
+def load_rgb(image: ImageInput, name: str | None = None) -> Image.Image:
     """An RGB PIL image from a path or PIL image, loaded exactly as the engine loads it.
 
     EXIF rotation applied, alpha flattened onto white, 16-bit scaled (engine.images), so PyTorch and
     ONNX captions see the same pixels. Raises engine.errors.ImageError naming the file when it cannot
-    be decoded.
+    be decoded (`name` labels an already opened PIL image in that message).
     """
-    return load_image(image)
+    return load_image(image, name=name)
 
 
 def encode_images(processor: Any, images: Sequence[Image.Image]) -> dict[str, Any]:

@@ -162,7 +162,7 @@ class CaptionDataset:
                 side = math.sqrt(target / max(1, f.size[0] * f.size[1]))
                 if side < 1:
                     f.draft("RGB", (max(1, int(f.size[0] * side)), max(1, int(f.size[1] * side))))
-            img = load_rgb(f)
+            img = load_rgb(f, name=str(path))
         area = img.size[0] * img.size[1]
         if area > target:
             s = math.sqrt(target / area)
