@@ -30,7 +30,7 @@ class _EchoHandler(logging.Handler):
     default=None,
     help="Data folder: validate on its test images and store the parity check (engine vs PyTorch BLEU) in the manifest.",
 )
-@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out (never a folder holding other files).")
 @click.option(
     "--decoder-layout",
     type=click.Choice(["split", "merged"]),

@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.bundle import DECODER_LAYOUTS, SUPPORT_FILES, Bundle, Manifest, write_manifest
+from engine.bundle import DECODER_LAYOUTS, MANIFEST_NAME, SUPPORT_FILES, Bundle, Manifest, write_manifest
 from export import ExportError
 
 if TYPE_CHECKING:
@@ -213,11 +213,27 @@ def _validation_images(data: Path | None) -> list[Any]:
     return images or sample_images()
 
 
-def _place_temp_dir(out: Path, force: bool) -> Path:
-    if out.exists() and not force:
+def _check_replaceable(out: Path, force: bool, inputs: list[Path]) -> None:
+    """`--force` replaces an earlier bundle (or an empty folder), never a run, a checkpoint or other files."""
+    if not out.exists():
+        return
+    if not force:
         raise ExportError(f"{out}: already exists; choose another --out or pass --force to replace it")
-    if out.exists() and not out.is_dir():
+    if not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; choose another --out")
+    resolved = out.resolve()
+    for path in inputs:
+        if path.resolve() == resolved or resolved in path.resolve().parents:
+            raise ExportError(f"{out}: holds {path}, which this export reads; choose another --out")
+    if not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
+        raise ExportError(
+            f"{out}: is not an edlight bundle (no {MANIFEST_NAME}); --force replaces only a bundle or an "
+            "empty folder, so choose another --out"
+        )
+
+
+def _place_temp_dir(out: Path, force: bool, inputs: list[Path]) -> Path:
+    _check_replaceable(out, force, inputs)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -256,7 +272,8 @@ def export_bundle(
 
     quantize: None (fp32) or "int8" (dynamic, per-channel weights). data: a data folder; when given,
     its test split supplies the validation images and the parity check (engine vs PyTorch BLEU),
-    whose result is stored in the manifest. force: replace an existing `out`. decoder_layout:
+    whose result is stored in the manifest. force: replace an existing bundle (or empty folder) at
+    `out`; a folder holding anything else, or the checkpoint or data, is never replaced. decoder_layout:
     "split" or "merged" (see DEFAULT_LAYOUT).
 
     Returns the bundle path. Raises ExportError for a bad checkpoint, an unwritable or existing
@@ -272,7 +289,7 @@ def export_bundle(
     if data_path is not None and not data_path.is_dir():
         raise ExportError(f"{data_path}: data folder not found; pass a folder with images and metadata.jsonl")
     out = Path(out).expanduser().absolute()
-    tmp = _place_temp_dir(out, force)
+    tmp = _place_temp_dir(out, force, [info.path] + ([data_path] if data_path is not None else []))
     try:
         staged = _build(info, tmp, quantize, data_path, decoder_layout)
         _move_into_place(staged, out, force)

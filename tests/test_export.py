@@ -183,9 +183,17 @@ def test_existing_out_refused_unless_force(random_checkpoint: Path, tmp_path: Pa
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="already exists.*--force"):
         export_bundle(random_checkpoint, out)
-    assert (out / "keep.txt").read_text() == "mine"
-    export_bundle(random_checkpoint, out, force=True)
-    assert not (out / "keep.txt").exists()
+    # --force replaces a bundle, never a folder of other files nor the folder holding the checkpoint.
+    with pytest.raises(ExportError, match="is not an edlight bundle"):
+        export_bundle(random_checkpoint, out, force=True)
+    with pytest.raises(ExportError, match="which this export reads"):
+        export_bundle(random_checkpoint, random_checkpoint.parent, force=True)
+    assert (out / "keep.txt").read_text() == "mine" and (random_checkpoint / "config.json").is_file()
+    (out / "keep.txt").unlink()
+    export_bundle(random_checkpoint, out, force=True)  # an empty folder
+    first = json.loads((out / "edlight.json").read_text())["created"]
+    export_bundle(random_checkpoint, out, force=True)  # an earlier bundle
+    assert json.loads((out / "edlight.json").read_text())["created"] >= first
     Bundle.load(out)
     assert not _leftovers(tmp_path, "bundle")
 
