@@ -214,6 +214,31 @@ def test_evaluate_cli(tiny_run: Path, synth_data: Path, tmp_path: Path) -> None:
     assert res.exit_code == 1 and "no config.json" in res.output
 
 
+def test_cli_refuses_out_of_range_options_before_writing_anything(small_data: Path, tmp_path: Path) -> None:
+    from train.cli import evaluate as evaluate_command
+    from train.cli import train as train_command
+
+    base = ["--data", str(small_data), "--out", str(tmp_path / "run"), "--preset", "tiny"]
+    for bad in (["--test-ratio", "2"], ["--workers", "-1"], ["--max-patches", "0"], ["--epochs", "0"], ["--lr", "0"]):
+        res = CliRunner().invoke(train_command, [*base, *bad])
+        assert res.exit_code == 2 and "Invalid value for" in res.output and bad[0] in res.output, res.output
+    assert not (tmp_path / "run").exists()
+    for bad in (["--num-beams", "0"], ["--batch-size", "0"]):
+        res = CliRunner().invoke(evaluate_command, [str(tmp_path), "--data", str(small_data), *bad])
+        assert res.exit_code == 2 and bad[0] in res.output, res.output
+
+
+def test_evaluate_says_when_it_is_given_a_bundle(small_data: Path, tmp_path: Path) -> None:
+    from train.cli import evaluate as evaluate_command
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"model_type": "pix2struct"}))
+    (bundle / "edlight.json").write_text("{}")
+    res = CliRunner().invoke(evaluate_command, [str(bundle), "--data", str(small_data)])
+    assert res.exit_code == 1 and "is an ONNX bundle" in res.output and "edlight parity" in res.output
+
+
 # ----------------------------------------------------------------------------- resume, run dir guards
 
 
@@ -268,7 +293,23 @@ def test_refuses_foreign_out_dir_and_missing_data(small_data: Path, tmp_path: Pa
         train(TrainConfig(data=small_data, out=tmp_path / "run", base="x", preset="tiny"))
     with pytest.raises(TrainError, match="unknown preset"):
         train(TrainConfig(data=small_data, out=tmp_path / "run", preset="huge"))
+    with pytest.raises(TrainError, match="--resume: .*holds no run to continue"):  # a typo in --out
+        train(TrainConfig(data=small_data, out=tmp_path / "run", resume=True, **FAST))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_start_that_failed_before_any_checkpoint_does_not_block_its_folder(small_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    # What a run killed (or crashed) before its first checkpoint leaves: its settings, no last/ or best/.
+    (run / "run_config.json").write_text(json.dumps({"seed": 123, "lr": 5.0}))
+    config = TrainConfig(data=small_data, out=run, epochs=1, **FAST)
+    result = train(config)
+    assert result.metrics and json.loads((run / "run_config.json").read_text())["seed"] == 0
+    (run / "last" / "trainer_state.pt").unlink()
+    config.resume = True
+    with pytest.raises(TrainError, match="--resume: .*holds no trainer state"):
+        train(config)
 
 
 # ----------------------------------------------------------------------------- bad data

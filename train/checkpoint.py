@@ -45,6 +45,11 @@ def check_checkpoint_dir(path: str | Path) -> Path:
         (path / f).is_file()
         for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
     ):
+        if (path / "edlight.json").is_file():
+            raise CheckpointError(
+                f"{path} is an ONNX bundle made by `edlight export`, not a PyTorch checkpoint; give the "
+                "checkpoint it was exported from (`edlight parity` scores a bundle against it)"
+            )
         raise CheckpointError(f"{path}: no model weights (model.safetensors or pytorch_model.bin)")
     if not all((path / f).is_file() for f in PROCESSOR_FILES):
         raise CheckpointError(

@@ -27,14 +27,14 @@ from engine.errors import EdlightError
 @click.option(
     "--preset", type=click.Choice(["tiny", "small", "base"]), default=None, help="Build a model from scratch."
 )
-@click.option("--epochs", type=int, default=None, help="Epochs (default: the preset's; 5 for --base).")
-@click.option("--batch-size", type=int, default=None, help="Images per step per process.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the preset's; 5 for --base).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step per process.")
 @click.option(
-    "--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step."
+    "--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per optimizer step."
 )
-@click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW, warmup then cosine decay).")
-@click.option("--max-patches", type=int, default=None, help="Patch budget per image (default: the model's).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate (AdamW, warmup then cosine decay).")
+@click.option("--max-patches", type=click.IntRange(min=1), default=None, help="Patch budget per image (default: the model's).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last/ checkpoint.")
 @click.option(
     "--skip-bad", is_flag=True, help="Train on the good examples and skip bad files (default: refuse)."
@@ -42,11 +42,12 @@ from engine.errors import EdlightError
 @click.option("--no-augment", is_flag=True, help="Turn off training-time augmentation.")
 @click.option("--caption-column", default="text", show_default=True, help="Caption column of the metadata.")
 @click.option(
-    "--test-ratio", type=float, default=0.1, show_default=True, help="Share of files in the test split."
+    "--test-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+    help="Share of files in the test split (0 to 1).",
 )
-@click.option("--workers", type=int, default=1, show_default=True, help="Data loader workers per process.")
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True, help="Data loader workers per process.")
 @click.option(
-    "--threads", type=int, default=None, help="Torch threads per process (default: cores left after workers)."
+    "--threads", type=click.IntRange(min=1), default=None, help="Torch threads per process (default: cores left after workers)."
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(
@@ -125,11 +126,11 @@ def train(
 @click.option(
     "--out", "out", type=click.Path(path_type=Path), default=None, help="Write predictions (JSONL) here."
 )
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--num-beams", type=int, default=1, show_default=True)
-@click.option("--max-new-tokens", type=int, default=None, help="Default: the checkpoint's generation config.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the checkpoint's generation config.")
 @click.option("--caption-column", default="text", show_default=True)
-@click.option("--test-ratio", type=float, default=0.1, show_default=True)
+@click.option("--test-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--skip-bad", is_flag=True, help="Score the good examples and skip bad files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 def evaluate(

@@ -241,6 +241,12 @@ def _check_out(cfg: TrainConfig) -> str:
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} exists and is not a directory")
     run_file = out / "run_config.json"
+    trained = (out / "last").is_dir() or (out / "best").is_dir()
+    if run_file.is_file() and not trained:
+        # A start that failed or was killed before its first checkpoint: nothing to keep or continue.
+        return "fresh"
+    if cfg.resume and not run_file.is_file():
+        raise TrainError(f"--resume: {out} holds no run to continue; check the path, or drop --resume to start one")
     if run_file.is_file():
         try:
             saved = json.loads(run_file.read_text())
@@ -258,7 +264,7 @@ def _check_out(cfg: TrainConfig) -> str:
             )
         if (out / "last" / "trainer_state.pt").is_file():
             return "resume"
-        return "fresh"  # killed before the first checkpoint: nothing to resume, start over in place
+        raise TrainError(f"--resume: {out / 'last'} holds no trainer state to continue from; choose a new --out")
     if out.exists() and any(out.iterdir()):
         raise TrainError(
             f"--out {out} is not empty and holds no edlight run; choose a new or empty directory"
