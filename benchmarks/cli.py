@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -58,13 +59,14 @@ def _default_cache() -> Path:
               help="Where results.json, results.md, chart.png and the worker logs go.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Built models and exports [default: $EDLIGHT_BENCH_CACHE or ~/.cache/edlight/bench].")
+@click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in --out.")
 @click.option("--no-interleave", is_flag=True, help="Run the systems one after another instead of round-robin.")
 @click.option("--ceiling-seconds", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
               help="How long to time the MatMul ceiling (at the start and at the end).")
 def bench(
     size: str, systems: list[str], batch_sizes: list[int], threads: int | None, repeats: int, warmup: int, tokens: int,
     bundles: tuple[Path, ...], checkpoint: Path | None, optimum_dir: Path | None, images_dir: Path | None, out: Path,
-    cache_dir: Path | None, no_interleave: bool, ceiling_seconds: float,
+    cache_dir: Path | None, overwrite: bool, no_interleave: bool, ceiling_seconds: float,
 ) -> None:
     """Latency, throughput and memory of PyTorch, Optimum and the engine (fp32, int8) in one run.
 
@@ -76,6 +78,14 @@ def bench(
     from benchmarks.report import write_all
     from benchmarks.runner import run_benchmark
 
+    earlier = [out / name for name in ("results.json", "results.md", "chart.png", "logs") if (out / name).exists()]
+    if earlier and not overwrite:
+        raise click.ClickException(f"{out} holds the results of an earlier run; pass --overwrite or choose another --out")
+    for path in earlier:  # old worker logs must not mix with the new ones
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     started = time.perf_counter()
 
     def log(message: str) -> None:

@@ -31,6 +31,7 @@ from benchmarks.timing import RunTiming, SystemSpec
 Log = Callable[[str], None]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MEMORY_HEADROOM = 0.8  # use at most this share of the available memory for workers alive together
+NOT_STARTED_ABOVE = 2.0  # a worker estimated above this multiple of the available memory is not started
 
 
 class WorkerError(RuntimeError):
@@ -220,8 +221,15 @@ def run_batch_size(
     """All systems at one batch size: start, warm up, interleaved timed repeats, close."""
     specs = {s: spec for s in systems if (spec := _spec(s, models, settings, batch_size)) is not None}
     cells = {s: Cell(system=s, batch_size=batch_size) for s in specs}
-    need = sum(estimate_peak_bytes(spec, models, measured) for spec in specs.values())
     _, available = memory_bytes()
+    for system, spec in list(specs.items()):
+        alone = estimate_peak_bytes(spec, models, measured)
+        # The estimate errs high (about 3x for the engine), so only a batch far beyond memory is not started.
+        if available is not None and alone > NOT_STARTED_ABOVE * available:
+            why = f"not run: would need ~{alone / 2**30:.0f} GiB, {available / 2**30:.1f} GiB available"
+            _fail(cells[system], MemoryError(why), log)
+            del specs[system]
+    need = sum(estimate_peak_bytes(spec, models, measured) for spec in specs.values())
     interleave = settings.interleave and (available is None or need <= MEMORY_HEADROOM * available)
     if settings.interleave and not interleave:
         log(f"batch {batch_size}: the workers may need ~{need / 2**30:.1f} GiB together, "

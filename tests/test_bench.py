@@ -47,6 +47,27 @@ def test_bad_options_are_refused_with_a_message() -> None:
     assert "comma-separated integers" in result.output
 
 
+def test_earlier_results_are_kept_unless_overwrite(tmp_path: Path) -> None:
+    (tmp_path / "results.json").write_text("{}")
+    result = CliRunner().invoke(bench, ["--out", str(tmp_path), "--size", "tiny"])
+    assert result.exit_code == 1 and "earlier run" in result.output and "--overwrite" in result.output
+    assert (tmp_path / "results.json").read_text() == "{}"
+
+
+def test_a_batch_far_beyond_memory_is_not_started(tmp_path: Path) -> None:
+    from benchmarks import runner, settings
+    from benchmarks.models import ModelSet
+
+    models = ModelSet(size="base", checkpoint=None, optimum_dir=None, bundles={"engine": tmp_path}, images=[],
+                      max_patches=2048, vision_config={"num_attention_heads": 12}, parameters=None)
+    plan = settings.BenchSettings(size="base", systems=["engine"], out=tmp_path)
+    logged: list[str] = []
+    cells = runner.run_batch_size(["engine"], 100_000, plan, models, logged.append, {})
+    assert [(c.status, c.runs, c.load_s) for c in cells] == [("failed", [], None)]
+    assert cells[0].error is not None and cells[0].error.startswith("not run: would need ~")
+    assert any("not run" in line for line in logged)
+
+
 def test_systems_without_their_libraries_are_skipped_with_a_note(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from benchmarks import runner, settings
     from benchmarks.models import ModelSet
