@@ -40,6 +40,15 @@ def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+# Types of the manifest's fields as JSON gives them (a hand-edited manifest gets a named error, not a crash).
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "source": (str,), "max_patches": (int,), "decoder_layout": (str,), "onnx_files": (dict,), "files": (dict,),
+    "format_version": (int,), "quantization": (str, type(None)), "graph_rewrites": (list,), "versions": (dict,),
+    "parity": (dict, type(None)), "created": (str,),
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", dict: "an object", list: "a list", type(None): "null"}
+
+
 @dataclass
 class Manifest:
     """What `edlight.json` holds. Unknown keys from newer writers are kept in `extra`."""
@@ -69,6 +78,16 @@ class Manifest:
         missing = [k for k in ("source", "max_patches", "decoder_layout", "onnx_files", "files") if k not in data]
         if missing:
             raise BundleError(f"{where}: manifest lacks {', '.join(missing)}")
+        for key, types in _MANIFEST_TYPES.items():
+            value = data.get(key)
+            if key in data and (not isinstance(value, types) or isinstance(value, bool)):
+                wanted = " or ".join(_TYPE_NAMES[t] for t in types)
+                raise BundleError(f"{where}: {key} must be {wanted}, got {json.dumps(value)[:60]}")
+        for key in ("onnx_files", "files"):
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in data[key].items()):
+                raise BundleError(f"{where}: {key} must map file names to strings")
+        if data["max_patches"] < 1:
+            raise BundleError(f"{where}: max_patches must be positive, got {data['max_patches']}")
         version = data.get("format_version", 0)
         if version > FORMAT_VERSION:
             raise BundleError(
@@ -150,12 +169,20 @@ class Bundle:
                 raise BundleError(f"{root / name}: expected a JSON object")
             return loaded
 
+        preprocessor_config = read_json("preprocessor_config.json")
+        # The manifest is not hashed; the processor config is: a hand-edited patch budget shows up here.
+        processor_patches = preprocessor_config.get("max_patches", manifest.max_patches)
+        if processor_patches != manifest.max_patches:
+            raise BundleError(
+                f"{manifest_path}: max_patches {manifest.max_patches} differs from preprocessor_config.json's "
+                f"{processor_patches}, which the encoder was exported for"
+            )
         return cls(
             path=root,
             manifest=manifest,
             config=read_json("config.json"),
             generation_config=read_json("generation_config.json"),
-            preprocessor_config=read_json("preprocessor_config.json"),
+            preprocessor_config=preprocessor_config,
         )
 
     def onnx_path(self, role: str) -> Path:

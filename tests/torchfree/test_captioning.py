@@ -263,6 +263,27 @@ def test_cli_refuses_a_missing_or_tampered_bundle_before_reading_images(engine_b
         Captioner(tampered)
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"format_version": "1"}, "format_version must be an integer"),
+        ({"files": ["config.json"]}, "files must be an object"),
+        ({"max_patches": True}, "max_patches must be an integer"),
+        ({"onnx_files": {"encoder": 3}}, "onnx_files must map file names to strings"),
+        ({"max_patches": 64}, "max_patches 64 differs from preprocessor_config.json's"),
+    ],
+)
+def test_a_hand_edited_manifest_is_a_named_error(engine_bundle: Path, tmp_path: Path, edit: dict, message: str) -> None:
+    from engine.bundle import MANIFEST_NAME, Bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(engine_bundle, bundle)
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    (bundle / MANIFEST_NAME).write_text(json.dumps({**manifest, **edit}))
+    with pytest.raises(BundleError, match=f"{MANIFEST_NAME}: {message}"):
+        Bundle.load(bundle, verify_hashes=False)
+
+
 def test_cli_prints_the_parity_recorded_in_the_manifest(engine_bundle: Path, tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(engine_bundle, bundle)
