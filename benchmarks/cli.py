@@ -11,6 +11,7 @@ import click
 
 from benchmarks.machine import available_cpus
 from benchmarks.settings import DEFAULT_TOKENS, SIZES, SYSTEMS, BenchSettings
+from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError
 
 
@@ -61,7 +62,7 @@ def _default_cache() -> Path:
               help="Built models and exports [default: $EDLIGHT_BENCH_CACHE or ~/.cache/edlight/bench].")
 @click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in --out.")
 @click.option("--no-interleave", is_flag=True, help="Run the systems one after another instead of round-robin.")
-@click.option("--ceiling-seconds", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
+@click.option("--ceiling-seconds", type=FiniteFloatRange(0.1, 600), default=3.0, show_default=True,
               help="How long to time the MatMul ceiling (at the start and at the end).")
 def bench(
     size: str, systems: list[str], batch_sizes: list[int], threads: int | None, repeats: int, warmup: int, tokens: int,

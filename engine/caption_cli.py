@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError
 from engine.folder import resolve_format
 from engine.images import DEFAULT_MAX_PIXELS
@@ -59,7 +60,7 @@ def describe_bundle(bundle: Any) -> str:
               help="With --ray: an existing Ray cluster (default: start a local Ray with this machine's cores).")
 @click.option("--actors", type=click.IntRange(min=1), default=None,
               help="With --ray: number of actors (default: one per 2 CPUs of the cluster).")
-@click.option("--ray-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True, metavar="SECONDS",
+@click.option("--ray-timeout", type=FiniteFloatRange(min=1), default=300.0, show_default=True, metavar="SECONDS",
               help="With --ray: stop with an error when no result arrives for this long (a stalled cluster).")
 def caption(
     inputs: tuple[Path, ...],

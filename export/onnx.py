@@ -288,6 +288,10 @@ def export_bundle(
     data_path = Path(data) if data is not None else None
     if data_path is not None and not data_path.is_dir():
         raise ExportError(f"{data_path}: data folder not found; pass a folder with images and metadata.jsonl")
+    if data_path is not None:
+        from train.data import load_split
+
+        load_split(data_path, "all")  # raises DataError listing every bad file, before minutes of export
     out = Path(out).expanduser().absolute()
     tmp = _place_temp_dir(out, force, [info.path] + ([data_path] if data_path is not None else []))
     try:

@@ -97,6 +97,23 @@ class ParityReport:
         return "\n".join(lines)
 
 
+# Config fields that fix a Pix2Struct model's shape: a checkpoint differing in any of them is not the bundle's source.
+_SHAPE_FIELDS = {
+    "text_config": ("vocab_size", "hidden_size", "num_layers", "num_heads", "d_kv", "d_ff"),
+    "vision_config": ("hidden_size", "num_hidden_layers", "num_attention_heads", "d_kv", "d_ff", "patch_embed_hidden_size"),
+}
+
+
+def _shape_mismatches(checkpoint_config: dict[str, Any], bundle_config: dict[str, Any]) -> list[str]:
+    found = []
+    for tower, fields in _SHAPE_FIELDS.items():
+        mine, theirs = checkpoint_config.get(tower) or {}, bundle_config.get(tower) or {}
+        for name in fields:
+            if mine.get(name) != theirs.get(name):
+                found.append(f"{tower}.{name}: checkpoint {mine.get(name)}, bundle {theirs.get(name)}")
+    return found
+
+
 def run_parity(
     bundle: str | Path,
     checkpoint: str | Path,
@@ -137,12 +154,13 @@ def run_parity(
         model, processor = load_checkpoint(checkpoint)
     except (EdlightError, OSError, ValueError) as exc:
         raise ParityError(f"{checkpoint}: cannot load the PyTorch checkpoint ({exc})") from exc
-    failures = []
+    # Before the long part (captioning the split twice): a checkpoint of another shape cannot be the source.
+    mismatches = _shape_mismatches(model.config.to_dict(), loaded.config)
     if processor.image_processor.max_patches != loaded.max_patches:
-        failures.append(
-            f"checkpoint uses max_patches={processor.image_processor.max_patches} but the bundle {loaded.max_patches}: "
-            "not the checkpoint this bundle was exported from"
-        )
+        mismatches.append(f"max_patches: checkpoint {processor.image_processor.max_patches}, bundle {loaded.max_patches}")
+    if mismatches:
+        raise ParityError(f"{checkpoint} is not the checkpoint {loaded.path} was exported from: " + "; ".join(mismatches))
+    failures: list[str] = []
 
     paths = [e.path for e in examples]
     start = time.perf_counter()

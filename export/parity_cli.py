@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError
 
 
@@ -19,9 +20,9 @@ from engine.errors import EdlightError
 @click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the bundle's generation config.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--tolerance", type=click.FloatRange(min=0), default=None, help="Max |BLEU difference| (default 0.1 fp32, 1.0 int8).")
-@click.option("--min-identical", type=click.FloatRange(0, 1), default=None, help="Min share of identical captions (default 0.99 fp32, none for int8).")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the full report as JSON here.")
+@click.option("--tolerance", type=FiniteFloatRange(min=0), default=None, help="Max |BLEU difference| (default 0.1 fp32, 1.0 int8).")
+@click.option("--min-identical", type=FiniteFloatRange(0, 1), default=None, help="Min share of identical captions (default 0.99 fp32, none for int8).")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the full report as JSON here.")
 def parity(
     bundle: Path,
     checkpoint: Path,

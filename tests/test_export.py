@@ -198,6 +198,19 @@ def test_existing_out_refused_unless_force(random_checkpoint: Path, tmp_path: Pa
     assert not _leftovers(tmp_path, "bundle")
 
 
+def test_bad_data_is_refused_before_the_export_runs(random_checkpoint: Path, tmp_path: Path) -> None:
+    from export.onnx import export_bundle
+    from train.data import DataError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "broken.png").write_bytes(b"not a png")
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "broken.png", "text": "x"}) + "\n")
+    with pytest.raises(DataError, match="broken.png"):
+        export_bundle(random_checkpoint, tmp_path / "bundle", data=data)
+    assert not (tmp_path / "bundle").exists() and not _leftovers(tmp_path, "bundle")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_export_leaves_no_bundle(random_checkpoint: Path, tmp_path: Path, sig: signal.Signals) -> None:
     """Kill a real export once its ONNX files exist: `out` must not appear and no staging dir may load."""

@@ -101,6 +101,22 @@ def test_bad_inputs_are_one_line_errors(tiny_bundle: Path, tiny_checkpoint: Path
     # The data folder's own error (train.data lists every problem, one per line), not a traceback.
     assert no_data.exit_code == 1 and no_data.output.startswith(f"Error: {empty}")
     assert "Traceback" not in no_data.output
+    base = ["--model", str(tiny_bundle), "--checkpoint", str(tiny_checkpoint), "--data", str(synth_data)]
+    for bad in (["--tolerance", "nan"], ["--min-identical", "nan"], ["--out", str(tmp_path)]):
+        result = runner.invoke(parity, [*base, *bad])
+        assert result.exit_code == 2 and bad[0] in result.output, result.output
+
+
+def test_a_checkpoint_of_another_shape_is_refused_before_captioning(tiny_bundle: Path, synth_data: Path, tmp_path: Path) -> None:
+    from export.parity import ParityError, run_parity
+    from train.presets import build_from_preset
+
+    model, processor = build_from_preset("tiny", ["a caption", "another caption"], max_patches=64, seed=0)
+    other = tmp_path / "other"
+    model.save_pretrained(other)
+    processor.save_pretrained(other)
+    with pytest.raises(ParityError, match=r"is not the checkpoint .* was exported from: .*max_patches: checkpoint 64"):
+        run_parity(tiny_bundle, other, synth_data)
 
 
 def test_export_with_data_stores_parity_split_layout(tiny_checkpoint: Path, synth_data: Path, tmp_path: Path) -> None:

@@ -219,13 +219,20 @@ def test_cli_refuses_out_of_range_options_before_writing_anything(small_data: Pa
     from train.cli import train as train_command
 
     base = ["--data", str(small_data), "--out", str(tmp_path / "run"), "--preset", "tiny"]
-    for bad in (["--test-ratio", "2"], ["--workers", "-1"], ["--max-patches", "0"], ["--epochs", "0"], ["--lr", "0"]):
+    for bad in (["--test-ratio", "2"], ["--workers", "-1"], ["--max-patches", "0"], ["--epochs", "0"], ["--lr", "0"],
+                ["--lr", "nan"], ["--lr", "inf"], ["--test-ratio", "nan"]):
         res = CliRunner().invoke(train_command, [*base, *bad])
         assert res.exit_code == 2 and "Invalid value for" in res.output and bad[0] in res.output, res.output
     assert not (tmp_path / "run").exists()
     for bad in (["--num-beams", "0"], ["--batch-size", "0"]):
         res = CliRunner().invoke(evaluate_command, [str(tmp_path), "--data", str(small_data), *bad])
         assert res.exit_code == 2 and bad[0] in res.output, res.output
+
+
+def test_a_diverging_run_stops_with_an_error_instead_of_saving_nan_weights(small_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match="training diverged; lower --lr"):
+        train(TrainConfig(data=small_data, out=tmp_path / "run", epochs=1, lr=float("inf"), **FAST))
+    assert not (tmp_path / "run" / "best").exists()
 
 
 def test_evaluate_says_when_it_is_given_a_bundle(small_data: Path, tmp_path: Path) -> None:

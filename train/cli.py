@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError
 
 
@@ -32,7 +33,7 @@ from engine.errors import EdlightError
 @click.option(
     "--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per optimizer step."
 )
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate (AdamW, warmup then cosine decay).")
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=None, help="Peak learning rate (AdamW, warmup then cosine decay).")
 @click.option("--max-patches", type=click.IntRange(min=1), default=None, help="Patch budget per image (default: the model's).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last/ checkpoint.")
@@ -42,7 +43,7 @@ from engine.errors import EdlightError
 @click.option("--no-augment", is_flag=True, help="Turn off training-time augmentation.")
 @click.option("--caption-column", default="text", show_default=True, help="Caption column of the metadata.")
 @click.option(
-    "--test-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+    "--test-ratio", type=FiniteFloatRange(0, 1, max_open=True), default=0.1, show_default=True,
     help="Share of files in the test split (0 to 1).",
 )
 @click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True, help="Data loader workers per process.")
@@ -130,7 +131,7 @@ def train(
 @click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the checkpoint's generation config.")
 @click.option("--caption-column", default="text", show_default=True)
-@click.option("--test-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--test-ratio", type=FiniteFloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--skip-bad", is_flag=True, help="Score the good examples and skip bad files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 def evaluate(

@@ -589,6 +589,11 @@ def _run(config: TrainConfig) -> TrainResult:
                 step += 1
                 # the logged loss is the mean over all processes, so it does not depend on the rank
                 step_loss = float(accelerator.reduce(torch.tensor(group_loss / group_n), reduction="mean"))
+                if not math.isfinite(step_loss):  # every rank sees the same reduced value and stops together
+                    raise TrainError(
+                        f"the loss became {step_loss} at step {step} (epoch {epoch + 1}): training diverged; "
+                        f"lower --lr (it was {cfg.lr:g}). Checkpoints of finished epochs in {out} are kept."
+                    )
                 loss_sum += step_loss
                 loss_n += 1
                 steps_log.append(
