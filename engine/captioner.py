@@ -98,8 +98,9 @@ class Captioner:
         Raises BundleError (missing, incomplete or tampered bundle), ModelRuntimeError (ONNX Runtime
         cannot load a model) and ValueError (bad settings), all before any image is read.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        settings = SessionSettings(threads=threads)  # checks `threads` before the bundle is read
         self.bundle = Bundle.load(resolve_bundle(bundle), verify_hashes=verify)
         self.batch_size = batch_size
         self.max_pixels = max_pixels
@@ -120,7 +121,6 @@ class Captioner:
             decoder_start_token_id=self.bundle.decoder_start_token_id,
             eos_token_ids=tuple(self.bundle.eos_token_ids),
         )
-        settings = SessionSettings(threads=threads)
         path = self.bundle.path
         self.encoder = OnnxModel(self.bundle.onnx_path("encoder"), settings, bundle=path)
         if self.bundle.manifest.decoder_layout == "merged":
@@ -141,12 +141,12 @@ class Captioner:
 
     # ----------------------------------------------------------------------------------- public API
     def caption(self, images: Sequence[ImageSource] | ImageSource) -> list[str]:
-        """Captions for paths, encoded bytes or PIL images, in input order.
+        """Captions for paths, encoded bytes, binary file objects or PIL images, in input order.
 
-        A single path/bytes/PIL image is accepted too (a list of one caption is returned).
+        A single image of any of these kinds is accepted too (a list of one caption is returned).
         Raises ImageError naming the first image that cannot be read (nothing is returned then).
         """
-        if isinstance(images, (str, Path, bytes, bytearray)) or hasattr(images, "getbands"):
+        if isinstance(images, (str, Path, bytes, bytearray, memoryview)) or hasattr(images, "getbands") or hasattr(images, "read"):
             images = [images]  # type: ignore[list-item]
         items = [(i, source, describe(source, i)) for i, source in enumerate(images)]  # type: ignore[arg-type]
         captions: list[str] = []

@@ -31,21 +31,27 @@ from engine.errors import ImageError
 # About 50 megapixels: a 8000x6000 photo fits, a 100k x 100k PNG bomb does not.
 DEFAULT_MAX_PIXELS = 50_000_000
 
-ImageSource = str | Path | bytes | Image.Image
+ImageSource = str | Path | bytes | bytearray | memoryview | IO[bytes] | Image.Image
 
 
-def describe(source: ImageSource, index: int | None = None) -> str:
+def describe(source: object, index: int | None = None) -> str:
     """A short human name for an image source, used in error messages."""
     if isinstance(source, (str, Path)):
-        return str(source)
+        return str(source) or "<empty path>"
     where = f" #{index}" if index is not None else ""
-    if isinstance(source, bytes):
-        return f"<bytes{where}, {len(source)} B>"
-    return f"<PIL image{where}>"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        size = source.nbytes if isinstance(source, memoryview) else len(source)
+        return f"<bytes{where}, {size} B>"
+    if isinstance(source, Image.Image):
+        return f"<PIL image{where}>"
+    if hasattr(source, "read"):
+        name = getattr(source, "name", None)
+        return name if isinstance(name, str) else f"<file object{where}>"
+    return f"<{type(source).__name__}{where}>"
 
 
 def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
-    """Load a path, the bytes of an encoded image, or a PIL image as an 8-bit RGB PIL image.
+    """Load a path, the bytes of an encoded image, a binary file object or a PIL image as 8-bit RGB.
 
     `max_pixels` caps width*height (checked before decoding; 0 or negative disables the cap).
     `name` is used in error messages instead of the path (e.g. for bytes inputs).
@@ -60,7 +66,17 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: 
         if not data:
             raise ImageError(f"{label}: empty input (0 bytes)")
         return _decode(io.BytesIO(data), max_pixels, label)
+    if hasattr(source, "read") and not isinstance(source, (str, Path)):
+        try:
+            data = source.read()
+        except (OSError, ValueError) as exc:  # ValueError: a closed file
+            raise ImageError(f"{label}: cannot read the file object: {exc}") from exc
+        if not isinstance(data, bytes):
+            raise ImageError(f"{label}: file object gives {type(data).__name__}, not bytes; open it in binary mode ('rb')")
+        return load_image(data, max_pixels, label)
     if isinstance(source, (str, Path)):
+        if not str(source):
+            raise ImageError(f"{label}: empty path")
         path = Path(source)
         _check_path(path, label)
         try:
@@ -69,7 +85,7 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: 
             raise ImageError(f"{label}: cannot open: {exc.strerror or exc}") from exc
         with handle:
             return _decode(handle, max_pixels, label)
-    raise ImageError(f"{label}: unsupported input type {type(source).__name__} (expected a path, bytes or PIL image)")
+    raise ImageError(f"{label}: unsupported input type {type(source).__name__} (expected a path, bytes, a binary file object or a PIL image)")
 
 
 def _check_path(path: Path, label: str) -> None:

@@ -28,6 +28,14 @@ _ORT_TYPES = {
 }
 
 
+_LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
 @dataclass(frozen=True)
 class SessionSettings:
     """Runtime knobs shared by every session of a bundle."""
@@ -36,22 +44,21 @@ class SessionSettings:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     graph_optimization: str = "all"  # "disabled" | "basic" | "extended" | "all"
 
+    def __post_init__(self) -> None:
+        threads = self.threads
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise ValueError(f"threads must be an integer >= 1 (or None for all cores), got {threads!r}")
+        if self.graph_optimization not in _LEVELS:
+            raise ValueError(f"graph_optimization must be one of {', '.join(_LEVELS)}, got {self.graph_optimization!r}")
+
     def options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
         if self.threads is not None:
-            if self.threads < 1:
-                raise ValueError(f"threads must be >= 1, got {self.threads}")
             options.intra_op_num_threads = self.threads
         # One graph runs at a time; inter-op parallelism only adds contention on a shared CPU.
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        levels = {
-            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }
-        options.graph_optimization_level = levels[self.graph_optimization]
+        options.graph_optimization_level = _LEVELS[self.graph_optimization]
         options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise
         return options
 

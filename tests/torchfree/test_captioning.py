@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -62,9 +64,34 @@ def test_batch_equals_single_and_order_is_kept(captioner: Captioner) -> None:
 def test_path_str_bytes_and_pil_give_the_same_caption(captioner: Captioner, tmp_path: Path) -> None:
     photo(3).save(tmp_path / "a.png")
     sources = [tmp_path / "a.png", str(tmp_path / "a.png"), (tmp_path / "a.png").read_bytes(), Image.open(tmp_path / "a.png")]
-    captions = captioner.caption(sources)
-    assert len(set(captions)) == 1
+    data = (tmp_path / "a.png").read_bytes()
+    with open(tmp_path / "a.png", "rb") as handle:
+        sources += [bytearray(data), memoryview(data), io.BytesIO(data), handle]
+        captions = captioner.caption(sources)
+    assert len(set(captions)) == 1 and len(captions) == 8
     assert captioner.caption(tmp_path / "a.png") == captions[:1]  # a single source is accepted too
+    assert captioner.caption(io.BytesIO(data)) == captions[:1]
+    assert captioner.caption(memoryview(data)) == captions[:1]
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("", "<empty path>: empty path"),
+        (np.zeros((4, 4, 3), np.uint8), "<ndarray #0>: unsupported input type ndarray"),
+        (None, "<NoneType #0>: unsupported input type"),
+        (io.StringIO("text"), "file object gives str, not bytes"),
+    ],
+)
+def test_unusable_sources_are_named_errors(captioner: Captioner, source: object, message: str) -> None:
+    with pytest.raises(ImageError, match=re.escape(message)):
+        captioner.caption([source])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(("setting", "value"), [("threads", 0), ("threads", 1.5), ("threads", "2"), ("batch_size", 2.5)])
+def test_bad_settings_raise_value_error_before_loading(engine_bundle: Path, setting: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"{setting} must be an integer"):
+        Captioner(engine_bundle, **{setting: value})  # type: ignore[arg-type]
 
 
 def test_timings_accumulate_and_reset(captioner: Captioner) -> None:
