@@ -307,6 +307,9 @@ def _stream_records(
             logger.setLevel(level)
 
 
+PUMP_JOIN_S = 10.0  # how long an interrupted or failed run waits for Ray's result iterator to close
+
+
 def _watch(items: Any, timeout: float, message: Any) -> Iterator[Any]:
     """Yield from `items` (consumed in a helper thread); RayStallError if none arrives for `timeout` s."""
     results: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=2)
@@ -346,6 +349,10 @@ def _watch(items: Any, timeout: float, message: Any) -> Iterator[Any]:
             yield value
     finally:
         stop.set()
+        # Let the pump see `stop` and close the Ray iterator before the caller shuts Ray down: a pump still
+        # inside the iterator after ray.shutdown() makes Ray reconnect and print tracebacks. A stalled
+        # iterator may never return, so the wait is bounded.
+        thread.join(timeout=PUMP_JOIN_S)
 
 
 def _stall_message(ray: Any, plan: ActorPlan, timeout: float) -> str:
