@@ -30,7 +30,7 @@ def _system_list(ctx: click.Context, param: click.Parameter, value: str) -> list
     unknown = [n for n in names if n not in SYSTEMS]
     if unknown or not names:
         raise click.BadParameter(f"unknown system(s) {', '.join(unknown) or '(none)'}; choose from {','.join(SYSTEMS)}")
-    return names
+    return list(dict.fromkeys(names))  # each system once, in the order given
 
 
 def _default_cache() -> Path:

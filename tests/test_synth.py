@@ -126,6 +126,10 @@ def test_generate_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
         generate(tmp_path, 2, seed=1)
     generate(tmp_path, 3, seed=2, overwrite=True)
     assert len(_rows(tmp_path)) == 3
+    # A smaller set replacing a larger one removes the images it no longer lists, and nothing else.
+    (tmp_path / "notes.txt").write_text("mine")
+    generate(tmp_path, 1, seed=2, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.jpg", "metadata.jsonl", "notes.txt"]
     with pytest.raises(ValueError):
         generate(tmp_path / "x", -1)
 
@@ -141,6 +145,13 @@ def test_cli_synth_then_check(tmp_path: Path) -> None:
     check = CliRunner().invoke(main, ["data", "check", str(out)])
     assert check.exit_code == 0, check.output
     assert "examples: 8 usable" in check.output
+    (tmp_path / "a_file").write_text("x")
+    under_a_file = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "a_file" / "d"), "--n", "1"])
+    assert under_a_file.exit_code == 1 and "cannot write the data set there" in under_a_file.output
+    empty = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "none"), "--n", "0"])
+    assert empty.exit_code == 0
+    check = CliRunner().invoke(main, ["data", "check", str(tmp_path / "none")])
+    assert check.exit_code == 1 and "metadata.jsonl: lists no images" in check.output
 
 
 def test_examples_folder_is_the_seed_7_sample() -> None:

@@ -392,7 +392,8 @@ def check_folder(folder: str | Path, caption_column: str = "text") -> CheckRepor
 
     Problems: missing or ambiguous metadata file, malformed line (with its number), missing or empty
     caption, duplicate file_name, a path leading outside the folder, a listed image that is missing,
-    unreadable or truncated (each image is decoded in full). Warnings: images present but not listed.
+    unreadable, truncated (each image is decoded in full) or above the decode cap, a metadata file that
+    lists nothing. Warnings: images present but not listed.
     Raises DataError only when `folder` is not a folder.
     """
     folder = Path(folder)
@@ -407,6 +408,8 @@ def check_folder(folder: str | Path, caption_column: str = "text") -> CheckRepor
             assert size is not None
             good.append(example)
             sizes[example.file_name] = size
+    if not parsed.fatal and not parsed.examples and not problems:
+        problems.append(Problem(parsed.metadata or str(folder), "lists no images: nothing to train or evaluate on"))
     warnings: list[Problem] = []
     if not parsed.fatal:
         listed = {e.file_name for e in parsed.examples} | {p.file_name for p in parsed.problems if p.file_name}

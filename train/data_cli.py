@@ -30,7 +30,9 @@ def synth(out: Path, n: int, seed: int, workers: int | None, overwrite: bool) ->
     try:
         generate(out, n, seed=seed, workers=workers, overwrite=overwrite)
     except FileExistsError as exc:
-        raise click.ClickException(f"{exc} (use --overwrite)") from exc
+        raise click.ClickException(f"{out} already holds a data set; pass --overwrite to replace it") from exc
+    except OSError as exc:
+        raise click.ClickException(f"{out}: cannot write the data set there ({exc.strerror or exc})") from exc
     click.echo(f"wrote {n} images and metadata.jsonl to {out} in {time.perf_counter() - start:.1f}s (seed {seed})")
 
 

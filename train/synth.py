@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -744,8 +745,8 @@ def generate(
     order. The same `seed` gives byte-identical files for any `workers` (worker processes; default: 2 for
     large sets, where the cores exist). Raises ValueError for a negative `n` or `seed`, and FileExistsError
     when `out_dir` already holds a metadata file and `overwrite` is false. With `overwrite`, the metadata
-    and the images of this run replace what was there; other files are left alone (`edlight data check`
-    would list images of an earlier, larger run as unlisted).
+    and the images of this run replace what was there, images an earlier run listed but this one does not
+    write are removed, and any other file is left alone.
     """
     if n < 0 or seed < 0:
         raise ValueError(f"n and seed must be >= 0 (got n={n}, seed={seed})")
@@ -756,6 +757,7 @@ def generate(
         raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass overwrite=True to replace it")
     if (out / "metadata.csv").exists():
         (out / "metadata.csv").unlink()  # two metadata files would make the folder ambiguous
+    earlier = _generated_names(out / METADATA) if overwrite else set()
     digits = max(5, len(str(max(n - 1, 0))))
     names = [f"{i:0{digits}d}.jpg" for i in range(n)]
     jobs = [(seed, i, str(out), names[i]) for i in range(n)]
@@ -771,4 +773,21 @@ def generate(
         for name, (text, kind) in zip(names, results, strict=True)
     ]
     (out / METADATA).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    for stale in sorted(earlier - set(names)):  # images of an earlier, larger run: no longer listed
+        (out / stale).unlink(missing_ok=True)
     return out
+
+
+def _generated_names(metadata: Path) -> set[str]:
+    """The image names an earlier `generate` listed in `metadata` (only names of the form it writes)."""
+    if not metadata.is_file():
+        return set()
+    names = set()
+    for line in metadata.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            name = json.loads(line).get("file_name")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(name, str) and re.fullmatch(r"\d{5,}\.jpg", name):
+            names.add(name)
+    return names
