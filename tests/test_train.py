@@ -82,6 +82,38 @@ def test_base_preset_is_textcaps_base_architecture() -> None:
     assert got.text_config.vocab_size == 50244 and got.text_config.is_decoder
 
 
+def test_vision_init_whitens_the_patch_projection_on_the_training_patches() -> None:
+    import numpy as np
+    from PIL import Image
+
+    from train.presets import PCA_EPSILON, _patch_sample, build_from_preset
+
+    rng = np.random.default_rng(0)
+    # Ruled "pages": faint lines every 7 px at a random offset, plus noise (what the init is for).
+    pages = []
+    for _ in range(6):
+        page = np.full((96, 128, 3), 235.0) + rng.normal(0, 4, (96, 128, 3))
+        page[int(rng.integers(7)) :: 7] -= 40
+        pages.append(Image.fromarray(page.clip(0, 255).astype(np.uint8)))
+    captions = ["lined page", "grid page"]
+    model, processor = build_from_preset("tiny", captions, max_patches=64, seed=0, images=pages)
+    patches = _patch_sample(processor, pages)
+    assert patches.shape[1] == 768 and len(patches) >= 128
+    projection = model.encoder.embeddings.patch_projection
+    with torch.no_grad():
+        features = projection(torch.as_tensor(patches)).numpy()
+    # Centred, and each of the 128 directions has standard deviation s / (s + eps) < 1 on the sample.
+    assert np.abs(features.mean(0)).max() < 1e-3
+    spread = features.std(0)
+    assert spread.max() < 1.0 and spread[0] > 1.0 - PCA_EPSILON, spread[:4]
+    assert np.all(np.diff(spread) <= 1e-4)  # strongest direction first
+    # The same images and seed give the same model; no images leave the projection at its random init.
+    again, _ = build_from_preset("tiny", captions, max_patches=64, seed=0, images=pages)
+    assert torch.equal(again.encoder.embeddings.patch_projection.weight, projection.weight)
+    plain, _ = build_from_preset("tiny", captions, max_patches=64, seed=0)
+    assert not torch.allclose(plain.encoder.embeddings.patch_projection.weight, projection.weight)
+
+
 def test_preset_processor_saves_and_reloads(tmp_path: Path) -> None:
     from transformers import Pix2StructForConditionalGeneration, Pix2StructProcessor
 

@@ -235,6 +235,13 @@ def epoch_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epo
 # ----------------------------------------------------------------------------- run dir
 
 
+def _thumbnail(image: Image.Image, side: int = 640) -> Image.Image:
+    """Shrink to fit side x side (in place): plenty for the few hundred patches a from-scratch preset uses,
+    and the processor then works on a small image."""
+    image.thumbnail((side, side))
+    return image
+
+
 def _check_out(cfg: TrainConfig) -> str:
     """Decide what to do with RUN/: "fresh" or "resume". Raises TrainError on a conflicting dir."""
     out = Path(cfg.out)
@@ -390,7 +397,7 @@ def _run(config: TrainConfig) -> TrainResult:
     from train.checkpoint import atomic_save, check_checkpoint_dir, is_hub_id, load_checkpoint, recover
     from train.data import DataError, load_split, split_of
     from train.evaluate import corpus_scores, encode_images, generate_from_patches, load_rgb
-    from train.presets import build_from_preset, count_parameters
+    from train.presets import VISION_INIT_IMAGES, build_from_preset, count_parameters
 
     cfg = config.resolved()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -441,8 +448,10 @@ def _run(config: TrainConfig) -> TrainResult:
         model, processor = load_checkpoint(cfg.base, max_patches=cfg.max_patches)
     else:
         assert cfg.preset is not None
+        # A preset with vision_init reads the first few hundred training images once, as the engine loads them.
+        sample = (_thumbnail(load_rgb(e.path)) for e in train_ex[:VISION_INIT_IMAGES])
         model, processor = build_from_preset(
-            cfg.preset, [e.text for e in train_ex], cfg.max_patches, seed=cfg.seed
+            cfg.preset, [e.text for e in train_ex], cfg.max_patches, seed=cfg.seed, images=sample
         )
     if cfg.max_new_tokens:
         model.generation_config.max_new_tokens = cfg.max_new_tokens

@@ -7,9 +7,10 @@ T5-style fast tokenizer (pad=0 "<pad>", eos=1 "</s>", unk=2 "<unk>").
 
 Presets:
 - ``tiny``: ~1.5M parameters, 128 hidden, 3+3 layers, 256 patches (digits of the
-  synthetic pages stay legible at that resolution). Trains from
-  scratch on 2,000 synthetic images in minutes on 2 CPU cores; the engine's
-  default model.
+  synthetic pages stay legible at that resolution). Trains from scratch on
+  2,000 synthetic images in under 20 minutes on 2 CPU cores, with its vision
+  tower initialised from the training images (init_vision_tower); the
+  engine's default model.
 - ``small``: ~10M parameters, 256 hidden, 4+4 layers, 512 patches.
 - ``base``: exactly google/pix2struct-textcaps-base (the default
   ``Pix2StructConfig()``): 768 hidden, 12+12 layers, 12 heads, gated-GELU
@@ -23,11 +24,12 @@ Presets:
 from __future__ import annotations
 
 import string
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from PIL import Image
     from transformers import (
         Pix2StructForConditionalGeneration,
         Pix2StructProcessor,
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     )
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+VISION_INIT_IMAGES = 300  # training images whose patches initialise the patch projection (vision_init)
+PCA_EPSILON = 0.1  # added to each direction's spread: the weakest directions are not blown up to noise
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
 # Always in the vocabulary, so a test caption with an unseen digit or sign is never <unk>.
 INITIAL_ALPHABET = list(string.ascii_letters + string.digits + string.punctuation + "▁")
@@ -61,6 +65,9 @@ class Preset:
     lr: float = 1e-3
     warmup_ratio: float = 0.05
     max_new_tokens: int = 64
+    # Initialise the vision tower from the training images (see init_vision_tower): for presets trained
+    # from scratch on a few thousand images, where a default-initialised ViT barely learns to read them.
+    vision_init: bool = False
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -80,11 +87,12 @@ PRESETS: dict[str, Preset] = {
         max_patches=256,
         tokenizer_vocab=512,
         dropout=0.0,
-        epochs=14,
+        epochs=22,
         batch_size=16,
         lr=2e-3,
         warmup_ratio=0.05,
         max_new_tokens=48,
+        vision_init=True,
         notes="default engine model; from scratch on synthetic data",
     ),
     "small": Preset(
@@ -235,11 +243,16 @@ def model_config(preset: Preset, vocab_size: int, max_patches: int | None = None
 
 
 def build_from_preset(
-    name: str, captions: Sequence[str], max_patches: int | None = None, seed: int = 0
+    name: str,
+    captions: Sequence[str],
+    max_patches: int | None = None,
+    seed: int = 0,
+    images: Iterable[Image.Image] | None = None,
 ) -> tuple[Pix2StructForConditionalGeneration, Pix2StructProcessor]:
-    """A randomly initialised model of preset `name` and a processor with a tokenizer trained on `captions`.
+    """A freshly initialised model of preset `name` and a processor with a tokenizer trained on `captions`.
 
-    `max_patches` overrides the preset's patch budget; `seed` fixes the initial weights.
+    `max_patches` overrides the preset's patch budget; `seed` fixes the initial weights. For a preset with
+    `vision_init`, `images` (a few hundred training images; read once) initialise the vision tower.
     Raises ValueError for an unknown preset or empty captions.
     """
     import torch
@@ -276,7 +289,68 @@ def build_from_preset(
     processor = Pix2StructProcessor(
         image_processor=Pix2StructImageProcessor(max_patches=patches, is_vqa=False), tokenizer=tokenizer
     )
+    if preset.vision_init:
+        init_vision_tower(model, _patch_sample(processor, images or []))
     return model, processor
+
+
+def _patch_sample(processor: Any, images: Iterable[Image.Image]) -> Any:
+    """The flattened pixels of every real (non-padding) patch of `images`, as the processor makes them."""
+    import numpy as np
+
+    image_processor = processor.image_processor
+    parts = []
+    for image in images:
+        encoded = image_processor(images=[image], max_patches=image_processor.max_patches, return_tensors="np")
+        patches, mask = encoded["flattened_patches"][0], encoded["attention_mask"][0]
+        parts.append(patches[mask > 0][:, 2:])  # drop the row/column ids
+    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+
+def init_vision_tower(model: Any, patches: Any) -> None:
+    """Initialise Pix2Struct's vision tower so that a from-scratch run learns to read pages sooner.
+
+    Three parts, each measured on the synthetic pages (README, training section):
+    - T5-style fan-in scales for the attention and MLP weights (Pix2Struct's attention has no 1/sqrt(d));
+    - sin/cos tables for the row and column embeddings, so that neighbouring patches start out similar;
+    - the patch projection from the principal components of `patches` (rows of flattened patch pixels from
+      training images), whitened: the first layer starts with the directions along which real patches vary,
+      such as the faint ruling of lined or grid paper, instead of random ones. Skipped when `patches` has
+      fewer rows than the hidden size.
+    """
+    import torch
+
+    encoder = model.encoder
+    config = model.config.vision_config
+    hidden, d_kv, heads, d_ff = config.hidden_size, config.d_kv, config.num_attention_heads, config.d_ff
+    with torch.no_grad():
+        for layer in encoder.encoder.layer:
+            attention, mlp = layer.attention, layer.mlp
+            attention.query.weight.normal_(0.0, (hidden * d_kv) ** -0.5)
+            attention.key.weight.normal_(0.0, hidden**-0.5)
+            attention.value.weight.normal_(0.0, hidden**-0.5)
+            attention.output.weight.normal_(0.0, (heads * d_kv) ** -0.5)
+            mlp.wi_0.weight.normal_(0.0, hidden**-0.5)
+            mlp.wi_1.weight.normal_(0.0, hidden**-0.5)
+            mlp.wo.weight.normal_(0.0, d_ff**-0.5)
+        rows = encoder.embeddings.row_embedder.weight.shape[0]
+        position = torch.arange(rows, dtype=torch.float32)[:, None]
+        frequencies = 1.0 / (10000 ** (torch.arange(0, hidden, 2, dtype=torch.float32) / hidden))
+        table = torch.zeros(rows, hidden)
+        table[:, 0::2], table[:, 1::2] = torch.sin(position * frequencies), torch.cos(position * frequencies)
+        encoder.embeddings.row_embedder.weight.copy_(table * 0.5)
+        # Columns get the same table shifted, so that a row id and a column id do not look alike.
+        encoder.embeddings.column_embedder.weight.copy_(torch.roll(table, hidden // 4, dims=1) * 0.5)
+        if len(patches) < hidden:
+            return
+        pixels = torch.as_tensor(patches, dtype=torch.float32)
+        mean = pixels.mean(0)
+        _, singular, directions = torch.linalg.svd(pixels - mean, full_matrices=False)
+        spread = singular[:hidden, None] / len(pixels) ** 0.5  # standard deviation along each direction
+        weight = directions[:hidden] / (spread + PCA_EPSILON)
+        projection = encoder.embeddings.patch_projection
+        projection.weight.copy_(weight)
+        projection.bias.copy_(-(weight @ mean))
 
 
 def ensure_causal_decoder(model: Any) -> bool:
