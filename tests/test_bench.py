@@ -45,6 +45,9 @@ def test_bad_options_are_refused_with_a_message() -> None:
     result = runner.invoke(bench, ["--batch-sizes", "1,zero"])
     assert result.exit_code == 2
     assert "comma-separated integers" in result.output
+    from benchmarks.cli import _system_list
+
+    assert _system_list(None, None, "engine,torch,engine") == ["engine", "torch"]  # type: ignore[arg-type]
     for seconds in ("inf", "nan", "0"):
         result = runner.invoke(bench, ["--ceiling-seconds", seconds])
         assert result.exit_code == 2 and "--ceiling-seconds" in result.output
