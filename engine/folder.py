@@ -132,7 +132,7 @@ class RecordWriter:
         try:
             # A device or pipe (/dev/stdout) is written as a stream: never read back, truncated or synced.
             self._regular = not self.out.exists() or self.out.is_file()
-            fresh = not self._regular or not self.out.exists() or self.out.stat().st_size == 0
+            fresh = not self.out.is_file() or self.out.stat().st_size == 0
             self._handle = open(self.out, "a", encoding="utf-8", newline="")
         except OSError as exc:
             raise OutputError(f"{self.out}: cannot write: {exc.strerror or exc}") from exc

@@ -66,7 +66,7 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: 
         if not data:
             raise ImageError(f"{label}: empty input (0 bytes)")
         return _decode(io.BytesIO(data), max_pixels, label)
-    if hasattr(source, "read") and not isinstance(source, (str, Path)):
+    if hasattr(source, "read"):
         try:
             data = source.read()
         except (OSError, ValueError) as exc:  # ValueError: a closed file

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine.bundle import MANIFEST_NAME
 from engine.errors import EdlightError
 
 
@@ -45,7 +46,7 @@ def check_checkpoint_dir(path: str | Path) -> Path:
         (path / f).is_file()
         for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
     ):
-        if (path / "edlight.json").is_file():
+        if (path / MANIFEST_NAME).is_file():
             raise CheckpointError(
                 f"{path} is an ONNX bundle made by `edlight export`, not a PyTorch checkpoint; give the "
                 "checkpoint it was exported from (`edlight parity` scores a bundle against it)"

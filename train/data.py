@@ -409,7 +409,7 @@ def check_folder(folder: str | Path, caption_column: str = "text") -> CheckRepor
             good.append(example)
             sizes[example.file_name] = size
     if not parsed.fatal and not parsed.examples and not problems:
-        problems.append(Problem(parsed.metadata or str(folder), "lists no images: nothing to train or evaluate on"))
+        problems.append(Problem(parsed.metadata, "lists no images: nothing to train or evaluate on"))
     warnings: list[Problem] = []
     if not parsed.fatal:
         listed = {e.file_name for e in parsed.examples} | {p.file_name for p in parsed.problems if p.file_name}
