@@ -29,6 +29,7 @@ from export import ExportError
 
 if TYPE_CHECKING:
     from export.validate import GreedyComparison
+    from train.data import Example
 
 TASK = "image-to-text-with-past"
 # Which decoder the bundle ships. Measured on this 2-core machine (ORT 1.32, 2 threads, shared and
@@ -196,18 +197,19 @@ def _run_optimum(model: Any, processor: Any, raw: Path, layout: str) -> None:
         raise ExportError(f"{model.config._name_or_path}: ONNX outputs differ from PyTorch (Optimum validation): {failures[0]}")
 
 
-def _validation_images(data: Path | None) -> list[Any]:
+def _validation_images(examples: list[Example] | None) -> list[Any]:
+    """The first test-split images of the already validated data (else of all of it), or generated samples."""
     from export.validate import sample_images
 
-    if data is None:
+    if not examples:
         return sample_images()
     from PIL import Image
 
-    from train.data import load_split
+    from train.data import split_of
 
-    examples = load_split(data, "test")[:VALIDATION_IMAGES] or load_split(data, "all")[:VALIDATION_IMAGES]
+    test = [e for e in examples if split_of(e.file_name) == "test"]
     images = []
-    for example in examples:
+    for example in (test or examples)[:VALIDATION_IMAGES]:
         with Image.open(example.path) as img:
             images.append(img.convert("RGB"))
     return images or sample_images()
@@ -288,21 +290,24 @@ def export_bundle(
     data_path = Path(data) if data is not None else None
     if data_path is not None and not data_path.is_dir():
         raise ExportError(f"{data_path}: data folder not found; pass a folder with images and metadata.jsonl")
+    examples = None
     if data_path is not None:
         from train.data import load_split
 
-        load_split(data_path, "all")  # raises DataError listing every bad file, before minutes of export
+        examples = load_split(data_path, "all")  # raises DataError listing every bad file, before minutes of export
     out = Path(out).expanduser().absolute()
     tmp = _place_temp_dir(out, force, [info.path] + ([data_path] if data_path is not None else []))
     try:
-        staged = _build(info, tmp, quantize, data_path, decoder_layout)
+        staged = _build(info, tmp, quantize, data_path, examples, decoder_layout)
         _move_into_place(staged, out, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _build(info: CheckpointInfo, tmp: Path, quantize: str | None, data: Path | None, layout: str) -> Path:
+def _build(
+    info: CheckpointInfo, tmp: Path, quantize: str | None, data: Path | None, examples: list[Example] | None, layout: str
+) -> Path:
     from export.validate import compare_greedy
 
     log.info("loading %s", info.path)
@@ -328,7 +333,7 @@ def _build(info: CheckpointInfo, tmp: Path, quantize: str | None, data: Path | N
     shutil.rmtree(raw)
     rewrites = _optimize_graphs(bundle, onnx_files)
 
-    images = _validation_images(data)
+    images = _validation_images(examples)
     log.info("validating the %s decoder against PyTorch on %d images", layout, len(images))
     fp32 = compare_greedy(model, processor, bundle, onnx_files, layout, images, VALIDATION_TOKENS)
     require_identical(fp32, info.path)
