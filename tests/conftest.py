@@ -31,7 +31,9 @@ def tiny_run(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     from train.loop import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    train(TrainConfig(data=synth_data, out=out, preset="tiny", epochs=3, batch_size=16, seed=0))
+    # 3 epochs instead of the preset's 22: a higher learning rate than the preset's gets this short
+    # schedule far enough that the captions are stable (int8 parity, token agreement).
+    train(TrainConfig(data=synth_data, out=out, preset="tiny", epochs=3, batch_size=16, lr=2e-3, seed=0))
     return out
 
 

@@ -469,7 +469,7 @@ def test_two_process_ddp_run_on_cpu(small_data: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_processes_train_as_well_as_one_at_the_same_global_batch(small_data: Path, tmp_path: Path) -> None:
     """DDP averages gradients over ranks, so 2 processes x batch 4 should learn like 1 process x batch 8."""
-    common = ["--data", str(small_data), "--preset", "tiny", "--epochs", "3", "--max-patches", "64",
+    common = ["--data", str(small_data), "--preset", "tiny", "--epochs", "3", "--lr", "2e-3", "--max-patches", "64",
               "--no-augment", "--no-progress", "--seed", "0"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     runs = {
