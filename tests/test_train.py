@@ -23,7 +23,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from train.checkpoint import CheckpointError, atomic_save, recover  # noqa: E402
 from train.data import DataError  # noqa: E402
-from train.loop import TrainConfig, TrainError, epoch_batches, train  # noqa: E402
+from train.loop import TrainConfig, TrainError, epoch_batches, train, uses_bf16  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(preset="tiny", batch_size=8, max_patches=64, max_new_tokens=12, progress=False)
@@ -252,7 +252,7 @@ def test_cli_refuses_out_of_range_options_before_writing_anything(small_data: Pa
 
     base = ["--data", str(small_data), "--out", str(tmp_path / "run"), "--preset", "tiny"]
     for bad in (["--test-ratio", "2"], ["--workers", "-1"], ["--max-patches", "0"], ["--epochs", "0"], ["--lr", "0"],
-                ["--lr", "nan"], ["--lr", "inf"], ["--test-ratio", "nan"]):
+                ["--lr", "nan"], ["--lr", "inf"], ["--test-ratio", "nan"], ["--precision", "fp16"]):
         res = CliRunner().invoke(train_command, [*base, *bad])
         assert res.exit_code == 2 and "Invalid value for" in res.output and bad[0] in res.output, res.output
     assert not (tmp_path / "run").exists()
@@ -265,6 +265,33 @@ def test_a_diverging_run_stops_with_an_error_instead_of_saving_nan_weights(small
     with pytest.raises(TrainError, match="training diverged; lower --lr"):
         train(TrainConfig(data=small_data, out=tmp_path / "run", epochs=1, lr=float("inf"), **FAST))
     assert not (tmp_path / "run" / "best").exists()
+
+
+def test_precision_choice() -> None:
+    assert uses_bf16("bf16", "cpu") and not uses_bf16("fp32", "cpu")
+    assert not uses_bf16("auto", "mps")  # no native-bf16 probe for other devices: stay fp32
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert uses_bf16("auto", "cpu") == native
+    with pytest.raises(TrainError, match="precision must be one of auto, bf16, fp32"):
+        TrainConfig(data=".", out="run", preset="tiny", precision="fp16").resolved()
+
+
+@pytest.mark.slow
+def test_bf16_training_runs_autocast_and_saves_fp32_weights(small_data: Path, tmp_path: Path) -> None:
+    runs = {
+        p: train(TrainConfig(data=small_data, out=tmp_path / p, epochs=1, seed=3, precision=p, **FAST))
+        for p in ("fp32", "bf16")
+    }
+    losses = {
+        p: [json.loads(line)["loss"] for line in (tmp_path / p / "steps.jsonl").read_text().splitlines()]
+        for p in runs
+    }
+    # The same steps on the same data: bf16 rounding moves the losses a little, and does move them.
+    assert losses["bf16"] != losses["fp32"]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.03)
+    for p, run in runs.items():
+        assert json.loads((tmp_path / p / "run_config.json").read_text())["precision"] == p
+        assert {w.dtype for w in _weights(run.last_dir).values()} == {torch.float32}
 
 
 def test_evaluate_says_when_it_is_given_a_bundle(small_data: Path, tmp_path: Path) -> None:

@@ -50,6 +50,10 @@ from engine.errors import EdlightError
 @click.option(
     "--threads", type=click.IntRange(min=1), default=None, help="Torch threads per process (default: cores left after workers)."
 )
+@click.option(
+    "--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+    help="Training forward pass in bf16 autocast or fp32; auto: bf16 where the processor computes bf16 natively.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(
     data: Path,
@@ -69,6 +73,7 @@ def train(
     test_ratio: float,
     workers: int,
     threads: int | None,
+    precision: str,
     no_progress: bool,
 ) -> None:
     """Fine-tune Pix2Struct on DATA; writes RUN/best, RUN/last, metrics.jsonl and curves.png.
@@ -98,6 +103,7 @@ def train(
         test_ratio=test_ratio,
         num_workers=workers,
         threads=threads,
+        precision=precision,
         progress=not no_progress,
     )
     try:

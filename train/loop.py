@@ -42,6 +42,7 @@ BASE_DEFAULTS = {"epochs": 5, "batch_size": 8, "lr": 1e-4, "warmup_ratio": 0.05,
 PREDOWNSCALE_AREA = 1.6
 # In-memory cache of the shrunk training images, per process.
 CACHE_BYTES = 2 * 1024**3
+PRECISIONS = ("auto", "bf16", "fp32")
 # Settings that define a run: --resume and a second `train` into the same --out must match them.
 IDENTITY_FIELDS = (
     "data", "base", "preset", "batch_size", "grad_accum", "lr", "max_patches", "seed", "augment",
@@ -80,6 +81,9 @@ class TrainConfig:
     eval_batch_size: int = 32
     num_workers: int = 1  # DataLoader workers per process: prepare batches while the model trains
     threads: int | None = None  # torch threads per process; None: the CPU cores left after the workers
+    # Autocast of the training forward pass: "bf16", "fp32", or "auto" (bf16 where the processor has native
+    # bf16 arithmetic, e.g. AVX512-BF16/AMX CPUs or bf16 GPUs). Weights, optimizer state and evaluation stay fp32.
+    precision: str = "auto"
     progress: bool = True
     stop_after: int | None = None  # end this invocation after N epochs (schedule still spans `epochs`)
 
@@ -112,6 +116,8 @@ class TrainConfig:
                 raise TrainError(f"{name} must be at least 1, got {getattr(c, name)}")
         if c.lr is None or c.lr <= 0:
             raise TrainError(f"lr must be positive, got {c.lr}")
+        if c.precision not in PRECISIONS:
+            raise TrainError(f"precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
         return c
 
     def identity(self) -> dict[str, Any]:
@@ -345,6 +351,25 @@ def _lr_lambda(total: int, warmup: int) -> Any:
     return f
 
 
+def uses_bf16(precision: str, device_type: str) -> bool:
+    """Whether the training forward pass runs under bf16 autocast (see TrainConfig.precision).
+
+    "auto" picks bf16 only where the hardware computes in bf16 natively: there it is the fast path (measured
+    on this project's AVX512-BF16 CPU, tiny preset: 1.8x faster steps on one thread, same losses to 3
+    digits), while elsewhere PyTorch emulates bf16 and it would be slower than fp32.
+    """
+    import torch
+
+    if precision != "auto":
+        return precision == "bf16"
+    if device_type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device_type != "cpu":
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up defensively
+    return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
+
+
 def _rng_state() -> dict[str, Any]:
     import torch
 
@@ -407,6 +432,7 @@ def _run(config: TrainConfig) -> TrainResult:
         cores = os.cpu_count() or 1
         torch.set_num_threads(cfg.threads or max(1, cores // accelerator.num_processes - cfg.num_workers))
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    bf16 = uses_bf16(cfg.precision, accelerator.device.type)
     log = _log if is_main else (lambda _msg: None)
     out = Path(cfg.out)
     data = Path(cfg.data)
@@ -499,7 +525,8 @@ def _run(config: TrainConfig) -> TrainResult:
     elif is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.json").write_text(
-            json.dumps({**cfg.identity(), "epochs": cfg.epochs}, indent=2) + "\n"
+            json.dumps({**cfg.identity(), "epochs": cfg.epochs, "precision": "bf16" if bf16 else "fp32"}, indent=2)
+            + "\n"
         )
         for stale in ("metrics.jsonl", "steps.jsonl"):
             (out / stale).unlink(missing_ok=True)
@@ -512,7 +539,8 @@ def _run(config: TrainConfig) -> TrainResult:
         log(
             f"model: {count_parameters(raw_model) / 1e6:.2f}M parameters, {max_patches} patches, "
             f"vocab {raw_model.config.text_config.vocab_size}; data: {len(train_ex)} train / {len(test_ex)} test; "
-            f"{world} process(es) x batch {cfg.batch_size} x accum {cfg.grad_accum}, {total_steps} steps"
+            f"{world} process(es) x batch {cfg.batch_size} x accum {cfg.grad_accum}, {total_steps} steps, "
+            f"{'bf16' if bf16 else 'fp32'} forward"
         )
 
     # The test images never change: encode them once (unless that takes too much memory).
@@ -585,7 +613,8 @@ def _run(config: TrainConfig) -> TrainResult:
             # Gradients are summed locally and all-reduced only on the group's last micro-batch.
             ctx = accelerator.no_sync(model) if not group_end else contextlib.nullcontext()
             with ctx:
-                loss = model(**batch).loss
+                with torch.autocast(device_type=accelerator.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = model(**batch).loss
                 accelerator.backward(loss / group_size)
             group_loss += float(loss.detach())
             group_n += 1
