@@ -9,6 +9,7 @@ import click
 
 from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError
+from train.loop import PRECISIONS
 
 
 @click.command()
@@ -51,7 +52,7 @@ from engine.errors import EdlightError
     "--threads", type=click.IntRange(min=1), default=None, help="Torch threads per process (default: cores left after workers)."
 )
 @click.option(
-    "--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+    "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
     help="Training forward pass in bf16 autocast or fp32; auto: bf16 where the processor computes bf16 natively.",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

@@ -433,6 +433,7 @@ def _run(config: TrainConfig) -> TrainResult:
         torch.set_num_threads(cfg.threads or max(1, cores // accelerator.num_processes - cfg.num_workers))
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     bf16 = uses_bf16(cfg.precision, accelerator.device.type)
+    forward_precision = "bf16" if bf16 else "fp32"  # what "auto" resolved to, for the log and run_config.json
     log = _log if is_main else (lambda _msg: None)
     out = Path(cfg.out)
     data = Path(cfg.data)
@@ -525,8 +526,7 @@ def _run(config: TrainConfig) -> TrainResult:
     elif is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.json").write_text(
-            json.dumps({**cfg.identity(), "epochs": cfg.epochs, "precision": "bf16" if bf16 else "fp32"}, indent=2)
-            + "\n"
+            json.dumps({**cfg.identity(), "epochs": cfg.epochs, "precision": forward_precision}, indent=2) + "\n"
         )
         for stale in ("metrics.jsonl", "steps.jsonl"):
             (out / stale).unlink(missing_ok=True)
@@ -540,7 +540,7 @@ def _run(config: TrainConfig) -> TrainResult:
             f"model: {count_parameters(raw_model) / 1e6:.2f}M parameters, {max_patches} patches, "
             f"vocab {raw_model.config.text_config.vocab_size}; data: {len(train_ex)} train / {len(test_ex)} test; "
             f"{world} process(es) x batch {cfg.batch_size} x accum {cfg.grad_accum}, {total_steps} steps, "
-            f"{'bf16' if bf16 else 'fp32'} forward"
+            f"{forward_precision} forward"
         )
 
     # The test images never change: encode them once (unless that takes too much memory).
