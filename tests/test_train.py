@@ -114,6 +114,65 @@ def test_vision_init_whitens_the_patch_projection_on_the_training_patches() -> N
     assert not torch.allclose(plain.encoder.embeddings.patch_projection.weight, projection.weight)
 
 
+def test_vision_init_makes_attention_mimetic() -> None:
+    from train.presets import MIMETIC_SELF_LOGIT, MIMETIC_VO, build_from_preset
+
+    model, _ = build_from_preset("tiny", ["a page"], max_patches=64, seed=0)
+    config = model.config.vision_config
+    hidden, d_kv = config.hidden_size, config.d_kv
+    for layer in model.encoder.encoder.layer:
+        attention = layer.attention
+        query, key = attention.query.weight.detach(), attention.key.weight.detach()
+        value, output = attention.value.weight.detach(), attention.output.weight.detach()
+        assert torch.equal(query, key)  # W_q^T W_k is positive semi-definite: tokens attend to similar tokens
+        # Orthonormal rows, scaled so that a token's own logit is about MIMETIC_SELF_LOGIT.
+        gram = query @ query.T * d_kv / MIMETIC_SELF_LOGIT
+        assert torch.allclose(gram, torch.eye(len(query)), atol=1e-5)
+        # The value/output product is -MIMETIC_VO times the identity (heads * d_kv == hidden in tiny).
+        assert torch.allclose(value.T @ output.T, -MIMETIC_VO * torch.eye(hidden), atol=1e-5)
+        # Each head on its own gets a token's own logit of about MIMETIC_SELF_LOGIT at init.
+        x = layer.pre_attention_layer_norm(torch.randn(256, hidden)).detach()
+        q = (x @ query.T).view(256, -1, d_kv)
+        self_logit = (q * q).sum(-1).mean().item()
+        assert self_logit == pytest.approx(MIMETIC_SELF_LOGIT, rel=0.2)
+    # The seed decides the draw.
+    again, _ = build_from_preset("tiny", ["a page"], max_patches=64, seed=0)
+    other, _ = build_from_preset("tiny", ["a page"], max_patches=64, seed=1)
+    first = model.encoder.encoder.layer[0].attention.query.weight
+    assert torch.equal(again.encoder.encoder.layer[0].attention.query.weight, first)
+    assert not torch.equal(other.encoder.encoder.layer[0].attention.query.weight, first)
+
+
+def test_caption_loss_weights_the_lead_tokens() -> None:
+    from train.loop import caption_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[1, 4:] = -100  # a shorter caption, padded
+    labels[2, 2:] = -100
+    plain = torch.nn.CrossEntropyLoss(ignore_index=-100)(logits.transpose(1, 2), labels)
+    assert caption_loss(logits, labels, 3, 1.0).item() == pytest.approx(plain.item(), rel=1e-6)
+    assert caption_loss(logits, labels, 0, 5.0).item() == pytest.approx(plain.item(), rel=1e-6)
+    token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    real = labels != -100
+    weights = real.float()
+    weights[:, :3] *= 5.0
+    expected = (token * weights).sum() / weights.sum()
+    assert caption_loss(logits, labels, 3, 5.0).item() == pytest.approx(expected.item(), rel=1e-6)
+    # Padding weighs nothing: changing a padded position's logits changes nothing.
+    moved = logits.clone()
+    moved[2, 4] += 100.0
+    assert caption_loss(moved, labels, 3, 5.0).item() == pytest.approx(expected.item(), rel=1e-6)
+    # bf16 logits (autocast) are scored in fp32.
+    assert caption_loss(logits.bfloat16(), labels, 3, 5.0).dtype == torch.float32
+    with pytest.raises(TrainError, match="lead_weight must be a positive number"):
+        TrainConfig(data=".", out="run", preset="tiny", lead_weight=0.0).resolved()
+    resolved = TrainConfig(data=".", out="run", preset="tiny").resolved()
+    assert (resolved.lead_tokens, resolved.lead_weight) == (3, 5.0)
+    assert TrainConfig(data=".", out="run", base="x").resolved().lead_weight == 1.0
+
+
 def test_preset_processor_saves_and_reloads(tmp_path: Path) -> None:
     from transformers import Pix2StructForConditionalGeneration, Pix2StructProcessor
 
@@ -252,7 +311,8 @@ def test_cli_refuses_out_of_range_options_before_writing_anything(small_data: Pa
 
     base = ["--data", str(small_data), "--out", str(tmp_path / "run"), "--preset", "tiny"]
     for bad in (["--test-ratio", "2"], ["--workers", "-1"], ["--max-patches", "0"], ["--epochs", "0"], ["--lr", "0"],
-                ["--lr", "nan"], ["--lr", "inf"], ["--test-ratio", "nan"], ["--precision", "fp16"]):
+                ["--lr", "nan"], ["--lr", "inf"], ["--test-ratio", "nan"], ["--precision", "fp16"],
+                ["--lead-weight", "0"], ["--lead-weight", "nan"], ["--lead-tokens", "-1"]):
         res = CliRunner().invoke(train_command, [*base, *bad])
         assert res.exit_code == 2 and "Invalid value for" in res.output and bad[0] in res.output, res.output
     assert not (tmp_path / "run").exists()

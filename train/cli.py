@@ -42,6 +42,13 @@ from train.loop import PRECISIONS
     "--skip-bad", is_flag=True, help="Train on the good examples and skip bad files (default: refuse)."
 )
 @click.option("--no-augment", is_flag=True, help="Turn off training-time augmentation.")
+@click.option(
+    "--lead-weight", type=FiniteFloatRange(min=0, min_open=True), default=None,
+    help="Loss weight of each caption's first --lead-tokens tokens (default: the preset's; 1 for --base).",
+)
+@click.option(
+    "--lead-tokens", type=click.IntRange(min=0), default=None, help="How many opening tokens --lead-weight covers (default 3)."
+)
 @click.option("--caption-column", default="text", show_default=True, help="Caption column of the metadata.")
 @click.option(
     "--test-ratio", type=FiniteFloatRange(0, 1, max_open=True), default=0.1, show_default=True,
@@ -70,6 +77,8 @@ def train(
     resume: bool,
     skip_bad: bool,
     no_augment: bool,
+    lead_weight: float | None,
+    lead_tokens: int | None,
     caption_column: str,
     test_ratio: float,
     workers: int,
@@ -100,6 +109,8 @@ def train(
         resume=resume,
         skip_bad=skip_bad,
         augment=not no_augment,
+        lead_weight=lead_weight,
+        lead_tokens=lead_tokens,
         caption_column=caption_column,
         test_ratio=test_ratio,
         num_workers=workers,
