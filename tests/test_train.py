@@ -143,6 +143,33 @@ def test_vision_init_makes_attention_mimetic() -> None:
     assert not torch.equal(other.encoder.encoder.layer[0].attention.query.weight, first)
 
 
+def test_mimetic_init_when_heads_need_more_rows_than_hidden() -> None:
+    from types import SimpleNamespace
+
+    from transformers import Pix2StructVisionConfig, Pix2StructVisionModel
+
+    from train.presets import MIMETIC_SELF_LOGIT, MIMETIC_VO, init_vision_tower
+
+    for heads, d_kv in ((4, 16), (6, 32)):  # 64 and 192 projection rows for a 128-wide tower
+        config = Pix2StructVisionConfig(
+            hidden_size=128, num_attention_heads=heads, d_kv=d_kv, d_ff=64, num_hidden_layers=1, seq_len=32
+        )
+
+        # init_vision_tower reads model.encoder and model.config.vision_config
+        model = SimpleNamespace(encoder=Pix2StructVisionModel(config), config=SimpleNamespace(vision_config=config))
+        init_vision_tower(model, [])
+        attention = model.encoder.encoder.layer[0].attention
+        query = attention.query.weight.detach().view(heads, d_kv, 128)
+        for head in query:  # orthonormal within each head, at the scale that gives the intended self logit
+            assert torch.allclose(head @ head.T * d_kv / MIMETIC_SELF_LOGIT, torch.eye(d_kv), atol=1e-5)
+        product = attention.output.weight.detach() @ attention.value.weight.detach()  # W_o W_v
+        if heads * d_kv >= 128:
+            assert torch.allclose(product, -MIMETIC_VO * torch.eye(128), atol=1e-4)
+        else:  # a rank-64 projection: -MIMETIC_VO on its range
+            eigenvalues = torch.linalg.eigvalsh((product + product.T) / 2)
+            assert torch.allclose(eigenvalues[: heads * d_kv], torch.full((heads * d_kv,), -MIMETIC_VO), atol=1e-4)
+
+
 def test_caption_loss_weights_the_lead_tokens() -> None:
     from train.loop import caption_loss
 
@@ -166,8 +193,12 @@ def test_caption_loss_weights_the_lead_tokens() -> None:
     assert caption_loss(moved, labels, 3, 5.0).item() == pytest.approx(expected.item(), rel=1e-6)
     # bf16 logits (autocast) are scored in fp32.
     assert caption_loss(logits.bfloat16(), labels, 3, 5.0).dtype == torch.float32
-    with pytest.raises(TrainError, match="lead_weight must be a positive number"):
-        TrainConfig(data=".", out="run", preset="tiny", lead_weight=0.0).resolved()
+    for bad in (0.0, float("nan"), True, "5"):
+        with pytest.raises(TrainError, match="lead_weight must be a positive number"):
+            TrainConfig(data=".", out="run", preset="tiny", lead_weight=bad).resolved()  # type: ignore[arg-type]
+    for bad_tokens in (-1, 2.5, True):
+        with pytest.raises(TrainError, match="lead_tokens must be an integer"):
+            TrainConfig(data=".", out="run", preset="tiny", lead_tokens=bad_tokens).resolved()  # type: ignore[arg-type]
     resolved = TrainConfig(data=".", out="run", preset="tiny").resolved()
     assert (resolved.lead_tokens, resolved.lead_weight) == (3, 5.0)
     assert TrainConfig(data=".", out="run", base="x").resolved().lead_weight == 1.0
@@ -352,6 +383,33 @@ def test_bf16_training_runs_autocast_and_saves_fp32_weights(small_data: Path, tm
     for p, run in runs.items():
         assert json.loads((tmp_path / p / "run_config.json").read_text())["precision"] == p
         assert {w.dtype for w in _weights(run.last_dir).values()} == {torch.float32}
+
+
+@pytest.mark.slow
+def test_lead_weight_reaches_the_loop_and_old_runs_still_resume(small_data: Path, tmp_path: Path) -> None:
+    from train.cli import train as train_command
+    from train.loop import _check_out
+
+    common = ["--data", str(small_data), "--preset", "tiny", "--batch-size", "8", "--max-patches", "64",
+              "--epochs", "1", "--seed", "3", "--no-progress"]  # fmt: skip
+    for name, extra in (("plain", ["--lead-weight", "1"]), ("lead", ["--lead-weight", "4", "--lead-tokens", "2"])):
+        res = CliRunner().invoke(train_command, [*common, "--out", str(tmp_path / name), *extra])
+        assert res.exit_code == 0, res.output
+    saved = {n: json.loads((tmp_path / n / "run_config.json").read_text()) for n in ("plain", "lead")}
+    assert (saved["lead"]["lead_weight"], saved["lead"]["lead_tokens"]) == (4.0, 2)
+    assert (saved["plain"]["lead_weight"], saved["plain"]["lead_tokens"]) == (1.0, 3)
+    first = {
+        n: json.loads((tmp_path / n / "steps.jsonl").read_text().splitlines()[0])["loss"] for n in ("plain", "lead")
+    }
+    assert first["lead"] != pytest.approx(first["plain"], rel=1e-3)  # same weights, same batch: another loss
+    # A run written before the lead fields existed was a plain-mean run: it resumes as one, and only as one.
+    old = {k: v for k, v in saved["plain"].items() if not k.startswith("lead_")}
+    (tmp_path / "plain" / "run_config.json").write_text(json.dumps(old))
+    settings = dict(data=small_data, out=tmp_path / "plain", preset="tiny", batch_size=8, max_patches=64,
+                    epochs=2, seed=3, resume=True)  # fmt: skip
+    assert _check_out(TrainConfig(**settings, lead_weight=1.0).resolved()) == "resume"
+    with pytest.raises(TrainError, match="lead_weight: 1.0 -> 5.0"):
+        _check_out(TrainConfig(**settings).resolved())
 
 
 def test_evaluate_says_when_it_is_given_a_bundle(small_data: Path, tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ from train.loop import PRECISIONS
     help="Loss weight of each caption's first --lead-tokens tokens (default: the preset's; 1 for --base).",
 )
 @click.option(
-    "--lead-tokens", type=click.IntRange(min=0), default=None, help="How many opening tokens --lead-weight covers (default 3)."
+    "--lead-tokens", type=click.IntRange(min=0), default=None, help="How many opening tokens --lead-weight covers (default: the preset's; 3)."
 )
 @click.option("--caption-column", default="text", show_default=True, help="Caption column of the metadata.")
 @click.option(

@@ -52,6 +52,8 @@ IDENTITY_FIELDS = (
     "test_ratio", "split_seed", "caption_column", "skip_bad", "warmup_ratio", "weight_decay", "max_grad_norm",
     "lead_tokens", "lead_weight",
 )  # fmt: skip
+# What identity fields added later meant for runs whose run_config.json predates them.
+IDENTITY_BEFORE_FIELD = {"lead_tokens": 3, "lead_weight": 1.0}
 
 
 class TrainError(EdlightError):
@@ -124,10 +126,12 @@ class TrainConfig:
                 raise TrainError(f"{name} must be at least 1, got {getattr(c, name)}")
         if c.lr is None or c.lr <= 0:
             raise TrainError(f"lr must be positive, got {c.lr}")
-        if int(c.lead_tokens) < 0:
-            raise TrainError(f"lead_tokens must be at least 0, got {c.lead_tokens}")
-        if not (math.isfinite(c.lead_weight) and c.lead_weight > 0):
-            raise TrainError(f"lead_weight must be a positive number, got {c.lead_weight}")
+        if isinstance(c.lead_tokens, bool) or not isinstance(c.lead_tokens, int) or c.lead_tokens < 0:
+            raise TrainError(f"lead_tokens must be an integer of at least 0, got {c.lead_tokens!r}")
+        weight = c.lead_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight > 0):
+            raise TrainError(f"lead_weight must be a positive number, got {weight!r}")
+        c.lead_weight = float(weight)
         if c.precision not in PRECISIONS:
             raise TrainError(f"precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
         return c
@@ -297,6 +301,7 @@ def _check_out(cfg: TrainConfig) -> str:
         except ValueError as exc:
             raise TrainError(f"{run_file}: unreadable ({exc}); choose a new --out") from exc
         mine = cfg.identity()
+        saved = {**IDENTITY_BEFORE_FIELD, **saved}
         diffs = [f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in IDENTITY_FIELDS if saved.get(k) != mine[k]]
         if diffs:
             raise TrainError(
@@ -645,7 +650,13 @@ def _run(config: TrainConfig) -> TrainResult:
             ctx = accelerator.no_sync(model) if not group_end else contextlib.nullcontext()
             with ctx:
                 with torch.autocast(device_type=accelerator.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = caption_loss(model(**batch).logits, batch["labels"], cfg.lead_tokens, cfg.lead_weight)
+                    output = model(**batch)
+                    # The model's own loss is the plain token mean: use it unless the lead is weighted.
+                    loss = (
+                        output.loss
+                        if cfg.lead_weight == 1.0
+                        else caption_loss(output.logits, batch["labels"], cfg.lead_tokens, cfg.lead_weight)
+                    )
                 accelerator.backward(loss / group_size)
             group_loss += float(loss.detach())
             group_n += 1
