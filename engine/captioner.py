@@ -19,7 +19,7 @@ import numpy as np
 
 from engine.bundle import MANIFEST_NAME, Bundle
 from engine.decode import Decoder, GenerationSettings, generate
-from engine.errors import BundleError, ImageError
+from engine.errors import BundleError, ImageError, is_count
 from engine.images import DEFAULT_MAX_PIXELS, ImageSource, describe, load_image
 from engine.preprocess import PatchConfig, Patches, image_to_patches, stack
 from engine.session import OnnxModel, SessionSettings
@@ -98,7 +98,7 @@ class Captioner:
         Raises BundleError (missing, incomplete or tampered bundle), ModelRuntimeError (ONNX Runtime
         cannot load a model) and ValueError (bad settings), all before any image is read.
         """
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        if not is_count(batch_size):
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         settings = SessionSettings(threads=threads)  # checks `threads` before the bundle is read
         self.bundle = Bundle.load(resolve_bundle(bundle), verify_hashes=verify)

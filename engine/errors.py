@@ -1,4 +1,5 @@
-"""The engine's named exceptions. Each message names the file and the problem."""
+"""The engine's named exceptions (each message names the file and the problem), and the count check behind
+the ValueErrors for bad settings."""
 
 from __future__ import annotations
 
@@ -17,3 +18,8 @@ class ImageError(EdlightError):
 
 class ModelRuntimeError(EdlightError):
     """ONNX Runtime failed while loading or running a model of a bundle."""
+
+
+def is_count(value: object, minimum: int = 1) -> bool:
+    """True for an int of at least `minimum`; False for anything else, including bools (True is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum

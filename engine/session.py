@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from engine.errors import ModelRuntimeError
+from engine.errors import ModelRuntimeError, is_count
 
 # ONNX tensor type strings -> numpy dtypes, for the inputs the engine feeds.
 _ORT_TYPES = {
@@ -46,7 +46,7 @@ class SessionSettings:
 
     def __post_init__(self) -> None:
         threads = self.threads
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        if threads is not None and not is_count(threads):
             raise ValueError(f"threads must be an integer >= 1 (or None for all cores), got {threads!r}")
         if self.graph_optimization not in _LEVELS:
             raise ValueError(f"graph_optimization must be one of {', '.join(_LEVELS)}, got {self.graph_optimization!r}")

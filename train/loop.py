@@ -33,7 +33,7 @@ from PIL import Image
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate tokenises inside worker processes
 
-from engine.errors import EdlightError
+from engine.errors import EdlightError, is_count
 
 # Generic defaults for fine-tuning a --base checkpoint; presets bring their own (train/presets.py).
 BASE_DEFAULTS = {
@@ -126,7 +126,7 @@ class TrainConfig:
                 raise TrainError(f"{name} must be at least 1, got {getattr(c, name)}")
         if c.lr is None or c.lr <= 0:
             raise TrainError(f"lr must be positive, got {c.lr}")
-        if isinstance(c.lead_tokens, bool) or not isinstance(c.lead_tokens, int) or c.lead_tokens < 0:
+        if not is_count(c.lead_tokens, minimum=0):
             raise TrainError(f"lead_tokens must be an integer of at least 0, got {c.lead_tokens!r}")
         weight = c.lead_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight > 0):
