@@ -41,7 +41,8 @@ VISION_INIT_IMAGES = 300  # training images whose patches initialise the patch p
 # Mimetic attention init (init_vision_tower): a token's starting attention logit to itself, and the
 # value/output product, -MIMETIC_VO * identity. On cached tiny inputs (900 steps, one seed) test BLEU was
 # 28.2 with (5.6, 0.5) vs 19.9 with the T5 fan-in init; (5.6, 1.0) gave 28.7 and (16, 0.5) 31.2, within
-# the spread of that probe, so the full runs (and the shipped model) keep the first setting measured.
+# the spread of that probe, so the full runs (and the shipped model) keep the first setting measured; a full
+# 22-epoch run at (16, 0.5) reached 45.1 against 46.3.
 MIMETIC_SELF_LOGIT = 5.6
 MIMETIC_VO = 0.5
 PCA_EPSILON = 0.1  # added to each direction's spread: the weakest directions are not blown up to noise
