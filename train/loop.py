@@ -155,8 +155,7 @@ def caption_loss(logits: Any, labels: Any, lead_tokens: int, lead_weight: float)
 
     token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
     weights = (labels != -100).to(token_loss.dtype)
-    if lead_weight != 1.0 and lead_tokens > 0:
-        weights[:, :lead_tokens] *= lead_weight
+    weights[:, :lead_tokens] *= lead_weight
     return (token_loss * weights).sum() / weights.sum().clamp(min=1.0)
 
 
