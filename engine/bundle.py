@@ -30,6 +30,13 @@ DECODER_LAYOUTS = {
     "merged": ("decoder_merged",),
     "split": ("decoder", "decoder_with_past"),
 }
+# How many images one run of the graphs may hold without one image changing another's numbers
+# (a quantizer that scales a whole tensor at once ties the rows of a batch together):
+#   "batch": any number (fp32);
+#   "steps": one image per encoder run and first decoder step, any number per cached decoder step
+#            (int8 with row-wise activation scales in the cached steps, export.quantize);
+#   "image": one image per run (int8 bundles written before "steps" existed).
+DECODER_BATCHING = ("batch", "steps", "image")
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:
@@ -44,7 +51,7 @@ def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:
 _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "source": (str,), "max_patches": (int,), "decoder_layout": (str,), "onnx_files": (dict,), "files": (dict,),
     "format_version": (int,), "quantization": (str, type(None)), "graph_rewrites": (list,), "versions": (dict,),
-    "parity": (dict, type(None)), "created": (str,),
+    "parity": (dict, type(None)), "created": (str,), "decoder_batching": (str, type(None)),
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", dict: "an object", list: "a list", type(None): "null"}
 
@@ -58,6 +65,7 @@ class Manifest:
     decoder_layout: str  # "merged" or "split"
     onnx_files: dict[str, str]  # role ("encoder", "decoder_merged", "decoder", "decoder_with_past") -> file name
     quantization: str | None = None  # None (fp32) or "int8"
+    decoder_batching: str | None = None  # one of DECODER_BATCHING; None: not recorded (see `batching`)
     graph_rewrites: list[str] = field(default_factory=list)  # export-time graph optimisations applied
     versions: dict[str, str] = field(default_factory=dict)  # torch/transformers/optimum/onnxruntime used
     parity: dict[str, Any] | None = None  # PyTorch vs engine BLEU on the test split, when exported with --data
@@ -65,6 +73,13 @@ class Manifest:
     created: str = ""
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batching(self) -> str:
+        """`decoder_batching`, or for bundles that do not record it: "batch" for fp32, "image" for int8."""
+        if self.decoder_batching is not None:
+            return self.decoder_batching
+        return "batch" if self.quantization is None else "image"
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -98,6 +113,10 @@ class Manifest:
         manifest = cls(**{k: v for k, v in data.items() if k in known}, extra=extra)
         if manifest.decoder_layout not in DECODER_LAYOUTS:
             raise BundleError(f"{where}: unknown decoder_layout {manifest.decoder_layout!r}")
+        if manifest.decoder_batching is not None and manifest.decoder_batching not in DECODER_BATCHING:
+            raise BundleError(
+                f"{where}: unknown decoder_batching {manifest.decoder_batching!r} (expected one of {', '.join(DECODER_BATCHING)})"
+            )
         roles = ("encoder", *DECODER_LAYOUTS[manifest.decoder_layout])
         absent = [r for r in roles if r not in manifest.onnx_files]
         if absent:

@@ -57,7 +57,7 @@ class Timings:
     encoder_s: float = 0.0
     decode_s: float = 0.0
     decode_steps: int = 0  # decoder runs
-    model_runs: int = 0  # encoder + decoding passes (a batch, or one image each for int8 bundles)
+    model_runs: int = 0  # encoder + decoding passes (a batch, or one image each for bundles that cannot batch)
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.__dict__.items()}
@@ -122,21 +122,27 @@ class Captioner:
             eos_token_ids=tuple(self.bundle.eos_token_ids),
         )
         path = self.bundle.path
+        # What may share a run (engine.bundle.DECODER_BATCHING). int8 quantizes some activations with one
+        # scale per tensor: batched there, images would nudge each other's numbers, and a caption could
+        # change with its neighbours in the folder (or between a run and its resume). So int8 bundles run
+        # the encoder and the first decoder step one image at a time and batch only the cached steps, whose
+        # activations are scaled row by row ("steps"); older int8 bundles run one image at a time ("image").
+        self.batching = self.bundle.manifest.batching
+        self.one_image_per_run = self.batching == "image"
+        per_image_first_step = self.batching == "steps"
         self.encoder = OnnxModel(self.bundle.onnx_path("encoder"), settings, bundle=path)
         if self.bundle.manifest.decoder_layout == "merged":
-            self.decoder = Decoder(OnnxModel(self.bundle.onnx_path("decoder_merged"), settings, bundle=path))
+            merged = OnnxModel(self.bundle.onnx_path("decoder_merged"), settings, bundle=path)
+            self.decoder = Decoder(merged, first_step_per_image=per_image_first_step)
         else:
             self.decoder = Decoder(
                 OnnxModel(self.bundle.onnx_path("decoder"), settings, bundle=path),
                 OnnxModel(self.bundle.onnx_path("decoder_with_past"), settings, bundle=path),
+                first_step_per_image=per_image_first_step,
             )
         self._encoder_input = self.encoder.input_names[0] if "flattened_patches" not in self.encoder.inputs else "flattened_patches"
         self._encoder_output = "last_hidden_state" if "last_hidden_state" in self.encoder.outputs else self.encoder.output_names[0]
         self.trims_padding = self._patch_axis_is_dynamic()
-        # Dynamic int8 quantizes activations with one scale per tensor, i.e. per batch: batched images would
-        # nudge each other's numbers, and a caption could change with its neighbours in the folder (or
-        # between a run and its resume). int8 bundles therefore run one image at a time.
-        self.one_image_per_run = self.bundle.manifest.quantization is not None
         self.timings = Timings()
 
     # ----------------------------------------------------------------------------------- public API
@@ -233,22 +239,23 @@ class Captioner:
     def _run_model(self, patches: list[Patches]) -> list[str]:
         if self.one_image_per_run and len(patches) > 1:
             return [caption for patch in patches for caption in self._run_model([patch])]
-        flattened, mask = stack(patches)
+        mask = np.stack([p.attention_mask for p in patches])
         started = time.perf_counter()
-        if self.trims_padding:
-            # The processor pads at the end, so each image's padding patches can be cut off: its valid rows
-            # come out the same. The encoder is compute-bound, so it runs image by image at no loss: no
-            # image pays for another's padding, every run takes ONNX Runtime's fused (unmasked) attention
-            # path, and no batch x heads x patches^2 score tensor is held. The decoder, bound by reading its
-            # weights, still runs the whole batch, on encoder states padded back to the longest image.
-            used = [max(int(row.sum()), 1) for row in mask]
-            width = max(used)
-            hidden_rows = [self._encode(flattened[i : i + 1, :n], mask[i : i + 1, :n]) for i, n in enumerate(used)]
-            hidden = np.zeros((len(patches), width, hidden_rows[0].shape[-1]), dtype=hidden_rows[0].dtype)
+        if self.trims_padding or self.batching != "batch":
+            # The encoder is compute-bound, so it runs image by image at no loss (and must, for int8). The
+            # processor pads at the end, so where the graphs allow, each image's padding patches are cut
+            # off: its valid rows come out the same, no image pays for another's padding, every run takes
+            # ONNX Runtime's fused (unmasked) attention path, and no batch x heads x patches^2 score tensor
+            # is held. The decoder, bound by reading its weights, still runs the whole batch, on encoder
+            # states padded back to max_patches for every batch: a length that depended on the batch-mates
+            # would change the rounding of the cross-attention sums, and so (rarely) a caption.
+            used = [max(int(row.sum()), 1) if self.trims_padding else mask.shape[1] for row in mask]
+            hidden_rows = [self._encode(p.flattened_patches[None, :n], mask[i : i + 1, :n]) for i, (p, n) in enumerate(zip(patches, used, strict=True))]
+            hidden = np.zeros((len(patches), mask.shape[1], hidden_rows[0].shape[-1]), dtype=hidden_rows[0].dtype)
             for i, (row, n) in enumerate(zip(hidden_rows, used, strict=True)):
                 hidden[i, :n] = row[0]
-            mask = mask[:, :width]
         else:
+            flattened, mask = stack(patches)
             hidden = self._encode(flattened, mask)
         encoded = time.perf_counter()
         result = generate(self.decoder, hidden, mask, self.generation)

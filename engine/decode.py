@@ -18,7 +18,9 @@ with `2 * num_beams` candidates, length-penalised finished hypotheses, and the d
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +51,36 @@ class GenerationSettings:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
 
 
+class BufferPool:
+    """Keeps one set of large batch tensors (gathered cross-attention K/V) for the next batch.
+
+    A fresh numpy array of this size pays a page fault per page on first touch, at every batch: at
+    base size 1.2 GB for 8 images, which took 1.7 s to fill on this machine's VM against 0.1 s for
+    reused memory. (ONNX Runtime's own outputs come from its arena and do not pay it.) The largest set
+    asked for is kept; a smaller batch uses its leading rows.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: list[np.ndarray] = []
+
+    def take(self, rows: int, shapes: list[tuple[int, ...]], dtype: np.dtype[Any]) -> list[np.ndarray]:
+        """Buffers of `shapes` (without the row axis) with at least `rows` rows; contents undefined."""
+        with self._lock:
+            kept, self._kept = self._kept, []
+        if kept and kept[0].shape[0] >= rows and [b.shape[1:] for b in kept] == shapes and all(b.dtype == dtype for b in kept):
+            return kept
+        return [np.empty((rows, *shape), dtype=dtype) for shape in shapes]
+
+    def give(self, buffers: list[np.ndarray]) -> None:
+        """Offer `buffers` (from `take`) for the next batch; the caller must not use them afterwards."""
+        if not buffers:
+            return
+        with self._lock:
+            if not self._kept or self._kept[0].shape[0] < buffers[0].shape[0]:
+                self._kept = buffers
+
+
 @dataclass
 class DecoderState:
     """KV cache and encoder context of the rows still being decoded."""
@@ -58,13 +90,15 @@ class DecoderState:
     encoder_hidden: np.ndarray | None  # [rows, enc_len, hidden]; None once no later step needs it
     encoder_mask: np.ndarray  # [rows, enc_len]
     past_len: int = 0
+    buffers: list[np.ndarray] = field(default_factory=list)  # pooled tensors behind cross_kv, if any
+    pool: BufferPool | None = None  # where `release` gives them back
 
     @property
     def rows(self) -> int:
         return int(self.encoder_mask.shape[0])
 
     def select(self, rows: np.ndarray) -> DecoderState:
-        """Keep/reorder/repeat rows (a gather along the batch axis of every tensor)."""
+        """Keep/reorder/repeat rows (a gather along the batch axis of every tensor, into new tensors)."""
         return DecoderState(
             self_kv=[np.take(t, rows, axis=0) for t in self.self_kv],
             cross_kv=[np.take(t, rows, axis=0) for t in self.cross_kv],
@@ -72,6 +106,37 @@ class DecoderState:
             encoder_mask=np.take(self.encoder_mask, rows, axis=0),
             past_len=self.past_len,
         )
+
+    def keep(self, rows: np.ndarray) -> DecoderState:
+        """Keep only `rows` (ascending): like `select`, but the cross-attention K/V, by far the largest
+        tensors, are compacted in place instead of copied into new arrays (see BufferPool for why).
+
+        The old state must not be used afterwards.
+        """
+        order = [int(r) for r in rows]
+        if any(b <= a for a, b in zip(order, order[1:], strict=False)) or (order and not 0 <= order[0] <= order[-1] < self.rows):
+            raise ValueError(f"keep needs ascending row indices below {self.rows}, got {order}")
+        if not all(t.flags.writeable for t in self.cross_kv):
+            return self.select(rows)
+        for tensor in self.cross_kv:
+            for new, old in enumerate(order):
+                if new != old:
+                    tensor[new] = tensor[old]
+        return DecoderState(
+            self_kv=[np.take(t, rows, axis=0) for t in self.self_kv],
+            cross_kv=[t[: len(order)] for t in self.cross_kv],
+            encoder_hidden=None if self.encoder_hidden is None else np.take(self.encoder_hidden, rows, axis=0),
+            encoder_mask=np.take(self.encoder_mask, rows, axis=0),
+            past_len=self.past_len,
+            buffers=self.buffers,
+            pool=self.pool,
+        )
+
+    def release(self) -> None:
+        """Give pooled tensors back for the next batch; the state must not be used afterwards."""
+        if self.pool is not None:
+            self.pool.give(self.buffers)
+        self.buffers = []
 
     def reorder_self(self, rows: np.ndarray) -> None:
         """Reorder only the self-attention cache: beams of one image share their cross-attention K/V."""
@@ -88,12 +153,16 @@ class DecodeResult:
 class Decoder:
     """The decoder graph(s) of a bundle behind two calls: `start` and `advance`."""
 
-    def __init__(self, first: OnnxModel, with_past: OnnxModel | None = None) -> None:
+    def __init__(self, first: OnnxModel, with_past: OnnxModel | None = None, first_step_per_image: bool = False) -> None:
         """`first` is the merged decoder, or the no-past decoder of the split layout with `with_past`.
 
+        `first_step_per_image`: run the first step one image at a time (graphs whose first step scales a
+        whole tensor at once, i.e. int8 bundles with decoder_batching "steps"); later steps run batched.
         Raises ModelRuntimeError when the graphs lack the inputs/outputs this loop needs.
         """
         self.first = first
+        self.first_step_per_image = first_step_per_image
+        self.pool = BufferPool()
         self.with_past = with_past or first
         self.merged = with_past is None
         self.models = [first] if self.merged else [first, self.with_past]
@@ -117,6 +186,9 @@ class Decoder:
         self.num_heads, self.head_dim = shape[1], shape[3]
         self.kv_dtype = cached.input_dtype(self.self_names[0])
         self.vocab_size = first.outputs["logits"].shape[-1]
+        # Whether the first step accepts fewer encoder positions than max_patches (bundles optimised at export).
+        encoder_axis = first.input_shape("encoder_hidden_states")[1:2] if "encoder_hidden_states" in first.inputs else [0]
+        self.first_step_trims = not all(isinstance(d, int) for d in encoder_axis)
 
     @staticmethod
     def present(past_name: str) -> str:
@@ -133,6 +205,47 @@ class Decoder:
 
     def start(self, encoder_hidden: np.ndarray, encoder_mask: np.ndarray, input_ids: np.ndarray) -> tuple[np.ndarray, DecoderState]:
         """First step from the start token(s): returns last-position logits [rows, vocab] and the cache."""
+        if self.first_step_per_image:
+            return self._start_each(encoder_hidden, encoder_mask, input_ids)
+        return self._start(encoder_hidden, encoder_mask, input_ids)
+
+    def _start_each(self, encoder_hidden: np.ndarray, encoder_mask: np.ndarray, input_ids: np.ndarray) -> tuple[np.ndarray, DecoderState]:
+        """`start` one image at a time, gathered into one batch state (also for a batch of one).
+
+        Each image runs on its own encoder positions (trailing padding cut off where the graph allows).
+        Its cross-attention K/V go into batch tensors padded with zeros to the given encoder length
+        (masked positions). Padding is not free of rounding (a longer softmax or sum is added up in
+        another order), so callers pass the same length for every batch (the engine: max_patches) and an
+        image gets the same numbers alone and in any batch.
+        """
+        rows, width = encoder_mask.shape
+        logits, self_kv = [], []
+        buffers: list[np.ndarray] = []
+        for row in range(rows):
+            used = _valid_prefix(encoder_mask[row]) if self.first_step_trims else width
+            if rows == 1 and used == width:  # nothing to pad: skip the copy
+                return self._start(encoder_hidden, encoder_mask, input_ids)
+            row_logits, state = self._start(encoder_hidden[row : row + 1, :used], encoder_mask[row : row + 1, :used], input_ids[row : row + 1])
+            if not buffers:  # the first image shows the shapes; filled image by image
+                shapes: list[tuple[int, ...]] = [(t.shape[1], width, t.shape[3]) for t in state.cross_kv]
+                buffers = self.pool.take(rows, shapes, state.cross_kv[0].dtype)
+            for merged, part in zip(buffers, state.cross_kv, strict=True):
+                merged[row, :, :used] = part[0]
+                merged[row, :, used:] = 0
+            logits.append(row_logits)
+            self_kv.append(state.self_kv)
+        state = DecoderState(
+            self_kv=[np.concatenate(parts) for parts in zip(*self_kv, strict=True)],
+            cross_kv=[b[:rows] for b in buffers],
+            encoder_hidden=encoder_hidden if "encoder_hidden_states" in self.with_past.inputs else None,
+            encoder_mask=encoder_mask,
+            past_len=input_ids.shape[1],
+            buffers=buffers,
+            pool=self.pool,
+        )
+        return np.concatenate(logits), state
+
+    def _start(self, encoder_hidden: np.ndarray, encoder_mask: np.ndarray, input_ids: np.ndarray) -> tuple[np.ndarray, DecoderState]:
         model = self.first
         rows = input_ids.shape[0]
         feeds = self._common_feeds(model, input_ids, input_ids.shape[1], encoder_mask)
@@ -178,6 +291,12 @@ class Decoder:
         return value
 
 
+def _valid_prefix(mask_row: np.ndarray) -> int:
+    """Length of the row's valid positions when they come first (the processor pads at the end), else its length."""
+    used = int(np.count_nonzero(mask_row))
+    return used if used > 0 and bool(mask_row[:used].all()) else int(mask_row.shape[0])
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
@@ -200,13 +319,20 @@ def generate(decoder: Decoder, encoder_hidden: np.ndarray, encoder_mask: np.ndar
 
 def greedy(decoder: Decoder, encoder_hidden: np.ndarray, encoder_mask: np.ndarray, settings: GenerationSettings) -> DecodeResult:
     rows = encoder_hidden.shape[0]
-    sequences: list[list[int]] = [[] for _ in range(rows)]
-    finished = [False] * rows
     if settings.max_new_tokens == 0 or rows == 0:
-        return DecodeResult(sequences, 0, finished)
-    eos = np.array(settings.eos_token_ids, dtype=np.int64)
+        return DecodeResult([[] for _ in range(rows)], 0, [False] * rows)
     start = np.full((rows, 1), settings.decoder_start_token_id, dtype=np.int64)
     logits, state = decoder.start(encoder_hidden, encoder_mask, start)
+    try:
+        return _greedy_loop(decoder, logits, state, rows, settings)
+    finally:
+        state.release()  # the loop's later states (`keep`) share these buffers
+
+
+def _greedy_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, rows: int, settings: GenerationSettings) -> DecodeResult:
+    sequences: list[list[int]] = [[] for _ in range(rows)]
+    finished = [False] * rows
+    eos = np.array(settings.eos_token_ids, dtype=np.int64)
     steps = 1
     active = np.arange(rows)  # input row of each row of `state`
     for step in range(settings.max_new_tokens):
@@ -225,7 +351,7 @@ def greedy(decoder: Decoder, encoder_hidden: np.ndarray, encoder_mask: np.ndarra
             keep = np.flatnonzero(~done)
             if keep.size == 0:
                 break
-            state, active, tokens = state.select(keep), active[keep], tokens[keep]
+            state, active, tokens = state.keep(keep), active[keep], tokens[keep]
         logits = decoder.advance(state, tokens[:, None])
         steps += 1
     return DecodeResult(sequences, steps, finished)
@@ -244,7 +370,8 @@ def beam_search(decoder: Decoder, encoder_hidden: np.ndarray, encoder_mask: np.n
     logits, state = decoder.start(encoder_hidden, encoder_mask, start)
     steps = 1
     # Every beam of an image starts identical: run the first step once per image, then repeat rows.
-    state = state.select(np.repeat(np.arange(images), beams))
+    first, state = state, state.select(np.repeat(np.arange(images), beams))
+    first.release()
     logits = np.repeat(logits, beams, axis=0)
 
     running_seq = np.zeros((images, beams, length), dtype=np.int64)

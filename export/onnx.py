@@ -340,12 +340,14 @@ def _build(
     validation: dict[str, Any] = {"fp32": fp32.to_dict()}
 
     if quantize == "int8":
-        from export.quantize import quantize_int8
+        from export.quantize import quantize_decoder_int8, quantize_int8
 
         log.info("quantizing to int8")
         for role, name in onnx_files.items():
             quantized = bundle / f"{Path(name).stem}_int8.onnx"
-            quantize_int8(bundle / name, quantized)
+            # The decoders' token-row MatMuls get row-wise activation scales, so that the engine can batch
+            # the cached decoder steps (decoder_batching "steps"); see export.quantize.
+            (quantize_int8 if role == "encoder" else quantize_decoder_int8)(bundle / name, quantized)
             if role == "encoder":
                 # Let ONNX Runtime fuse the integer MatMuls once here rather than at every start-up.
                 _ort_optimize(quantized)
@@ -367,6 +369,7 @@ def _build(
         decoder_layout=layout,
         onnx_files=onnx_files,
         quantization=quantize,
+        decoder_batching="steps" if quantize else "batch",
         graph_rewrites=rewrites,
         versions=library_versions(),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

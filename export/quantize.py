@@ -1,9 +1,19 @@
-"""Dynamic int8 quantization of exported ONNX models with ONNX Runtime.
+"""int8 quantization of exported ONNX models with ONNX Runtime's own quantizers.
 
-Weights are quantized ahead of time to int8 with one scale per output channel; activations are
-quantized on the fly (dynamic), so no calibration data is needed. The merged decoder keeps its two
-branches in `If` subgraphs: `EnableSubgraph` makes the quantizer descend into them, otherwise
-almost all of the merged decoder's weights would stay fp32.
+Weights are quantized ahead of time, activations on the fly, so no calibration data is needed.
+How activations are quantized decides what may share a batch:
+
+- `quantize_dynamic` (MatMulInteger) quantizes a MatMul's whole input tensor with one scale. Fed a
+  batch of images, one image's numbers would move another's. It is the fast kernel for the big
+  MatMuls over image rows (the encoder, and the decoder's cross-attention key/value projections of the
+  2,048 encoder positions), and the engine runs those one image at a time.
+- `MatMulNBits` (8-bit weights in blocks of 32 along the input axis, ``accuracy_level=4``: int8
+  compute with activations quantized per row and block) gives every row its own scales, so a row's
+  result does not depend on the other rows. It quantizes the decoder's MatMuls over token rows (one
+  row per image and step), which the engine batches.
+
+The merged decoder keeps its two branches in `If` subgraphs; both quantizers descend into them, and
+the branches share their quantized weights.
 """
 
 from __future__ import annotations
@@ -12,22 +22,37 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from export import ExportError
 
+if TYPE_CHECKING:
+    import onnx
+
 QUANTIZATION = "int8"
+# MatMulNBits settings for the decoder's token-row MatMuls.
+NBITS_BITS = 8
+NBITS_BLOCK = 32
+NBITS_ACCURACY_LEVEL = 4  # int8 compute, activations quantized per row and block
+# The decoder input holding the encoder output: MatMuls reading it run over image rows.
+ENCODER_OUTPUT = "encoder_hidden_states"
 
 
 def quantize_int8(source: Path, target: Path) -> Path:
-    """Write a dynamically int8-quantized copy of the ONNX model `source` to `target`.
+    """Write a dynamically int8-quantized copy of the ONNX model `source` to `target` (encoders).
 
-    Raises ExportError naming `source` when ONNX Runtime's quantizer fails.
+    Every MatMul with a constant weight becomes an integer MatMul with per-channel int8 weights and
+    per-tensor dynamic activation scales. Raises ExportError naming `source` when quantization fails.
     """
+    return _quantize_dynamic(Path(source), Path(target), (PREPROCESSING_ADVICE,))
+
+
+def _quantize_dynamic(source: Path, target: Path, quiet: tuple[str, ...], label: Path | None = None) -> Path:
+    """quantize_dynamic with `quiet` log messages dropped; errors name `label` (default: `source`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    source, target = Path(source), Path(target)
     try:
-        with _without_preprocessing_advice():
+        with _without_advice(*quiet):
             quantize_dynamic(
                 model_input=source,
                 model_output=target,
@@ -38,26 +63,123 @@ def quantize_int8(source: Path, target: Path) -> Path:
                 extra_options={"EnableSubgraph": True},
             )
     except Exception as exc:  # the quantizer raises bare ValueError/RuntimeError/onnx errors
-        raise ExportError(f"{source}: int8 quantization failed: {exc}") from exc
+        raise ExportError(f"{label or source}: int8 quantization failed: {exc}") from exc
     return target
 
 
-class _DropPreprocessingAdvice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-processing before quantization" not in record.getMessage()
+def quantize_decoder_int8(source: Path, target: Path) -> Path:
+    """Write an int8 copy of the decoder `source` (merged, first-step or with-past) to `target`.
+
+    MatMuls that read the encoder output (cross-attention key/value projections: image rows) get
+    dynamic int8 as in `quantize_int8`; every other MatMul with a constant weight (token rows) becomes
+    a row-independent `MatMulNBits`. Raises ExportError naming `source` when quantization fails.
+    """
+    import onnx
+
+    source, target = Path(source), Path(target)
+    staged = target.with_name(target.stem + ".nbits.onnx")
+    try:
+        try:
+            model = onnx.load(str(source))
+            image_rows = _name_image_row_matmuls(model)
+            with _quantizer_logging():
+                from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+                quantizer = MatMulNBitsQuantizer(
+                    model, bits=NBITS_BITS, block_size=NBITS_BLOCK, is_symmetric=True,
+                    accuracy_level=NBITS_ACCURACY_LEVEL, nodes_to_exclude=image_rows,
+                )
+                quantizer.process()
+                large = quantizer.model.model.ByteSize() > (1 << 31) - (1 << 26)  # protobuf's 2 GB limit
+                quantizer.model.save_model_to_file(str(staged), use_external_data_format=large)
+        except Exception as exc:  # the quantizer raises bare ValueError/RuntimeError/onnx errors
+            raise ExportError(f"{source}: int8 (MatMulNBits) quantization failed: {exc}") from exc
+        # Only the image-row MatMuls are still fp32.
+        return _quantize_dynamic(staged, target, (PREPROCESSING_ADVICE, CONTRIB_TYPE_ADVICE), label=source)
+    finally:
+        for leftover in staged.parent.glob(staged.name + "*"):
+            leftover.unlink()
+
+
+def _name_image_row_matmuls(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMuls that read the encoder output, in every (sub)graph; makes node names unique.
+
+    A merged decoder's two branches reuse the same node names, and the quantizer selects nodes by name.
+    """
+    import onnx
+
+    seen: set[str] = set()
+    image_rows: list[str] = []
+
+    def walk(graph: onnx.GraphProto, prefix: str) -> None:
+        for index, node in enumerate(graph.node):
+            stem, suffix = node.name or node.op_type, 0
+            while not node.name or node.name in seen:
+                node.name = f"{prefix}{stem}#{index}" + (f".{suffix}" if suffix else "")
+                suffix += 1
+            seen.add(node.name)
+            if node.op_type == "MatMul" and node.input[0] == ENCODER_OUTPUT:
+                image_rows.append(node.name)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g, f"{prefix}{attr.name}/")
+                for sub in attr.graphs:
+                    walk(sub, f"{prefix}{attr.name}/")
+
+    walk(model.graph, "")
+    return image_rows  # empty for a with-past decoder: it reads the cached cross-attention K/V instead
 
 
 @contextlib.contextmanager
-def _without_preprocessing_advice() -> Iterator[None]:
-    """Silence the quantizer's "Please consider pre-processing" warning, printed once per graph.
+def _quantizer_logging() -> Iterator[None]:
+    """Import and run ONNX Runtime's MatMulNBits quantizer without it taking over logging.
 
-    Its pre-processing (shape inference plus ONNX Runtime graph optimisation) is for static
-    quantization; these graphs come from Optimum with shapes and were already rewritten and
-    optimised by export.optimize, and dynamic quantization needs no calibration shapes.
-    Every other message of the quantizer still gets through.
+    Its module calls `logging.basicConfig(level=INFO)` on import (a root handler at INFO on a fresh
+    process) and logs every node it skips at INFO; keep the root logger as it was and let only the
+    quantizer's warnings through.
     """
     root = logging.getLogger()
-    advice = _DropPreprocessingAdvice()
+    handlers, level = list(root.handlers), root.level
+    quantizer_log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    quantizer_level = quantizer_log.level
+    try:
+        import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401 - the import is what configures logging
+
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        quantizer_log.setLevel(logging.WARNING)
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        quantizer_log.setLevel(quantizer_level)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+# The quantizer's "Please consider pre-processing" warning, printed once per graph. Its pre-processing
+# (shape inference plus ONNX Runtime graph optimisation) is for static quantization; these graphs come
+# from Optimum with shapes and were already rewritten and optimised by export.optimize, and dynamic
+# quantization needs no calibration shapes.
+PREPROCESSING_ADVICE = "pre-processing before quantization"
+# Printed per tensor when the dynamic pass meets the decoder's MatMulNBits nodes, whose output types
+# its ONNX type inference does not know; it only quantizes MatMuls with constant weights, which it finds.
+CONTRIB_TYPE_ADVICE = "Failed to infer data type of tensor"
+
+
+@contextlib.contextmanager
+def _without_advice(*fragments: str) -> Iterator[None]:
+    """Silence the quantizer's log records containing `fragments`; every other message gets through."""
+    root = logging.getLogger()
+    advice = _DropMessages(fragments)
     root.addFilter(advice)
     try:
         yield
@@ -74,7 +196,7 @@ def count_quantized_nodes(path: Path) -> dict[str, int]:
 
     def walk(graph: onnx.GraphProto) -> None:
         for node in graph.node:
-            if node.op_type in {"MatMulInteger", "DynamicQuantizeLinear", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}:
+            if node.op_type in {"MatMulInteger", "DynamicQuantizeLinear", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits"}:
                 counts[node.op_type] = counts.get(node.op_type, 0) + 1
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:

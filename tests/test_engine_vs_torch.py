@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from engine import Captioner
+from engine.decode import DecoderState
 from engine.images import load_image
+from engine.preprocess import Patches, image_to_patches
 
 pytestmark = pytest.mark.slow
 
@@ -96,6 +98,54 @@ def test_batch_and_single_identical_on_the_trained_model(tiny_bundle: Path, imag
     captioner = Captioner(tiny_bundle, batch_size=8, max_new_tokens=MAX_NEW_TOKENS)
     subset = images[:10]
     assert captioner.caption(subset) == [captioner.caption([p])[0] for p in subset]
+
+
+def test_int8_batches_give_each_image_the_numbers_it_gets_alone(tiny_bundle_int8: Path, images: list[Path]) -> None:
+    """int8 bundles batch the cached decoder steps (row-wise activation scales) but run the encoder and
+    the first step one image at a time: the logits of every step are bit-identical alone and in a batch,
+    for images of different sizes (different padding) in any order."""
+    import numpy as np
+
+    # EOS suppressed: every row runs every step, so the batch's rows stay in place.
+    captioner = Captioner(tiny_bundle_int8, batch_size=8, max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS)
+    assert captioner.batching == "steps" and not captioner.one_image_per_run
+    subset = [images[i] for i in (0, 7, 3, 11, 5)]
+    pictures = [load_image(p) for p in subset]
+    pictures[1] = pictures[1].resize((pictures[1].width // 3, pictures[1].height))  # fewer patches: padded in the batch
+    patches = [image_to_patches(p, captioner.patch_config) for p in pictures]
+    assert len({int(p.attention_mask.sum()) for p in patches}) > 1
+
+    def step_logits(batch: list[Patches]) -> list[np.ndarray]:
+        """Logits of every greedy step, per image."""
+        recorded: list[np.ndarray] = []
+        decoder = captioner.decoder
+        start, advance = decoder.start, decoder.advance
+
+        def record_start(*args: np.ndarray) -> tuple[np.ndarray, DecoderState]:
+            logits, state = start(*args)
+            recorded.append(logits.copy())
+            return logits, state
+
+        def record_advance(state: DecoderState, ids: np.ndarray) -> np.ndarray:
+            logits = advance(state, ids)
+            recorded.append(logits.copy())
+            return logits
+
+        decoder.start, decoder.advance = record_start, record_advance  # type: ignore[method-assign]
+        try:
+            captioner._run_model(batch)
+        finally:
+            del decoder.start, decoder.advance
+        return [np.stack([step[i] for step in recorded]) for i in range(len(batch))]
+
+    alone = [step_logits([p])[0] for p in patches]
+    together = step_logits(patches)
+    reordered = step_logits(patches[::-1])[::-1]
+    for i, expected in enumerate(alone):
+        assert np.array_equal(together[i], expected), f"image {i}: max |diff| {np.abs(together[i] - expected).max()}"
+        assert np.array_equal(reordered[i], expected)
+    free = Captioner(tiny_bundle_int8, batch_size=8, max_new_tokens=MAX_NEW_TOKENS)  # rows finish at their own EOS
+    assert free.caption(subset) == [free.caption([p])[0] for p in subset]
 
 
 def test_engine_runs_with_torch_blocked(tiny_bundle: Path, images: list[Path]) -> None:

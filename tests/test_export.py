@@ -51,6 +51,7 @@ def test_fp32_bundle_manifest_verifies(tiny_bundle: Path, tiny_checkpoint: Path)
     bundle = Bundle.load(tiny_bundle)
     m = bundle.manifest
     assert m.format_version == 1
+    assert m.decoder_batching == "batch"  # fp32: any number of images per run
     assert m.source == str(tiny_checkpoint.absolute())
     pre = json.loads((tiny_checkpoint / "preprocessor_config.json").read_text())
     assert m.max_patches == pre["max_patches"] == bundle.preprocessor_config["max_patches"]
@@ -85,13 +86,73 @@ def test_int8_merged_quantizes_both_branches(random_checkpoint: Path, tmp_path: 
     merged = bundle.onnx_path("decoder_merged")
     # The merged decoder's weights live in the two branches of one If node: both must be int8.
     top = onnx.load(str(merged)).graph
-    branches = [a.g for n in top.node if n.op_type == "If" for a in n.attribute]
-    assert len(branches) == 2
-    for branch in branches:
-        assert sum(n.op_type == "MatMulInteger" for n in branch.node) > 0
-        assert not any(n.op_type == "MatMul" and "lm_head" in n.name for n in branch.node)
+    branches = {a.name: a.g for n in top.node if n.op_type == "If" for a in n.attribute}
+    assert set(branches) == {"then_branch", "else_branch"}
+    layers = bundle.config["text_config"]["num_layers"]
+    for name, branch in branches.items():
+        ops = [n.op_type for n in branch.node]
+        constant_weight_matmuls = [n for n in branch.node if n.op_type == "MatMul" and n.input[1] in {i.name for i in top.initializer}]
+        assert not constant_weight_matmuls, f"{name}: fp32 weights left"
+        # Token rows (one per image and step): MatMulNBits, 8-bit, int8 compute with per-row activation scales.
+        nbits = [n for n in branch.node if n.op_type == "MatMulNBits"]
+        assert nbits and all({a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}.items() >= {"bits": 8, "accuracy_level": 4}.items() for n in nbits)
+        assert any("lm_head" in n.name for n in nbits)
+        # Image rows (the first step's cross-attention K/V projections): per-tensor dynamic int8, run one image at a time.
+        expected_integer = 2 * layers if name == "else_branch" else 0
+        assert ops.count("MatMulInteger") == expected_integer
+        if name == "then_branch":  # cached steps: nothing scales a whole (batch) tensor at once
+            assert "DynamicQuantizeLinear" not in ops and "DynamicQuantizeMatMul" not in ops
+    assert bundle.manifest.decoder_batching == "steps" and bundle.manifest.batching == "steps"
     int8 = bundle.manifest.extra["validation"]["int8"]
     assert int8["images"] == 4 and int8["encoder_max_abs_diff"] < 1.0
+
+
+def test_decoder_int8_quantizes_image_rows_per_tensor_and_token_rows_per_row(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """MatMuls reading the encoder output get dynamic int8, the others row-wise MatMulNBits; quietly."""
+    import logging
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.quantize import quantize_decoder_int8
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32) * 0.1, name) for name in ("wk", "wq")]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["encoder_hidden_states", "wk"], ["key"], name="proj"),
+         helper.make_node("MatMul", ["tokens", "wq"], ["query"], name="proj")],  # same name, as in a merged decoder's branches
+        "g",
+        [helper.make_tensor_value_info("encoder_hidden_states", TensorProto.FLOAT, ["batch", "patches", 64]),
+         helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", 1, 64])],
+        [helper.make_tensor_value_info("key", TensorProto.FLOAT, ["batch", "patches", 32]),
+         helper.make_tensor_value_info("query", TensorProto.FLOAT, ["batch", 1, 32])],
+        weights,
+    )
+    source = tmp_path / "decoder.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    with caplog.at_level(logging.INFO):
+        quantize_decoder_int8(source, tmp_path / "decoder_int8.onnx")
+    assert (list(root.handlers), root.level) == (handlers, level)  # the quantizer's import configures no logging
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("onnxruntime") or r.levelno >= logging.WARNING]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx", "decoder_int8.onnx"]
+
+    nodes = onnx.load(str(tmp_path / "decoder_int8.onnx")).graph.node
+    by_output = {o: n.op_type for n in nodes for o in n.output}
+    assert by_output["query"] == "MatMulNBits"
+    assert "MatMulInteger" in by_output.values() and "MatMul" not in by_output.values()
+    session = ort.InferenceSession(str(tmp_path / "decoder_int8.onnx"), providers=["CPUExecutionProvider"])
+    hidden = rng.standard_normal((2, 5, 64)).astype(np.float32)
+    tokens = rng.standard_normal((3, 1, 64)).astype(np.float32)
+    key, query = session.run(["key", "query"], {"encoder_hidden_states": hidden[:1], "tokens": tokens})
+    np.testing.assert_allclose(key, hidden[:1] @ numpy_helper.to_array(weights[0]), atol=0.05)
+    np.testing.assert_allclose(query, tokens @ numpy_helper.to_array(weights[1]), atol=0.05)
+    # Token rows do not depend on their batch-mates (image rows do, which is why the engine runs them alone).
+    alone = [session.run(["query"], {"encoder_hidden_states": hidden[:1], "tokens": tokens[i : i + 1]})[0] for i in range(3)]
+    assert np.array_equal(np.concatenate(alone), query)
 
 
 def test_int8_quantizer_prints_no_preprocessing_advice(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

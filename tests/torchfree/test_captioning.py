@@ -298,6 +298,8 @@ def test_cli_refuses_a_missing_or_tampered_bundle_before_reading_images(engine_b
         ({"max_patches": True}, "max_patches must be an integer"),
         ({"onnx_files": {"encoder": 3}}, "onnx_files must map file names to strings"),
         ({"max_patches": 64}, "max_patches 64 differs from preprocessor_config.json's"),
+        ({"decoder_batching": "rows"}, "unknown decoder_batching 'rows'"),
+        ({"decoder_batching": 8}, "decoder_batching must be a string or null"),
     ],
 )
 def test_a_hand_edited_manifest_is_a_named_error(engine_bundle: Path, tmp_path: Path, edit: dict, message: str) -> None:

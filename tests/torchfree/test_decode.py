@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.decode import DecoderState, GenerationSettings, beam_search, generate, greedy
+from engine.decode import BufferPool, DecoderState, GenerationSettings, beam_search, generate, greedy
 
 VOCAB = 6  # 0 = pad/start, 1 = EOS, 2..5 words
 EOS = 1
@@ -143,3 +143,66 @@ def test_bad_settings_are_refused() -> None:
         GenerationSettings(max_new_tokens=-1)
     with pytest.raises(ValueError):
         GenerationSettings(max_new_tokens=4, num_beams=0)
+
+
+def _numbered_state(rows: int) -> DecoderState:
+    """A state whose row r holds the value r in every tensor."""
+    ids = np.arange(rows, dtype=np.float32)
+    return DecoderState(
+        self_kv=[ids.reshape(rows, 1, 1, 1) * np.ones((1, 2, 3, 4), np.float32)],
+        cross_kv=[ids.reshape(rows, 1, 1, 1) * np.ones((1, 2, 5, 4), np.float32) for _ in range(2)],
+        encoder_hidden=ids.reshape(rows, 1, 1) * np.ones((1, 5, 3), np.float32),
+        encoder_mask=np.ones((rows, 5), np.int64) * np.arange(rows)[:, None],
+        past_len=3,
+    )
+
+
+def test_keep_compacts_the_cross_attention_cache_in_place() -> None:
+    state = _numbered_state(5)
+    storage = state.cross_kv[0]
+    kept = state.keep(np.array([1, 3, 4]))
+    expected = np.array([1, 3, 4], np.float32)
+    for tensor in (*kept.self_kv, *kept.cross_kv):
+        assert tensor.shape[0] == 3 and (tensor[:, 0, 0, 0] == expected).all() and (tensor == tensor[:, :1, :1, :1]).all()
+    assert kept.encoder_hidden is not None and (kept.encoder_hidden[:, 0, 0] == expected).all()
+    assert (kept.encoder_mask[:, 0] == expected).all() and kept.past_len == 3
+    assert np.shares_memory(kept.cross_kv[0], storage)  # no new copy of the largest tensors
+    assert (storage[3:, 0, 0, 0] == [3, 4]).all()  # rows past the kept ones are left as they were
+
+
+@pytest.mark.parametrize("rows", [[2, 1], [1, 1], [0, 5], [-1, 2]])
+def test_keep_refuses_rows_it_cannot_compact_in_place(rows: list[int]) -> None:
+    with pytest.raises(ValueError, match="ascending row indices below 5"):
+        _numbered_state(5).keep(np.array(rows))
+
+
+def test_buffer_pool_hands_back_the_largest_set_for_the_same_shapes() -> None:
+    pool = BufferPool()
+    shapes: list[tuple[int, ...]] = [(2, 6, 4), (2, 6, 4)]
+    first = pool.take(4, shapes, np.dtype(np.float32))
+    assert [b.shape for b in first] == [(4, 2, 6, 4)] * 2
+    pool.give(first)
+    again = pool.take(3, shapes, np.dtype(np.float32))  # a smaller batch reuses the larger buffers
+    assert all(a is b for a, b in zip(again, first, strict=True))
+    assert pool.take(3, shapes, np.dtype(np.float32))[0] is not first[0]  # taken: not handed out twice
+    pool.give(again)
+    assert pool.take(5, shapes, np.dtype(np.float32))[0].shape[0] == 5  # too small: a new set
+    assert pool.take(2, [(2, 7, 4)], np.dtype(np.float32))[0].shape == (2, 2, 7, 4)  # other shape: new
+
+
+def test_greedy_gives_pooled_buffers_back_when_done() -> None:
+    pool = BufferPool()
+    buffers = pool.take(2, [(1, 1, 1)], np.dtype(np.float32))
+
+    class PooledDecoder(ScriptedDecoder):
+        def start(self, encoder_hidden: np.ndarray, encoder_mask: np.ndarray, input_ids: np.ndarray) -> tuple[np.ndarray, DecoderState]:
+            logits, state = super().start(encoder_hidden, encoder_mask, input_ids)
+            buffers[0][: state.rows] = state.cross_kv[0]
+            state.cross_kv, state.buffers, state.pool = [buffers[0][: state.rows]], buffers, pool
+            return logits, state
+
+    hidden = np.array([0.0, 1.0]).reshape(2, 1, 1) * np.ones((1, 3, 2), dtype=np.float32)
+    settings = GenerationSettings(max_new_tokens=5, eos_token_ids=(EOS,))
+    result = greedy(PooledDecoder(), hidden, np.ones((2, 3), np.int64), settings)
+    assert result.sequences == [[2, 3], [4, 4, 4, 4, 4]]  # row 0 finished early: the pooled cache was compacted
+    assert pool.take(2, [(1, 1, 1)], np.dtype(np.float32))[0] is buffers[0]
