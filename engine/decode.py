@@ -186,9 +186,6 @@ class Decoder:
         self.num_heads, self.head_dim = shape[1], shape[3]
         self.kv_dtype = cached.input_dtype(self.self_names[0])
         self.vocab_size = first.outputs["logits"].shape[-1]
-        # Whether the first step accepts fewer encoder positions than max_patches (bundles optimised at export).
-        encoder_axis = first.input_shape("encoder_hidden_states")[1:2] if "encoder_hidden_states" in first.inputs else [0]
-        self.first_step_trims = not all(isinstance(d, int) for d in encoder_axis)
 
     @staticmethod
     def present(past_name: str) -> str:
@@ -205,33 +202,26 @@ class Decoder:
 
     def start(self, encoder_hidden: np.ndarray, encoder_mask: np.ndarray, input_ids: np.ndarray) -> tuple[np.ndarray, DecoderState]:
         """First step from the start token(s): returns last-position logits [rows, vocab] and the cache."""
-        if self.first_step_per_image:
+        if self.first_step_per_image and input_ids.shape[0] > 1:
             return self._start_each(encoder_hidden, encoder_mask, input_ids)
         return self._start(encoder_hidden, encoder_mask, input_ids)
 
     def _start_each(self, encoder_hidden: np.ndarray, encoder_mask: np.ndarray, input_ids: np.ndarray) -> tuple[np.ndarray, DecoderState]:
-        """`start` one image at a time, gathered into one batch state (also for a batch of one).
+        """`start` one image at a time, as each would run alone, gathered into one batch state.
 
-        Each image runs on its own encoder positions (trailing padding cut off where the graph allows).
-        Its cross-attention K/V go into batch tensors padded with zeros to the given encoder length
-        (masked positions). Padding is not free of rounding (a longer softmax or sum is added up in
-        another order), so callers pass the same length for every batch (the engine: max_patches) and an
-        image gets the same numbers alone and in any batch.
+        For graphs whose first step scales a whole activation tensor at once (int8). Each image's
+        cross-attention K/V are copied into pooled batch tensors for the batched later steps.
         """
-        rows, width = encoder_mask.shape
+        rows = input_ids.shape[0]
         logits, self_kv = [], []
         buffers: list[np.ndarray] = []
         for row in range(rows):
-            used = _valid_prefix(encoder_mask[row]) if self.first_step_trims else width
-            if rows == 1 and used == width:  # nothing to pad: skip the copy
-                return self._start(encoder_hidden, encoder_mask, input_ids)
-            row_logits, state = self._start(encoder_hidden[row : row + 1, :used], encoder_mask[row : row + 1, :used], input_ids[row : row + 1])
+            row_logits, state = self._start(encoder_hidden[row : row + 1], encoder_mask[row : row + 1], input_ids[row : row + 1])
             if not buffers:  # the first image shows the shapes; filled image by image
-                shapes: list[tuple[int, ...]] = [(t.shape[1], width, t.shape[3]) for t in state.cross_kv]
+                shapes: list[tuple[int, ...]] = [t.shape[1:] for t in state.cross_kv]
                 buffers = self.pool.take(rows, shapes, state.cross_kv[0].dtype)
             for merged, part in zip(buffers, state.cross_kv, strict=True):
-                merged[row, :, :used] = part[0]
-                merged[row, :, used:] = 0
+                merged[row] = part[0]
             logits.append(row_logits)
             self_kv.append(state.self_kv)
         state = DecoderState(
@@ -289,12 +279,6 @@ class Decoder:
         if not isinstance(value, int):
             raise ModelRuntimeError(f"{self.with_past.path}: past key/value shapes need static heads and head size, got {value!r}")
         return value
-
-
-def _valid_prefix(mask_row: np.ndarray) -> int:
-    """Length of the row's valid positions when they come first (the processor pads at the end), else its length."""
-    used = int(np.count_nonzero(mask_row))
-    return used if used > 0 and bool(mask_row[:used].all()) else int(mask_row.shape[0])
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
