@@ -248,12 +248,15 @@ class Captioner:
             # ONNX Runtime's fused (unmasked) attention path, and no batch x heads x patches^2 score tensor
             # is held. The decoder, bound by reading its weights, still runs the whole batch, on encoder
             # states padded back to max_patches for every batch: a length that depended on the batch-mates
-            # would change the rounding of the cross-attention sums, and so (rarely) a caption.
+            # would change the rounding of the cross-attention sums, and so (rarely) a caption. Bundles that
+            # run one image at a time have no batch-mates: they keep the image's own length.
             used = [max(int(row.sum()), 1) if self.trims_padding else mask.shape[1] for row in mask]
             hidden_rows = [self._encode(p.flattened_patches[None, :n], mask[i : i + 1, :n]) for i, (p, n) in enumerate(zip(patches, used, strict=True))]
-            hidden = np.zeros((len(patches), mask.shape[1], hidden_rows[0].shape[-1]), dtype=hidden_rows[0].dtype)
+            width = max(used) if self.one_image_per_run else mask.shape[1]
+            hidden = np.zeros((len(patches), width, hidden_rows[0].shape[-1]), dtype=hidden_rows[0].dtype)
             for i, (row, n) in enumerate(zip(hidden_rows, used, strict=True)):
                 hidden[i, :n] = row[0]
+            mask = mask[:, :width]
         else:
             flattened, mask = stack(patches)
             hidden = self._encode(flattened, mask)

@@ -353,7 +353,7 @@ def _build(
                 _ort_optimize(quantized)
             (bundle / name).unlink()
             onnx_files[role] = quantized.name
-        int8 = compare_greedy(model, processor, bundle, onnx_files, layout, images, VALIDATION_TOKENS)
+        int8 = compare_greedy(model, processor, bundle, onnx_files, layout, images, VALIDATION_TOKENS, one_image_at_a_time=True)
         validation["int8"] = int8.to_dict()
         log.info("int8 vs PyTorch greedy tokens: %s", validation["int8"])
         if int8.token_agreement < INT8_WARN_AGREEMENT:

@@ -172,8 +172,13 @@ def compare_greedy(
     layout: str,
     images: list[Image.Image],
     max_new_tokens: int,
+    one_image_at_a_time: bool = False,
 ) -> GreedyComparison:
-    """Run PyTorch `generate` (greedy) and the ONNX greedy loop on `images`; return both token lists."""
+    """Run PyTorch `generate` (greedy) and the ONNX greedy loop on `images`; return both token lists.
+
+    `one_image_at_a_time`: run the ONNX graphs on each image alone, as the engine runs int8 encoders and
+    first decoder steps (their per-tensor activation scales would otherwise mix the images).
+    """
     import torch
 
     text_config = model.config.text_config
@@ -199,9 +204,11 @@ def compare_greedy(
     torch_tokens = [cut_after_eos(row[1:], eos_ids) for row in generated.tolist()]
 
     runner = OrtGreedy(directory, onnx_files, layout)
-    onnx_tokens, hidden = runner.generate(
-        inputs["flattened_patches"].numpy(), inputs["attention_mask"].numpy(), max_new_tokens, start_id, eos_ids, pad_id
-    )
+    patches, mask = inputs["flattened_patches"].numpy(), inputs["attention_mask"].numpy()
+    groups = [slice(i, i + 1) for i in range(len(images))] if one_image_at_a_time else [slice(None)]
+    runs = [runner.generate(patches[rows], mask[rows], max_new_tokens, start_id, eos_ids, pad_id) for rows in groups]
+    onnx_tokens = [tokens for run_tokens, _ in runs for tokens in run_tokens]
+    hidden = np.concatenate([run_hidden for _, run_hidden in runs])
     # Trailing pads after EOS differ only in how far each side kept going.
     onnx_tokens = [cut_after_eos(row, eos_ids) for row in onnx_tokens]
     diff = float(np.abs(hidden - ref_hidden.numpy()).max())

@@ -100,15 +100,19 @@ def test_batch_and_single_identical_on_the_trained_model(tiny_bundle: Path, imag
     assert captioner.caption(subset) == [captioner.caption([p])[0] for p in subset]
 
 
-def test_int8_batches_give_each_image_the_numbers_it_gets_alone(tiny_bundle_int8: Path, images: list[Path]) -> None:
-    """int8 bundles batch the cached decoder steps (row-wise activation scales) but run the encoder and
-    the first step one image at a time: the logits of every step are bit-identical alone and in a batch,
-    for images of different sizes (different padding) in any order."""
+@pytest.mark.parametrize(("bundle_fixture", "batching"), [("tiny_bundle", "batch"), ("tiny_bundle_int8", "steps")])
+def test_batches_give_each_image_the_numbers_it_gets_alone(
+    bundle_fixture: str, batching: str, images: list[Path], request: pytest.FixtureRequest
+) -> None:
+    """The logits of every step are bit-identical alone and in a batch, for images of different sizes
+    (different padding) in any order: fp32 batches everything; int8 batches the cached decoder steps
+    (row-wise activation scales) and runs the encoder and the first step one image at a time."""
     import numpy as np
 
+    bundle = request.getfixturevalue(bundle_fixture)
     # EOS suppressed: every row runs every step, so the batch's rows stay in place.
-    captioner = Captioner(tiny_bundle_int8, batch_size=8, max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS)
-    assert captioner.batching == "steps" and not captioner.one_image_per_run
+    captioner = Captioner(bundle, batch_size=8, max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS)
+    assert captioner.batching == batching and not captioner.one_image_per_run
     subset = [images[i] for i in (0, 7, 3, 11, 5)]
     pictures = [load_image(p) for p in subset]
     pictures[1] = pictures[1].resize((pictures[1].width // 3, pictures[1].height))  # fewer patches: padded in the batch
@@ -144,7 +148,7 @@ def test_int8_batches_give_each_image_the_numbers_it_gets_alone(tiny_bundle_int8
     for i, expected in enumerate(alone):
         assert np.array_equal(together[i], expected), f"image {i}: max |diff| {np.abs(together[i] - expected).max()}"
         assert np.array_equal(reordered[i], expected)
-    free = Captioner(tiny_bundle_int8, batch_size=8, max_new_tokens=MAX_NEW_TOKENS)  # rows finish at their own EOS
+    free = Captioner(bundle, batch_size=8, max_new_tokens=MAX_NEW_TOKENS)  # rows finish at their own EOS
     assert free.caption(subset) == [free.caption([p])[0] for p in subset]
 
 

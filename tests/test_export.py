@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -88,6 +89,7 @@ def test_int8_merged_quantizes_both_branches(random_checkpoint: Path, tmp_path: 
     top = onnx.load(str(merged)).graph
     branches = {a.name: a.g for n in top.node if n.op_type == "If" for a in n.attribute}
     assert set(branches) == {"then_branch", "else_branch"}
+    assert [n.op_type for n in top.node] == ["If"]  # the encoder output's quantization runs in the first step only
     layers = bundle.config["text_config"]["num_layers"]
     for name, branch in branches.items():
         ops = [n.op_type for n in branch.node]
@@ -132,11 +134,8 @@ def test_decoder_int8_quantizes_image_rows_per_tensor_and_token_rows_per_row(tmp
     )
     source = tmp_path / "decoder.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
     with caplog.at_level(logging.INFO):
         quantize_decoder_int8(source, tmp_path / "decoder_int8.onnx")
-    assert (list(root.handlers), root.level) == (handlers, level)  # the quantizer's import configures no logging
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("onnxruntime") or r.levelno >= logging.WARNING]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx", "decoder_int8.onnx"]
 
@@ -153,6 +152,42 @@ def test_decoder_int8_quantizes_image_rows_per_tensor_and_token_rows_per_row(tmp
     # Token rows do not depend on their batch-mates (image rows do, which is why the engine runs them alone).
     alone = [session.run(["query"], {"encoder_hidden_states": hidden[:1], "tokens": tokens[i : i + 1]})[0] for i in range(3)]
     assert np.array_equal(np.concatenate(alone), query)
+
+
+def test_a_decoder_whose_cached_steps_scale_whole_tensors_is_refused(tmp_path: Path) -> None:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.quantize import _require_row_wise_steps
+
+    weight = numpy_helper.from_array(np.ones((8, 4), np.int8), "w")
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeLinear", ["past_key_values.0.decoder.key"], ["q", "scale", "zero"]),
+         helper.make_node("MatMulInteger", ["q", "w", "zero"], ["y"])],
+        "with_past",
+        [helper.make_tensor_value_info("past_key_values.0.decoder.key", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 4])],
+        [weight],
+    )
+    path = tmp_path / "decoder_with_past_model_int8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(ExportError, match="decoder_with_past_model_int8.onnx: the decoder's cached steps still scale whole tensors"):
+        _require_row_wise_steps(path)
+
+
+def test_the_nbits_quantizer_leaves_logging_as_it_was() -> None:
+    """Its module calls logging.basicConfig(INFO) on import; in a fresh process the root logger must stay bare."""
+    script = (
+        "import logging\n"
+        "from export.quantize import _quantizer_logging\n"
+        "with _quantizer_logging():\n"
+        "    pass\n"
+        "root = logging.getLogger()\n"
+        "print(len(root.handlers), root.level)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.split() == ["0", str(logging.WARNING)]
 
 
 def test_int8_quantizer_prints_no_preprocessing_advice(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
