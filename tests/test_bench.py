@@ -158,3 +158,24 @@ def test_tiny_benchmark_writes_json_table_and_chart(
 
     chart = (out / "chart.png").read_bytes()
     assert chart[:8] == b"\x89PNG\r\n\x1a\n" and len(chart) > 5000
+
+
+def test_batch_sizes_are_timed_interleaved_in_one_process(tiny_bundle: Path, tiny_bundle_int8: Path, synth_data: Path, tmp_path: Path) -> None:
+    from benchmarks.batch_sizes import main as batch_sizes
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in sorted(synth_data.glob("*.jpg"))[:3]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "rounds.json"
+    args = ["--model", str(tiny_bundle), "--model", str(tiny_bundle_int8), "--batch-sizes", "1,3", "--rounds", "2",
+            "--tokens", "4", "--images", str(folder), "--json", str(out)]
+    result = CliRunner().invoke(batch_sizes, args)
+    assert result.exit_code == 0, result.output
+    assert f"{tiny_bundle}: batch 1: " in result.output and "batch 3: " in result.output
+    rounds = json.loads(out.read_text())["seconds_per_image"]
+    assert set(rounds) == {str(tiny_bundle), str(tiny_bundle_int8)}
+    assert all(len(v) == 2 and min(v) > 0 for by_size in rounds.values() for v in by_size.values())
+
+    too_few = CliRunner().invoke(batch_sizes, ["--model", str(tiny_bundle), "--batch-sizes", "1,4", "--images", str(folder)])
+    assert too_few.exit_code == 2 and "3 images, fewer than the largest batch size 4" in too_few.output
