@@ -185,6 +185,9 @@ class Decoder:
         shape = cached.input_shape(self.self_names[0])
         self.num_heads, self.head_dim = shape[1], shape[3]
         self.kv_dtype = cached.input_dtype(self.self_names[0])
+        # The split layout's with-past graph reads only the cached cross K/V: states then drop the hidden
+        # states, so that row selection does not copy them.
+        self.steps_read_hidden = "encoder_hidden_states" in cached.inputs
         self.vocab_size = first.outputs["logits"].shape[-1]
 
     @staticmethod
@@ -227,7 +230,7 @@ class Decoder:
         state = DecoderState(
             self_kv=[np.concatenate(parts) for parts in zip(*self_kv, strict=True)],
             cross_kv=[b[:rows] for b in buffers],
-            encoder_hidden=encoder_hidden if "encoder_hidden_states" in self.with_past.inputs else None,
+            encoder_hidden=encoder_hidden if self.steps_read_hidden else None,
             encoder_mask=encoder_mask,
             past_len=input_ids.shape[1],
             buffers=buffers,
@@ -251,9 +254,7 @@ class Decoder:
         state = DecoderState(
             self_kv=[out[self.present(n)] for n in self.self_names],
             cross_kv=[out[self.present(n)] for n in self.cross_names],
-            # The split layout's with-past graph reads only the cached cross K/V: drop the hidden states
-            # so that row selection does not copy them.
-            encoder_hidden=encoder_hidden if "encoder_hidden_states" in self.with_past.inputs else None,
+            encoder_hidden=encoder_hidden if self.steps_read_hidden else None,
             encoder_mask=encoder_mask,
             past_len=input_ids.shape[1],
         )

@@ -708,7 +708,7 @@ def optimize_encoder(
         raise OptimizeError(f"{source}: no such ONNX file to optimise")
     model = onnx.load(str(source))
     model, report = optimize_encoder_model(model, rewrites, attention_op, use_mask, flash_when_unpadded)
-    _save(model, target)
+    save_model(model, target)
     if ort_optimize:
         ort_optimize_file(target, target)
         report.ort_optimized = True
@@ -734,7 +734,7 @@ def optimize_decoder(source: str | Path, target: str | Path) -> OptimizeReport:
     report.counts["dynamic_patches"] = count
     if count:
         report.rewrites.append("dynamic_patches")
-    _save(model, target)
+    save_model(model, target)
     _check_loads(target)
     return report
 
@@ -750,9 +750,15 @@ def _check_loads(path: Path) -> None:
         raise OptimizeError(f"{path}: ONNX Runtime could not load the rewritten graph: {exc}") from exc
 
 
-def _save(model: onnx.ModelProto, target: Path) -> None:
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """True when `model` is too large for one protobuf file (2 GB, less a margin)."""
+    return model.ByteSize() > (1 << 31) - (1 << 26)
+
+
+def save_model(model: onnx.ModelProto, target: Path) -> None:
+    """Save `model` to `target`, its weights in `target.name + ".data"` beside it when it needs that."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() > (1 << 31) - (1 << 26):
+    if needs_external_data(model):
         onnx.save(model, str(target), save_as_external_data=True, location=target.name + ".data")
     else:
         onnx.save(model, str(target))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from export import ExportError
+from export.optimize import needs_external_data, save_model
 
 if TYPE_CHECKING:
     import onnx
@@ -94,7 +95,7 @@ def quantize_decoder_int8(source: Path, target: Path) -> Path:
                     accuracy_level=NBITS_ACCURACY_LEVEL, nodes_to_exclude=image_rows,
                 )
                 quantizer.process()
-                large = quantizer.model.model.ByteSize() > (1 << 31) - (1 << 26)  # protobuf's 2 GB limit
+                large = needs_external_data(quantizer.model.model)
                 quantizer.model.save_model_to_file(str(staged), use_external_data_format=large)
         except Exception as exc:  # the quantizer raises bare ValueError/RuntimeError/onnx errors
             raise ExportError(f"{source}: int8 (MatMulNBits) quantization failed: {exc}") from exc
@@ -102,8 +103,10 @@ def quantize_decoder_int8(source: Path, target: Path) -> Path:
             _quantize_dynamic(staged, target, (PREPROCESSING_ADVICE, CONTRIB_TYPE_ADVICE), label=source, nodes=image_rows)
         else:
             os.replace(staged, target)
-        _sink_branch_only_nodes(target)
-        _require_row_wise_steps(target)
+        quantized = onnx.load(str(target))
+        if _sink_branch_only_nodes(quantized.graph):
+            save_model(quantized, target)
+        _require_row_wise_steps(quantized.graph, target)
         return target
     finally:
         for leftover in staged.parent.glob(staged.name + "*"):
@@ -114,8 +117,8 @@ def quantize_decoder_int8(source: Path, target: Path) -> Path:
 PER_TENSOR_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat"})
 
 
-def _sink_branch_only_nodes(path: Path) -> None:
-    """Move top-level nodes used by one branch of a merged decoder into that branch.
+def _sink_branch_only_nodes(graph: onnx.GraphProto) -> bool:
+    """Move top-level nodes used by one branch of a merged decoder into that branch; True if any moved.
 
     The dynamic quantizer puts the `DynamicQuantizeLinear` of `encoder_hidden_states` in the top-level
     graph, beside the `If`, so it would run at every cached step (over the whole padded batch: ~9 ms a
@@ -123,45 +126,29 @@ def _sink_branch_only_nodes(path: Path) -> None:
     """
     import onnx
 
-    model = onnx.load(str(path))
-    graph = model.graph
     branch_node = next((n for n in graph.node if n.op_type == "If"), None)
     if branch_node is None:
-        return
+        return False
     branches = {a.name: a.g for a in branch_node.attribute if a.type == onnx.AttributeProto.GRAPH}
-
-    def reads(g: onnx.GraphProto) -> set[str]:
-        names = {i for n in g.node for i in n.input}
-        for n in g.node:
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    names |= reads(a.g)
-        return names
-
-    read_by = {name: reads(g) for name, g in branches.items()}
+    read_by = {name: {i for n in _walk_nodes(g) for i in n.input} for name, g in branches.items()}
     top_reads = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     moved = False
     for node in [n for n in graph.node if n is not branch_node]:
         users = {name for name, names in read_by.items() if any(o in names for o in node.output)}
         if len(users) == 1 and not any(o in top_reads for o in node.output):
-            target = branches[users.pop()]
             graph.node.remove(node)
-            target.node.insert(0, node)
+            branches[users.pop()].node.insert(0, node)
             moved = True
-    if moved:
-        large = model.ByteSize() > (1 << 31) - (1 << 26)  # protobuf's 2 GB limit
-        onnx.save(model, str(path), save_as_external_data=large, location=path.name + ".data")
+    return moved
 
 
-def _require_row_wise_steps(path: Path) -> None:
-    """Raise ExportError unless the decoder's cached steps are free of per-tensor activation scales.
+def _require_row_wise_steps(graph: onnx.GraphProto, path: Path) -> None:
+    """Raise ExportError (naming `path`) unless the decoder's cached steps are free of per-tensor
+    activation scales.
 
     The engine batches those steps for int8 bundles; a per-tensor scale there would let one image's
     numbers change another's caption.
     """
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
     branch_node = next((n for n in graph.node if n.op_type == "If"), None)
     if branch_node is not None:  # merged: the top level and the cached branch run at every step
         cached = next(a.g for a in branch_node.attribute if a.name == "then_branch")
@@ -265,18 +252,21 @@ def count_quantized_nodes(path: Path) -> dict[str, int]:
     """Node counts of the int8 operators in `path`, subgraphs included (to prove subgraphs were quantized)."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
     counts: dict[str, int] = {}
-
-    def walk(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            if node.op_type in {"MatMulInteger", "DynamicQuantizeLinear", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits"}:
-                counts[node.op_type] = counts.get(node.op_type, 0) + 1
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g)
-                for sub in attr.graphs:
-                    walk(sub)
-
-    walk(model.graph)
+    for node in _walk_nodes(onnx.load(str(path), load_external_data=False).graph):
+        if node.op_type in PER_TENSOR_OPS or node.op_type == "MatMulNBits":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+def _walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of `graph` and of its subgraphs (If branches, loop bodies), depth first."""
+    import onnx
+
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _walk_nodes(attr.g)
+            for sub in attr.graphs:
+                yield from _walk_nodes(sub)
