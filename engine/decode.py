@@ -52,24 +52,31 @@ class GenerationSettings:
 
 
 class BufferPool:
-    """Keeps one set of large batch tensors (gathered cross-attention K/V) for the next batch.
+    """Keeps large batch tensors (gathered cross-attention K/V) for the next batch.
 
     A fresh numpy array of this size pays a page fault per page on first touch, at every batch: at
     base size 1.2 GB for 8 images, which took 1.7 s to fill on this machine's VM against 0.1 s for
-    reused memory. (ONNX Runtime's own outputs come from its arena and do not pay it.) The largest set
-    asked for is kept; a smaller batch uses its leading rows.
+    reused memory. (ONNX Runtime's own outputs come from its arena and do not pay it.) Up to
+    `max_sets` sets are kept, the largest ones: beam search holds two at once (one row per image
+    from the first step, one row per beam after it). A smaller batch uses a set's leading rows.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_sets: int = 2) -> None:
         self._lock = threading.Lock()
-        self._kept: list[np.ndarray] = []
+        self._kept: list[list[np.ndarray]] = []
+        self.max_sets = max_sets
 
     def take(self, rows: int, shapes: list[tuple[int, ...]], dtype: np.dtype[Any]) -> list[np.ndarray]:
         """Buffers of `shapes` (without the row axis) with at least `rows` rows; contents undefined."""
         with self._lock:
-            kept, self._kept = self._kept, []
-        if kept and kept[0].shape[0] >= rows and [b.shape[1:] for b in kept] == shapes and all(b.dtype == dtype for b in kept):
-            return kept
+            fitting = [
+                kept for kept in self._kept
+                if kept[0].shape[0] >= rows and [b.shape[1:] for b in kept] == shapes and all(b.dtype == dtype for b in kept)
+            ]
+            if fitting:
+                chosen = min(fitting, key=lambda kept: kept[0].shape[0])  # leave the larger sets for larger asks
+                self._kept = [kept for kept in self._kept if kept is not chosen]
+                return chosen
         return [np.empty((rows, *shape), dtype=dtype) for shape in shapes]
 
     def give(self, buffers: list[np.ndarray]) -> None:
@@ -77,8 +84,9 @@ class BufferPool:
         if not buffers:
             return
         with self._lock:
-            if not self._kept or self._kept[0].shape[0] < buffers[0].shape[0]:
-                self._kept = buffers
+            self._kept.append(buffers)
+            self._kept.sort(key=lambda kept: -sum(b.nbytes for b in kept))
+            del self._kept[self.max_sets :]
 
 
 @dataclass
@@ -105,6 +113,27 @@ class DecoderState:
             encoder_hidden=None if self.encoder_hidden is None else np.take(self.encoder_hidden, rows, axis=0),
             encoder_mask=np.take(self.encoder_mask, rows, axis=0),
             past_len=self.past_len,
+        )
+
+    def repeat(self, times: int, pool: BufferPool) -> DecoderState:
+        """Every row `times` times in a row (beam search's beams of one image), the cross-attention K/V
+        into buffers from `pool` (a fresh array of beams x images rows would page-fault at every batch).
+
+        The new state owns its buffers (`release` gives them back); this state is left as it was.
+        """
+        rows = self.rows * times
+        index = np.repeat(np.arange(self.rows), times)
+        buffers = pool.take(rows, [t.shape[1:] for t in self.cross_kv], self.cross_kv[0].dtype) if self.cross_kv else []
+        for buffer, tensor in zip(buffers, self.cross_kv, strict=True):
+            buffer[:rows].reshape(self.rows, times, *tensor.shape[1:])[:] = tensor[:, None]
+        return DecoderState(
+            self_kv=[np.take(t, index, axis=0) for t in self.self_kv],
+            cross_kv=[b[:rows] for b in buffers],
+            encoder_hidden=None if self.encoder_hidden is None else np.take(self.encoder_hidden, index, axis=0),
+            encoder_mask=np.take(self.encoder_mask, index, axis=0),
+            past_len=self.past_len,
+            buffers=buffers,
+            pool=pool,
         )
 
     def keep(self, rows: np.ndarray) -> DecoderState:
@@ -347,17 +376,25 @@ def beam_search(decoder: Decoder, encoder_hidden: np.ndarray, encoder_mask: np.n
     images, beams, length = encoder_hidden.shape[0], settings.num_beams, settings.max_new_tokens
     if length == 0 or images == 0:
         return DecodeResult([[] for _ in range(images)], 0, [False] * images)
+    start = np.full((images, 1), settings.decoder_start_token_id, dtype=np.int64)
+    logits, first = decoder.start(encoder_hidden, encoder_mask, start)
+    # Every beam of an image starts identical: run the first step once per image, then repeat rows.
+    try:
+        state = first.repeat(beams, decoder.pool)
+    finally:
+        first.release()
+    try:
+        return _beam_loop(decoder, np.repeat(logits, beams, axis=0), state, images, settings)
+    finally:
+        state.release()  # the loop's later states (`keep`) share these buffers
+
+
+def _beam_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, images: int, settings: GenerationSettings) -> DecodeResult:
+    beams, length = settings.num_beams, settings.max_new_tokens
     eos = np.array(settings.eos_token_ids, dtype=np.int64)
     keep_k = max(2, 1 + len(eos)) * beams
     penalty = settings.length_penalty
-
-    start = np.full((images, 1), settings.decoder_start_token_id, dtype=np.int64)
-    logits, state = decoder.start(encoder_hidden, encoder_mask, start)
     steps = 1
-    # Every beam of an image starts identical: run the first step once per image, then repeat rows.
-    first, state = state, state.select(np.repeat(np.arange(images), beams))
-    first.release()
-    logits = np.repeat(logits, beams, axis=0)
 
     running_seq = np.zeros((images, beams, length), dtype=np.int64)
     running_scores = np.zeros((images, beams), dtype=np.float32)
@@ -422,7 +459,7 @@ def beam_search(decoder: Decoder, encoder_hidden: np.ndarray, encoder_mask: np.n
         still = searching[alive]
         if not still.all():
             keep_rows = (np.flatnonzero(still)[:, None] * beams + np.arange(beams)).reshape(-1)
-            state = state.select(keep_rows)
+            state = state.keep(keep_rows)
             next_tokens = next_tokens[keep_rows]
             alive = alive[still]
         logits = decoder.advance(state, next_tokens[:, None])

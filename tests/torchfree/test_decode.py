@@ -53,6 +53,7 @@ def lookup(image: int, prefix: tuple[int, ...]) -> np.ndarray:
 class ScriptedDecoder:
     def __init__(self) -> None:
         self.calls = 0
+        self.pool = BufferPool()  # beam search repeats rows into pooled buffers
 
     def _logits(self, state: DecoderState) -> np.ndarray:
         images = state.cross_kv[0][:, 0, 0, 0].astype(int)
@@ -206,3 +207,35 @@ def test_greedy_gives_pooled_buffers_back_when_done() -> None:
     result = greedy(PooledDecoder(), hidden, np.ones((2, 3), np.int64), settings)
     assert result.sequences == [[2, 3], [4, 4, 4, 4, 4]]  # row 0 finished early: the pooled cache was compacted
     assert pool.take(2, [(1, 1, 1)], np.dtype(np.float32))[0] is buffers[0]
+
+
+def test_buffer_pool_keeps_two_sets_and_hands_out_the_smallest_that_fits() -> None:
+    pool = BufferPool()
+    shapes: list[tuple[int, ...]] = [(1, 2, 3)]
+    small, large, larger = (pool.take(rows, shapes, np.dtype(np.float32)) for rows in (2, 8, 9))
+    for buffers in (small, large, larger):
+        pool.give(buffers)
+    assert pool.take(1, shapes, np.dtype(np.float32))[0] is large[0]  # the smallest of the two kept sets
+    assert pool.take(1, shapes, np.dtype(np.float32))[0] is larger[0]
+    assert pool.take(1, shapes, np.dtype(np.float32))[0] is not small[0]  # the third set was not kept
+
+
+def test_beam_search_reuses_pooled_buffers_from_batch_to_batch() -> None:
+    class RecordingPool(BufferPool):
+        def __init__(self) -> None:
+            super().__init__()
+            self.handed_out: list[int] = []
+
+        def take(self, rows: int, shapes: list[tuple[int, ...]], dtype: np.dtype) -> list[np.ndarray]:  # type: ignore[type-arg]
+            buffers = super().take(rows, shapes, dtype)
+            self.handed_out.append(id(buffers[0]))
+            return buffers
+
+    decoder = ScriptedDecoder()
+    decoder.pool = RecordingPool()
+    hidden = np.array([3.0, 4.0, 0.0]).reshape(3, 1, 1) * np.ones((1, 3, 2), dtype=np.float32)
+    settings = GenerationSettings(max_new_tokens=6, eos_token_ids=(EOS,), num_beams=2)
+    results = [beam_search(decoder, hidden, np.ones((3, 3), np.int64), settings).sequences for _ in range(2)]
+    assert results[0] == results[1] == [[3], [3, 5, 3], [2, 3]]
+    first_batch, second_batch = decoder.pool.handed_out
+    assert first_batch == second_batch  # the beams' cross-attention K/V went back to the pool and came out again
