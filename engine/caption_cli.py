@@ -9,7 +9,7 @@ import click
 
 from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError
-from engine.folder import resolve_format
+from engine.folder import IMAGE_EXTENSIONS, resolve_format
 from engine.images import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
@@ -117,7 +117,11 @@ def _fail(exc: Exception) -> NoReturn:
 
 
 def _finish(summary: FolderSummary, strict: bool) -> None:
-    """The summary line; exit 1 under --strict when any image failed."""
+    """Warnings and the summary line; exit 1 under --strict when any image failed or folder was unreadable."""
+    for problem in summary.unreadable:
+        click.echo(f"warning: {problem} (skipped)", err=True)
+    if summary.total == 0:
+        click.echo("warning: no image files found (looked for " + " ".join(sorted(IMAGE_EXTENSIONS)) + ")", err=True)
     click.echo(summary.line(), err=True)
     if strict and summary.any_failed:
         raise SystemExit(1)

@@ -7,6 +7,7 @@ and results always come back in input order.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -152,7 +153,7 @@ class Captioner:
         A single image of any of these kinds is accepted too (a list of one caption is returned).
         Raises ImageError naming the first image that cannot be read (nothing is returned then).
         """
-        if isinstance(images, (str, Path, bytes, bytearray, memoryview)) or hasattr(images, "getbands") or hasattr(images, "read"):
+        if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(images, "getbands") or hasattr(images, "read"):
             images = [images]  # type: ignore[list-item]
         items = [(i, source, describe(source, i)) for i, source in enumerate(images)]  # type: ignore[arg-type]
         captions: list[str] = []

@@ -9,12 +9,14 @@ Images are read once, here, at the edge of the engine:
   should look like the drawing on paper, not on black), palettes are expanded, 16-bit and
   float images are scaled down to 8 bits instead of being clipped, CMYK is converted;
 - only the first frame of an animated GIF/WebP/TIFF is used;
+- HEIC/HEIF photos (iPhones) are read when pillow-heif is installed, else named as such;
 - zero-byte, truncated, non-image, directory, broken-symlink, unreadable and non-regular
   files each raise `ImageError` with a message naming the file and the problem.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import stat
@@ -31,13 +33,16 @@ from engine.errors import ImageError
 # About 50 megapixels: a 8000x6000 photo fits, a 100k x 100k PNG bomb does not.
 DEFAULT_MAX_PIXELS = 50_000_000
 
-ImageSource = str | Path | bytes | bytearray | memoryview | IO[bytes] | Image.Image
+ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes] | Image.Image
+
+# ISO base media "ftyp" brands of HEIF still images (AVIF, also HEIF-based, Pillow reads itself).
+HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
 
 
 def describe(source: object, index: int | None = None) -> str:
     """A short human name for an image source, used in error messages."""
-    if isinstance(source, (str, Path)):
-        return str(source) or "<empty path>"
+    if isinstance(source, (str, os.PathLike)):
+        return os.fsdecode(source) or "<empty path>"
     where = f" #{index}" if index is not None else ""
     if isinstance(source, (bytes, bytearray, memoryview)):
         size = source.nbytes if isinstance(source, memoryview) else len(source)
@@ -60,7 +65,12 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: 
     label = name or describe(source)
     if isinstance(source, Image.Image):
         _check_pixels(source.size, max_pixels, label)
-        return to_rgb(_first_frame(source), label)
+        image = _first_frame(source)
+        try:
+            image.load()  # an image opened lazily from a damaged file fails here, not in the model
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error) as exc:
+            raise ImageError(f"{label}: truncated or corrupt image data ({exc})") from exc
+        return to_rgb(image, label)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
@@ -74,10 +84,10 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: 
         if not isinstance(data, bytes):
             raise ImageError(f"{label}: file object gives {type(data).__name__}, not bytes; open it in binary mode ('rb')")
         return load_image(data, max_pixels, label)
-    if isinstance(source, (str, Path)):
-        if not str(source):
+    if isinstance(source, (str, os.PathLike)):
+        if not os.fspath(source):
             raise ImageError(f"{label}: empty path")
-        path = Path(source)
+        path = Path(os.fsdecode(source))
         _check_path(path, label)
         try:
             handle = open(path, "rb")
@@ -131,6 +141,13 @@ def _decode(handle: IO[bytes], max_pixels: int, label: str) -> Image.Image:
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
+        if _is_heif(handle):
+            if _heif_opener_registered():
+                handle.seek(0)
+                return _decode(handle, max_pixels, label)
+            raise ImageError(
+                f"{label}: a HEIC/HEIF photo, which needs pillow-heif to be read: pip install 'edlight[heif]'"
+            ) from exc
         raise ImageError(f"{label}: not an image, or an image format that cannot be read") from exc
     except Image.DecompressionBombError as exc:  # PIL's own hard limit fires inside Image.open
         raise ImageError(
@@ -143,6 +160,26 @@ def _decode(handle: IO[bytes], max_pixels: int, label: str) -> Image.Image:
     except MemoryError as exc:
         raise ImageError(f"{label}: not enough memory to decode this image") from exc
     return to_rgb(image, label)
+
+
+def _is_heif(handle: IO[bytes]) -> bool:
+    try:
+        handle.seek(0)
+        head = handle.read(12)
+    except (OSError, ValueError):
+        return False
+    return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
+
+
+@functools.cache
+def _heif_opener_registered() -> bool:
+    """Teach PIL to open HEIF through pillow-heif, once, if it is installed (True then)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
 
 
 def _first_frame(image: Image.Image) -> Image.Image:

@@ -36,7 +36,7 @@ from typing import Any
 from engine.bundle import Bundle
 from engine.captioner import resolve_bundle
 from engine.errors import EdlightError
-from engine.folder import FolderSummary, RecordWriter, _progress_bar, plan_folder_job, write_batch
+from engine.folder import FolderSummary, RecordWriter, _progress_bar, folder_job, write_batch
 from engine.images import DEFAULT_MAX_PIXELS
 
 INSTALL_HINT = "pip install 'edlight[distributed]' -c constraints.txt"
@@ -187,31 +187,30 @@ def caption_folder_ray(
         raise ValueError(f"stall_timeout must be > 0, got {stall_timeout}")
     # Verified here, before Ray starts; actors reload it by absolute path (their working dir may differ).
     bundle_dir = Bundle.load(resolve_bundle(bundle)).path.absolute()
-    todo, summary = plan_folder_job(inputs, out, fmt=fmt, overwrite=overwrite)
-
-    if not todo:
-        with RecordWriter(summary.out, fmt):  # the file exists afterwards, as after a local run
-            return summary  # nothing left: no need for a cluster
-    started_here = _connect(ray, address, num_cpus)
-    try:
-        started = time.perf_counter()
-        plan = plan_actors(float(ray.cluster_resources().get("CPU", 0)), actors, threads)
-        if log is not None:
-            log(plan.line())
-        constructor = (str(bundle_dir), plan.threads, batch_size, num_beams, max_new_tokens, max_pixels)
-        rows = [{"file": f.file, "path": str(f.path.absolute()), "label": str(f.path)} for f in todo]
-        bar = _progress_bar(len(todo), progress)
+    with folder_job(inputs, out, fmt, overwrite) as (todo, summary):
+        if not todo:
+            with RecordWriter(summary.out, fmt):  # the file exists afterwards, as after a local run
+                return summary  # nothing left: no need for a cluster
+        started_here = _connect(ray, address, num_cpus)
         try:
-            with RecordWriter(summary.out, fmt) as writer:
-                for records in _stream_records(ray, rows, constructor, plan, batch_size, stall_timeout):
-                    write_batch(writer, records, summary, bar)
+            started = time.perf_counter()
+            plan = plan_actors(float(ray.cluster_resources().get("CPU", 0)), actors, threads)
+            if log is not None:
+                log(plan.line())
+            constructor = (str(bundle_dir), plan.threads, batch_size, num_beams, max_new_tokens, max_pixels)
+            rows = [{"file": f.file, "path": str(f.path.absolute()), "label": str(f.path)} for f in todo]
+            bar = _progress_bar(len(todo), progress)
+            try:
+                with RecordWriter(summary.out, fmt) as writer:
+                    for records in _stream_records(ray, rows, constructor, plan, batch_size, stall_timeout):
+                        write_batch(writer, records, summary, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+            summary.seconds = time.perf_counter() - started
         finally:
-            if bar is not None:
-                bar.close()
-        summary.seconds = time.perf_counter() - started
-    finally:
-        if started_here:
-            ray.shutdown()
+            if started_here:
+                ray.shutdown()
     return summary
 
 

@@ -140,10 +140,12 @@ def test_ray_records_equal_the_local_engine(local_ray: object, tiny_bundle: Path
     assert all(r["caption"] for r in records if r["error"] is None)
     assert (summary.total, summary.captioned, summary.failed) == (local.total, local.captioned, local.failed) == (10, 8, 2)
 
-    # A rerun resumes: everything is already there, nothing is written, Ray is not even needed.
+    # A rerun resumes: captioned images are skipped, the two that failed are tried again (and fail again).
     again = caption_folder_ray([mixed_folder], tmp_path / "ray.jsonl", tiny_bundle, progress=False)
-    assert (again.skipped, again.captioned, again.failed, again.failed_before) == (10, 0, 0, 2)
-    assert _records(tmp_path / "ray.jsonl") == records
+    assert (again.skipped, again.retried, again.captioned, again.failed) == (8, 2, 0, 2)
+    assert _records(tmp_path / "ray.jsonl") == [r for r in records if r["error"] is None] + [
+        r for r in records if r["error"] is not None
+    ]
 
 
 @pytest.mark.slow

@@ -267,8 +267,9 @@ def test_cli_captions_prints_a_summary_and_honours_strict(engine_bundle: Path, t
     assert "captioned 4, failed 1 of 5 images" in result.output
     assert f"model: {engine_bundle}" in result.output
     assert [r["file"] for r in records(out)] == sorted(names + ["zero.jpg"], key=lambda n: n.split("/"))
-    strict = runner.invoke(caption_command, [*args, "--strict"])
-    assert strict.exit_code == 1 and "1 of them failed" in strict.output
+    strict = runner.invoke(caption_command, [*args, "--strict"])  # the rerun tries the failed image again
+    assert strict.exit_code == 1 and "failed 1 (1 retried after failing before), 4 already done of 5" in strict.output
+    assert sorted(r["file"] for r in records(out)) == sorted(names + ["zero.jpg"])  # its old error record is gone
     csv_run = runner.invoke(caption_command, [*args[:-3], "--out", str(tmp_path / "x.csv"), "--format", "csv", "--quiet"])
     assert csv_run.exit_code == 0 and (tmp_path / "x.csv").read_text().startswith("file,caption,error\n")
 
@@ -325,3 +326,135 @@ def test_cli_prints_the_parity_recorded_in_the_manifest(engine_bundle: Path, tmp
                                                   str(tmp_path / "o.jsonl"), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "parity vs PyTorch: passed=True, split=test, images=20, bleu_torch=41.2, bleu_engine=40.5" in result.output
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("photo.jpg", None),  # an image (written below): it has newlines in its bytes, and a tail after them
+        ("other.csv", b"file_name,text\na.jpg,hello\nb.jpg,world"),  # someone else's CSV without a final newline
+        ("notes.jsonl", b'{"file_name": "a.jpg", "text": "hello"}\n{"file_name": "b.jpg"'),
+        ("one_line.jsonl", b"just some text, no newline at all"),
+    ],
+)
+def test_an_output_that_is_not_a_caption_file_is_left_untouched(
+    captioner: Captioner, tmp_path: Path, name: str, content: bytes | None
+) -> None:
+    make_folder(tmp_path / "in", 2)
+    target = tmp_path / name
+    if content is None:
+        photo(7, 320, 240).save(target, quality=90)
+    else:
+        target.write_bytes(content)
+    before = target.read_bytes()
+    with pytest.raises(OutputError, match=re.escape(name) + r":\d+: not a caption record"):
+        captioner.caption_folder(tmp_path / "in", out=target, fmt="csv" if name.endswith(".csv") else "jsonl", progress=False)
+    assert target.read_bytes() == before
+
+
+def test_an_output_that_is_one_of_the_inputs_is_refused(captioner: Captioner, tmp_path: Path) -> None:
+    make_folder(tmp_path / "in", 2)
+    image = tmp_path / "in" / "img_001.png"
+    before = image.read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="img_001.png: the output file is one of the input images"):
+            captioner.caption_folder(tmp_path / "in", out=image, overwrite=overwrite, progress=False)
+    assert image.read_bytes() == before
+
+
+def test_a_failed_image_is_retried_by_the_next_run(captioner: Captioner, tmp_path: Path) -> None:
+    names = make_folder(tmp_path / "in", 3)
+    (tmp_path / "in" / "late.png").write_bytes(b"\x89PNG\r\n\x1a\n not yet")  # e.g. still being copied
+    out = tmp_path / "o.csv"
+    first = captioner.caption_folder(tmp_path / "in", out=out, fmt="csv", progress=False)
+    assert (first.captioned, first.failed) == (3, 1)
+    photo(9).save(tmp_path / "in" / "late.png")
+    again = captioner.caption_folder(tmp_path / "in", out=out, fmt="csv", progress=False)
+    assert (again.skipped, again.retried, again.captioned, again.failed) == (3, 1, 1, 0)
+    import csv
+
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert [r["file"] for r in rows] == [n for n in names if n != "late.png"] + ["late.png"]  # one record each
+    assert all(r["caption"] and not r["error"] for r in rows)
+
+
+def test_folders_are_followed_through_symlinks_once_and_files_counted_once(captioner: Captioner, tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    make_folder(root / "real", 2)
+    (root / "alias").symlink_to(root / "real")  # the same folder twice: its images are captioned once
+    (root / "real" / "loop").symlink_to(root)  # a loop back to the top
+    (tmp_path / "elsewhere").mkdir()
+    photo(5).save(tmp_path / "elsewhere" / "linked.jpe")
+    (root / "more").symlink_to(tmp_path / "elsewhere")
+    files = [f.file for f in collect_inputs([root, root, root / "real" / "img_001.png"])]
+    # Walk order is by name: "alias" comes before "real", so the folder's images are named through it.
+    assert files == ["alias/img_001.png", "alias/nested/img_000.png", "more/linked.jpe"]
+    summary = captioner.caption_folder([root, root], out=tmp_path / "o.jsonl", progress=False)
+    assert (summary.total, summary.captioned) == (3, 3)
+
+
+def test_a_folder_that_cannot_be_listed_is_skipped_and_reported(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine_bundle: Path
+) -> None:
+    root = tmp_path / "in"
+    make_folder(root / "open", 2)
+    (root / "locked").mkdir()
+    photo(1).save(root / "locked" / "hidden.png")
+    real_scandir = os.scandir
+
+    def scandir(path: os.PathLike[str] | str) -> object:  # what a folder without read permission does (not as root)
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    summary = captioner.caption_folder(root, out=tmp_path / "o.jsonl", progress=False)
+    assert (summary.captioned, summary.unreadable) == (2, [f"{root / 'locked'}: cannot list folder: Permission denied"])
+    assert summary.any_failed and "1 folder(s) could not be listed" in summary.line()
+    result = CliRunner().invoke(caption_command, [str(root), "--model", str(engine_bundle), "--out", str(tmp_path / "c.jsonl"),
+                                                  "--quiet", "--strict"])
+    assert result.exit_code == 1 and "warning: " + str(root / "locked") + ": cannot list folder" in result.output
+    with pytest.raises(OutputError, match="locked: cannot list folder"):  # an input folder itself: the job cannot run
+        captioner.caption_folder(root / "locked", out=tmp_path / "x.jsonl", progress=False)
+
+
+def test_csv_keeps_line_breaks_in_names_apart_from_spaces(captioner: Captioner, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo(1).save(folder / "a b.png")
+    photo(2).save(folder / "a\nb.png")
+    out = tmp_path / "o.csv"
+    first = captioner.caption_folder(folder, out=out, fmt="csv", progress=False)
+    again = captioner.caption_folder(folder, out=out, fmt="csv", progress=False)
+    assert (first.captioned, again.skipped, again.captioned) == (2, 2, 0)
+    assert set(read_done(out, "csv")) == {"a b.png", "a\\nb.png"}
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(
+    captioner: Captioner, tmp_path: Path, engine_bundle: Path
+) -> None:
+    make_folder(tmp_path / "in", 2)
+    out = tmp_path / "o.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom engine.folder import output_lock\n"
+         "with output_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        with pytest.raises(OutputError, match=rf"o\.jsonl: another run \(pid {holder.pid}\) is writing to this file"):
+            captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = captioner.caption_folder(tmp_path / "in", out=out, progress=False)  # the lock died with its holder
+    assert summary.captioned == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["in", "o.jsonl"]
+
+
+def test_cli_warns_when_no_image_is_found(engine_bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("no images here")
+    result = CliRunner().invoke(caption_command, [str(tmp_path / "in"), "--model", str(engine_bundle), "--out",
+                                                  str(tmp_path / "o.jsonl"), "--quiet"])
+    assert result.exit_code == 0 and "warning: no image files found (looked for .apng" in result.output

@@ -125,3 +125,37 @@ def test_bad_sources_are_named() -> None:
         load_image("/definitely/not/here.png")
     with pytest.raises(ImageError, match="unsupported input type int"):
         load_image(42)  # type: ignore[arg-type]
+
+
+def test_any_path_like_source_is_read_as_a_path(tmp_path: Path) -> None:
+    Image.new("RGB", (12, 8), (10, 200, 30)).save(tmp_path / "a.png")
+    entry = next(e for e in os.scandir(tmp_path) if e.name == "a.png")  # os.DirEntry is os.PathLike, not a Path
+    assert np.array_equal(np.asarray(load_image(entry)), np.asarray(load_image(tmp_path / "a.png")))
+
+
+def test_a_pil_image_opened_from_a_truncated_file_is_a_named_error(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    (tmp_path / "cut.png").write_bytes(buffer.getvalue()[:400])
+    lazy = Image.open(tmp_path / "cut.png")  # only the header is read here
+    with pytest.raises(ImageError, match=r"upload\.png: truncated or corrupt image data"):
+        load_image(lazy, name="upload.png")
+
+
+def test_heic_photos_are_read_with_pillow_heif_or_named(tmp_path: Path) -> None:
+    try:
+        import pillow_heif
+    except ImportError:
+        pillow_heif = None
+    path = tmp_path / "IMG_0001.HEIC"
+    if pillow_heif is None:  # the engine-only install: say what to install
+        path.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
+        with pytest.raises(ImageError, match=r"IMG_0001\.HEIC: a HEIC/HEIF photo, which needs pillow-heif"):
+            load_image(path)
+        return
+    pixels = np.zeros((48, 64, 3), dtype=np.uint8)
+    pixels[:, 32:] = (200, 40, 40)
+    pillow_heif.from_bytes(mode="RGB", size=(64, 48), data=pixels.tobytes()).save(path, quality=-1)  # lossless
+    image = load_image(path)
+    assert image.size == (64, 48) and image.mode == "RGB"
+    assert np.abs(np.asarray(image).astype(int) - pixels).mean() < 4  # HEVC is lossy in chroma even at -1
