@@ -151,8 +151,9 @@ class Bundle:
     def load(cls, path: str | Path, verify_hashes: bool = True) -> Bundle:
         """Open a bundle directory.
 
-        Raises BundleError when the directory or its manifest is missing, a listed
-        file is absent, or (with `verify_hashes`) a file's sha256 differs from the manifest.
+        Raises BundleError when the directory or its manifest is missing, a listed file is absent,
+        (with `verify_hashes`) a file's sha256 differs from the manifest, or a model setting the engine
+        reads (patch size, token ids, lengths) is not a usable integer.
         """
         root = Path(path)
         if not root.is_dir():
@@ -196,13 +197,15 @@ class Bundle:
                 f"{manifest_path}: max_patches {manifest.max_patches} differs from preprocessor_config.json's "
                 f"{processor_patches}, which the encoder was exported for"
             )
-        return cls(
+        bundle = cls(
             path=root,
             manifest=manifest,
             config=read_json("config.json"),
             generation_config=read_json("generation_config.json"),
             preprocessor_config=preprocessor_config,
         )
+        bundle.check_settings()
+        return bundle
 
     def onnx_path(self, role: str) -> Path:
         return self.path / self.manifest.onnx_files[role]
@@ -218,7 +221,31 @@ class Bundle:
     @property
     def patch_size(self) -> tuple[int, int]:
         size = self.preprocessor_config.get("patch_size", {"height": 16, "width": 16})
-        return int(size["height"]), int(size["width"])
+        if not isinstance(size, dict):
+            raise BundleError(f"{self.path / 'preprocessor_config.json'}: patch_size must be an object, got {size!r}")
+        where = self.path / "preprocessor_config.json"
+        return (_setting(size.get("height"), "patch_size.height", where, 1),
+                _setting(size.get("width"), "patch_size.width", where, 1))
+
+    @property
+    def position_limit(self) -> int:
+        """Rows of the encoder's row/column position tables (vision_config.seq_len; HF's default 4096)."""
+        vision = self.config.get("vision_config")
+        if not isinstance(vision, dict) or vision.get("seq_len") is None:
+            return 4096
+        return _setting(vision["seq_len"], "vision_config.seq_len", self.path / "config.json", 2)
+
+    def _token_setting(self, key: str) -> tuple[Any, Path] | None:
+        """The first `key` set in generation_config.json, config.json, then config.json's text_config."""
+        sources = (
+            (self.generation_config, "generation_config.json", key),
+            (self.config, "config.json", key),
+            (self._text_config(), "config.json", f"text_config.{key}"),
+        )
+        for source, file, _ in sources:
+            if source.get(key) is not None:
+                return source[key], self.path / file
+        return None
 
     def _text_config(self) -> dict[str, Any]:
         text = self.config.get("text_config", {})
@@ -226,27 +253,40 @@ class Bundle:
 
     @property
     def decoder_start_token_id(self) -> int:
-        for source in (self.generation_config, self.config, self._text_config()):
-            if source.get("decoder_start_token_id") is not None:
-                return int(source["decoder_start_token_id"])
-        return self.pad_token_id
+        found = self._token_setting("decoder_start_token_id")
+        return self.pad_token_id if found is None else _setting(found[0], "decoder_start_token_id", found[1])
 
     @property
     def pad_token_id(self) -> int:
-        for source in (self.generation_config, self.config, self._text_config()):
-            if source.get("pad_token_id") is not None:
-                return int(source["pad_token_id"])
-        return 0
+        found = self._token_setting("pad_token_id")
+        return 0 if found is None else _setting(found[0], "pad_token_id", found[1])
 
     @property
     def eos_token_ids(self) -> list[int]:
-        for source in (self.generation_config, self.config, self._text_config()):
-            value = source.get("eos_token_id")
-            if value is not None:
-                return [int(v) for v in value] if isinstance(value, list) else [int(value)]
-        return [1]
+        found = self._token_setting("eos_token_id")
+        if found is None:
+            return [1]
+        value, where = found
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise BundleError(f"{where}: eos_token_id is an empty list")
+        return [_setting(v, "eos_token_id", where) for v in values]
 
     @property
     def default_max_new_tokens(self) -> int:
-        value = self.generation_config.get("max_new_tokens") or self.generation_config.get("max_length") or 64
-        return int(value)
+        for key in ("max_new_tokens", "max_length"):
+            if self.generation_config.get(key) is not None:
+                return _setting(self.generation_config[key], key, self.path / "generation_config.json", 1)
+        return 64
+
+    def check_settings(self) -> None:
+        """Read every model setting the engine uses, so that a bad one is a BundleError now, not mid-run."""
+        _ = (self.patch_size, self.position_limit, self.decoder_start_token_id, self.pad_token_id,
+             self.eos_token_ids, self.default_max_new_tokens)
+
+
+def _setting(value: Any, what: str, where: Path, minimum: int = 0) -> int:
+    """`value` as a setting that must be an integer >= `minimum` (JSON true/false and 16.0 are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BundleError(f"{where}: {what} must be an integer >= {minimum}, got {value!r}")
+    return value

@@ -111,7 +111,13 @@ def caption(
 
 
 def _fail(exc: Exception) -> NoReturn:
-    """A job that cannot run (bad bundle, input or output): one line, exit 2."""
+    """A job that cannot run (bad bundle, input or output): one line, exit 2.
+
+    A reader that stopped reading (`edlight caption ... --out /dev/stdout | head`) ends the run quietly,
+    with the status of a process killed by SIGPIPE, as other command-line tools do.
+    """
+    if isinstance(exc.__cause__, BrokenPipeError):
+        raise SystemExit(128 + 13) from exc
     click.echo(f"error: {exc}", err=True)
     raise SystemExit(2) from exc
 

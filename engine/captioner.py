@@ -108,10 +108,9 @@ class Captioner:
         self.patch_config = PatchConfig.from_preprocessor_config(
             self.bundle.preprocessor_config, max_patches=self.bundle.max_patches
         )
-        vision = self.bundle.config.get("vision_config") or {}
         # Row/column ids index position tables of `seq_len` rows; a model trained with a table no larger
         # than max_patches cannot embed the grid of a very long, thin image (e.g. 10000x10).
-        self.position_limit = int(vision.get("seq_len", 4096)) if isinstance(vision, dict) else 4096
+        self.position_limit = self.bundle.position_limit
         self.tokenizer = CaptionTokenizer.from_bundle_dir(self.bundle.path)
         self.generation = GenerationSettings(
             max_new_tokens=self.bundle.default_max_new_tokens if max_new_tokens is None else max_new_tokens,

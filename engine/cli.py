@@ -9,6 +9,7 @@ is missing says which extra to install and exits 2.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import click
@@ -26,6 +27,20 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 # Imports that mean "this extra is not installed", as opposed to a bug in our code.
 EXTRA_MODULES = {"torch", "transformers", "optimum", "accelerate", "onnx", "matplotlib", "ray"}
+# What each extra's commands import, checked before loading them: a command module may import its
+# heavy dependencies only inside functions, and a missing one must not surface mid-run as a traceback.
+EXTRA_NEEDS = {"train": ("torch", "transformers", "accelerate"), "export": ("torch", "transformers", "optimum", "onnx")}
+
+
+def missing_module(extra: str) -> str | None:
+    """The first module that `extra` needs and this environment lacks, or None."""
+    for name in EXTRA_NEEDS.get(extra, ()):
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):  # an import hook that refuses it, or a broken half-install
+            return name
+    return None
 
 
 class MissingExtraCommand(click.Command):
@@ -60,6 +75,9 @@ class LazyGroup(click.Group):
         if cmd_name not in LAZY_COMMANDS:
             return None
         module_name, attr, extra, help_text = LAZY_COMMANDS[cmd_name]
+        missing = missing_module(extra)
+        if missing is not None:
+            return MissingExtraCommand(cmd_name, extra, missing, help_text)
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

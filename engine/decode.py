@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import ModelRuntimeError
+from engine.errors import ModelRuntimeError, is_count
 from engine.session import OnnxModel
 
 PAST_PREFIX = "past_key_values."
@@ -45,10 +45,10 @@ class GenerationSettings:
     eos_token_ids: tuple[int, ...] = (1,)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0 or self.min_new_tokens < 0:
-            raise ValueError("max_new_tokens and min_new_tokens must be >= 0")
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        for name, minimum in (("max_new_tokens", 0), ("min_new_tokens", 0), ("num_beams", 1)):
+            value = getattr(self, name)
+            if not is_count(value, minimum):
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 class BufferPool:
@@ -311,6 +311,13 @@ class Decoder:
         return value
 
 
+def _grown(tokens: np.ndarray, limit: int) -> np.ndarray:
+    """`tokens` [images, beams, n] with its last axis doubled (at most `limit`), zero-filled."""
+    bigger = np.zeros((*tokens.shape[:2], min(2 * tokens.shape[2], limit)), dtype=tokens.dtype)
+    bigger[:, :, : tokens.shape[2]] = tokens
+    return bigger
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
@@ -396,10 +403,13 @@ def _beam_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, images
     penalty = settings.length_penalty
     steps = 1
 
-    running_seq = np.zeros((images, beams, length), dtype=np.int64)
+    # Token buffers grow with the captions (doubling), not to max_new_tokens up front: a huge limit
+    # costs nothing unless the captions really get that long.
+    capacity = min(length, 64)
+    running_seq = np.zeros((images, beams, capacity), dtype=np.int64)
     running_scores = np.zeros((images, beams), dtype=np.float32)
     running_scores[:, 1:] = NEG_INF  # only beam 0 may expand at the first step
-    done_seq = np.zeros((images, beams, length), dtype=np.int64)
+    done_seq = np.zeros((images, beams, capacity), dtype=np.int64)
     done_len = np.zeros((images, beams), dtype=np.int64)
     done_scores = np.full((images, beams), NEG_INF, dtype=np.float32)
     done_flag = np.zeros((images, beams), dtype=bool)
@@ -408,6 +418,8 @@ def _beam_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, images
     vocab = logits.shape[-1]
 
     for cur in range(length):
+        if cur >= running_seq.shape[2]:
+            running_seq, done_seq = _grown(running_seq, length), _grown(done_seq, length)
         n = alive.size
         logp = log_softmax(logits)
         if cur < settings.min_new_tokens:

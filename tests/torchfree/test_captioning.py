@@ -314,6 +314,39 @@ def test_a_hand_edited_manifest_is_a_named_error(engine_bundle: Path, tmp_path: 
         Bundle.load(bundle, verify_hashes=False)
 
 
+@pytest.mark.parametrize(
+    ("file", "path", "value", "message"),
+    [
+        ("generation_config.json", ["eos_token_id"], "x", "eos_token_id must be an integer >= 0, got 'x'"),
+        ("generation_config.json", ["eos_token_id"], [], "eos_token_id is an empty list"),
+        ("generation_config.json", ["max_new_tokens"], 0, "max_new_tokens must be an integer >= 1, got 0"),
+        ("generation_config.json", ["decoder_start_token_id"], 1.5, "decoder_start_token_id must be an integer"),
+        ("config.json", ["vision_config", "seq_len"], "big", "vision_config.seq_len must be an integer >= 2"),
+        ("preprocessor_config.json", ["patch_size", "height"], 0, "patch_size.height must be an integer >= 1, got 0"),
+        ("preprocessor_config.json", ["patch_size"], 16, "patch_size must be an object, got 16"),
+    ],
+)
+def test_a_bad_model_setting_in_a_bundle_is_a_named_error_before_any_image(
+    engine_bundle: Path, tmp_path: Path, file: str, path: list[str], value: object, message: str
+) -> None:
+    # As an exporter with a bug would leave it: the hashes in the manifest match the bad file.
+    from engine.bundle import MANIFEST_NAME, sha256_file
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(engine_bundle, bundle)
+    config = json.loads((bundle / file).read_text())
+    node = config
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    (bundle / file).write_text(json.dumps(config))
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    manifest["files"][file] = sha256_file(bundle / file)
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=re.escape(f"{bundle / file}: {message}")):
+        Captioner(bundle)
+
+
 def test_cli_prints_the_parity_recorded_in_the_manifest(engine_bundle: Path, tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(engine_bundle, bundle)
@@ -458,3 +491,15 @@ def test_cli_warns_when_no_image_is_found(engine_bundle: Path, tmp_path: Path) -
     result = CliRunner().invoke(caption_command, [str(tmp_path / "in"), "--model", str(engine_bundle), "--out",
                                                   str(tmp_path / "o.jsonl"), "--quiet"])
     assert result.exit_code == 0 and "warning: no image files found (looked for .apng" in result.output
+
+
+def test_a_reader_that_stops_reading_ends_the_run_quietly(engine_bundle: Path, tmp_path: Path) -> None:
+    make_folder(tmp_path / "in", 150)  # more than it can caption before the test closes the pipe
+    command = [sys.executable, "-m", "engine.cli", "caption", str(tmp_path / "in"), "--model", str(engine_bundle),
+               "--out", "/dev/stdout", "--batch-size", "1", "--threads", "1", "--quiet"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    assert json.loads(process.stdout.readline())["file"]  # like `| head -1`: one record, then the pipe closes
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141 and "error" not in stderr and "Traceback" not in stderr, stderr

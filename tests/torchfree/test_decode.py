@@ -7,6 +7,8 @@ row bookkeeping in greedy/beam search shows up as wrong tokens.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -139,11 +141,19 @@ def test_one_beam_is_greedy() -> None:
     assert run([3], fn=beam_search, num_beams=1, max_new_tokens=5) == [[2]]
 
 
-def test_bad_settings_are_refused() -> None:
-    with pytest.raises(ValueError):
-        GenerationSettings(max_new_tokens=-1)
-    with pytest.raises(ValueError):
-        GenerationSettings(max_new_tokens=4, num_beams=0)
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_new_tokens": -1}, "max_new_tokens must be an integer >= 0, got -1"),
+        ({"max_new_tokens": 4, "num_beams": 0}, "num_beams must be an integer >= 1, got 0"),
+        ({"max_new_tokens": 4, "num_beams": 1.5}, "num_beams must be an integer >= 1, got 1.5"),
+        ({"max_new_tokens": 4, "min_new_tokens": True}, "min_new_tokens must be an integer >= 0, got True"),
+        ({"max_new_tokens": "8"}, "max_new_tokens must be an integer >= 0, got '8'"),
+    ],
+)
+def test_bad_settings_are_refused(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GenerationSettings(**settings)
 
 
 def _numbered_state(rows: int) -> DecoderState:
@@ -239,3 +249,10 @@ def test_beam_search_reuses_pooled_buffers_from_batch_to_batch() -> None:
     assert results[0] == results[1] == [[3], [3, 5, 3], [2, 3]]
     first_batch, second_batch = decoder.pool.handed_out
     assert first_batch == second_batch  # the beams' cross-attention K/V went back to the pool and came out again
+
+
+def test_beam_search_memory_follows_the_captions_not_the_length_limit() -> None:
+    # Image 0 ends after 2 tokens: a limit of 10**12 must not allocate 10**12 tokens per beam up front.
+    assert run([0, 3], fn=beam_search, num_beams=2, max_new_tokens=10**12) == [[2, 3], [3]]
+    # Image 1 never ends: its beams outgrow the first buffers (64 tokens) and are kept whole.
+    assert run([1, 0], fn=beam_search, num_beams=2, max_new_tokens=150) == [[4] * 150, [2, 3]]

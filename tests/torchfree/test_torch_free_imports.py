@@ -41,6 +41,11 @@ SCRIPT = textwrap.dedent(
         main(["caption", sys.argv[2], "--model", sys.argv[1], "--out", sys.argv[3], "--quiet"])
     except SystemExit as exit:
         assert exit.code in (0, None), exit.code
+    for command in (["train", "--data", "d", "--out", "o"], ["evaluate", "x"], ["export", "x", "--out", "y"]):
+        try:
+            main(command)
+        except SystemExit as exit:  # the missing extra is said, not a traceback
+            assert exit.code == 2, (command, exit.code)
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     assert not leaked, leaked
     print("OK", len(modules), "modules:", ",".join(modules))
@@ -64,6 +69,8 @@ def test_engine_runs_with_torch_transformers_optimum_blocked(engine_bundle: Path
     for module in ("engine.captioner", "engine.decode", "engine.folder", "engine.caption_cli", "engine.session"):
         assert module in result.stdout
     assert '"file": "red.png"' in out.read_text()
+    assert "error: `edlight train` needs the [train] extra (torch is not installed)" in result.stderr
+    assert "error: `edlight export` needs the [export] extra (torch is not installed)" in result.stderr
 
 
 def test_the_blocker_itself_blocks(tmp_path: Path) -> None:
