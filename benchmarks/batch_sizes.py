@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from benchmarks.cli import _default_cache, _int_list
+from benchmarks.cli import batch_size_list, default_cache
 
 
 def measure(
@@ -51,7 +51,7 @@ def measure(
 @click.command()
 @click.option("--model", "bundles", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True, required=True,
               help="An engine bundle; repeat to compare several.")
-@click.option("--batch-sizes", "sizes", default="1,8", show_default=True, callback=_int_list,
+@click.option("--batch-sizes", "sizes", default="1,8", show_default=True, callback=batch_size_list,
               help="Comma-separated batch sizes; the first is the reference.")
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Timed rounds after one warm-up round.")
 @click.option("--tokens", type=click.IntRange(min=1), default=20, show_default=True, help="Generated tokens, forced.")
@@ -63,7 +63,7 @@ def main(bundles: tuple[Path, ...], sizes: list[int], rounds: int, tokens: int, 
     """Seconds per image of engine bundles at several batch sizes, interleaved in one process."""
     from benchmarks.models import bench_images
 
-    images = bench_images(_default_cache(), lambda message: click.echo(message, err=True), folder)
+    images = bench_images(default_cache(), lambda message: click.echo(message, err=True), folder)
     seconds = measure(list(bundles), images, sizes, rounds, tokens, threads)
     click.echo(f"median seconds per image over {rounds} interleaved rounds, {tokens} forced tokens")
     for bundle, by_size in seconds.items():

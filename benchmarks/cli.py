@@ -15,7 +15,8 @@ from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError
 
 
-def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+def batch_size_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    """Click callback: "1,4,8" -> [1, 4, 8] (positive integers); shared with benchmarks.batch_sizes."""
     try:
         numbers = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
@@ -33,7 +34,8 @@ def _system_list(ctx: click.Context, param: click.Parameter, value: str) -> list
     return list(dict.fromkeys(names))  # each system once, in the order given
 
 
-def _default_cache() -> Path:
+def default_cache() -> Path:
+    """Where generated benchmark models, bundles and images are kept (EDLIGHT_BENCH_CACHE overrides)."""
     return Path(os.environ.get("EDLIGHT_BENCH_CACHE", Path.home() / ".cache" / "edlight" / "bench"))
 
 
@@ -42,7 +44,7 @@ def _default_cache() -> Path:
               help="base: random weights, exact textcaps-base architecture (282M, 2048 patches); tiny: a small trained model.")
 @click.option("--systems", default=",".join(SYSTEMS), show_default=True, callback=_system_list,
               help="Comma-separated systems to measure.")
-@click.option("--batch-sizes", default="1,4", show_default=True, callback=_int_list, help="Comma-separated batch sizes.")
+@click.option("--batch-sizes", default="1,4", show_default=True, callback=batch_size_list, help="Comma-separated batch sizes.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads per system [default: CPUs available].")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per system and batch size.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed runs before them.")
@@ -97,7 +99,7 @@ def bench(
     try:
         settings = BenchSettings(
             size=size, systems=systems, batch_sizes=batch_sizes, threads=threads or available_cpus(), repeats=repeats,
-            warmup=warmup, tokens=tokens, out=out, cache_dir=cache_dir or _default_cache(),
+            warmup=warmup, tokens=tokens, out=out, cache_dir=cache_dir or default_cache(),
             ceiling_seconds=ceiling_seconds, interleave=not no_interleave,
         )
         log(f"{size} size; systems {','.join(settings.systems)}; batch sizes {settings.batch_sizes}; "
