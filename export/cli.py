@@ -10,7 +10,9 @@ from pathlib import Path
 import click
 
 from engine.bundle import MANIFEST_NAME
+from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError
+from train.checkpoint import RUN_DEFAULT
 
 
 class _EchoHandler(logging.Handler):
@@ -37,7 +39,25 @@ class _EchoHandler(logging.Handler):
     default=None,
     help="Decoder files to ship (default: merged: as fast as split in the engine, half the memory).",
 )
-def export(checkpoint: Path, out: Path, quantize: str | None, data: Path | None, force: bool, decoder_layout: str | None) -> None:
+@click.option("--caption-column", default=None, help=f"Caption column of the --data metadata. {RUN_DEFAULT.format('text')}")
+@click.option(
+    "--skip-bad/--no-skip-bad", default=None, help=f"Use the good --data examples, skipping bad files. {RUN_DEFAULT.format('no')}"
+)
+@click.option(
+    "--test-ratio", type=FiniteFloatRange(0, 1, max_open=True), default=None,
+    help=f"Test share of the --data hash split. {RUN_DEFAULT.format(0.1)}",
+)  # fmt: skip
+def export(
+    checkpoint: Path,
+    out: Path,
+    quantize: str | None,
+    data: Path | None,
+    force: bool,
+    decoder_layout: str | None,
+    caption_column: str | None,
+    skip_bad: bool | None,
+    test_ratio: float | None,
+) -> None:
     """Export CHECKPOINT (a Pix2Struct save_pretrained directory) to a verified ONNX bundle."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from export.onnx import DEFAULT_LAYOUT, export_bundle
@@ -48,7 +68,10 @@ def export(checkpoint: Path, out: Path, quantize: str | None, data: Path | None,
     logger.setLevel(logging.INFO)
     propagate, logger.propagate = logger.propagate, False  # libraries configure the root logger too: print once
     try:
-        bundle = export_bundle(checkpoint, out, quantize=quantize, data=data, force=force, decoder_layout=decoder_layout or DEFAULT_LAYOUT)
+        bundle = export_bundle(
+            checkpoint, out, quantize=quantize, data=data, force=force, decoder_layout=decoder_layout or DEFAULT_LAYOUT,
+            caption_column=caption_column, skip_bad=skip_bad, test_ratio=test_ratio,
+        )  # fmt: skip
     except EdlightError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:

@@ -29,6 +29,7 @@ from export import ExportError
 
 if TYPE_CHECKING:
     from export.validate import GreedyComparison
+    from train.checkpoint import DataSettings
     from train.data import Example
 
 TASK = "image-to-text-with-past"
@@ -78,6 +79,12 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
         raise ExportError(f"{path}: checkpoint not found; pass a directory written by `edlight train` (RUN/best)")
     if not path.is_dir():
         raise ExportError(f"{path}: not a directory; pass a save_pretrained checkpoint directory (e.g. RUN/best)")
+    if not (path / "config.json").exists():
+        from train.checkpoint import run_folder_hint
+
+        hint = run_folder_hint(path)
+        if hint:
+            raise ExportError(f"{path}: is a training run, not a checkpoint; {hint}")
     config = _read_json(path / "config.json", "model config", "is it a save_pretrained checkpoint?")
     model_type = config.get("model_type")
     if model_type != "pix2struct":
@@ -198,21 +205,15 @@ def _run_optimum(model: Any, processor: Any, raw: Path, layout: str) -> None:
 
 
 def _validation_images(examples: list[Example] | None) -> list[Any]:
-    """The first test-split images of the already validated data (else of all of it), or generated samples."""
+    """The first images of the already validated test split, or generated samples."""
     from export.validate import sample_images
 
     if not examples:
         return sample_images()
-    from PIL import Image
+    from train.evaluate import load_rgb
 
-    from train.data import split_of
-
-    test = [e for e in examples if split_of(e.file_name) == "test"]
-    images = []
-    for example in (test or examples)[:VALIDATION_IMAGES]:
-        with Image.open(example.path) as img:
-            images.append(img.convert("RGB"))
-    return images or sample_images()
+    # Loaded as training, evaluation and the engine load them (EXIF rotation, alpha onto white).
+    return [load_rgb(example.path) for example in examples[:VALIDATION_IMAGES]]
 
 
 def _check_replaceable(out: Path, force: bool, inputs: list[Path]) -> None:
@@ -269,18 +270,25 @@ def export_bundle(
     force: bool = False,
     *,
     decoder_layout: str = DEFAULT_LAYOUT,
+    caption_column: str | None = None,
+    skip_bad: bool | None = None,
+    test_ratio: float | None = None,
+    split_seed: int | None = None,
 ) -> Path:
     """Export `checkpoint` (a Pix2Struct save_pretrained dir) to the bundle directory `out`.
 
     quantize: None (fp32) or "int8" (dynamic, per-channel weights). data: a data folder; when given,
     its test split supplies the validation images and the parity check (engine vs PyTorch BLEU),
-    whose result is stored in the manifest. force: replace an existing bundle (or empty folder) at
+    whose result is stored in the manifest. caption_column, skip_bad, test_ratio, split_seed: how to
+    read `data` and pick its test split; those left as None are the ones the checkpoint's training run
+    used (train.checkpoint.data_settings). force: replace an existing bundle (or empty folder) at
     `out`; a folder holding anything else, or the checkpoint or data, is never replaced. decoder_layout:
     "split" or "merged" (see DEFAULT_LAYOUT).
 
     Returns the bundle path. Raises ExportError for a bad checkpoint, an unwritable or existing
-    `out`, an export whose outputs or greedy tokens differ from PyTorch, or a failed parity check;
-    in every failure case no bundle is left at `out` (an existing one is kept).
+    `out`, an export whose outputs or greedy tokens differ from PyTorch, or a failed parity check,
+    and DataError for a bad data folder; both before any export work for a bad or empty test split.
+    In every failure case no bundle is left at `out` (an existing one is kept).
     """
     if quantize not in (None, "int8"):
         raise ExportError(f"quantize={quantize!r}: supported values are None (fp32) and 'int8'")
@@ -291,14 +299,28 @@ def export_bundle(
     if data_path is not None and not data_path.is_dir():
         raise ExportError(f"{data_path}: data folder not found; pass a folder with images and metadata.jsonl")
     examples = None
+    settings = None
     if data_path is not None:
-        from train.data import load_split
+        from train.checkpoint import data_settings
+        from train.data import load_split, split_of
 
-        examples = load_split(data_path, "all")  # raises DataError listing every bad file, before minutes of export
+        settings = data_settings(info.path, caption_column, skip_bad, test_ratio, split_seed)
+        log.info("data %s read with %s", data_path, settings.describe())
+        # Before minutes of export: DataError lists every bad file, and parity needs test images.
+        examples = [
+            e
+            for e in load_split(data_path, "all", caption_column=settings.caption_column, skip_bad=settings.skip_bad)
+            if split_of(e.file_name, settings.test_ratio, settings.split_seed) == "test"
+        ]
+        if not examples:
+            raise ExportError(
+                f"{data_path}: the test split is empty ({settings.describe()}); --data needs test images for the "
+                "validation and the parity check (add images, or export without --data)"
+            )
     out = Path(out).expanduser().absolute()
     tmp = _place_temp_dir(out, force, [info.path] + ([data_path] if data_path is not None else []))
     try:
-        staged = _build(info, tmp, quantize, data_path, examples, decoder_layout)
+        staged = _build(info, tmp, quantize, data_path, examples, decoder_layout, settings)
         _move_into_place(staged, out, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -306,7 +328,13 @@ def export_bundle(
 
 
 def _build(
-    info: CheckpointInfo, tmp: Path, quantize: str | None, data: Path | None, examples: list[Example] | None, layout: str
+    info: CheckpointInfo,
+    tmp: Path,
+    quantize: str | None,
+    data: Path | None,
+    examples: list[Example] | None,
+    layout: str,
+    settings: DataSettings | None = None,
 ) -> Path:
     from export.validate import compare_greedy
 
@@ -382,7 +410,12 @@ def _build(
         from export.parity import run_parity
 
         log.info("parity check on the test split of %s", data)
-        report = run_parity(bundle, info.path, data)
+        assert settings is not None
+        report = run_parity(
+            bundle, info.path, data, caption_column=settings.caption_column, skip_bad=settings.skip_bad,
+            test_ratio=settings.test_ratio, split_seed=settings.split_seed,
+        )  # fmt: skip
+        report.data_settings = settings.describe()  # with where they came from
         manifest.parity = report.to_dict(brief=True)
         write_manifest(bundle, manifest)
         if not report.passed:

@@ -53,6 +53,7 @@ class ParityReport:
     differences: list[dict[str, str]] = field(default_factory=list)  # first differing captions
     seconds_torch: float = 0.0
     seconds_engine: float = 0.0
+    data_settings: str = ""  # how the data was read: caption column, split settings and where they came from
 
     def to_dict(self, brief: bool = False) -> dict[str, Any]:
         """Everything as JSON-ready values; `brief` drops the caption examples (for the bundle manifest)."""
@@ -84,8 +85,10 @@ class ParityReport:
             f"parity: {self.bundle} ({self.quantization or 'fp32'}) vs {self.checkpoint}",
             f"  {self.split} split of {self.data}: {self.images} images, num_beams={self.num_beams}, "
             f"max_new_tokens={self.max_new_tokens}; PyTorch {self.seconds_torch:.1f}s, engine {self.seconds_engine:.1f}s",
-            "",
         ]
+        if self.data_settings:
+            lines.append(f"  data read with {self.data_settings}")
+        lines.append("")
         lines += [f"  {a:<{width}}  {b:>7}  {c:>7}" for a, b, c in rows]
         floor = f" (required >= {self.min_identical:.0%})" if self.min_identical is not None else ""
         lines += ["", f"  identical captions: {self.identical_share:.1%}{floor}", f"  BLEU tolerance: {self.tolerance}"]
@@ -125,26 +128,36 @@ def run_parity(
     min_identical: float | None = None,
     batch_size: int = 8,
     max_differences: int = 10,
+    caption_column: str | None = None,
+    skip_bad: bool | None = None,
+    test_ratio: float | None = None,
+    split_seed: int | None = None,
 ) -> ParityReport:
     """Caption `split` of `data` with the checkpoint (PyTorch generate) and the bundle (engine); compare.
 
     max_new_tokens defaults to the bundle's generation config, and both sides use the same value.
     tolerance / min_identical default from the bundle's quantization (DEFAULT_TOLERANCE,
-    DEFAULT_MIN_IDENTICAL). Raises ParityError for an unusable bundle, checkpoint or data folder,
-    or an empty split; a parity failure is not an exception but `report.passed == False`.
+    DEFAULT_MIN_IDENTICAL). The data settings (caption_column, skip_bad, test_ratio, split_seed) left as
+    None are the ones the checkpoint's training run used (train.checkpoint.data_settings). Raises
+    ParityError for an unusable bundle, checkpoint or data folder, or an empty split; a parity failure is
+    not an exception but `report.passed == False`.
     """
     from engine.captioner import Captioner
-    from train.checkpoint import load_checkpoint
+    from train.checkpoint import data_settings, load_checkpoint
     from train.data import load_split
     from train.evaluate import corpus_scores, generate_captions
 
+    settings = data_settings(checkpoint, caption_column, skip_bad, test_ratio, split_seed)
     try:
         loaded = Bundle.load(bundle)
-        examples = load_split(Path(data), split=split)
+        examples = load_split(
+            Path(data), split=split, test_ratio=settings.test_ratio, seed=settings.split_seed,
+            caption_column=settings.caption_column, skip_bad=settings.skip_bad,
+        )  # fmt: skip
     except EdlightError as exc:
         raise ParityError(str(exc)) from exc
     if not examples:
-        raise ParityError(f"{data}: the {split} split is empty; parity needs images with references")
+        raise ParityError(f"{data}: the {split} split is empty ({settings.describe()}); parity needs images with references")
     quant = loaded.manifest.quantization
     tol = DEFAULT_TOLERANCE.get(quant, 1.0) if tolerance is None else float(tolerance)
     floor = DEFAULT_MIN_IDENTICAL.get(quant) if min_identical is None else float(min_identical)
@@ -210,4 +223,5 @@ def run_parity(
         differences=differences,
         seconds_torch=round(seconds_torch, 3),
         seconds_engine=round(seconds_engine, 3),
+        data_settings=settings.describe(),
     )

@@ -10,6 +10,7 @@ import click
 
 from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError
+from train.checkpoint import RUN_DEFAULT
 
 
 @click.command("parity")
@@ -23,6 +24,13 @@ from engine.errors import EdlightError
 @click.option("--tolerance", type=FiniteFloatRange(min=0), default=None, help="Max |BLEU difference| (default 0.1 fp32, 1.0 int8).")
 @click.option("--min-identical", type=FiniteFloatRange(0, 1), default=None, help="Min share of identical captions (default 0.99 fp32, none for int8).")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the full report as JSON here.")
+@click.option("--caption-column", default=None, help=f"Caption column of the metadata. {RUN_DEFAULT.format('text')}")
+@click.option(
+    "--skip-bad/--no-skip-bad", default=None, help=f"Compare on the good examples, skipping bad files. {RUN_DEFAULT.format('no')}"
+)
+@click.option(
+    "--test-ratio", type=FiniteFloatRange(0, 1, max_open=True), default=None, help=f"Test share of the hash split. {RUN_DEFAULT.format(0.1)}"
+)
 def parity(
     bundle: Path,
     checkpoint: Path,
@@ -34,6 +42,9 @@ def parity(
     tolerance: float | None,
     min_identical: float | None,
     out: Path | None,
+    caption_column: str | None,
+    skip_bad: bool | None,
+    test_ratio: float | None,
 ) -> None:
     """Check that a bundle's captions and BLEU match the PyTorch checkpoint's on the same images."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,6 +61,9 @@ def parity(
             tolerance=tolerance,
             min_identical=min_identical,
             batch_size=batch_size,
+            caption_column=caption_column,
+            skip_bad=skip_bad,
+            test_ratio=test_ratio,
         )
     except EdlightError as exc:
         raise click.ClickException(str(exc)) from exc

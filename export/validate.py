@@ -190,7 +190,8 @@ def compare_greedy(
 
     # The image processor with its own max_patches: Pix2StructProcessor.__call__ would silently use 2048.
     ip = processor.image_processor
-    inputs = ip(images=images, max_patches=ip.max_patches, return_tensors="pt")
+    # channels_last: transformers would read a PIL image 1 or 3 pixels high as channels-first.
+    inputs = ip(images=images, max_patches=ip.max_patches, return_tensors="pt", input_data_format="channels_last")
     with torch.no_grad():
         ref_hidden = model.encoder(flattened_patches=inputs["flattened_patches"], attention_mask=inputs["attention_mask"])[0]
         generated = model.generate(

@@ -120,7 +120,8 @@ def test_clean_folder_is_ok_with_stats(folder: Path) -> None:
 
 def test_missing_image(folder: Path) -> None:
     (folder / "sub" / "c.jpg").unlink()
-    assert _only_problem(folder) == "sub/c.jpg: image not found"
+    # Named with the metadata line that lists it, so the line to fix is easy to find.
+    assert _only_problem(folder) == "sub/c.jpg: image not found (listed at metadata.jsonl:3)"
 
 
 def test_unreadable_image(folder: Path) -> None:
@@ -286,6 +287,47 @@ def test_csv_problems_have_line_numbers(tmp_path: Path) -> None:
     assert "metadata.csv:1: no 'file_name' column" in _only_problem(tmp_path)
 
 
+@pytest.mark.parametrize("last_row_too", [False, True])
+def test_csv_unclosed_quote_is_malformed_with_its_line(tmp_path: Path, last_row_too: bool) -> None:
+    """An unclosed quote must not turn the rows after it into one long caption."""
+    for name in "abcd":
+        _image(tmp_path / f"{name}.jpg")
+    rows = ['a.jpg,"Two rows."', 'b.jpg,"An unclosed quote.', 'c.jpg,"Swallowed."', 'd.jpg,"Swallowed too."']
+    if last_row_too:  # the open quote on the last line runs into the end of the file
+        rows = ['a.jpg,"Two rows."', 'b.jpg,"Fine."', 'c.jpg,"Fine too."', 'd.jpg,"unterminated']
+    (tmp_path / "metadata.csv").write_text("file_name,text\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    problem = _only_problem(tmp_path)
+    if last_row_too:
+        assert problem == "metadata.csv:5: malformed CSV: unexpected end of data; a quote opened in this row is never closed"
+    else:
+        assert problem.startswith("metadata.csv:3: malformed CSV (found at line 4): ',' expected after '\"'"), problem
+    with pytest.raises(DataError, match="malformed CSV"):
+        load_split(tmp_path, "all", skip_bad=True)  # the rows after it cannot be trusted: fatal
+
+
+def test_csv_repeated_column_in_the_header_is_refused(tmp_path: Path) -> None:
+    _image(tmp_path / "a.jpg")
+    (tmp_path / "metadata.csv").write_text('file_name,text,text\na.jpg,"A clock.",other\n', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_examples(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path}: 1 problem")
+    assert "metadata.csv:1: column 'text' appears more than once in the header" in str(info.value)
+    # A repeated column that is not read is harmless.
+    (tmp_path / "metadata.csv").write_text('file_name,text,kind,kind\na.jpg,"A clock.",x,y\n', encoding="utf-8")
+    assert [e.text for e in read_examples(tmp_path)] == ["A clock."]
+
+
+def test_an_unknown_caption_column_is_one_problem_naming_the_columns(folder: Path) -> None:
+    report = check_folder(folder, caption_column="caption")
+    assert [str(p) for p in report.problems] == ["metadata.jsonl: no row has 'caption'; columns seen: extra, file_name, text"]
+    with pytest.raises(DataError, match="no row has 'caption'"):
+        load_split(folder, "all", caption_column="caption", skip_bad=True)
+    # Some rows with it: the others are named one by one.
+    with (folder / "metadata.jsonl").open("a") as f:
+        f.write(json.dumps({"file_name": "d.jpg", "caption": "x"}) + "\n")
+    assert "metadata.jsonl:1: missing caption column 'caption' for a.jpg" in [str(p) for p in check_folder(folder, "caption").problems]
+
+
 def test_every_problem_is_reported_at_once(folder: Path) -> None:
     (folder / "b.png").unlink()
     (folder / "sub" / "c.jpg").write_bytes(b"\xff\xd8\xff garbage")
@@ -339,6 +381,37 @@ def test_adding_images_never_moves_existing_ones(tmp_path: Path) -> None:
     assert len(load_split(tmp_path, "all")) == 150
 
 
+def _split_folders(root: Path) -> None:
+    """The imagefolder split layout: train/, test/ and validation/ with their own metadata, one loose image."""
+    for split, names in (("train", ["t1", "t2", "t3", "t4"]), ("test", ["s1", "s2"]), ("Validation", ["v1"])):
+        for name in names:
+            _image(root / split / f"{name}.jpg")
+        _jsonl(root / split, [{"file_name": f"{n}.jpg", "text": f"caption {n}"} for n in names])
+    _image(root / "loose.jpg")
+    _jsonl(root, [{"file_name": "loose.jpg", "text": "loose"}])
+
+
+def test_split_folders_decide_the_split(tmp_path: Path) -> None:
+    """Images in the user's test/ folder must never be trained on, whatever their names hash to."""
+    _split_folders(tmp_path)
+    loose = ["loose.jpg"]  # outside the split folders: split by hash, like any other folder
+    by_hash = split_of("loose.jpg")
+    assert [e.file_name for e in load_split(tmp_path, "test")] == (
+        (loose if by_hash == "test" else []) + ["Validation/v1.jpg", "test/s1.jpg", "test/s2.jpg"]
+    )
+    assert [e.file_name for e in load_split(tmp_path, "train")] == (
+        (loose if by_hash == "train" else []) + ["train/t1.jpg", "train/t2.jpg", "train/t3.jpg", "train/t4.jpg"]
+    )
+    for ratio in (0.0, 1.0):  # whatever the ratio, the folders decide
+        assert {split_of(f"test/{i}.jpg", ratio) for i in range(50)} == {"test"}
+        assert {split_of(f"dev/{i}.jpg", ratio) for i in range(50)} == {"test"}
+        assert {split_of(f"train/{i}.jpg", ratio) for i in range(50)} == {"train"}
+    for name in ("loose.jpg", "test.jpg", "trainee/a.jpg", "sub/test/a.jpg"):  # only a top-level folder's exact name
+        assert (split_of(name, 0.0), split_of(name, 1.0)) == ("train", "test")
+    summary = check_folder(tmp_path).summary()
+    assert "split (from the split folders Validation/ 1 as test, test/ 2, train/ 4; 1 other file by hash, test_ratio 0.1, seed 0)" in summary
+
+
 def test_load_split_raises_listing_all_bad_files(folder: Path) -> None:
     (folder / "a.jpg").unlink()
     (folder / "b.png").write_bytes(b"nope")
@@ -360,7 +433,7 @@ def test_load_split_skip_bad_returns_good_ones_and_records_the_rest(
     assert [e.file_name for e in examples] == ["b.png", "sub/c.jpg"]
     assert [str(p) for p in examples.skipped] == [
         "metadata.jsonl:4: malformed JSON (Expecting property name enclosed in double quotes at column 2)",
-        "a.jpg: image not found",
+        "a.jpg: image not found (listed at metadata.jsonl:1)",
     ]
     assert "skipped 2 bad entries" in caplog.text and "a.jpg: image not found" in caplog.text
     assert load_split(folder.parent / folder.name, "all", skip_bad=True).skipped  # still recorded on reload

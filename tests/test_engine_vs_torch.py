@@ -44,7 +44,9 @@ def torch_captions(torch_model, paths: list[Path], **generate_kwargs: int) -> li
     pixels = [load_image(p) for p in paths]
     image_processor = processor.image_processor
     # The image processor directly: Pix2StructProcessor.__call__ would force 2048 patches.
-    batch = image_processor(images=pixels, max_patches=image_processor.max_patches, return_tensors="pt")
+    # channels_last: HF guesses the channel axis, wrongly for images 1 or 3 pixels high.
+    batch = image_processor(images=pixels, max_patches=image_processor.max_patches, return_tensors="pt",
+                            input_data_format="channels_last")
     with torch.no_grad():
         out = model.generate(
             flattened_patches=batch["flattened_patches"], attention_mask=batch["attention_mask"],

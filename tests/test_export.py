@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from engine.bundle import MANIFEST_NAME, SUPPORT_FILES, Bundle
 from engine.errors import BundleError
@@ -305,6 +307,79 @@ def test_bad_data_is_refused_before_the_export_runs(random_checkpoint: Path, tmp
     with pytest.raises(DataError, match="broken.png"):
         export_bundle(random_checkpoint, tmp_path / "bundle", data=data)
     assert not (tmp_path / "bundle").exists() and not _leftovers(tmp_path, "bundle")
+
+
+def _page(path: Path, caption: str) -> dict[str, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), "white").save(path)
+    return {"file_name": path.name, "text": caption}
+
+
+def test_an_empty_test_split_is_refused_before_the_export_runs(
+    random_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--data needs test images (validation, parity): say so before minutes of export, not after."""
+    from export.onnx import export_bundle
+
+    data = tmp_path / "data"  # the split folders put everything in train/
+    row = _page(data / "train" / "a.png", "a page")
+    (data / "train" / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+    with caplog.at_level(logging.INFO, logger="edlight.export"), pytest.raises(ExportError, match="the test split is empty"):
+        export_bundle(random_checkpoint, tmp_path / "bundle", data=data)
+    assert "exporting with Optimum" not in caplog.text
+    assert not (tmp_path / "bundle").exists() and not _leftovers(tmp_path, "bundle")
+
+
+def test_run_folder_is_refused_with_the_checkpoints_to_pass(random_checkpoint: Path, tmp_path: Path) -> None:
+    from export.cli import export
+
+    shutil.copytree(random_checkpoint, tmp_path / "run" / "best")
+    result = CliRunner().invoke(export, [str(tmp_path / "run"), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1
+    assert f"is a training run, not a checkpoint; pass {tmp_path / 'run' / 'best'} (best test BLEU)" in result.output
+
+
+def test_export_and_parity_read_the_data_as_the_training_run_did(random_checkpoint: Path, tmp_path: Path) -> None:
+    """A run trained with --caption-column caption on a folder with train/ and test/ (the imagefolder split
+    layout): export --data and parity find its captions through RUN/run_config.json and check on test/ only,
+    images 1 and 3 pixels high among them; parity's options say the same for a checkpoint without a run."""
+    from export.onnx import export_bundle
+    from export.parity_cli import parity
+    from export.validate import sample_images
+
+    run = tmp_path / "run"
+    shutil.copytree(random_checkpoint, run / "best")
+    (run / "run_config.json").write_text(json.dumps({"caption_column": "caption", "skip_bad": False, "test_ratio": 0.1}))
+    rng = np.random.default_rng(0)
+    thin = [Image.fromarray(rng.integers(0, 256, (height, 200, 3), dtype=np.uint8)) for height in (1, 3)]
+    pages = sample_images()
+    data = tmp_path / "data"
+    for split, images in (("test", [*thin, pages[0]]), ("train", pages[1:])):
+        (data / split).mkdir(parents=True)
+        for i, image in enumerate(images):
+            image.save(data / split / f"{i}.png")
+        rows = [json.dumps({"file_name": f"{i}.png", "caption": CAPTIONS[i]}) + "\n" for i in range(len(images))]
+        (data / split / "metadata.jsonl").write_text("".join(rows))
+
+    bundle = Bundle.load(export_bundle(run / "best", tmp_path / "bundle", data=data))
+    shipped = bundle.manifest.parity
+    assert shipped is not None and shipped["passed"] is True and shipped["images"] == 3  # test/ only
+    assert shipped["data_settings"].startswith("caption column 'caption'") and "run_config.json" in shipped["data_settings"]
+
+    bare = tmp_path / "bare"  # the same checkpoint outside its run: nothing recorded
+    shutil.copytree(random_checkpoint, bare)
+    args = ["--model", str(bundle.path), "--checkpoint", str(bare), "--data", str(data)]
+    result = CliRunner().invoke(parity, args)
+    assert result.exit_code == 1 and "no row has 'text'; columns seen: caption, file_name" in result.output
+    result = CliRunner().invoke(parity, [*args, "--caption-column", "caption"])
+    assert result.exit_code == 0, result.output
+    assert f"test split of {data}: 3 images" in result.output and "PASSED" in result.output
+    with (data / "test" / "metadata.jsonl").open("a") as f:
+        f.write(json.dumps({"file_name": "missing.png", "caption": "gone"}) + "\n")
+    result = CliRunner().invoke(parity, [*args, "--caption-column", "caption"])
+    assert result.exit_code == 1 and "missing.png: image not found" in result.output
+    result = CliRunner().invoke(parity, [*args, "--caption-column", "caption", "--skip-bad"])
+    assert result.exit_code == 0 and "3 images" in result.output, result.output
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])

@@ -224,6 +224,50 @@ def test_preset_processor_saves_and_reloads(tmp_path: Path) -> None:
     assert tuple(enc["flattened_patches"].shape) == (1, 48, 770)  # the checkpoint's budget, not 2048
 
 
+@pytest.mark.parametrize("height", [1, 3])
+def test_images_one_or_three_pixels_high_get_the_engines_patches(height: int, tmp_path: Path) -> None:
+    """transformers guesses the channel axis from the array's shape, and takes an image 1 or 3 pixels high
+    (shape (1, W, 3) or (3, W, 3)) for channels-first: training crashed or trained on scrambled pixels,
+    while the engine reads it right. Every place train/ calls the image processor must agree with the engine."""
+    import numpy as np
+    from PIL import Image
+    from transformers import Pix2StructImageProcessor, Pix2StructProcessor
+
+    from engine.preprocess import PatchConfig, image_to_patches
+    from train.data import Example
+    from train.evaluate import encode_images
+    from train.loop import CaptionDataset
+    from train.presets import _patch_sample, train_tokenizer
+
+    processor = Pix2StructProcessor(
+        image_processor=Pix2StructImageProcessor(max_patches=64, is_vqa=False), tokenizer=train_tokenizer(["a b c"], 100)
+    )
+    rng = np.random.default_rng(height)
+    thin = Image.fromarray(rng.integers(0, 256, (height, 200, 3), dtype=np.uint8))
+    page = Image.fromarray(rng.integers(0, 256, (120, 90, 3), dtype=np.uint8))
+    config = PatchConfig(max_patches=64)
+
+    def same(got: object, image: Image.Image) -> None:  # the tolerance of tests/test_preprocess_reference.py
+        want = image_to_patches(image, config)
+        got = np.asarray(got)
+        np.testing.assert_array_equal(got[:, :2], want.flattened_patches[:, :2])  # row/column ids
+        assert np.abs(got[:, 2:] - want.flattened_patches[:, 2:]).max() <= 1e-3
+
+    for batch in ([thin], [thin, page], [page, thin]):  # transformers guesses from the first image only
+        encoded = encode_images(processor, batch)
+        for i, image in enumerate(batch):
+            same(encoded["flattened_patches"][i], image)
+    want = image_to_patches(thin, config)
+    sample = _patch_sample(processor, [thin])  # the vision-tower init of a from-scratch run
+    assert np.abs(sample - want.flattened_patches[want.attention_mask > 0][:, 2:]).max() <= 1e-3
+
+    thin.save(tmp_path / "thin.png")  # and the training dataset, which loads the file
+    dataset = CaptionDataset([Example("thin.png", "a", tmp_path / "thin.png")], processor, augment=False, seed=0)
+    patches, mask, _ = dataset[(0, 0)]
+    same(patches, thin)
+    assert int(mask.sum()) == want.rows * want.cols
+
+
 # ----------------------------------------------------------------------------- pieces of the loop
 
 
@@ -421,6 +465,61 @@ def test_evaluate_says_when_it_is_given_a_bundle(small_data: Path, tmp_path: Pat
     (bundle / "edlight.json").write_text("{}")
     res = CliRunner().invoke(evaluate_command, [str(bundle), "--data", str(small_data)])
     assert res.exit_code == 1 and "is an ONNX bundle" in res.output and "edlight parity" in res.output
+
+
+def test_evaluation_data_settings_default_to_the_training_runs(tmp_path: Path) -> None:
+    from train.checkpoint import DataSettings, data_settings
+
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    assert data_settings(run / "best") == DataSettings()  # no run_config.json: train's defaults
+    recorded = {"caption_column": "caption", "skip_bad": True, "test_ratio": 0.25, "split_seed": 3, "lr": 1.0}
+    (run / "run_config.json").write_text(json.dumps(recorded))
+    assert data_settings(run / "best") == DataSettings("caption", True, 0.25, 3, str(run / "run_config.json"))
+    assert "caption column 'caption'" in data_settings(run / "best").describe()
+    # Given values win; a run_config.json value of the wrong kind, or a torn file, is ignored.
+    assert data_settings(run / "best", "text", False, 0.1, 0) == DataSettings()
+    assert data_settings(run / "best", caption_column="text").test_ratio == 0.25
+    (run / "run_config.json").write_text(json.dumps({"caption_column": 5, "skip_bad": "yes", "test_ratio": 2, "split_seed": True}))
+    assert data_settings(run / "best") == DataSettings()
+    (run / "run_config.json").write_text("{torn")
+    assert data_settings(run / "best") == DataSettings()
+
+
+def _split_folder_data(source: Path, dest: Path, column: str) -> Path:
+    """16 images of `source` in the imagefolder split layout: test/ holds 4, train/ 12, captions in `column`."""
+    rows = [json.loads(line) for line in (source / "metadata.jsonl").read_text().splitlines()][:16]
+    for split, part in (("test", rows[:4]), ("train", rows[4:])):
+        (dest / split).mkdir(parents=True)
+        for row in part:
+            shutil.copy(source / row["file_name"], dest / split / row["file_name"])
+        lines = [json.dumps({"file_name": r["file_name"], column: r["text"]}) + "\n" for r in part]
+        (dest / split / "metadata.jsonl").write_text("".join(lines))
+    return dest
+
+
+@pytest.mark.slow
+def test_split_folders_and_the_runs_caption_column_reach_train_and_evaluate(
+    small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder with train/ and test/ trains on train/ only and scores on test/; `evaluate` then reads the data
+    as the run did (its --caption-column from run_config.json) without being told again."""
+    from train.cli import evaluate as evaluate_command
+
+    data = _split_folder_data(small_data, tmp_path / "data", "caption")
+    run = tmp_path / "run"
+    train(TrainConfig(data=data, out=run, epochs=1, caption_column="caption", **FAST))
+    log = capsys.readouterr().err
+    assert "split (from the split folders test/ 4, train/ 12): 12 train, 4 test" in log
+    assert "data: 12 train / 4 test" in log
+    res = CliRunner().invoke(evaluate_command, [str(run / "best"), "--data", str(data), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.splitlines()[-1])["n"] == 4
+    res = CliRunner().invoke(evaluate_command, [str(run / "best"), "--data", str(data), "--caption-column", "text"])
+    assert res.exit_code == 1 and "no row has 'text'; columns seen: caption, file_name" in res.output
+    # The run folder itself is not a checkpoint: say which of its checkpoints to pass.
+    res = CliRunner().invoke(evaluate_command, [str(run), "--data", str(data)])
+    assert res.exit_code == 1 and f"pass {run / 'best'} (best test BLEU) or {run / 'last'}" in res.output
 
 
 # ----------------------------------------------------------------------------- resume, run dir guards

@@ -7,6 +7,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,9 @@ def check_checkpoint_dir(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint must be a save_pretrained directory, got a file: {path}")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
+        run_hint = run_folder_hint(path)
+        if run_hint:
+            raise CheckpointError(f"{path} is a training run, not a checkpoint; {run_hint}")
         raise CheckpointError(f"{path} is not a model checkpoint: no config.json")
     try:
         cfg = json.loads(cfg_file.read_text())
@@ -61,6 +65,85 @@ def check_checkpoint_dir(path: str | Path) -> Path:
             f"{path}: no tokenizer (tokenizer.json); save the Pix2StructProcessor with the model"
         )
     return path
+
+
+def run_folder_hint(path: str | Path) -> str:
+    """For a training run folder (holding best/ or last/ checkpoints): which of them to pass instead; else ""."""
+    path = Path(path)
+    found = [path / name for name in ("best", "last") if (path / name / "config.json").is_file()]
+    if not found:
+        return ""
+    what = {"best": "best test BLEU", "last": "latest epoch"}
+    return "pass " + " or ".join(f"{p} ({what[p.name]})" for p in found)
+
+
+RUN_CONFIG = "run_config.json"
+# The help of the evaluate/parity/export options whose default is the training run's setting.
+RUN_DEFAULT = "Default: the training run's (RUN/run_config.json beside the checkpoint), else {}."
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How to read a data folder: the options of `edlight train` that shape the examples and the split.
+
+    `recorded` names the run_config.json the values not given explicitly came from (None: defaults).
+    """
+
+    caption_column: str = "text"
+    skip_bad: bool = False
+    test_ratio: float = 0.1
+    split_seed: int = 0
+    recorded: str | None = None
+
+    def describe(self) -> str:
+        """E.g. "caption column 'text', test_ratio 0.1, split seed 0 (from runs/r/run_config.json)"."""
+        text = f"caption column {self.caption_column!r}, test_ratio {self.test_ratio}, split seed {self.split_seed}"
+        text += ", skipping bad entries" if self.skip_bad else ""
+        return text + (f" (from {self.recorded})" if self.recorded else "")
+
+
+def data_settings(
+    checkpoint: str | Path,
+    caption_column: str | None = None,
+    skip_bad: bool | None = None,
+    test_ratio: float | None = None,
+    split_seed: int | None = None,
+) -> DataSettings:
+    """The data settings to evaluate `checkpoint` with: the ones given win, the others are what its training
+    run used (RUN/run_config.json beside RUN/best and RUN/last), else `edlight train`'s defaults.
+
+    So evaluate, parity and export --data read the data, and pick the test split, as training did. A missing
+    or unreadable run_config.json, or a value of the wrong type in it, falls back to the default.
+    """
+    given = {"caption_column": caption_column, "skip_bad": skip_bad, "test_ratio": test_ratio, "split_seed": split_seed}
+    run_file = Path(checkpoint).expanduser().parent / RUN_CONFIG
+    recorded: dict[str, Any] = {}
+    if any(v is None for v in given.values()) and run_file.is_file():
+        try:
+            loaded = json.loads(run_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            loaded = None
+        if isinstance(loaded, dict):
+            recorded = loaded
+    values: dict[str, Any] = {}
+    used = False
+    for name, value in given.items():
+        if value is None and _recordable(name, recorded.get(name)):
+            value, used = recorded[name], True
+        if value is not None:
+            values[name] = value
+    return DataSettings(**values, recorded=str(run_file) if used else None)
+
+
+def _recordable(name: str, value: object) -> bool:
+    """Whether a run_config.json value is usable for the data setting `name`."""
+    if isinstance(value, bool):
+        return name == "skip_bad"
+    if name == "caption_column":
+        return isinstance(value, str) and bool(value)
+    if name == "test_ratio":
+        return isinstance(value, (int, float)) and 0 <= value < 1
+    return name == "split_seed" and isinstance(value, int)
 
 
 def is_hub_id(name: str | Path) -> bool:

@@ -9,6 +9,7 @@ import click
 
 from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError
+from train.checkpoint import RUN_DEFAULT
 from train.loop import PRECISIONS
 
 
@@ -52,7 +53,7 @@ from train.loop import PRECISIONS
 @click.option("--caption-column", default="text", show_default=True, help="Caption column of the metadata.")
 @click.option(
     "--test-ratio", type=FiniteFloatRange(0, 1, max_open=True), default=0.1, show_default=True,
-    help="Share of files in the test split (0 to 1).",
+    help="Share of files in the test split (0 to 1); files below train/ or test/ folders stay in theirs.",
 )
 @click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True, help="Data loader workers per process.")
 @click.option(
@@ -148,9 +149,13 @@ def train(
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the checkpoint's generation config.")
-@click.option("--caption-column", default="text", show_default=True)
-@click.option("--test-ratio", type=FiniteFloatRange(0, 1, max_open=True), default=0.1, show_default=True)
-@click.option("--skip-bad", is_flag=True, help="Score the good examples and skip bad files.")
+@click.option("--caption-column", default=None, help=f"Caption column of the metadata. {RUN_DEFAULT.format('text')}")
+@click.option(
+    "--test-ratio", type=FiniteFloatRange(0, 1, max_open=True), default=None, help=f"Test share of the hash split. {RUN_DEFAULT.format(0.1)}"
+)
+@click.option(
+    "--skip-bad/--no-skip-bad", default=None, help=f"Score the good examples and skip bad files. {RUN_DEFAULT.format('no')}"
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 def evaluate(
     checkpoint: Path,
@@ -160,9 +165,9 @@ def evaluate(
     batch_size: int,
     num_beams: int,
     max_new_tokens: int | None,
-    caption_column: str,
-    test_ratio: float,
-    skip_bad: bool,
+    caption_column: str | None,
+    test_ratio: float | None,
+    skip_bad: bool | None,
     as_json: bool,
 ) -> None:
     """BLEU and chrF of CHECKPOINT's captions on a split of DATA (sacrebleu defaults)."""

@@ -14,8 +14,11 @@ Three entry points, from cheap to thorough:
   every listed image is decoded in full, so truncated files are caught;
 - `load_split`: the examples of one split, validated first (see its docstring for `skip_bad`).
 
-The train/test split depends only on a hash of each file name (and a seed), never on its position, so
-adding images to a folder never moves an existing image to the other split.
+The train/test split depends only on each file name, never on its position, so adding images to a folder
+never moves an existing image to the other split. Images below a top-level split folder (`train/`, `test/`,
+and `validation/`, `valid/`, `dev/` ... joining test: SPLIT_FOLDERS) are in that folder's split, as in the
+imagefolder layout; any other image is in the test split when a hash of its name (and a seed) falls below
+the test ratio.
 
 This module needs only the standard library, Pillow and the engine's errors: no torch, no numpy.
 """
@@ -33,6 +36,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -44,6 +48,14 @@ log = logging.getLogger(__name__)
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLITS = ("train", "test", "all")
+# Top-level folders that name a split (the Hugging Face imagefolder split names): an example below one is in
+# that split whatever the hash says, so a user's own test images never reach training. edlight has one
+# held-out split, "test", which validation folders join.
+SPLIT_FOLDERS = {
+    "train": "train", "training": "train",
+    "test": "test", "testing": "test", "eval": "test", "evaluation": "test",
+    "validation": "test", "valid": "test", "val": "test", "dev": "test",
+}  # fmt: skip
 
 
 class DataError(EdlightError):
@@ -61,6 +73,7 @@ class Example:
     file_name: str
     text: str
     path: Path
+    listed_at: str = field(default="", compare=False)  # the metadata line: "train/metadata.jsonl:12"
 
 
 @dataclass(frozen=True)
@@ -162,10 +175,12 @@ def _add_entry(
     elif not caption.strip():
         parsed.problems.append(Problem(where, f"empty caption for {name}", name))
     else:
-        parsed.examples.append(Example(name, caption.strip(), meta.root / name))
+        parsed.examples.append(Example(name, caption.strip(), meta.root / name, where))
 
 
 def _parse_jsonl(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[str, str]) -> None:
+    first = len(parsed.problems)
+    rows, columns = 0, set[str]()  # JSON objects read, and every key they used
     with meta.path.open(encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
             where = f"{meta.label}:{number}"
@@ -179,28 +194,67 @@ def _parse_jsonl(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[s
             if not isinstance(row, dict):
                 parsed.problems.append(Problem(where, f"expected a JSON object, got {type(row).__name__}"))
                 continue
+            rows += 1
+            columns.update(row)
             _add_entry(parsed, meta, seen, row.get("file_name"), row.get(column), column, where)
+    if rows > 1 and column not in columns:
+        # A wrong --caption-column is one mistake, not one per row: say it once, with the columns there are.
+        missing = f"missing caption column {column!r}"
+        parsed.problems[first:] = [p for p in parsed.problems[first:] if not p.message.startswith(missing)]
+        parsed.fatal = True
+        parsed.problems.append(
+            Problem(meta.label, f"no row has {column!r}; columns seen: {', '.join(sorted(columns))}")
+        )
+
+
+def _csv_hint(message: str) -> str:
+    if "end of data" in message:
+        return "; a quote opened in this row is never closed"
+    if "expected after" in message:
+        return "; a quote in this row is left open or closed early (write a quote inside a quoted field as \"\")"
+    return ""
 
 
 def _parse_csv(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[str, str]) -> None:
     with meta.path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [c for c in ("file_name", column) if c not in header]
-        if missing:
+        # strict: an unclosed quote is an error, not a caption that swallows the rows after it.
+        reader = csv.reader(f, strict=True)
+        start = 1  # the line where the next row begins (a quoted field may span lines)
+        try:
+            header = next(reader, None) or []
+            start = reader.line_num + 1
+            missing = [c for c in ("file_name", column) if c not in header]
+            if missing:
+                parsed.fatal = True
+                parsed.problems.append(
+                    Problem(f"{meta.label}:1", f"no {' or '.join(repr(c) for c in missing)} column (header: {header})")
+                )
+                return
+            repeated = [c for c in dict.fromkeys(("file_name", column)) if header.count(c) > 1]
+            if repeated:
+                parsed.fatal = True
+                parsed.problems.append(
+                    Problem(
+                        f"{meta.label}:1",
+                        f"column {' and '.join(repr(c) for c in repeated)} appears more than once in the header "
+                        f"({header}); rename or remove the extra one",
+                    )
+                )
+                return
+            name_at, caption_at = header.index("file_name"), header.index(column)
+            for values in reader:
+                where, start = f"{meta.label}:{start}", reader.line_num + 1
+                if not values:
+                    continue  # a blank line
+                if len(values) != len(header):
+                    parsed.problems.append(Problem(where, f"expected {len(header)} fields, found {len(values)}"))
+                    continue
+                _add_entry(parsed, meta, seen, values[name_at], values[caption_at], column, where)
+        except csv.Error as exc:
+            # Named by the line where the bad row begins; the reader may have gone on to find the error.
+            found = f" (found at line {reader.line_num})" if reader.line_num > start else ""
             parsed.fatal = True
-            parsed.problems.append(
-                Problem(f"{meta.label}:1", f"no {' or '.join(repr(c) for c in missing)} column (header: {header})")
-            )
-            return
-        for row in reader:
-            where = f"{meta.label}:{reader.line_num}"
-            extra = row.get(None)  # type: ignore[call-overload]
-            if extra or any(v is None for v in row.values()):
-                found = len([v for k, v in row.items() if k is not None and v is not None]) + len(extra or [])
-                parsed.problems.append(Problem(where, f"expected {len(header)} fields, found {found}"))
-                continue
-            _add_entry(parsed, meta, seen, row["file_name"], row[column], column, where)
+            parsed.problems.append(Problem(f"{meta.label}:{start}", f"malformed CSV{found}: {exc}{_csv_hint(str(exc))}"))
 
 
 def _metadata_files(folder: Path) -> list[list[_MetadataFile]]:
@@ -240,9 +294,6 @@ def _parse(folder: str | Path, caption_column: str) -> _Parsed:
         except UnicodeDecodeError as exc:
             parsed.fatal = True
             parsed.problems.append(Problem(meta.label, f"not UTF-8 text ({exc.reason} at byte {exc.start})"))
-        except csv.Error as exc:
-            parsed.fatal = True
-            parsed.problems.append(Problem(meta.label, f"malformed CSV ({exc})"))
     return parsed
 
 
@@ -263,8 +314,15 @@ def read_examples(folder: str | Path, caption_column: str = "text") -> list[Exam
 
 
 def _inspect(example: Example) -> tuple[tuple[int, int] | None, Problem | None]:
-    """The image's size, or why it cannot be used. Decodes the whole file: a header can look fine while
-    the data is cut short."""
+    """The image's size, or why it cannot be used (with the metadata line that lists it). Decodes the whole
+    file: a header can look fine while the data is cut short."""
+    size, problem = _inspect_image(example)
+    if problem is not None and example.listed_at:
+        problem = Problem(problem.where, f"{problem.message} (listed at {example.listed_at})", problem.file_name)
+    return size, problem
+
+
+def _inspect_image(example: Example) -> tuple[tuple[int, int] | None, Problem | None]:
     name = example.file_name
     try:
         if not example.path.is_file():
@@ -349,7 +407,6 @@ class CheckReport:
         chars = [len(e.text) for e in self.examples]
         widths = [w for w, _ in self.sizes.values()]
         heights = [h for _, h in self.sizes.values()]
-        test = sum(split_of(e.file_name, test_ratio, seed) == "test" for e in self.examples)
         return {
             "folder": str(self.folder),
             "metadata": self.metadata,
@@ -360,7 +417,7 @@ class CheckReport:
             "caption_chars": _spread(chars),
             "image_width": _spread(widths),
             "image_height": _spread(heights),
-            "split": {"test_ratio": test_ratio, "seed": seed, "train": len(self.examples) - test, "test": test},
+            "split": split_counts((e.file_name for e in self.examples), test_ratio, seed),
         }
 
     def summary(self, test_ratio: float = 0.1, seed: int = 0) -> str:
@@ -382,7 +439,7 @@ class CheckReport:
                 f"caption characters: {spread(s['caption_chars'])}",
                 f"image width px: {spread(s['image_width'])}",
                 f"image height px: {spread(s['image_height'])}",
-                f"split (test_ratio {test_ratio}, seed {seed}): {split['train']} train, {split['test']} test",
+                describe_split(split),
             ]
         )
 
@@ -421,16 +478,57 @@ def check_folder(folder: str | Path, caption_column: str = "text") -> CheckRepor
 # Splits.
 
 
-def split_of(file_name: str, test_ratio: float = 0.1, seed: int = 0) -> str:
-    """"train" or "test" for a file name (as listed in the metadata), from a hash of f"{seed}:{file_name}".
+def split_folder(file_name: str) -> str | None:
+    """The split a file name's top-level folder names (SPLIT_FOLDERS, any case), else None."""
+    top, sep, _ = file_name.partition("/")
+    return SPLIT_FOLDERS.get(top.lower()) if sep else None
 
-    The first 8 bytes of its SHA-1 map the name to [0, 1); below `test_ratio` is "test". Adding or removing
-    other files never changes the answer. Raises ValueError when test_ratio is outside [0, 1].
+
+def split_of(file_name: str, test_ratio: float = 0.1, seed: int = 0) -> str:
+    """"train" or "test" for a file name (as listed in the metadata, relative to the data folder).
+
+    Below a top-level split folder (`train/...`, `test/...`, `validation/...`: SPLIT_FOLDERS) the folder
+    decides. Any other name is hashed: the first 8 bytes of the SHA-1 of f"{seed}:{file_name}" map it to
+    [0, 1), and below `test_ratio` is "test". Either way adding or removing other files never changes the
+    answer. Raises ValueError when test_ratio is outside [0, 1].
     """
     if not 0.0 <= test_ratio <= 1.0:
         raise ValueError(f"test_ratio must be within [0, 1], got {test_ratio}")
+    by_folder = split_folder(file_name)
+    if by_folder is not None:
+        return by_folder
     digest = hashlib.sha1(f"{seed}:{file_name}".encode()).digest()
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_ratio else "train"
+
+
+def split_counts(file_names: Iterable[str], test_ratio: float = 0.1, seed: int = 0) -> dict[str, Any]:
+    """How `file_names` split: {"train": n, "test": n, "test_ratio", "seed", "folders": {"train/": n, ...}
+    (the names below each split folder), "hashed": n (the names split by hash)}."""
+    counts: dict[str, Any] = {"train": 0, "test": 0, "test_ratio": test_ratio, "seed": seed, "folders": {}, "hashed": 0}
+    for name in file_names:
+        counts[split_of(name, test_ratio, seed)] += 1
+        if split_folder(name) is None:
+            counts["hashed"] += 1
+        else:
+            top = name.partition("/")[0] + "/"
+            counts["folders"][top] = counts["folders"].get(top, 0) + 1
+    return counts
+
+
+def describe_split(counts: dict[str, Any]) -> str:
+    """One line from `split_counts`: "split (test_ratio 0.1, seed 0): 1784 train, 216 test", or with split
+    folders "split (from the split folders test/ 3, train/ 9): 9 train, 3 test"."""
+    how = hashing = f"test_ratio {counts['test_ratio']}, seed {counts['seed']}"
+    if counts["folders"]:
+        parts = []
+        for top, n in sorted(counts["folders"].items()):
+            split = SPLIT_FOLDERS[top[:-1].lower()]
+            parts.append(f"{top} {n}" if top[:-1].lower() == split else f"{top} {n} as {split}")
+        how = f"from the split folders {', '.join(parts)}"
+        if counts["hashed"]:
+            others = counts["hashed"]
+            how += f"; {others} other file{'' if others == 1 else 's'} by hash, {hashing}"
+    return f"split ({how}): {counts['train']} train, {counts['test']} test"
 
 
 def load_split(

@@ -36,7 +36,9 @@ def encode_images(processor: Any, images: Sequence[Image.Image]) -> dict[str, An
     its own default of 2048 patches and ignore the checkpoint's setting.
     """
     ip = processor.image_processor
-    enc = ip(images=list(images), max_patches=ip.max_patches, return_tensors="pt")
+    # channels_last: PIL images are (height, width, 3), and transformers' guess reads an image 1 or 3
+    # pixels high as channels-first, scrambling its pixels or failing.
+    enc = ip(images=list(images), max_patches=ip.max_patches, return_tensors="pt", input_data_format="channels_last")
     return {"flattened_patches": enc["flattened_patches"], "attention_mask": enc["attention_mask"]}
 
 
@@ -135,30 +137,32 @@ def evaluate_checkpoint(
     batch_size: int = 16,
     num_beams: int = 1,
     max_new_tokens: int | None = None,
-    test_ratio: float = 0.1,
-    split_seed: int = 0,
-    caption_column: str = "text",
-    skip_bad: bool = False,
+    test_ratio: float | None = None,
+    split_seed: int | None = None,
+    caption_column: str | None = None,
+    skip_bad: bool | None = None,
 ) -> EvalReport:
     """Caption `split` of the data folder with `checkpoint` and score it against the references.
 
-    `out` (optional) receives JSONL lines {"file_name", "reference", "prediction"}.
-    Raises CheckpointError for a bad checkpoint, DataError for a bad data folder, and
-    ValueError for an unknown split.
+    `out` (optional) receives JSONL lines {"file_name", "reference", "prediction"}. The data settings left
+    as None are the ones the checkpoint's training run used (train.checkpoint.data_settings), so the test
+    split is the one it was scored on. Raises CheckpointError for a bad checkpoint, DataError for a bad
+    data folder, and ValueError for an unknown split.
     """
-    from train.checkpoint import load_checkpoint
+    from train.checkpoint import data_settings, load_checkpoint
     from train.data import load_split
 
     if split not in ("test", "train", "all"):
         raise ValueError(f"split must be test, train or all, got {split!r}")
+    settings = data_settings(checkpoint, caption_column, skip_bad, test_ratio, split_seed)
     model, processor = load_checkpoint(checkpoint)
     examples = load_split(
         Path(data),
         split=split,
-        test_ratio=test_ratio,
-        seed=split_seed,
-        caption_column=caption_column,
-        skip_bad=skip_bad,
+        test_ratio=settings.test_ratio,
+        seed=settings.split_seed,
+        caption_column=settings.caption_column,
+        skip_bad=settings.skip_bad,
     )
     hyps = generate_captions(
         model,

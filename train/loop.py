@@ -455,7 +455,7 @@ def _run(config: TrainConfig) -> TrainResult:
     from accelerate.utils import gather_object, set_seed
 
     from train.checkpoint import atomic_save, check_checkpoint_dir, is_hub_id, load_checkpoint, recover
-    from train.data import DataError, load_split, split_of
+    from train.data import DataError, describe_split, load_split, split_counts, split_of
     from train.evaluate import corpus_scores, encode_images, generate_from_patches, load_rgb
     from train.presets import VISION_INIT_IMAGES, build_from_preset, count_parameters
 
@@ -486,7 +486,8 @@ def _run(config: TrainConfig) -> TrainResult:
     accelerator.wait_for_everyone()
     mode = _check_out(cfg)
     accelerator.wait_for_everyone()  # every rank has judged RUN/ before rank 0 writes to it
-    # Validated once (every image opened); the split is a pure function of the file name.
+    # Validated once (every image opened); the split is a pure function of the file name (its split folder,
+    # else a hash).
     all_ok = load_split(
         data, split="all", test_ratio=cfg.test_ratio, seed=cfg.split_seed, caption_column=cfg.caption_column,
         skip_bad=cfg.skip_bad,
@@ -497,10 +498,13 @@ def _run(config: TrainConfig) -> TrainResult:
     skipped = len(getattr(all_ok, "skipped", []))  # train.data.Examples lists what skip_bad left out
     if cfg.skip_bad:
         log(f"--skip-bad: training on {len(all_ok)} good examples, skipped {skipped} bad entries")
+    split = split_counts((e.file_name for e in all_ok), cfg.test_ratio, cfg.split_seed)
+    log(describe_split(split))
     if not train_ex:
-        raise TrainError(f"{data}: the train split is empty ({len(all_ok)} usable examples in all)")
+        raise TrainError(f"{data}: the train split is empty ({len(all_ok)} usable examples in all; {describe_split(split)})")
     if not test_ex:
-        log(f"warning: {data}: the test split is empty; no BLEU, best/ follows the lowest train loss")
+        hint = "; held-out images go in a test/ folder beside train/" if split["folders"] and not split["hashed"] else ""
+        log(f"warning: {data}: the test split is empty{hint}; no BLEU, best/ follows the lowest train loss")
 
     # --- model, processor, optimizer
     set_seed(cfg.seed)

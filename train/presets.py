@@ -312,7 +312,10 @@ def _patch_sample(processor: Any, images: Iterable[Image.Image]) -> Any:
     image_processor = processor.image_processor
     parts = []
     for image in images:
-        encoded = image_processor(images=[image], max_patches=image_processor.max_patches, return_tensors="np")
+        encoded = image_processor(
+            images=[image], max_patches=image_processor.max_patches, return_tensors="np",
+            input_data_format="channels_last",  # see train.evaluate.encode_images
+        )  # fmt: skip
         patches, mask = encoded["flattened_patches"][0], encoded["attention_mask"][0]
         parts.append(patches[mask > 0][:, 2:])  # drop the row/column ids
     return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
