@@ -41,12 +41,12 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from engine.errors import EdlightError
+from engine.folder import IMAGE_EXTENSIONS  # what the engine captions: an unlisted one is worth a warning
 from engine.images import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLITS = ("train", "test", "all")
 # Top-level folders that name a split (the Hugging Face imagefolder split names): an example below one is in
 # that split whatever the hash says, so a user's own test images never reach training. edlight has one
