@@ -731,3 +731,36 @@ def test_two_processes_train_as_well_as_one_at_the_same_global_batch(small_data:
         assert curve[-1] < 0.7 * curve[0], losses  # both learn
     # Same optimizer steps on the same data, only the sharding order differs: the curves end close together.
     assert abs(losses["two"][-1] - losses["one"][-1]) <= 0.15 * losses["one"][-1], losses
+
+
+@pytest.mark.slow
+def test_resume_completes_a_save_cut_short_and_says_when_the_schedule_changes(
+    small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    first = train(TrainConfig(data=small_data, out=run, epochs=1, seed=2, **FAST))
+    assert first.metrics[-1]["best"]
+    # A kill after last/ was saved and before best/ and the logs were: only last/ knows epoch 1.
+    shutil.rmtree(run / "best")
+    (run / "metrics.jsonl").unlink()
+    capsys.readouterr()
+    again = train(TrainConfig(data=small_data, out=run, epochs=1, seed=2, resume=True, **FAST))
+    assert [m["epoch"] for m in again.metrics] == [1] and "nothing to do" in capsys.readouterr().err
+    a, b = _weights(run / "best"), _weights(run / "last")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # best/ is epoch 1 again
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+    # More epochs than planned: said, with the learning rates, and recorded in run_config.json.
+    longer = train(TrainConfig(data=small_data, out=run, epochs=2, seed=2, resume=True, **FAST))
+    assert [m["epoch"] for m in longer.metrics] == [1, 2]
+    assert "was planned for 1 epochs and now runs to 2" in capsys.readouterr().err
+    assert json.loads((run / "run_config.json").read_text())["epochs"] == 2
+
+
+def test_an_interrupted_run_says_how_to_continue(tmp_path: Path) -> None:
+    from train.cli import _resume_note
+
+    assert "no epoch was finished" in _resume_note(tmp_path)
+    (tmp_path / "last").mkdir()
+    (tmp_path / "last" / "trainer_state.pt").write_bytes(b"")
+    assert "continue with the same command plus --resume" in _resume_note(tmp_path)

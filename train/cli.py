@@ -13,6 +13,16 @@ from train.checkpoint import RUN_DEFAULT
 from train.loop import PRECISIONS
 
 
+def _resume_note(out: Path) -> str:
+    """What an interrupted run leaves in `out`, and how to go on."""
+    if not (out / "last" / "trainer_state.pt").is_file():
+        return f"no epoch was finished; nothing to resume in {out}"
+    return (
+        f"the latest finished epoch is in {out / 'last'} (the best so far in {out / 'best'}); "
+        "continue with the same command plus --resume"
+    )
+
+
 @click.command()
 @click.option(
     "--data", "data", required=True, type=click.Path(path_type=Path), help="Data folder (images + metadata)."
@@ -123,6 +133,9 @@ def train(
         result = run_training(cfg)
     except EdlightError as exc:
         raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: {_resume_note(out)}", err=True)
+        raise SystemExit(130) from None
     if not result.is_main:
         return
     if result.metrics:

@@ -320,6 +320,23 @@ def _check_out(cfg: TrainConfig) -> str:
     return "fresh"
 
 
+def _older(checkpoint: Path, than: Path) -> bool:
+    """Whether save_pretrained directory `checkpoint` is missing or was written before `than`."""
+    try:
+        return (checkpoint / "config.json").stat().st_mtime_ns < (than / "config.json").stat().st_mtime_ns
+    except FileNotFoundError:
+        return True
+
+
+def _planned_epochs(out: Path) -> int | None:
+    """The epochs run_config.json says the run was planned for (None when it does not say)."""
+    try:
+        epochs = json.loads((out / "run_config.json").read_text()).get("epochs")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return epochs if isinstance(epochs, int) else None
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -557,9 +574,33 @@ def _run(config: TrainConfig) -> TrainResult:
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_epoch, step, prev_wall = state["epoch"], state["step"], state.get("wall_s", 0.0)
-        metrics = [m for m in _read_jsonl(out / "metrics.jsonl") if m["epoch"] <= start_epoch]
-        steps_log = [s for s in _read_jsonl(out / "steps.jsonl") if s["step"] <= step]
+        # States written before the logs travelled with them: the log files.
+        metrics = state.get("metrics") or [m for m in _read_jsonl(out / "metrics.jsonl") if m["epoch"] <= start_epoch]
+        steps_log = state.get("steps") or [s for s in _read_jsonl(out / "steps.jsonl") if s["step"] <= step]
         log(f"resuming {out} after epoch {start_epoch} (step {step})")
+        planned = _planned_epochs(out)
+        if planned is not None and planned != cfg.epochs and start_epoch < cfg.epochs:
+            resumed_lr = cfg.lr * _lr_lambda(total_steps, warmup)(step)
+            log(
+                f"warning: {out} was planned for {planned} epochs and now runs to {cfg.epochs}: the learning-rate "
+                f"schedule is re-planned over {cfg.epochs} epochs (lr {scheduler.get_last_lr()[0]:.3g} at the end of "
+                f"epoch {start_epoch} -> {resumed_lr:.3g} now)"
+            )
+        if is_main:
+            # A record of what this run now is (epochs and precision may change on resume).
+            saved = json.loads((out / "run_config.json").read_text())
+            (out / "run_config.json").write_text(
+                json.dumps({**saved, "epochs": cfg.epochs, "precision": forward_precision}, indent=2) + "\n"
+            )
+            if metrics and metrics[-1]["epoch"] == start_epoch and metrics[-1].get("best") and _older(out / "best", out / "last"):
+                # The last epoch was the best so far, yet best/ predates it: a kill came between its two saves.
+                def write_best(tmp: Path) -> None:
+                    model.save_pretrained(tmp)
+                    processor.save_pretrained(tmp)
+
+                atomic_save(out / "best", write_best)
+            _write_jsonl(out / "metrics.jsonl", metrics)
+            _write_jsonl(out / "steps.jsonl", steps_log)
         if start_epoch >= cfg.epochs:
             log(f"nothing to do: {start_epoch} of {cfg.epochs} epochs already done")
     elif is_main:
@@ -614,9 +655,11 @@ def _run(config: TrainConfig) -> TrainResult:
             raw_model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
             if with_state:
+                # The logs travel with the state: a kill before metrics.jsonl is rewritten loses no epoch.
                 torch.save(
                     {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                     "epoch": epoch, "step": step, "wall_s": wall, "config": asdict(cfg)},
+                     "epoch": epoch, "step": step, "wall_s": wall, "config": asdict(cfg),
+                     "metrics": metrics, "steps": steps_log},
                     tmp / "trainer_state.pt",
                 )  # fmt: skip
 
@@ -717,9 +760,11 @@ def _run(config: TrainConfig) -> TrainResult:
         record["best"] = bool(improved)
         metrics.append(record)
         if is_main:
+            # last/ first: a kill between the two saves leaves a run that --resume continues (and
+            # whose best/ it then completes), never a best/ of an epoch that cannot be resumed.
+            save(out / "last", True, epoch + 1, wall)
             if improved:
                 save(out / "best", False, epoch + 1, wall)
-            save(out / "last", True, epoch + 1, wall)
             _write_jsonl(out / "metrics.jsonl", metrics)
             _write_jsonl(out / "steps.jsonl", steps_log)
             try:
