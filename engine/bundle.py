@@ -207,6 +207,13 @@ class Bundle:
         bundle.check_settings()
         return bundle
 
+    @property
+    def model_id(self) -> str:
+        """A short name for exactly this bundle's contents (12 hex digits of a hash over its files' sha256),
+        written into every caption record: a resume must not mix two models' captions."""
+        listing = "".join(f"{name}\0{digest}\n" for name, digest in sorted(self.manifest.files.items()))
+        return hashlib.sha256(listing.encode("utf-8")).hexdigest()[:12]
+
     def onnx_path(self, role: str) -> Path:
         return self.path / self.manifest.onnx_files[role]
 

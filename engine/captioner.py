@@ -267,7 +267,8 @@ class Captioner:
         self.timings.decode_steps += result.steps
         self.timings.model_runs += 1
         self.timings.images += len(patches)
-        return self.tokenizer.decode_batch(result.sequences)
+        # A caption is text for people: no spaces a model may emit before EOS or the length limit.
+        return [text.strip() for text in self.tokenizer.decode_batch(result.sequences)]
 
     def _encode(self, flattened: np.ndarray, mask: np.ndarray) -> np.ndarray:
         feeds = {

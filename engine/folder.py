@@ -1,12 +1,13 @@
 """Folder jobs: walk inputs, caption, and stream one record per image to JSONL or CSV, resumably.
 
-Records are ``{"file": path relative to its input folder, "caption": str|None, "error": str|None}``,
-in input order (folders are walked recursively in sorted order). They are appended and flushed batch
+Records are ``{"file": path relative to its input folder, "caption": str|None, "error": str|None,
+"model": the bundle's model_id}``, in input order (folders are walked recursively in sorted order). They are appended and flushed batch
 by batch, so a killed run keeps everything it finished. By default a rerun resumes: files that already
 have a caption are skipped, files whose record is an error are tried again (their old error records
 are dropped from the file first), and a torn last line (the write a kill interrupted) is cut off.
 A bad image is an error record, never a crash; a folder that cannot be listed is reported and skipped.
-One run at a time may write an output file (a lock next to it, `.NAME.lock`, says who).
+One run at a time may write an output file (a lock next to it, `.NAME.lock`, says who), and only with
+the model that wrote its records: a resume with another bundle would mix two models' captions.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ IMAGE_EXTENSIONS = frozenset({
     ".bmp", ".dib", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga",
 })
 FORMATS = ("jsonl", "csv")
-FIELDS = ("file", "caption", "error")
+FIELDS = ("file", "caption", "error", "model")
+LEGACY_CSV_FIELDS = FIELDS[:3]  # CSV files written before records named their model: resumed as they are
 
 
 class OutputError(EdlightError):
@@ -167,10 +169,12 @@ def _entry_images(entry: os.DirEntry[str], walked: set[tuple[int, int]], unreada
 class RecordWriter:
     """Appends records to a JSONL or CSV file, one physical line each, flushed per batch."""
 
-    def __init__(self, out: Path, fmt: str) -> None:
+    def __init__(self, out: Path, fmt: str, model: str | None = None) -> None:
+        """`model`: stamped into every record (the bundle's model_id)."""
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-        self.out, self.fmt = out, fmt
+        self.out, self.fmt, self.model = out, fmt, model
+        self.fields: tuple[str, ...] = FIELDS
         self._handle: TextIO | None = None
         self._regular = True
 
@@ -185,6 +189,8 @@ class RecordWriter:
             # A device or pipe (/dev/stdout) is written as a stream: never read back, truncated or synced.
             self._regular = not self.out.exists() or self.out.is_file()
             fresh = not self.out.is_file() or self.out.stat().st_size == 0
+            if not fresh and self.fmt == "csv" and _csv_header(self.out) == LEGACY_CSV_FIELDS:
+                self.fields = LEGACY_CSV_FIELDS  # appended rows keep the file's columns
             self._handle = open(self.out, "a", encoding="utf-8", newline="")
         except OSError as exc:
             raise OutputError(f"{self.out}: cannot write: {exc.strerror or exc}") from exc
@@ -202,7 +208,7 @@ class RecordWriter:
                 raise OutputError(f"{self.out}: cannot write: {error.strerror or error}") from error
 
     def write(self, records: list[dict[str, Any]]) -> None:
-        self._write("".join(format_record(r, self.fmt) for r in records))
+        self._write("".join(format_record({**r, "model": self.model}, self.fmt, self.fields) for r in records))
 
     def _write(self, text: str) -> None:
         assert self._handle is not None
@@ -239,9 +245,14 @@ def record_name(file: str, fmt: str) -> str:
     return file if fmt == "jsonl" else _csv_name(file)
 
 
-def format_record(record: dict[str, Any], fmt: str) -> str:
+def _csv_header(path: Path) -> tuple[str, ...]:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return tuple(handle.readline().rstrip("\r\n").split(","))
+
+
+def format_record(record: dict[str, Any], fmt: str, columns: tuple[str, ...] = FIELDS) -> str:
     if fmt == "jsonl":
-        fields = {k: record.get(k) for k in FIELDS}
+        fields = {k: record.get(k) for k in columns}
         line = json.dumps(fields, ensure_ascii=False)
         try:
             line.encode("utf-8")
@@ -250,7 +261,7 @@ def format_record(record: dict[str, Any], fmt: str) -> str:
             line = json.dumps(fields, ensure_ascii=True)
         return line + "\n"
     buffer = io.StringIO()
-    row = ["" if record.get(k) is None else _csv_name(record[k]) if k == "file" else _csv_field(record[k]) for k in FIELDS]
+    row = ["" if record.get(k) is None else _csv_name(record[k]) if k == "file" else _csv_field(record[k]) for k in columns]
     csv.writer(buffer, lineterminator="\n").writerow(row)
     return buffer.getvalue()
 
@@ -260,6 +271,7 @@ class _Line:
     raw: bytes  # the line as stored, with its newline
     file: str | None  # None for the CSV header and blank lines
     failed: bool = False
+    model: str | None = None  # the model that wrote it (None: not said, as in records before the field)
 
 
 JSONL_START = '{"file": '  # how every JSONL record of ours begins (format_record)
@@ -305,19 +317,19 @@ def _parse_line(out: Path, fmt: str, number: int, raw: bytes) -> _Line:
         text = raw.decode("utf-8")
         if fmt == "csv":
             if number == 1:
-                if text.rstrip("\r").split(",") != list(FIELDS):
+                if tuple(text.rstrip("\r").split(",")) not in (FIELDS, LEGACY_CSV_FIELDS):
                     raise ValueError(f"the first line is not the CSV header {','.join(FIELDS)}")
                 return _Line(raw + b"\n", None)
             row = next(csv.reader([text]))
-            file, failed = row[0], len(row) > 2 and bool(row[2])
+            file, failed, model = row[0], len(row) > 2 and bool(row[2]), row[3] if len(row) > 3 and row[3] else None
         else:
             record = json.loads(text)
-            file, failed = record["file"], record.get("error") is not None
+            file, failed, model = record["file"], record.get("error") is not None, record.get("model")
     except (UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError, StopIteration) as exc:
-        raise OutputError(
-            f"{out}:{number}: not a caption record ({exc}); fix the file, or start afresh with --overwrite"
-        ) from exc
-    return _Line(raw + b"\n", str(file), failed)
+        # A damaged caption file may be started afresh; anything else is not ours to replace.
+        remedy = "choose another output" if number == 1 else "fix the file, or start afresh with --overwrite"
+        raise OutputError(f"{out}:{number}: not a caption record ({exc}); {remedy}") from exc
+    return _Line(raw + b"\n", str(file), failed, None if model is None else str(model))
 
 
 def _is_torn_record(tail: bytes, fmt: str, first_line: bool) -> bool:
@@ -334,7 +346,9 @@ def _is_torn_record(tail: bytes, fmt: str, first_line: bool) -> bool:
         return False
     if fmt == "jsonl":
         return text.startswith(JSONL_START) or JSONL_START.startswith(text)
-    return ",".join(FIELDS).startswith(text) if first_line else True  # after the header, any text can start a row
+    if first_line:
+        return any(",".join(header).startswith(text) for header in (FIELDS, LEGACY_CSV_FIELDS))
+    return True  # after the header, any text can start a row
 
 
 def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
@@ -420,14 +434,17 @@ def plan_folder_job(
     out: str | Path | None = None,
     fmt: str = "jsonl",
     overwrite: bool = False,
+    model: str | None = None,
 ) -> tuple[list[InputFile], FolderSummary]:
     """The resume rule, shared by local and Ray runs: (images still to caption, summary so far).
 
-    `overwrite` deletes `out` first; otherwise images already captioned in `out` are skipped, images
-    whose record there is an error are tried again (those records are dropped from `out` first) and
-    its torn last line is cut off. Callers hold `output_lock(out)` from here until their last write
-    (see `folder_job`). Raises ValueError for an unknown format, FileNotFoundError for a missing input,
-    OutputError for an output file that is not a caption file, or is one of the inputs.
+    `overwrite` deletes `out` first (only a caption file: anything else is refused); otherwise images
+    already captioned in `out` are skipped, images whose record there is an error are tried again
+    (those records are dropped from `out` first) and its torn last line is cut off. `model` (the
+    bundle's model_id) must be the model of every record in `out` that names one. Callers hold
+    `output_lock(out)` from here until their last write (see `folder_job`). Raises ValueError for an
+    unknown format, FileNotFoundError for a missing input, OutputError for an output file that is not
+    a caption file, is one of the inputs, or holds another model's captions.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -439,11 +456,22 @@ def plan_folder_job(
     if out_path.exists() and any(os.path.samefile(f.path, out_path) for f in files if f.path.exists()):
         raise OutputError(f"{out_path}: the output file is one of the input images; choose another output")
     if overwrite and out_path.is_file():  # never unlink a device such as /dev/stdout
+        if not _is_caption_file(out_path):
+            raise OutputError(
+                f"{out_path}: not a caption file (its first line is not a caption record); --overwrite replaces "
+                "only caption files: choose another output, or remove it yourself"
+            )
         try:
             out_path.unlink()
         except OSError as exc:
             raise OutputError(f"{out_path}: cannot start afresh: {exc.strerror or exc}") from exc
     lines = _read_lines(out_path, fmt)
+    others = sorted({line.model for line in lines if line.model is not None} - {model}) if model else []
+    if others:
+        raise OutputError(
+            f"{out_path}: holds captions of another model ({', '.join(others)}; this bundle is {model}); "
+            "choose another output, or --overwrite to replace them"
+        )
     done = {line.file: line.failed for line in lines if line.file is not None}
     names = {f.file: record_name(f.file, fmt) for f in files}
     retry = {names[f.file] for f in files if done.get(names[f.file])}
@@ -459,11 +487,22 @@ def plan_folder_job(
 
 @contextlib.contextmanager
 def folder_job(
-    inputs: Sequence[str | Path] | str | Path, out: str | Path | None, fmt: str, overwrite: bool
+    inputs: Sequence[str | Path] | str | Path, out: str | Path | None, fmt: str, overwrite: bool, model: str | None
 ) -> Iterator[tuple[list[InputFile], FolderSummary]]:
     """`plan_folder_job` under the output's lock, held until the block ends (the last record written)."""
     with output_lock(output_path(out, fmt)):
-        yield plan_folder_job(inputs, out, fmt=fmt, overwrite=overwrite)
+        yield plan_folder_job(inputs, out, fmt=fmt, overwrite=overwrite, model=model)
+
+
+def _is_caption_file(path: Path) -> bool:
+    """Whether `path` is empty or starts like a caption file of either format (JSONL record, CSV header)."""
+    try:
+        with open(path, "rb") as handle:
+            first = handle.readline(64 * 1024)
+    except OSError:
+        return False
+    text = first.decode("utf-8", "replace").rstrip("\r\n")
+    return not first or text.startswith(JSONL_START) or tuple(text.split(",")) in (FIELDS, LEGACY_CSV_FIELDS)
 
 
 def output_path(out: str | Path | None, fmt: str) -> Path:
@@ -495,13 +534,14 @@ def caption_folder(
     FileNotFoundError for a missing input, OutputError for an unusable output file or one another run
     is writing, ModelRuntimeError if ONNX Runtime fails.
     """
-    with folder_job(inputs, out, fmt, overwrite) as (todo, summary):
+    model = captioner.bundle.model_id
+    with folder_job(inputs, out, fmt, overwrite, model) as (todo, summary):
         bar = _progress_bar(len(todo), progress)
         started = time.perf_counter()
         items = ((f.file, f.path, str(f.path)) for f in todo)
         pending: list[dict[str, Any]] = []
         try:
-            with RecordWriter(summary.out, fmt) as writer:
+            with RecordWriter(summary.out, fmt, model) as writer:
                 for file, caption, error in captioner.iter_captions(items):
                     pending.append({"file": file, "caption": caption, "error": error})
                     if len(pending) >= captioner.batch_size:

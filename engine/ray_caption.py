@@ -186,10 +186,11 @@ def caption_folder_ray(
     if stall_timeout <= 0:
         raise ValueError(f"stall_timeout must be > 0, got {stall_timeout}")
     # Verified here, before Ray starts; actors reload it by absolute path (their working dir may differ).
-    bundle_dir = Bundle.load(resolve_bundle(bundle)).path.absolute()
-    with folder_job(inputs, out, fmt, overwrite) as (todo, summary):
+    loaded = Bundle.load(resolve_bundle(bundle))
+    bundle_dir, model = loaded.path.absolute(), loaded.model_id
+    with folder_job(inputs, out, fmt, overwrite, model) as (todo, summary):
         if not todo:
-            with RecordWriter(summary.out, fmt):  # the file exists afterwards, as after a local run
+            with RecordWriter(summary.out, fmt, model):  # the file exists afterwards, as after a local run
                 return summary  # nothing left: no need for a cluster
         started_here = _connect(ray, address, num_cpus)
         try:
@@ -201,7 +202,7 @@ def caption_folder_ray(
             rows = [{"file": f.file, "path": str(f.path.absolute()), "label": str(f.path)} for f in todo]
             bar = _progress_bar(len(todo), progress)
             try:
-                with RecordWriter(summary.out, fmt) as writer:
+                with RecordWriter(summary.out, fmt, model) as writer:
                     for records in _stream_records(ray, rows, constructor, plan, batch_size, stall_timeout):
                         write_batch(writer, records, summary, bar)
             finally:

@@ -183,7 +183,7 @@ def run_parity(
 
     start = time.perf_counter()
     captioner = Captioner(loaded.path, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new)
-    engine_caps = [c.strip() for c in captioner.caption(paths)]
+    engine_caps = captioner.caption(paths)  # stripped, as evaluate's
     seconds_engine = time.perf_counter() - start
 
     refs = [e.text for e in examples]
