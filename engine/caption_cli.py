@@ -40,19 +40,21 @@ def describe_bundle(bundle: Any) -> str:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", "model", type=click.Path(path_type=Path), default=None,
               help="Bundle directory made by `edlight export` (default: the bundle shipped with edlight).")
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Output file (default: captions.jsonl, or captions.csv with --format csv).")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False, allow_dash=True), default=None,
+              help="Output file (default: captions.jsonl, or captions.csv with --format csv); - is stdout.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
               help="Output format (default: csv when --out ends in .csv, else jsonl).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Images per model run (and per write to the output).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads (default: all cores).")
-@click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Beam search width; 1 is greedy decoding.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
               help="Longest caption in tokens (default: the bundle's generation config).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse images larger than this many pixels (checked before decoding).")
-@click.option("--overwrite", is_flag=True, help="Start a fresh output file instead of resuming.")
-@click.option("--strict", is_flag=True, help="Exit 1 if any image failed, in this run or an earlier one resumed here (default: exit 0).")
+@click.option("--overwrite", is_flag=True, help="Start a fresh output file instead of resuming (only a caption file is replaced).")
+@click.option("--strict", is_flag=True, help="Exit 1 if any image failed or a folder could not be listed (default: exit 0).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run on Ray: a pool of actors, each loading the model once (needs edlight[distributed]).")
@@ -82,8 +84,12 @@ def caption(
 ) -> None:
     """Caption image files and folders (walked recursively, sorted) into JSONL or CSV records.
 
-    Resumes by default: images already in the output are skipped. A bad image becomes an error
-    record; the run goes on.
+    Resumes by default: images already captioned in the output are skipped and images whose record
+    is an error are tried again. A bad image becomes an error record and the run goes on. One run at
+    a time writes an output (a second is refused), and only with the model that wrote it.
+
+    Exit status: 0 done (see --strict), 1 --strict and something failed, 2 the job cannot run (bad
+    model, input or output).
     """
     fmt = resolve_format(fmt, out)
     if use_ray:

@@ -164,13 +164,14 @@ class Captioner:
 
     def caption_folder(
         self,
-        inputs: Sequence[str | Path] | str | Path,
-        out: str | Path | None = None,
-        fmt: str = "jsonl",
+        inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+        out: str | os.PathLike[str] | None = None,
+        fmt: str | None = None,
         overwrite: bool = False,
         progress: bool = True,
     ) -> FolderSummary:
-        """Caption every image under `inputs` (files and folders) into a JSONL/CSV file; see engine.folder."""
+        """Caption every image under `inputs` (files and folders) into a JSONL/CSV file (`fmt`, default: csv
+        for an `out` ending in .csv, else jsonl); see engine.folder."""
         from engine.folder import caption_folder
 
         return caption_folder(self, inputs, out=out, fmt=fmt, overwrite=overwrite, progress=progress)

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import glob
 import io
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -49,10 +52,16 @@ class OutputError(EdlightError):
     """The output file cannot be read back for resuming, or cannot be written."""
 
 
+# Outputs that are streams even when they resolve to a regular file (a shell redirect): never resumed,
+# locked or rewritten. "-" is stdout.
+STREAM_PATH = re.compile(r"-|/dev/(stdout|stderr)|/dev/fd/\d+|/proc/self/fd/\d+")
+
+
 @dataclass(frozen=True)
 class InputFile:
     path: Path  # where to read it
     file: str  # the record's "file": relative to its input folder (posix separators)
+    real: str = ""  # the file's path with symlinks resolved (one record per real file)
 
 
 @dataclass
@@ -65,6 +74,7 @@ class FolderSummary:
     out: Path
     retried: int = 0  # images whose earlier record was an error, tried again by this run
     unreadable: list[str] = field(default_factory=list)  # folders that could not be listed (why, per folder)
+    duplicates: list[str] = field(default_factory=list)  # paths left out: the same file as another input path
 
     @property
     def any_failed(self) -> bool:
@@ -79,9 +89,10 @@ class FolderSummary:
         resumed = f", {self.skipped} already done" if self.skipped else ""
         retried = f" ({self.retried} retried after failing before)" if self.retried else ""
         unreadable = f"; {len(self.unreadable)} folder(s) could not be listed" if self.unreadable else ""
+        duplicates = f"; {len(self.duplicates)} path(s) to files already captioned under another name" if self.duplicates else ""
         return (
             f"captioned {self.captioned}, failed {self.failed}{retried}{resumed} of {self.total} images "
-            f"in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s){unreadable} -> {self.out}"
+            f"in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s){unreadable}{duplicates} -> {self.out}"
         )
 
 
@@ -89,81 +100,85 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def collect_inputs(inputs: Sequence[str | Path], unreadable: list[str] | None = None) -> list[InputFile]:
+def collect_inputs(
+    inputs: Sequence[str | os.PathLike[str]], unreadable: list[str] | None = None, duplicates: list[str] | None = None
+) -> list[InputFile]:
     """Expand files and folders into image files, in a reproducible order.
 
     A folder is walked recursively, entries sorted by name, keeping names with an image extension
     (broken symlinks and the like are kept too: they become error records, not silence). Folders
-    named like images are walked like any folder; symlinked folders are followed once (a folder
-    reached twice, e.g. through a loop, is not walked again). A file given explicitly is kept whatever
-    its name. A file reached through several inputs (`A A`, `A A/x.png`) is captioned once, under the
-    first. If two inputs yield the same relative name, records of those inputs are prefixed with the
-    input as given.
+    named like images are walked like any folder; symlinked folders are followed, except back into a
+    folder being walked (a loop). A file given explicitly is kept whatever its name.
+
+    One record per real file: a file reached by several paths (`A A`, `A A/x.png`, a symlinked folder
+    or file) keeps the path without symlinks if it has one, else the first in walk order; the others
+    are appended to `duplicates`. If two inputs yield the same relative name, records of those inputs
+    are prefixed with the input as given.
 
     A folder below an input that cannot be listed is skipped with its reason appended to `unreadable`
     (without that list, it raises OutputError). Raises FileNotFoundError naming an input that does not
     exist, OutputError for an input folder that cannot be listed.
     """
-    found: list[tuple[Path, str, str]] = []  # (path, relative name, input as given)
-    seen_files: set[str] = set()
-    walked: set[tuple[int, int]] = set()  # (device, inode) of folders already walked
+    found: list[InputFile] = []
+    given: list[str] = []  # the input each file came from
     for raw in inputs:
         root = Path(raw)
         if root.is_dir():
-            entries = _list_folder(root, walked, None)  # an input folder that cannot be listed stops the job
-            candidates = [
-                (path, path.relative_to(root).as_posix())
-                for entry in entries or []
-                for path in _entry_images(entry, walked, unreadable)
-            ]
+            walked = [(path, path.relative_to(root).as_posix()) for path in _walk(root, frozenset(), unreadable, top=True)]
         elif root.exists() or root.is_symlink():
-            candidates = [(root, root.name)]
+            walked = [(root, root.name)]
         else:
-            raise FileNotFoundError(f"{raw}: no such file or folder")
-        for path, name in candidates:
-            real = os.path.realpath(path)
-            if real not in seen_files:
-                seen_files.add(real)
-                found.append((path, name, str(raw)))
+            raise FileNotFoundError(f"{os.fspath(raw)}: no such file or folder")
+        found += [InputFile(path, name, os.path.realpath(path)) for path, name in walked]
+        given += [os.fspath(raw)] * len(walked)
+    chosen: dict[str, int] = {}  # real path -> index into found
+    for index, item in enumerate(found):
+        first = chosen.setdefault(item.real, index)
+        if first != index and not _without_symlinks(found[first]) and _without_symlinks(item):
+            chosen[item.real] = index
+    kept = sorted(chosen.values())
+    if duplicates is not None:
+        kept_set = set(kept)
+        duplicates += [str(item.path) for index, item in enumerate(found) if index not in kept_set]
+    found, given = [found[i] for i in kept], [given[i] for i in kept]
     # Two inputs can hold the same relative name (a/x.png, b/x.png): then prefix with the input.
-    names = [name for _, name, _ in found]
+    names = [item.file for item in found]
     if len(set(names)) != len(names):
-        return [InputFile(path, f"{Path(given).as_posix().rstrip('/')}/{name}" if Path(given).is_dir() else given)
-                for path, name, given in found]
-    return [InputFile(path, name) for path, name, _ in found]
+        return [
+            InputFile(item.path, f"{Path(raw).as_posix().rstrip('/')}/{item.file}" if Path(raw).is_dir() else raw, item.real)
+            for item, raw in zip(found, given, strict=True)
+        ]
+    return found
 
 
-def _list_folder(folder: Path, walked: set[tuple[int, int]], unreadable: list[str] | None) -> list[os.DirEntry[str]] | None:
-    """The entries of `folder` sorted by name, or None if it was walked already or (with `unreadable`)
-    cannot be listed."""
+def _without_symlinks(item: InputFile) -> bool:
+    return item.real == os.path.abspath(item.path)
+
+
+def _walk(folder: Path, ancestors: frozenset[tuple[int, int]], unreadable: list[str] | None, top: bool = False) -> Iterator[Path]:
+    """Image files below `folder`, sorted by name; `ancestors`: (device, inode) of the folders above it."""
     try:
         info = os.stat(folder)
-        if (info.st_dev, info.st_ino) in walked:
-            return None
+        if (info.st_dev, info.st_ino) in ancestors:
+            return  # a symlink back up the tree
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
         message = f"{folder}: cannot list folder: {exc.strerror or exc}"
-        if unreadable is None:
+        if top or unreadable is None:  # an input folder that cannot be listed stops the job
             raise OutputError(message) from exc
         unreadable.append(message)
-        return None
-    walked.add((info.st_dev, info.st_ino))
-    return entries
-
-
-def _entry_images(entry: os.DirEntry[str], walked: set[tuple[int, int]], unreadable: list[str] | None) -> Iterator[Path]:
-    """The image files at a folder entry: itself if named like an image, or those below it if a folder."""
-    path = Path(entry.path)
-    try:
-        is_folder = entry.is_dir()  # follows symlinks; `walked` stops loops and second visits
-    except OSError:
-        is_folder = False  # e.g. a symlink loop: kept if named like an image, to become an error record
-    if not is_folder:
-        if is_image_name(path):
-            yield path
         return
-    for below in _list_folder(path, walked, unreadable) or []:
-        yield from _entry_images(below, walked, unreadable)
+    inside = ancestors | {(info.st_dev, info.st_ino)}
+    for entry in entries:
+        path = Path(entry.path)
+        try:
+            is_folder = entry.is_dir()  # follows symlinks
+        except OSError:
+            is_folder = False  # e.g. a symlink loop: kept if named like an image, to become an error record
+        if is_folder:
+            yield from _walk(path, inside, unreadable)
+        elif is_image_name(path):
+            yield path
 
 
 class RecordWriter:
@@ -186,9 +201,9 @@ class RecordWriter:
             why = "a file, not a folder" if folder.exists() or isinstance(exc, FileExistsError) else exc.strerror or exc
             raise OutputError(f"{self.out}: cannot create its folder {folder}: {why}") from exc
         try:
-            # A device or pipe (/dev/stdout) is written as a stream: never read back, truncated or synced.
-            self._regular = not self.out.exists() or self.out.is_file()
-            fresh = not self.out.is_file() or self.out.stat().st_size == 0
+            # A stream (/dev/stdout, a pipe, a device) is never read back, truncated or synced.
+            self._regular = not is_stream(self.out)
+            fresh = not self._regular or not self.out.is_file() or self.out.stat().st_size == 0
             if not fresh and self.fmt == "csv" and _csv_header(self.out) == LEGACY_CSV_FIELDS:
                 self.fields = LEGACY_CSV_FIELDS  # appended rows keep the file's columns
             self._handle = open(self.out, "a", encoding="utf-8", newline="")
@@ -352,10 +367,20 @@ def _is_torn_record(tail: bytes, fmt: str, first_line: bool) -> bool:
 
 
 def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
-    """Rewrite `out` without the records of `files` (atomically: a kill leaves the old file or the new)."""
+    """Rewrite `out` without the records of `files` (atomically: a kill leaves the old file or the new).
+
+    In a folder where no new file may be made, the records stay: the retries' records follow them, and
+    the later record of a file is the one a resume reads.
+    """
     temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        with open(temporary, "wb") as handle:
+        handle = open(temporary, "wb")
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return
+        raise OutputError(f"{out}: cannot drop the error records of images to retry: {exc.strerror or exc}") from exc
+    try:
+        with handle:
             handle.write(b"".join(line.raw for line in lines if line.file is None or line.file not in files))
             handle.flush()
             os.fsync(handle.fileno())
@@ -376,9 +401,10 @@ def output_lock(out: Path) -> Iterator[None]:
     caption everything twice. The lock file is removed afterwards; a killed run's lock is released
     by the kernel, so a stale file never blocks anyone.
     """
-    if fcntl is None or (out.exists() and not out.is_file()):  # a device such as /dev/stdout: no lock
+    if fcntl is None or is_stream(out):
         yield
         return
+    out = output_target(out)  # a symlinked output is locked where the records go
     lock = out.with_name(f".{out.name}.lock")
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
@@ -389,6 +415,11 @@ def output_lock(out: Path) -> Iterator[None]:
         try:
             handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and out.is_file():
+                # A writable output in a folder where no lock file may be made: lock the output itself.
+                with _locked_in_place(out):
+                    yield
+                return
             raise OutputError(f"{out}: cannot create its lock file {lock}: {exc.strerror or exc}") from exc
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -418,20 +449,49 @@ def output_lock(out: Path) -> Iterator[None]:
         os.close(handle)
 
 
+@contextlib.contextmanager
+def _locked_in_place(out: Path) -> Iterator[None]:
+    assert fcntl is not None
+    handle = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise OutputError(f"{out}: another run is writing to this file; wait for it to end or choose another output") from exc
+        yield
+    finally:
+        os.close(handle)
+
+
+def is_stream(out: Path) -> bool:
+    """Whether `out` is written as a stream: stdout ("-", /dev/stdout, /dev/fd/N ...), a pipe or a device."""
+    if STREAM_PATH.fullmatch(str(out)):
+        return True
+    return out.exists() and not out.is_file()
+
+
+def output_target(out: Path) -> Path:
+    """Where the records of `out` really go: symlinks resolved (streams as they are)."""
+    return out if is_stream(out) else Path(os.path.realpath(out))
+
+
 def default_output(fmt: str) -> Path:
     return Path("captions.jsonl" if fmt == "jsonl" else "captions.csv")
 
 
-def resolve_format(fmt: str | None, out: str | Path | None) -> str:
+def resolve_format(fmt: str | None, out: str | os.PathLike[str] | None) -> str:
     """The output format: `fmt` when given, else csv for an --out ending in .csv, else jsonl."""
     if fmt is not None:
         return fmt
     return "csv" if out is not None and Path(out).suffix.lower() == ".csv" else "jsonl"
 
 
+Inputs = Sequence[str | os.PathLike[str]] | str | os.PathLike[str]
+
+
 def plan_folder_job(
-    inputs: Sequence[str | Path] | str | Path,
-    out: str | Path | None = None,
+    inputs: Inputs,
+    out: str | os.PathLike[str] | None = None,
     fmt: str = "jsonl",
     overwrite: bool = False,
     model: str | None = None,
@@ -440,32 +500,41 @@ def plan_folder_job(
 
     `overwrite` deletes `out` first (only a caption file: anything else is refused); otherwise images
     already captioned in `out` are skipped, images whose record there is an error are tried again
-    (those records are dropped from `out` first) and its torn last line is cut off. `model` (the
+    (those records are dropped from `out` first) and its torn last line is cut off. A symlinked `out`
+    is the file it points to; a stream (stdout, a pipe) is only written. The output itself is never an
+    input: found in an input folder it is left out, given as an input file it is refused. `model` (the
     bundle's model_id) must be the model of every record in `out` that names one. Callers hold
     `output_lock(out)` from here until their last write (see `folder_job`). Raises ValueError for an
     unknown format, FileNotFoundError for a missing input, OutputError for an output file that is not
-    a caption file, is one of the inputs, or holds another model's captions.
+    a caption file, is an input file, or holds another model's captions.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if isinstance(inputs, (str, Path)):
-        inputs = [inputs]
+    inputs = _as_list(inputs)
     out_path = output_path(out, fmt)
+    stream = is_stream(out_path)
+    target = output_target(out_path)
     unreadable: list[str] = []
-    files = collect_inputs(inputs, unreadable)
-    if out_path.exists() and any(os.path.samefile(f.path, out_path) for f in files if f.path.exists()):
-        raise OutputError(f"{out_path}: the output file is one of the input images; choose another output")
-    if overwrite and out_path.is_file():  # never unlink a device such as /dev/stdout
-        if not _is_caption_file(out_path):
+    duplicates: list[str] = []
+    files = collect_inputs(inputs, unreadable, duplicates)
+    if not stream:
+        if any(os.path.realpath(raw) == str(target) for raw in inputs):
+            raise OutputError(f"{out_path}: the output file is one of the input images; choose another output")
+        files = [f for f in files if f.real != str(target)]  # an earlier run's output inside an input folder
+        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):  # a rewrite a kill cut short
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    if overwrite and not stream and target.is_file():
+        if not _is_caption_file(target):
             raise OutputError(
                 f"{out_path}: not a caption file (its first line is not a caption record); --overwrite replaces "
                 "only caption files: choose another output, or remove it yourself"
             )
         try:
-            out_path.unlink()
+            target.unlink()
         except OSError as exc:
             raise OutputError(f"{out_path}: cannot start afresh: {exc.strerror or exc}") from exc
-    lines = _read_lines(out_path, fmt)
+    lines = [] if stream else _read_lines(target, fmt)
     others = sorted({line.model for line in lines if line.model is not None} - {model}) if model else []
     if others:
         raise OutputError(
@@ -473,23 +542,40 @@ def plan_folder_job(
             "choose another output, or --overwrite to replace them"
         )
     done = {line.file: line.failed for line in lines if line.file is not None}
-    names = {f.file: record_name(f.file, fmt) for f in files}
+    names = {f.file: _resumed_name(f.file, fmt, done) for f in files}
     retry = {names[f.file] for f in files if done.get(names[f.file])}
     if retry:
-        _drop_lines(out_path, lines, retry)
+        _drop_lines(target, lines, retry)
     todo = [f for f in files if names[f.file] not in done or names[f.file] in retry]
     summary = FolderSummary(
         total=len(files), skipped=len(files) - len(todo), captioned=0, failed=0, seconds=0.0, out=out_path,
-        retried=len(retry), unreadable=unreadable,
+        retried=len(retry), unreadable=unreadable, duplicates=duplicates,
     )
     return todo, summary
 
 
+def _as_list(inputs: Inputs) -> list[str | os.PathLike[str]]:
+    return [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+
+
+def _resumed_name(file: str, fmt: str, done: dict[str, bool]) -> str:
+    """The name under which `file` has (or will have) its record in an output holding `done`."""
+    name = record_name(file, fmt)
+    if fmt == "csv" and name not in done:
+        legacy = " ".join(_printable(file).splitlines())  # CSV files written before names kept their line breaks
+        if legacy in done:
+            return legacy
+    return name
+
+
 @contextlib.contextmanager
 def folder_job(
-    inputs: Sequence[str | Path] | str | Path, out: str | Path | None, fmt: str, overwrite: bool, model: str | None
+    inputs: Inputs, out: str | os.PathLike[str] | None, fmt: str, overwrite: bool, model: str | None
 ) -> Iterator[tuple[list[InputFile], FolderSummary]]:
     """`plan_folder_job` under the output's lock, held until the block ends (the last record written)."""
+    for raw in _as_list(inputs):  # before the lock makes the output's folder
+        if not (Path(raw).exists() or Path(raw).is_symlink()):
+            raise FileNotFoundError(f"{os.fspath(raw)}: no such file or folder")
     with output_lock(output_path(out, fmt)):
         yield plan_folder_job(inputs, out, fmt=fmt, overwrite=overwrite, model=model)
 
@@ -505,8 +591,11 @@ def _is_caption_file(path: Path) -> bool:
     return not first or text.startswith(JSONL_START) or tuple(text.split(",")) in (FIELDS, LEGACY_CSV_FIELDS)
 
 
-def output_path(out: str | Path | None, fmt: str) -> Path:
-    return Path(out) if out is not None else default_output(fmt)
+def output_path(out: str | os.PathLike[str] | None, fmt: str) -> Path:
+    """The output as given ("-" is stdout), or the default for `fmt`."""
+    if out is None:
+        return default_output(fmt)
+    return Path("/dev/stdout") if os.fspath(out) == "-" else Path(out)
 
 
 def write_batch(writer: RecordWriter, records: list[dict[str, Any]], summary: FolderSummary, bar: Any) -> None:
@@ -521,19 +610,21 @@ def write_batch(writer: RecordWriter, records: list[dict[str, Any]], summary: Fo
 
 def caption_folder(
     captioner: Captioner,
-    inputs: Sequence[str | Path] | str | Path,
-    out: str | Path | None = None,
-    fmt: str = "jsonl",
+    inputs: Inputs,
+    out: str | os.PathLike[str] | None = None,
+    fmt: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> FolderSummary:
     """Caption every image under `inputs` into `out` (default captions.jsonl / captions.csv).
 
+    `fmt`: "jsonl" or "csv" (default: csv for an `out` ending in .csv, else jsonl).
     Resumes by default (see module docstring); `overwrite` starts a fresh file. Image problems are
     records, folders that cannot be listed are in the summary's `unreadable`; raises
     FileNotFoundError for a missing input, OutputError for an unusable output file or one another run
     is writing, ModelRuntimeError if ONNX Runtime fails.
     """
+    fmt = resolve_format(fmt, out)
     model = captioner.bundle.model_id
     with folder_job(inputs, out, fmt, overwrite, model) as (todo, summary):
         bar = _progress_bar(len(todo), progress)

@@ -36,7 +36,7 @@ from typing import Any
 from engine.bundle import Bundle
 from engine.captioner import resolve_bundle
 from engine.errors import EdlightError
-from engine.folder import FolderSummary, RecordWriter, _progress_bar, folder_job, write_batch
+from engine.folder import FolderSummary, RecordWriter, _progress_bar, folder_job, resolve_format, write_batch
 from engine.images import DEFAULT_MAX_PIXELS
 
 INSTALL_HINT = "pip install 'edlight[distributed]' -c constraints.txt"
@@ -147,8 +147,8 @@ class CaptionActor:
 
 
 def caption_folder_ray(
-    inputs: Sequence[str | Path] | str | Path,
-    out: str | Path | None = None,
+    inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
     bundle: str | Path | None = None,
     *,
     address: str | None = None,
@@ -159,7 +159,7 @@ def caption_folder_ray(
     num_beams: int = 1,
     max_new_tokens: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    fmt: str = "jsonl",
+    fmt: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
     stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
@@ -188,6 +188,7 @@ def caption_folder_ray(
     # Verified here, before Ray starts; actors reload it by absolute path (their working dir may differ).
     loaded = Bundle.load(resolve_bundle(bundle))
     bundle_dir, model = loaded.path.absolute(), loaded.model_id
+    fmt = resolve_format(fmt, out)
     with folder_job(inputs, out, fmt, overwrite, model) as (todo, summary):
         if not todo:
             with RecordWriter(summary.out, fmt, model):  # the file exists afterwards, as after a local run

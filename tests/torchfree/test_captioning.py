@@ -21,7 +21,7 @@ from PIL import Image
 from engine import Captioner
 from engine.caption_cli import caption as caption_command
 from engine.errors import BundleError, ImageError
-from engine.folder import OutputError, collect_inputs, read_done
+from engine.folder import OutputError, collect_inputs, output_lock, read_done
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -391,8 +391,19 @@ def test_an_output_that_is_one_of_the_inputs_is_refused(captioner: Captioner, tm
     before = image.read_bytes()
     for overwrite in (False, True):
         with pytest.raises(OutputError, match="img_001.png: the output file is one of the input images"):
+            captioner.caption_folder([tmp_path / "in" / "nested", image], out=image, overwrite=overwrite, progress=False)
+        # Found by walking a folder, the output is left out of the inputs, and an image is no caption file.
+        with pytest.raises(OutputError, match="img_001.png.*(not a caption record|not a caption file)"):
             captioner.caption_folder(tmp_path / "in", out=image, overwrite=overwrite, progress=False)
     assert image.read_bytes() == before
+
+
+def test_an_output_inside_an_input_folder_is_not_an_input(captioner: Captioner, tmp_path: Path) -> None:
+    make_folder(tmp_path / "in", 2)
+    out = tmp_path / "in" / "captions.jsonl.png"  # named like an image, written inside the folder captioned
+    first = captioner.caption_folder(tmp_path / "in", out=out, fmt="jsonl", progress=False)
+    again = captioner.caption_folder(tmp_path / "in", out=out, fmt="jsonl", progress=False)
+    assert (first.total, first.captioned, again.total, again.skipped) == (2, 2, 2, 2)
 
 
 def test_a_failed_image_is_retried_by_the_next_run(captioner: Captioner, tmp_path: Path) -> None:
@@ -419,11 +430,14 @@ def test_folders_are_followed_through_symlinks_once_and_files_counted_once(capti
     (tmp_path / "elsewhere").mkdir()
     photo(5).save(tmp_path / "elsewhere" / "linked.jpe")
     (root / "more").symlink_to(tmp_path / "elsewhere")
-    files = [f.file for f in collect_inputs([root, root, root / "real" / "img_001.png"])]
-    # Walk order is by name: "alias" comes before "real", so the folder's images are named through it.
-    assert files == ["alias/img_001.png", "alias/nested/img_000.png", "more/linked.jpe"]
+    duplicates: list[str] = []
+    files = [f.file for f in collect_inputs([root, root, root / "real" / "img_001.png"], duplicates=duplicates)]
+    # A file reached by several paths keeps the one without symlinks, wherever it comes in the walk.
+    assert files == ["more/linked.jpe", "real/img_001.png", "real/nested/img_000.png"]
+    assert len(duplicates) == 11 - 3  # each root gives 5 paths (2 through alias/), plus the explicit file
     summary = captioner.caption_folder([root, root], out=tmp_path / "o.jsonl", progress=False)
-    assert (summary.total, summary.captioned) == (3, 3)
+    assert (summary.total, summary.captioned, len(summary.duplicates)) == (3, 3, 10 - 3)
+    assert "path(s) to files already captioned under another name" in summary.line()
 
 
 def test_a_folder_that_cannot_be_listed_is_skipped_and_reported(
@@ -570,3 +584,93 @@ def test_captions_carry_no_surrounding_spaces(engine_bundle: Path) -> None:
 
     captioner.tokenizer = SpacedTokenizer()  # type: ignore[assignment]
     assert captioner.caption([photo(1), photo(2)]) == ["a caption", "a caption"]
+
+
+def test_a_symlinked_output_is_the_file_it_points_to(captioner: Captioner, tmp_path: Path) -> None:
+    make_folder(tmp_path / "in", 3)
+    (tmp_path / "shared").mkdir()
+    real = tmp_path / "shared" / "captions.jsonl"
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    (tmp_path / "in" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    captioner.caption_folder(tmp_path / "in", out=link, progress=False)
+    photo(4).save(tmp_path / "in" / "bad.png")
+    again = captioner.caption_folder(tmp_path / "in", out=link, progress=False)  # the retry rewrites the file
+    assert again.retried == 1 and link.is_symlink() and len(records(real)) == 4
+    assert all(r["error"] is None for r in records(real))
+    with output_lock(real), pytest.raises(OutputError, match="another run"):  # one lock for both names
+        captioner.caption_folder(tmp_path / "in", out=link, progress=False)
+    fresh = captioner.caption_folder(tmp_path / "in", out=link, overwrite=True, progress=False)
+    assert fresh.captioned == 4 and link.is_symlink() and len(records(real)) == 4
+
+
+def test_stdout_is_a_stream_even_when_redirected_to_a_file(engine_bundle: Path, tmp_path: Path) -> None:
+    make_folder(tmp_path / "in", 2)
+    redirected = tmp_path / "redirected.jsonl"
+    command = [sys.executable, "-m", "engine.cli", "caption", str(tmp_path / "in"), "--model", str(engine_bundle),
+               "--quiet", "--out"]
+    for out in ("-", "/dev/stdout"):
+        with open(redirected, "a") as stdout:  # like `>> redirected.jsonl`: never resumed from, locked or rewritten
+            result = subprocess.run([*command, out], cwd=REPO, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+    assert len(records(redirected)) == 4 and not list(tmp_path.glob(".*.lock"))
+
+
+def test_a_writable_output_in_a_folder_without_room_for_a_lock_file(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_folder(tmp_path / "in", 3)
+    out = tmp_path / "o.jsonl"
+    (tmp_path / "in" / "bad.png").write_bytes(b"not an image")
+    captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    real_open, real_builtin_open = os.open, open
+
+    def no_new_files(path: object, *args: object, **kwargs: object) -> object:  # a folder without write permission
+        if str(path).startswith(f"{tmp_path}/."):  # the lock file and the rewrite's temporary file
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    def no_new_files_builtin(path: object, *args: object, **kwargs: object) -> object:
+        if str(path).startswith(f"{tmp_path}/."):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_builtin_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    (tmp_path / "in" / "bad.png").unlink()
+    photo(8).save(tmp_path / "in" / "bad.png")
+    monkeypatch.setattr(os, "open", no_new_files)
+    monkeypatch.setattr("builtins.open", no_new_files_builtin)
+    again = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    monkeypatch.undo()
+    assert (again.retried, again.captioned) == (1, 1)
+    assert read_done(out, "jsonl")["bad.png"] is False  # the retry's record follows the old error and wins
+
+
+def test_a_rewrite_cut_short_leaves_no_temporary_file_behind(captioner: Captioner, tmp_path: Path) -> None:
+    make_folder(tmp_path / "in", 2)
+    out = tmp_path / "o.jsonl"
+    stale = tmp_path / ".o.jsonl.12345.tmp"
+    stale.write_text("half a rewrite")
+    captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    assert not stale.exists()
+
+
+def test_a_csv_written_before_names_kept_their_line_breaks_resumes(captioner: Captioner, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo(2).save(folder / "two\nlines.png")
+    out = tmp_path / "o.csv"
+    out.write_text("file,caption,error\ntwo lines.png,an old caption,\n")
+    summary = captioner.caption_folder(folder, out=out, progress=False)  # csv from the name
+    assert (summary.skipped, summary.captioned) == (1, 0)
+
+
+def test_api_details_format_from_the_name_path_likes_and_no_folder_for_a_failed_start(
+    captioner: Captioner, tmp_path: Path
+) -> None:
+    make_folder(tmp_path / "in", 2)
+    entry = next(e for e in os.scandir(tmp_path) if e.name == "in")  # os.PathLike, not a Path
+    summary = captioner.caption_folder(entry, out=tmp_path / "o.csv", progress=False)
+    assert summary.captioned == 2 and (tmp_path / "o.csv").read_text().startswith("file,caption,error,model\n")
+    with pytest.raises(FileNotFoundError, match="nope: no such file or folder"):
+        captioner.caption_folder([tmp_path / "nope"], out=tmp_path / "new" / "deep" / "x.jsonl", progress=False)
+    assert not (tmp_path / "new").exists()
