@@ -45,7 +45,7 @@ def default_cache() -> Path:
 @click.option("--systems", default=",".join(SYSTEMS), show_default=True, callback=_system_list,
               help="Comma-separated systems to measure.")
 @click.option("--batch-sizes", default="1,4", show_default=True, callback=batch_size_list, help="Comma-separated batch sizes.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads per system [default: CPUs available].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads per system (default: the CPUs available).")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per system and batch size.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed runs before them.")
 @click.option("--tokens", type=click.IntRange(min=1), default=DEFAULT_TOKENS, show_default=True,
@@ -77,7 +77,7 @@ def bench(
     systems. Systems whose libraries are absent are skipped with a note. Writes results.json,
     results.md and chart.png into --out.
     """
-    from benchmarks.models import prepare_models
+    from benchmarks.models import BenchSetupError, prepare_models
     from benchmarks.report import write_all
     from benchmarks.runner import run_benchmark
 
@@ -107,6 +107,9 @@ def bench(
         models = prepare_models(size, settings.systems, settings.cache_dir, log, checkpoint=checkpoint,
                                 bundles=list(bundles), optimum_dir=optimum_dir, images_dir=images_dir)
         results = run_benchmark(settings, models, log)
+    except BenchSetupError as exc:  # the job cannot run here (like a missing extra): exit 2
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from exc
     except (EdlightError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     paths = write_all(results, settings.out)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.settings import missing_modules
-from engine.errors import EdlightError
+from engine.errors import EdlightError, install_hint
 
 Log = Callable[[str], None]
 BASE_SEED = 0
@@ -312,7 +312,7 @@ def prepare_models(
         if not have_torch:
             if not given:
                 raise BenchSetupError(
-                    "building the benchmark model needs torch and transformers (pip install 'edlight[export]'); "
+                    f"building the benchmark model needs torch and transformers ({install_hint('export')}); "
                     "on an engine-only machine pass --model BUNDLE for each bundle to benchmark"
                 )
             notes.append("no torch here: the model is not built; only the given bundles are measured")

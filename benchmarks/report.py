@@ -55,7 +55,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "| system | batch | preprocess s/img | encoder s/img | decode s/img | decode ms/step | total s/img (min-max) "
-        "| images/s | vs Optimum | peak RSS | encoder GFLOP/s | of ceiling |",
+        "| images/s | time vs Optimum | peak RSS | encoder GFLOP/s | of ceiling |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     optimum = {r["batch_size"]: r["total_s_per_image"]["median"] for r in results["results"]

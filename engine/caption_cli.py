@@ -26,7 +26,7 @@ def describe_bundle(bundle: Any) -> str:
     parity = manifest.parity
     if isinstance(parity, dict) and parity:
         shown = [
-            f"{key}={round(parity[key], 3)}" if isinstance(parity[key], float) else f"{key}={parity[key]}"
+            f"{key}={round(parity[key], 2 if abs(parity[key]) >= 1 else 3)}" if isinstance(parity[key], float) else f"{key}={parity[key]}"
             for key in PARITY_KEYS
             if key in parity
         ]

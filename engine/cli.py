@@ -14,6 +14,8 @@ import sys
 
 import click
 
+from engine.errors import install_hint
+
 # name -> (module, attribute, extra that provides its dependencies, one-line help)
 LAZY_COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "caption": ("engine.caption_cli", "caption", "", "Caption images and folders with an ONNX bundle."),
@@ -55,7 +57,7 @@ class MissingExtraCommand(click.Command):
     def invoke(self, ctx: click.Context) -> None:
         click.echo(
             f"error: `edlight {self.name}` needs the [{self.extra}] extra ({self.missing} is not installed).\n"
-            f"  install it with: pip install 'edlight[{self.extra}]' -c constraints.txt",
+            f"  install it {install_hint(self.extra)}",
             err=True,
         )
         ctx.exit(2)

@@ -23,3 +23,8 @@ class ModelRuntimeError(EdlightError):
 def is_count(value: object, minimum: int = 1) -> bool:
     """True for an int of at least `minimum`; False for anything else, including bools (True is an int)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def install_hint(extra: str) -> str:
+    """How to install an optional extra of edlight, which is installed from its source folder."""
+    return f"in the edlight source folder: pip install '.[{extra}]' -c constraints.txt"

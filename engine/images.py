@@ -28,7 +28,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engine.errors import ImageError
+from engine.errors import ImageError, install_hint
 
 # About 50 megapixels: a 8000x6000 photo fits, a 100k x 100k PNG bomb does not.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -146,7 +146,7 @@ def _decode(handle: IO[bytes], max_pixels: int, label: str) -> Image.Image:
                 handle.seek(0)
                 return _decode(handle, max_pixels, label)
             raise ImageError(
-                f"{label}: a HEIC/HEIF photo, which needs pillow-heif to be read: pip install 'edlight[heif]'"
+                f"{label}: a HEIC/HEIF photo, which needs pillow-heif to be read ({install_hint('heif')})"
             ) from exc
         raise ImageError(f"{label}: not an image, or an image format that cannot be read") from exc
     except Image.DecompressionBombError as exc:  # PIL's own hard limit fires inside Image.open

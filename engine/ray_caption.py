@@ -35,11 +35,11 @@ from typing import Any
 
 from engine.bundle import Bundle
 from engine.captioner import resolve_bundle
-from engine.errors import EdlightError
+from engine.errors import EdlightError, install_hint
 from engine.folder import FolderSummary, RecordWriter, _progress_bar, folder_job, resolve_format, write_batch
 from engine.images import DEFAULT_MAX_PIXELS
 
-INSTALL_HINT = "pip install 'edlight[distributed]' -c constraints.txt"
+INSTALL_HINT = install_hint("distributed")
 DEFAULT_STALL_TIMEOUT_S = 300.0  # covers actor start-up and the bundle load before the first batch
 # Each actor call covers a few engine batches so that the Captioner's preprocessing of the next batch
 # overlaps the model run on this one; the output is still flushed every call.
@@ -110,7 +110,7 @@ def import_ray() -> Any:
     except ImportError as exc:
         raise RayUnavailableError(
             f"captioning on Ray needs the [distributed] extra ({exc.name or 'ray'} is not installed); "
-            f"install it with: {INSTALL_HINT}"
+            f"install it {INSTALL_HINT}"
         ) from exc
     return ray
 

@@ -88,7 +88,7 @@ def test_without_ray_the_cli_names_the_extra(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert "API: captioning on Ray needs the [distributed] extra" in result.stdout
     assert "error: captioning on Ray needs the [distributed] extra (ray is not installed)" in result.stderr
-    assert "pip install 'edlight[distributed]'" in result.stderr
+    assert "pip install '.[distributed]' -c constraints.txt" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "cli.jsonl").exists() and not (tmp_path / "api.jsonl").exists()
 

@@ -40,14 +40,16 @@ def _resume_note(out: Path) -> str:
 @click.option(
     "--preset", type=click.Choice(["tiny", "small", "base"]), default=None, help="Build a model from scratch."
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the preset's; 5 for --base).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step per process.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the preset's: tiny 22, small 10, base 5; 5 with --base).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images per step per process (default: the preset's: tiny and small 16, base 4; 8 with --base).")
 @click.option(
     "--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per optimizer step."
 )
-@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=None, help="Peak learning rate (AdamW, warmup then cosine decay).")
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=None, help="Peak learning rate, AdamW, warmup then cosine decay (default: the preset's: tiny 5e-4, small 1e-3, base 1e-4; 1e-4 with --base).")
 @click.option("--max-patches", type=click.IntRange(min=1), default=None, help="Patch budget per image (default: the model's).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the model's initialisation, the batch order and augmentation.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last/ checkpoint.")
 @click.option(
     "--skip-bad", is_flag=True, help="Train on the good examples and skip bad files (default: refuse)."
@@ -55,10 +57,10 @@ def _resume_note(out: Path) -> str:
 @click.option("--no-augment", is_flag=True, help="Turn off training-time augmentation.")
 @click.option(
     "--lead-weight", type=FiniteFloatRange(min=0, min_open=True), default=None,
-    help="Loss weight of each caption's first --lead-tokens tokens (default: the preset's; 1 for --base).",
+    help="Loss weight of each caption's first --lead-tokens tokens (default: the preset's: tiny 5, others 1; 1 with --base).",
 )
 @click.option(
-    "--lead-tokens", type=click.IntRange(min=0), default=None, help="How many opening tokens --lead-weight covers (default: the preset's; 3)."
+    "--lead-tokens", type=click.IntRange(min=0), default=None, help="How many opening tokens --lead-weight covers (default: 3)."
 )
 @click.option("--caption-column", default="text", show_default=True, help="Caption column of the metadata.")
 @click.option(

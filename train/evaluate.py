@@ -124,9 +124,11 @@ class EvalReport:
     bleu: float
     chrf: float
     predictions: list[dict[str, str]] = field(default_factory=list)
+    data_settings: str = ""  # how the data was read, and where the settings came from
 
     def summary(self) -> str:
-        return f"{self.split}: {self.n} images  BLEU {self.bleu:.2f}  chrF {self.chrf:.2f}"
+        line = f"{self.split}: {self.n} images  BLEU {self.bleu:.2f}  chrF {self.chrf:.2f}"
+        return f"data read with {self.data_settings}\n{line}" if self.data_settings else line
 
 
 def evaluate_checkpoint(
@@ -184,4 +186,6 @@ def evaluate_checkpoint(
         with out.open("w", encoding="utf-8") as f:
             for p in preds:
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    return EvalReport(str(checkpoint), str(data), split, len(examples), scores["bleu"], scores["chrf"], preds)
+    return EvalReport(
+        str(checkpoint), str(data), split, len(examples), scores["bleu"], scores["chrf"], preds, settings.describe()
+    )
