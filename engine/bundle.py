@@ -242,16 +242,17 @@ class Bundle:
             return 4096
         return _setting(vision["seq_len"], "vision_config.seq_len", self.path / "config.json", 2)
 
-    def _token_setting(self, key: str) -> tuple[Any, Path] | None:
-        """The first `key` set in generation_config.json, config.json, then config.json's text_config."""
+    def _token_setting(self, key: str) -> tuple[Any, str, Path] | None:
+        """(value, name, file) of the first `key` set in generation_config.json, config.json, then config.json's
+        text_config."""
         sources = (
             (self.generation_config, "generation_config.json", key),
             (self.config, "config.json", key),
             (self._text_config(), "config.json", f"text_config.{key}"),
         )
-        for source, file, _ in sources:
+        for source, file, name in sources:
             if source.get(key) is not None:
-                return source[key], self.path / file
+                return source[key], name, self.path / file
         return None
 
     def _text_config(self) -> dict[str, Any]:
@@ -261,23 +262,23 @@ class Bundle:
     @property
     def decoder_start_token_id(self) -> int:
         found = self._token_setting("decoder_start_token_id")
-        return self.pad_token_id if found is None else _setting(found[0], "decoder_start_token_id", found[1])
+        return self.pad_token_id if found is None else _setting(*found)
 
     @property
     def pad_token_id(self) -> int:
         found = self._token_setting("pad_token_id")
-        return 0 if found is None else _setting(found[0], "pad_token_id", found[1])
+        return 0 if found is None else _setting(*found)
 
     @property
     def eos_token_ids(self) -> list[int]:
         found = self._token_setting("eos_token_id")
         if found is None:
             return [1]
-        value, where = found
+        value, name, where = found
         values = value if isinstance(value, list) else [value]
         if not values:
-            raise BundleError(f"{where}: eos_token_id is an empty list")
-        return [_setting(v, "eos_token_id", where) for v in values]
+            raise BundleError(f"{where}: {name} is an empty list")
+        return [_setting(v, name, where) for v in values]
 
     @property
     def default_max_new_tokens(self) -> int:

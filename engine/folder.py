@@ -18,6 +18,7 @@ import errno
 import glob
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -44,6 +45,8 @@ IMAGE_EXTENSIONS = frozenset({
     ".bmp", ".dib", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga",
 })
 FORMATS = ("jsonl", "csv")
+log = logging.getLogger(__name__)
+
 FIELDS = ("file", "caption", "error", "model")
 LEGACY_CSV_FIELDS = FIELDS[:3]  # CSV files written before records named their model: resumed as they are
 
@@ -53,15 +56,15 @@ class OutputError(EdlightError):
 
 
 # Outputs that are streams even when they resolve to a regular file (a shell redirect): never resumed,
-# locked or rewritten. "-" is stdout.
-STREAM_PATH = re.compile(r"-|/dev/(stdout|stderr)|/dev/fd/\d+|/proc/self/fd/\d+")
+# locked or rewritten. An --out of "-" is /dev/stdout (output_path).
+STREAM_PATH = re.compile(r"/dev/(stdout|stderr)|/dev/fd/\d+|/proc/self/fd/\d+")
 
 
 @dataclass(frozen=True)
 class InputFile:
     path: Path  # where to read it
     file: str  # the record's "file": relative to its input folder (posix separators)
-    real: str = ""  # the file's path with symlinks resolved (one record per real file)
+    real: str  # the file's path with symlinks resolved (one record per real file)
 
 
 @dataclass
@@ -125,10 +128,9 @@ def collect_inputs(
         root = Path(raw)
         if root.is_dir():
             walked = [(path, path.relative_to(root).as_posix()) for path in _walk(root, frozenset(), unreadable, top=True)]
-        elif root.exists() or root.is_symlink():
-            walked = [(root, root.name)]
         else:
-            raise FileNotFoundError(f"{os.fspath(raw)}: no such file or folder")
+            _require_input(raw)
+            walked = [(root, root.name)]
         found += [InputFile(path, name, os.path.realpath(path)) for path, name in walked]
         given += [os.fspath(raw)] * len(walked)
     chosen: dict[str, int] = {}  # real path -> index into found
@@ -149,6 +151,12 @@ def collect_inputs(
             for item, raw in zip(found, given, strict=True)
         ]
     return found
+
+
+def _require_input(raw: str | os.PathLike[str]) -> None:
+    """Raise FileNotFoundError unless `raw` exists (a broken symlink does: it becomes an error record)."""
+    if not (Path(raw).exists() or Path(raw).is_symlink()):
+        raise FileNotFoundError(f"{os.fspath(raw)}: no such file or folder")
 
 
 def _without_symlinks(item: InputFile) -> bool:
@@ -293,15 +301,16 @@ JSONL_START = '{"file": '  # how every JSONL record of ours begins (format_recor
 
 
 def read_done(out: Path, fmt: str) -> dict[str, bool]:
-    """Files that already have a record in `out` (-> True if that record is an error).
+    """Files that already have a record in `out` (-> True if that record is an error); reads only.
 
-    A torn last line is cut off the file, once every line before it has been read as a record.
-    Raises OutputError, leaving the file as it was, when it holds anything else (not our file, or damaged).
+    Raises OutputError when it holds anything but records and a torn last line (not our file, or damaged).
     """
-    return {line.file: line.failed for line in _read_lines(out, fmt) if line.file is not None}
+    return {line.file: line.failed for line in _read_lines(out, fmt, repair=False) if line.file is not None}
 
 
-def _read_lines(out: Path, fmt: str) -> list[_Line]:
+def _read_lines(out: Path, fmt: str, repair: bool = True) -> list[_Line]:
+    """The records of `out`; with `repair`, a torn last line is cut off the file once every line before it
+    has been read as a record. Raises OutputError, leaving the file as it was, for anything else."""
     if not out.is_file():
         return []  # nothing yet, or a device or pipe (/dev/stdout): nothing to resume
     try:
@@ -317,6 +326,8 @@ def _read_lines(out: Path, fmt: str) -> list[_Line]:
                 f"{out}:{len(pieces) + 1}: not a caption record (and not one cut short); "
                 "fix the file, or start afresh with --overwrite"
             )
+        if not repair:
+            return lines
         try:
             with open(out, "r+b") as handle:
                 handle.truncate(len(data) - len(tail))
@@ -399,68 +410,85 @@ def output_lock(out: Path) -> Iterator[None]:
 
     Raises OutputError at once if another run holds it: two runs appending to one file would
     caption everything twice. The lock file is removed afterwards; a killed run's lock is released
-    by the kernel, so a stale file never blocks anyone.
+    by the kernel, so a stale file never blocks anyone. In a folder where no file may be made, the
+    output itself is locked (no rewrite can happen there either); on a file system without locks
+    (NFS without lockd, some FUSE mounts) the run goes on unlocked, with a warning.
     """
     if fcntl is None or is_stream(out):
         yield
         return
     out = output_target(out)  # a symlinked output is locked where the records go
-    lock = out.with_name(f".{out.name}.lock")
+    folder = out.parent
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         yield  # RecordWriter says why the folder cannot be made
         return
-    while True:
-        try:
-            handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and out.is_file():
-                # A writable output in a folder where no lock file may be made: lock the output itself.
-                with _locked_in_place(out):
-                    yield
-                return
-            raise OutputError(f"{out}: cannot create its lock file {lock}: {exc.strerror or exc}") from exc
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(handle, 32, 0).decode("ascii", "replace").strip() or "?"
+    lock = out.with_name(f".{out.name}.lock")
+    in_place = not lock.exists() and not os.access(folder, os.W_OK)
+    if in_place and not out.is_file():
+        yield  # nothing to lock, and RecordWriter cannot create the output there: it says so
+        return
+    handle = _flock(out, out, in_place=True) if in_place else _flock_lock_file(lock, out)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            if not in_place:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)
             os.close(handle)
-            raise OutputError(
-                f"{out}: another run (pid {holder}) is writing to this file; wait for it to end or choose another output"
-            ) from exc
+
+
+def _flock_lock_file(lock: Path, out: Path) -> int | None:
+    """An open, flocked descriptor of `lock` holding this process's pid (None: no locks on this file system)."""
+    while True:
+        handle = _flock(lock, out)
+        if handle is None:
+            return None
         # The holder before us may have removed the file between our open and our lock: lock the file
         # that is there now, or two runs could each hold a lock on a different file.
         try:
-            current = os.stat(lock)
-            mine = os.fstat(handle)
+            current, mine = os.stat(lock), os.fstat(handle)
             if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
                 break
-        except FileNotFoundError:
+        except OSError:
             pass
         os.close(handle)
-    try:
+    with contextlib.suppress(OSError):  # a lock file of another user's, opened read-only: no pid then
         os.ftruncate(handle, 0)
         os.write(handle, f"{os.getpid()}\n".encode("ascii"))
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
-        os.close(handle)
+    return handle
 
 
-@contextlib.contextmanager
-def _locked_in_place(out: Path) -> Iterator[None]:
+def _flock(path: Path, out: Path, in_place: bool = False) -> int | None:
+    """`path` opened (created if it is a lock file) and exclusively flocked; None when the file system has
+    no locks. Raises OutputError when another run holds it."""
     assert fcntl is not None
-    handle = os.open(out, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise OutputError(f"{out}: another run is writing to this file; wait for it to end or choose another output") from exc
-        yield
-    finally:
+        if in_place:
+            handle = os.open(path, os.O_RDONLY)
+        else:
+            try:
+                handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except PermissionError:
+                handle = os.open(path, os.O_RDONLY)  # another user's lock file: flock needs no write access
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot open its lock file {path}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        holder = "" if in_place else os.pread(handle, 32, 0).decode("ascii", "replace").strip()
         os.close(handle)
+        raise OutputError(
+            f"{out}: another run{f' (pid {holder})' if holder else ''} is writing to this file; "
+            "wait for it to end or choose another output"
+        ) from exc
+    except OSError as exc:
+        os.close(handle)
+        log.warning("%s: the file system does not lock files (%s); make sure no other run writes it", out, exc.strerror or exc)
+        return None
+    return handle
 
 
 def is_stream(out: Path) -> bool:
@@ -522,8 +550,9 @@ def plan_folder_job(
             raise OutputError(f"{out_path}: the output file is one of the input images; choose another output")
         files = [f for f in files if f.real != str(target)]  # an earlier run's output inside an input folder
         for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):  # a rewrite a kill cut short
-            with contextlib.suppress(OSError):
-                stale.unlink()
+            if re.fullmatch(rf"\.{re.escape(target.name)}\.\d+\.tmp", stale.name):  # not another output's
+                with contextlib.suppress(OSError):
+                    stale.unlink()
     if overwrite and not stream and target.is_file():
         if not _is_caption_file(target):
             raise OutputError(
@@ -574,8 +603,7 @@ def folder_job(
 ) -> Iterator[tuple[list[InputFile], FolderSummary]]:
     """`plan_folder_job` under the output's lock, held until the block ends (the last record written)."""
     for raw in _as_list(inputs):  # before the lock makes the output's folder
-        if not (Path(raw).exists() or Path(raw).is_symlink()):
-            raise FileNotFoundError(f"{os.fspath(raw)}: no such file or folder")
+        _require_input(raw)
     with output_lock(output_path(out, fmt)):
         yield plan_folder_job(inputs, out, fmt=fmt, overwrite=overwrite, model=model)
 

@@ -130,7 +130,7 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, label: str) -> None:
         )
 
 
-def _decode(handle: IO[bytes], max_pixels: int, label: str) -> Image.Image:
+def _decode(handle: IO[bytes], max_pixels: int, label: str, heif_tried: bool = False) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Our own cap decides; PIL's bomb warning would only repeat it less precisely.
@@ -142,9 +142,11 @@ def _decode(handle: IO[bytes], max_pixels: int, label: str) -> Image.Image:
         raise
     except UnidentifiedImageError as exc:
         if _is_heif(handle):
+            if heif_tried:  # pillow-heif could not read it either
+                raise ImageError(f"{label}: truncated or corrupt HEIC/HEIF image data") from exc
             if _heif_opener_registered():
                 handle.seek(0)
-                return _decode(handle, max_pixels, label)
+                return _decode(handle, max_pixels, label, heif_tried=True)
             raise ImageError(
                 f"{label}: a HEIC/HEIF photo, which needs pillow-heif to be read ({install_hint('heif')})"
             ) from exc

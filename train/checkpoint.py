@@ -116,7 +116,7 @@ def data_settings(
     or unreadable run_config.json, or a value of the wrong type in it, falls back to the default.
     """
     given = {"caption_column": caption_column, "skip_bad": skip_bad, "test_ratio": test_ratio, "split_seed": split_seed}
-    run_file = Path(checkpoint).expanduser().parent / RUN_CONFIG
+    run_file = Path(checkpoint).expanduser().resolve().parent / RUN_CONFIG  # resolved: "." is RUN/best too
     recorded: dict[str, Any] = {}
     if any(v is None for v in given.values()) and run_file.is_file():
         try:

@@ -20,7 +20,7 @@ and `validation/`, `valid/`, `dev/` ... joining test: SPLIT_FOLDERS) are in that
 imagefolder layout; any other image is in the test split when a hash of its name (and a seed) falls below
 the test ratio.
 
-This module needs only the standard library, Pillow and the engine's errors: no torch, no numpy.
+This module needs only the standard library, Pillow and the engine's errors and image names: no torch, no numpy.
 """
 
 from __future__ import annotations

@@ -349,6 +349,12 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -580,18 +586,19 @@ def _run(config: TrainConfig) -> TrainResult:
         log(f"resuming {out} after epoch {start_epoch} (step {step})")
         planned = _planned_epochs(out)
         if planned is not None and planned != cfg.epochs and start_epoch < cfg.epochs:
-            resumed_lr = cfg.lr * _lr_lambda(total_steps, warmup)(step)
+            # The restored optimizer takes one more step at the old rate; the new schedule sets the next.
+            replanned_lr = cfg.lr * _lr_lambda(total_steps, warmup)(step + 1)
             log(
                 f"warning: {out} was planned for {planned} epochs and now runs to {cfg.epochs}: the learning-rate "
                 f"schedule is re-planned over {cfg.epochs} epochs (lr {scheduler.get_last_lr()[0]:.3g} at the end of "
-                f"epoch {start_epoch} -> {resumed_lr:.3g} now)"
+                f"epoch {start_epoch}, {replanned_lr:.3g} from its second step on)"
             )
-        if is_main:
-            # A record of what this run now is (epochs and precision may change on resume).
+        if is_main and start_epoch < cfg.epochs:
+            # A record of what this run now is (epochs and precision may change on resume); replaced whole,
+            # so a kill cannot leave a run whose settings are unreadable.
             saved = json.loads((out / "run_config.json").read_text())
-            (out / "run_config.json").write_text(
-                json.dumps({**saved, "epochs": cfg.epochs, "precision": forward_precision}, indent=2) + "\n"
-            )
+            _write_json(out / "run_config.json", {**saved, "epochs": cfg.epochs, "precision": forward_precision})
+        if is_main:
             if metrics and metrics[-1]["epoch"] == start_epoch and metrics[-1].get("best") and _older(out / "best", out / "last"):
                 # The last epoch was the best so far, yet best/ predates it: a kill came between its two saves.
                 def write_best(tmp: Path) -> None:
@@ -605,9 +612,7 @@ def _run(config: TrainConfig) -> TrainResult:
             log(f"nothing to do: {start_epoch} of {cfg.epochs} epochs already done")
     elif is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.json").write_text(
-            json.dumps({**cfg.identity(), "epochs": cfg.epochs, "precision": forward_precision}, indent=2) + "\n"
-        )
+        _write_json(out / "run_config.json", {**cfg.identity(), "epochs": cfg.epochs, "precision": forward_precision})
         for stale in ("metrics.jsonl", "steps.jsonl"):
             (out / stale).unlink(missing_ok=True)
     accelerator.wait_for_everyone()

@@ -623,26 +623,49 @@ def test_a_writable_output_in_a_folder_without_room_for_a_lock_file(
     out = tmp_path / "o.jsonl"
     (tmp_path / "in" / "bad.png").write_bytes(b"not an image")
     captioner.caption_folder(tmp_path / "in", out=out, progress=False)
-    real_open, real_builtin_open = os.open, open
-
-    def no_new_files(path: object, *args: object, **kwargs: object) -> object:  # a folder without write permission
-        if str(path).startswith(f"{tmp_path}/."):  # the lock file and the rewrite's temporary file
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    def no_new_files_builtin(path: object, *args: object, **kwargs: object) -> object:
-        if str(path).startswith(f"{tmp_path}/."):
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_builtin_open(path, *args, **kwargs)  # type: ignore[call-overload]
-
     (tmp_path / "in" / "bad.png").unlink()
     photo(8).save(tmp_path / "in" / "bad.png")
-    monkeypatch.setattr(os, "open", no_new_files)
-    monkeypatch.setattr("builtins.open", no_new_files_builtin)
+    # What a folder without write permission does (root ignores permissions, so it is played here).
+    real_access, real_open = os.access, open
+
+    def access(path: object, mode: int, **kwargs: object) -> bool:
+        return False if Path(str(path)) == tmp_path and mode & os.W_OK else real_access(path, mode, **kwargs)  # type: ignore[arg-type]
+
+    def no_new_files(path: object, *args: object, **kwargs: object) -> object:
+        if str(path).startswith(f"{tmp_path}/."):  # the rewrite's temporary file
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr("builtins.open", no_new_files)
+    with output_lock(out), pytest.raises(OutputError, match="another run is writing to this file"):
+        captioner.caption_folder(tmp_path / "in", out=out, progress=False)  # the output itself is the lock
     again = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
     monkeypatch.undo()
-    assert (again.retried, again.captioned) == (1, 1)
+    assert (again.retried, again.captioned) == (1, 1) and not list(tmp_path.glob(".*"))
     assert read_done(out, "jsonl")["bad.png"] is False  # the retry's record follows the old error and wins
+
+
+def test_a_lock_file_left_by_another_user_still_locks(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_folder(tmp_path / "in", 2)
+    out = tmp_path / "o.jsonl"
+    lock = tmp_path / ".o.jsonl.lock"
+    lock.write_text("")
+    real_open = os.open
+
+    def read_only_lock(path: object, flags: int, *args: object) -> int:  # a file of someone else's, mode 644
+        if Path(str(path)) == lock and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", read_only_lock)
+    with output_lock(out), pytest.raises(OutputError, match="another run is writing to this file"):
+        captioner.caption_folder(tmp_path / "in", out=out, progress=False)  # both opened it read-only
+    assert not lock.exists()  # the folder is ours to write: the run that held it removed it
+    monkeypatch.undo()
+    assert captioner.caption_folder(tmp_path / "in", out=out, progress=False).captioned == 2
 
 
 def test_a_rewrite_cut_short_leaves_no_temporary_file_behind(captioner: Captioner, tmp_path: Path) -> None:
@@ -650,8 +673,26 @@ def test_a_rewrite_cut_short_leaves_no_temporary_file_behind(captioner: Captione
     out = tmp_path / "o.jsonl"
     stale = tmp_path / ".o.jsonl.12345.tmp"
     stale.write_text("half a rewrite")
+    others = tmp_path / ".o.jsonl.bak.77.tmp"  # the rewrite of another output (o.jsonl.bak), under its own lock
+    others.write_text("another run's rewrite")
     captioner.caption_folder(tmp_path / "in", out=out, progress=False)
-    assert not stale.exists()
+    assert not stale.exists() and others.exists()
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import errno
+    import fcntl
+
+    make_folder(tmp_path / "in", 2)
+
+    def no_locks(handle: int, operation: int) -> None:  # NFS without lockd says ENOLCK
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    summary = captioner.caption_folder(tmp_path / "in", out=tmp_path / "o.jsonl", progress=False)
+    assert summary.captioned == 2 and "does not lock files (No locks available)" in caplog.text
 
 
 def test_a_csv_written_before_names_kept_their_line_breaks_resumes(captioner: Captioner, tmp_path: Path) -> None:

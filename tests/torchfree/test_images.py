@@ -159,3 +159,7 @@ def test_heic_photos_are_read_with_pillow_heif_or_named(tmp_path: Path) -> None:
     image = load_image(path)
     assert image.size == (64, 48) and image.mode == "RGB"
     assert np.abs(np.asarray(image).astype(int) - pixels).mean() < 4  # HEVC is lossy in chroma even at -1
+    damaged = tmp_path / "IMG_0002.HEIC"  # a HEIF header that pillow-heif cannot read either
+    damaged.write_bytes(path.read_bytes()[:24] + np.random.default_rng(0).bytes(200))
+    with pytest.raises(ImageError, match=r"IMG_0002\.HEIC: truncated or corrupt HEIC/HEIF image data"):
+        load_image(damaged)
