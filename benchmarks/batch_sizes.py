@@ -14,6 +14,7 @@ seconds per image and each batch size's throughput relative to the first. Import
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -62,16 +63,28 @@ def measure(
 def main(bundles: tuple[Path, ...], sizes: list[int], rounds: int, tokens: int, threads: int | None, folder: Path | None, json_out: Path | None) -> None:
     """Seconds per image of engine bundles at several batch sizes, interleaved in one process."""
     from benchmarks.models import bench_images
+    from engine.errors import EdlightError
 
-    images = bench_images(default_cache(), lambda message: click.echo(message, err=True), folder)
-    seconds = measure(list(bundles), images, sizes, rounds, tokens, threads)
+    if len({b.resolve() for b in bundles}) != len(bundles):
+        raise click.UsageError("a --model is given twice")
+    if json_out is not None and not os.access(json_out.parent if json_out.parent.exists() else Path("."), os.W_OK):
+        raise click.UsageError(f"{json_out}: cannot write there")  # before minutes of measuring
+    try:
+        images = bench_images(default_cache(), lambda message: click.echo(message, err=True), folder)
+        seconds = measure(list(bundles), images, sizes, rounds, tokens, threads)
+    except EdlightError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"median seconds per image over {rounds} interleaved rounds, {tokens} forced tokens")
     for bundle, by_size in seconds.items():
         reference = statistics.median(by_size[sizes[0]])
         cells = [f"batch {size}: {statistics.median(v):.3f} s/img (x{reference / statistics.median(v):.3f})" for size, v in by_size.items()]
         click.echo(f"{bundle}: " + "; ".join(cells))
     if json_out is not None:
-        json_out.write_text(json.dumps({"tokens": tokens, "rounds": rounds, "seconds_per_image": seconds}, indent=2), encoding="utf-8")
+        try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps({"tokens": tokens, "rounds": rounds, "seconds_per_image": seconds}, indent=2), encoding="utf-8")
+        except OSError as exc:
+            raise click.ClickException(f"{json_out}: cannot write ({exc.strerror or exc})") from exc
 
 
 if __name__ == "__main__":

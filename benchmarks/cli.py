@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -17,10 +18,10 @@ from engine.errors import EdlightError
 
 def batch_size_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
     """Click callback: "1,4,8" -> [1, 4, 8] (positive integers); shared with benchmarks.batch_sizes."""
-    try:
-        numbers = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated integers such as 1,4,8") from None
+    parts = [v.strip() for v in value.split(",") if v.strip()]
+    if not all(re.fullmatch(r"[0-9]+", v) for v in parts):  # int() would also take "1_0" and other scripts' digits
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers such as 1,4,8")
+    numbers = [int(v) for v in parts]
     if not numbers or any(n < 1 for n in numbers):
         raise click.BadParameter(f"{value!r}: batch sizes must be positive integers")
     return numbers
@@ -80,15 +81,17 @@ def bench(
     from benchmarks.models import BenchSetupError, prepare_models
     from benchmarks.report import write_all
     from benchmarks.runner import run_benchmark
+    from engine.folder import output_lock
 
+    # Workers run in the repository root: every path the user gave is resolved here, against theirs.
+    bundles = tuple(b.expanduser().absolute() for b in bundles)
+    checkpoint, optimum_dir, images_dir, out = (
+        None if p is None else p.expanduser().absolute() for p in (checkpoint, optimum_dir, images_dir, out)
+    )
+    cache = (cache_dir or default_cache()).expanduser().absolute()
     earlier = [out / name for name in ("results.json", "results.md", "chart.png", "logs") if (out / name).exists()]
     if earlier and not overwrite:
         raise click.ClickException(f"{out} holds the results of an earlier run; pass --overwrite or choose another --out")
-    for path in earlier:  # old worker logs must not mix with the new ones
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
     started = time.perf_counter()
 
     def log(message: str) -> None:
@@ -99,20 +102,30 @@ def bench(
     try:
         settings = BenchSettings(
             size=size, systems=systems, batch_sizes=batch_sizes, threads=threads or available_cpus(), repeats=repeats,
-            warmup=warmup, tokens=tokens, out=out, cache_dir=cache_dir or default_cache(),
+            warmup=warmup, tokens=tokens, out=out, cache_dir=cache,
             ceiling_seconds=ceiling_seconds, interleave=not no_interleave,
         )
-        log(f"{size} size; systems {','.join(settings.systems)}; batch sizes {settings.batch_sizes}; "
-            f"{settings.threads} threads; cache {settings.cache_dir}")
-        models = prepare_models(size, settings.systems, settings.cache_dir, log, checkpoint=checkpoint,
-                                bundles=list(bundles), optimum_dir=optimum_dir, images_dir=images_dir)
-        results = run_benchmark(settings, models, log)
+        # One bench at a time per results folder and per cache (two would build the same models at once
+        # and time each other).
+        with output_lock(out / "results.json"), output_lock(cache / "models"):
+            log(f"{size} size; systems {','.join(settings.systems)}; batch sizes {settings.batch_sizes}; "
+                f"{settings.threads} threads; cache {settings.cache_dir}")
+            models = prepare_models(size, settings.systems, settings.cache_dir, log, checkpoint=checkpoint,
+                                    bundles=list(bundles), optimum_dir=optimum_dir, images_dir=images_dir)
+            for path in earlier:  # replaced only now that the new run can start; old logs must not mix in
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            results = run_benchmark(settings, models, log)
+            paths = write_all(results, settings.out)
     except BenchSetupError as exc:  # the job cannot run here (like a missing extra): exit 2
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from exc
     except (EdlightError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    paths = write_all(results, settings.out)
     click.echo("")
     click.echo(paths["markdown"].read_text(encoding="utf-8"))
     log("wrote " + ", ".join(str(p) for p in paths.values()))
+    if results["results"] and all(r.get("status") == "failed" for r in results["results"]):
+        raise click.ClickException(f"every measurement failed; see the worker logs in {out / 'logs'}")

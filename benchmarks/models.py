@@ -269,7 +269,10 @@ def classify_bundles(paths: list[Path]) -> dict[str, Path]:
 
     found: dict[str, Path] = {}
     for path in paths:
-        bundle = Bundle.load(path, verify_hashes=False)
+        try:
+            bundle = Bundle.load(path, verify_hashes=False)
+        except EdlightError as exc:  # a given path that is no bundle: the bench cannot run as asked
+            raise BenchSetupError(str(exc)) from exc
         system = "engine-int8" if bundle.manifest.quantization == "int8" else "engine"
         if system in found:
             raise BenchSetupError(f"{path}: a second {system} bundle (first: {found[system]}); pass one fp32 and one int8")

@@ -481,7 +481,7 @@ def _flock(path: Path, out: Path, in_place: bool = False) -> int | None:
         holder = "" if in_place else os.pread(handle, 32, 0).decode("ascii", "replace").strip()
         os.close(handle)
         raise OutputError(
-            f"{out}: another run{f' (pid {holder})' if holder else ''} is writing to this file; "
+            f"{out}: another run{f' (pid {holder})' if holder else ''} is writing to it; "
             "wait for it to end or choose another output"
         ) from exc
     except OSError as exc:

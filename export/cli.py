@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 
 import click
@@ -67,6 +69,8 @@ def export(
         logger.addHandler(_EchoHandler())
     logger.setLevel(logging.INFO)
     propagate, logger.propagate = logger.propagate, False  # libraries configure the root logger too: print once
+    # A service manager's stop (SIGTERM) unwinds like Ctrl-C, so the half-written bundle is removed.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     try:
         bundle = export_bundle(
             checkpoint, out, quantize=quantize, data=data, force=force, decoder_layout=decoder_layout or DEFAULT_LAYOUT,

@@ -11,9 +11,11 @@ interrupted export never leaves a directory that looks like a bundle.
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -33,6 +35,10 @@ if TYPE_CHECKING:
     from train.data import Example
 
 TASK = "image-to-text-with-past"
+# Optimum's dummy inputs need at least a 2x2 patch grid.
+MIN_PATCHES = 4
+# Above this many tokens per caption, export warns: a model that rarely says EOS would take minutes an image.
+LONG_CAPTION_TOKENS = 512
 # Which decoder the bundle ships. Measured on this 2-core machine (ORT 1.32, 2 threads, shared and
 # noisy), the engine's decode time per image is a tie: base-size decoder (768 hidden, 12 layers,
 # 2048 patches, 20 tokens) split 1.37-1.97 s vs merged 1.35-2.05 s at batch 1, 0.85 vs 0.80 s at
@@ -98,11 +104,15 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
         "save the processor into the checkpoint (processor.save_pretrained(CHECKPOINT))",
     )
     max_patches = pre.get("max_patches")
-    if not isinstance(max_patches, int) or max_patches <= 0:
+    if not isinstance(max_patches, int) or max_patches < MIN_PATCHES:
         raise ExportError(
             f"{path / 'preprocessor_config.json'}: max_patches is {max_patches!r}; Pix2Struct's export fixes the patch "
-            "count to it, so set a positive integer and re-save the processor"
+            f"count to it, so set an integer >= {MIN_PATCHES} and re-save the processor"
         )
+    if (path / "generation_config.json").exists():
+        # Optional, but one that is there must be readable: its max_new_tokens goes into the bundle.
+        generation = _read_json(path / "generation_config.json", "generation config", "fix or delete it")
+        _warn_about_generation(path / "generation_config.json", generation)
     size = pre.get("patch_size") or {"height": 16, "width": 16}
     if not (path / "tokenizer.json").is_file():
         raise ExportError(
@@ -110,6 +120,18 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
             "processor.tokenizer.save_pretrained(CHECKPOINT)"
         )
     return CheckpointInfo(path=path, config=config, max_patches=max_patches, patch_size=(int(size["height"]), int(size["width"])))
+
+
+def _warn_about_generation(path: Path, generation: dict[str, Any]) -> None:
+    """Say which generation settings the engine will not honour, or that will make captioning slow."""
+    longest = generation.get("max_new_tokens") or generation.get("max_length")
+    if isinstance(longest, int) and longest > LONG_CAPTION_TOKENS:
+        log.warning("%s: captions may run to %d tokens; the engine stops only there or at EOS (set max_new_tokens)",
+                    path, longest)
+    ignored = [k for k in ("do_sample", "num_beams", "temperature", "top_k", "top_p")
+               if k in generation and generation[k] not in (None, False, 1, 1.0, 50)]  # fmt: skip
+    if ignored:
+        log.warning("%s: %s not used by the engine (greedy unless `edlight caption --num-beams`)", path, ", ".join(ignored))
 
 
 def _read_json(path: Path, what: str, hint: str) -> dict[str, Any]:
@@ -239,9 +261,34 @@ def _place_temp_dir(out: Path, force: bool, inputs: list[Path]) -> Path:
     _check_replaceable(out, force, inputs)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        _clear_dead_exports(out)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     except OSError as exc:
         raise ExportError(f"{out.parent}: cannot write the bundle there ({exc.strerror or exc}); choose a writable --out") from exc
+
+
+def _clear_dead_exports(out: Path) -> None:
+    """Remove what exports to `out` killed mid-way left (their pid names them): partial bundles, and a
+    replaced bundle set aside (put back if the new one never arrived)."""
+    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
+        found = re.fullmatch(rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)(-.*)?", leftover.name)
+        if not found or _alive(int(found.group(2))):
+            continue
+        if found.group(1) == "old" and not out.exists():
+            os.replace(leftover, out)
+            log.warning("%s: put back the bundle an interrupted export had set aside", out)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _move_into_place(staged: Path, out: Path, force: bool) -> None:

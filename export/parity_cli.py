@@ -1,10 +1,14 @@
-"""`edlight parity`: a thin click layer over export.parity.run_parity. Exit 1 when parity fails."""
+"""`edlight parity`: a thin click layer over export.parity.run_parity.
+
+Exit 0 passed, 1 parity failed, 2 the check cannot run (bad bundle, checkpoint, data or --out).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -50,6 +54,8 @@ def parity(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from export.parity import run_parity
 
+    if out is not None:
+        _check_writable(out)  # before minutes of captioning, not after
     try:
         report = run_parity(
             bundle,
@@ -66,14 +72,31 @@ def parity(
             test_ratio=test_ratio,
         )
     except EdlightError as exc:
-        raise click.ClickException(str(exc)) from exc
+        _cannot_run(str(exc))
     click.echo(report.table())
     if out is not None:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:  # whole or not at all: a full disk must not leave half a report
+            temporary.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            temporary.replace(out)
         except OSError as exc:
-            raise click.ClickException(f"{out}: cannot write the report ({exc.strerror or exc})") from exc
+            temporary.unlink(missing_ok=True)
+            _cannot_run(f"{out}: cannot write the report ({exc.strerror or exc})")
         click.echo(f"report: {out}")
     if not report.passed:
         click.get_current_context().exit(1)
+
+
+def _cannot_run(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    raise SystemExit(2)
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = "a file, not a folder" if out.parent.exists() else exc.strerror or exc
+        _cannot_run(f"{out}: cannot create its folder {out.parent}: {why}")
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        _cannot_run(f"{out}: cannot write the report there (permission denied or a read-only file system)")

@@ -42,9 +42,9 @@ def test_bad_options_are_refused_with_a_message() -> None:
     result = runner.invoke(bench, ["--systems", "torch,tensorflow"])
     assert result.exit_code == 2
     assert "tensorflow" in result.output
-    result = runner.invoke(bench, ["--batch-sizes", "1,zero"])
-    assert result.exit_code == 2
-    assert "comma-separated integers" in result.output
+    for sizes in ("1,zero", "1_0", "\u0663"):  # int() would take the last two (10, an Arabic-Indic 3)
+        result = runner.invoke(bench, ["--batch-sizes", sizes])
+        assert result.exit_code == 2 and "comma-separated integers" in result.output
     from benchmarks.cli import _system_list
 
     assert _system_list(None, None, "engine,torch,engine") == ["engine", "torch"]  # type: ignore[arg-type]
@@ -57,6 +57,12 @@ def test_earlier_results_are_kept_unless_overwrite(tmp_path: Path) -> None:
     (tmp_path / "results.json").write_text("{}")
     result = CliRunner().invoke(bench, ["--out", str(tmp_path), "--size", "tiny"])
     assert result.exit_code == 1 and "earlier run" in result.output and "--overwrite" in result.output
+    assert (tmp_path / "results.json").read_text() == "{}"
+    # With --overwrite, a run that cannot start (a --model that is no bundle) keeps them too.
+    (tmp_path / "not-a-bundle").mkdir()
+    result = CliRunner().invoke(bench, ["--out", str(tmp_path), "--size", "tiny", "--overwrite", "--systems", "engine",
+                                        "--model", str(tmp_path / "not-a-bundle"), "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 2 and "not an edlight bundle" in result.output
     assert (tmp_path / "results.json").read_text() == "{}"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -370,14 +371,14 @@ def test_export_and_parity_read_the_data_as_the_training_run_did(random_checkpoi
     shutil.copytree(random_checkpoint, bare)
     args = ["--model", str(bundle.path), "--checkpoint", str(bare), "--data", str(data)]
     result = CliRunner().invoke(parity, args)
-    assert result.exit_code == 1 and "no row has 'text'; columns seen: caption, file_name" in result.output
+    assert result.exit_code == 2 and "no row has 'text'; columns seen: caption, file_name" in result.output
     result = CliRunner().invoke(parity, [*args, "--caption-column", "caption"])
     assert result.exit_code == 0, result.output
     assert f"test split of {data}: 3 images" in result.output and "PASSED" in result.output
     with (data / "test" / "metadata.jsonl").open("a") as f:
         f.write(json.dumps({"file_name": "missing.png", "caption": "gone"}) + "\n")
     result = CliRunner().invoke(parity, [*args, "--caption-column", "caption"])
-    assert result.exit_code == 1 and "missing.png: image not found" in result.output
+    assert result.exit_code == 2 and "missing.png: image not found" in result.output
     result = CliRunner().invoke(parity, [*args, "--caption-column", "caption", "--skip-bad"])
     assert result.exit_code == 0 and "3 images" in result.output, result.output
 
@@ -407,6 +408,26 @@ def test_interrupted_export_leaves_no_bundle(random_checkpoint: Path, tmp_path: 
                 Bundle.load(candidate)
     if sig == signal.SIGINT:  # a catchable interruption cleans up after itself
         assert not _leftovers(tmp_path, "bundle")
+    else:  # a kill cannot: the next export to `out` removes what the dead one left
+        from export.onnx import _clear_dead_exports
+
+        assert _leftovers(tmp_path, "bundle")
+        _clear_dead_exports(out)
+        assert not _leftovers(tmp_path, "bundle")
+
+
+def test_a_bundle_set_aside_by_a_killed_export_is_put_back(tmp_path: Path) -> None:
+    from export.onnx import _clear_dead_exports
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has ended
+    set_aside = tmp_path / f".bundle.old-{pid}"  # killed between moving the old bundle away and the new one in
+    set_aside.mkdir()
+    (set_aside / "edlight.json").write_text("{}")
+    mine = tmp_path / f".bundle.partial-{os.getpid()}-abc"  # a live export's staging folder: left alone
+    mine.mkdir()
+    _clear_dead_exports(tmp_path / "bundle")
+    assert (tmp_path / "bundle" / "edlight.json").exists() and not set_aside.exists() and mine.exists()
 
 
 def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
@@ -425,6 +446,11 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         config = json.loads((ck / "config.json").read_text())
         config["text_config"]["is_decoder"] = False
         (ck / "config.json").write_text(json.dumps(config))
+    elif how == "bad_generation":
+        (ck / "generation_config.json").write_text("{not json")
+    elif how == "too_few_patches":
+        processor = json.loads((ck / "preprocessor_config.json").read_text())
+        (ck / "preprocessor_config.json").write_text(json.dumps({**processor, "max_patches": 2}))
     return ck
 
 
@@ -436,6 +462,8 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         ("no_tokenizer", "tokenizer.json: missing"),
         ("no_weights", "no model weights"),
         ("non_causal", "is_decoder is false"),
+        ("bad_generation", "generation_config.json: unreadable generation config"),
+        ("too_few_patches", "max_patches is 2; .* an integer >= 4"),
     ],
 )
 def test_bad_checkpoint_is_one_line_error(random_checkpoint: Path, tmp_path: Path, how: str, message: str) -> None:

@@ -94,17 +94,21 @@ def test_bad_inputs_are_one_line_errors(tiny_bundle: Path, tiny_checkpoint: Path
 
     runner = CliRunner()
     missing = runner.invoke(parity, ["--model", str(tmp_path / "nope"), "--checkpoint", str(tiny_checkpoint), "--data", str(synth_data)])
-    assert missing.exit_code == 1 and "no such bundle directory" in missing.output
+    assert missing.exit_code == 2 and "no such bundle directory" in missing.output  # cannot run: 2, failed: 1
     empty = tmp_path / "empty"
     empty.mkdir()
     no_data = runner.invoke(parity, ["--model", str(tiny_bundle), "--checkpoint", str(tiny_checkpoint), "--data", str(empty)])
     # The data folder's own error (train.data lists every problem, one per line), not a traceback.
-    assert no_data.exit_code == 1 and no_data.output.startswith(f"Error: {empty}")
+    assert no_data.exit_code == 2 and no_data.output.startswith(f"error: {empty}")
     assert "Traceback" not in no_data.output
     base = ["--model", str(tiny_bundle), "--checkpoint", str(tiny_checkpoint), "--data", str(synth_data)]
     for bad in (["--tolerance", "nan"], ["--min-identical", "nan"], ["--out", str(tmp_path)]):
         result = runner.invoke(parity, [*base, *bad])
         assert result.exit_code == 2 and bad[0] in result.output, result.output
+    (tmp_path / "a_file").write_text("x")
+    unwritable = runner.invoke(parity, [*base, "--out", str(tmp_path / "a_file" / "report.json")])  # before captioning
+    assert unwritable.exit_code == 2 and "cannot create its folder" in unwritable.output
+    assert "PyTorch vs references" not in unwritable.output
 
 
 def test_a_checkpoint_of_another_shape_is_refused_before_captioning(tiny_bundle: Path, synth_data: Path, tmp_path: Path) -> None:
@@ -137,3 +141,14 @@ def test_export_with_data_stores_parity_split_layout(tiny_checkpoint: Path, synt
     assert shipped is not None and shipped["passed"] is True
     assert shipped["identical_share"] >= 0.99 and abs(shipped["bleu_diff"]) <= 0.1
     assert "bundle" not in shipped and "differences" not in shipped
+
+
+def test_weights_are_compared_by_content(tmp_path: Path) -> None:
+    from export.parity import _same_weights
+
+    for name, weights in (("a", b"weights of a"), ("b", b"weights of a"), ("c", b"weights of c")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(weights)
+        (tmp_path / name / "config.json").write_text(name)  # not weights: not compared
+    assert _same_weights(tmp_path / "a", tmp_path / "b") and _same_weights(tmp_path / "a", tmp_path / "a")
+    assert not _same_weights(tmp_path / "a", tmp_path / "c")

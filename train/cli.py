@@ -47,7 +47,7 @@ def _resume_note(out: Path) -> str:
     "--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per optimizer step."
 )
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=None, help="Peak learning rate, AdamW, warmup then cosine decay (default: the preset's: tiny 5e-4, small 1e-3, base 1e-4; 1e-4 with --base).")
-@click.option("--max-patches", type=click.IntRange(min=1), default=None, help="Patch budget per image (default: the model's).")
+@click.option("--max-patches", type=click.IntRange(min=4), default=None, help="Patch budget per image, at least 4 (default: the model's).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the model's initialisation, the batch order and augmentation.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last/ checkpoint.")

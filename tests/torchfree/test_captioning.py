@@ -489,7 +489,7 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-        with pytest.raises(OutputError, match=rf"o\.jsonl: another run \(pid {holder.pid}\) is writing to this file"):
+        with pytest.raises(OutputError, match=rf"o\.jsonl: another run \(pid {holder.pid}\) is writing to it"):
             captioner.caption_folder(tmp_path / "in", out=out, progress=False)
         assert not out.exists()
     finally:
@@ -638,7 +638,7 @@ def test_a_writable_output_in_a_folder_without_room_for_a_lock_file(
 
     monkeypatch.setattr(os, "access", access)
     monkeypatch.setattr("builtins.open", no_new_files)
-    with output_lock(out), pytest.raises(OutputError, match="another run is writing to this file"):
+    with output_lock(out), pytest.raises(OutputError, match="another run is writing to it"):
         captioner.caption_folder(tmp_path / "in", out=out, progress=False)  # the output itself is the lock
     again = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
     monkeypatch.undo()
@@ -661,7 +661,7 @@ def test_a_lock_file_left_by_another_user_still_locks(
         return real_open(path, flags, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "open", read_only_lock)
-    with output_lock(out), pytest.raises(OutputError, match="another run is writing to this file"):
+    with output_lock(out), pytest.raises(OutputError, match="another run is writing to it"):
         captioner.caption_folder(tmp_path / "in", out=out, progress=False)  # both opened it read-only
     assert not lock.exists()  # the folder is ours to write: the run that held it removed it
     monkeypatch.undo()
