@@ -407,11 +407,13 @@ def _checkpoint_identity(checkpoint: Path) -> dict[str, Any]:
 
 
 def _max_patches(checkpoint: Path | None, bundles: dict[str, Path]) -> int:
+    """The patch budget every system runs at; systems that disagree are not one comparison."""
     sources = [checkpoint / "preprocessor_config.json"] if checkpoint is not None else []
     sources += [b / "preprocessor_config.json" for b in bundles.values()]
-    for source in sources:
-        if source.is_file():
-            value = _read_json(source).get("max_patches")
-            if value:
-                return int(value)
-    raise BenchSetupError(f"no preprocessor_config.json with max_patches in {', '.join(map(str, sources)) or 'any model'}")
+    found = {source: int(value) for source in sources if source.is_file() and (value := _read_json(source).get("max_patches"))}
+    if not found:
+        raise BenchSetupError(f"no preprocessor_config.json with max_patches in {', '.join(map(str, sources)) or 'any model'}")
+    if len(set(found.values())) > 1:
+        listing = "; ".join(f"{source.parent}: {value}" for source, value in found.items())
+        raise BenchSetupError(f"the models to compare have different patch budgets ({listing}); give bundles of one model")
+    return next(iter(found.values()))
