@@ -67,8 +67,10 @@ def main(bundles: tuple[Path, ...], sizes: list[int], rounds: int, tokens: int, 
 
     if len({b.resolve() for b in bundles}) != len(bundles):
         raise click.UsageError("a --model is given twice")
-    if json_out is not None and not os.access(json_out.parent if json_out.parent.exists() else Path("."), os.W_OK):
-        raise click.UsageError(f"{json_out}: cannot write there")  # before minutes of measuring
+    if json_out is not None:  # before minutes of measuring
+        nearest = next(folder for folder in (json_out.absolute().parent, *json_out.absolute().parents) if folder.exists())
+        if not nearest.is_dir() or not os.access(nearest, os.W_OK):
+            raise click.UsageError(f"{json_out}: cannot write there ({nearest} is not a writable folder)")
     try:
         images = bench_images(default_cache(), lambda message: click.echo(message, err=True), folder)
         seconds = measure(list(bundles), images, sizes, rounds, tokens, threads)

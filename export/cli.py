@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -70,7 +71,7 @@ def export(
     logger.setLevel(logging.INFO)
     propagate, logger.propagate = logger.propagate, False  # libraries configure the root logger too: print once
     # A service manager's stop (SIGTERM) unwinds like Ctrl-C, so the half-written bundle is removed.
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    previous_sigterm = _unwind_on_sigterm()
     try:
         bundle = export_bundle(
             checkpoint, out, quantize=quantize, data=data, force=force, decoder_layout=decoder_layout or DEFAULT_LAYOUT,
@@ -80,6 +81,8 @@ def export(
         raise click.ClickException(str(exc)) from exc
     finally:
         logger.propagate = propagate
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     manifest = json.loads((bundle / MANIFEST_NAME).read_text(encoding="utf-8"))
     validation = manifest.get("validation", {})
     click.echo(f"bundle: {bundle}")
@@ -96,3 +99,12 @@ def export(
             f"engine {parity['bleu_engine']:.2f}, identical {parity['identical_share']:.1%} -> "
             f"{'passed' if parity['passed'] else 'FAILED'}"
         )
+
+
+def _unwind_on_sigterm() -> Any:
+    """Make SIGTERM raise SystemExit (so `finally` blocks run); returns the handler to restore, or None
+    where signals cannot be set (not the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    except ValueError:
+        return None

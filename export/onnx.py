@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 TASK = "image-to-text-with-past"
 # Optimum's dummy inputs need at least a 2x2 patch grid.
 MIN_PATCHES = 4
+# Sampling and beam settings the engine does not take from a checkpoint (their transformers defaults).
+GENERATION_DEFAULTS: dict[str, object] = {"do_sample": False, "num_beams": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
 # Above this many tokens per caption, export warns: a model that rarely says EOS would take minutes an image.
 LONG_CAPTION_TOKENS = 512
 # Which decoder the bundle ships. Measured on this 2-core machine (ORT 1.32, 2 threads, shared and
@@ -128,8 +131,7 @@ def _warn_about_generation(path: Path, generation: dict[str, Any]) -> None:
     if isinstance(longest, int) and longest > LONG_CAPTION_TOKENS:
         log.warning("%s: captions may run to %d tokens; the engine stops only there or at EOS (set max_new_tokens)",
                     path, longest)
-    ignored = [k for k in ("do_sample", "num_beams", "temperature", "top_k", "top_p")
-               if k in generation and generation[k] not in (None, False, 1, 1.0, 50)]  # fmt: skip
+    ignored = [k for k, default in GENERATION_DEFAULTS.items() if generation.get(k, default) not in (None, default)]
     if ignored:
         log.warning("%s: %s not used by the engine (greedy unless `edlight caption --num-beams`)", path, ", ".join(ignored))
 
@@ -258,23 +260,37 @@ def _check_replaceable(out: Path, force: bool, inputs: list[Path]) -> None:
 
 
 def _place_temp_dir(out: Path, force: bool, inputs: list[Path]) -> Path:
-    _check_replaceable(out, force, inputs)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _clear_dead_exports(out)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+        _clear_dead_exports(out)  # first: it may put a bundle back at `out`, which the next check must see
+    except OSError as exc:
+        raise ExportError(f"{out.parent}: cannot write the bundle there ({exc.strerror or exc}); choose a writable --out") from exc
+    _check_replaceable(out, force, inputs)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{_owner()}-", dir=out.parent))
     except OSError as exc:
         raise ExportError(f"{out.parent}: cannot write the bundle there ({exc.strerror or exc}); choose a writable --out") from exc
 
 
+def _owner() -> str:
+    """This export's mark in the names of its temporary folders: pid@host (a pid means nothing elsewhere)."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
 def _clear_dead_exports(out: Path) -> None:
-    """Remove what exports to `out` killed mid-way left (their pid names them): partial bundles, and a
-    replaced bundle set aside (put back if the new one never arrived)."""
+    """Remove what exports to `out` killed mid-way on this machine left (their pid@host names them): partial
+    bundles, and a replaced bundle set aside (put back if the new one never arrived)."""
+    name, host = re.escape(out.name), re.escape(socket.gethostname())
     for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
-        found = re.fullmatch(rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)(-.*)?", leftover.name)
-        if not found or _alive(int(found.group(2))):
+        # Exactly the names _place_temp_dir and _move_into_place give (mkdtemp adds 8 of [a-z0-9_]); another
+        # bundle's ("NAME.old-2024/...") or another machine's leftovers never match.
+        found = re.fullmatch(rf"\.{name}\.(?:partial-(\d+)@{host}-[a-z0-9_]{{8}}|old-(\d+)@{host})", leftover.name)
+        if not found:
             continue
-        if found.group(1) == "old" and not out.exists():
+        pid = int(found.group(1) or found.group(2))
+        if _alive(pid):
+            continue
+        if found.group(2) is not None and not out.exists():
             os.replace(leftover, out)
             log.warning("%s: put back the bundle an interrupted export had set aside", out)
         else:
@@ -286,8 +302,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True  # another user's process
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or no pid of ours: leave it alone
     return True
 
 
@@ -297,7 +313,7 @@ def _move_into_place(staged: Path, out: Path, force: bool) -> None:
     if out.exists():
         if not force:
             raise ExportError(f"{out}: appeared during the export; pass --force to replace it")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(f".{out.name}.old-{_owner()}")
         os.replace(out, old)
     try:
         os.replace(staged, out)

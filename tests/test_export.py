@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -420,14 +421,21 @@ def test_a_bundle_set_aside_by_a_killed_export_is_put_back(tmp_path: Path) -> No
     from export.onnx import _clear_dead_exports
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)  # a process that has ended
-    set_aside = tmp_path / f".bundle.old-{pid}"  # killed between moving the old bundle away and the new one in
+    pid, host = int(dead.stdout), socket.gethostname()  # a process that has ended
+    set_aside = tmp_path / f".bundle.old-{pid}@{host}"  # killed between moving the old bundle away and the new one in
     set_aside.mkdir()
     (set_aside / "edlight.json").write_text("{}")
-    mine = tmp_path / f".bundle.partial-{os.getpid()}-abc"  # a live export's staging folder: left alone
-    mine.mkdir()
+    keep = [
+        tmp_path / f".bundle.partial-{os.getpid()}@{host}-abcd1234",  # a live export's staging folder
+        tmp_path / f".bundle.partial-{pid}@another-host-abcd1234",  # a pid on another machine means nothing here
+        tmp_path / f".bundle.old-2024-05.old-{pid}@{host}",  # the set-aside folder of a bundle named "bundle.old-2024-05"
+        tmp_path / f".bundle.partial-99999999999999999999@{host}-abcd1234",  # no pid of ours
+    ]
+    for folder in keep:
+        folder.mkdir()
     _clear_dead_exports(tmp_path / "bundle")
-    assert (tmp_path / "bundle" / "edlight.json").exists() and not set_aside.exists() and mine.exists()
+    assert (tmp_path / "bundle" / "edlight.json").exists() and not set_aside.exists()
+    assert all(folder.exists() for folder in keep)
 
 
 def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
@@ -528,3 +536,14 @@ def test_trained_int8_bundle_verifies(tiny_bundle_int8: Path) -> None:
     # the share a lot: measured 0.78 for this fixture, 0.70 and 0.80 for the last two shipped default bundles.
     assert bundle.manifest.extra["validation"]["int8"]["token_agreement"] >= 0.7
 
+
+
+def test_generation_settings_the_engine_ignores_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from export.onnx import _warn_about_generation
+
+    with caplog.at_level(logging.WARNING, logger="edlight.export"):
+        _warn_about_generation(tmp_path / "g.json", {"do_sample": False, "num_beams": 1, "top_k": 50, "max_new_tokens": 48})
+        assert not caplog.records  # transformers' defaults: nothing to say
+        _warn_about_generation(tmp_path / "g.json", {"do_sample": True, "top_k": 1, "max_new_tokens": 100_000})
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "do_sample, top_k not used by the engine" in messages and "may run to 100000 tokens" in messages
