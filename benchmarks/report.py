@@ -75,6 +75,22 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {total['median']:.3f} ({total['min']:.3f}-{total['max']:.3f}) | {r['images_per_s']:.3g} | {ratio} "
             f"| {_gib(r.get('peak_rss_bytes'))} | {gflops} | {share} |"
         )
+    scaling = results.get("batch_scaling") or []
+    if scaling:
+        small, large = scaling[0]["batch_sizes"]
+        lines += [
+            "",
+            f"Batch scaling, timed interleaved (a batch-{small} and a batch-{large} worker alive together, their "
+            f"{scaling[0]['repeats']} timed runs alternating; the table's batch sizes ran one after another):",
+            "",
+            f"| system | batch {small} s/img | batch {large} s/img | throughput batch {large} / batch {small} |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {row['system']} | {row['s_per_image'][str(small)]:.3f} | {row['s_per_image'][str(large)]:.3f} "
+            f"| {row['throughput_ratio']:.2f}x |"
+            for row in scaling
+        ]
     notes = [f"- {system}: skipped ({why})" for system, why in results.get("skipped", {}).items()]
     notes += [f"- {note}" for note in results.get("notes", [])]
     notes += [f"- {r['system']} at batch {r['batch_size']}: run alone, not interleaved (memory)"

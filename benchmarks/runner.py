@@ -266,8 +266,51 @@ def run_batch_size(
     return list(cells.values())
 
 
-def _start(system: str, spec: SystemSpec, settings: BenchSettings, cell: Cell, log: Log) -> Worker | None:
-    log_path = settings.out / "logs" / f"{system}-b{spec.batch_size}.log"
+def run_batch_scaling(systems: list[str], settings: BenchSettings, models: ModelSet, log: Log) -> list[dict[str, Any]]:
+    """Each engine system at the smallest and the largest batch size, timed interleaved: both workers alive
+    at once, their timed runs alternating. The batch-size phases run one after another, so a machine that
+    drifts between them skews the ratio of their throughputs; here drift falls on both alike.
+    """
+    small, large = min(settings.batch_sizes), max(settings.batch_sizes)
+    scaling: list[dict[str, Any]] = []
+    for system in (s for s in systems if s.startswith("engine")):
+        specs = {size: _spec(system, models, settings, size) for size in (small, large)}
+        if any(spec is None for spec in specs.values()):
+            continue
+        cells = {size: Cell(system=system, batch_size=size) for size in specs}
+        workers: dict[int, Worker] = {}
+        log(f"batch scaling, {system}: batch {small} and {large} interleaved")
+        try:
+            for size, spec in specs.items():
+                assert spec is not None
+                worker = _start(system, spec, settings, cells[size], log, log_suffix="-scaling")
+                if worker is not None:
+                    workers[size] = worker
+            for round_index in range(settings.repeats if len(workers) == 2 else 0):
+                for size in (small, large) if round_index % 2 == 0 else (large, small):
+                    run = RunTiming(**workers[size].request({"cmd": "run"})["timing"])
+                    cells[size].runs.append(run)
+                    log(f"  scaling {system:<11} b={size} repeat {round_index + 1}/{settings.repeats}: {_describe(run)}")
+        except WorkerError as exc:
+            log(f"  batch scaling of {system} failed: {str(exc).splitlines()[0]}")
+            continue
+        finally:
+            for worker in workers.values():
+                worker.close()
+        per_image = {size: statistics.median(r.total_s / size for r in cells[size].runs) for size in cells if cells[size].runs}
+        if len(per_image) == 2:
+            scaling.append({
+                "system": system, "batch_sizes": [small, large], "repeats": settings.repeats,
+                "s_per_image": {str(size): value for size, value in per_image.items()},
+                "throughput_ratio": per_image[small] / per_image[large],
+            })  # fmt: skip
+    return scaling
+
+
+def _start(
+    system: str, spec: SystemSpec, settings: BenchSettings, cell: Cell, log: Log, log_suffix: str = ""
+) -> Worker | None:
+    log_path = settings.out / "logs" / f"{system}-b{spec.batch_size}{log_suffix}.log"
     cell.log = str(log_path)
     log(f"  b={spec.batch_size} {system:<11} loading {Path(spec.model_path).name} ...")
     worker = Worker({"spec": spec.to_dict()}, settings.threads, log_path)
@@ -366,6 +409,10 @@ def run_benchmark(settings: BenchSettings, models: ModelSet, log: Log) -> dict[s
         log(f"batch size {batch_size}: {', '.join(systems)} ({settings.warmup} warm-up + {settings.repeats} timed each)")
         cells += run_batch_size(systems, batch_size, settings, models, log, measured)
 
+    scaling: list[dict[str, Any]] = []
+    if systems and len(settings.batch_sizes) > 1 and settings.interleave:
+        scaling = run_batch_scaling(systems, settings, models, log)
+
     if systems:
         end = measure_ceiling(settings, log, "end")
         if end:
@@ -382,6 +429,7 @@ def run_benchmark(settings: BenchSettings, models: ModelSet, log: Log) -> dict[s
         "skipped": skipped,
         "notes": models.notes,
         "results": results,
+        "batch_scaling": scaling,
         "wall_s": time.perf_counter() - started,
     }
 

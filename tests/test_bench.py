@@ -156,8 +156,17 @@ def test_tiny_benchmark_writes_json_table_and_chart(
     # Separate processes per system: the engine does not carry torch's memory.
     assert cells[("engine", 1)]["peak_rss_bytes"] < cells[("torch", 1)]["peak_rss_bytes"]
 
+    # The engines' smallest and largest batch sizes again, interleaved, for their throughput ratio.
+    scaling = {row["system"]: row for row in doc["batch_scaling"]}
+    assert set(scaling) == {"engine", "engine-int8"}
+    for row in scaling.values():
+        assert row["batch_sizes"] == [1, 2] and row["repeats"] == 2
+        assert row["throughput_ratio"] == pytest.approx(row["s_per_image"]["1"] / row["s_per_image"]["2"])
+    assert (out / "logs" / "engine-b2-scaling.log").exists()
+
     table = (out / "results.md").read_text(encoding="utf-8")
     assert "| system | batch |" in table and "of ceiling" in table
+    assert "Batch scaling, timed interleaved" in table and "| engine-int8 |" in table
     for system in ALL_SYSTEMS:
         assert f"| {system} | 1 |" in table and f"| {system} | 2 |" in table
     assert table in result.output  # the table is printed too
