@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.settings import missing_modules
-from engine.errors import EdlightError, install_hint
+from engine.errors import EdlightError, install_hint, is_installed
 
 Log = Callable[[str], None]
 BASE_SEED = 0
@@ -306,7 +306,7 @@ def prepare_models(
     cache_dir = Path(cache_dir).expanduser()
     given = classify_bundles([Path(b) for b in bundles or []])
     images = bench_images(cache_dir, log, images_dir)
-    have_torch = _has("torch") and _has("transformers")
+    have_torch = is_installed("torch") and is_installed("transformers")
     export_versions = _versions("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
 
     # Bundles to build: only for engine systems that can run here (no point exporting for a missing engine).
@@ -340,7 +340,7 @@ def prepare_models(
 
     checkpoint_id = _checkpoint_identity(checkpoint) if checkpoint is not None else None
     if "optimum" in systems and optimum_dir is None and checkpoint is not None:
-        if _has("optimum"):
+        if is_installed("optimum"):
             recipe = {"what": "optimum", "checkpoint": checkpoint_id, **export_versions}
             try:
                 optimum_dir = _cached(cache_dir / f"optimum-{_key(recipe)}", partial(export_optimum, checkpoint),
@@ -355,7 +355,7 @@ def prepare_models(
         quantize = "int8" if system == "engine-int8" else None
         if checkpoint is None:
             continue
-        if not _has("optimum"):
+        if not is_installed("optimum"):
             unavailable[system] = "no bundle given (--model) and the export extra is not installed to make one"
             continue
         recipe = {"what": "bundle", "quantize": quantize, "checkpoint": checkpoint_id, **export_versions,
@@ -389,15 +389,6 @@ def prepare_models(
         notes=notes,
         unavailable=unavailable,
     )
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def _checkpoint_identity(checkpoint: Path) -> dict[str, Any]:

@@ -10,7 +10,6 @@ The MatMul ceiling is measured in a worker of its own at the start and at the en
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import statistics
@@ -27,6 +26,7 @@ from benchmarks.machine import machine_info, memory_bytes
 from benchmarks.models import ModelSet
 from benchmarks.settings import SYSTEMS, BenchSettings, missing_modules
 from benchmarks.timing import RunTiming, SystemSpec
+from engine.errors import is_installed
 
 Log = Callable[[str], None]
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -191,7 +191,7 @@ def estimate_peak_bytes(spec: SystemSpec, models: ModelSet, measured: dict[str, 
 
 def measure_ceiling(settings: BenchSettings, log: Log, when: str) -> dict[str, Any] | None:
     """ONNX Runtime MatMul GFLOP/s in a worker of its own; None (with a note) without the onnx package."""
-    if importlib.util.find_spec("onnx") is None:
+    if not is_installed("onnx"):
         log("ceiling: skipped (the onnx package is not installed)")
         return None
     worker = Worker({"ceiling": {"threads": settings.threads, "seconds": settings.ceiling_seconds}},

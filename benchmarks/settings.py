@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from engine.errors import is_installed
 
 # name -> (one-line description, modules it needs)
 SYSTEMS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -57,12 +58,4 @@ class BenchSettings:
 
 def missing_modules(system: str) -> list[str]:
     """Modules `system` needs that cannot be imported here (checked without importing them)."""
-    missing = []
-    for module in SYSTEMS[system][1]:
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):  # a parent package is absent
-            found = False
-        if not found:
-            missing.append(module)
-    return missing
+    return [module for module in SYSTEMS[system][1] if not is_installed(module)]

@@ -9,12 +9,11 @@ is missing says which extra to install and exits 2.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 
 import click
 
-from engine.errors import install_hint
+from engine.errors import install_hint, is_installed
 
 # name -> (module, attribute, extra that provides its dependencies, one-line help)
 LAZY_COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -36,13 +35,7 @@ EXTRA_NEEDS = {"train": ("torch", "transformers", "accelerate"), "export": ("tor
 
 def missing_module(extra: str) -> str | None:
     """The first module that `extra` needs and this environment lacks, or None."""
-    for name in EXTRA_NEEDS.get(extra, ()):
-        try:
-            if importlib.util.find_spec(name) is None:
-                return name
-        except (ImportError, ValueError):  # an import hook that refuses it, or a broken half-install
-            return name
-    return None
+    return next((name for name in EXTRA_NEEDS.get(extra, ()) if not is_installed(name)), None)
 
 
 class MissingExtraCommand(click.Command):

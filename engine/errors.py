@@ -25,6 +25,16 @@ def is_count(value: object, minimum: int = 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
+def is_installed(module: str) -> bool:
+    """Whether `module` can be imported here, found without importing it (so without its start-up cost)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package is absent, an import hook refuses it, a broken install
+        return False
+
+
 def install_hint(extra: str) -> str:
     """How to install an optional extra of edlight, which is installed from its source folder."""
     return f"in the edlight source folder: pip install '.[{extra}]' -c constraints.txt"
