@@ -107,12 +107,22 @@ class DecoderState:
 
     def select(self, rows: np.ndarray) -> DecoderState:
         """Keep/reorder/repeat rows (a gather along the batch axis of every tensor, into new tensors)."""
+        return self._gathered(rows, [np.take(t, rows, axis=0) for t in self.cross_kv])
+
+    def _gathered(
+        self, rows: np.ndarray, cross_kv: list[np.ndarray], buffers: list[np.ndarray] | None = None,
+        pool: BufferPool | None = None,
+    ) -> DecoderState:
+        """Rows `rows` of this state's self-attention cache, hidden states and mask, with `cross_kv` (already
+        arranged by the caller, who knows whether they are copied, pooled or compacted in place)."""
         return DecoderState(
             self_kv=[np.take(t, rows, axis=0) for t in self.self_kv],
-            cross_kv=[np.take(t, rows, axis=0) for t in self.cross_kv],
+            cross_kv=cross_kv,
             encoder_hidden=None if self.encoder_hidden is None else np.take(self.encoder_hidden, rows, axis=0),
             encoder_mask=np.take(self.encoder_mask, rows, axis=0),
             past_len=self.past_len,
+            buffers=buffers or [],
+            pool=pool,
         )
 
     def repeat(self, times: int, pool: BufferPool) -> DecoderState:
@@ -126,15 +136,7 @@ class DecoderState:
         buffers = pool.take(rows, [t.shape[1:] for t in self.cross_kv], self.cross_kv[0].dtype) if self.cross_kv else []
         for buffer, tensor in zip(buffers, self.cross_kv, strict=True):
             buffer[:rows].reshape(self.rows, times, *tensor.shape[1:])[:] = tensor[:, None]
-        return DecoderState(
-            self_kv=[np.take(t, index, axis=0) for t in self.self_kv],
-            cross_kv=[b[:rows] for b in buffers],
-            encoder_hidden=None if self.encoder_hidden is None else np.take(self.encoder_hidden, index, axis=0),
-            encoder_mask=np.take(self.encoder_mask, index, axis=0),
-            past_len=self.past_len,
-            buffers=buffers,
-            pool=pool,
-        )
+        return self._gathered(index, [b[:rows] for b in buffers], buffers, pool)
 
     def keep(self, rows: np.ndarray) -> DecoderState:
         """Keep only `rows` (ascending): like `select`, but the cross-attention K/V, by far the largest
@@ -151,15 +153,7 @@ class DecoderState:
             for new, old in enumerate(order):
                 if new != old:
                     tensor[new] = tensor[old]
-        return DecoderState(
-            self_kv=[np.take(t, rows, axis=0) for t in self.self_kv],
-            cross_kv=[t[: len(order)] for t in self.cross_kv],
-            encoder_hidden=None if self.encoder_hidden is None else np.take(self.encoder_hidden, rows, axis=0),
-            encoder_mask=np.take(self.encoder_mask, rows, axis=0),
-            past_len=self.past_len,
-            buffers=self.buffers,
-            pool=self.pool,
-        )
+        return self._gathered(rows, [t[: len(order)] for t in self.cross_kv], self.buffers, self.pool)
 
     def release(self) -> None:
         """Give pooled tensors back for the next batch; the state must not be used afterwards."""
