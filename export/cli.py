@@ -13,9 +13,8 @@ from typing import Any
 import click
 
 from engine.bundle import MANIFEST_NAME
-from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError
-from train.checkpoint import RUN_DEFAULT
+from train.checkpoint import run_data_options
 
 
 class _EchoHandler(logging.Handler):
@@ -42,14 +41,7 @@ class _EchoHandler(logging.Handler):
     default=None,
     help="Decoder files to ship (default: merged: as fast as split in the engine, half the memory).",
 )
-@click.option("--caption-column", default=None, help=f"Caption column of the --data metadata. {RUN_DEFAULT.format('text')}")
-@click.option(
-    "--skip-bad/--no-skip-bad", default=None, help=f"Use the good --data examples, skipping bad files. {RUN_DEFAULT.format('no')}"
-)
-@click.option(
-    "--test-ratio", type=FiniteFloatRange(0, 1, max_open=True), default=None,
-    help=f"Test share of the --data hash split. {RUN_DEFAULT.format(0.1)}",
-)  # fmt: skip
+@run_data_options("the --data metadata", "Use the good --data examples, skipping bad files.")
 def export(
     checkpoint: Path,
     out: Path,

@@ -14,7 +14,7 @@ import click
 
 from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError
-from train.checkpoint import RUN_DEFAULT
+from train.checkpoint import run_data_options
 
 
 @click.command("parity")
@@ -28,13 +28,7 @@ from train.checkpoint import RUN_DEFAULT
 @click.option("--tolerance", type=FiniteFloatRange(min=0), default=None, help="Max |BLEU difference| (default 0.1 fp32, 1.0 int8).")
 @click.option("--min-identical", type=FiniteFloatRange(0, 1), default=None, help="Min share of identical captions (default 0.99 fp32, none for int8).")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the full report as JSON here.")
-@click.option("--caption-column", default=None, help=f"Caption column of the metadata. {RUN_DEFAULT.format('text')}")
-@click.option(
-    "--skip-bad/--no-skip-bad", default=None, help=f"Compare on the good examples, skipping bad files. {RUN_DEFAULT.format('no')}"
-)
-@click.option(
-    "--test-ratio", type=FiniteFloatRange(0, 1, max_open=True), default=None, help=f"Test share of the hash split. {RUN_DEFAULT.format(0.1)}"
-)
+@run_data_options("the metadata", "Compare on the good examples, skipping bad files.")
 def parity(
     bundle: Path,
     checkpoint: Path,

@@ -82,6 +82,29 @@ RUN_CONFIG = "run_config.json"
 RUN_DEFAULT = "Default: the training run's (RUN/run_config.json beside the checkpoint), else {}."
 
 
+def run_data_options(what: str, skip_bad_help: str) -> Callable[[Any], Any]:
+    """The --caption-column, --skip-bad/--no-skip-bad and --test-ratio options of a command that reads a data
+    folder as a checkpoint's training run did (their None defaults: see `data_settings`). `what` names the
+    data folder in the help ("the metadata", "the --data metadata")."""
+    import click
+
+    from engine.click_types import FiniteFloatRange
+
+    options = [
+        click.option("--caption-column", default=None, help=f"Caption column of {what}. {RUN_DEFAULT.format('text')}"),
+        click.option("--skip-bad/--no-skip-bad", default=None, help=f"{skip_bad_help} {RUN_DEFAULT.format('no')}"),
+        click.option("--test-ratio", type=FiniteFloatRange(0, 1, max_open=True), default=None,
+                     help=f"Test share of the hash split. {RUN_DEFAULT.format(0.1)}"),
+    ]  # fmt: skip
+
+    def apply(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 @dataclass(frozen=True)
 class DataSettings:
     """How to read a data folder: the options of `edlight train` that shape the examples and the split.

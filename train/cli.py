@@ -9,7 +9,7 @@ import click
 
 from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError
-from train.checkpoint import RUN_DEFAULT
+from train.checkpoint import run_data_options
 from train.loop import PRECISIONS
 
 
@@ -164,13 +164,7 @@ def train(
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the checkpoint's generation config.")
-@click.option("--caption-column", default=None, help=f"Caption column of the metadata. {RUN_DEFAULT.format('text')}")
-@click.option(
-    "--test-ratio", type=FiniteFloatRange(0, 1, max_open=True), default=None, help=f"Test share of the hash split. {RUN_DEFAULT.format(0.1)}"
-)
-@click.option(
-    "--skip-bad/--no-skip-bad", default=None, help=f"Score the good examples and skip bad files. {RUN_DEFAULT.format('no')}"
-)
+@run_data_options("the metadata", "Score the good examples and skip bad files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 def evaluate(
     checkpoint: Path,
