@@ -328,15 +328,6 @@ def _older(checkpoint: Path, than: Path) -> bool:
         return True
 
 
-def _planned_epochs(out: Path) -> int | None:
-    """The epochs run_config.json says the run was planned for (None when it does not say)."""
-    try:
-        epochs = json.loads((out / "run_config.json").read_text()).get("epochs")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return epochs if isinstance(epochs, int) else None
-
-
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -349,16 +340,19 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _write_json(path: Path, value: dict[str, Any]) -> None:
+def _replace_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a kill leaves the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    _replace_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    _replace_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def plot_curves(metrics: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any]], path: Path) -> None:
@@ -584,8 +578,9 @@ def _run(config: TrainConfig) -> TrainResult:
         metrics = state.get("metrics") or [m for m in _read_jsonl(out / "metrics.jsonl") if m["epoch"] <= start_epoch]
         steps_log = state.get("steps") or [s for s in _read_jsonl(out / "steps.jsonl") if s["step"] <= step]
         log(f"resuming {out} after epoch {start_epoch} (step {step})")
-        planned = _planned_epochs(out)
-        if planned is not None and planned != cfg.epochs and start_epoch < cfg.epochs:
+        saved = json.loads((out / "run_config.json").read_text())  # _check_out has parsed it already
+        planned = saved.get("epochs")
+        if isinstance(planned, int) and planned != cfg.epochs and start_epoch < cfg.epochs:
             # The restored optimizer takes one more step at the old rate; the new schedule sets the next.
             replanned_lr = cfg.lr * _lr_lambda(total_steps, warmup)(step + 1)
             log(
@@ -596,7 +591,6 @@ def _run(config: TrainConfig) -> TrainResult:
         if is_main and start_epoch < cfg.epochs:
             # A record of what this run now is (epochs and precision may change on resume); replaced whole,
             # so a kill cannot leave a run whose settings are unreadable.
-            saved = json.loads((out / "run_config.json").read_text())
             _write_json(out / "run_config.json", {**saved, "epochs": cfg.epochs, "precision": forward_precision})
         if is_main:
             if metrics and metrics[-1]["epoch"] == start_epoch and metrics[-1].get("best") and _older(out / "best", out / "last"):
