@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 FIELDS = ("file", "caption", "error", "model")
 LEGACY_CSV_FIELDS = FIELDS[:3]  # CSV files written before records named their model: resumed as they are
+CSV_HEADERS = (FIELDS, LEGACY_CSV_FIELDS)
 
 
 class OutputError(EdlightError):
@@ -270,7 +271,12 @@ def record_name(file: str, fmt: str) -> str:
 
 def _csv_header(path: Path) -> tuple[str, ...]:
     with open(path, encoding="utf-8", errors="replace") as handle:
-        return tuple(handle.readline().rstrip("\r\n").split(","))
+        return _columns(handle.readline())
+
+
+def _columns(line: str) -> tuple[str, ...]:
+    """The names in a CSV header line (ours never need quoting)."""
+    return tuple(line.rstrip("\r\n").split(","))
 
 
 def format_record(record: dict[str, Any], fmt: str, columns: tuple[str, ...] = FIELDS) -> str:
@@ -343,7 +349,7 @@ def _parse_line(out: Path, fmt: str, number: int, raw: bytes) -> _Line:
         text = raw.decode("utf-8")
         if fmt == "csv":
             if number == 1:
-                if tuple(text.rstrip("\r").split(",")) not in (FIELDS, LEGACY_CSV_FIELDS):
+                if _columns(text) not in CSV_HEADERS:
                     raise ValueError(f"the first line is not the CSV header {','.join(FIELDS)}")
                 return _Line(raw + b"\n", None)
             row = next(csv.reader([text]))
@@ -373,7 +379,7 @@ def _is_torn_record(tail: bytes, fmt: str, first_line: bool) -> bool:
     if fmt == "jsonl":
         return text.startswith(JSONL_START) or JSONL_START.startswith(text)
     if first_line:
-        return any(",".join(header).startswith(text) for header in (FIELDS, LEGACY_CSV_FIELDS))
+        return any(",".join(header).startswith(text) for header in CSV_HEADERS)
     return True  # after the header, any text can start a row
 
 
@@ -615,8 +621,8 @@ def _is_caption_file(path: Path) -> bool:
             first = handle.readline(64 * 1024)
     except OSError:
         return False
-    text = first.decode("utf-8", "replace").rstrip("\r\n")
-    return not first or text.startswith(JSONL_START) or tuple(text.split(",")) in (FIELDS, LEGACY_CSV_FIELDS)
+    text = first.decode("utf-8", "replace")
+    return not first or text.startswith(JSONL_START) or _columns(text) in CSV_HEADERS
 
 
 def output_path(out: str | os.PathLike[str] | None, fmt: str) -> Path:
