@@ -9,7 +9,7 @@ import click
 
 from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError
-from engine.folder import IMAGE_EXTENSIONS, resolve_format
+from engine.folder import IMAGE_EXTENSIONS, is_stream, output_path, resolve_format
 from engine.images import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
@@ -85,11 +85,13 @@ def caption(
     """Caption image files and folders (walked recursively, sorted) into JSONL or CSV records.
 
     Resumes by default: images already captioned in the output are skipped and images whose record
-    is an error are tried again. A bad image becomes an error record and the run goes on. One run at
-    a time writes an output (a second is refused), and only with the model that wrote it.
+    is an error are tried again. Records name files relative to their input folder; an output whose
+    caption of a name was written for a file of another size (another folder's image of that name)
+    is refused. A bad image becomes an error record and the run goes on. One run at a time writes an
+    output (a second is refused), and only with the model that wrote it.
 
     Exit status: 0 done (see --strict), 1 --strict and something failed, 2 the job cannot run (bad
-    model, input or output).
+    model, input or output), 130 interrupted (Ctrl-C; rerun to resume).
     """
     fmt = resolve_format(fmt, out)
     if use_ray:
@@ -113,7 +115,20 @@ def caption(
         summary = captioner.caption_folder(list(inputs), out=out, fmt=fmt, overwrite=overwrite, progress=not quiet)
     except (EdlightError, FileNotFoundError) as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        _interrupted(out, fmt)
     _finish(summary, strict)
+
+
+def _interrupted(out: Path | None, fmt: str) -> NoReturn:
+    """Ctrl-C: say what is kept and how to go on; exit 130 (not 1, which means images failed)."""
+    target = output_path(out, fmt)
+    if is_stream(target):
+        click.echo("interrupted", err=True)
+    else:
+        click.echo(f"interrupted: the records written so far are kept in {target}; "
+                   "run the same command again to caption the rest", err=True)
+    raise SystemExit(130)
 
 
 def _fail(exc: Exception) -> NoReturn:
@@ -159,4 +174,6 @@ def _caption_on_ray(
         )
     except (EdlightError, FileNotFoundError) as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        _interrupted(out, fmt)
     _finish(summary, strict)

@@ -1,10 +1,12 @@
 """Folder jobs: walk inputs, caption, and stream one record per image to JSONL or CSV, resumably.
 
 Records are ``{"file": path relative to its input folder, "caption": str|None, "error": str|None,
-"model": the bundle's model_id}``, in input order (folders are walked recursively in sorted order). They are appended and flushed batch
+"model": the bundle's model_id, "bytes": the image file's size}``, in input order (folders are walked recursively in sorted order). They are appended and flushed batch
 by batch, so a killed run keeps everything it finished. By default a rerun resumes: files that already
 have a caption are skipped, files whose record is an error are tried again (their old error records
-are dropped from the file first), and a torn last line (the write a kill interrupted) is cut off.
+are dropped from the file first), and a torn last line (the write a kill interrupted) is cut off. A name
+whose record was written for a file of another size (another folder's image of the same name, or the image
+since replaced) stops the run before anything is written: skipping it would keep a wrong caption.
 A bad image is an error record, never a crash; a folder that cannot be listed is reported and skipped.
 One run at a time may write an output file (a lock next to it, `.NAME.lock`, says who), and only with
 the model that wrote its records: a resume with another bundle would mix two models' captions.
@@ -47,9 +49,10 @@ IMAGE_EXTENSIONS = frozenset({
 FORMATS = ("jsonl", "csv")
 log = logging.getLogger(__name__)
 
-FIELDS = ("file", "caption", "error", "model")
-LEGACY_CSV_FIELDS = FIELDS[:3]  # CSV files written before records named their model: resumed as they are
-CSV_HEADERS = (FIELDS, LEGACY_CSV_FIELDS)
+FIELDS = ("file", "caption", "error", "model", "bytes")
+# CSV files written before records named their model (3 columns) or their file's size (4): resumed as they
+# are, and appended to with their own columns.
+CSV_HEADERS = (FIELDS, FIELDS[:4], FIELDS[:3])
 
 
 class OutputError(EdlightError):
@@ -66,6 +69,10 @@ class InputFile:
     path: Path  # where to read it
     file: str  # the record's "file": relative to its input folder (posix separators)
     real: str  # the file's path with symlinks resolved (one record per real file)
+    bytes: int | None = None  # its size when found (None: cannot be read, e.g. a broken symlink)
+    # Its "file" under the other naming rule of collect_inputs (prefixed with its input, or not): records
+    # of an earlier run with other inputs may use it.
+    other_name: str | None = None
 
 
 @dataclass
@@ -132,7 +139,7 @@ def collect_inputs(
         else:
             _require_input(raw)
             walked = [(root, root.name)]
-        found += [InputFile(path, name, os.path.realpath(path)) for path, name in walked]
+        found += [InputFile(path, name, os.path.realpath(path), _size(path)) for path, name in walked]
         given += [os.fspath(raw)] * len(walked)
     chosen: dict[str, int] = {}  # real path -> index into found
     for index, item in enumerate(found):
@@ -146,12 +153,20 @@ def collect_inputs(
     found, given = [found[i] for i in kept], [given[i] for i in kept]
     # Two inputs can hold the same relative name (a/x.png, b/x.png): then prefix with the input.
     names = [item.file for item in found]
-    if len(set(names)) != len(names):
-        return [
-            InputFile(item.path, f"{Path(raw).as_posix().rstrip('/')}/{item.file}" if Path(raw).is_dir() else raw, item.real)
-            for item, raw in zip(found, given, strict=True)
-        ]
-    return found
+    prefix = len(set(names)) != len(names)
+    named = []
+    for item, raw in zip(found, given, strict=True):
+        prefixed = f"{Path(raw).as_posix().rstrip('/')}/{item.file}" if Path(raw).is_dir() else raw
+        file, other = (prefixed, item.file) if prefix else (item.file, prefixed)
+        named.append(InputFile(item.path, file, item.real, item.bytes, other if other != file else None))
+    return named
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
 
 
 def _require_input(raw: str | os.PathLike[str]) -> None:
@@ -193,11 +208,13 @@ def _walk(folder: Path, ancestors: frozenset[tuple[int, int]], unreadable: list[
 class RecordWriter:
     """Appends records to a JSONL or CSV file, one physical line each, flushed per batch."""
 
-    def __init__(self, out: Path, fmt: str, model: str | None = None) -> None:
-        """`model`: stamped into every record (the bundle's model_id)."""
+    def __init__(self, out: Path, fmt: str, model: str | None = None, files: Sequence[InputFile] = ()) -> None:
+        """`model`: stamped into every record (the bundle's model_id); `files`: the inputs being captioned,
+        whose sizes the records carry (looked up by the record's "file")."""
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
         self.out, self.fmt, self.model = out, fmt, model
+        self.sizes = {f.file: f.bytes for f in files}
         self.fields: tuple[str, ...] = FIELDS
         self._handle: TextIO | None = None
         self._regular = True
@@ -213,8 +230,8 @@ class RecordWriter:
             # A stream (/dev/stdout, a pipe, a device) is never read back, truncated or synced.
             self._regular = not is_stream(self.out)
             fresh = not self._regular or not self.out.is_file() or self.out.stat().st_size == 0
-            if not fresh and self.fmt == "csv" and _csv_header(self.out) == LEGACY_CSV_FIELDS:
-                self.fields = LEGACY_CSV_FIELDS  # appended rows keep the file's columns
+            if not fresh and self.fmt == "csv" and (header := _csv_header(self.out)) in CSV_HEADERS:
+                self.fields = header  # appended rows keep the file's columns
             self._handle = open(self.out, "a", encoding="utf-8", newline="")
         except OSError as exc:
             raise OutputError(f"{self.out}: cannot write: {exc.strerror or exc}") from exc
@@ -232,7 +249,9 @@ class RecordWriter:
                 raise OutputError(f"{self.out}: cannot write: {error.strerror or error}") from error
 
     def write(self, records: list[dict[str, Any]]) -> None:
-        self._write("".join(format_record({**r, "model": self.model}, self.fmt, self.fields) for r in records))
+        self._write("".join(
+            format_record({**r, "model": self.model, "bytes": self.sizes.get(r["file"])}, self.fmt, self.fields) for r in records
+        ))
 
     def _write(self, text: str) -> None:
         assert self._handle is not None
@@ -301,6 +320,7 @@ class _Line:
     file: str | None  # None for the CSV header and blank lines
     failed: bool = False
     model: str | None = None  # the model that wrote it (None: not said, as in records before the field)
+    bytes: int | None = None  # the size of the file it was written for (None: not said)
 
 
 JSONL_START = '{"file": '  # how every JSONL record of ours begins (format_record)
@@ -354,14 +374,28 @@ def _parse_line(out: Path, fmt: str, number: int, raw: bytes) -> _Line:
                 return _Line(raw + b"\n", None)
             row = next(csv.reader([text]))
             file, failed, model = row[0], len(row) > 2 and bool(row[2]), row[3] if len(row) > 3 and row[3] else None
+            size: object = row[4] if len(row) > 4 and row[4] else None
         else:
             record = json.loads(text)
-            file, failed, model = record["file"], record.get("error") is not None, record.get("model")
+            file, failed, model, size = record["file"], record.get("error") is not None, record.get("model"), record.get("bytes")
+        size = None if size is None else int(size)  # type: ignore[call-overload]
     except (UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError, StopIteration) as exc:
+        if number == 1 and (other := _other_format(raw, fmt)):
+            raise OutputError(f"{out}: a {other.upper()} caption file, not {fmt.upper()}: caption into it with --format {other}") from exc
         # A damaged caption file may be started afresh; anything else is not ours to replace.
         remedy = "choose another output" if number == 1 else "fix the file, or start afresh with --overwrite"
         raise OutputError(f"{out}:{number}: not a caption record ({exc}); {remedy}") from exc
-    return _Line(raw + b"\n", str(file), failed, None if model is None else str(model))
+    return _Line(raw + b"\n", str(file), failed, None if model is None else str(model), size)
+
+
+def _other_format(first_line: bytes, fmt: str) -> str | None:
+    """The other format's name if `first_line` starts a caption file of that format, else None."""
+    text = first_line.decode("utf-8", "replace")
+    if fmt == "jsonl" and _columns(text) in CSV_HEADERS:
+        return "csv"
+    if fmt == "csv" and text.startswith(JSONL_START):
+        return "jsonl"
+    return None
 
 
 def _is_torn_record(tail: bytes, fmt: str, first_line: bool) -> bool:
@@ -576,8 +610,14 @@ def plan_folder_job(
             f"{out_path}: holds captions of another model ({', '.join(others)}; this bundle is {model}); "
             "choose another output, or --overwrite to replace them"
         )
-    done = {line.file: line.failed for line in lines if line.file is not None}
+    records = {line.file: line for line in lines if line.file is not None}  # a file's later record counts
+    done = {file: line.failed for file, line in records.items()}
     names = {f.file: _resumed_name(f.file, fmt, done) for f in files}
+    _refuse_renamed(out_path, [
+        f for f in files
+        if names[f.file] not in records and f.other_name is not None and _resumed_name(f.other_name, fmt, done) in records
+    ])
+    _refuse_other_files(out_path, [(f, records[names[f.file]]) for f in files if names[f.file] in records])
     retry = {names[f.file] for f in files if done.get(names[f.file])}
     if retry:
         _drop_lines(target, lines, retry)
@@ -587,6 +627,42 @@ def plan_folder_job(
         retried=len(retry), unreadable=unreadable, duplicates=duplicates,
     )
     return todo, summary
+
+
+def _refuse_renamed(out: Path, renamed: list[InputFile]) -> None:
+    """Raise OutputError if `out` holds records of these inputs under their other name (see collect_inputs).
+
+    Adding or removing an input folder whose images share names with another's switches the names
+    between `x.png` and `folder/x.png`; resuming then would caption everything again under new names.
+    """
+    if renamed:
+        shown = ", ".join(f"{f.other_name!r} (now {f.file!r})" for f in renamed[:3])
+        raise OutputError(
+            f"{out}: holds records of {len(renamed)} of these images under other names: {shown}. Names are "
+            "relative to their input folder, prefixed with the folder when two inputs hold the same names: "
+            "resume with the inputs that wrote it, or caption into another output"
+        )
+
+
+def _refuse_other_files(out: Path, resumed: list[tuple[InputFile, _Line]]) -> None:
+    """Raise OutputError if a caption in `out` was written for another file than the input of its name.
+
+    Names are relative to their input folder, so two folders' images can share one; a replaced image
+    keeps its name too. Told apart by size: skipping such an image would keep another image's caption,
+    and captioning it would replace one. Error records are retried anyway; records without a size
+    (written before records had one) are trusted.
+    """
+    other = [(f, line.bytes) for f, line in resumed
+             if not line.failed and line.bytes is not None and f.bytes is not None and line.bytes != f.bytes]
+    if not other:
+        return
+    shown = "; ".join(f"{f.file!r}: {size} bytes there, {f.path} has {f.bytes}" for f, size in other[:3])
+    more = f"; and {len(other) - 3} more" if len(other) > 3 else ""
+    raise OutputError(
+        f"{out}: {len(other)} of its captions were written for other files of the same names ({shown}{more}). "
+        "Images of the same names from another folder: caption them into another output. Images replaced "
+        "since: delete their records from the output to caption them again, or start afresh with --overwrite"
+    )
 
 
 def _as_list(inputs: Inputs) -> list[str | os.PathLike[str]]:
@@ -666,7 +742,7 @@ def caption_folder(
         items = ((f.file, f.path, str(f.path)) for f in todo)
         pending: list[dict[str, Any]] = []
         try:
-            with RecordWriter(summary.out, fmt, model) as writer:
+            with RecordWriter(summary.out, fmt, model, todo) as writer:
                 for file, caption, error in captioner.iter_captions(items):
                     pending.append({"file": file, "caption": caption, "error": error})
                     if len(pending) >= captioner.batch_size:

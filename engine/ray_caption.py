@@ -203,7 +203,7 @@ def caption_folder_ray(
             rows = [{"file": f.file, "path": str(f.path.absolute()), "label": str(f.path)} for f in todo]
             bar = _progress_bar(len(todo), progress)
             try:
-                with RecordWriter(summary.out, fmt, model) as writer:
+                with RecordWriter(summary.out, fmt, model, todo) as writer:
                     for records in _stream_records(ray, rows, constructor, plan, batch_size, stall_timeout):
                         write_batch(writer, records, summary, bar)
             finally:

@@ -174,6 +174,28 @@ def test_resume_after_a_killed_run(engine_bundle: Path, tmp_path: Path) -> None:
     assert all(r["error"] is None for r in got)
 
 
+def test_ctrl_c_keeps_the_records_and_says_how_to_go_on(engine_bundle: Path, tmp_path: Path) -> None:
+    names = make_folder(tmp_path / "in", 60)
+    out = tmp_path / "captions.jsonl"
+    command = [sys.executable, "-m", "engine.cli", "caption", str(tmp_path / "in"), "--model", str(engine_bundle),
+               "--out", str(out), "--batch-size", "1", "--threads", "1", "--quiet"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= 2:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 130, stderr
+    assert f"interrupted: the records written so far are kept in {out}; run the same command again" in stderr
+    assert "Traceback" not in stderr
+    kept = read_done(out, "jsonl")
+    assert 2 <= len(kept) < len(names)
+    assert subprocess.run(command, cwd=REPO, capture_output=True, timeout=300).returncode == 0
+    assert [r["file"] for r in records(out)] == names
+
+
 def test_csv_output_and_resume(captioner: Captioner, tmp_path: Path) -> None:
     names = make_folder(tmp_path / "in", 5)
     out = tmp_path / "c.csv"
@@ -206,6 +228,19 @@ def test_a_damaged_output_is_refused_not_clobbered(captioner: Captioner, tmp_pat
     assert out.read_text().startswith("garbage line")
 
 
+def test_the_other_formats_caption_file_is_named_as_such(captioner: Captioner, tmp_path: Path) -> None:
+    make_folder(tmp_path / "in", 2)
+    csv_out, jsonl_out = tmp_path / "c.csv", tmp_path / "j.jsonl"
+    captioner.caption_folder(tmp_path / "in", out=csv_out, progress=False)
+    captioner.caption_folder(tmp_path / "in", out=jsonl_out, progress=False)
+    before = csv_out.read_bytes(), jsonl_out.read_bytes()
+    with pytest.raises(OutputError, match=r"c\.csv: a CSV caption file, not JSONL: caption into it with --format csv$"):
+        captioner.caption_folder(tmp_path / "in", out=csv_out, fmt="jsonl", progress=False)
+    with pytest.raises(OutputError, match=r"j\.jsonl: a JSONL caption file, not CSV: caption into it with --format jsonl$"):
+        captioner.caption_folder(tmp_path / "in", out=jsonl_out, fmt="csv", progress=False)
+    assert (csv_out.read_bytes(), jsonl_out.read_bytes()) == before
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="needs a file system that takes any bytes in a name")
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_odd_file_names_are_written_and_resumed(captioner: Captioner, tmp_path: Path, fmt: str) -> None:
@@ -231,7 +266,7 @@ def test_unusable_outputs_are_named_errors(captioner: Captioner, tmp_path: Path)
     jsonl = tmp_path / "o.jsonl"
     captioner.caption_folder(tmp_path / "in", out=jsonl, progress=False)
     before = jsonl.read_bytes()
-    with pytest.raises(OutputError, match=r"o\.jsonl:1: .*not the CSV header"):
+    with pytest.raises(OutputError, match=r"o\.jsonl: a JSONL caption file, not CSV"):
         captioner.caption_folder(tmp_path / "in", out=jsonl, fmt="csv", progress=False)
     assert jsonl.read_bytes() == before
     if Path("/dev/full").exists():  # writes fail with ENOSPC
@@ -250,10 +285,10 @@ def test_cli_writes_to_a_stream_and_picks_csv_from_the_name(engine_bundle: Path,
     result = runner.invoke(caption_command, [*base, "--out", str(fifo), "--overwrite", "--format", "csv"])
     streamed = reader.communicate(timeout=60)[0].decode()
     assert result.exit_code == 0, result.output
-    assert streamed.startswith("file,caption,error,model\n") and len(streamed.splitlines()) == 3
+    assert streamed.startswith("file,caption,error,model,bytes\n") and len(streamed.splitlines()) == 3
     assert fifo.exists()
     named = runner.invoke(caption_command, [*base, "--out", str(tmp_path / "c.csv")])
-    assert named.exit_code == 0 and (tmp_path / "c.csv").read_text().startswith("file,caption,error,model\n")
+    assert named.exit_code == 0 and (tmp_path / "c.csv").read_text().startswith("file,caption,error,model,bytes\n")
 
 
 def test_cli_captions_prints_a_summary_and_honours_strict(engine_bundle: Path, tmp_path: Path) -> None:
@@ -271,7 +306,7 @@ def test_cli_captions_prints_a_summary_and_honours_strict(engine_bundle: Path, t
     assert strict.exit_code == 1 and "failed 1 (1 retried after failing before), 4 already done of 5" in strict.output
     assert sorted(r["file"] for r in records(out)) == sorted(names + ["zero.jpg"])  # its old error record is gone
     csv_run = runner.invoke(caption_command, [*args[:-3], "--out", str(tmp_path / "x.csv"), "--format", "csv", "--quiet"])
-    assert csv_run.exit_code == 0 and (tmp_path / "x.csv").read_text().startswith("file,caption,error,model\n")
+    assert csv_run.exit_code == 0 and (tmp_path / "x.csv").read_text().startswith("file,caption,error,model,bytes\n")
 
 
 def test_cli_refuses_a_missing_or_tampered_bundle_before_reading_images(engine_bundle: Path, tmp_path: Path) -> None:
@@ -559,6 +594,75 @@ def test_a_csv_from_before_the_model_column_keeps_its_columns(captioner: Caption
     assert rows[0] == ["file", "caption", "error"] and all(len(row) == 3 for row in rows)
 
 
+def test_a_csv_from_before_the_size_column_keeps_its_columns(captioner: Captioner, tmp_path: Path) -> None:
+    import csv
+
+    names = make_folder(tmp_path / "in", 2)
+    out = tmp_path / "o.csv"
+    out.write_text("file,caption,error,model\n" + f"{names[0]},an old caption,,{captioner.bundle.model_id}\n")
+    summary = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    assert (summary.skipped, summary.captioned) == (1, 1)
+    rows = list(csv.reader(out.open(encoding="utf-8")))
+    assert rows[0] == ["file", "caption", "error", "model"] and all(len(row) == 4 for row in rows)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_records_carry_the_file_size_and_another_file_of_the_same_name_is_refused(
+    captioner: Captioner, tmp_path: Path, fmt: str
+) -> None:
+    first, second = tmp_path / "day1", tmp_path / "day2"
+    for folder, seed in ((first, 1), (second, 2)):
+        folder.mkdir()
+        photo(seed).save(folder / "same.png")
+        photo(seed, 80, 40).save(folder / f"only_{folder.name}.png")
+    photo(3, 200, 100).save(second / "same.png")  # another image under the same name (another size)
+    out = tmp_path / f"captions.{fmt}"
+    captioner.caption_folder(first, out=out, progress=False)
+    if fmt == "jsonl":
+        assert {r["file"]: r["bytes"] for r in records(out)} == {
+            name: (first / name).stat().st_size for name in ("only_day1.png", "same.png")
+        }
+    else:
+        assert out.read_text().splitlines()[0] == "file,caption,error,model,bytes"
+    before = out.read_bytes()
+    size = (first / "same.png").stat().st_size
+    with pytest.raises(OutputError, match=rf"1 of its captions were written for other files of the same names \('same\.png': {size} bytes there"):
+        captioner.caption_folder(second, out=out, progress=False)
+    assert out.read_bytes() == before  # nothing skipped, nothing replaced, nothing appended
+    # The same image again, copied elsewhere (same size), resumes; so does the first folder itself.
+    shutil.copy(first / "same.png", second / "same.png")
+    summary = captioner.caption_folder(second, out=out, progress=False)
+    assert (summary.skipped, summary.captioned) == (1, 1)
+    assert captioner.caption_folder(first, out=out, progress=False).skipped == 2
+    # An error record is retried whatever its size; a record without a size (older runs) is trusted.
+    if fmt == "jsonl":
+        out.write_text(
+            json.dumps({"file": "same.png", "caption": None, "error": "unreadable", "bytes": 1}) + "\n"
+            + json.dumps({"file": "only_day2.png", "caption": "old", "error": None}) + "\n"
+        )
+        summary = captioner.caption_folder(second, out=out, progress=False)
+        assert (summary.retried, summary.skipped, summary.captioned) == (1, 1, 1)
+
+
+def test_adding_an_input_that_renames_the_records_is_refused(captioner: Captioner, tmp_path: Path) -> None:
+    photos, more = tmp_path / "photos", tmp_path / "more"
+    make_folder(photos, 2)
+    more.mkdir()
+    shutil.copy(photos / "img_001.png", more / "img_001.png")  # the same relative name in another folder
+    out = tmp_path / "o.jsonl"
+    captioner.caption_folder(photos, out=out, progress=False)
+    before = out.read_bytes()
+    with pytest.raises(OutputError, match=r"holds records of 3 of these images under other names: 'img_001\.png' \(now '.*photos/img_001\.png'\)"):
+        captioner.caption_folder([photos, more], out=out, progress=False)
+    assert out.read_bytes() == before
+    # The other way round: records written with folder prefixes, resumed with one folder.
+    both = tmp_path / "both.jsonl"
+    assert captioner.caption_folder([photos, more], out=both, progress=False).captioned == 3
+    with pytest.raises(OutputError, match=r"under other names: '.*photos/nested/img_000\.png' \(now 'nested/img_000\.png'\)"):
+        captioner.caption_folder(photos, out=both, progress=False)
+    assert captioner.caption_folder([photos, more], out=both, progress=False).skipped == 3
+
+
 def test_overwrite_replaces_only_a_caption_file(captioner: Captioner, tmp_path: Path) -> None:
     make_folder(tmp_path / "in", 2)
     notes = tmp_path / "notes.md"
@@ -711,7 +815,7 @@ def test_api_details_format_from_the_name_path_likes_and_no_folder_for_a_failed_
     make_folder(tmp_path / "in", 2)
     entry = next(e for e in os.scandir(tmp_path) if e.name == "in")  # os.PathLike, not a Path
     summary = captioner.caption_folder(entry, out=tmp_path / "o.csv", progress=False)
-    assert summary.captioned == 2 and (tmp_path / "o.csv").read_text().startswith("file,caption,error,model\n")
+    assert summary.captioned == 2 and (tmp_path / "o.csv").read_text().startswith("file,caption,error,model,bytes\n")
     with pytest.raises(FileNotFoundError, match="nope: no such file or folder"):
         captioner.caption_folder([tmp_path / "nope"], out=tmp_path / "new" / "deep" / "x.jsonl", progress=False)
     assert not (tmp_path / "new").exists()
