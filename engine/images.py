@@ -16,11 +16,14 @@ Images are read once, here, at the edge of the engine:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
 import stat
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from struct import error as struct_error  # raised by a few PIL plugins on garbage headers
 from typing import IO
@@ -130,14 +133,44 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, label: str) -> None:
         )
 
 
+def _open_checked(handle: IO[bytes], max_pixels: int, label: str) -> Image.Image:
+    with warnings.catch_warnings():
+        # Our own cap decides; PIL's bomb warning would only repeat it less precisely.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(handle)
+        _check_pixels(image.size, max_pixels, label)
+        image.load()  # decodes the first frame only
+    return image
+
+
+@contextlib.contextmanager
+def _pillow_limit_lifted() -> Iterator[None]:
+    """PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS (179 MP) in Image.open, whatever our cap says.
+    Lifted only while one such image is opened under a cap above that, which `_check_pixels` enforces
+    instead (the lock: the limit is a module global)."""
+    with _PILLOW_LIMIT_LOCK:
+        limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
 def _decode(handle: IO[bytes], max_pixels: int, label: str, heif_tried: bool = False) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            # Our own cap decides; PIL's bomb warning would only repeat it less precisely.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(handle)
-            _check_pixels(image.size, max_pixels, label)
-            image.load()  # decodes the first frame only
+        try:
+            image = _open_checked(handle, max_pixels, label)
+        except Image.DecompressionBombError:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and 0 < max_pixels <= 2 * limit:
+                raise
+            handle.seek(0)
+            with _pillow_limit_lifted():
+                image = _open_checked(handle, max_pixels, label)
     except ImageError:
         raise
     except UnidentifiedImageError as exc:

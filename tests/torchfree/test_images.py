@@ -52,6 +52,20 @@ def test_pixel_cap_is_configurable(tmp_path: Path) -> None:
         load_image(tmp_path / "a.png", max_pixels=9_999)
 
 
+def test_a_cap_above_pillows_own_limit_is_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # PIL refuses images over 2 x MAX_IMAGE_PIXELS in Image.open (179 MP by default); a larger --max-pixels
+    # must still decode them. Shown with a small PIL limit instead of a 200 MP file.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
+    Image.new("RGB", (100, 50), (0, 128, 255)).save(tmp_path / "big.png")  # 5000 px > 2 x 1000
+    assert np.asarray(load_image(tmp_path / "big.png", max_pixels=10_000))[0, 0].tolist() == [0, 128, 255]
+    assert load_image(tmp_path / "big.png", max_pixels=0).size == (100, 50)  # no cap at all
+    assert Image.MAX_IMAGE_PIXELS == 1_000  # lifted only while that image was opened
+    with pytest.raises(ImageError, match=r"big\.png: image too large to decode safely: 100x50 = 0\.0 MP exceeds the pixel cap"):
+        load_image(tmp_path / "big.png", max_pixels=4_000)  # our cap, above PIL's: ours decides
+    with pytest.raises(ImageError, match=r"big\.png: image too large to decode safely \(.*\); the pixel cap is 0\.0 MP"):
+        load_image(tmp_path / "big.png", max_pixels=1_500)  # under PIL's limit: PIL refuses first
+
+
 def test_alpha_is_flattened_on_white() -> None:
     image = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     image.putpixel((0, 0), (0, 0, 255, 255))
