@@ -4,7 +4,18 @@ VENV := .venv
 ENGINE_VENV := .venv-engine
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install install-engine run test test-full test-torchfree lint model upgrade clean
+.PHONY: help install install-engine run test test-full test-torchfree lint model upgrade clean
+
+help:
+	@echo "make run        caption examples/ with the bundled model (builds .venv-engine: engine only, no torch)"
+	@echo "make test       the whole suite in .venv, then the engine suite again in .venv-engine (no torch)"
+	@echo "make install    build .venv: everything, pinned by constraints.txt"
+	@echo "make install-engine  build .venv-engine only"
+	@echo "make lint       ruff and mypy"
+	@echo "make model      rebuild engine/default_bundle from the generator (fixed seeds)"
+	@echo "make upgrade    re-resolve the newest allowed versions into constraints.txt"
+	@echo "make clean      remove the virtual environments and build/"
+	@echo "Without a local torch wheel: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make test"
 
 install: $(VENV)/.installed
 
@@ -50,7 +61,7 @@ upgrade:
 	rm -rf build/upgrade-venv
 	$(PYTHON) -m venv build/upgrade-venv
 	build/upgrade-venv/bin/pip install -q --upgrade pip
-	build/upgrade-venv/bin/pip install -q 'torch==2.13.0' -e '.[all]'
+	build/upgrade-venv/bin/pip install -q 'torch==2.13.0+cpu' -e '.[all]'
 	{ echo "# The exact tested set. Refresh with \`make upgrade\`. torch must stay pinned: an unpinned torch pulls a multi-GB CUDA build."; \
 	  build/upgrade-venv/bin/pip freeze --exclude-editable | grep -vi '^edlight'; } > constraints.txt
 	rm -rf build/upgrade-venv
