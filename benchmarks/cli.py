@@ -90,8 +90,9 @@ def bench(
     )
     cache = (cache_dir or default_cache()).expanduser().absolute()
     earlier = [out / name for name in ("results.json", "results.md", "chart.png", "logs") if (out / name).exists()]
-    if earlier and not overwrite:
-        raise click.ClickException(f"{out} holds the results of an earlier run; pass --overwrite or choose another --out")
+    if earlier and not overwrite:  # like every "cannot run" of the bench: exit 2
+        click.echo(f"error: {out} holds the results of an earlier run; pass --overwrite or choose another --out", err=True)
+        raise SystemExit(2)
     started = time.perf_counter()
 
     def log(message: str) -> None:

@@ -189,10 +189,13 @@ def estimate_peak_bytes(spec: SystemSpec, models: ModelSet, measured: dict[str, 
     return guess
 
 
+CEILING_SKIPPED = "ceiling: skipped (the onnx package is not installed), so no encoder %-of-ceiling column"
+
+
 def measure_ceiling(settings: BenchSettings, log: Log, when: str) -> dict[str, Any] | None:
     """ONNX Runtime MatMul GFLOP/s in a worker of its own; None (with a note) without the onnx package."""
     if not is_installed("onnx"):
-        log("ceiling: skipped (the onnx package is not installed)")
+        log(CEILING_SKIPPED)
         return None
     worker = Worker({"ceiling": {"threads": settings.threads, "seconds": settings.ceiling_seconds}},
                     settings.threads, settings.out / "logs" / f"ceiling-{when}.log")
@@ -427,7 +430,7 @@ def run_benchmark(settings: BenchSettings, models: ModelSet, log: Log) -> dict[s
         "model": models.to_dict() | {"encoder_flops_per_image": flops.to_dict() if flops else None},
         "ceiling": {"matmul_gflops": ceiling_gflops, "measurements": ceilings},
         "skipped": skipped,
-        "notes": models.notes,
+        "notes": models.notes + ([] if ceilings or is_installed("onnx") else [CEILING_SKIPPED]),
         "results": results,
         "batch_scaling": scaling,
         "wall_s": time.perf_counter() - started,

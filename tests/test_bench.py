@@ -56,7 +56,7 @@ def test_bad_options_are_refused_with_a_message() -> None:
 def test_earlier_results_are_kept_unless_overwrite(tmp_path: Path) -> None:
     (tmp_path / "results.json").write_text("{}")
     result = CliRunner().invoke(bench, ["--out", str(tmp_path), "--size", "tiny"])
-    assert result.exit_code == 1 and "earlier run" in result.output and "--overwrite" in result.output
+    assert result.exit_code == 2 and "earlier run" in result.output and "--overwrite" in result.output
     assert (tmp_path / "results.json").read_text() == "{}"
     # With --overwrite, a run that cannot start (a --model that is no bundle) keeps them too.
     (tmp_path / "not-a-bundle").mkdir()

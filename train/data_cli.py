@@ -39,7 +39,7 @@ def synth(out: Path, n: int, seed: int, workers: int | None, overwrite: bool) ->
 @data.command("check", short_help="List every problem in a data folder, or summarise it.")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--caption-column", default="text", show_default=True, help="Metadata column with the description.")
-@click.option("--test-ratio", default=0.1, show_default=True, type=FiniteFloatRange(0.0, 1.0), help="For the split count.")
+@click.option("--test-ratio", default=0.1, show_default=True, type=FiniteFloatRange(0.0, 1.0, max_open=True), help="For the split count.")
 @click.option("--split-seed", default=0, show_default=True, type=int, help="For the split count.")
 def check(folder: Path, caption_column: str, test_ratio: float, split_seed: int) -> None:
     """Validate a data folder: list every problem (exit 1) or print a summary (exit 0)."""
