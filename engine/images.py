@@ -177,7 +177,7 @@ def _decode(handle: IO[bytes], max_pixels: int, label: str, heif_tried: bool = F
         if _is_heif(handle):
             if heif_tried:  # pillow-heif could not read it either
                 raise ImageError(f"{label}: truncated or corrupt HEIC/HEIF image data") from exc
-            if _heif_opener_registered():
+            if enable_heif():
                 handle.seek(0)
                 return _decode(handle, max_pixels, label, heif_tried=True)
             raise ImageError(
@@ -206,9 +206,19 @@ def _is_heif(handle: IO[bytes]) -> bool:
     return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
 
 
+def is_heif_file(path: str | os.PathLike[str]) -> bool:
+    """Whether the file at `path` starts like a HEIC/HEIF still image (False if it cannot be read)."""
+    try:
+        with open(path, "rb") as handle:
+            return _is_heif(handle)
+    except OSError:
+        return False
+
+
 @functools.cache
-def _heif_opener_registered() -> bool:
-    """Teach PIL to open HEIF through pillow-heif, once, if it is installed (True then)."""
+def enable_heif() -> bool:
+    """Teach PIL to open HEIF through pillow-heif, once, if it is installed (True then). For code that opens
+    images with PIL itself (training's loader) and must read what the engine reads."""
     try:
         from pillow_heif import register_heif_opener
     except ImportError:

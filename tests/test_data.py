@@ -129,6 +129,24 @@ def test_unreadable_image(folder: Path) -> None:
     assert _only_problem(folder).startswith("a.jpg: unreadable image")
 
 
+def test_a_heic_photo_is_read_as_the_engine_reads_it(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pillow_heif = pytest.importorskip("pillow_heif")
+    from engine import images
+
+    pillow_heif.register_heif_opener()
+    Image.open(folder / "a.jpg").save(folder / "a.heic")
+    (folder / "a.jpg").unlink()
+    text = (folder / "metadata.jsonl").read_text().replace('"a.jpg"', '"a.heic"')
+    (folder / "metadata.jsonl").write_text(text)
+    report = check_folder(folder)
+    assert report.ok and [e.file_name for e in report.examples] == ["a.heic", "b.png", "sub/c.jpg"], report.problems
+    # Without pillow-heif: named as a HEIC photo, with what to install (not "not an image").
+    monkeypatch.setattr(images, "enable_heif", lambda: False)
+    monkeypatch.setattr("train.data.enable_heif", lambda: False)
+    monkeypatch.setattr(Image, "ID", [name for name in Image.ID if "HEIF" not in name.upper()])
+    assert re.match(r"a\.heic: a HEIC/HEIF photo, which needs pillow-heif \(.*pip install '\.\[heif\]'", _only_problem(folder))
+
+
 def test_truncated_image_is_caught_by_a_full_decode(folder: Path) -> None:
     buf = io.BytesIO()
     Image.effect_noise((300, 200), 60).convert("RGB").save(buf, format="JPEG", quality=90)

@@ -268,6 +268,28 @@ def test_images_one_or_three_pixels_high_get_the_engines_patches(height: int, tm
     assert int(mask.sum()) == want.rows * want.cols
 
 
+def test_an_image_gone_since_the_data_check_is_a_named_error(tmp_path: Path) -> None:
+    from transformers import Pix2StructImageProcessor, Pix2StructProcessor
+
+    from engine.errors import ImageError
+    from train.cli import _own_message
+    from train.data import Example
+    from train.loop import CaptionDataset
+    from train.presets import train_tokenizer
+
+    processor = Pix2StructProcessor(
+        image_processor=Pix2StructImageProcessor(max_patches=64, is_vqa=False), tokenizer=train_tokenizer(["a b c"], 100)
+    )
+    dataset = CaptionDataset([Example("gone.png", "a", tmp_path / "gone.png")], processor, augment=False, seed=0)
+    with pytest.raises(ImageError, match=r"gone\.png: cannot read the image any more: No such file"):
+        dataset[(0, 0)]
+    # From a DataLoader worker the error arrives wrapped in its traceback text; the CLI prints its own line.
+    wrapped = ImageError("Caught ImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                         '  File "x.py", line 1, in f\nengine.errors.ImageError: /d/gone.png: cannot read the image any more')
+    assert _own_message(wrapped) == "/d/gone.png: cannot read the image any more"
+    assert _own_message(ImageError("plain")) == "plain"
+
+
 # ----------------------------------------------------------------------------- pieces of the loop
 
 

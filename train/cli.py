@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from engine.click_types import FiniteFloatRange
-from engine.errors import EdlightError
+from engine.errors import EdlightError, ImageError
 from train.checkpoint import run_data_options
 from train.loop import PRECISIONS
 
@@ -21,6 +21,16 @@ def _resume_note(out: Path) -> str:
         f"the latest finished epoch is in {out / 'last'} (the best so far in {out / 'best'}); "
         "continue with the same command plus --resume"
     )
+
+
+def _own_message(exc: Exception) -> str:
+    """`exc`'s message without the traceback text a DataLoader worker's error arrives wrapped in."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
 
 
 @click.command()
@@ -133,6 +143,8 @@ def train(
     )
     try:
         result = run_training(cfg)
+    except ImageError as exc:  # an image gone or changed since the data check, mid-training
+        raise click.ClickException(f"{_own_message(exc)}\n{_resume_note(out)}") from exc
     except EdlightError as exc:
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:

@@ -40,9 +40,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from engine.errors import EdlightError
+from engine.errors import EdlightError, install_hint
 from engine.folder import IMAGE_EXTENSIONS  # what the engine captions: an unlisted one is worth a warning
-from engine.images import DEFAULT_MAX_PIXELS
+from engine.images import DEFAULT_MAX_PIXELS, enable_heif, is_heif_file
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +329,7 @@ def _inspect_image(example: Example) -> tuple[tuple[int, int] | None, Problem | 
             return None, Problem(name, "image not found" if not example.path.exists() else "not a file", name)
     except OSError as exc:  # e.g. a name longer than the file system allows
         return None, Problem(name, f"cannot access the file: {exc.strerror or exc}", name)
+    enable_heif()  # HEIC photos train when the engine can caption them
     try:
         with Image.open(example.path) as im:
             size = im.size
@@ -341,6 +342,9 @@ def _inspect_image(example: Example) -> tuple[tuple[int, int] | None, Problem | 
                 )
             im.load()
     except UnidentifiedImageError:
+        if is_heif_file(example.path):
+            why = "corrupt HEIC/HEIF image" if enable_heif() else f"a HEIC/HEIF photo, which needs pillow-heif ({install_hint('heif')})"
+            return None, Problem(name, why, name)
         return None, Problem(name, "unreadable image (not an image format Pillow can read)", name)
     except Image.DecompressionBombError as exc:
         return None, Problem(name, f"image too large to decode safely ({exc})", name)

@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate tokenises inside worker processes
 
-from engine.errors import EdlightError, is_count
+from engine.errors import EdlightError, ImageError, is_count
+from engine.images import enable_heif
 
 # Generic defaults for fine-tuning a --base checkpoint; presets bring their own (train/presets.py).
 BASE_DEFAULTS = {
@@ -197,7 +198,12 @@ class CaptionDataset:
 
         target = self.max_patches * 16 * 16 * PREDOWNSCALE_AREA
         path = self.examples[i].path
-        with Image.open(path) as f:
+        enable_heif()  # in each DataLoader worker
+        try:
+            handle = Image.open(path)
+        except (OSError, UnidentifiedImageError) as exc:  # checked before training; gone or changed since
+            raise ImageError(f"{path}: cannot read the image any more: {getattr(exc, 'strerror', None) or exc}") from exc
+        with handle as f:
             if f.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale directly: far cheaper
                 side = math.sqrt(target / max(1, f.size[0] * f.size[1]))
                 if side < 1:
