@@ -376,6 +376,17 @@ def test_tiny_run_learns_and_reloads(tiny_run: Path, synth_data: Path, tmp_path:
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert report.n == len(rows) > 0 and set(rows[0]) == {"file_name", "reference", "prediction"}
     assert 0.0 <= report.bleu <= 100.0
+    # Written again over its own earlier predictions; never over the data's metadata, a folder or an image,
+    # and that is known before any captioning.
+    assert evaluate_checkpoint(tiny_run / "best", synth_data, split="test", out=out, max_new_tokens=16).n == report.n
+    metadata = synth_data / "metadata.jsonl"
+    before = metadata.read_bytes()
+    for target, error in ((metadata, "exists and is not a predictions file"), (tmp_path, "a folder; give a file name")):
+        with pytest.raises(OSError, match=error):
+            evaluate_checkpoint(tiny_run / "nowhere", synth_data, out=target)  # the checkpoint is never read
+    assert metadata.read_bytes() == before
+    with pytest.raises(DataError, match=r"the test split is empty .*nothing to score"):
+        evaluate_checkpoint(tiny_run / "best", synth_data, split="test", test_ratio=0.0, max_new_tokens=4)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ tokenizer, exp smoothing); hypotheses and references are compared verbatim.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,42 @@ class EvalReport:
         return f"data read with {self.data_settings}\n{line}" if self.data_settings else line
 
 
+PREDICTION_FIELDS = ("file_name", "reference", "prediction")  # the keys of every line of a predictions file
+
+
+def check_predictions_out(out: Path) -> None:
+    """Raise OSError unless `out` can take the predictions: a new file, or an earlier predictions file, in
+    a writable folder. Anything else (a data set's metadata, an image, a folder) is never replaced."""
+    if out.is_dir():
+        raise IsADirectoryError(f"{out}: a folder; give a file name for the predictions, e.g. {out / 'predictions.jsonl'}")
+    if out.exists():
+        try:
+            with open(out, "rb") as handle:
+                first = handle.readline(4096).decode("utf-8", "replace")
+        except OSError as exc:
+            raise OSError(f"{out}: cannot read it to check that it holds predictions: {exc.strerror or exc}") from exc
+        if first and not _is_prediction(first):
+            raise FileExistsError(
+                f"{out}: exists and is not a predictions file (a data set's metadata, an image, or another file); "
+                "choose another --out"
+            )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = "a file, not a folder" if out.parent.exists() else exc.strerror or exc
+        raise OSError(f"{out}: cannot create its folder {out.parent}: {why}") from exc
+    if not os.access(out.parent, os.W_OK):
+        raise PermissionError(f"{out}: cannot write there (permission denied or a read-only file system)")
+
+
+def _is_prediction(line: str) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and tuple(record) == PREDICTION_FIELDS
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data: str | Path,
@@ -149,13 +186,17 @@ def evaluate_checkpoint(
     `out` (optional) receives JSONL lines {"file_name", "reference", "prediction"}. The data settings left
     as None are the ones the checkpoint's training run used (train.checkpoint.data_settings), so the test
     split is the one it was scored on. Raises CheckpointError for a bad checkpoint, DataError for a bad
-    data folder, and ValueError for an unknown split.
+    data folder or an empty split, ValueError for an unknown split and OSError for an `out` that cannot
+    take the predictions (checked before any captioning, see check_predictions_out); `out` is written
+    atomically.
     """
     from train.checkpoint import data_settings, load_checkpoint
-    from train.data import load_split
+    from train.data import DataError, load_split
 
     if split not in ("test", "train", "all"):
         raise ValueError(f"split must be test, train or all, got {split!r}")
+    if out is not None:
+        check_predictions_out(Path(out))
     settings = data_settings(checkpoint, caption_column, skip_bad, test_ratio, split_seed)
     model, processor = load_checkpoint(checkpoint)
     examples = load_split(
@@ -166,6 +207,8 @@ def evaluate_checkpoint(
         caption_column=settings.caption_column,
         skip_bad=settings.skip_bad,
     )
+    if not examples:  # a score of 0 would look like a real one
+        raise DataError(f"{data}: the {split} split is empty (data read with {settings.describe()}): nothing to score")
     hyps = generate_captions(
         model,
         processor,
@@ -182,10 +225,12 @@ def evaluate_checkpoint(
     ]
     if out is not None:
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", encoding="utf-8") as f:
-            for p in preds:
-                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+        temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:
+            temporary.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds), encoding="utf-8")
+            os.replace(temporary, out)
+        finally:
+            temporary.unlink(missing_ok=True)
     return EvalReport(
         str(checkpoint), str(data), split, len(examples), scores["bleu"], scores["chrf"], preds, settings.describe()
     )
