@@ -788,6 +788,9 @@ def test_resume_completes_a_save_cut_short_and_says_when_the_schedule_changes(
     assert [m["epoch"] for m in longer.metrics] == [1, 2]
     assert "was planned for 1 epochs and now runs to 2" in capsys.readouterr().err
     assert json.loads((run / "run_config.json").read_text())["epochs"] == 2
+    # A plain --resume (no --epochs) goes on with the recorded plan, not the preset's default.
+    plain = train(TrainConfig(data=small_data, out=run, seed=2, resume=True, **FAST))
+    assert [m["epoch"] for m in plain.metrics] == [1, 2] and "nothing to do: 2 of 2 epochs" in capsys.readouterr().err
 
 
 def test_an_interrupted_run_says_how_to_continue(tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ def _own_message(exc: Exception) -> str:
 @click.option(
     "--preset", type=click.Choice(["tiny", "small", "base"]), default=None, help="Build a model from scratch."
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the preset's: tiny 22, small 10, base 5; 5 with --base).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the preset's: tiny 22, small 10, base 5; 5 with --base; with --resume, the run's).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per step per process (default: the preset's: tiny and small 16, base 4; 8 with --base).")
 @click.option(

@@ -119,6 +119,8 @@ class TrainConfig:
         c.out = Path(c.out).expanduser().resolve()
         if c.base is not None and Path(c.base).expanduser().exists():
             c.base = str(Path(c.base).expanduser().resolve())
+        if c.resume and c.epochs is None:  # a plain --resume goes on with the run's plan, not the preset's
+            c.epochs = _planned_epochs(c.out)
         for name, value in defaults.items():
             if getattr(c, name) is None:
                 setattr(c, name, value)
@@ -170,6 +172,15 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- data
+
+
+def _planned_epochs(out: Path) -> int | None:
+    """The epochs recorded in `out`'s run_config.json (None when it has none; `_check_out` judges the file)."""
+    try:
+        planned = json.loads((out / "run_config.json").read_text()).get("epochs")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return planned if is_count(planned) else None
 
 
 class CaptionDataset:
