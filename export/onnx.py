@@ -259,6 +259,20 @@ def _check_replaceable(out: Path, force: bool, inputs: list[Path]) -> None:
         )
 
 
+def _refuse_inside_checkpoints(out: Path, checkpoint: Path) -> None:
+    """Training replaces a run's best/ and last/ whole at every save: a bundle inside one would vanish."""
+    checkpoint = checkpoint.resolve()
+    run = checkpoint.parent
+    folders = [checkpoint] + ([run / "best", run / "last"] if (run / "run_config.json").is_file() else [])
+    target = out.resolve()
+    for folder in folders:
+        if target != folder and target.is_relative_to(folder):
+            raise ExportError(
+                f"{out}: inside the checkpoint folder {folder}, which training replaces whole at its next save "
+                "(the bundle with it); choose an --out outside it"
+            )
+
+
 def _place_temp_dir(out: Path, force: bool, inputs: list[Path]) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -365,22 +379,23 @@ def export_bundle(
     settings = None
     if data_path is not None:
         from train.checkpoint import data_settings
-        from train.data import load_split, split_of
+        from train.data import load_split
 
         settings = data_settings(info.path, caption_column, skip_bad, test_ratio, split_seed)
         log.info("data %s read with %s", data_path, settings.describe())
-        # Before minutes of export: DataError lists every bad file, and parity needs test images.
-        examples = [
-            e
-            for e in load_split(data_path, "all", caption_column=settings.caption_column, skip_bad=settings.skip_bad)
-            if split_of(e.file_name, settings.test_ratio, settings.split_seed) == "test"
-        ]
+        # Before minutes of export: DataError lists every bad file of the test split (the images used, as by
+        # evaluate and parity; a bad training image does not matter here), and parity needs test images.
+        examples = list(load_split(
+            data_path, "test", test_ratio=settings.test_ratio, seed=settings.split_seed,
+            caption_column=settings.caption_column, skip_bad=settings.skip_bad,
+        ))
         if not examples:
             raise ExportError(
                 f"{data_path}: the test split is empty ({settings.describe()}); --data needs test images for the "
                 "validation and the parity check (add images, or export without --data)"
             )
     out = Path(out).expanduser().absolute()
+    _refuse_inside_checkpoints(out, Path(info.path))
     tmp = _place_temp_dir(out, force, [info.path] + ([data_path] if data_path is not None else []))
     try:
         staged = _build(info, tmp, quantize, data_path, examples, decoder_layout, settings)

@@ -289,6 +289,14 @@ def test_existing_out_refused_unless_force(random_checkpoint: Path, tmp_path: Pa
     with pytest.raises(ExportError, match="which this export reads"):
         export_bundle(random_checkpoint, random_checkpoint.parent, force=True)
     assert (out / "keep.txt").read_text() == "mine" and (random_checkpoint / "config.json").is_file()
+    # Nor inside a checkpoint (or the other checkpoint of its run): training replaces those folders whole.
+    run = tmp_path / "run"
+    shutil.copytree(random_checkpoint, run / "last")
+    (run / "run_config.json").write_text("{}")
+    for inside in (run / "last" / "onnx", run / "best" / "onnx"):
+        with pytest.raises(ExportError, match=r"inside the checkpoint folder .*replaces whole at its next save"):
+            export_bundle(run / "last", inside)
+        assert not inside.exists()
     (out / "keep.txt").unlink()
     export_bundle(random_checkpoint, out, force=True)  # an empty folder
     first = json.loads((out / "edlight.json").read_text())["created"]
@@ -303,11 +311,13 @@ def test_bad_data_is_refused_before_the_export_runs(random_checkpoint: Path, tmp
     from train.data import DataError
 
     data = tmp_path / "data"
-    data.mkdir()
-    (data / "broken.png").write_bytes(b"not a png")
-    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "broken.png", "text": "x"}) + "\n")
-    with pytest.raises(DataError, match="broken.png"):
+    for split in ("train", "test"):  # split folders decide the split
+        (data / split).mkdir(parents=True)
+        (data / split / f"broken_{split}.png").write_bytes(b"not a png")
+        (data / split / "metadata.jsonl").write_text(json.dumps({"file_name": f"broken_{split}.png", "text": "x"}) + "\n")
+    with pytest.raises(DataError, match="broken_test.png") as refused:
         export_bundle(random_checkpoint, tmp_path / "bundle", data=data)
+    assert "broken_train.png" not in str(refused.value)  # only the test split is used, so only it is checked
     assert not (tmp_path / "bundle").exists() and not _leftovers(tmp_path, "bundle")
 
 
