@@ -718,6 +718,27 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+def test_fewer_training_images_than_processes_is_a_named_error(tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for split, name in (("train", "a.png"), ("test", "b.png")):
+        (data / split).mkdir(parents=True)
+        Image.new("RGB", (40, 30), "white").save(data / split / name)
+        (data / split / "metadata.jsonl").write_text(json.dumps({"file_name": name, "text": "a page"}) + "\n")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "engine.cli", "train", "--data", str(data), "--out", str(tmp_path / "run"), "--preset", "tiny",
+        "--epochs", "1", "--max-patches", "64", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "1 training image(s) for 2 processes; each process needs at least one" in proc.stdout + proc.stderr
+    assert "non-empty TensorList" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
 def test_two_process_ddp_run_on_cpu(small_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     cmd = [

@@ -536,6 +536,11 @@ def _run(config: TrainConfig) -> TrainResult:
     log(describe_split(split))
     if not train_ex:
         raise TrainError(f"{data}: the train split is empty ({len(all_ok)} usable examples in all; {describe_split(split)})")
+    if len(train_ex) < world:  # every process needs an image in every step (epoch_batches)
+        raise TrainError(
+            f"{data}: {len(train_ex)} training image(s) for {world} processes; each process needs at least one: "
+            "start fewer processes, or add images"
+        )
     if not test_ex:
         hint = "; held-out images go in a test/ folder beside train/" if split["folders"] and not split["hashed"] else ""
         log(f"warning: {data}: the test split is empty{hint}; no BLEU, best/ follows the lowest train loss")
