@@ -147,6 +147,19 @@ def test_a_heic_photo_is_read_as_the_engine_reads_it(folder: Path, monkeypatch: 
     assert re.match(r"a\.heic: a HEIC/HEIF photo, which needs pillow-heif \(.*pip install '\.\[heif\]'", _only_problem(folder))
 
 
+def test_spreadsheet_blank_rows_backslash_paths_and_json_columns(tmp_path: Path) -> None:
+    _image(tmp_path / "sub" / "a.jpg")
+    _image(tmp_path / "b.jpg")
+    # Spreadsheets save empty rows as ",,": blank lines, not errors. A Windows path gets a hint.
+    (tmp_path / "metadata.csv").write_text("file_name,text\nb.jpg,hello\nsub\\a.jpg,x\n,,\n , \n")
+    assert _only_problem(tmp_path) == (
+        "sub\\a.jpg: image not found (file_name uses '\\'; write paths with '/') (listed at metadata.csv:3)"
+    )
+    (tmp_path / "metadata.csv").unlink()
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "b.jpg", "text": "x"\n')  # no closing brace
+    assert _only_problem(tmp_path) == "metadata.jsonl:1: malformed JSON (Expecting ',' delimiter at column 35)"
+
+
 def test_truncated_image_is_caught_by_a_full_decode(folder: Path) -> None:
     buf = io.BytesIO()
     Image.effect_noise((300, 200), 60).convert("RGB").save(buf, format="JPEG", quality=90)

@@ -187,7 +187,7 @@ def _parse_jsonl(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[s
             if not line.strip():
                 continue  # blank lines (a trailing newline) carry nothing
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
             except json.JSONDecodeError as exc:
                 parsed.problems.append(Problem(where, f"malformed JSON ({exc.msg} at column {exc.colno})"))
                 continue
@@ -244,8 +244,8 @@ def _parse_csv(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[str
             name_at, caption_at = header.index("file_name"), header.index(column)
             for values in reader:
                 where, start = f"{meta.label}:{start}", reader.line_num + 1
-                if not values:
-                    continue  # a blank line
+                if not any(value.strip() for value in values):
+                    continue  # a blank line, or one of empty fields (",,": spreadsheets save those)
                 if len(values) != len(header):
                     parsed.problems.append(Problem(where, f"expected {len(header)} fields, found {len(values)}"))
                     continue
@@ -326,7 +326,10 @@ def _inspect_image(example: Example) -> tuple[tuple[int, int] | None, Problem | 
     name = example.file_name
     try:
         if not example.path.is_file():
-            return None, Problem(name, "image not found" if not example.path.exists() else "not a file", name)
+            if example.path.exists():
+                return None, Problem(name, "not a file", name)
+            slash = " (file_name uses '\\'; write paths with '/')" if "\\" in name else ""
+            return None, Problem(name, f"image not found{slash}", name)
     except OSError as exc:  # e.g. a name longer than the file system allows
         return None, Problem(name, f"cannot access the file: {exc.strerror or exc}", name)
     enable_heif()  # HEIC photos train when the engine can caption them
