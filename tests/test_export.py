@@ -398,8 +398,12 @@ def test_export_and_parity_read_the_data_as_the_training_run_did(random_checkpoi
 def test_interrupted_export_leaves_no_bundle(random_checkpoint: Path, tmp_path: Path, sig: signal.Signals) -> None:
     """Kill a real export once its ONNX files exist: `out` must not appear and no staging dir may load."""
     out = tmp_path / "bundle"
-    code = f"from export.onnx import export_bundle; export_bundle({str(random_checkpoint)!r}, {str(out)!r})"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Ctrl-C through the CLI (which says so and exits 130), a kill through the API.
+    command = (
+        ["-m", "engine.cli", "export", str(random_checkpoint), "--out", str(out)] if sig == signal.SIGINT
+        else ["-c", f"from export.onnx import export_bundle; export_bundle({str(random_checkpoint)!r}, {str(out)!r})"]
+    )
+    proc = subprocess.Popen([sys.executable, *command], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -408,7 +412,10 @@ def test_interrupted_export_leaves_no_bundle(random_checkpoint: Path, tmp_path: 
             time.sleep(0.05)
         assert proc.poll() is None, "the export finished before it could be interrupted"
         proc.send_signal(sig)
-        assert proc.wait(timeout=60) != 0
+        stderr = proc.communicate(timeout=60)[1]
+        assert proc.returncode != 0
+        if sig == signal.SIGINT:
+            assert proc.returncode == 130 and f"interrupted: the partial bundle is removed, {out} is as it was" in stderr
     finally:
         if proc.poll() is None:
             proc.kill()
