@@ -160,7 +160,8 @@ def plan_systems(settings: BenchSettings, models: ModelSet) -> tuple[list[str], 
         elif system in models.unavailable:
             skipped[system] = models.unavailable[system]
         elif _spec(system, models, settings, 1) is None:
-            need = {"torch": "a checkpoint (--checkpoint)", "optimum": "a checkpoint or an Optimum export"}
+            need = {"torch": "a checkpoint (--checkpoint)", "optimum": "a checkpoint or an Optimum export",
+                    "engine": "an fp32 bundle (--model)", "engine-int8": "an int8 bundle (--model)"}
             skipped[system] = f"no model: needs {need.get(system, 'a bundle (--model)')}"
         else:
             runnable.append(system)
