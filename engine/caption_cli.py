@@ -54,6 +54,9 @@ def describe_bundle(bundle: Any) -> str:
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse images larger than this many pixels (checked before decoding).")
 @click.option("--overwrite", is_flag=True, help="Start a fresh output file instead of resuming (only a caption file is replaced).")
+@click.option("--recaption-changed", is_flag=True,
+              help="Caption again images whose file size changed since their record (replaced or edited photos), "
+                   "replacing their records (default: such a resume is refused).")
 @click.option("--strict", is_flag=True, help="Exit 1 if any image failed or a folder could not be listed (default: exit 0).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--ray", "use_ray", is_flag=True,
@@ -75,6 +78,7 @@ def caption(
     max_new_tokens: int | None,
     max_pixels: int,
     overwrite: bool,
+    recaption_changed: bool,
     strict: bool,
     quiet: bool,
     use_ray: bool,
@@ -86,17 +90,17 @@ def caption(
 
     Resumes by default: images already captioned in the output are skipped and images whose record
     is an error are tried again. Records name files relative to their input folder; an output whose
-    caption of a name was written for a file of another size (another folder's image of that name)
-    is refused. A bad image becomes an error record and the run goes on. One run at a time writes an
+    caption of a name was written for a file of another size (another folder's image of that name,
+    or a replaced photo) is refused unless --recaption-changed. A bad image becomes an error record and the run goes on. One run at a time writes an
     output (a second is refused), and only with the model that wrote it.
 
     Exit status: 0 done (see --strict), 1 --strict and something failed, 2 the job cannot run (bad
-    model, input or output), 130 interrupted (Ctrl-C; rerun to resume).
+    model, input or output), 130 interrupted (Ctrl-C; rerun without --overwrite to resume).
     """
     fmt = resolve_format(fmt, out)
     if use_ray:
         _caption_on_ray(inputs, model, out, fmt, batch_size, threads, num_beams, max_new_tokens, max_pixels,
-                        overwrite, strict, quiet, ray_address, actors, ray_timeout)
+                        overwrite, recaption_changed, strict, quiet, ray_address, actors, ray_timeout)
         return
     if ray_address is not None or actors is not None:
         raise click.UsageError("--ray-address and --actors need --ray")
@@ -112,22 +116,24 @@ def caption(
         _fail(exc)
     click.echo(describe_bundle(captioner.bundle), err=True)
     try:
-        summary = captioner.caption_folder(list(inputs), out=out, fmt=fmt, overwrite=overwrite, progress=not quiet)
+        summary = captioner.caption_folder(list(inputs), out=out, fmt=fmt, overwrite=overwrite, progress=not quiet,
+                                           recaption_changed=recaption_changed)
     except (EdlightError, FileNotFoundError) as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        _interrupted(out, fmt)
+        _interrupted(out, fmt, overwrite)
     _finish(summary, strict)
 
 
-def _interrupted(out: Path | None, fmt: str) -> NoReturn:
+def _interrupted(out: Path | None, fmt: str, overwrite: bool) -> NoReturn:
     """Ctrl-C: say what is kept and how to go on; exit 130 (not 1, which means images failed)."""
     target = output_path(out, fmt)
     if is_stream(target):
         click.echo("interrupted", err=True)
     else:
+        again = "the same command without --overwrite" if overwrite else "the same command"
         click.echo(f"interrupted: the records written so far are kept in {target}; "
-                   "run the same command again to caption the rest", err=True)
+                   f"run {again} again to caption the rest", err=True)
     raise SystemExit(130)
 
 
@@ -157,7 +163,7 @@ def _finish(summary: FolderSummary, strict: bool) -> None:
 def _caption_on_ray(
     inputs: tuple[Path, ...], model: Path | None, out: Path | None, fmt: str, batch_size: int,
     threads: int | None, num_beams: int, max_new_tokens: int | None, max_pixels: int, overwrite: bool,
-    strict: bool, quiet: bool, address: str | None, actors: int | None, timeout: float,
+    recaption_changed: bool, strict: bool, quiet: bool, address: str | None, actors: int | None, timeout: float,
 ) -> None:
     """`edlight caption --ray`: the same job through engine.ray_caption (same output, same exit codes)."""
     from engine.bundle import Bundle
@@ -170,10 +176,11 @@ def _caption_on_ray(
         summary = caption_folder_ray(
             list(inputs), out, model, address=address, actors=actors, threads=threads, batch_size=batch_size,
             num_beams=num_beams, max_new_tokens=max_new_tokens, max_pixels=max_pixels, fmt=fmt,
-            overwrite=overwrite, progress=not quiet, stall_timeout=timeout, log=lambda line: click.echo(line, err=True),
+            overwrite=overwrite, recaption_changed=recaption_changed, progress=not quiet, stall_timeout=timeout,
+            log=lambda line: click.echo(line, err=True),
         )
     except (EdlightError, FileNotFoundError) as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        _interrupted(out, fmt)
+        _interrupted(out, fmt, overwrite)
     _finish(summary, strict)

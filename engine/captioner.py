@@ -169,12 +169,14 @@ class Captioner:
         fmt: str | None = None,
         overwrite: bool = False,
         progress: bool = True,
+        recaption_changed: bool = False,
     ) -> FolderSummary:
         """Caption every image under `inputs` (files and folders) into a JSONL/CSV file (`fmt`, default: csv
         for an `out` ending in .csv, else jsonl); see engine.folder."""
         from engine.folder import caption_folder
 
-        return caption_folder(self, inputs, out=out, fmt=fmt, overwrite=overwrite, progress=progress)
+        return caption_folder(self, inputs, out=out, fmt=fmt, overwrite=overwrite, progress=progress,
+                              recaption_changed=recaption_changed)
 
     def reset_timings(self) -> None:
         self.timings = Timings()

@@ -25,7 +25,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -84,6 +84,7 @@ class FolderSummary:
     seconds: float
     out: Path
     retried: int = 0  # images whose earlier record was an error, tried again by this run
+    changed: int = 0  # images whose size changed since their record, captioned again (recaption_changed)
     unreadable: list[str] = field(default_factory=list)  # folders that could not be listed (why, per folder)
     duplicates: list[str] = field(default_factory=list)  # paths left out: the same file as another input path
 
@@ -98,7 +99,9 @@ class FolderSummary:
 
     def line(self) -> str:
         resumed = f", {self.skipped} already done" if self.skipped else ""
-        retried = f" ({self.retried} retried after failing before)" if self.retried else ""
+        again = [f"{self.retried} retried after failing before"] * bool(self.retried)
+        again += [f"{self.changed} changed since their record, captioned again"] * bool(self.changed)
+        retried = f" ({'; '.join(again)})" if again else ""
         unreadable = f"; {len(self.unreadable)} folder(s) could not be listed" if self.unreadable else ""
         duplicates = f"; {len(self.duplicates)} path(s) to files already captioned under another name" if self.duplicates else ""
         return (
@@ -543,6 +546,53 @@ def output_target(out: Path) -> Path:
     return out if is_stream(out) else Path(os.path.realpath(out))
 
 
+def check_report_out(out: Path, what: str, is_ours: Callable[[str], bool] | None = None) -> None:
+    """Raise OutputError unless `what` (predictions, a parity report) can be written to `out`: a stream, or a
+    file in a folder that exists or can be made and is writable. Checked before the work that makes it.
+    `is_ours(first line)`: an existing file must pass it to be replaced (a data set's metadata must not be)."""
+    if out.is_dir():
+        raise OutputError(f"{out}: a folder; give a file name for {what}")
+    if is_stream(out):
+        return
+    target = output_target(out)
+    if is_ours is not None and target.is_file() and target.stat().st_size:
+        try:
+            with open(target, "rb") as handle:
+                first = handle.readline(1 << 20).decode("utf-8", "replace")
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot read it to check that it holds {what}: {exc.strerror or exc}") from exc
+        if not is_ours(first):
+            raise OutputError(f"{out}: exists and does not hold {what} (a data set's metadata, an image, another file); choose another --out")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = "a file, not a folder" if target.parent.exists() else exc.strerror or exc
+        raise OutputError(f"{out}: cannot create its folder {target.parent}: {why}") from exc
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise OutputError(f"{out}: cannot write {what} there (permission denied or a read-only file system)")
+
+
+def write_report(out: Path, text: str) -> None:
+    """Write `text` to `out` whole or not at all (a full disk or a kill leaves the old file): a file, or the
+    one a symlink points to, is replaced atomically and keeps its mode; a stream is written as it is."""
+    try:
+        if is_stream(out):
+            with open(out, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            return
+        target = output_target(out)
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            temporary.write_text(text, encoding="utf-8")
+            with contextlib.suppress(OSError):
+                os.chmod(temporary, target.stat().st_mode & 0o7777)
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write: {exc.strerror or exc}") from exc
+
+
 def default_output(fmt: str) -> Path:
     return Path("captions.jsonl" if fmt == "jsonl" else "captions.csv")
 
@@ -563,6 +613,7 @@ def plan_folder_job(
     fmt: str = "jsonl",
     overwrite: bool = False,
     model: str | None = None,
+    recaption_changed: bool = False,
 ) -> tuple[list[InputFile], FolderSummary]:
     """The resume rule, shared by local and Ray runs: (images still to caption, summary so far).
 
@@ -571,7 +622,9 @@ def plan_folder_job(
     (those records are dropped from `out` first) and its torn last line is cut off. A symlinked `out`
     is the file it points to; a stream (stdout, a pipe) is only written. The output itself is never an
     input: found in an input folder it is left out, given as an input file it is refused. `model` (the
-    bundle's model_id) must be the model of every record in `out` that names one. Callers hold
+    bundle's model_id) must be the model of every record in `out` that names one. An image whose size
+    differs from the one its record was written for is refused (see `_refuse_other_files`), or with
+    `recaption_changed` captioned again, its old record dropped. Callers hold
     `output_lock(out)` from here until their last write (see `folder_job`). Raises ValueError for an
     unknown format, FileNotFoundError for a missing input, OutputError for an output file that is not
     a caption file, is an input file, or holds another model's captions.
@@ -613,18 +666,22 @@ def plan_folder_job(
     records = {line.file: line for line in lines if line.file is not None}  # a file's later record counts
     done = {file: line.failed for file, line in records.items()}
     names = {f.file: _resumed_name(f.file, fmt, done) for f in files}
+    current = set(names.values())  # another input's name is no other name (a/x.png beside a/a/x.png)
     _refuse_renamed(out_path, [
         f for f in files
-        if names[f.file] not in records and f.other_name is not None and _resumed_name(f.other_name, fmt, done) in records
+        if names[f.file] not in records and f.other_name is not None
+        and (other := _resumed_name(f.other_name, fmt, done)) in records and other not in current
     ])
-    _refuse_other_files(out_path, [(f, records[names[f.file]]) for f in files if names[f.file] in records])
-    retry = {names[f.file] for f in files if done.get(names[f.file])}
+    changed = _changed_files([(f, records[names[f.file]]) for f in files if names[f.file] in records])
+    if changed and not recaption_changed:
+        _refuse_other_files(out_path, changed)
+    retry = {names[f.file] for f in files if done.get(names[f.file])} | {names[f.file] for f, _ in changed}
     if retry:
         _drop_lines(target, lines, retry)
     todo = [f for f in files if names[f.file] not in done or names[f.file] in retry]
     summary = FolderSummary(
         total=len(files), skipped=len(files) - len(todo), captioned=0, failed=0, seconds=0.0, out=out_path,
-        retried=len(retry), unreadable=unreadable, duplicates=duplicates,
+        retried=len(retry) - len(changed), changed=len(changed), unreadable=unreadable, duplicates=duplicates,
     )
     return todo, summary
 
@@ -644,24 +701,26 @@ def _refuse_renamed(out: Path, renamed: list[InputFile]) -> None:
         )
 
 
-def _refuse_other_files(out: Path, resumed: list[tuple[InputFile, _Line]]) -> None:
-    """Raise OutputError if a caption in `out` was written for another file than the input of its name.
+def _changed_files(resumed: list[tuple[InputFile, _Line]]) -> list[tuple[InputFile, int]]:
+    """The inputs whose caption in the output was written for a file of another size, with that size.
 
-    Names are relative to their input folder, so two folders' images can share one; a replaced image
-    keeps its name too. Told apart by size: skipping such an image would keep another image's caption,
-    and captioning it would replace one. Error records are retried anyway; records without a size
+    Names are relative to their input folder, so two folders' images can share one; a replaced or
+    re-tagged photo keeps its name too. Error records are retried anyway; records without a size
     (written before records had one) are trusted.
     """
-    other = [(f, line.bytes) for f, line in resumed
-             if not line.failed and line.bytes is not None and f.bytes is not None and line.bytes != f.bytes]
-    if not other:
-        return
+    return [(f, line.bytes) for f, line in resumed
+            if not line.failed and line.bytes is not None and f.bytes is not None and line.bytes != f.bytes]
+
+
+def _refuse_other_files(out: Path, other: list[tuple[InputFile, int]]) -> None:
+    """Raise OutputError for `_changed_files`: skipping them would keep captions of other images, and
+    captioning them would replace captions that may belong to another folder's images of those names."""
     shown = "; ".join(f"{f.file!r}: {size} bytes there, {f.path} has {f.bytes}" for f, size in other[:3])
     more = f"; and {len(other) - 3} more" if len(other) > 3 else ""
     raise OutputError(
         f"{out}: {len(other)} of its captions were written for other files of the same names ({shown}{more}). "
         "Images of the same names from another folder: caption them into another output. Images replaced "
-        "since: delete their records from the output to caption them again, or start afresh with --overwrite"
+        "or edited since: --recaption-changed captions them again and replaces their records"
     )
 
 
@@ -681,13 +740,14 @@ def _resumed_name(file: str, fmt: str, done: dict[str, bool]) -> str:
 
 @contextlib.contextmanager
 def folder_job(
-    inputs: Inputs, out: str | os.PathLike[str] | None, fmt: str, overwrite: bool, model: str | None
+    inputs: Inputs, out: str | os.PathLike[str] | None, fmt: str, overwrite: bool, model: str | None,
+    recaption_changed: bool = False,
 ) -> Iterator[tuple[list[InputFile], FolderSummary]]:
     """`plan_folder_job` under the output's lock, held until the block ends (the last record written)."""
     for raw in _as_list(inputs):  # before the lock makes the output's folder
         _require_input(raw)
     with output_lock(output_path(out, fmt)):
-        yield plan_folder_job(inputs, out, fmt=fmt, overwrite=overwrite, model=model)
+        yield plan_folder_job(inputs, out, fmt=fmt, overwrite=overwrite, model=model, recaption_changed=recaption_changed)
 
 
 def _is_caption_file(path: Path) -> bool:
@@ -725,18 +785,20 @@ def caption_folder(
     fmt: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    recaption_changed: bool = False,
 ) -> FolderSummary:
     """Caption every image under `inputs` into `out` (default captions.jsonl / captions.csv).
 
     `fmt`: "jsonl" or "csv" (default: csv for an `out` ending in .csv, else jsonl).
-    Resumes by default (see module docstring); `overwrite` starts a fresh file. Image problems are
+    Resumes by default (see module docstring); `overwrite` starts a fresh file; `recaption_changed`
+    captions again the images whose size changed since their record (else refused). Image problems are
     records, folders that cannot be listed are in the summary's `unreadable`; raises
     FileNotFoundError for a missing input, OutputError for an unusable output file or one another run
     is writing, ModelRuntimeError if ONNX Runtime fails.
     """
     fmt = resolve_format(fmt, out)
     model = captioner.bundle.model_id
-    with folder_job(inputs, out, fmt, overwrite, model) as (todo, summary):
+    with folder_job(inputs, out, fmt, overwrite, model, recaption_changed) as (todo, summary):
         bar = _progress_bar(len(todo), progress)
         started = time.perf_counter()
         items = ((f.file, f.path, str(f.path)) for f in todo)

@@ -161,6 +161,7 @@ def caption_folder_ray(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     fmt: str | None = None,
     overwrite: bool = False,
+    recaption_changed: bool = False,
     progress: bool = True,
     stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
     log: Callable[[str], None] | None = None,
@@ -171,7 +172,7 @@ def caption_folder_ray(
     `address` connects to an existing cluster, and without it a local Ray is started with `num_cpus`
     (default: this machine's cores) and shut down at the end. `actors`/`threads`: see `plan_actors`.
     Engine settings (`bundle`, `batch_size`, `num_beams`, `max_new_tokens`, `max_pixels`) are those of
-    `Captioner`; output, format, resume and `overwrite` are those of a local run. `log` (a callable
+    `Captioner`; output, format, resume, `overwrite` and `recaption_changed` are those of a local run. `log` (a callable
     taking one str, e.g. click.echo) receives a line describing the actor pool.
 
     Returns the FolderSummary (its `seconds` start when the cluster is connected, so they include the
@@ -189,7 +190,7 @@ def caption_folder_ray(
     loaded = Bundle.load(resolve_bundle(bundle))
     bundle_dir, model = loaded.path.absolute(), loaded.model_id
     fmt = resolve_format(fmt, out)
-    with folder_job(inputs, out, fmt, overwrite, model) as (todo, summary):
+    with folder_job(inputs, out, fmt, overwrite, model, recaption_changed) as (todo, summary):
         if not todo:
             with RecordWriter(summary.out, fmt, model):  # the file exists afterwards, as after a local run
                 return summary  # nothing left: no need for a cluster

@@ -629,6 +629,14 @@ def test_records_carry_the_file_size_and_another_file_of_the_same_name_is_refuse
     with pytest.raises(OutputError, match=rf"1 of its captions were written for other files of the same names \('same\.png': {size} bytes there"):
         captioner.caption_folder(second, out=out, progress=False)
     assert out.read_bytes() == before  # nothing skipped, nothing replaced, nothing appended
+    # Asked for (replaced or re-tagged photos): captioned again, the old record replaced, nothing else touched.
+    replaced = tmp_path / f"replaced.{fmt}"
+    shutil.copy(out, replaced)
+    summary = captioner.caption_folder(second, out=replaced, recaption_changed=True, progress=False)
+    assert (summary.changed, summary.retried, summary.skipped, summary.captioned) == (1, 0, 0, 2)
+    assert "1 changed since their record, captioned again" in summary.line()
+    again = captioner.caption_folder(second, out=replaced, progress=False)
+    assert (again.skipped, again.captioned) == (2, 0)  # one record per name, each for today's file
     # The same image again, copied elsewhere (same size), resumes; so does the first folder itself.
     shutil.copy(first / "same.png", second / "same.png")
     summary = captioner.caption_folder(second, out=out, progress=False)
@@ -644,7 +652,9 @@ def test_records_carry_the_file_size_and_another_file_of_the_same_name_is_refuse
         assert (summary.retried, summary.skipped, summary.captioned) == (1, 1, 1)
 
 
-def test_adding_an_input_that_renames_the_records_is_refused(captioner: Captioner, tmp_path: Path) -> None:
+def test_adding_an_input_that_renames_the_records_is_refused(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     photos, more = tmp_path / "photos", tmp_path / "more"
     make_folder(photos, 2)
     more.mkdir()
@@ -661,6 +671,18 @@ def test_adding_an_input_that_renames_the_records_is_refused(captioner: Captione
     with pytest.raises(OutputError, match=r"under other names: '.*photos/nested/img_000\.png' \(now 'nested/img_000\.png'\)"):
         captioner.caption_folder(photos, out=both, progress=False)
     assert captioner.caption_folder([photos, more], out=both, progress=False).skipped == 3
+    # A name under the other rule that is another file's name in this run is no renaming: folder a/ holding
+    # a/x.png ("a/x.png") and x.png ("x.png", other name "a/x.png"), resumed after a kill.
+    nested = tmp_path / "nested"
+    (nested / "a" / "a").mkdir(parents=True)
+    photo(1).save(nested / "a" / "a" / "x.png")
+    photo(2).save(nested / "a" / "x.png")
+    first = nested / "o.jsonl"
+    assert captioner.caption_folder(nested / "a", out=first, progress=False).captioned == 2
+    first.write_text(first.read_text().splitlines(keepends=True)[0])  # only "a/x.png" was written
+    monkeypatch.chdir(nested)  # the input given as "a", as the user would
+    summary = captioner.caption_folder("a", out="o.jsonl", progress=False)
+    assert (summary.skipped, summary.captioned) == (1, 1)
 
 
 def test_overwrite_replaces_only_a_caption_file(captioner: Captioner, tmp_path: Path) -> None:
@@ -819,3 +841,35 @@ def test_api_details_format_from_the_name_path_likes_and_no_folder_for_a_failed_
     with pytest.raises(FileNotFoundError, match="nope: no such file or folder"):
         captioner.caption_folder([tmp_path / "nope"], out=tmp_path / "new" / "deep" / "x.jsonl", progress=False)
     assert not (tmp_path / "new").exists()
+
+
+def test_reports_go_whole_to_files_through_symlinks_and_straight_to_streams(tmp_path: Path) -> None:
+    from engine.folder import check_report_out, write_report
+
+    def ours(line: str) -> bool:
+        return line.startswith("report")
+
+    real = tmp_path / "real.txt"
+    real.write_text("report 1\n")
+    real.chmod(0o640)
+    link = tmp_path / "link.txt"
+    link.symlink_to(real)
+    check_report_out(link, "the report", ours)
+    write_report(link, "report 2\n")
+    assert link.is_symlink() and real.read_text() == "report 2\n" and real.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    with pytest.raises(OutputError, match=r"notes\.txt: exists and does not hold the report"):
+        check_report_out(tmp_path / "notes.txt", "the report", ours)
+    with pytest.raises(OutputError, match="a folder; give a file name for the report"):
+        check_report_out(tmp_path, "the report", ours)
+    with pytest.raises(OutputError, match="cannot create its folder .*a file, not a folder"):
+        check_report_out(tmp_path / "notes.txt" / "r.txt", "the report")
+    check_report_out(tmp_path / "new" / "r.txt", "the report", ours)  # a new file in a folder made for it
+    # A stream is never read (that would block on a pipe) nor replaced: written as it is.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    check_report_out(fifo, "the report", ours)
+    write_report(fifo, "report 3\n")
+    assert reader.communicate(timeout=30)[0] == b"report 3\n" and fifo.exists()
