@@ -14,6 +14,7 @@ import click
 
 from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError
+from engine.folder import check_report_out, write_report
 from train.checkpoint import run_data_options
 
 
@@ -49,7 +50,10 @@ def parity(
     from export.parity import run_parity
 
     if out is not None:
-        _check_writable(out)  # before minutes of captioning, not after
+        try:
+            check_report_out(out, "the report")  # before minutes of captioning, not after
+        except EdlightError as exc:
+            _cannot_run(str(exc))
     try:
         report = run_parity(
             bundle,
@@ -69,13 +73,10 @@ def parity(
         _cannot_run(str(exc))
     click.echo(report.table())
     if out is not None:
-        temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         try:  # whole or not at all: a full disk must not leave half a report
-            temporary.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            temporary.replace(out)
-        except OSError as exc:
-            temporary.unlink(missing_ok=True)
-            _cannot_run(f"{out}: cannot write the report ({exc.strerror or exc})")
+            write_report(out, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        except EdlightError as exc:
+            _cannot_run(str(exc))
         click.echo(f"report: {out}")
     if not report.passed:
         click.get_current_context().exit(1)
@@ -84,13 +85,3 @@ def parity(
 def _cannot_run(message: str) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     raise SystemExit(2)
-
-
-def _check_writable(out: Path) -> None:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        why = "a file, not a folder" if out.parent.exists() else exc.strerror or exc
-        _cannot_run(f"{out}: cannot create its folder {out.parent}: {why}")
-    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        _cannot_run(f"{out}: cannot write the report there (permission denied or a read-only file system)")

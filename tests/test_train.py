@@ -347,6 +347,7 @@ def test_corpus_scores() -> None:
 def test_tiny_run_learns_and_reloads(tiny_run: Path, synth_data: Path, tmp_path: Path) -> None:
     from transformers import Pix2StructForConditionalGeneration, Pix2StructProcessor
 
+    from engine.folder import OutputError
     from train.evaluate import evaluate_checkpoint, generate_captions
 
     metrics = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
@@ -381,8 +382,8 @@ def test_tiny_run_learns_and_reloads(tiny_run: Path, synth_data: Path, tmp_path:
     assert evaluate_checkpoint(tiny_run / "best", synth_data, split="test", out=out, max_new_tokens=16).n == report.n
     metadata = synth_data / "metadata.jsonl"
     before = metadata.read_bytes()
-    for target, error in ((metadata, "exists and is not a predictions file"), (tmp_path, "a folder; give a file name")):
-        with pytest.raises(OSError, match=error):
+    for target, error in ((metadata, "exists and does not hold predictions"), (tmp_path, "a folder; give a file name")):
+        with pytest.raises(OutputError, match=error):
             evaluate_checkpoint(tiny_run / "nowhere", synth_data, out=target)  # the checkpoint is never read
     assert metadata.read_bytes() == before
     with pytest.raises(DataError, match=r"the test split is empty .*nothing to score"):

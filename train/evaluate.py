@@ -7,7 +7,6 @@ tokenizer, exp smoothing); hypotheses and references are compared verbatim.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from PIL import Image
 
+from engine.folder import check_report_out, write_report
 from engine.images import load_image
 
 ImageInput = str | Path | Image.Image
@@ -135,31 +135,6 @@ class EvalReport:
 PREDICTION_FIELDS = ("file_name", "reference", "prediction")  # the keys of every line of a predictions file
 
 
-def check_predictions_out(out: Path) -> None:
-    """Raise OSError unless `out` can take the predictions: a new file, or an earlier predictions file, in
-    a writable folder. Anything else (a data set's metadata, an image, a folder) is never replaced."""
-    if out.is_dir():
-        raise IsADirectoryError(f"{out}: a folder; give a file name for the predictions, e.g. {out / 'predictions.jsonl'}")
-    if out.exists():
-        try:
-            with open(out, "rb") as handle:
-                first = handle.readline(4096).decode("utf-8", "replace")
-        except OSError as exc:
-            raise OSError(f"{out}: cannot read it to check that it holds predictions: {exc.strerror or exc}") from exc
-        if first and not _is_prediction(first):
-            raise FileExistsError(
-                f"{out}: exists and is not a predictions file (a data set's metadata, an image, or another file); "
-                "choose another --out"
-            )
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        why = "a file, not a folder" if out.parent.exists() else exc.strerror or exc
-        raise OSError(f"{out}: cannot create its folder {out.parent}: {why}") from exc
-    if not os.access(out.parent, os.W_OK):
-        raise PermissionError(f"{out}: cannot write there (permission denied or a read-only file system)")
-
-
 def _is_prediction(line: str) -> bool:
     try:
         record = json.loads(line)
@@ -186,9 +161,9 @@ def evaluate_checkpoint(
     `out` (optional) receives JSONL lines {"file_name", "reference", "prediction"}. The data settings left
     as None are the ones the checkpoint's training run used (train.checkpoint.data_settings), so the test
     split is the one it was scored on. Raises CheckpointError for a bad checkpoint, DataError for a bad
-    data folder or an empty split, ValueError for an unknown split and OSError for an `out` that cannot
-    take the predictions (checked before any captioning, see check_predictions_out); `out` is written
-    atomically.
+    data folder or an empty split, ValueError for an unknown split and OutputError for an `out` that
+    cannot take the predictions (checked before any captioning: a folder, an unwritable place, or an
+    existing file that holds no predictions); `out` is written atomically.
     """
     from train.checkpoint import data_settings, load_checkpoint
     from train.data import DataError, load_split
@@ -196,7 +171,7 @@ def evaluate_checkpoint(
     if split not in ("test", "train", "all"):
         raise ValueError(f"split must be test, train or all, got {split!r}")
     if out is not None:
-        check_predictions_out(Path(out))
+        check_report_out(Path(out), "predictions", _is_prediction)
     settings = data_settings(checkpoint, caption_column, skip_bad, test_ratio, split_seed)
     model, processor = load_checkpoint(checkpoint)
     examples = load_split(
@@ -208,7 +183,9 @@ def evaluate_checkpoint(
         skip_bad=settings.skip_bad,
     )
     if not examples:  # a score of 0 would look like a real one
-        raise DataError(f"{data}: the {split} split is empty (data read with {settings.describe()}): nothing to score")
+        skipped = len(getattr(examples, "skipped", []))
+        why = f"{skipped} bad entries skipped, none left; " if skipped else ""
+        raise DataError(f"{data}: the {split} split is empty ({why}data read with {settings.describe()}): nothing to score")
     hyps = generate_captions(
         model,
         processor,
@@ -224,13 +201,7 @@ def evaluate_checkpoint(
         for e, h in zip(examples, hyps, strict=True)
     ]
     if out is not None:
-        out = Path(out)
-        temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        try:
-            temporary.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds), encoding="utf-8")
-            os.replace(temporary, out)
-        finally:
-            temporary.unlink(missing_ok=True)
+        write_report(Path(out), "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
     return EvalReport(
         str(checkpoint), str(data), split, len(examples), scores["bleu"], scores["chrf"], preds, settings.describe()
     )
