@@ -72,7 +72,7 @@ def export(
     except EdlightError as exc:
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:  # the partial bundle is gone already (export_bundle's finally)
-        click.echo(f"interrupted: the partial bundle is removed, {out} is as it was; run the same command again", err=True)
+        click.echo(f"interrupted: no partial bundle is left at {out}; run the same command again", err=True)
         raise SystemExit(130) from None
     finally:
         logger.propagate = propagate

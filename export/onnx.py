@@ -266,7 +266,7 @@ def _refuse_inside_checkpoints(out: Path, checkpoint: Path) -> None:
     folders = [checkpoint] + ([run / "best", run / "last"] if (run / "run_config.json").is_file() else [])
     target = out.resolve()
     for folder in folders:
-        if target != folder and target.is_relative_to(folder):
+        if target.is_relative_to(folder) and target != checkpoint:  # the checkpoint itself: _check_replaceable
             raise ExportError(
                 f"{out}: inside the checkpoint folder {folder}, which training replaces whole at its next save "
                 "(the bundle with it); choose an --out outside it"
@@ -331,10 +331,12 @@ def _move_into_place(staged: Path, out: Path, force: bool) -> None:
         os.replace(out, old)
     try:
         os.replace(staged, out)
-    except OSError as exc:
-        if old is not None:
+    except BaseException as exc:  # also Ctrl-C or SIGTERM between the two renames: the old bundle goes back
+        if old is not None and not out.exists():
             os.replace(old, out)
-        raise ExportError(f"{out}: cannot move the finished bundle into place ({exc.strerror or exc})") from exc
+        if isinstance(exc, OSError):
+            raise ExportError(f"{out}: cannot move the finished bundle into place ({exc.strerror or exc})") from exc
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
