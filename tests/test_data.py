@@ -17,6 +17,8 @@ from PIL import Image
 from engine.cli import main
 from train.data import DataError, check_folder, load_split, read_examples, split_of
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _image(path: Path, size: tuple[int, int] = (40, 30), fmt: str = "JPEG") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,13 +135,32 @@ def test_a_heic_photo_is_read_as_the_engine_reads_it(folder: Path, monkeypatch: 
     pillow_heif = pytest.importorskip("pillow_heif")
     from engine import images
 
-    pillow_heif.register_heif_opener()
-    Image.open(folder / "a.jpg").save(folder / "a.heic")
+    with Image.open(folder / "a.jpg") as photo:
+        pillow_heif.from_pillow(photo).save(folder / "a.heic")  # without registering PIL's HEIF opener here
     (folder / "a.jpg").unlink()
     text = (folder / "metadata.jsonl").read_text().replace('"a.jpg"', '"a.heic"')
     (folder / "metadata.jsonl").write_text(text)
-    report = check_folder(folder)
-    assert report.ok and [e.file_name for e in report.examples] == ["a.heic", "b.png", "sub/c.jpg"], report.problems
+    # Each in a fresh process, where nothing else has taught PIL to read HEIF: the data check, and the
+    # training loader (as in a DataLoader worker).
+    check = f"""
+from pathlib import Path
+from train.data import check_folder
+report = check_folder(Path({str(folder)!r}))
+assert report.ok and [e.file_name for e in report.examples] == ["a.heic", "b.png", "sub/c.jpg"], report.problems
+print("ok")
+"""
+    load = f"""
+from pathlib import Path
+from transformers import Pix2StructImageProcessor, Pix2StructProcessor
+from train.data import Example
+from train.loop import CaptionDataset
+from train.presets import train_tokenizer
+processor = Pix2StructProcessor(image_processor=Pix2StructImageProcessor(max_patches=64), tokenizer=train_tokenizer(["a"], 100))
+print(CaptionDataset([Example("a.heic", "x", Path({str(folder / "a.heic")!r}))], processor, augment=False, seed=0)._load(0).size)
+"""
+    for code, expected in ((check, "ok"), (load, "(40, 30)")):
+        result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and result.stdout.strip() == expected, result.stderr[-2000:]
     # Without pillow-heif: named as a HEIC photo, with what to install (not "not an image").
     monkeypatch.setattr(images, "enable_heif", lambda: False)
     monkeypatch.setattr("train.data.enable_heif", lambda: False)
