@@ -40,6 +40,8 @@ ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes
 
 # ISO base media "ftyp" brands of HEIF still images (AVIF, also HEIF-based, Pillow reads itself).
 HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
+# Why a HEIC photo cannot be read here: said the same way by the engine and by training's data check.
+HEIF_MISSING = f"a HEIC/HEIF photo, which needs pillow-heif to be read ({install_hint('heif')})"
 
 
 def describe(source: object, index: int | None = None) -> str:
@@ -147,7 +149,8 @@ def _open_checked(handle: IO[bytes], max_pixels: int, label: str) -> Image.Image
 def _pillow_limit_lifted() -> Iterator[None]:
     """PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS (179 MP) in Image.open, whatever our cap says.
     Lifted only while one such image is opened under a cap above that, which `_check_pixels` enforces
-    instead (the lock: the limit is a module global)."""
+    instead (the lock: the limit is a module global). Meanwhile other threads of the process open images
+    without PIL's own check too; the engine's loads keep their cap, code of its host's own does not."""
     with _PILLOW_LIMIT_LOCK:
         limit = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
@@ -181,7 +184,7 @@ def _decode(handle: IO[bytes], max_pixels: int, label: str, heif_tried: bool = F
                 handle.seek(0)
                 return _decode(handle, max_pixels, label, heif_tried=True)
             raise ImageError(
-                f"{label}: a HEIC/HEIF photo, which needs pillow-heif to be read ({install_hint('heif')})"
+                f"{label}: {HEIF_MISSING}"
             ) from exc
         raise ImageError(f"{label}: not an image, or an image format that cannot be read") from exc
     except Image.DecompressionBombError as exc:  # PIL's own hard limit fires inside Image.open

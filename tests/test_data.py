@@ -165,7 +165,7 @@ print(CaptionDataset([Example("a.heic", "x", Path({str(folder / "a.heic")!r}))],
     monkeypatch.setattr(images, "enable_heif", lambda: False)
     monkeypatch.setattr("train.data.enable_heif", lambda: False)
     monkeypatch.setattr(Image, "ID", [name for name in Image.ID if "HEIF" not in name.upper()])
-    assert re.match(r"a\.heic: a HEIC/HEIF photo, which needs pillow-heif \(.*pip install '\.\[heif\]'", _only_problem(folder))
+    assert re.match(r"a\.heic: a HEIC/HEIF photo, which needs pillow-heif to be read \(.*pip install '\.\[heif\]'", _only_problem(folder))
 
 
 def test_spreadsheet_blank_rows_backslash_paths_and_json_columns(tmp_path: Path) -> None:

@@ -40,9 +40,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from engine.errors import EdlightError, install_hint
+from engine.errors import EdlightError
 from engine.folder import IMAGE_EXTENSIONS  # what the engine captions: an unlisted one is worth a warning
-from engine.images import DEFAULT_MAX_PIXELS, enable_heif, is_heif_file
+from engine.images import DEFAULT_MAX_PIXELS, HEIF_MISSING, enable_heif, is_heif_file
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ def _inspect_image(example: Example) -> tuple[tuple[int, int] | None, Problem | 
             im.load()
     except UnidentifiedImageError:
         if is_heif_file(example.path):
-            why = "corrupt HEIC/HEIF image" if enable_heif() else f"a HEIC/HEIF photo, which needs pillow-heif ({install_hint('heif')})"
+            why = "corrupt HEIC/HEIF image" if enable_heif() else HEIF_MISSING
             return None, Problem(name, why, name)
         return None, Problem(name, "unreadable image (not an image format Pillow can read)", name)
     except Image.DecompressionBombError as exc:
