@@ -128,21 +128,25 @@ class CaptionActor:
         )
 
     def __call__(self, batch: dict[str, Any]) -> Any:
-        """Rows {file, path, label} -> a pyarrow table {file, caption, error} in the same order."""
+        """Rows {index, path, label} -> a pyarrow table {index, caption, error} in the same order.
+
+        Paths and labels travel as bytes (os.fsencode), and errors go back as bytes: a file name that is
+        not valid UTF-8 (surrogate escapes in Python) is no Arrow string, and must not fail the job.
+        """
         import pyarrow as pa
 
-        items = [(str(f), Path(str(p)), str(label))
-                 for f, p, label in zip(batch["file"], batch["path"], batch["label"], strict=True)]
-        files, captions, errors = [], [], []
-        for file, caption, error in self.captioner.iter_captions(items):
-            files.append(file)
+        items = [(int(i), Path(os.fsdecode(bytes(p))), os.fsdecode(bytes(label)))
+                 for i, p, label in zip(batch["index"], batch["path"], batch["label"], strict=True)]
+        indices, captions, errors = [], [], []
+        for index, caption, error in self.captioner.iter_captions(items):
+            indices.append(index)
             captions.append(caption)
-            errors.append(error)
+            errors.append(None if error is None else error.encode("utf-8", "surrogateescape"))
         # An explicit schema: a block whose images all failed would otherwise get a null-typed column.
         return pa.table({
-            "file": pa.array(files, pa.string()),
+            "index": pa.array(indices, pa.int64()),
             "caption": pa.array(captions, pa.string()),
-            "error": pa.array(errors, pa.string()),
+            "error": pa.array(errors, pa.binary()),
         })
 
 
@@ -201,11 +205,18 @@ def caption_folder_ray(
             if log is not None:
                 log(plan.line())
             constructor = (str(bundle_dir), plan.threads, batch_size, num_beams, max_new_tokens, max_pixels)
-            rows = [{"file": f.file, "path": str(f.path.absolute()), "label": str(f.path)} for f in todo]
+            rows = [{"index": i, "path": os.fsencode(f.path.absolute()), "label": os.fsencode(f.path)}
+                    for i, f in enumerate(todo)]
+            files = [f.file for f in todo]
             bar = _progress_bar(len(todo), progress)
             try:
                 with RecordWriter(summary.out, fmt, model, todo) as writer:
-                    for records in _stream_records(ray, rows, constructor, plan, batch_size, stall_timeout):
+                    for results in _stream_records(ray, rows, constructor, plan, batch_size, stall_timeout):
+                        records = [
+                            {"file": files[r["index"]], "caption": r["caption"],
+                             "error": None if r["error"] is None else r["error"].decode("utf-8", "surrogateescape")}
+                            for r in results
+                        ]
                         write_batch(writer, records, summary, bar)
             finally:
                 if bar is not None:
@@ -266,13 +277,14 @@ def _machine_cores() -> int:
 
 def _stream_records(
     ray: Any,
-    rows: list[dict[str, str]],
+    rows: list[dict[str, Any]],
     constructor: tuple[Any, ...],
     plan: ActorPlan,
     batch_size: int,
     stall_timeout: float,
 ) -> Iterator[list[dict[str, Any]]]:
-    """Run the dataset and yield record lists in input order; raise RayStallError on a stall."""
+    """Run the dataset and yield its result rows ({index, caption, error}) in input order; raise
+    RayStallError on a stall."""
     context = ray.data.DataContext.get_current()
     saved = (context.execution_options.preserve_order, context.enable_progress_bars,
              getattr(context, "print_on_execution_start", None))

@@ -149,6 +149,23 @@ def test_ray_records_equal_the_local_engine(local_ray: object, tiny_bundle: Path
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="needs a file system that takes any bytes in a name")
+def test_ray_takes_file_names_that_are_not_utf8(local_ray: object, tiny_bundle: Path, tmp_path: Path) -> None:
+    from engine.captioner import Captioner
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    shutil.copy(EXAMPLES / "00000.jpg", folder / "plain.jpg")
+    (folder / os.fsdecode(b"good\xfe.jpg")).write_bytes((EXAMPLES / "00001.jpg").read_bytes())
+    (folder / os.fsdecode(b"bad\xff.jpg")).write_text("not an image")  # its error names it
+    for fmt in ("jsonl", "csv"):
+        Captioner(tiny_bundle, threads=1).caption_folder([folder], tmp_path / f"local.{fmt}", progress=False)
+        summary = caption_folder_ray([folder], tmp_path / f"ray.{fmt}", tiny_bundle, actors=2, progress=False)
+        assert (summary.captioned, summary.failed) == (2, 1)
+        assert (tmp_path / f"ray.{fmt}").read_bytes() == (tmp_path / f"local.{fmt}").read_bytes()
+
+
+@pytest.mark.slow
 def test_cli_ray_option_writes_the_local_csv(local_ray: object, tiny_bundle: Path, mixed_folder: Path,
                                              tmp_path: Path) -> None:
     from click.testing import CliRunner
