@@ -164,7 +164,7 @@ class Captioner:
 
     def caption_folder(
         self,
-        inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+        inputs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
         out: str | os.PathLike[str] | None = None,
         fmt: str | None = None,
         overwrite: bool = False,

@@ -25,7 +25,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -604,7 +604,7 @@ def resolve_format(fmt: str | None, out: str | os.PathLike[str] | None) -> str:
     return "csv" if out is not None and Path(out).suffix.lower() == ".csv" else "jsonl"
 
 
-Inputs = Sequence[str | os.PathLike[str]] | str | os.PathLike[str]
+Inputs = Iterable[str | os.PathLike[str]] | str | os.PathLike[str]
 
 
 def plan_folder_job(
@@ -744,7 +744,8 @@ def folder_job(
     recaption_changed: bool = False,
 ) -> Iterator[tuple[list[InputFile], FolderSummary]]:
     """`plan_folder_job` under the output's lock, held until the block ends (the last record written)."""
-    for raw in _as_list(inputs):  # before the lock makes the output's folder
+    inputs = _as_list(inputs)  # read once: a generator of inputs is walked here and planned below
+    for raw in inputs:  # before the lock makes the output's folder
         _require_input(raw)
     with output_lock(output_path(out, fmt)):
         yield plan_folder_job(inputs, out, fmt=fmt, overwrite=overwrite, model=model, recaption_changed=recaption_changed)

@@ -28,7 +28,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,7 +151,7 @@ class CaptionActor:
 
 
 def caption_folder_ray(
-    inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    inputs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
     bundle: str | Path | None = None,
     *,

@@ -873,3 +873,9 @@ def test_reports_go_whole_to_files_through_symlinks_and_straight_to_streams(tmp_
     check_report_out(fifo, "the report", ours)
     write_report(fifo, "report 3\n")
     assert reader.communicate(timeout=30)[0] == b"report 3\n" and fifo.exists()
+
+
+def test_folder_inputs_may_be_any_iterable(captioner: Captioner, tmp_path: Path) -> None:
+    names = make_folder(tmp_path / "in", 3)
+    summary = captioner.caption_folder((p for p in [tmp_path / "in"]), out=tmp_path / "o.jsonl", progress=False)
+    assert summary.captioned == 3 and [r["file"] for r in records(tmp_path / "o.jsonl")] == names
