@@ -26,6 +26,7 @@ import math
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -198,7 +199,7 @@ def caption_folder_ray(
         if not todo:
             with RecordWriter(summary.out, fmt, model):  # the file exists afterwards, as after a local run
                 return summary  # nothing left: no need for a cluster
-        started_here = _connect(ray, address, num_cpus)
+        started_here = _connect(ray, address, num_cpus, records_on_stdout=_is_stdout(summary.out))
         try:
             started = time.perf_counter()
             plan = plan_actors(float(ray.cluster_resources().get("CPU", 0)), actors, threads)
@@ -228,14 +229,18 @@ def caption_folder_ray(
     return summary
 
 
-def _connect(ray: Any, address: str | None, num_cpus: int | None) -> bool:
+def _connect(ray: Any, address: str | None, num_cpus: int | None, records_on_stdout: bool = False) -> bool:
     """Connect to Ray; True if this call started it (then the caller shuts it down).
 
+    `records_on_stdout`: the records stream to this process's stdout, where Ray would also print its
+    workers' log lines (a worker that dies, a retried task): they are not forwarded then.
     Raises RayConnectionError when `address` cannot be reached or joined.
     """
     if ray.is_initialized():
         return False
     options: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
+    if records_on_stdout:
+        options["log_to_driver"] = False
     if address:
         # ray.init retries an unreachable address for minutes with only log lines: check it first.
         _check_reachable(address)
@@ -251,6 +256,15 @@ def _connect(ray: Any, address: str | None, num_cpus: int | None) -> bool:
         # "local": a fresh instance of our own, never an unrelated cluster found through RAY_ADDRESS.
         ray.init(address="local", num_cpus=num_cpus or _machine_cores(), **options)
     return True
+
+
+def _is_stdout(out: Path) -> bool:
+    """Whether `out` is this process's stdout ("-", /dev/stdout, /dev/fd/1, or its file by name)."""
+    try:
+        written, stdout = os.stat(out), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no such file yet, or no real stdout (a test runner's)
+        return False
+    return (written.st_dev, written.st_ino) == (stdout.st_dev, stdout.st_ino)
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:

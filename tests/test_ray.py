@@ -245,3 +245,16 @@ def test_a_stalled_ray_job_fails_loudly(local_ray: object, tiny_bundle: Path, mi
     finally:
         ray.kill(hog)
     assert (tmp_path / "stalled.jsonl").read_text() == ""  # nothing half-written
+
+
+def test_records_streamed_to_stdout_are_recognised(tmp_path: Path) -> None:
+    """Ray's worker log lines must not be forwarded into a record stream on stdout (_connect's option)."""
+    code = ("import sys; from pathlib import Path; from engine.ray_caption import _is_stdout; "
+            "print([_is_stdout(Path(p)) for p in sys.argv[1:]], file=sys.stderr)")
+    other = tmp_path / "other.jsonl"
+    other.write_text("")
+    with open(tmp_path / "out.jsonl", "w") as stdout:
+        result = subprocess.run([sys.executable, "-c", code, "/dev/stdout", "/dev/fd/1", str(tmp_path / "out.jsonl"),
+                                 str(other), str(tmp_path / "missing")], cwd=REPO, stdout=stdout, stderr=subprocess.PIPE,
+                                text=True, timeout=60)
+    assert result.stderr.strip() == "[True, True, True, False, False]", result.stderr
