@@ -142,7 +142,7 @@ def collect_inputs(
         else:
             _require_input(raw)
             walked = [(root, root.name)]
-        found += [InputFile(path, name, os.path.realpath(path), _size(path)) for path, name in walked]
+        found += [InputFile(path, name, os.path.realpath(path), file_size(path)) for path, name in walked]
         given += [os.fspath(raw)] * len(walked)
     chosen: dict[str, int] = {}  # real path -> index into found
     for index, item in enumerate(found):
@@ -165,7 +165,8 @@ def collect_inputs(
     return named
 
 
-def _size(path: Path) -> int | None:
+def file_size(path: Path) -> int | None:
+    """The size of the file at `path` (symlinks followed), None if it cannot be read."""
     try:
         return os.stat(path).st_size
     except OSError:
@@ -211,13 +212,11 @@ def _walk(folder: Path, ancestors: frozenset[tuple[int, int]], unreadable: list[
 class RecordWriter:
     """Appends records to a JSONL or CSV file, one physical line each, flushed per batch."""
 
-    def __init__(self, out: Path, fmt: str, model: str | None = None, files: Sequence[InputFile] = ()) -> None:
-        """`model`: stamped into every record (the bundle's model_id); `files`: the inputs being captioned,
-        whose sizes the records carry (looked up by the record's "file")."""
+    def __init__(self, out: Path, fmt: str, model: str | None = None) -> None:
+        """`model`: stamped into every record (the bundle's model_id)."""
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
         self.out, self.fmt, self.model = out, fmt, model
-        self.sizes = {f.file: f.bytes for f in files}
         self.fields: tuple[str, ...] = FIELDS
         self._handle: TextIO | None = None
         self._regular = True
@@ -253,7 +252,7 @@ class RecordWriter:
 
     def write(self, records: list[dict[str, Any]]) -> None:
         self._write("".join(
-            format_record({**r, "model": self.model, "bytes": self.sizes.get(r["file"])}, self.fmt, self.fields) for r in records
+            format_record({**r, "model": self.model}, self.fmt, self.fields) for r in records
         ))
 
     def _write(self, text: str) -> None:
@@ -802,12 +801,20 @@ def caption_folder(
     with folder_job(inputs, out, fmt, overwrite, model, recaption_changed) as (todo, summary):
         bar = _progress_bar(len(todo), progress)
         started = time.perf_counter()
-        items = ((f.file, f.path, str(f.path)) for f in todo)
+        read_sizes: dict[str, int | None] = {}
+
+        def items() -> Iterator[tuple[str, Path, str]]:
+            for f in todo:
+                # Pulled as its batch is handed to the reading thread: the size of the file read, not the
+                # one listed minutes before (a file still being copied in then).
+                read_sizes[f.file] = file_size(f.path)
+                yield f.file, f.path, str(f.path)
+
         pending: list[dict[str, Any]] = []
         try:
-            with RecordWriter(summary.out, fmt, model, todo) as writer:
-                for file, caption, error in captioner.iter_captions(items):
-                    pending.append({"file": file, "caption": caption, "error": error})
+            with RecordWriter(summary.out, fmt, model) as writer:
+                for file, caption, error in captioner.iter_captions(items()):
+                    pending.append({"file": file, "caption": caption, "error": error, "bytes": read_sizes.pop(file)})
                     if len(pending) >= captioner.batch_size:
                         write_batch(writer, pending, summary, bar)
                         pending = []

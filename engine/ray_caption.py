@@ -37,7 +37,15 @@ from typing import Any
 from engine.bundle import Bundle
 from engine.captioner import resolve_bundle
 from engine.errors import EdlightError, install_hint
-from engine.folder import FolderSummary, RecordWriter, _progress_bar, folder_job, resolve_format, write_batch
+from engine.folder import (
+    FolderSummary,
+    RecordWriter,
+    _progress_bar,
+    file_size,
+    folder_job,
+    resolve_format,
+    write_batch,
+)
 from engine.images import DEFAULT_MAX_PIXELS
 
 INSTALL_HINT = install_hint("distributed")
@@ -129,7 +137,8 @@ class CaptionActor:
         )
 
     def __call__(self, batch: dict[str, Any]) -> Any:
-        """Rows {index, path, label} -> a pyarrow table {index, caption, error} in the same order.
+        """Rows {index, path, label} -> a pyarrow table {index, caption, error, bytes} in the same order
+        (bytes: the file's size as it is read, as in a local run).
 
         Paths and labels travel as bytes (os.fsencode), and errors go back as bytes: a file name that is
         not valid UTF-8 (surrogate escapes in Python) is no Arrow string, and must not fail the job.
@@ -138,6 +147,7 @@ class CaptionActor:
 
         items = [(int(i), Path(os.fsdecode(bytes(p))), os.fsdecode(bytes(label)))
                  for i, p, label in zip(batch["index"], batch["path"], batch["label"], strict=True)]
+        sizes = {index: file_size(path) for index, path, _ in items}
         indices, captions, errors = [], [], []
         for index, caption, error in self.captioner.iter_captions(items):
             indices.append(index)
@@ -148,6 +158,7 @@ class CaptionActor:
             "index": pa.array(indices, pa.int64()),
             "caption": pa.array(captions, pa.string()),
             "error": pa.array(errors, pa.binary()),
+            "bytes": pa.array([sizes[i] for i in indices], pa.int64()),
         })
 
 
@@ -211,11 +222,12 @@ def caption_folder_ray(
             files = [f.file for f in todo]
             bar = _progress_bar(len(todo), progress)
             try:
-                with RecordWriter(summary.out, fmt, model, todo) as writer:
+                with RecordWriter(summary.out, fmt, model) as writer:
                     for results in _stream_records(ray, rows, constructor, plan, batch_size, stall_timeout):
                         records = [
                             {"file": files[r["index"]], "caption": r["caption"],
-                             "error": None if r["error"] is None else r["error"].decode("utf-8", "surrogateescape")}
+                             "error": None if r["error"] is None else r["error"].decode("utf-8", "surrogateescape"),
+                             "bytes": r["bytes"]}
                             for r in results
                         ]
                         write_batch(writer, records, summary, bar)

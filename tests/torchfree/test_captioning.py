@@ -879,3 +879,24 @@ def test_folder_inputs_may_be_any_iterable(captioner: Captioner, tmp_path: Path)
     names = make_folder(tmp_path / "in", 3)
     summary = captioner.caption_folder((p for p in [tmp_path / "in"]), out=tmp_path / "o.jsonl", progress=False)
     assert summary.captioned == 3 and [r["file"] for r in records(tmp_path / "o.jsonl")] == names
+
+
+def test_a_record_carries_the_size_of_the_file_read_not_the_one_listed(
+    engine_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    captioner = Captioner(engine_bundle, threads=1)
+    make_folder(tmp_path / "in", 2)
+    late = tmp_path / "in" / "img_001.png"
+    listed = late.stat().st_size
+    run = captioner.iter_captions
+
+    def finished_copying_after_the_listing(items):  # noqa: ANN001, ANN202 - wraps Captioner.iter_captions
+        photo(9, 200, 120).save(late)  # the file grows between listing and reading (a copy still running)
+        return run(items)
+
+    monkeypatch.setattr(captioner, "iter_captions", finished_copying_after_the_listing)
+    out = tmp_path / "o.jsonl"
+    captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    sizes = {r["file"]: r["bytes"] for r in records(out)}
+    assert sizes["img_001.png"] == late.stat().st_size != listed
+    assert captioner.caption_folder(tmp_path / "in", out=out, progress=False).skipped == 2  # no false refusal
