@@ -125,8 +125,8 @@ def collect_inputs(
     folder being walked (a loop). A file given explicitly is kept whatever its name.
 
     One record per real file: a file reached by several paths (`A A`, `A A/x.png`, a symlinked folder
-    or file) keeps the path without symlinks if it has one, else the first in walk order; the others
-    are appended to `duplicates`. If two inputs yield the same relative name, records of those inputs
+    or file, hard links) keeps the path without symlinks if it has one, else the first in walk order;
+    the others are appended to `duplicates`. If two inputs yield the same relative name, records of those inputs
     are prefixed with the input as given.
 
     A folder below an input that cannot be listed is skipped with its reason appended to `unreadable`
@@ -135,6 +135,7 @@ def collect_inputs(
     """
     found: list[InputFile] = []
     given: list[str] = []  # the input each file came from
+    identities: list[object] = []  # (device, inode): one per real file, hard links included
     for raw in inputs:
         root = Path(raw)
         if root.is_dir():
@@ -142,13 +143,22 @@ def collect_inputs(
         else:
             _require_input(raw)
             walked = [(root, root.name)]
-        found += [InputFile(path, name, os.path.realpath(path), file_size(path)) for path, name in walked]
+        for path, name in walked:
+            real = os.path.realpath(path)
+            identity: object
+            try:
+                info = os.stat(path)
+                identity, size = (info.st_dev, info.st_ino), info.st_size
+            except OSError:  # a broken symlink and the like: known by its path (it becomes an error record)
+                identity, size = real, None
+            found.append(InputFile(path, name, real, size))
+            identities.append(identity)
         given += [os.fspath(raw)] * len(walked)
-    chosen: dict[str, int] = {}  # real path -> index into found
-    for index, item in enumerate(found):
-        first = chosen.setdefault(item.real, index)
+    chosen: dict[object, int] = {}  # identity -> index into found
+    for index, (item, key) in enumerate(zip(found, identities, strict=True)):
+        first = chosen.setdefault(key, index)
         if first != index and not _without_symlinks(found[first]) and _without_symlinks(item):
-            chosen[item.real] = index
+            chosen[key] = index
     kept = sorted(chosen.values())
     if duplicates is not None:
         kept_set = set(kept)
@@ -828,7 +838,7 @@ def caption_folder(
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
-    if not enabled or total == 0:
+    if not enabled or total == 0 or sys.stderr is None:  # no stderr at all: pythonw, some service hosts
         return None
     from tqdm import tqdm
 

@@ -83,11 +83,15 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: 
         return _decode(io.BytesIO(data), max_pixels, label)
     if hasattr(source, "read"):
         try:
+            # Read from where it stands, as PIL does; where that is says why nothing (or no image) came.
+            position = source.tell() if getattr(source, "seekable", lambda: False)() else 0  # type: ignore[union-attr]
             data = source.read()
         except (OSError, ValueError) as exc:  # ValueError: a closed file
             raise ImageError(f"{label}: cannot read the file object: {exc}") from exc
         if not isinstance(data, bytes):
             raise ImageError(f"{label}: file object gives {type(data).__name__}, not bytes; open it in binary mode ('rb')")
+        if position:
+            label = f"{label} (read from position {position}; seek(0) first to read it whole)"
         return load_image(data, max_pixels, label)
     if isinstance(source, (str, os.PathLike)):
         if not os.fspath(source):
@@ -130,9 +134,13 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, label: str) -> None:
         raise ImageError(f"{label}: image has no pixels ({width}x{height})")
     if max_pixels > 0 and width * height > max_pixels:
         raise ImageError(
-            f"{label}: image too large to decode safely: {width}x{height} = {width * height / 1e6:.1f} MP "
-            f"exceeds the pixel cap of {max_pixels / 1e6:.1f} MP (raise it with --max-pixels)"
+            f"{label}: image too large to decode safely: {width}x{height} = {_megapixels(width * height)} "
+            f"exceeds the pixel cap of {_megapixels(max_pixels)} (raise it: --max-pixels, or max_pixels=)"
         )
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} MP" if pixels >= 100_000 else f"{pixels} pixels"
 
 
 def _open_checked(handle: IO[bytes], max_pixels: int, label: str) -> Image.Image:
@@ -189,7 +197,7 @@ def _decode(handle: IO[bytes], max_pixels: int, label: str, heif_tried: bool = F
         raise ImageError(f"{label}: not an image, or an image format that cannot be read") from exc
     except Image.DecompressionBombError as exc:  # PIL's own hard limit fires inside Image.open
         raise ImageError(
-            f"{label}: image too large to decode safely ({exc}); the pixel cap is {max_pixels / 1e6:.1f} MP"
+            f"{label}: image too large to decode safely ({exc}); the pixel cap is {_megapixels(max_pixels)}"
         ) from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error) as exc:
         # PIL reports truncated and corrupt data as OSError ("image file is truncated",
@@ -256,6 +264,8 @@ def _convert(image: Image.Image) -> Image.Image:
         return Image.fromarray(_to_uint8(np.asarray(image), mode)).convert("RGB")
     has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode in ("P", "L", "RGB") and "transparency" in image.info)
     if has_alpha:
+        if mode == "La":  # premultiplied: PIL converts it only to LA
+            image = image.convert("LA")
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

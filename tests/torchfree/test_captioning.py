@@ -900,3 +900,15 @@ def test_a_record_carries_the_size_of_the_file_read_not_the_one_listed(
     sizes = {r["file"]: r["bytes"] for r in records(out)}
     assert sizes["img_001.png"] == late.stat().st_size != listed
     assert captioner.caption_folder(tmp_path / "in", out=out, progress=False).skipped == 2  # no false refusal
+
+
+def test_hard_links_are_one_file_and_no_stderr_means_no_progress_bar(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = make_folder(tmp_path / "in", 2)
+    os.link(tmp_path / "in" / names[0], tmp_path / "in" / "zz_same_file.png")
+    files = [f.file for f in collect_inputs([tmp_path / "in"])]
+    assert files == names  # the later name of the same file is left out, like a symlink's
+    monkeypatch.setattr(sys, "stderr", None)  # pythonw, some service hosts: the default progress=True
+    summary = captioner.caption_folder(tmp_path / "in", out=tmp_path / "o.jsonl")
+    assert (summary.captioned, len(summary.duplicates)) == (2, 1)

@@ -60,9 +60,9 @@ def test_a_cap_above_pillows_own_limit_is_honoured(tmp_path: Path, monkeypatch: 
     assert np.asarray(load_image(tmp_path / "big.png", max_pixels=10_000))[0, 0].tolist() == [0, 128, 255]
     assert load_image(tmp_path / "big.png", max_pixels=0).size == (100, 50)  # no cap at all
     assert Image.MAX_IMAGE_PIXELS == 1_000  # lifted only while that image was opened
-    with pytest.raises(ImageError, match=r"big\.png: image too large to decode safely: 100x50 = 0\.0 MP exceeds the pixel cap"):
+    with pytest.raises(ImageError, match=r"big\.png: image too large to decode safely: 100x50 = 5000 pixels exceeds the pixel cap of 4000 pixels"):
         load_image(tmp_path / "big.png", max_pixels=4_000)  # our cap, above PIL's: ours decides
-    with pytest.raises(ImageError, match=r"big\.png: image too large to decode safely \(.*\); the pixel cap is 0\.0 MP"):
+    with pytest.raises(ImageError, match=r"big\.png: image too large to decode safely \(.*\); the pixel cap is 1500 pixels"):
         load_image(tmp_path / "big.png", max_pixels=1_500)  # under PIL's limit: PIL refuses first
 
 
@@ -74,6 +74,24 @@ def test_alpha_is_flattened_on_white() -> None:
     assert rgb[1, 1].tolist() == [255, 255, 255]
     half = np.asarray(load_image(Image.new("LA", (2, 2), (0, 128))))
     assert 126 <= int(half[0, 0, 0]) <= 128  # black at 50% over white is mid grey
+
+
+@pytest.mark.parametrize(
+    "mode", ["1", "L", "P", "RGB", "RGBA", "RGBa", "RGBX", "LA", "La", "PA", "CMYK", "YCbCr", "LAB", "HSV",
+             "I;16", "I;16B", "I", "F"],
+)
+def test_every_pil_mode_becomes_rgb(mode: str) -> None:
+    rgb = load_image(Image.new(mode, (6, 4)))
+    assert (rgb.mode, rgb.size) == ("RGB", (6, 4))
+
+
+def test_a_file_object_is_read_from_where_it_stands_and_the_error_says_so() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, "PNG")
+    with pytest.raises(ImageError, match=r"read from position \d+; seek\(0\) first .*: empty input"):
+        load_image(buffer)  # just written: at its end
+    buffer.seek(0)
+    assert load_image(buffer).size == (8, 8)
 
 
 def test_sixteen_bit_is_scaled_not_clipped() -> None:
