@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate tokenises inside worker processes
 
 from engine.errors import EdlightError, ImageError, is_count
+from engine.folder import write_report
 from engine.images import enable_heif
 
 # Generic defaults for fine-tuning a --base checkpoint; presets bring their own (train/presets.py).
@@ -357,19 +358,12 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _replace_text(path: Path, text: str) -> None:
-    """Write `path` whole or not at all: a kill leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _write_json(path: Path, value: dict[str, Any]) -> None:
-    _replace_text(path, json.dumps(value, indent=2) + "\n")
+    write_report(path, json.dumps(value, indent=2) + "\n")  # whole or not at all: a kill leaves old or new
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    _replace_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    write_report(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def plot_curves(metrics: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any]], path: Path) -> None:
