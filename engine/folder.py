@@ -261,9 +261,7 @@ class RecordWriter:
                 raise OutputError(f"{self.out}: cannot write: {error.strerror or error}") from error
 
     def write(self, records: list[dict[str, Any]]) -> None:
-        self._write("".join(
-            format_record({**r, "model": self.model}, self.fmt, self.fields) for r in records
-        ))
+        self._write("".join(format_record({**r, "model": self.model}, self.fmt, self.fields) for r in records))
 
     def _write(self, text: str) -> None:
         assert self._handle is not None
