@@ -1,12 +1,13 @@
 """Folder jobs: walk inputs, caption, and stream one record per image to JSONL or CSV, resumably.
 
 Records are ``{"file": path relative to its input folder, "caption": str|None, "error": str|None,
-"model": the bundle's model_id, "bytes": the image file's size}``, in input order (folders are walked recursively in sorted order). They are appended and flushed batch
-by batch, so a killed run keeps everything it finished. By default a rerun resumes: files that already
-have a caption are skipped, files whose record is an error are tried again (their old error records
-are dropped from the file first), and a torn last line (the write a kill interrupted) is cut off. A name
-whose record was written for a file of another size (another folder's image of the same name, or the image
-since replaced) stops the run before anything is written: skipping it would keep a wrong caption.
+"model": the bundle's model_id, "bytes": the image file's size as read}``, in input order (folders are
+walked recursively in sorted order). They are appended and flushed batch by batch, so a killed run keeps
+everything it finished. By default a rerun resumes: files that already have a caption are skipped, files
+whose record is an error are tried again (their old error records are dropped from the file first), and a
+torn last line (the write a kill interrupted) is cut off. A name whose record was written for a file of
+another size (another folder's image of the same name, or the image since replaced) stops the run before
+anything is written, since skipping it would keep a wrong caption; `recaption_changed` captions those again.
 A bad image is an error record, never a crash; a folder that cannot be listed is reported and skipped.
 One run at a time may write an output file (a lock next to it, `.NAME.lock`, says who), and only with
 the model that wrote its records: a resume with another bundle would mix two models' captions.
