@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -149,7 +150,10 @@ def collect_inputs(
             identity: object
             try:
                 info = os.stat(path)
-                identity, size = (info.st_dev, info.st_ino), info.st_size
+                size = info.st_size
+                # Hard links share an inode; trusted only where there are several links to a real inode
+                # number (some network file systems report 0 or reuse them).
+                identity = (info.st_dev, info.st_ino) if info.st_nlink > 1 and info.st_ino else real
             except OSError:  # a broken symlink and the like: known by its path (it becomes an error record)
                 identity, size = real, None
             found.append(InputFile(path, name, real, size))
@@ -582,23 +586,46 @@ def check_report_out(out: Path, what: str, is_ours: Callable[[str], bool] | None
 
 def write_report(out: Path, text: str) -> None:
     """Write `text` to `out` whole or not at all (a full disk or a kill leaves the old file): a file, or the
-    one a symlink points to, is replaced atomically and keeps its mode; a stream is written as it is."""
+    one a symlink points to, is replaced atomically and keeps its mode; a stream is appended to (this
+    process's stdout or stderr through Python's own, so nothing printed before or after is overwritten)."""
     try:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None and is_same_file(out, stream):
+                stream.write(text)
+                stream.flush()
+                return
         if is_stream(out):
-            with open(out, "w", encoding="utf-8") as handle:
+            with open(out, "a", encoding="utf-8") as handle:  # "w" would empty a file behind /dev/fd/N
                 handle.write(text)
             return
         target = output_target(out)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        # A new name every time, created exclusively: never an existing file or a symlink planted there.
+        temporary = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         try:
-            temporary.write_text(text, encoding="utf-8")
+            with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as handle:
+                handle.write(text)
             with contextlib.suppress(OSError):
                 os.chmod(temporary, target.stat().st_mode & 0o7777)
-            os.replace(temporary, target)
+            try:
+                os.replace(temporary, target)
+            except PermissionError:
+                # e.g. someone else's file in a sticky folder (/tmp): not replaceable, but writable in place.
+                if not os.access(target, os.W_OK):
+                    raise
+                target.write_text(text, encoding="utf-8")
         finally:
             temporary.unlink(missing_ok=True)
     except OSError as exc:
         raise OutputError(f"{out}: cannot write: {exc.strerror or exc}") from exc
+
+
+def is_same_file(path: Path, stream: Any) -> bool:
+    """Whether `path` names the file an open `stream` writes to ("/dev/stdout" for sys.stdout, its file by name)."""
+    try:
+        named, opened = os.stat(path), os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # no such file yet, or no real file behind the stream
+        return False
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def default_output(fmt: str) -> Path:

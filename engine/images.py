@@ -133,9 +133,12 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, label: str) -> None:
     if width <= 0 or height <= 0:
         raise ImageError(f"{label}: image has no pixels ({width}x{height})")
     if max_pixels > 0 and width * height > max_pixels:
+        pixels, cap = _megapixels(width * height), _megapixels(max_pixels)
+        if pixels == cap:  # "1.0 MP exceeds 1.0 MP": exact counts say it
+            pixels, cap = f"{width * height} pixels", f"{max_pixels} pixels"
         raise ImageError(
-            f"{label}: image too large to decode safely: {width}x{height} = {_megapixels(width * height)} "
-            f"exceeds the pixel cap of {_megapixels(max_pixels)} (raise it: --max-pixels, or max_pixels=)"
+            f"{label}: image too large to decode safely: {width}x{height} = {pixels} "
+            f"exceeds the pixel cap of {cap} (raise it: --max-pixels, or max_pixels=)"
         )
 
 

@@ -43,6 +43,7 @@ from engine.folder import (
     _progress_bar,
     file_size,
     folder_job,
+    is_same_file,
     resolve_format,
     write_batch,
 )
@@ -152,7 +153,7 @@ class CaptionActor:
         for index, caption, error in self.captioner.iter_captions(items):
             indices.append(index)
             captions.append(caption)
-            errors.append(None if error is None else error.encode("utf-8", "surrogateescape"))
+            errors.append(None if error is None else error.encode("utf-8", "surrogatepass"))
         # An explicit schema: a block whose images all failed would otherwise get a null-typed column.
         return pa.table({
             "index": pa.array(indices, pa.int64()),
@@ -210,7 +211,7 @@ def caption_folder_ray(
         if not todo:
             with RecordWriter(summary.out, fmt, model):  # the file exists afterwards, as after a local run
                 return summary  # nothing left: no need for a cluster
-        started_here = _connect(ray, address, num_cpus, records_on_stdout=_is_stdout(summary.out))
+        started_here = _connect(ray, address, num_cpus, records_on_stdout=is_same_file(summary.out, sys.stdout))
         try:
             started = time.perf_counter()
             plan = plan_actors(float(ray.cluster_resources().get("CPU", 0)), actors, threads)
@@ -226,7 +227,7 @@ def caption_folder_ray(
                     for results in _stream_records(ray, rows, constructor, plan, batch_size, stall_timeout):
                         records = [
                             {"file": files[r["index"]], "caption": r["caption"],
-                             "error": None if r["error"] is None else r["error"].decode("utf-8", "surrogateescape"),
+                             "error": None if r["error"] is None else r["error"].decode("utf-8", "surrogatepass"),
                              "bytes": r["bytes"]}
                             for r in results
                         ]
@@ -268,15 +269,6 @@ def _connect(ray: Any, address: str | None, num_cpus: int | None, records_on_std
         # "local": a fresh instance of our own, never an unrelated cluster found through RAY_ADDRESS.
         ray.init(address="local", num_cpus=num_cpus or _machine_cores(), **options)
     return True
-
-
-def _is_stdout(out: Path) -> bool:
-    """Whether `out` is this process's stdout ("-", /dev/stdout, /dev/fd/1, or its file by name)."""
-    try:
-        written, stdout = os.stat(out), os.fstat(sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):  # no such file yet, or no real stdout (a test runner's)
-        return False
-    return (written.st_dev, written.st_ino) == (stdout.st_dev, stdout.st_ino)
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:

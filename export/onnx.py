@@ -324,15 +324,15 @@ def _alive(pid: int) -> bool:
 def _move_into_place(staged: Path, out: Path, force: bool) -> None:
     """Rename the finished bundle to `out`; with force, the old `out` is removed only after that succeeds."""
     old = None
-    if out.exists():
-        if not force:
-            raise ExportError(f"{out}: appeared during the export; pass --force to replace it")
-        old = out.with_name(f".{out.name}.old-{_owner()}")
-        os.replace(out, old)
+    if out.exists() and not force:
+        raise ExportError(f"{out}: appeared during the export; pass --force to replace it")
     try:
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{_owner()}")
+            os.replace(out, old)
         os.replace(staged, out)
     except BaseException as exc:  # also Ctrl-C or SIGTERM between the two renames: the old bundle goes back
-        if old is not None and not out.exists():
+        if old is not None and old.exists() and not out.exists():
             os.replace(old, out)
         if isinstance(exc, OSError):
             raise ExportError(f"{out}: cannot move the finished bundle into place ({exc.strerror or exc})") from exc

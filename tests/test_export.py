@@ -434,6 +434,30 @@ def test_interrupted_export_leaves_no_bundle(random_checkpoint: Path, tmp_path: 
         assert not _leftovers(tmp_path, "bundle")
 
 
+def test_an_interrupt_between_the_two_renames_puts_the_old_bundle_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from export import onnx
+
+    out, staged = tmp_path / "bundle", tmp_path / "staged"
+    for folder, text in ((out, "old"), (staged, "new")):
+        folder.mkdir()
+        (folder / "edlight.json").write_text(text)
+    replace, calls = os.replace, []
+
+    def interrupted_second_rename(src: object, dst: object) -> None:
+        calls.append((src, dst))
+        if len(calls) == 2:  # the old bundle is aside, the new one not yet in place: Ctrl-C here
+            raise KeyboardInterrupt
+        replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(onnx.os, "replace", interrupted_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        onnx._move_into_place(staged, out, force=True)
+    assert (out / "edlight.json").read_text() == "old" and (staged / "edlight.json").read_text() == "new"
+    assert not _leftovers(tmp_path, "bundle")
+
+
 def test_a_bundle_set_aside_by_a_killed_export_is_put_back(tmp_path: Path) -> None:
     from export.onnx import _clear_dead_exports
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.folder import OutputError
 from engine.ray_caption import (
     RayConnectionError,
     RayStallError,
@@ -163,6 +164,12 @@ def test_ray_takes_file_names_that_are_not_utf8(local_ray: object, tiny_bundle: 
         summary = caption_folder_ray([folder], tmp_path / f"ray.{fmt}", tiny_bundle, actors=2, progress=False)
         assert (summary.captioned, summary.failed) == (2, 1)
         assert (tmp_path / f"ray.{fmt}").read_bytes() == (tmp_path / f"local.{fmt}").read_bytes()
+    # A replaced photo: refused, or captioned again with recaption_changed, as in a local run.
+    shutil.copy(EXAMPLES / "00002.jpg", folder / "plain.jpg")
+    with pytest.raises(OutputError, match="--recaption-changed"):
+        caption_folder_ray([folder], tmp_path / "ray.jsonl", tiny_bundle, progress=False)
+    again = caption_folder_ray([folder], tmp_path / "ray.jsonl", tiny_bundle, recaption_changed=True, progress=False)
+    assert (again.changed, again.retried, again.captioned, again.failed) == (1, 1, 1, 1)
 
 
 @pytest.mark.slow
@@ -247,10 +254,13 @@ def test_a_stalled_ray_job_fails_loudly(local_ray: object, tiny_bundle: Path, mi
     assert (tmp_path / "stalled.jsonl").read_text() == ""  # nothing half-written
 
 
-def test_records_streamed_to_stdout_are_recognised(tmp_path: Path) -> None:
-    """Ray's worker log lines must not be forwarded into a record stream on stdout (_connect's option)."""
-    code = ("import sys; from pathlib import Path; from engine.ray_caption import _is_stdout; "
-            "print([_is_stdout(Path(p)) for p in sys.argv[1:]], file=sys.stderr)")
+def test_records_streamed_to_stdout_keep_rays_log_lines_out(tmp_path: Path) -> None:
+    """Ray prints its workers' log lines on the driver's stdout: not forwarded when the records go there."""
+    from engine.folder import is_same_file
+    from engine.ray_caption import _connect
+
+    code = ("import sys; from pathlib import Path; from engine.folder import is_same_file; "
+            "print([is_same_file(Path(p), sys.stdout) for p in sys.argv[1:]], file=sys.stderr)")
     other = tmp_path / "other.jsonl"
     other.write_text("")
     with open(tmp_path / "out.jsonl", "w") as stdout:
@@ -258,3 +268,19 @@ def test_records_streamed_to_stdout_are_recognised(tmp_path: Path) -> None:
                                  str(other), str(tmp_path / "missing")], cwd=REPO, stdout=stdout, stderr=subprocess.PIPE,
                                 text=True, timeout=60)
     assert result.stderr.strip() == "[True, True, True, False, False]", result.stderr
+    assert not is_same_file(tmp_path / "missing", sys.stdout)
+
+    class RayInit:  # what _connect asks of ray.init (starting a real cluster for each setting takes minutes)
+        def __init__(self) -> None:
+            self.options: dict[str, object] = {}
+
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **options: object) -> None:
+            self.options = options
+
+    for on_stdout in (True, False):
+        ray = RayInit()
+        assert _connect(ray, None, 2, records_on_stdout=on_stdout)
+        assert ("log_to_driver" in ray.options) == on_stdout and ray.options.get("log_to_driver", False) is False

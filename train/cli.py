@@ -9,6 +9,7 @@ import click
 
 from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError, ImageError
+from engine.folder import OutputError
 from train.checkpoint import run_data_options
 from train.loop import PRECISIONS
 
@@ -143,7 +144,7 @@ def train(
     )
     try:
         result = run_training(cfg)
-    except ImageError as exc:  # an image gone or changed since the data check, mid-training
+    except (ImageError, OutputError) as exc:  # an image gone since the data check, a full disk: mid-training
         raise click.ClickException(f"{_own_message(exc)}\n{_resume_note(out)}") from exc
     except EdlightError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -912,3 +912,31 @@ def test_hard_links_are_one_file_and_no_stderr_means_no_progress_bar(
     monkeypatch.setattr(sys, "stderr", None)  # pythonw, some service hosts: the default progress=True
     summary = captioner.caption_folder(tmp_path / "in", out=tmp_path / "o.jsonl")
     assert (summary.captioned, len(summary.duplicates)) == (2, 1)
+
+
+def test_a_report_to_redirected_stdout_or_stderr_appends(tmp_path: Path) -> None:
+    code = ("import sys; from pathlib import Path; from engine.folder import write_report; "
+            "print('first', flush=True); write_report(Path('/dev/stdout'), 'R\\n'); print('last'); "
+            "write_report(Path('/dev/stderr'), 'E\\n')")
+    log = tmp_path / "log"
+    log.write_text("earlier\n")
+    with open(tmp_path / "out", "w") as stdout, open(log, "a") as stderr:
+        subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=stdout, stderr=stderr, check=True, timeout=60)
+    assert (tmp_path / "out").read_text() == "first\nR\nlast\n"
+    assert log.read_text() == "earlier\nE\n"
+
+
+def test_cli_recaption_changed(engine_bundle: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from engine.cli import main
+
+    make_folder(tmp_path / "in", 2)
+    out = tmp_path / "o.jsonl"
+    args = ["caption", str(tmp_path / "in"), "--model", str(engine_bundle), "--out", str(out), "--quiet"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    photo(5, 300, 200).save(tmp_path / "in" / "img_001.png")  # replaced by another photo
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and "--recaption-changed captions them again" in refused.output
+    again = CliRunner().invoke(main, [*args, "--recaption-changed"])
+    assert again.exit_code == 0 and "captioned 1, failed 0 (1 changed since their record, captioned again), 1 already done" in again.output

@@ -48,8 +48,11 @@ def test_pixel_cap_is_checked_before_decoding(tmp_path: Path, png_with_header) -
 def test_pixel_cap_is_configurable(tmp_path: Path) -> None:
     Image.new("RGB", (100, 100)).save(tmp_path / "a.png")
     assert load_image(tmp_path / "a.png", max_pixels=10_000).size == (100, 100)
-    with pytest.raises(ImageError, match="too large"):
+    with pytest.raises(ImageError, match="10000 pixels exceeds the pixel cap of 9999 pixels"):
         load_image(tmp_path / "a.png", max_pixels=9_999)
+    Image.new("RGB", (1001, 1000)).save(tmp_path / "b.png")  # 1.0 MP against 1.0 MP: in pixels instead
+    with pytest.raises(ImageError, match="1001000 pixels exceeds the pixel cap of 1000000 pixels"):
+        load_image(tmp_path / "b.png", max_pixels=1_000_000)
 
 
 def test_a_cap_above_pillows_own_limit_is_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
