@@ -305,6 +305,11 @@ def prepare_models(
     unavailable: dict[str, str] = {}
     cache_dir = Path(cache_dir).expanduser()
     given = classify_bundles([Path(b) for b in bundles or []])
+    unused = {system: path for system, path in given.items() if system not in systems}
+    if unused:  # it would be left out silently, and another model timed under its name
+        system, path = next(iter(unused.items()))
+        kind = "an int8" if system == "engine-int8" else "an fp32"
+        raise BenchSetupError(f"{path}: {kind} bundle, timed as system {system}, which --systems leaves out; add it to --systems")
     images = bench_images(cache_dir, log, images_dir)
     have_torch = is_installed("torch") and is_installed("transformers")
     export_versions = _versions("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")

@@ -559,9 +559,11 @@ def output_target(out: Path) -> Path:
 
 
 def check_report_out(out: Path, what: str, is_ours: Callable[[str], bool] | None = None) -> None:
-    """Raise OutputError unless `what` (predictions, a parity report) can be written to `out`: a stream, or a
-    file in a folder that exists or can be made and is writable. Checked before the work that makes it.
-    `is_ours(first line)`: an existing file must pass it to be replaced (a data set's metadata must not be)."""
+    """Raise OutputError unless `what` (predictions, a parity report) can be written to `out`: "-" (stdout), a
+    stream, or a file in a folder that exists or can be made and is writable. Checked before the work that
+    makes it. `is_ours(its first MB of text)`: an existing file must pass it to be replaced (a data set's
+    metadata, an image, a bundle's manifest must not be)."""
+    out = _stdout_if_dash(out)
     if out.is_dir():
         raise OutputError(f"{out}: a folder; give a file name for {what}")
     if is_stream(out):
@@ -570,10 +572,10 @@ def check_report_out(out: Path, what: str, is_ours: Callable[[str], bool] | None
     if is_ours is not None and target.is_file() and target.stat().st_size:
         try:
             with open(target, "rb") as handle:
-                first = handle.readline(1 << 20).decode("utf-8", "replace")
+                head = handle.read(1 << 20).decode("utf-8", "replace")
         except OSError as exc:
             raise OutputError(f"{out}: cannot read it to check that it holds {what}: {exc.strerror or exc}") from exc
-        if not is_ours(first):
+        if not is_ours(head):
             raise OutputError(f"{out}: exists and does not hold {what} (a data set's metadata, an image, another file); choose another --out")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -588,6 +590,7 @@ def write_report(out: Path, text: str) -> None:
     """Write `text` to `out` whole or not at all (a full disk or a kill leaves the old file): a file, or the
     one a symlink points to, is replaced atomically and keeps its mode; a stream is appended to (this
     process's stdout or stderr through Python's own, so nothing printed before or after is overwritten)."""
+    out = _stdout_if_dash(out)
     try:
         for stream in (sys.stdout, sys.stderr):
             if stream is not None and is_same_file(out, stream):
@@ -617,6 +620,10 @@ def write_report(out: Path, text: str) -> None:
             temporary.unlink(missing_ok=True)
     except OSError as exc:
         raise OutputError(f"{out}: cannot write: {exc.strerror or exc}") from exc
+
+
+def _stdout_if_dash(out: Path) -> Path:
+    return Path("/dev/stdout") if os.fspath(out) == "-" else out
 
 
 def is_same_file(path: Path, stream: Any) -> bool:

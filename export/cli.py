@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from engine.bundle import MANIFEST_NAME
+from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError
 from train.checkpoint import run_data_options
 
@@ -34,6 +35,10 @@ class _EchoHandler(logging.Handler):
     default=None,
     help="Data folder: validate on its test images and store the parity check (engine vs PyTorch BLEU) in the manifest.",
 )
+@click.option("--tolerance", type=FiniteFloatRange(min=0), default=None,
+              help="With --data: max |BLEU difference| for the parity check (default 0.1 fp32, 1.0 int8); a failed check writes no bundle.")
+@click.option("--min-identical", type=FiniteFloatRange(0, 1), default=None,
+              help="With --data: min share of captions identical to PyTorch's (default 0.99 fp32, none for int8).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out (never a folder holding other files).")
 @click.option(
     "--decoder-layout",
@@ -47,6 +52,8 @@ def export(
     out: Path,
     quantize: str | None,
     data: Path | None,
+    tolerance: float | None,
+    min_identical: float | None,
     force: bool,
     decoder_layout: str | None,
     caption_column: str | None,
@@ -67,7 +74,8 @@ def export(
     try:
         bundle = export_bundle(
             checkpoint, out, quantize=quantize, data=data, force=force, decoder_layout=decoder_layout or DEFAULT_LAYOUT,
-            caption_column=caption_column, skip_bad=skip_bad, test_ratio=test_ratio,
+            caption_column=caption_column, skip_bad=skip_bad, test_ratio=test_ratio, tolerance=tolerance,
+            min_identical=min_identical,
         )  # fmt: skip
     except EdlightError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -353,6 +353,8 @@ def export_bundle(
     skip_bad: bool | None = None,
     test_ratio: float | None = None,
     split_seed: int | None = None,
+    tolerance: float | None = None,
+    min_identical: float | None = None,
 ) -> Path:
     """Export `checkpoint` (a Pix2Struct save_pretrained dir) to the bundle directory `out`.
 
@@ -400,7 +402,7 @@ def export_bundle(
     _refuse_inside_checkpoints(out, Path(info.path))
     tmp = _place_temp_dir(out, force, [info.path] + ([data_path] if data_path is not None else []))
     try:
-        staged = _build(info, tmp, quantize, data_path, examples, decoder_layout, settings)
+        staged = _build(info, tmp, quantize, data_path, examples, decoder_layout, settings, (tolerance, min_identical))
         _move_into_place(staged, out, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -415,6 +417,7 @@ def _build(
     examples: list[Example] | None,
     layout: str,
     settings: DataSettings | None = None,
+    limits: tuple[float | None, float | None] = (None, None),
 ) -> Path:
     from export.validate import compare_greedy
 
@@ -496,13 +499,17 @@ def _build(
         assert settings is not None
         report = run_parity(
             bundle, info.path, data, caption_column=settings.caption_column, skip_bad=settings.skip_bad,
-            test_ratio=settings.test_ratio, split_seed=settings.split_seed,
+            test_ratio=settings.test_ratio, split_seed=settings.split_seed, tolerance=limits[0], min_identical=limits[1],
         )  # fmt: skip
         report.data_settings = settings.describe()  # with where they came from
         manifest.parity = report.to_dict(brief=True)
         write_manifest(bundle, manifest)
         if not report.passed:
-            raise ExportError(f"{info.path}: parity check on {data} failed: {report.summary_line()}")
+            raise ExportError(
+                f"{info.path}: parity check on {data} failed: {report.summary_line()}. No bundle was written; on a "
+                "small test split a difference can be noise: see `edlight parity` for the captions, or widen "
+                "--tolerance / --min-identical"
+            )
     return bundle
 
 

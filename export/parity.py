@@ -61,10 +61,10 @@ class ParityReport:
     def to_dict(self, brief: bool = False) -> dict[str, Any]:
         """Everything as JSON-ready values; `brief` drops the caption examples (for the bundle manifest)."""
         data = asdict(self)
+        data["differences_count"] = round((1 - self.identical_share) * self.images)  # the list keeps the first few
         if brief:
             data.pop("differences")
             data.pop("bundle")  # stored inside the bundle, whose path may change (it is staged, then moved)
-            data["differences_count"] = round((1 - self.identical_share) * self.images)
         return data
 
     def summary_line(self) -> str:

@@ -51,7 +51,7 @@ def parity(
 
     if out is not None:
         try:
-            check_report_out(out, "the report")  # before minutes of captioning, not after
+            check_report_out(out, "a parity report", _is_parity_report)  # before minutes of captioning
         except EdlightError as exc:
             _cannot_run(str(exc))
     try:
@@ -71,6 +71,9 @@ def parity(
         )
     except EdlightError as exc:
         _cannot_run(str(exc))
+    except KeyboardInterrupt:  # not exit 1, which says the check failed
+        click.echo("interrupted: the check did not finish; nothing was written", err=True)
+        raise SystemExit(130) from None
     click.echo(report.table())
     if out is not None:
         try:  # whole or not at all: a full disk must not leave half a report
@@ -80,6 +83,14 @@ def parity(
         click.echo(f"report: {out}")
     if not report.passed:
         click.get_current_context().exit(1)
+
+
+def _is_parity_report(text: str) -> bool:
+    try:
+        report = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(report, dict) and {"bundle", "bleu_torch", "bleu_engine", "passed"} <= set(report)
 
 
 def _cannot_run(message: str) -> NoReturn:

@@ -514,6 +514,11 @@ def test_evaluation_data_settings_default_to_the_training_runs(tmp_path: Path) -
     # Given values win; a run_config.json value of the wrong kind, or a torn file, is ignored.
     assert data_settings(run / "best", "text", False, 0.1, 0) == DataSettings()
     assert data_settings(run / "best", caption_column="text").test_ratio == 0.25
+    # The line says which settings were given instead, and when that makes another test split.
+    described = data_settings(run / "best", test_ratio=0.3).describe()
+    assert described.endswith("(from " + str(run / "run_config.json") + ", except test_ratio given here: not the run's "
+                              "test split, so it may hold images the model was trained on)")
+    assert "except" not in data_settings(run / "best", test_ratio=0.25).describe()  # the same value: no override
     (run / "run_config.json").write_text(json.dumps({"caption_column": 5, "skip_bad": "yes", "test_ratio": 2, "split_seed": True}))
     assert data_settings(run / "best") == DataSettings()
     (run / "run_config.json").write_text("{torn")

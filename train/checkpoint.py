@@ -109,7 +109,8 @@ def run_data_options(what: str, skip_bad_help: str) -> Callable[[Any], Any]:
 class DataSettings:
     """How to read a data folder: the options of `edlight train` that shape the examples and the split.
 
-    `recorded` names the run_config.json the values not given explicitly came from (None: defaults).
+    `recorded` names the run_config.json the values not given explicitly came from (None: defaults);
+    `overridden` the settings given explicitly with another value than that file's.
     """
 
     caption_column: str = "text"
@@ -117,12 +118,20 @@ class DataSettings:
     test_ratio: float = 0.1
     split_seed: int = 0
     recorded: str | None = None
+    overridden: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """E.g. "caption column 'text', test_ratio 0.1, split seed 0 (from runs/r/run_config.json)"."""
         text = f"caption column {self.caption_column!r}, test_ratio {self.test_ratio}, split seed {self.split_seed}"
         text += ", skipping bad entries" if self.skip_bad else ""
-        return text + (f" (from {self.recorded})" if self.recorded else "")
+        if not self.recorded:
+            return text
+        where = f"from {self.recorded}"
+        if self.overridden:
+            where += f", except {', '.join(self.overridden)} given here"
+            if {"test_ratio", "split_seed"} & set(self.overridden):
+                where += ": not the run's test split, so it may hold images the model was trained on"
+        return f"{text} ({where})"
 
 
 def data_settings(
@@ -150,12 +159,15 @@ def data_settings(
             recorded = loaded
     values: dict[str, Any] = {}
     used = False
+    overridden = []
     for name, value in given.items():
         if value is None and _recordable(name, recorded.get(name)):
             value, used = recorded[name], True
+        elif value is not None and _recordable(name, recorded.get(name)) and recorded[name] != value:
+            overridden.append(name)
         if value is not None:
             values[name] = value
-    return DataSettings(**values, recorded=str(run_file) if used else None)
+    return DataSettings(**values, recorded=str(run_file) if used else None, overridden=tuple(overridden) if used else ())
 
 
 def _recordable(name: str, value: object) -> bool:

@@ -210,6 +210,9 @@ def evaluate(
         )
     except (EdlightError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        raise SystemExit(130) from None
     if as_json:
         click.echo(
             json.dumps({"split": report.split, "n": report.n, "bleu": report.bleu, "chrf": report.chrf})

@@ -171,7 +171,7 @@ def evaluate_checkpoint(
     if split not in ("test", "train", "all"):
         raise ValueError(f"split must be test, train or all, got {split!r}")
     if out is not None:
-        check_report_out(Path(out), "predictions", _is_prediction)
+        check_report_out(Path(out), "predictions", lambda head: _is_prediction(head.split("\n", 1)[0]))
     settings = data_settings(checkpoint, caption_column, skip_bad, test_ratio, split_seed)
     model, processor = load_checkpoint(checkpoint)
     examples = load_split(

@@ -916,13 +916,13 @@ def test_hard_links_are_one_file_and_no_stderr_means_no_progress_bar(
 
 def test_a_report_to_redirected_stdout_or_stderr_appends(tmp_path: Path) -> None:
     code = ("import sys; from pathlib import Path; from engine.folder import write_report; "
-            "print('first', flush=True); write_report(Path('/dev/stdout'), 'R\\n'); print('last'); "
+            "print('first', flush=True); write_report(Path('/dev/stdout'), 'R\\n'); write_report(Path('-'), 'D\\n'); print('last'); "
             "write_report(Path('/dev/stderr'), 'E\\n')")
     log = tmp_path / "log"
     log.write_text("earlier\n")
     with open(tmp_path / "out", "w") as stdout, open(log, "a") as stderr:
         subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=stdout, stderr=stderr, check=True, timeout=60)
-    assert (tmp_path / "out").read_text() == "first\nR\nlast\n"
+    assert (tmp_path / "out").read_text() == "first\nR\nD\nlast\n"  # "-" is stdout too
     assert log.read_text() == "earlier\nE\n"
 
 
