@@ -14,7 +14,6 @@ seconds per image and each batch size's throughput relative to the first. Import
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -62,17 +61,21 @@ def measure(
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the rounds as JSON.")
 def main(bundles: tuple[Path, ...], sizes: list[int], rounds: int, tokens: int, threads: int | None, folder: Path | None, json_out: Path | None) -> None:
     """Seconds per image of engine bundles at several batch sizes, interleaved in one process."""
-    from benchmarks.models import bench_images
+    from benchmarks.models import BENCH_IMAGES, bench_images
     from engine.errors import EdlightError
+    from engine.folder import check_report_out, write_report
 
     if len({b.resolve() for b in bundles}) != len(bundles):
         raise click.UsageError("a --model is given twice")
-    if json_out is not None:  # before minutes of measuring
-        nearest = next(folder for folder in (json_out.absolute().parent, *json_out.absolute().parents) if folder.exists())
-        if not nearest.is_dir() or not os.access(nearest, os.W_OK):
-            raise click.UsageError(f"{json_out}: cannot write there ({nearest} is not a writable folder)")
+    if json_out is not None:  # before minutes of measuring; never over a file of something else
+        try:
+            check_report_out(json_out, "batch-size timings", _is_timings)
+        except EdlightError as exc:
+            raise click.UsageError(str(exc)) from exc
     try:
-        images = bench_images(default_cache(), lambda message: click.echo(message, err=True), folder)
+        # A folder of one's own gives as many images as the largest batch needs.
+        images = bench_images(default_cache(), lambda message: click.echo(message, err=True), folder,
+                              limit=max(BENCH_IMAGES, *sizes))
         seconds = measure(list(bundles), images, sizes, rounds, tokens, threads)
     except EdlightError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -83,10 +86,17 @@ def main(bundles: tuple[Path, ...], sizes: list[int], rounds: int, tokens: int, 
         click.echo(f"{bundle}: " + "; ".join(cells))
     if json_out is not None:
         try:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps({"tokens": tokens, "rounds": rounds, "seconds_per_image": seconds}, indent=2), encoding="utf-8")
-        except OSError as exc:
-            raise click.ClickException(f"{json_out}: cannot write ({exc.strerror or exc})") from exc
+            write_report(json_out, json.dumps({"tokens": tokens, "rounds": rounds, "seconds_per_image": seconds}, indent=2) + "\n")
+        except EdlightError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+def _is_timings(text: str) -> bool:
+    try:
+        written = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(written, dict) and "seconds_per_image" in written
 
 
 if __name__ == "__main__":

@@ -147,11 +147,12 @@ def count_parameters(checkpoint: Path) -> int | None:
 # --- images -------------------------------------------------------------------------------------
 
 
-def bench_images(cache_dir: Path, log: Log, folder: Path | None = None) -> list[Path]:
-    """The images every system captions: `folder`'s images, or generated student-work images (cached)."""
+def bench_images(cache_dir: Path, log: Log, folder: Path | None = None, limit: int = BENCH_IMAGES) -> list[Path]:
+    """The images every system captions: the first `limit` of `folder`'s images, or the generated student-work
+    images (cached, BENCH_IMAGES of them)."""
     suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
     if folder is not None:
-        images = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in suffixes)[:BENCH_IMAGES]
+        images = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in suffixes)[:limit]
         if not images:
             raise BenchSetupError(f"{folder}: no images (.png/.jpg/...) to benchmark with")
         return images

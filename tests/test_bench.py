@@ -202,3 +202,16 @@ def test_batch_sizes_are_timed_interleaved_in_one_process(tiny_bundle: Path, tin
 
     too_few = CliRunner().invoke(batch_sizes, ["--model", str(tiny_bundle), "--batch-sizes", "1,4", "--images", str(folder)])
     assert too_few.exit_code == 2 and "3 images, fewer than the largest batch size 4" in too_few.output
+    # A folder of one's own serves batches larger than the bench's 8 images; --json replaces its own
+    # earlier timings only, never another file, and says so before measuring.
+    big = tmp_path / "many"
+    big.mkdir()
+    for index, path in enumerate(sorted(synth_data.glob("*.jpg"))[:10]):
+        (big / f"{index:02d}.jpg").write_bytes(path.read_bytes())
+    tens = CliRunner().invoke(batch_sizes, ["--model", str(tiny_bundle), "--batch-sizes", "1,10", "--rounds", "1",
+                                            "--tokens", "2", "--images", str(big), "--json", str(out)])
+    assert tens.exit_code == 0 and "batch 10: " in tens.output, tens.output
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    refused = CliRunner().invoke(batch_sizes, [*args[:-1], str(notes)])
+    assert refused.exit_code == 2 and "does not hold batch-size timings" in refused.output and notes.read_text() == "mine\n"
