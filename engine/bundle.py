@@ -214,6 +214,16 @@ class Bundle:
         listing = "".join(f"{name}\0{digest}\n" for name, digest in sorted(self.manifest.files.items()))
         return hashlib.sha256(listing.encode("utf-8")).hexdigest()[:12]
 
+    def captions_id(self, num_beams: int = 1, max_new_tokens: int | None = None, min_new_tokens: int = 0) -> str:
+        """What caption records name as their "model": `model_id`, followed by the decoding settings that
+        differ from the bundle's own (greedy, its generation config's length, no minimum), e.g.
+        "07fdc5332569 num_beams=3". Captions of other settings differ too: a resume must not mix them."""
+        changed = [f"num_beams={num_beams}"] * (num_beams != 1)
+        if max_new_tokens is not None and max_new_tokens != self.default_max_new_tokens:
+            changed.append(f"max_new_tokens={max_new_tokens}")
+        changed += [f"min_new_tokens={min_new_tokens}"] * bool(min_new_tokens)
+        return " ".join([self.model_id, *changed])
+
     def onnx_path(self, role: str) -> Path:
         return self.path / self.manifest.onnx_files[role]
 

@@ -178,6 +178,12 @@ class Captioner:
         return caption_folder(self, inputs, out=out, fmt=fmt, overwrite=overwrite, progress=progress,
                               recaption_changed=recaption_changed)
 
+    @property
+    def captions_id(self) -> str:
+        """What this captioner's records name as their model: the bundle, plus non-default decoding settings."""
+        g = self.generation
+        return self.bundle.captions_id(g.num_beams, g.max_new_tokens, g.min_new_tokens)
+
     def reset_timings(self) -> None:
         self.timings = Timings()
 

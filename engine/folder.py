@@ -1,7 +1,7 @@
 """Folder jobs: walk inputs, caption, and stream one record per image to JSONL or CSV, resumably.
 
 Records are ``{"file": path relative to its input folder, "caption": str|None, "error": str|None,
-"model": the bundle's model_id, "bytes": the image file's size as read}``, in input order (folders are
+"model": the bundle's captions_id, "bytes": the image file's size as read}``, in input order (folders are
 walked recursively in sorted order). They are appended and flushed batch by batch, so a killed run keeps
 everything it finished. By default a rerun resumes: files that already have a caption are skipped, files
 whose record is an error are tried again (their old error records are dropped from the file first), and a
@@ -228,7 +228,7 @@ class RecordWriter:
     """Appends records to a JSONL or CSV file, one physical line each, flushed per batch."""
 
     def __init__(self, out: Path, fmt: str, model: str | None = None) -> None:
-        """`model`: stamped into every record (the bundle's model_id)."""
+        """`model`: stamped into every record (Bundle.captions_id: the bundle and non-default decoding)."""
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
         self.out, self.fmt, self.model = out, fmt, model
@@ -664,7 +664,7 @@ def plan_folder_job(
     (those records are dropped from `out` first) and its torn last line is cut off. A symlinked `out`
     is the file it points to; a stream (stdout, a pipe) is only written. The output itself is never an
     input: found in an input folder it is left out, given as an input file it is refused. `model` (the
-    bundle's model_id) must be the model of every record in `out` that names one. An image whose size
+    bundle's captions_id) must be the model of every record in `out` that names one. An image whose size
     differs from the one its record was written for is refused (see `_refuse_other_files`), or with
     `recaption_changed` captioned again, its old record dropped. Callers hold
     `output_lock(out)` from here until their last write (see `folder_job`). Raises ValueError for an
@@ -702,8 +702,8 @@ def plan_folder_job(
     others = sorted({line.model for line in lines if line.model is not None} - {model}) if model else []
     if others:
         raise OutputError(
-            f"{out_path}: holds captions of another model ({', '.join(others)}; this bundle is {model}); "
-            "choose another output, or --overwrite to replace them"
+            f"{out_path}: holds captions of another model or decoding settings ({', '.join(others)}; this run is "
+            f"{model}); choose another output, or --overwrite to replace them"
         )
     records = {line.file: line for line in lines if line.file is not None}  # a file's later record counts
     done = {file: line.failed for file, line in records.items()}
@@ -840,7 +840,7 @@ def caption_folder(
     is writing, ModelRuntimeError if ONNX Runtime fails.
     """
     fmt = resolve_format(fmt, out)
-    model = captioner.bundle.model_id
+    model = captioner.captions_id
     with folder_job(inputs, out, fmt, overwrite, model, recaption_changed) as (todo, summary):
         bar = _progress_bar(len(todo), progress)
         started = time.perf_counter()

@@ -205,7 +205,7 @@ def caption_folder_ray(
         raise ValueError(f"stall_timeout must be > 0, got {stall_timeout}")
     # Verified here, before Ray starts; actors reload it by absolute path (their working dir may differ).
     loaded = Bundle.load(resolve_bundle(bundle))
-    bundle_dir, model = loaded.path.absolute(), loaded.model_id
+    bundle_dir, model = loaded.path.absolute(), loaded.captions_id(num_beams, max_new_tokens)
     fmt = resolve_format(fmt, out)
     with folder_job(inputs, out, fmt, overwrite, model, recaption_changed) as (todo, summary):
         if not todo:

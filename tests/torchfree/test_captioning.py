@@ -572,7 +572,7 @@ def test_a_resume_with_another_model_is_refused(captioner: Captioner, engine_bun
     assert second.bundle.model_id != captioner.bundle.model_id
     (tmp_path / "in" / "new.png").write_bytes((tmp_path / "in" / "img_001.png").read_bytes())
     before = out.read_bytes()
-    with pytest.raises(OutputError, match=rf"holds captions of another model \({captioner.bundle.model_id}; this bundle is"):
+    with pytest.raises(OutputError, match=rf"holds captions of another model or decoding settings \({captioner.bundle.model_id}; this run is"):
         second.caption_folder(tmp_path / "in", out=out, progress=False)
     assert out.read_bytes() == before
     replaced = second.caption_folder(tmp_path / "in", out=out, overwrite=True, progress=False)
@@ -940,3 +940,20 @@ def test_cli_recaption_changed(engine_bundle: Path, tmp_path: Path) -> None:
     assert refused.exit_code == 2 and "--recaption-changed captions them again" in refused.output
     again = CliRunner().invoke(main, [*args, "--recaption-changed"])
     assert again.exit_code == 0 and "captioned 1, failed 0 (1 changed since their record, captioned again), 1 already done" in again.output
+
+
+def test_a_resume_with_other_decoding_settings_is_refused(captioner: Captioner, engine_bundle: Path, tmp_path: Path) -> None:
+    make_folder(tmp_path / "in", 3)
+    out = tmp_path / "o.jsonl"
+    captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    assert {r["model"] for r in records(out)} == {captioner.bundle.model_id}  # the bundle's own settings: its id
+    before = out.read_bytes()
+    beams = Captioner(engine_bundle, threads=1, num_beams=3)
+    assert beams.captions_id == f"{captioner.bundle.model_id} num_beams=3"
+    with pytest.raises(OutputError, match=r"another model or decoding settings .*this run is \w{12} num_beams=3\)"):
+        beams.caption_folder(tmp_path / "in", out=out, progress=False)
+    assert out.read_bytes() == before  # greedy and beam captions are never mixed in one output
+    short = Captioner(engine_bundle, threads=1, max_new_tokens=4)
+    assert short.captions_id == f"{captioner.bundle.model_id} max_new_tokens=4"
+    default_length = Captioner(engine_bundle, threads=1, max_new_tokens=captioner.bundle.default_max_new_tokens)
+    assert default_length.caption_folder(tmp_path / "in", out=out, progress=False).skipped == 3  # same as default
