@@ -63,13 +63,13 @@ def main(bundles: tuple[Path, ...], sizes: list[int], rounds: int, tokens: int, 
     """Seconds per image of engine bundles at several batch sizes, interleaved in one process."""
     from benchmarks.models import BENCH_IMAGES, bench_images
     from engine.errors import EdlightError
-    from engine.folder import check_report_out, write_report
+    from engine.folder import check_report_out, json_keys, write_report
 
     if len({b.resolve() for b in bundles}) != len(bundles):
         raise click.UsageError("a --model is given twice")
     if json_out is not None:  # before minutes of measuring; never over a file of something else
         try:
-            check_report_out(json_out, "batch-size timings", _is_timings)
+            check_report_out(json_out, "batch-size timings", lambda text: "seconds_per_image" in json_keys(text))
         except EdlightError as exc:
             raise click.UsageError(str(exc)) from exc
     try:
@@ -90,13 +90,6 @@ def main(bundles: tuple[Path, ...], sizes: list[int], rounds: int, tokens: int, 
         except EdlightError as exc:
             raise click.ClickException(str(exc)) from exc
 
-
-def _is_timings(text: str) -> bool:
-    try:
-        written = json.loads(text)
-    except ValueError:
-        return False
-    return isinstance(written, dict) and "seconds_per_image" in written
 
 
 if __name__ == "__main__":

@@ -586,6 +586,16 @@ def check_report_out(out: Path, what: str, is_ours: Callable[[str], bool] | None
         raise OutputError(f"{out}: cannot write {what} there (permission denied or a read-only file system)")
 
 
+def json_keys(text: str) -> list[str]:
+    """The keys of the JSON object `text` holds, in order ([] for anything else): for `check_report_out`'s
+    `is_ours` tests of reports written as JSON."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    return list(value) if isinstance(value, dict) else []
+
+
 def write_report(out: Path, text: str) -> None:
     """Write `text` to `out` whole or not at all (a full disk or a kill leaves the old file): a file, or the
     one a symlink points to, is replaced atomically and keeps its mode; a stream is appended to (this

@@ -14,7 +14,7 @@ import click
 
 from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError
-from engine.folder import check_report_out, write_report
+from engine.folder import check_report_out, json_keys, write_report
 from train.checkpoint import run_data_options
 
 
@@ -51,7 +51,9 @@ def parity(
 
     if out is not None:
         try:
-            check_report_out(out, "a parity report", _is_parity_report)  # before minutes of captioning
+            check_report_out(  # before minutes of captioning
+                out, "a parity report", lambda text: {"bundle", "bleu_torch", "bleu_engine", "passed"} <= set(json_keys(text))
+            )
         except EdlightError as exc:
             _cannot_run(str(exc))
     try:
@@ -83,14 +85,6 @@ def parity(
         click.echo(f"report: {out}")
     if not report.passed:
         click.get_current_context().exit(1)
-
-
-def _is_parity_report(text: str) -> bool:
-    try:
-        report = json.loads(text)
-    except ValueError:
-        return False
-    return isinstance(report, dict) and {"bundle", "bleu_torch", "bleu_engine", "passed"} <= set(report)
 
 
 def _cannot_run(message: str) -> NoReturn:

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from engine.folder import check_report_out, write_report
+from engine.folder import check_report_out, json_keys, write_report
 from engine.images import load_image
 
 ImageInput = str | Path | Image.Image
@@ -135,14 +135,6 @@ class EvalReport:
 PREDICTION_FIELDS = ("file_name", "reference", "prediction")  # the keys of every line of a predictions file
 
 
-def _is_prediction(line: str) -> bool:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return False
-    return isinstance(record, dict) and tuple(record) == PREDICTION_FIELDS
-
-
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data: str | Path,
@@ -171,7 +163,8 @@ def evaluate_checkpoint(
     if split not in ("test", "train", "all"):
         raise ValueError(f"split must be test, train or all, got {split!r}")
     if out is not None:
-        check_report_out(Path(out), "predictions", lambda head: _is_prediction(head.split("\n", 1)[0]))
+        # Predictions are JSON lines: the first one tells.
+        check_report_out(Path(out), "predictions", lambda head: tuple(json_keys(head.split("\n", 1)[0])) == PREDICTION_FIELDS)
     settings = data_settings(checkpoint, caption_column, skip_bad, test_ratio, split_seed)
     model, processor = load_checkpoint(checkpoint)
     examples = load_split(
