@@ -40,6 +40,9 @@ ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes
 
 # ISO base media "ftyp" brands of HEIF still images (AVIF, also HEIF-based, Pillow reads itself).
 HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
+# What PIL raises for truncated and corrupt data ("image file is truncated", "broken data stream") and for
+# malformed headers, while decoding: each becomes a named ImageError.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error)
 # Why a HEIC photo cannot be read here: said the same way by the engine and by training's data check.
 HEIF_MISSING = f"a HEIC/HEIF photo, which needs pillow-heif to be read ({install_hint('heif')})"
 
@@ -73,7 +76,7 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: 
         image = _first_frame(source)
         try:
             image.load()  # an image opened lazily from a damaged file fails here, not in the model
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error) as exc:
+        except DECODE_ERRORS as exc:
             raise ImageError(f"{label}: truncated or corrupt image data ({exc})") from exc
         return to_rgb(image, label)
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -194,17 +197,13 @@ def _decode(handle: IO[bytes], max_pixels: int, label: str, heif_tried: bool = F
             if enable_heif():
                 handle.seek(0)
                 return _decode(handle, max_pixels, label, heif_tried=True)
-            raise ImageError(
-                f"{label}: {HEIF_MISSING}"
-            ) from exc
+            raise ImageError(f"{label}: {HEIF_MISSING}") from exc
         raise ImageError(f"{label}: not an image, or an image format that cannot be read") from exc
     except Image.DecompressionBombError as exc:  # PIL's own hard limit fires inside Image.open
         raise ImageError(
             f"{label}: image too large to decode safely ({exc}); the pixel cap is {_megapixels(max_pixels)}"
         ) from exc
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error) as exc:
-        # PIL reports truncated and corrupt data as OSError ("image file is truncated",
-        # "broken data stream") and some malformed headers as SyntaxError/ValueError.
+    except DECODE_ERRORS as exc:
         raise ImageError(f"{label}: truncated or corrupt image data ({exc})") from exc
     except MemoryError as exc:
         raise ImageError(f"{label}: not enough memory to decode this image") from exc
