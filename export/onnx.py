@@ -362,7 +362,8 @@ def export_bundle(
     its test split supplies the validation images and the parity check (engine vs PyTorch BLEU),
     whose result is stored in the manifest. caption_column, skip_bad, test_ratio, split_seed: how to
     read `data` and pick its test split; those left as None are the ones the checkpoint's training run
-    used (train.checkpoint.data_settings). force: replace an existing bundle (or empty folder) at
+    used (train.checkpoint.data_settings). tolerance, min_identical: the parity check's limits (see
+    export.parity.run_parity; None: its defaults). force: replace an existing bundle (or empty folder) at
     `out`; a folder holding anything else, or the checkpoint or data, is never replaced. decoder_layout:
     "split" or "merged" (see DEFAULT_LAYOUT).
 
@@ -402,7 +403,7 @@ def export_bundle(
     _refuse_inside_checkpoints(out, Path(info.path))
     tmp = _place_temp_dir(out, force, [info.path] + ([data_path] if data_path is not None else []))
     try:
-        staged = _build(info, tmp, quantize, data_path, examples, decoder_layout, settings, (tolerance, min_identical))
+        staged = _build(info, tmp, quantize, data_path, examples, decoder_layout, settings, tolerance, min_identical)
         _move_into_place(staged, out, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -417,7 +418,8 @@ def _build(
     examples: list[Example] | None,
     layout: str,
     settings: DataSettings | None = None,
-    limits: tuple[float | None, float | None] = (None, None),
+    tolerance: float | None = None,
+    min_identical: float | None = None,
 ) -> Path:
     from export.validate import compare_greedy
 
@@ -499,7 +501,7 @@ def _build(
         assert settings is not None
         report = run_parity(
             bundle, info.path, data, caption_column=settings.caption_column, skip_bad=settings.skip_bad,
-            test_ratio=settings.test_ratio, split_seed=settings.split_seed, tolerance=limits[0], min_identical=limits[1],
+            test_ratio=settings.test_ratio, split_seed=settings.split_seed, tolerance=tolerance, min_identical=min_identical,
         )  # fmt: skip
         report.data_settings = settings.describe()  # with where they came from
         manifest.parity = report.to_dict(brief=True)
