@@ -91,8 +91,9 @@ def caption(
     Resumes by default: images already captioned in the output are skipped and images whose record
     is an error are tried again. Records name files relative to their input folder; an output whose
     caption of a name was written for a file of another size (another folder's image of that name,
-    or a replaced photo) is refused unless --recaption-changed. A bad image becomes an error record and the run goes on. One run at a time writes an
-    output (a second is refused), and only with the model and decoding settings that wrote it.
+    or a replaced photo) is refused unless --recaption-changed. A bad image becomes an error record
+    and the run goes on. One run at a time writes an output (a second is refused), and only with the
+    model and decoding settings that wrote it.
 
     Exit status: 0 done (see --strict), 1 --strict and something failed, 2 the job cannot run (bad
     model, input or output), 130 interrupted (Ctrl-C; rerun without --overwrite to resume).
