@@ -148,15 +148,9 @@ def data_settings(
     or unreadable run_config.json, or a value of the wrong type in it, falls back to the default.
     """
     given = {"caption_column": caption_column, "skip_bad": skip_bad, "test_ratio": test_ratio, "split_seed": split_seed}
-    run_file = Path(checkpoint).expanduser().resolve().parent / RUN_CONFIG  # resolved: "." is RUN/best too
-    recorded: dict[str, Any] = {}
-    if any(v is None for v in given.values()) and run_file.is_file():
-        try:
-            loaded = json.loads(run_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            loaded = None
-        if isinstance(loaded, dict):
-            recorded = loaded
+    run = Path(checkpoint).expanduser().resolve().parent  # resolved: "." is RUN/best too
+    run_file = run / RUN_CONFIG
+    recorded = read_run_config(run) if any(v is None for v in given.values()) else {}
     values: dict[str, Any] = {}
     used = False
     overridden = []
@@ -168,6 +162,16 @@ def data_settings(
         if value is not None:
             values[name] = value
     return DataSettings(**values, recorded=str(run_file) if used else None, overridden=tuple(overridden) if used else ())
+
+
+def read_run_config(run: Path) -> dict[str, Any]:
+    """RUN/run_config.json as a dict; {} when it is missing, unreadable or no JSON object (for callers that
+    then fall back to defaults; a resumed training run judges the file itself)."""
+    try:
+        loaded = json.loads((run / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
 def _recordable(name: str, value: object) -> bool:

@@ -177,10 +177,9 @@ class TrainResult:
 
 def _planned_epochs(out: Path) -> int | None:
     """The epochs recorded in `out`'s run_config.json (None when it has none; `_check_out` judges the file)."""
-    try:
-        planned = json.loads((out / "run_config.json").read_text()).get("epochs")
-    except (OSError, ValueError, AttributeError):
-        return None
+    from train.checkpoint import read_run_config
+
+    planned = read_run_config(out).get("epochs")
     return planned if is_count(planned) else None
 
 
