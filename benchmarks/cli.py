@@ -12,7 +12,7 @@ import click
 
 from benchmarks.machine import available_cpus
 from benchmarks.settings import DEFAULT_TOKENS, SIZES, SYSTEMS, BenchSettings
-from engine.click_types import FiniteFloatRange
+from engine.click_types import FiniteFloatRange, cannot_run
 from engine.errors import EdlightError
 
 
@@ -91,8 +91,7 @@ def bench(
     cache = (cache_dir or default_cache()).expanduser().absolute()
     earlier = [out / name for name in ("results.json", "results.md", "chart.png", "logs") if (out / name).exists()]
     if earlier and not overwrite:  # like every "cannot run" of the bench: exit 2
-        click.echo(f"error: {out} holds the results of an earlier run; pass --overwrite or choose another --out", err=True)
-        raise SystemExit(2)
+        cannot_run(f"{out} holds the results of an earlier run; pass --overwrite or choose another --out")
     started = time.perf_counter()
 
     def log(message: str) -> None:
@@ -121,8 +120,7 @@ def bench(
             results = run_benchmark(settings, models, log)
             paths = write_all(results, settings.out)
     except BenchSetupError as exc:  # the job cannot run here (like a missing extra): exit 2
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(2) from exc
+        cannot_run(str(exc))
     except (EdlightError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo("")

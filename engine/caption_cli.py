@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from engine.click_types import FiniteFloatRange
+from engine.click_types import FiniteFloatRange, cannot_run
 from engine.errors import EdlightError
 from engine.folder import IMAGE_EXTENSIONS, is_stream, output_path, resolve_format
 from engine.images import DEFAULT_MAX_PIXELS
@@ -146,8 +146,7 @@ def _fail(exc: Exception) -> NoReturn:
     """
     if isinstance(exc.__cause__, BrokenPipeError):
         raise SystemExit(128 + 13) from exc
-    click.echo(f"error: {exc}", err=True)
-    raise SystemExit(2) from exc
+    cannot_run(str(exc))
 
 
 def _finish(summary: FolderSummary, strict: bool) -> None:

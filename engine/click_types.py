@@ -1,11 +1,17 @@
-"""Click parameter types shared by every `edlight` command."""
+"""Click parameter types and exits shared by every `edlight` command."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NoReturn
 
 import click
+
+
+def cannot_run(message: str) -> NoReturn:
+    """A job that cannot run (bad model, input or output; a missing extra): one line on stderr, exit 2."""
+    click.echo(f"error: {message}", err=True)
+    raise SystemExit(2)
 
 
 class FiniteFloatRange(click.FloatRange):

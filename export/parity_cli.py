@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
-from engine.click_types import FiniteFloatRange
+from engine.click_types import FiniteFloatRange, cannot_run
 from engine.errors import EdlightError
 from engine.folder import check_report_out, json_keys, write_report
 from train.checkpoint import run_data_options
@@ -55,7 +54,7 @@ def parity(
                 out, "a parity report", lambda text: {"bundle", "bleu_torch", "bleu_engine", "passed"} <= set(json_keys(text))
             )
         except EdlightError as exc:
-            _cannot_run(str(exc))
+            cannot_run(str(exc))
     try:
         report = run_parity(
             bundle,
@@ -72,7 +71,7 @@ def parity(
             test_ratio=test_ratio,
         )
     except EdlightError as exc:
-        _cannot_run(str(exc))
+        cannot_run(str(exc))
     except KeyboardInterrupt:  # not exit 1, which says the check failed
         click.echo("interrupted: the check did not finish; nothing was written", err=True)
         raise SystemExit(130) from None
@@ -81,12 +80,8 @@ def parity(
         try:  # whole or not at all: a full disk must not leave half a report
             write_report(out, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
         except EdlightError as exc:
-            _cannot_run(str(exc))
+            cannot_run(str(exc))
         click.echo(f"report: {out}")
     if not report.passed:
         click.get_current_context().exit(1)
 
-
-def _cannot_run(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    raise SystemExit(2)
