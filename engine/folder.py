@@ -395,7 +395,7 @@ def _parse_line(out: Path, fmt: str, number: int, raw: bytes) -> _Line:
             file, failed, model, size = record["file"], record.get("error") is not None, record.get("model"), record.get("bytes")
         size = None if size is None else int(size)  # type: ignore[call-overload]
     except (UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError, StopIteration) as exc:
-        if number == 1 and (other := _other_format(raw, fmt)):
+        if number == 1 and (other := _caption_format(raw)) not in (None, fmt):
             raise OutputError(f"{out}: a {other.upper()} caption file, not {fmt.upper()}: caption into it with --format {other}") from exc
         # A damaged caption file may be started afresh; anything else is not ours to replace.
         remedy = "choose another output" if number == 1 else "fix the file, or start afresh with --overwrite"
@@ -403,14 +403,12 @@ def _parse_line(out: Path, fmt: str, number: int, raw: bytes) -> _Line:
     return _Line(raw + b"\n", str(file), failed, None if model is None else str(model), size)
 
 
-def _other_format(first_line: bytes, fmt: str) -> str | None:
-    """The other format's name if `first_line` starts a caption file of that format, else None."""
+def _caption_format(first_line: bytes) -> str | None:
+    """The format of the caption file `first_line` starts ("jsonl": a record, "csv": our header), else None."""
     text = first_line.decode("utf-8", "replace")
-    if fmt == "jsonl" and _columns(text) in CSV_HEADERS:
-        return "csv"
-    if fmt == "csv" and text.startswith(JSONL_START):
+    if text.startswith(JSONL_START):
         return "jsonl"
-    return None
+    return "csv" if _columns(text) in CSV_HEADERS else None
 
 
 def _is_torn_record(tail: bytes, fmt: str, first_line: bool) -> bool:
@@ -810,8 +808,7 @@ def _is_caption_file(path: Path) -> bool:
             first = handle.readline(64 * 1024)
     except OSError:
         return False
-    text = first.decode("utf-8", "replace")
-    return not first or text.startswith(JSONL_START) or _columns(text) in CSV_HEADERS
+    return not first or _caption_format(first) is not None
 
 
 def output_path(out: str | os.PathLike[str] | None, fmt: str) -> Path:
