@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from engine.folder import check_report_out, json_keys, write_report
@@ -30,16 +31,27 @@ def load_rgb(image: ImageInput, name: str | None = None) -> Image.Image:
     return load_image(image, name=name)
 
 
-def encode_images(processor: Any, images: Sequence[Image.Image]) -> dict[str, Any]:
+def encode_images(
+    processor: Any, images: Sequence[Image.Image], standardizations: Sequence[tuple[float, float]] | None = None
+) -> dict[str, Any]:
     """Flattened patches + attention mask (torch tensors) with the processor's own max_patches.
 
     Calls the image processor directly: `Pix2StructProcessor.__call__` would apply
-    its own default of 2048 patches and ignore the checkpoint's setting.
+    its own default of 2048 patches and ignore the checkpoint's setting. `standardizations`: a
+    (mean, std) per image to normalise with instead of the image's own (training's shrunk images).
     """
     ip = processor.image_processor
+    inputs: list[Any] = list(images)
+    options: dict[str, Any] = {}
+    if standardizations is not None and ip.do_normalize:
+        # Normalising is affine and the resize that follows keeps constants, so normalising first with
+        # given statistics is what the processor does with its own.
+        inputs = [(np.asarray(image, dtype=np.float32) - np.float32(mean)) / np.float32(std)
+                  for image, (mean, std) in zip(inputs, standardizations, strict=True)]
+        options["do_normalize"] = False
     # channels_last: PIL images are (height, width, 3), and transformers' guess reads an image 1 or 3
     # pixels high as channels-first, scrambling its pixels or failing.
-    enc = ip(images=list(images), max_patches=ip.max_patches, return_tensors="pt", input_data_format="channels_last")
+    enc = ip(images=inputs, max_patches=ip.max_patches, return_tensors="pt", input_data_format="channels_last", **options)
     return {"flattened_patches": enc["flattened_patches"], "attention_mask": enc["attention_mask"]}
 
 
