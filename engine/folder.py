@@ -277,6 +277,29 @@ class RecordWriter:
                 os.fsync(self._handle.fileno())
         except OSError as exc:
             raise OutputError(f"{self.out}: cannot write: {exc.strerror or exc}") from exc
+        if self._regular:
+            self._check_still_named()
+
+    def _check_still_named(self) -> None:
+        """Raise OutputError when `out` no longer names the file being appended to.
+
+        Deleted, or replaced (an editor's save, `sed -i`, a `mv` over it): appends then go to a file no
+        name reaches, and the run would report success with its records lost. Checked after each batch.
+        """
+        assert self._handle is not None
+        try:
+            named = os.stat(self.out)
+        except FileNotFoundError:
+            named = None
+        except OSError:
+            return  # cannot tell (a folder gone unreadable): the next write says what is wrong
+        mine = os.fstat(self._handle.fileno())
+        if named is None or (named.st_dev, named.st_ino) != (mine.st_dev, mine.st_ino):
+            what = "deleted" if named is None else "replaced by another file"
+            raise OutputError(
+                f"{self.out}: was {what} while this run wrote to it, so its latest records are not in it; "
+                "run the same command again to caption the images it lacks"
+            )
 
 
 def _printable(text: str) -> str:

@@ -274,6 +274,35 @@ def test_unusable_outputs_are_named_errors(captioner: Captioner, tmp_path: Path)
             captioner.caption_folder(tmp_path / "in", out="/dev/full", progress=False)
 
 
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_an_output_deleted_or_replaced_mid_run_stops_the_run(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Appends to a deleted or replaced output reach no file: the run reported every image captioned,
+    exit 0, with the records gone. It now stops at the next batch, and a rerun finishes the job."""
+    names = make_folder(tmp_path / "in", 7)
+    out = tmp_path / "o.jsonl"
+    original = captioner.iter_captions
+
+    def meddling(items):  # type: ignore[no-untyped-def]
+        for n, result in enumerate(original(items)):
+            if n == captioner.batch_size:  # the first batch is written; someone removes or edits the file
+                if how == "deleted":
+                    out.unlink()
+                else:  # as an editor's save or `sed -i` does: a new file renamed over it
+                    (tmp_path / "edited").write_text(out.read_text())
+                    os.replace(tmp_path / "edited", out)
+            yield result
+
+    monkeypatch.setattr(captioner, "iter_captions", meddling)
+    with pytest.raises(OutputError, match=rf"o\.jsonl: was {how}.* while this run wrote to it.*run the same command again"):
+        captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    monkeypatch.undo()
+    summary = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    assert sorted(r["file"] for r in records(out)) == sorted(names)
+    assert summary.captioned == (7 if how == "deleted" else 7 - captioner.batch_size)
+
+
 def test_cli_writes_to_a_stream_and_picks_csv_from_the_name(engine_bundle: Path, tmp_path: Path) -> None:
     make_folder(tmp_path / "in", 2)
     fifo = tmp_path / "stream"
