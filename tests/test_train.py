@@ -369,6 +369,40 @@ def test_atomic_save_recovers_after_a_kill_between_renames(tmp_path: Path) -> No
     assert (dest / "f").read_text() == "v2" and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 
 
+def test_a_checkpoint_save_that_runs_out_of_room_is_a_named_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk mid-save gave torch's or safetensors' traceback ("unexpected pos ...") naming no file,
+    and left the half-written copy on the full disk. Now: an OutputError naming the checkpoint (the CLI
+    adds the resume note), no copy left, the previous save untouched."""
+    import errno
+    import shutil
+
+    from engine.folder import OutputError
+
+    dest = tmp_path / "last"
+    atomic_save(dest, lambda d: (d / "f").write_text("v1"))
+
+    def no_room(d: Path) -> None:
+        (d / "f").write_text("v2 half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutputError, match=r"last: cannot save the checkpoint: No space left on device"):
+        atomic_save(dest, no_room)
+    assert (dest / "f").read_text() == "v1" and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+    def torch_words(d: Path) -> None:
+        (d / "f").write_text("v2 half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 7251264 vs 7251156")
+
+    real_usage = shutil.disk_usage
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # room left: not a full disk, a bug to show whole
+        atomic_save(dest, torch_words)
+    full = real_usage(tmp_path)._replace(free=4096)  # what the file system answers when it is full
+    monkeypatch.setattr("train.checkpoint.shutil.disk_usage", lambda path: full)
+    with pytest.raises(OutputError, match=r"last: cannot save the checkpoint: no space left on the device \(4 KiB free\)"):
+        atomic_save(dest, torch_words)
+    assert (dest / "f").read_text() == "v1" and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
 def test_corpus_scores() -> None:
     from train.evaluate import corpus_scores
 

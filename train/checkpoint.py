@@ -13,6 +13,7 @@ from typing import Any
 
 from engine.bundle import MANIFEST_NAME
 from engine.errors import EdlightError
+from engine.folder import OutputError
 
 
 class CheckpointError(EdlightError):
@@ -20,6 +21,7 @@ class CheckpointError(EdlightError):
 
 
 PROCESSOR_FILES = ("preprocessor_config.json",)
+FULL_DISK_BYTES = 16 * 1024**2  # less room than this when a save fails: the disk is full (see _save_error)
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # either is enough for T5TokenizerFast
 
 
@@ -247,10 +249,17 @@ def atomic_save(dest: Path, write: Callable[[Path], None]) -> Path:
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     old = dest.with_name(f".{dest.name}.old")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        write(tmp)
+    except Exception as exc:
+        error = _save_error(dest, tmp, exc)
+        shutil.rmtree(tmp, ignore_errors=True)  # the half-written copy; `dest` is untouched
+        if error is None:
+            raise
+        raise error from exc
     if old.exists():
         shutil.rmtree(old)
     if dest.exists():
@@ -259,6 +268,23 @@ def atomic_save(dest: Path, write: Callable[[Path], None]) -> Path:
     if old.exists():
         shutil.rmtree(old)
     return dest
+
+
+def _save_error(dest: Path, tmp: Path, exc: Exception) -> OutputError | None:
+    """The OutputError naming `dest` for a save that failed for want of storage, else None (a bug: re-raised).
+
+    torch and safetensors report a full disk in their own words ("unexpected pos ...", "I/O error: ..."),
+    so a failure with next to no room left on the file system is taken as a full disk.
+    """
+    if isinstance(exc, OSError):
+        return OutputError(f"{dest}: cannot save the checkpoint: {exc.strerror or exc}")
+    try:
+        free = shutil.disk_usage(tmp if tmp.exists() else dest.parent).free
+    except OSError:
+        return None
+    if free >= FULL_DISK_BYTES:
+        return None
+    return OutputError(f"{dest}: cannot save the checkpoint: no space left on the device ({free // 1024} KiB free)")
 
 
 def recover(dest: Path) -> None:
