@@ -487,6 +487,11 @@ def test_evaluate_cli(tiny_run: Path, synth_data: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(evaluate, [str(synth_data), "--data", str(synth_data)])
     assert res.exit_code == 1 and "no config.json" in res.output
 
+    if Path("/dev/full").exists():  # a full disk at the end: the scores are printed before the error
+        res = CliRunner().invoke(evaluate, [*args[:3], "--out", "/dev/full", *args[5:]])
+        assert res.exit_code == 1 and "/dev/full: cannot write" in res.output, res.output
+        assert json.loads(res.output.splitlines()[0]) == scores
+
 
 def test_cli_refuses_out_of_range_options_before_writing_anything(small_data: Path, tmp_path: Path) -> None:
     from train.cli import evaluate as evaluate_command

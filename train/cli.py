@@ -193,14 +193,15 @@ def evaluate(
     as_json: bool,
 ) -> None:
     """BLEU and chrF of CHECKPOINT's captions on a split of DATA (sacrebleu defaults)."""
-    from train.evaluate import evaluate_checkpoint
+    from train.evaluate import check_predictions_out, evaluate_checkpoint
 
     try:
+        if out is not None:
+            check_predictions_out(out)  # before any captioning
         report = evaluate_checkpoint(
             checkpoint,
             data,
             split=split,
-            out=out,
             batch_size=batch_size,
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
@@ -219,5 +220,9 @@ def evaluate(
         )
     else:
         click.echo(report.summary())
-    if out is not None:
+    if out is not None:  # after the scores: a full disk must not lose what captioning the split took
+        try:
+            report.write_predictions(out)
+        except OutputError as exc:
+            raise click.ClickException(str(exc)) from exc
         click.echo(f"predictions: {out}")

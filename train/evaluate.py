@@ -143,8 +143,18 @@ class EvalReport:
         line = f"{self.split}: {self.n} images  BLEU {self.bleu:.2f}  chrF {self.chrf:.2f}"
         return f"data read with {self.data_settings}\n{line}" if self.data_settings else line
 
+    def write_predictions(self, out: str | Path) -> None:
+        """Write the predictions to `out` as JSON lines, atomically (OutputError when it cannot)."""
+        write_report(Path(out), "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in self.predictions))
+
 
 PREDICTION_FIELDS = ("file_name", "reference", "prediction")  # the keys of every line of a predictions file
+
+
+def check_predictions_out(out: str | Path) -> None:
+    """Raise OutputError when `out` cannot take predictions: a folder, an unwritable place, or an
+    existing file that holds something else (predictions are JSON lines: the first one tells)."""
+    check_report_out(Path(out), "predictions", lambda head: tuple(json_keys(head.split("\n", 1)[0])) == PREDICTION_FIELDS)
 
 
 def evaluate_checkpoint(
@@ -175,8 +185,7 @@ def evaluate_checkpoint(
     if split not in ("test", "train", "all"):
         raise ValueError(f"split must be test, train or all, got {split!r}")
     if out is not None:
-        # Predictions are JSON lines: the first one tells.
-        check_report_out(Path(out), "predictions", lambda head: tuple(json_keys(head.split("\n", 1)[0])) == PREDICTION_FIELDS)
+        check_predictions_out(out)
     settings = data_settings(checkpoint, caption_column, skip_bad, test_ratio, split_seed)
     model, processor = load_checkpoint(checkpoint)
     examples = load_split(
@@ -205,8 +214,9 @@ def evaluate_checkpoint(
         {"file_name": e.file_name, "reference": e.text, "prediction": h}
         for e, h in zip(examples, hyps, strict=True)
     ]
-    if out is not None:
-        write_report(Path(out), "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
-    return EvalReport(
+    report = EvalReport(
         str(checkpoint), str(data), split, len(examples), scores["bleu"], scores["chrf"], preds, settings.describe()
     )
+    if out is not None:
+        report.write_predictions(out)
+    return report
