@@ -234,6 +234,7 @@ class RecordWriter:
         self.out, self.fmt, self.model = out, fmt, model
         self.fields: tuple[str, ...] = FIELDS
         self._handle: TextIO | None = None
+        self._stream: TextIO | None = None  # this process's stdout or stderr, when `out` is its file
         self._regular = True
 
     def __enter__(self) -> RecordWriter:
@@ -249,7 +250,11 @@ class RecordWriter:
             fresh = not self._regular or not self.out.is_file() or self.out.stat().st_size == 0
             if not fresh and self.fmt == "csv" and (header := _csv_header(self.out)) in CSV_HEADERS:
                 self.fields = header  # appended rows keep the file's columns
-            self._handle = open(self.out, "a", encoding="utf-8", newline="")
+            # Through Python's own stdout when that is the output: /dev/stdout opened anew has an offset
+            # of its own, so with `> file 2>&1` the progress bar and summary overwrote the records.
+            self._stream = None if self._regular else _python_stream(self.out)
+            if self._stream is None:
+                self._handle = open(self.out, "a", encoding="utf-8", newline="")
         except OSError as exc:
             raise OutputError(f"{self.out}: cannot write: {exc.strerror or exc}") from exc
         if fresh and self.fmt == "csv":
@@ -269,8 +274,11 @@ class RecordWriter:
         self._write("".join(format_record({**r, "model": self.model}, self.fmt, self.fields) for r in records))
 
     def _write(self, text: str) -> None:
-        assert self._handle is not None
         try:
+            if self._stream is not None:
+                _write_through(self._stream, text)
+                return
+            assert self._handle is not None
             self._handle.write(text)
             self._handle.flush()
             if self._regular:
@@ -300,6 +308,24 @@ class RecordWriter:
                 f"{self.out}: was {what} while this run wrote to it, so its latest records are not in it; "
                 "run the same command again to caption the images it lacks"
             )
+
+
+def _python_stream(out: Path) -> TextIO | None:
+    """sys.stdout or sys.stderr when `out` names the file it writes to, else None."""
+    return next((stream for stream in (sys.stdout, sys.stderr) if stream is not None and is_same_file(out, stream)), None)
+
+
+def _write_through(stream: TextIO, text: str) -> None:
+    """Write `text` to one of this process's own streams, in UTF-8 (as files are) whatever its encoding."""
+    stream.flush()
+    binary = getattr(stream, "buffer", None)
+    if binary is None:
+        stream.write(text)
+    else:
+        binary.write(text.encode("utf-8"))
+    stream.flush()
+    if binary is not None:
+        binary.flush()
 
 
 def _printable(text: str) -> str:
@@ -623,11 +649,9 @@ def write_report(out: Path, text: str) -> None:
     process's stdout or stderr through Python's own, so nothing printed before or after is overwritten)."""
     out = _stdout_if_dash(out)
     try:
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None and is_same_file(out, stream):
-                stream.write(text)
-                stream.flush()
-                return
+        if (stream := _python_stream(out)) is not None:
+            _write_through(stream, text)
+            return
         if is_stream(out):
             with open(out, "a", encoding="utf-8") as handle:  # "w" would empty a file behind /dev/fd/N
                 handle.write(text)

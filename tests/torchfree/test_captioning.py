@@ -303,6 +303,33 @@ def test_an_output_deleted_or_replaced_mid_run_stops_the_run(
     assert summary.captioned == (7 if how == "deleted" else 7 - captioner.batch_size)
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_out_dash_into_a_file_shared_with_stderr_keeps_every_record(engine_bundle: Path, tmp_path: Path, fmt: str) -> None:
+    """`--out - > file 2>&1`, or among other output: the records were written through /dev/stdout opened
+    anew, with an offset of its own, and the summary and progress bar (and an `echo` after the run)
+    then overwrote them."""
+    names = make_folder(tmp_path / "in", 5)
+    log = tmp_path / "all.txt"
+    command = [sys.executable, "-m", "engine.cli", "caption", str(tmp_path / "in"), "--model", str(engine_bundle),
+               "--out", "-", "--format", fmt, "--threads", "1", "--batch-size", "2"]
+    with open(log, "w") as shared:  # as the shell does for `{ echo before; edlight ...; echo after; } > all.txt 2>&1`
+        shared.write("before\n")
+        shared.flush()
+        result = subprocess.run(command, cwd=REPO, stdout=shared, stderr=subprocess.STDOUT, timeout=300)
+        shared.write("after\n")
+    text = log.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    assert result.returncode == 0, text
+    assert lines[0] == "before" and lines[-1] == "after" and any(line.startswith("captioned 5, failed 0 of 5") for line in lines)
+    # The progress bar's first draw ends without a newline, so the first record follows it on its line.
+    if fmt == "jsonl":
+        got = [json.loads(record)["file"] for record in re.findall(r'\{"file": .*\}', text)]
+    else:
+        got = re.findall(r"^((?:nested/)?img_\d+\.png),", text, flags=re.MULTILINE)
+        assert text.count("file,caption,error,model,bytes\n") == 1
+    assert got == names
+
+
 def test_cli_writes_to_a_stream_and_picks_csv_from_the_name(engine_bundle: Path, tmp_path: Path) -> None:
     make_folder(tmp_path / "in", 2)
     fifo = tmp_path / "stream"
