@@ -76,7 +76,7 @@ def _own_message(exc: Exception) -> str:
 @click.option("--caption-column", default="text", show_default=True, help="Caption column of the metadata.")
 @click.option(
     "--test-ratio", type=FiniteFloatRange(0, 1, max_open=True), default=0.1, show_default=True,
-    help="Share of files in the test split (0 to 1); files below train/ or test/ folders stay in theirs.",
+    help="Share of files in the test split (0 to 1); files below split folders (train/, test/, validation/ ...: see README) stay in theirs.",
 )
 @click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True, help="Data loader workers per process.")
 @click.option(
@@ -112,7 +112,7 @@ def train(
 ) -> None:
     """Fine-tune Pix2Struct on DATA; writes RUN/best, RUN/last, metrics.jsonl and curves.png.
 
-    Runs unchanged under `accelerate launch` or `torchrun` for several processes.
+    Runs unchanged under `torchrun` for several processes (or `accelerate launch` on GPUs; on CPUs it starts one).
     """
     from train.loop import TrainConfig
     from train.loop import train as run_training

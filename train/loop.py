@@ -1,6 +1,6 @@
 """Fine-tune Pix2Struct on a data folder: read top to bottom.
 
-One process, or several unchanged under `accelerate launch` / `torchrun` (DDP; gloo on CPU).
+One process, or several unchanged under `torchrun` (DDP; gloo on CPU) or, on GPUs, `accelerate launch`.
 Every process sees its own slice of each global batch; only rank 0 writes to RUN/.
 
 RUN/ layout
