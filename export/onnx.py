@@ -405,6 +405,15 @@ def export_bundle(
     try:
         staged = _build(info, tmp, quantize, data_path, examples, decoder_layout, settings, tolerance, min_identical)
         _move_into_place(staged, out, force)
+    except Exception as exc:
+        from train.checkpoint import storage_failure
+
+        # A full disk surfaces in Optimum's, torch's or ONNX's words, often naming the checkpoint read.
+        why = storage_failure(exc, tmp if tmp.exists() else out.parent)
+        if why is None or (isinstance(exc, ExportError) and exc.__cause__ is None):  # our own, already precise
+            raise
+        raise ExportError(f"{out}: cannot write the bundle: {why} (it is built in {tmp.parent} first; "
+                          "nothing at --out was changed)") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

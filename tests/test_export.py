@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -456,6 +457,45 @@ def test_an_interrupt_between_the_two_renames_puts_the_old_bundle_back(
         onnx._move_into_place(staged, out, force=True)
     assert (out / "edlight.json").read_text() == "old" and (staged / "edlight.json").read_text() == "new"
     assert not _leftovers(tmp_path, "bundle")
+
+
+def test_a_full_disk_is_named_at_the_bundle_and_keeps_the_old_one(
+    random_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Optimum reports a full disk as its export failing, under the checkpoint's name ("[Errno 28]"), or
+    as "The post-processing of the ONNX export failed" with the cause only in the chain. The error names
+    the bundle and the cause; the old bundle stays and nothing half-built is left."""
+    import errno
+
+    from export import onnx
+
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "edlight.json").write_text("old")
+
+    def optimum_out_of_room(*args: object, **kwargs: object) -> None:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as cause:  # how Optimum's post-processing wraps it
+            raise RuntimeError("The post-processing of the ONNX export failed.") from cause
+
+    def wrapped(*args: object, **kwargs: object) -> None:
+        try:
+            optimum_out_of_room()
+        except RuntimeError as exc:
+            raise ExportError(f"{random_checkpoint}: Optimum ONNX export failed: {exc}") from exc
+
+    monkeypatch.setattr(onnx, "_build", wrapped)
+    with pytest.raises(ExportError, match=rf"^{re.escape(str(out))}: cannot write the bundle: No space left on device .*nothing at --out was changed"):
+        onnx.export_bundle(random_checkpoint, out, force=True)
+    assert (out / "edlight.json").read_text() == "old" and not _leftovers(tmp_path, "bundle")
+
+    def parity_failed(*args: object, **kwargs: object) -> None:
+        raise ExportError("parity check failed")  # our own error stays as it is
+
+    monkeypatch.setattr(onnx, "_build", parity_failed)
+    with pytest.raises(ExportError, match="^parity check failed$"):
+        onnx.export_bundle(random_checkpoint, out, force=True)
 
 
 def test_a_bundle_set_aside_by_a_killed_export_is_put_back(tmp_path: Path) -> None:

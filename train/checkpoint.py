@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -21,7 +22,8 @@ class CheckpointError(EdlightError):
 
 
 PROCESSOR_FILES = ("preprocessor_config.json",)
-FULL_DISK_BYTES = 16 * 1024**2  # less room than this when a save fails: the disk is full (see _save_error)
+FULL_DISK_BYTES = 16 * 1024**2  # less room than this when a write fails: the disk is full (storage_failure)
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # either is enough for T5TokenizerFast
 
 
@@ -255,11 +257,11 @@ def atomic_save(dest: Path, write: Callable[[Path], None]) -> Path:
         tmp.mkdir(parents=True)
         write(tmp)
     except Exception as exc:
-        error = _save_error(dest, tmp, exc)
+        why = storage_failure(exc, tmp if tmp.exists() else dest.parent)
         shutil.rmtree(tmp, ignore_errors=True)  # the half-written copy; `dest` is untouched
-        if error is None:
+        if why is None:
             raise
-        raise error from exc
+        raise OutputError(f"{dest}: cannot save the checkpoint: {why}") from exc
     if old.exists():
         shutil.rmtree(old)
     if dest.exists():
@@ -270,21 +272,27 @@ def atomic_save(dest: Path, write: Callable[[Path], None]) -> Path:
     return dest
 
 
-def _save_error(dest: Path, tmp: Path, exc: Exception) -> OutputError | None:
-    """The OutputError naming `dest` for a save that failed for want of storage, else None (a bug: re-raised).
+def storage_failure(exc: BaseException, where: Path) -> str | None:
+    """Why a write to `where` failed, when it failed for want of storage; None for anything else (a bug).
 
-    torch and safetensors report a full disk in their own words ("unexpected pos ...", "I/O error: ..."),
-    so a failure with next to no room left on the file system is taken as a full disk.
+    An OSError raised as is, or one of a full, read-only or failing disk anywhere in the chain (Optimum
+    wraps it in its own words). torch and safetensors report a full disk only as "unexpected pos ..." or
+    "I/O error", so a failure with next to no room left on `where`'s file system counts as a full disk.
     """
     if isinstance(exc, OSError):
-        return OutputError(f"{dest}: cannot save the checkpoint: {exc.strerror or exc}")
+        return exc.strerror or str(exc)
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+            return cause.strerror or str(cause)
+        cause = cause.__cause__ or cause.__context__
     try:
-        free = shutil.disk_usage(tmp if tmp.exists() else dest.parent).free
+        free = shutil.disk_usage(where).free
     except OSError:
         return None
-    if free >= FULL_DISK_BYTES:
-        return None
-    return OutputError(f"{dest}: cannot save the checkpoint: no space left on the device ({free // 1024} KiB free)")
+    return f"no space left on the device ({free // 1024} KiB free)" if free < FULL_DISK_BYTES else None
 
 
 def recover(dest: Path) -> None:
