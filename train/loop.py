@@ -36,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate tokenise
 from engine.errors import EdlightError, ImageError, is_count
 from engine.folder import write_report
 from engine.images import enable_heif
-from engine.preprocess import standardization
+from engine.preprocess import PatchConfig, grid_size, standardization
 
 # Generic defaults for fine-tuning a --base checkpoint; presets bring their own (train/presets.py).
 BASE_DEFAULTS = {
@@ -204,6 +204,8 @@ class CaptionDataset:
         self.examples = list(examples)
         self.processor = processor
         self.max_patches = int(processor.image_processor.max_patches)
+        size = getattr(processor.image_processor, "patch_size", None) or {"height": 16, "width": 16}
+        self.patch_config = PatchConfig(self.max_patches, int(size["height"]), int(size["width"]))
         self.augment = augment
         self.seed = seed
         self._cache: dict[int, Image.Image] = {}
@@ -219,7 +221,7 @@ class CaptionDataset:
             return self._cache[i]
         from train.evaluate import load_rgb
 
-        target = self.max_patches * 16 * 16 * PREDOWNSCALE_AREA
+        target = self.max_patches * self.patch_config.patch_height * self.patch_config.patch_width * PREDOWNSCALE_AREA
         path = self.examples[i].path
         enable_heif()  # in each DataLoader worker
         try:
@@ -227,7 +229,8 @@ class CaptionDataset:
         except (OSError, UnidentifiedImageError) as exc:  # checked before training; gone or changed since
             raise ImageError(f"{path}: cannot read the image any more: {getattr(exc, 'strerror', None) or exc}") from exc
         with handle as f:
-            full_area = f.size[0] * f.size[1]
+            full_size = _oriented_size(f)
+            full_area = full_size[0] * full_size[1]
             if f.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale directly: far cheaper
                 # but at twice the side at least: the DCT's scaling blurs more than a resize does
                 side = 2 * math.sqrt(target / max(1, full_area))
@@ -236,10 +239,7 @@ class CaptionDataset:
             img = load_rgb(f, name=str(path))
         area = img.size[0] * img.size[1]
         if area > target:  # Lanczos: bilinear here and the processor's resize after it blurred values 8-10% flatter
-            s = math.sqrt(target / area)
-            img = img.resize(
-                (max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))), Image.Resampling.LANCZOS
-            )
+            img = img.resize(_shrunk_size(img.size, target, full_size, self.patch_config), Image.Resampling.LANCZOS)
         if i not in self._corrections:
             shrunk = img.size[0] * img.size[1] < full_area
             self._corrections[i] = _statistics_correction(path, img) if shrunk else (0.0, 1.0)
@@ -262,6 +262,33 @@ class CaptionDataset:
         shift, factor = self._corrections[i]
         enc = encode_images(self.processor, [img], standardizations=[(mean + shift, std * factor)])
         return enc["flattened_patches"][0], enc["attention_mask"][0], self.examples[i].text
+
+
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as loaded: sideways EXIF orientations swap them."""
+    try:
+        orientation = image.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: the loader then leaves the image as stored
+        orientation = None
+    width, height = image.size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _shrunk_size(size: tuple[int, int], target: float, full_size: tuple[int, int], config: PatchConfig) -> tuple[int, int]:
+    """About `target` pixels in the aspect of `size`, with the patch grid of the full image.
+
+    The grid follows the aspect ratio alone, and rounding to whole pixels can tip it over a boundary:
+    a 406x722 photo got 21x12 patches in training and 21x11 from the engine. The nearest size within a
+    few pixels that keeps the full image's grid is taken (the rounded one when none does).
+    """
+    scale = math.sqrt(target / (size[0] * size[1]))
+    width, height = max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+    grid = grid_size(full_size[1], full_size[0], config)
+    nearby = sorted((abs(dw) + abs(dh), width + dw, height + dh) for dw in range(-3, 4) for dh in range(-3, 4))
+    for _, w, h in nearby:
+        if w >= 1 and h >= 1 and grid_size(h, w, config) == grid:
+            return w, h
+    return width, height
 
 
 def _statistics_correction(path: Path, shrunk: Image.Image) -> tuple[float, float]:
