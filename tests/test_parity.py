@@ -31,7 +31,9 @@ def test_fp32_bundle_matches_pytorch(tiny_bundle: Path, tiny_checkpoint: Path, s
 def test_int8_bundle_within_tolerance(tiny_bundle_int8: Path, tiny_checkpoint: Path, synth_data: Path) -> None:
     from export.parity import run_parity
 
-    report = run_parity(tiny_bundle_int8, tiny_checkpoint, synth_data)
+    # Every image, not the 17 of the test split: this 3-epoch model is unsure of many tokens, int8 changes
+    # a third of its captions, and on 17 images one caption moves BLEU by about a point.
+    report = run_parity(tiny_bundle_int8, tiny_checkpoint, synth_data, split="all")
     print(report.table())  # the int8 BLEU difference, reported with -s
     assert report.quantization == "int8" and report.tolerance == 1.0 and report.min_identical is None
     assert abs(report.bleu_diff) <= 1.0
