@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 # that say so, never silently left out).
 IMAGE_EXTENSIONS = frozenset({
     ".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".webp", ".avif", ".heic", ".heif",
-    ".bmp", ".dib", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga",
+    ".bmp", ".dib", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".jpf", ".jpx",
 })
 FORMATS = ("jsonl", "csv")
 log = logging.getLogger(__name__)

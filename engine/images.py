@@ -43,6 +43,11 @@ HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b
 # What PIL raises for truncated and corrupt data ("image file is truncated", "broken data stream") and for
 # malformed headers, while decoding: each becomes a named ImageError.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error)
+# First bytes of formats Pillow reads, to tell a damaged image from a file that is not one.
+SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+)
 # Why a HEIC photo cannot be read here: said the same way by the engine and by training's data check.
 HEIF_MISSING = f"a HEIC/HEIF photo, which needs pillow-heif to be read ({install_hint('heif')})"
 
@@ -198,6 +203,8 @@ def _decode(handle: IO[bytes], max_pixels: int, label: str, heif_tried: bool = F
                 handle.seek(0)
                 return _decode(handle, max_pixels, label, heif_tried=True)
             raise ImageError(f"{label}: {HEIF_MISSING}") from exc
+        if (kind := _signature(handle)) is not None:  # Pillow drops the reason (a bad chunk checksum, say)
+            raise ImageError(f"{label}: a damaged {kind} image: its header cannot be read") from exc
         raise ImageError(f"{label}: not an image, or an image format that cannot be read") from exc
     except Image.DecompressionBombError as exc:  # PIL's own hard limit fires inside Image.open
         raise ImageError(
@@ -208,6 +215,18 @@ def _decode(handle: IO[bytes], max_pixels: int, label: str, heif_tried: bool = F
     except MemoryError as exc:
         raise ImageError(f"{label}: not enough memory to decode this image") from exc
     return to_rgb(image, label)
+
+
+def _signature(handle: IO[bytes]) -> str | None:
+    """The format a file's first bytes announce (PNG, JPEG, GIF, WebP, TIFF), or None."""
+    try:
+        handle.seek(0)
+        head = handle.read(12)
+    except (OSError, ValueError):
+        return None
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((kind for magic, kind in SIGNATURES if head.startswith(magic)), None)
 
 
 def _is_heif(handle: IO[bytes]) -> bool:

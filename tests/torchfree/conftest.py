@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from engine.bundle import MANIFEST_NAME
 from engine.captioner import DEFAULT_BUNDLE
@@ -72,6 +72,18 @@ def build_corpus(root: Path) -> dict[str, str | None]:
 
     (root / "notes.jpg").write_text("this is a text file, not a photo\n")
     expected["notes.jpg"] = "not an image"
+
+    # A good PNG but for one checksum, of a comment chunk Pillow reads while opening: it then says only
+    # that it cannot identify the file, while the bytes say PNG.
+    buffer = io.BytesIO()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "scanned")
+    _photo(60, 40, 4).save(buffer, "PNG", pnginfo=info)
+    data = bytearray(buffer.getvalue())
+    crc = data.index(b"tEXt") + 4 + len(b"Comment\x00scanned")
+    data[crc] ^= 0xFF
+    (root / "bad_checksum.png").write_bytes(bytes(data))
+    expected["bad_checksum.png"] = "a damaged PNG image"
 
     (root / "bomb.png").write_bytes(_png_with_header(20000, 20000))
     expected["bomb.png"] = "too large"

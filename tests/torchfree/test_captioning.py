@@ -330,6 +330,16 @@ def test_out_dash_into_a_file_shared_with_stderr_keeps_every_record(engine_bundl
     assert got == names
 
 
+def test_jpeg_2000_scans_are_found_in_folders(captioner: Captioner, tmp_path: Path) -> None:
+    """Pillow reads JPEG 2000 (some scanners and archives write it); a folder walk skipped those files."""
+    (tmp_path / "in").mkdir()
+    photo(5).save(tmp_path / "in" / "scan.jp2")
+    photo(6).save(tmp_path / "in" / "page.png")
+    assert sorted(f.file for f in collect_inputs([tmp_path / "in"])) == ["page.png", "scan.jp2"]
+    summary = captioner.caption_folder(tmp_path / "in", out=tmp_path / "o.jsonl", progress=False)
+    assert summary.captioned == 2 and summary.failed == 0
+
+
 def test_cli_writes_to_a_stream_and_picks_csv_from_the_name(engine_bundle: Path, tmp_path: Path) -> None:
     make_folder(tmp_path / "in", 2)
     fifo = tmp_path / "stream"
