@@ -275,24 +275,23 @@ def atomic_save(dest: Path, write: Callable[[Path], None]) -> Path:
 def storage_failure(exc: BaseException, where: Path) -> str | None:
     """Why a write to `where` failed, when it failed for want of storage; None for anything else (a bug).
 
-    An OSError raised as is, or one of a full, read-only or failing disk anywhere in the chain (Optimum
-    wraps it in its own words). torch and safetensors report a full disk only as "unexpected pos ..." or
-    "I/O error", so a failure with next to no room left on `where`'s file system counts as a full disk.
+    The OSError of a full, read-only or failing disk anywhere in the chain (Optimum wraps it in its own
+    words). torch and safetensors report a full disk only as "unexpected pos ..." or "I/O error", so a
+    failure with next to no room left on `where`'s file system counts as one too; its own words are kept.
     """
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
         if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
-            return cause.strerror or str(cause)
+            return f"{cause.strerror}: {cause.filename}" if cause.strerror and cause.filename else cause.strerror or str(cause)
         cause = cause.__cause__ or cause.__context__
     try:
         free = shutil.disk_usage(where).free
     except OSError:
         return None
-    return f"no space left on the device ({free // 1024} KiB free)" if free < FULL_DISK_BYTES else None
+    said = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"no space left on the device ({free // 1024} KiB free; {type(exc).__name__}: {said})" if free < FULL_DISK_BYTES else None
 
 
 def recover(dest: Path) -> None:

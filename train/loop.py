@@ -210,8 +210,7 @@ class CaptionDataset:
         self.seed = seed
         self._cache: dict[int, Image.Image] = {}
         self._cache_bytes = 0
-        # Per shrunk image: (full-resolution mean - shrunk mean, full-resolution std / shrunk std).
-        self._corrections: dict[int, tuple[float, float]] = {}
+        self._full_views: dict[int, _FullView] = {}  # per image, from its first (full) read in this process
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -223,26 +222,28 @@ class CaptionDataset:
 
         target = self.max_patches * self.patch_config.patch_height * self.patch_config.patch_width * PREDOWNSCALE_AREA
         path = self.examples[i].path
+        view = self._full_views.get(i)
         enable_heif()  # in each DataLoader worker
         try:
             handle = Image.open(path)
         except (OSError, UnidentifiedImageError) as exc:  # checked before training; gone or changed since
             raise ImageError(f"{path}: cannot read the image any more: {getattr(exc, 'strerror', None) or exc}") from exc
         with handle as f:
-            full_size = _oriented_size(f)
-            full_area = full_size[0] * full_size[1]
-            if f.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale directly: far cheaper
-                # but at twice the side at least: the DCT's scaling blurs more than a resize does
-                side = 2 * math.sqrt(target / max(1, full_area))
+            # The first read is whole, for what the engine sees; a later one (the cache full) decodes a JPEG
+            # at 1/2, 1/4 or 1/8 scale, far cheaper, but at twice the side at least: the DCT's scaling
+            # blurs more than a resize does.
+            if view is not None and f.format == "JPEG":
+                side = 2 * math.sqrt(target / max(1, view.size[0] * view.size[1]))
                 if side < 1:
                     f.draft("RGB", (max(1, int(f.size[0] * side)), max(1, int(f.size[1] * side))))
             img = load_rgb(f, name=str(path))
-        area = img.size[0] * img.size[1]
-        if area > target:  # Lanczos: bilinear here and the processor's resize after it blurred values 8-10% flatter
+        full = standardization(np.asarray(img)) if view is None else None
+        full_size = img.size if view is None else view.size
+        if img.size[0] * img.size[1] > target:  # Lanczos: bilinear and the processor's resize blurred 8-10% flatter
             img = img.resize(_shrunk_size(img.size, target, full_size, self.patch_config), Image.Resampling.LANCZOS)
-        if i not in self._corrections:
-            shrunk = img.size[0] * img.size[1] < full_area
-            self._corrections[i] = _statistics_correction(path, img) if shrunk else (0.0, 1.0)
+        if full is not None:
+            mean, std = standardization(np.asarray(img))
+            view = self._full_views[i] = _FullView(full_size, full[0] - mean, full[1] / std)
         nbytes = img.size[0] * img.size[1] * 3
         if self._cache_bytes + nbytes <= CACHE_BYTES:
             self._cache[i] = img
@@ -259,48 +260,52 @@ class CaptionDataset:
 
             img = augment(img, np.random.default_rng([self.seed, epoch, i]))
         mean, std = standardization(np.asarray(img))
-        shift, factor = self._corrections[i]
-        enc = encode_images(self.processor, [img], standardizations=[(mean + shift, std * factor)])
+        view = self._full_views[i]
+        enc = encode_images(self.processor, [img], standardizations=[(mean + view.mean_shift, std * view.std_factor)])
         return enc["flattened_patches"][0], enc["attention_mask"][0], self.examples[i].text
 
 
-def _oriented_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) of an opened image as loaded: sideways EXIF orientations swap them."""
-    try:
-        orientation = image.getexif().get(0x0112)
-    except Exception:  # noqa: BLE001 - a malformed EXIF block: the loader then leaves the image as stored
-        orientation = None
-    width, height = image.size
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+@dataclass(frozen=True)
+class _FullView:
+    """What the engine sees of a training image that training shrinks."""
+
+    size: tuple[int, int]  # (width, height) at full resolution, EXIF orientation applied
+    mean_shift: float  # full-resolution mean - the shrunk copy's
+    std_factor: float  # full-resolution standard deviation / the shrunk copy's
 
 
 def _shrunk_size(size: tuple[int, int], target: float, full_size: tuple[int, int], config: PatchConfig) -> tuple[int, int]:
     """About `target` pixels in the aspect of `size`, with the patch grid of the full image.
 
     The grid follows the aspect ratio alone, and rounding to whole pixels can tip it over a boundary:
-    a 406x722 photo got 21x12 patches in training and 21x11 from the engine. The nearest size within a
-    few pixels that keeps the full image's grid is taken (the rounded one when none does).
+    a 406x722 photo got 21x12 patches in training and 21x11 from the engine. Tried in turn: the sizes
+    within a few pixels of the rounded one; sizes of exactly the full image's aspect (at 1:2 the grid
+    sits on a boundary, which only the same ratio rounds the same way); the rounded short side with any
+    long side (a pixel of a 50-pixel-high strip moves the grid more than a few pixels of its length).
+    The rounded size when none keeps the grid.
     """
     scale = math.sqrt(target / (size[0] * size[1]))
     width, height = max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
     grid = grid_size(full_size[1], full_size[0], config)
-    nearby = sorted((abs(dw) + abs(dh), width + dw, height + dh) for dw in range(-3, 4) for dh in range(-3, 4))
-    for _, w, h in nearby:
+    wide = width >= height
+    short_side, long_side = (height, width) if wide else (width, height)
+    aspect = max(full_size) / min(full_size)
+
+    def candidates() -> Iterator[tuple[int, int]]:  # (short, long)
+        yield from sorted(((short_side + ds, long_side + dl) for ds in range(-3, 4) for dl in range(-3, 4)),
+                          key=lambda c: abs(c[0] - short_side) + abs(c[1] - long_side))
+        for step in range(short_side // 4 + 1):
+            for short in (short_side - step, short_side + step):
+                yield short, round(short * aspect)
+        for step in range(long_side // 2 + 1):
+            yield short_side, long_side - step
+            yield short_side, long_side + step
+
+    for short, length in candidates():
+        w, h = (length, short) if wide else (short, length)
         if w >= 1 and h >= 1 and grid_size(h, w, config) == grid:
             return w, h
     return width, height
-
-
-def _statistics_correction(path: Path, shrunk: Image.Image) -> tuple[float, float]:
-    """(mean shift, std factor) from `shrunk`'s standardisation to that of the image at `path` read whole.
-
-    Reads the file again at full size, as the engine will; once per image and worker process.
-    """
-    from train.evaluate import load_rgb
-
-    full_mean, full_std = standardization(np.asarray(load_rgb(path)))  # an ImageError names the file
-    mean, std = standardization(np.asarray(shrunk))
-    return full_mean - mean, full_std / std
 
 
 def make_collate(tokenizer: Any, max_length: int = 128) -> Any:
