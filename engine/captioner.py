@@ -89,18 +89,27 @@ class Captioner:
         num_beams: int = 1,
         max_new_tokens: int | None = None,
         min_new_tokens: int = 0,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
         verify: bool = True,
     ) -> None:
         """Open and verify `bundle` (default: the packaged one) and load its ONNX sessions.
 
         `threads` sets ONNX Runtime's intra-op threads (None: all cores). `max_new_tokens` defaults to
-        the bundle's generation config. `max_pixels` is the pixel cap for decoding images.
-        Raises BundleError (missing, incomplete or tampered bundle), ModelRuntimeError (ONNX Runtime
-        cannot load a model) and ValueError (bad settings), all before any image is read.
+        the bundle's generation config. `max_pixels` is the pixel cap for decoding images (None, 0 or
+        less: no cap). Raises BundleError (missing, incomplete or tampered bundle), ModelRuntimeError
+        (ONNX Runtime cannot load a model) and ValueError (bad settings), all before any image is read.
+
+        One Captioner may serve several threads at once (its captions are those of one thread), but a
+        PIL image must not be captioned in two threads at once: PIL objects are not thread-safe, and
+        loading one seeks it to its first frame. Paths and bytes are safe. It cannot be pickled: build
+        one per process (one built before a fork works in the children).
         """
         if not is_count(batch_size):
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if max_pixels is None:
+            max_pixels = 0
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int):
+            raise ValueError(f"max_pixels must be an integer (0, less or None: no cap), got {max_pixels!r}")
         settings = SessionSettings(threads=threads)  # checks `threads` before the bundle is read
         self.bundle = Bundle.load(resolve_bundle(bundle), verify_hashes=verify)
         self.batch_size = batch_size
@@ -195,7 +204,7 @@ class Captioner:
         Exactly one of caption/error is None. Image problems become error strings (naming `label`);
         model failures raise ModelRuntimeError.
         """
-        batches = _chunks(iter(items), self.batch_size)
+        batches = _chunks(map(_checked_item, items), self.batch_size)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edlight-preprocess") as pool:
             first = next(batches, None)
             pending: Future[_Prepared] | None = pool.submit(self._prepare, first) if first else None
@@ -286,6 +295,12 @@ class Captioner:
         }
         hidden = self.encoder.run(feeds, [self._encoder_output])[self._encoder_output]
         return np.ascontiguousarray(hidden)
+
+
+def _checked_item(item: Any) -> tuple[Any, ImageSource, str]:
+    if not isinstance(item, tuple) or len(item) != 3:
+        raise ValueError(f"iter_captions takes (key, source, label) tuples, got {item!r}; caption() takes plain sources")
+    return item
 
 
 def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:

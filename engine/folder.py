@@ -236,6 +236,7 @@ class RecordWriter:
         self._handle: TextIO | None = None
         self._stream: TextIO | None = None  # this process's stdout or stderr, when `out` is its file
         self._regular = True
+        self._written = 0  # the size the file must have at least: as opened, plus what this run appended
 
     def __enter__(self) -> RecordWriter:
         folder = self.out.parent
@@ -255,6 +256,7 @@ class RecordWriter:
             self._stream = None if self._regular else _python_stream(self.out)
             if self._stream is None:
                 self._handle = open(self.out, "a", encoding="utf-8", newline="")
+                self._written = os.fstat(self._handle.fileno()).st_size
         except OSError as exc:
             raise OutputError(f"{self.out}: cannot write: {exc.strerror or exc}") from exc
         if fresh and self.fmt == "csv":
@@ -283,16 +285,19 @@ class RecordWriter:
             self._handle.flush()
             if self._regular:
                 os.fsync(self._handle.fileno())
+                self._written += len(text.encode("utf-8"))
         except OSError as exc:
             raise OutputError(f"{self.out}: cannot write: {exc.strerror or exc}") from exc
         if self._regular:
             self._check_still_named()
 
     def _check_still_named(self) -> None:
-        """Raise OutputError when `out` no longer names the file being appended to.
+        """Raise OutputError when `out` no longer holds what this run appended to it.
 
         Deleted, or replaced (an editor's save, `sed -i`, a `mv` over it): appends then go to a file no
-        name reaches, and the run would report success with its records lost. Checked after each batch.
+        name reaches. Emptied or cut short (`> out`, `truncate`, a log rotation's copytruncate): earlier
+        records are gone. Either way the run would report success with records lost. Checked after
+        each batch.
         """
         assert self._handle is not None
         try:
@@ -301,13 +306,20 @@ class RecordWriter:
             named = None
         except OSError:
             return  # cannot tell (a folder gone unreadable): the next write says what is wrong
-        mine = os.fstat(self._handle.fileno())
-        if named is None or (named.st_dev, named.st_ino) != (mine.st_dev, mine.st_ino):
-            what = "deleted" if named is None else "replaced by another file"
-            raise OutputError(
-                f"{self.out}: was {what} while this run wrote to it, so its latest records are not in it; "
-                "run the same command again to caption the images it lacks"
-            )
+        try:
+            mine = os.fstat(self._handle.fileno())
+        except OSError:  # ESTALE: another NFS client deleted it
+            mine = None
+        if named is None or mine is None or (named.st_dev, named.st_ino) != (mine.st_dev, mine.st_ino):
+            what = "deleted or replaced by another file"
+        elif mine.st_size < self._written:
+            what = "emptied or cut short"
+        else:
+            return
+        raise OutputError(
+            f"{self.out}: was {what} while this run wrote to it, so records are missing from it; "
+            "run the same command again to caption the images it lacks"
+        )
 
 
 def _python_stream(out: Path) -> TextIO | None:
@@ -317,14 +329,13 @@ def _python_stream(out: Path) -> TextIO | None:
 
 def _write_through(stream: TextIO, text: str) -> None:
     """Write `text` to one of this process's own streams, in UTF-8 (as files are) whatever its encoding."""
-    stream.flush()
+    stream.flush()  # what was printed before comes first
     binary = getattr(stream, "buffer", None)
     if binary is None:
         stream.write(text)
+        stream.flush()
     else:
         binary.write(text.encode("utf-8"))
-    stream.flush()
-    if binary is not None:
         binary.flush()
 
 

@@ -78,10 +78,12 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: 
     label = name or describe(source)
     if isinstance(source, Image.Image):
         _check_pixels(source.size, max_pixels, label)
-        image = _first_frame(source)
         try:
+            image = _first_frame(source)
             image.load()  # an image opened lazily from a damaged file fails here, not in the model
         except DECODE_ERRORS as exc:
+            if isinstance(exc, ValueError) and "closed image" in str(exc):
+                raise ImageError(f"{label}: the PIL image was closed before it was captioned (keep it open, or pass its path)") from exc
             raise ImageError(f"{label}: truncated or corrupt image data ({exc})") from exc
         return to_rgb(image, label)
     if isinstance(source, (bytes, bytearray, memoryview)):

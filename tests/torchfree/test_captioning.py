@@ -88,10 +88,26 @@ def test_unusable_sources_are_named_errors(captioner: Captioner, source: object,
         captioner.caption([source])  # type: ignore[list-item]
 
 
-@pytest.mark.parametrize(("setting", "value"), [("threads", 0), ("threads", 1.5), ("threads", "2"), ("batch_size", 2.5)])
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("threads", 0), ("threads", 1.5), ("threads", "2"), ("batch_size", 2.5), ("max_pixels", "50000000"), ("max_pixels", 1e6)],
+)
 def test_bad_settings_raise_value_error_before_loading(engine_bundle: Path, setting: str, value: object) -> None:
+    """A max_pixels of another type was taken, and then every image failed with a TypeError."""
     with pytest.raises(ValueError, match=f"{setting} must be an integer"):
         Captioner(engine_bundle, **{setting: value})  # type: ignore[arg-type]
+
+
+def test_no_pixel_cap_and_api_misuse_are_clear(engine_bundle: Path, tmp_path: Path) -> None:
+    uncapped = Captioner(engine_bundle, max_pixels=None)  # no cap, as 0 is
+    assert uncapped.caption([photo(1)]) == Captioner(engine_bundle, max_pixels=0).caption([photo(1)])
+    photo(2).save(tmp_path / "a.png")
+    closed = Image.open(tmp_path / "a.png")
+    closed.close()
+    with pytest.raises(ImageError, match=r"<PIL image #0>: the PIL image was closed before it was captioned"):
+        uncapped.caption([closed])
+    with pytest.raises(ValueError, match=r"iter_captions takes \(key, source, label\) tuples"):
+        list(uncapped.iter_captions([tmp_path / "a.png"]))  # type: ignore[list-item]
 
 
 def test_timings_accumulate_and_reset(captioner: Captioner) -> None:
@@ -274,12 +290,12 @@ def test_unusable_outputs_are_named_errors(captioner: Captioner, tmp_path: Path)
             captioner.caption_folder(tmp_path / "in", out="/dev/full", progress=False)
 
 
-@pytest.mark.parametrize("how", ["deleted", "replaced"])
-def test_an_output_deleted_or_replaced_mid_run_stops_the_run(
+@pytest.mark.parametrize("how", ["deleted", "replaced", "emptied"])
+def test_an_output_deleted_replaced_or_emptied_mid_run_stops_the_run(
     captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    """Appends to a deleted or replaced output reach no file: the run reported every image captioned,
-    exit 0, with the records gone. It now stops at the next batch, and a rerun finishes the job."""
+    """Appends to a deleted or replaced output reach no file, and an emptied one has lost its records: the
+    run reported every image captioned, exit 0. It now stops at the next batch, and a rerun finishes the job."""
     names = make_folder(tmp_path / "in", 7)
     out = tmp_path / "o.jsonl"
     original = captioner.iter_captions
@@ -289,18 +305,22 @@ def test_an_output_deleted_or_replaced_mid_run_stops_the_run(
             if n == captioner.batch_size:  # the first batch is written; someone removes or edits the file
                 if how == "deleted":
                     out.unlink()
-                else:  # as an editor's save or `sed -i` does: a new file renamed over it
+                elif how == "replaced":  # as an editor's save or `sed -i` does: a new file renamed over it
                     (tmp_path / "edited").write_text(out.read_text())
                     os.replace(tmp_path / "edited", out)
+                else:  # `> o.jsonl`, or a log rotation's copytruncate
+                    out.write_text("")
             yield result
 
     monkeypatch.setattr(captioner, "iter_captions", meddling)
-    with pytest.raises(OutputError, match=rf"o\.jsonl: was {how}.* while this run wrote to it.*run the same command again"):
+    message = "emptied or cut short" if how == "emptied" else "deleted or replaced by another file"
+    with pytest.raises(OutputError, match=rf"o\.jsonl: was {message} while this run wrote to it.*run the same command again"):
         captioner.caption_folder(tmp_path / "in", out=out, progress=False)
     monkeypatch.undo()
+    kept = len(records(out)) if out.exists() else 0
     summary = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
     assert sorted(r["file"] for r in records(out)) == sorted(names)
-    assert summary.captioned == (7 if how == "deleted" else 7 - captioner.batch_size)
+    assert summary.captioned == 7 - kept and kept == {"deleted": 0, "replaced": 3, "emptied": 3}[how]
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
