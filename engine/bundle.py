@@ -217,7 +217,7 @@ class Bundle:
     def captions_id(self, num_beams: int = 1, max_new_tokens: int | None = None, min_new_tokens: int = 0) -> str:
         """What caption records name as their "model": `model_id`, followed by the decoding settings that
         differ from the bundle's own (greedy, its generation config's length, no minimum), e.g.
-        "8e9318ce9e71 num_beams=3". Captions of other settings differ too: a resume must not mix them."""
+        "07775de15b7f num_beams=3". Captions of other settings differ too: a resume must not mix them."""
         changed = [f"num_beams={num_beams}"] * (num_beams != 1)
         if max_new_tokens is not None and max_new_tokens != self.default_max_new_tokens:
             changed.append(f"max_new_tokens={max_new_tokens}")
