@@ -7,6 +7,8 @@ and results always come back in input order.
 
 from __future__ import annotations
 
+import contextlib
+import operator
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -106,10 +108,7 @@ class Captioner:
         """
         if not is_count(batch_size):
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if max_pixels is None:
-            max_pixels = 0
-        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int):
-            raise ValueError(f"max_pixels must be an integer (0, less or None: no cap), got {max_pixels!r}")
+        max_pixels = pixel_cap(max_pixels)
         settings = SessionSettings(threads=threads)  # checks `threads` before the bundle is read
         self.bundle = Bundle.load(resolve_bundle(bundle), verify_hashes=verify)
         self.batch_size = batch_size
@@ -295,6 +294,19 @@ class Captioner:
         }
         hidden = self.encoder.run(feeds, [self._encoder_output])[self._encoder_output]
         return np.ascontiguousarray(hidden)
+
+
+def pixel_cap(max_pixels: object) -> int:
+    """`max_pixels` as the int the image loader takes (0: no cap, also for None); ValueError for anything
+    but a whole number (an int, a numpy integer, a float such as 1.5e8)."""
+    if max_pixels is None:
+        return 0
+    if not isinstance(max_pixels, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(max_pixels)  # type: ignore[arg-type]
+        if isinstance(max_pixels, float) and max_pixels.is_integer():
+            return int(max_pixels)
+    raise ValueError(f"max_pixels must be a whole number of pixels (0, less or None: no cap), got {max_pixels!r}")
 
 
 def _checked_item(item: Any) -> tuple[Any, ImageSource, str]:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.bundle import Bundle
-from engine.captioner import resolve_bundle
+from engine.captioner import pixel_cap, resolve_bundle
 from engine.errors import EdlightError, install_hint
 from engine.folder import (
     FolderSummary,
@@ -175,7 +175,7 @@ def caption_folder_ray(
     batch_size: int = 8,
     num_beams: int = 1,
     max_new_tokens: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     fmt: str | None = None,
     overwrite: bool = False,
     recaption_changed: bool = False,
@@ -203,6 +203,7 @@ def caption_folder_ray(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if stall_timeout <= 0:
         raise ValueError(f"stall_timeout must be > 0, got {stall_timeout}")
+    max_pixels = pixel_cap(max_pixels)  # here, not in every actor
     # Verified here, before Ray starts; actors reload it by absolute path (their working dir may differ).
     loaded = Bundle.load(resolve_bundle(bundle))
     bundle_dir, model = loaded.path.absolute(), loaded.captions_id(num_beams, max_new_tokens)

@@ -350,6 +350,35 @@ def test_a_shrunk_training_image_keeps_the_engines_patch_grid(size: tuple[int, i
     assert np.abs(np.asarray(patches)[:count, 2:] - want.flattened_patches[:count, 2:]).mean() < 0.05
 
 
+def test_an_image_replaced_during_training_is_read_as_new(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads after the first (the cache full) reuse the first read's size and statistics; a photo replaced
+    by one turned upright was squashed into the old one's shape and grid."""
+    import numpy as np
+    from PIL import Image
+    from transformers import Pix2StructImageProcessor, Pix2StructProcessor
+
+    from engine.images import load_image
+    from engine.preprocess import PatchConfig, image_to_patches
+    from train.data import Example
+    from train.loop import CaptionDataset
+    from train.presets import train_tokenizer
+
+    monkeypatch.setattr("train.loop.CACHE_BYTES", 0)  # every item reads the file again
+    processor = Pix2StructProcessor(
+        image_processor=Pix2StructImageProcessor(max_patches=64, is_vqa=False), tokenizer=train_tokenizer(["a b c"], 100)
+    )
+    rng = np.random.default_rng(0)
+    path = tmp_path / "page.jpg"
+    Image.fromarray(rng.integers(0, 256, (600, 800, 3), dtype=np.uint8)).save(path)
+    dataset = CaptionDataset([Example("page.jpg", "a", path)], processor, augment=False, seed=0)
+    dataset[(0, 0)]
+    Image.fromarray(rng.integers(0, 256, (800, 600, 3), dtype=np.uint8)).save(path)  # now upright
+    patches, mask, _ = dataset[(1, 0)]
+    want = image_to_patches(load_image(path), PatchConfig(max_patches=64))
+    np.testing.assert_array_equal(np.asarray(patches)[:, :2], want.flattened_patches[:, :2])
+    assert int(mask.sum()) == want.rows * want.cols
+
+
 def test_an_image_gone_since_the_data_check_is_a_named_error(tmp_path: Path) -> None:
     from transformers import Pix2StructImageProcessor, Pix2StructProcessor
 
@@ -445,6 +474,12 @@ def test_a_checkpoint_save_that_runs_out_of_room_is_a_named_error(tmp_path: Path
         atomic_save(dest, torch_words)
     assert (dest / "f").read_text() == "v1" and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
     monkeypatch.undo()
+
+    def denied(d: Path) -> None:  # the checkpoint's own files: a write problem, named at the checkpoint
+        raise PermissionError(errno.EACCES, "Permission denied", str(d / "model.safetensors"))
+
+    with pytest.raises(OutputError, match=r"last: cannot save the checkpoint: Permission denied$"):
+        atomic_save(dest, denied)
 
     def not_about_room(d: Path) -> None:  # a file the save reads is missing: a bug, not a full disk
         (tmp_path / "gone.json").read_text()

@@ -257,7 +257,7 @@ def atomic_save(dest: Path, write: Callable[[Path], None]) -> Path:
         tmp.mkdir(parents=True)
         write(tmp)
     except Exception as exc:
-        why = storage_failure(exc, tmp if tmp.exists() else dest.parent)
+        why = storage_failure(exc, tmp)
         shutil.rmtree(tmp, ignore_errors=True)  # the half-written copy; `dest` is untouched
         if why is None:
             raise
@@ -272,26 +272,40 @@ def atomic_save(dest: Path, write: Callable[[Path], None]) -> Path:
     return dest
 
 
-def storage_failure(exc: BaseException, where: Path) -> str | None:
-    """Why a write to `where` failed, when it failed for want of storage; None for anything else (a bug).
+def storage_failure(exc: BaseException, written: Path) -> str | None:
+    """Why writing the folder `written` failed, when it failed for want of storage; None for anything
+    else (a bug, or a file read elsewhere: shown as it is).
 
-    The OSError of a full, read-only or failing disk anywhere in the chain (Optimum wraps it in its own
-    words). torch and safetensors report a full disk only as "unexpected pos ..." or "I/O error", so a
-    failure with next to no room left on `where`'s file system counts as one too; its own words are kept.
+    An OSError anywhere in the chain (Optimum wraps it in its own words) about a file in `written`, or
+    naming no file and meaning a full, read-only or failing disk. torch and safetensors report a full
+    disk only as "unexpected pos ..." or "I/O error", so a failure with next to no room left on that file
+    system counts as one too; their own words are kept.
     """
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
-            return f"{cause.strerror}: {cause.filename}" if cause.strerror and cause.filename else cause.strerror or str(cause)
+        if isinstance(cause, OSError) and _about_storage(cause, written):
+            return cause.strerror or str(cause)
         cause = cause.__cause__ or cause.__context__
+    existing = next((folder for folder in (written, *written.parents) if folder.exists()), Path("."))
     try:
-        free = shutil.disk_usage(where).free
+        free = shutil.disk_usage(existing).free
     except OSError:
         return None
+    if free >= FULL_DISK_BYTES:
+        return None
     said = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"no space left on the device ({free // 1024} KiB free; {type(exc).__name__}: {said})" if free < FULL_DISK_BYTES else None
+    return f"no space left on the device ({free // 1024} KiB free; {type(exc).__name__}{': ' + said if said else ''})"
+
+
+def _about_storage(error: OSError, written: Path) -> bool:
+    if error.filename is None:
+        return error.errno in STORAGE_ERRNOS
+    try:
+        return Path(os.fsdecode(error.filename)).absolute().is_relative_to(written.absolute())
+    except (TypeError, ValueError):
+        return False
 
 
 def recover(dest: Path) -> None:

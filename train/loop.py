@@ -229,6 +229,9 @@ class CaptionDataset:
         except (OSError, UnidentifiedImageError) as exc:  # checked before training; gone or changed since
             raise ImageError(f"{path}: cannot read the image any more: {getattr(exc, 'strerror', None) or exc}") from exc
         with handle as f:
+            stored_size = f.size
+            if view is not None and view.stored_size != stored_size:
+                view = None  # the file was replaced since: read it as for the first time
             # The first read is whole, for what the engine sees; a later one (the cache full) decodes a JPEG
             # at 1/2, 1/4 or 1/8 scale, far cheaper, but at twice the side at least: the DCT's scaling
             # blurs more than a resize does.
@@ -243,7 +246,7 @@ class CaptionDataset:
             img = img.resize(_shrunk_size(img.size, target, full_size, self.patch_config), Image.Resampling.LANCZOS)
         if full is not None:
             mean, std = standardization(np.asarray(img))
-            view = self._full_views[i] = _FullView(full_size, full[0] - mean, full[1] / std)
+            view = self._full_views[i] = _FullView(stored_size, full_size, full[0] - mean, full[1] / std)
         nbytes = img.size[0] * img.size[1] * 3
         if self._cache_bytes + nbytes <= CACHE_BYTES:
             self._cache[i] = img
@@ -269,6 +272,7 @@ class CaptionDataset:
 class _FullView:
     """What the engine sees of a training image that training shrinks."""
 
+    stored_size: tuple[int, int]  # (width, height) as the file stores it: another one means a new file
     size: tuple[int, int]  # (width, height) at full resolution, EXIF orientation applied
     mean_shift: float  # full-resolution mean - the shrunk copy's
     std_factor: float  # full-resolution standard deviation / the shrunk copy's

@@ -90,17 +90,19 @@ def test_unusable_sources_are_named_errors(captioner: Captioner, source: object,
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("threads", 0), ("threads", 1.5), ("threads", "2"), ("batch_size", 2.5), ("max_pixels", "50000000"), ("max_pixels", 1e6)],
+    [("threads", 0), ("threads", 1.5), ("threads", "2"), ("batch_size", 2.5), ("max_pixels", "50000000"), ("max_pixels", 2.5), ("max_pixels", True)],
 )
 def test_bad_settings_raise_value_error_before_loading(engine_bundle: Path, setting: str, value: object) -> None:
     """A max_pixels of another type was taken, and then every image failed with a TypeError."""
-    with pytest.raises(ValueError, match=f"{setting} must be an integer"):
+    with pytest.raises(ValueError, match=f"{setting} must be an integer" if setting != "max_pixels" else "max_pixels must be a whole number"):
         Captioner(engine_bundle, **{setting: value})  # type: ignore[arg-type]
 
 
 def test_no_pixel_cap_and_api_misuse_are_clear(engine_bundle: Path, tmp_path: Path) -> None:
     uncapped = Captioner(engine_bundle, max_pixels=None)  # no cap, as 0 is
     assert uncapped.caption([photo(1)]) == Captioner(engine_bundle, max_pixels=0).caption([photo(1)])
+    for whole in (np.int64(10**8), 1.5e8):  # whole numbers of other types, as before
+        assert Captioner(engine_bundle, max_pixels=whole).max_pixels == int(whole)  # type: ignore[arg-type]
     photo(2).save(tmp_path / "a.png")
     closed = Image.open(tmp_path / "a.png")
     closed.close()
