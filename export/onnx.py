@@ -409,7 +409,7 @@ def export_bundle(
         from train.checkpoint import storage_failure
 
         # A full disk surfaces in Optimum's, torch's or ONNX's words, often naming the checkpoint read.
-        why = storage_failure(exc, tmp if tmp.exists() else out.parent)
+        why = storage_failure(exc, tmp)
         if why is None or (isinstance(exc, ExportError) and exc.__cause__ is None):  # our own, already precise
             raise
         raise ExportError(f"{out}: cannot write the bundle: {why} (it is built in {tmp.parent} first; "
