@@ -219,24 +219,25 @@ def _decode(handle: IO[bytes], max_pixels: int, label: str, heif_tried: bool = F
     return to_rgb(image, label)
 
 
-def _signature(handle: IO[bytes]) -> str | None:
-    """The format a file's first bytes announce (PNG, JPEG, GIF, WebP, TIFF), or None."""
+def _head(handle: IO[bytes]) -> bytes:
+    """The first 12 bytes of `handle` (fewer for a shorter file; none if it cannot be read)."""
     try:
         handle.seek(0)
-        head = handle.read(12)
+        return handle.read(12)
     except (OSError, ValueError):
-        return None
+        return b""
+
+
+def _signature(handle: IO[bytes]) -> str | None:
+    """The format a file's first bytes announce (PNG, JPEG, GIF, WebP, TIFF), or None."""
+    head = _head(handle)
     if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
         return "WebP"
     return next((kind for magic, kind in SIGNATURES if head.startswith(magic)), None)
 
 
 def _is_heif(handle: IO[bytes]) -> bool:
-    try:
-        handle.seek(0)
-        head = handle.read(12)
-    except (OSError, ValueError):
-        return False
+    head = _head(handle)
     return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
 
 
