@@ -131,6 +131,20 @@ def test_unreadable_image(folder: Path) -> None:
     assert _only_problem(folder).startswith("a.jpg: unreadable image")
 
 
+def test_a_file_the_system_refuses_is_named_as_such_not_as_corrupt(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    real_open = Image.open
+
+    def open_image(fp: object, *args: object, **kwargs: object) -> object:
+        if Path(str(fp)).name == "a.jpg":  # what open() raises for a file of mode 000, to a user other than root
+            raise PermissionError(errno.EACCES, "Permission denied", str(fp))
+        return real_open(fp, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image, "open", open_image)
+    assert _only_problem(folder) == "a.jpg: cannot read the file: Permission denied (listed at metadata.jsonl:1)"
+
+
 def test_a_heic_photo_is_read_as_the_engine_reads_it(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pillow_heif = pytest.importorskip("pillow_heif")
     from engine import images
@@ -312,9 +326,76 @@ def test_problems_in_subfolder_metadata_name_that_file(tmp_path: Path) -> None:
         "train/metadata.jsonl:2: duplicate file_name 'train/b.jpg' (first listed at metadata.jsonl:2)",
         "train/metadata.jsonl:3: file_name '../other.jpg' points outside the folder",
     ]
-    assert [str(w) for w in report.warnings] == [
-        "other.jpg: image is not listed in metadata.jsonl, train/metadata.jsonl"
+    assert not report.warnings  # other.jpg is named by the problem already: no "not listed" as well
+
+
+def test_a_link_listed_in_a_subfolder_is_one_problem_not_also_unlisted(tmp_path: Path) -> None:
+    _image(tmp_path / "train" / "a.jpg")
+    _image(tmp_path / "test" / "b.jpg")
+    (tmp_path / "test" / "t.jpg").symlink_to(tmp_path / "train" / "a.jpg")
+    _jsonl(tmp_path / "train", [{"file_name": "a.jpg", "text": "a"}])
+    _jsonl(tmp_path / "test", [{"file_name": "b.jpg", "text": "b"}, {"file_name": "t.jpg", "text": "t"}])
+    report = check_folder(tmp_path)
+    assert [str(p) for p in report.problems] == [
+        "test/metadata.jsonl:2: file_name 't.jpg' points outside the folder (through a link)"
     ]
+    assert not report.warnings
+
+
+def test_an_unreadable_or_dangling_metadata_file_is_a_named_problem(tmp_path: Path) -> None:
+    _image(tmp_path / "a.jpg")
+    (tmp_path / "metadata.jsonl").symlink_to(tmp_path / "gone" / "metadata.jsonl")  # a copy that lost its target
+    assert _only_problem(tmp_path) == "metadata.jsonl: cannot read the file (No such file or directory)"
+    with pytest.raises(DataError, match="metadata.jsonl: cannot read the file"):
+        load_split(tmp_path, split="all", skip_bad=True)
+
+
+def test_an_unreadable_subfolder_is_fatal_not_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder the walk cannot list (as a user without permission meets it) would drop a whole split."""
+    import errno
+    import os
+
+    _image(tmp_path / "train" / "a.jpg")
+    _image(tmp_path / "test" / "b.jpg")
+    _jsonl(tmp_path / "train", [{"file_name": "a.jpg", "text": "a"}])
+    _jsonl(tmp_path / "test", [{"file_name": "b.jpg", "text": "b"}])
+    real_scandir = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if Path(str(path)) == tmp_path / "test":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    report = check_folder(tmp_path)
+    assert [str(p) for p in report.problems] == [
+        "test/: cannot read this folder (Permission denied): its metadata and images would be left out"
+    ]
+    with pytest.raises(DataError, match="test/: cannot read this folder"):
+        load_split(tmp_path, split="all", skip_bad=True)
+
+
+def test_a_name_differing_only_in_unicode_normalisation_gets_a_hint(tmp_path: Path) -> None:
+    import unicodedata
+
+    _image(tmp_path / unicodedata.normalize("NFD", "café.jpg"))  # as macOS writes names
+    _jsonl(tmp_path, [{"file_name": unicodedata.normalize("NFC", "café.jpg"), "text": "x"}])
+    message = _only_problem(tmp_path)
+    assert "image not found (the folder has" in message and "differs only in Unicode normalisation" in message
+
+
+def test_rows_without_a_file_name_key_are_one_problem_naming_the_keys(tmp_path: Path) -> None:
+    _image(tmp_path / "a.jpg")
+    _image(tmp_path / "b.jpg")
+    _jsonl(tmp_path, [{"image": "a.jpg", "text": "a"}, {"image": "b.jpg", "text": "b"}])
+    assert _only_problem(tmp_path) == "metadata.jsonl: no row has 'file_name'; columns seen: image, text"
+    _jsonl(tmp_path, [{"file_name": 12, "text": "a"}])
+    assert _only_problem(tmp_path) == "metadata.jsonl:1: file_name is not text: 12"
+
+
+def test_the_caption_column_cannot_be_the_file_name(folder: Path) -> None:
+    with pytest.raises(DataError, match="caption column cannot be 'file_name'"):
+        check_folder(folder, caption_column="file_name")
 
 
 def test_both_formats_in_one_subfolder_is_fatal(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ import logging
 import os
 import posixpath
 import statistics
+import unicodedata
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -114,6 +115,8 @@ class _Parsed:
 
 def _check_name(folder: Path, raw: object, where: str) -> tuple[str | None, Problem | None]:
     """The normalised file name, or the problem with it."""
+    if raw is not None and not isinstance(raw, str):
+        return None, Problem(where, f"file_name is not text: {raw!r}")
     if not isinstance(raw, str) or not raw.strip():
         return None, Problem(where, "missing or empty file_name")
     name = posixpath.normpath(raw.strip())
@@ -160,6 +163,9 @@ def _add_entry(
     """One metadata row of `meta`."""
     name, problem = _check_name(meta.folder, raw_name, where)
     if problem is not None:
+        if problem.file_name is not None:  # named as the folder walk names it, for the unlisted-image check
+            listed = posixpath.normpath(posixpath.join(meta.sub, problem.file_name.strip()))
+            problem = Problem(problem.where, problem.message, listed)
         parsed.problems.append(problem)
         return
     assert name is not None
@@ -197,7 +203,14 @@ def _parse_jsonl(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[s
             rows += 1
             columns.update(row)
             _add_entry(parsed, meta, seen, row.get("file_name"), row.get(column), column, where)
-    if rows > 1 and column not in columns:
+    if rows > 1 and "file_name" not in columns:
+        # Rows naming their image under another key ("image", "path") are one mistake too.
+        del parsed.problems[first:]
+        parsed.fatal = True
+        parsed.problems.append(
+            Problem(meta.label, f"no row has 'file_name'; columns seen: {', '.join(sorted(columns))}")
+        )
+    elif rows > 1 and column not in columns:
         # A wrong --caption-column is one mistake, not one per row: say it once, with the columns there are.
         missing = f"missing caption column {column!r}"
         parsed.problems[first:] = [p for p in parsed.problems[first:] if not p.message.startswith(missing)]
@@ -257,10 +270,18 @@ def _parse_csv(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[str
             parsed.problems.append(Problem(f"{meta.label}:{start}", f"malformed CSV{found}: {exc}{_csv_hint(str(exc))}"))
 
 
-def _metadata_files(folder: Path) -> list[list[_MetadataFile]]:
-    """The metadata files of every folder holding any (one list per folder), the top folder first."""
+def _unreadable_folder(folder: Path, exc: OSError) -> Problem:
+    rel = Path(exc.filename).relative_to(folder).as_posix() if exc.filename else "."
+    return Problem(
+        f"{rel}/", f"cannot read this folder ({exc.strerror or exc}): its metadata and images would be left out"
+    )
+
+
+def _metadata_files(folder: Path, unreadable: list[Problem]) -> list[list[_MetadataFile]]:
+    """The metadata files of every folder holding any (one list per folder), the top folder first. A
+    folder the walk cannot read is added to `unreadable`: skipping it could drop a whole split unseen."""
     found = []
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder, onerror=lambda exc: unreadable.append(_unreadable_folder(folder, exc))):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel = Path(root).relative_to(folder).as_posix()
         present = [_MetadataFile(folder, "" if rel == "." else rel, name) for name in METADATA_FILES if name in files]
@@ -273,8 +294,14 @@ def _parse(folder: str | Path, caption_column: str) -> _Parsed:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
-    found = _metadata_files(folder)
+    if caption_column == "file_name":
+        raise DataError(f"{folder}: the caption column cannot be 'file_name' (that column names the images)")
+    unreadable: list[Problem] = []
+    found = _metadata_files(folder, unreadable)
     parsed = _Parsed(metadata=", ".join(meta.label for present in found for meta in present))
+    if unreadable:
+        parsed.fatal = True
+        parsed.problems.extend(unreadable)
     if not found:
         parsed.fatal = True
         parsed.problems.append(Problem(str(folder), "no metadata.jsonl or metadata.csv (at the top or in a subfolder)"))
@@ -294,6 +321,9 @@ def _parse(folder: str | Path, caption_column: str) -> _Parsed:
         except UnicodeDecodeError as exc:
             parsed.fatal = True
             parsed.problems.append(Problem(meta.label, f"not UTF-8 text ({exc.reason} at byte {exc.start})"))
+        except OSError as exc:  # unreadable, a dangling link, a folder named metadata.jsonl
+            parsed.fatal = True
+            parsed.problems.append(Problem(meta.label, f"cannot read the file ({exc.strerror or exc})"))
     return parsed
 
 
@@ -329,7 +359,7 @@ def _inspect_image(example: Example) -> tuple[tuple[int, int] | None, Problem | 
             if example.path.exists():
                 return None, Problem(name, "not a file", name)
             slash = " (file_name uses '\\'; write paths with '/')" if "\\" in name else ""
-            return None, Problem(name, f"image not found{slash}", name)
+            return None, Problem(name, f"image not found{slash}{_normalisation_hint(example.path)}", name)
     except OSError as exc:  # e.g. a name longer than the file system allows
         return None, Problem(name, f"cannot access the file: {exc.strerror or exc}", name)
     enable_heif()  # HEIC photos train when the engine can caption them
@@ -351,12 +381,35 @@ def _inspect_image(example: Example) -> tuple[tuple[int, int] | None, Problem | 
         return None, Problem(name, "unreadable image (not an image format Pillow can read)", name)
     except Image.DecompressionBombError as exc:
         return None, Problem(name, f"image too large to decode safely ({exc})", name)
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except OSError as exc:
+        if exc.errno is not None:  # the file system's refusal (permissions, I/O), not the image's content
+            return None, Problem(name, f"cannot read the file: {exc.strerror or exc}", name)
+        kind = "truncated image" if "truncated" in str(exc) else "corrupt image"
+        return None, Problem(name, f"{kind}: {exc}", name)
+    except (SyntaxError, ValueError, EOFError) as exc:
         kind = "truncated image" if "truncated" in str(exc) else "corrupt image"
         return None, Problem(name, f"{kind}: {exc}", name)
     if size[0] < 1 or size[1] < 1:
         return None, Problem(name, f"empty image ({size[0]}x{size[1]})", name)
     return size, None
+
+
+def _normalisation_hint(path: Path) -> str:
+    """A hint when a file's name differs from `path`'s only in Unicode normalisation (macOS writes names
+    decomposed, NFD; most editors write metadata composed, NFC): the bytes differ, so the lookup fails."""
+    if path.name.isascii():  # nothing to normalise (and no folder listing for every missing ASCII name)
+        return ""
+    wanted = unicodedata.normalize("NFC", path.name)
+    try:
+        twins = [
+            p.name for p in path.parent.iterdir()
+            if p.name != path.name and not p.name.isascii() and unicodedata.normalize("NFC", p.name) == wanted
+        ]
+    except OSError:
+        return ""
+    if not twins:
+        return ""
+    return f" (the folder has {twins[0]!r}, which differs only in Unicode normalisation: NFC vs NFD; rename one to match)"
 
 
 def _inspect_all(examples: Sequence[Example]) -> list[tuple[tuple[int, int] | None, Problem | None]]:
