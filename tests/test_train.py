@@ -989,6 +989,79 @@ def test_an_interrupted_run_says_how_to_continue(tmp_path: Path) -> None:
     from train.cli import _resume_note
 
     assert "no epoch was finished" in _resume_note(tmp_path)
+    # Interrupted between the two renames of a save: the previous epoch waits in .last.old for --resume.
+    (tmp_path / ".last.old").mkdir()
+    (tmp_path / ".last.old" / "trainer_state.pt").write_bytes(b"")
+    assert "continue with the same command plus --resume" in _resume_note(tmp_path)
+    shutil.rmtree(tmp_path / ".last.old")
     (tmp_path / "last").mkdir()
     (tmp_path / "last" / "trainer_state.pt").write_bytes(b"")
     assert "continue with the same command plus --resume" in _resume_note(tmp_path)
+
+
+def test_an_out_that_cannot_be_made_is_refused_before_the_data_is_read(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("x")
+    # No data folder needed: the error comes first (a missing --data would be the other error).
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(TrainError, match=r"--out .*a_file/runs/run: cannot create or write this folder \(Not a directory\)"):
+        train(TrainConfig(data=data, out=tmp_path / "a_file" / "runs" / "run", **FAST))
+    with pytest.raises(TrainError, match="exists and is not a directory"):
+        train(TrainConfig(data=data, out=tmp_path / "a_file", **FAST))
+    # The check itself leaves nothing behind.
+    with pytest.raises(DataError):
+        train(TrainConfig(data=data, out=tmp_path / "new" / "run", **FAST))
+    assert not (tmp_path / "new").exists()
+
+
+def test_captions_too_long_to_learn_or_generate_are_warned_about() -> None:
+    from train.data import Example
+    from train.loop import LABEL_TOKENS, long_caption_warnings
+    from train.presets import train_tokenizer
+
+    short, long = "A clock showing 3:30.", " ".join(["The student wrote 7 + 5 = 12."] * 30)
+    tok = train_tokenizer([short, long] * 5, vocab_size=200)
+    assert len(tok(long).input_ids) > LABEL_TOKENS
+
+    def ex(name: str, text: str) -> Example:
+        return Example(name, text, Path(name))
+
+    train_ex, test_ex = [ex("a.jpg", short), ex("b.jpg", long)], [ex("c.jpg", short), ex("d.jpg", "A clock showing 10:45.")]
+    n_short = len(tok(short, add_special_tokens=False).input_ids)
+    warnings = long_caption_warnings(tok, train_ex, test_ex, max_new_tokens=n_short - 1)
+    assert len(warnings) == 2
+    assert "1 training caption(s) are cut to the 128 tokens" in warnings[0] and "b.jpg" in warnings[0]
+    assert f"2 test caption(s) are longer than the {n_short - 1} tokens evaluation generates" in warnings[1]
+    # A caption that fits exactly (its </s> not counted: generation may stop at the limit) is no warning.
+    assert long_caption_warnings(tok, train_ex[:1], test_ex[:1], max_new_tokens=n_short) == []
+
+
+def test_the_tokenizer_keeps_math_symbols_as_written() -> None:
+    from train.presets import train_tokenizer
+
+    caps = ["3² = 9 is correct.", "The student shaded ½ of the circle.", "Area is 12 m²."] * 10
+    tok = train_tokenizer(caps, vocab_size=200)
+    for caption in caps[:3]:  # NFKC would give "32 = 9", "1⁄2", "m2": the model could not write the reference
+        assert tok.decode(tok(caption).input_ids, skip_special_tokens=True) == caption
+
+
+@pytest.mark.slow
+def test_resume_follows_moved_data_and_refuses_changed_data(small_data: Path, tmp_path: Path) -> None:
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(small_data, data)
+    train(TrainConfig(data=data, out=run, epochs=3, seed=2, stop_after=1, **FAST))
+    # The same data, moved (a copy of the folder): the run goes on and records where the data now is.
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    second = train(TrainConfig(data=moved, out=run, epochs=3, seed=2, stop_after=1, resume=True, **FAST))
+    assert [m["epoch"] for m in second.metrics] == [1, 2]
+    assert json.loads((run / "run_config.json").read_text())["data"] == str(moved)
+    # Different data: refused before the model is loaded, naming the counts, with the way to go on.
+    image = sorted(moved.glob("*.jpg"))[0]
+    shutil.copy(image, moved / "extra.jpg")
+    with (moved / "metadata.jsonl").open("a") as f:
+        f.write(json.dumps({"file_name": "extra.jpg", "text": "One more clock."}) + "\n")
+    before = (run / "last" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(TrainError, match=r"--resume: the data changed since .* \(then 40 examples .*now 41 .*--base .*last"):
+        train(TrainConfig(data=moved, out=run, epochs=3, seed=2, resume=True, **FAST))
+    assert (run / "last" / "model.safetensors").stat().st_mtime_ns == before

@@ -16,7 +16,9 @@ from train.loop import PRECISIONS
 
 def _resume_note(out: Path) -> str:
     """What an interrupted run leaves in `out`, and how to go on."""
-    if not (out / "last" / "trainer_state.pt").is_file():
+    # An interruption between the two renames of a save leaves the previous last/ set aside as .last.old,
+    # which --resume puts back (train.checkpoint.recover).
+    if not any((folder / "trainer_state.pt").is_file() for folder in (out / "last", out / ".last.old")):
         return f"no epoch was finished; nothing to resume in {out}"
     return (
         f"the latest finished epoch is in {out / 'last'} (the best so far in {out / 'best'}); "

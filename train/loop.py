@@ -17,11 +17,13 @@ Both checkpoint dirs are written under a temporary name and renamed into place.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,6 +52,8 @@ PREDOWNSCALE_AREA = 1.6
 # In-memory cache of the shrunk training images, per process.
 CACHE_BYTES = 2 * 1024**3
 PRECISIONS = ("auto", "bf16", "fp32")
+# Caption tokens (with </s>) a training label keeps; longer captions are cut (and warned about).
+LABEL_TOKENS = 128
 # Settings that define a run: --resume and a second `train` into the same --out must match them.
 IDENTITY_FIELDS = (
     "data", "base", "preset", "batch_size", "grad_accum", "lr", "max_patches", "seed", "augment",
@@ -312,7 +316,7 @@ def _shrunk_size(size: tuple[int, int], target: float, full_size: tuple[int, int
     return width, height
 
 
-def make_collate(tokenizer: Any, max_length: int = 128) -> Any:
+def make_collate(tokenizer: Any, max_length: int = LABEL_TOKENS) -> Any:
     """Stack patches; tokenise captions (with </s>), padding -> -100 so it is not learned."""
     import torch
 
@@ -385,7 +389,16 @@ def _check_out(cfg: TrainConfig) -> str:
             raise TrainError(f"{run_file}: unreadable ({exc}); choose a new --out") from exc
         mine = cfg.identity()
         saved = {**IDENTITY_BEFORE_FIELD, **saved}
-        diffs = [f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in IDENTITY_FIELDS if saved.get(k) != mine[k]]
+        if saved.get("base") and mine["base"] and not os.path.isabs(mine["base"]):
+            # A --base since moved or deleted (a resumed run loads RUN/last): the same path, made absolute.
+            mine["base"] = os.path.abspath(os.path.expanduser(mine["base"]))
+        # A run that recorded its data's fingerprint may find the data elsewhere: the fingerprint is
+        # compared once the data is read (_check_same_data).
+        moved_ok = {"data"} if isinstance(saved.get("data_fingerprint"), dict) else set()
+        diffs = [
+            f"{k}: {saved.get(k)!r} -> {mine[k]!r}"
+            for k in IDENTITY_FIELDS if saved.get(k) != mine[k] and k not in moved_ok
+        ]
         if diffs:
             raise TrainError(
                 f"--out {out} holds a different run; choose a new --out. Differences: " + "; ".join(diffs)
@@ -402,6 +415,72 @@ def _check_out(cfg: TrainConfig) -> str:
             f"--out {out} is not empty and holds no edlight run; choose a new or empty directory"
         )
     return "fresh"
+
+
+def long_caption_warnings(tokenizer: Any, train_ex: Sequence[Any], test_ex: Sequence[Any], max_new_tokens: int) -> list[str]:
+    """Warnings for captions the model cannot learn or write whole: training labels keep LABEL_TOKENS
+    tokens, and generation stops after max_new_tokens, which caps BLEU on the test split."""
+
+    def too_long(examples: Sequence[Any], limit: int, with_end: bool) -> list[tuple[int, str]]:
+        if not examples:
+            return []
+        ids = tokenizer([e.text for e in examples], add_special_tokens=with_end)["input_ids"]
+        return sorted(((len(i), e.file_name) for i, e in zip(ids, examples, strict=True) if len(i) > limit), reverse=True)
+
+    warnings = []
+    for examples, limit, with_end, what in (
+        (train_ex, LABEL_TOKENS, True, f"are cut to the {LABEL_TOKENS} tokens a training label keeps"),
+        (test_ex, max_new_tokens, False, f"are longer than the {max_new_tokens} tokens evaluation generates "
+         "(raise --max-new-tokens), so no prediction can match them whole"),
+    ):  # fmt: skip
+        long = too_long(examples, limit, with_end)
+        if long:
+            split = "training" if examples is train_ex else "test"
+            worst = ", ".join(f"{name} ({n} tokens)" for n, name in long[:3])
+            warnings.append(f"warning: {len(long)} {split} caption(s) {what}; the longest: {worst}")
+    return warnings
+
+
+def _check_writable(out: Path) -> None:
+    """Raises TrainError when `out` cannot be created or written, leaving nothing behind. An `out` that is
+    a file is left to _check_out, which says so."""
+    if out.exists() and not out.is_dir():
+        return
+    created = [p for p in [out, *out.parents] if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise TrainError(f"--out {out}: cannot create or write this folder ({exc.strerror or exc})") from None
+    finally:
+        for folder in created:  # innermost first: only the folders this check made, and only while empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def data_fingerprint(examples: Sequence[Any], split: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a run's data: a digest of every usable example's file name, caption and image size
+    (not its path, so a copied or moved folder matches), with the counts for messages."""
+    digest = hashlib.sha256()
+    for example in sorted(examples, key=lambda e: e.file_name):
+        digest.update(f"{example.file_name}\0{example.text}\0{example.path.stat().st_size}\n".encode())
+    return {"sha256": digest.hexdigest(), "examples": len(examples), "train": split["train"], "test": split["test"]}
+
+
+def _check_same_data(out: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuses to resume on data other than the run's: its schedule was planned for that many examples,
+    and best/ compares BLEU across epochs on one test split."""
+    saved = json.loads((out / "run_config.json").read_text()).get("data_fingerprint")
+    if not isinstance(saved, dict) or saved.get("sha256") == fingerprint["sha256"]:
+        return  # a run from before fingerprints was matched by its data path
+    then = f"{saved.get('examples')} examples ({saved.get('train')} train, {saved.get('test')} test)"
+    now = f"{fingerprint['examples']} ({fingerprint['train']} train, {fingerprint['test']} test)"
+    raise TrainError(
+        f"--resume: the data changed since {out} started (then {then}, now {now}; or captions, names or image "
+        f"sizes changed). Continuing would re-plan the schedule and compare BLEU across different test sets. "
+        f"To train on the new data, start a new run from this one: --base {out / 'last'} --out NEW_FOLDER"
+    )
 
 
 def _older(checkpoint: Path, than: Path) -> bool:
@@ -572,13 +651,19 @@ def _run(config: TrainConfig) -> TrainResult:
         raise DataError(f"data folder not found: {data}")
     if not data.is_dir():
         raise DataError(f"data folder is not a directory: {data}")
-    if cfg.base is not None and not is_hub_id(cfg.base):
-        check_checkpoint_dir(cfg.base)  # before anything is written (a hub id is checked when loaded)
+    if is_main:
+        _check_writable(out)  # now, not after the images are read and the model is built
     if is_main and out.exists():
-        recover(out / "last")  # a kill between two renames of atomic_save
-        recover(out / "best")
+        try:
+            recover(out / "last")  # a kill between two renames of atomic_save
+            recover(out / "best")
+        except OSError as exc:
+            raise TrainError(f"--out {out}: cannot put back a checkpoint an interrupted save set aside ({exc})") from exc
     accelerator.wait_for_everyone()
     mode = _check_out(cfg)
+    if mode == "fresh" and cfg.base is not None and not is_hub_id(cfg.base):
+        # Before anything is written (a hub id is checked when loaded). A resumed run loads RUN/last instead.
+        check_checkpoint_dir(cfg.base)
     accelerator.wait_for_everyone()  # every rank has judged RUN/ before rank 0 writes to it
     # Validated once (every image opened); the split is a pure function of the file name (its split folder,
     # else a hash).
@@ -594,6 +679,9 @@ def _run(config: TrainConfig) -> TrainResult:
         log(f"--skip-bad: training on {len(all_ok)} good examples, skipped {skipped} bad entries")
     split = split_counts((e.file_name for e in all_ok), cfg.test_ratio, cfg.split_seed)
     log(describe_split(split))
+    fingerprint = data_fingerprint(all_ok, split)
+    if mode == "resume":
+        _check_same_data(out, fingerprint)
     if not train_ex:
         raise TrainError(f"{data}: the train split is empty ({len(all_ok)} usable examples in all; {describe_split(split)})")
     if len(train_ex) < world:  # every process needs an image in every step (epoch_batches)
@@ -621,6 +709,9 @@ def _run(config: TrainConfig) -> TrainResult:
     if cfg.max_new_tokens:
         model.generation_config.max_new_tokens = cfg.max_new_tokens
     max_patches = int(processor.image_processor.max_patches)
+    if mode != "resume":
+        for warning in long_caption_warnings(processor.tokenizer, train_ex, test_ex, int(cfg.max_new_tokens or 0)):
+            log(warning)
 
     dataset = CaptionDataset(train_ex, processor, augment=cfg.augment, seed=cfg.seed)
     sampler = EpochSampler()
@@ -673,7 +764,12 @@ def _run(config: TrainConfig) -> TrainResult:
         if is_main and start_epoch < cfg.epochs:
             # A record of what this run now is (epochs and precision may change on resume); replaced whole,
             # so a kill cannot leave a run whose settings are unreadable.
-            _write_json(out / "run_config.json", {**saved, "epochs": cfg.epochs, "precision": forward_precision})
+            # The data may have moved (its fingerprint matched): record where it is now.
+            _write_json(
+                out / "run_config.json",
+                {**saved, "data": str(data), "data_fingerprint": fingerprint, "epochs": cfg.epochs,
+                 "precision": forward_precision},
+            )  # fmt: skip
         if is_main:
             if metrics and metrics[-1]["epoch"] == start_epoch and metrics[-1].get("best") and _older(out / "best", out / "last"):
                 # The last epoch was the best so far, yet best/ predates it: a kill came between its two saves.
@@ -688,7 +784,10 @@ def _run(config: TrainConfig) -> TrainResult:
             log(f"nothing to do: {start_epoch} of {cfg.epochs} epochs already done")
     elif is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "run_config.json", {**cfg.identity(), "epochs": cfg.epochs, "precision": forward_precision})
+        _write_json(
+            out / "run_config.json",
+            {**cfg.identity(), "data_fingerprint": fingerprint, "epochs": cfg.epochs, "precision": forward_precision},
+        )
         for stale in ("metrics.jsonl", "steps.jsonl"):
             (out / stale).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
@@ -746,7 +845,12 @@ def _run(config: TrainConfig) -> TrainResult:
 
         atomic_save(dest, write)
 
-    best_key = max((m["bleu"] for m in metrics if m.get("bleu") is not None), default=-math.inf)
+    # BLEU decides best/, chrF breaks its ties: on short captions corpus BLEU (4-gram matches) can sit at 0
+    # for every epoch, and best/ would stay at epoch 1.
+    best_key = max(
+        ((m["bleu"], m.get("chrf") or 0.0) for m in metrics if m.get("bleu") is not None),
+        default=(-math.inf, -math.inf),
+    )
     best_loss = min((m["loss"] for m in metrics), default=math.inf)
     run_start = time.perf_counter()
     from tqdm.auto import tqdm
@@ -837,7 +941,7 @@ def _run(config: TrainConfig) -> TrainResult:
             "bleu": scores.get("bleu"), "chrf": scores.get("chrf"), "train_images": total_images,
             "unique_images": len(set(seen_flat)), "processes": world,
         }  # fmt: skip
-        improved = (record["bleu"] > best_key) if test_ex else (record["loss"] < best_loss)
+        improved = ((record["bleu"], record["chrf"]) > best_key) if test_ex else (record["loss"] < best_loss)
         record["best"] = bool(improved)
         metrics.append(record)
         if is_main:
@@ -861,7 +965,7 @@ def _run(config: TrainConfig) -> TrainResult:
             if hyps:
                 log(f"  e.g. {hyps[0]!r}\n   vs {test_ex[0].text!r}")
         if improved:
-            best_key = record["bleu"] if test_ex else best_key
+            best_key = (record["bleu"], record["chrf"]) if test_ex else best_key
             best_loss = min(best_loss, record["loss"])
         accelerator.wait_for_everyone()
 

@@ -179,7 +179,9 @@ def train_tokenizer(captions: Sequence[str], vocab_size: int) -> PreTrainedToken
     if not texts:
         raise ValueError("cannot train a tokenizer: no non-empty captions")
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " ")])
+    # NFC, not NFKC: compatibility folding would rewrite the math in captions ("3²" -> "32", "½" -> "1⁄2"),
+    # and the model would learn to write what the references (scored as written) do not say.
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " ")])
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"), pre_tokenizers.Digits(True)]
     )
