@@ -25,6 +25,8 @@ from engine.errors import BundleError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "edlight.json"
+# transformers' GenerationConfig().max_length: the caption length of a checkpoint that sets none.
+TRANSFORMERS_MAX_LENGTH = 20
 SUPPORT_FILES = ("tokenizer.json", "preprocessor_config.json", "config.json", "generation_config.json")
 DECODER_LAYOUTS = {
     "merged": ("decoder_merged",),
@@ -214,14 +216,15 @@ class Bundle:
         listing = "".join(f"{name}\0{digest}\n" for name, digest in sorted(self.manifest.files.items()))
         return hashlib.sha256(listing.encode("utf-8")).hexdigest()[:12]
 
-    def captions_id(self, num_beams: int = 1, max_new_tokens: int | None = None, min_new_tokens: int = 0) -> str:
+    def captions_id(self, num_beams: int = 1, max_new_tokens: int | None = None, min_new_tokens: int | None = None) -> str:
         """What caption records name as their "model": `model_id`, followed by the decoding settings that
-        differ from the bundle's own (greedy, its generation config's length, no minimum), e.g.
+        differ from the bundle's own (greedy, its generation config's lengths), e.g.
         "07775de15b7f num_beams=3". Captions of other settings differ too: a resume must not mix them."""
         changed = [f"num_beams={num_beams}"] * (num_beams != 1)
         if max_new_tokens is not None and max_new_tokens != self.default_max_new_tokens:
             changed.append(f"max_new_tokens={max_new_tokens}")
-        changed += [f"min_new_tokens={min_new_tokens}"] * bool(min_new_tokens)
+        if min_new_tokens is not None and min_new_tokens != self.default_min_new_tokens:
+            changed.append(f"min_new_tokens={min_new_tokens}")
         return " ".join([self.model_id, *changed])
 
     def onnx_path(self, role: str) -> Path:
@@ -292,15 +295,33 @@ class Bundle:
 
     @property
     def default_max_new_tokens(self) -> int:
-        for key in ("max_new_tokens", "max_length"):
-            if self.generation_config.get(key) is not None:
-                return _setting(self.generation_config[key], key, self.path / "generation_config.json", 1)
-        return 64
+        """The caption length transformers' `generate` gives with this generation config: max_new_tokens;
+        else max_length, which counts the decoder's start token (so one token less), except that generate
+        takes a max_length equal to its own default (20) as unset and gives 20 new tokens; with neither,
+        that default."""
+        where = self.path / "generation_config.json"
+        if self.generation_config.get("max_new_tokens") is not None:
+            return _setting(self.generation_config["max_new_tokens"], "max_new_tokens", where, 1)
+        if self.generation_config.get("max_length") is not None:
+            length = _setting(self.generation_config["max_length"], "max_length", where, 1)
+            return length if length == TRANSFORMERS_MAX_LENGTH else length - 1
+        return TRANSFORMERS_MAX_LENGTH
+
+    @property
+    def default_min_new_tokens(self) -> int:
+        """Tokens before EOS may end a caption, as in `generate`: min_new_tokens, else min_length less the
+        start token, else 0."""
+        where = self.path / "generation_config.json"
+        if self.generation_config.get("min_new_tokens") is not None:
+            return _setting(self.generation_config["min_new_tokens"], "min_new_tokens", where)
+        if self.generation_config.get("min_length") is not None:
+            return max(0, _setting(self.generation_config["min_length"], "min_length", where) - 1)
+        return 0
 
     def check_settings(self) -> None:
         """Read every model setting the engine uses, so that a bad one is a BundleError now, not mid-run."""
         _ = (self.patch_size, self.position_limit, self.decoder_start_token_id, self.pad_token_id,
-             self.eos_token_ids, self.default_max_new_tokens)
+             self.eos_token_ids, self.default_max_new_tokens, self.default_min_new_tokens)
 
 
 def _setting(value: Any, what: str, where: Path, minimum: int = 0) -> int:

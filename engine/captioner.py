@@ -90,14 +90,14 @@ class Captioner:
         batch_size: int = 8,
         num_beams: int = 1,
         max_new_tokens: int | None = None,
-        min_new_tokens: int = 0,
+        min_new_tokens: int | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         verify: bool = True,
     ) -> None:
         """Open and verify `bundle` (default: the packaged one) and load its ONNX sessions.
 
-        `threads` sets ONNX Runtime's intra-op threads (None: all cores). `max_new_tokens` defaults to
-        the bundle's generation config. `max_pixels` is the pixel cap for decoding images (None, 0 or
+        `threads` sets ONNX Runtime's intra-op threads (None: all cores). `max_new_tokens` and
+        `min_new_tokens` default to the bundle's generation config, read as transformers' `generate` does. `max_pixels` is the pixel cap for decoding images (None, 0 or
         less: no cap). Raises BundleError (missing, incomplete or tampered bundle), ModelRuntimeError
         (ONNX Runtime cannot load a model) and ValueError (bad settings), all before any image is read.
 
@@ -122,7 +122,7 @@ class Captioner:
         self.tokenizer = CaptionTokenizer.from_bundle_dir(self.bundle.path)
         self.generation = GenerationSettings(
             max_new_tokens=self.bundle.default_max_new_tokens if max_new_tokens is None else max_new_tokens,
-            min_new_tokens=min_new_tokens,
+            min_new_tokens=self.bundle.default_min_new_tokens if min_new_tokens is None else min_new_tokens,
             num_beams=num_beams,
             length_penalty=float(self.bundle.generation_config.get("length_penalty", 1.0)),
             early_stopping=self.bundle.generation_config.get("early_stopping") is True,

@@ -27,7 +27,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.bundle import DECODER_LAYOUTS, MANIFEST_NAME, SUPPORT_FILES, Bundle, Manifest, write_manifest
+from engine.bundle import (
+    DECODER_LAYOUTS,
+    MANIFEST_NAME,
+    SUPPORT_FILES,
+    TRANSFORMERS_MAX_LENGTH,
+    Bundle,
+    Manifest,
+    write_manifest,
+)
 from export import ExportError
 
 if TYPE_CHECKING:
@@ -38,8 +46,19 @@ if TYPE_CHECKING:
 TASK = "image-to-text-with-past"
 # Optimum's dummy inputs need at least a 2x2 patch grid.
 MIN_PATCHES = 4
-# Sampling and beam settings the engine does not take from a checkpoint (their transformers defaults).
-GENERATION_DEFAULTS: dict[str, object] = {"do_sample": False, "num_beams": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+# Generation settings the engine does not take from a checkpoint (their transformers defaults): sampling,
+# beams, and the logits processors. The export's validation runs PyTorch without them too, since it checks
+# the graphs. (The engine does follow max_new_tokens/max_length and min_new_tokens/min_length.)
+GENERATION_DEFAULTS: dict[str, object] = {
+    "do_sample": False, "num_beams": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+    "num_beam_groups": 1, "diversity_penalty": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "min_p": None, "renormalize_logits": False,
+}  # fmt: skip
+# Files of a checkpoint copied into the bundle when present: the engine reads clean_up_tokenization_spaces.
+OPTIONAL_SUPPORT_FILES = ("tokenizer_config.json",)
 # Above this many tokens per caption, export warns: a model that rarely says EOS would take minutes an image.
 LONG_CAPTION_TOKENS = 512
 # Which decoder the bundle ships. Measured on this 2-core machine (ORT 1.32, 2 threads, shared and
@@ -112,17 +131,66 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
             f"{path / 'preprocessor_config.json'}: max_patches is {max_patches!r}; Pix2Struct's export fixes the patch "
             f"count to it, so set an integer >= {MIN_PATCHES} and re-save the processor"
         )
+    if pre.get("is_vqa"):
+        raise ExportError(
+            f"{path / 'preprocessor_config.json'}: is_vqa is true: a VQA checkpoint reads a question rendered above "
+            "each image, and edlight captions images without one; export a captioning checkpoint "
+            "(e.g. pix2struct-textcaps-base)"
+        )
+    generation: dict[str, Any] = {}
     if (path / "generation_config.json").exists():
         # Optional, but one that is there must be readable: its max_new_tokens goes into the bundle.
         generation = _read_json(path / "generation_config.json", "generation config", "fix or delete it")
+        _check_token_ids(path / "generation_config.json", generation)
         _warn_about_generation(path / "generation_config.json", generation)
+    if all(source.get(key) is None for source in (generation, config) for key in ("max_new_tokens", "max_length")):
+        log.warning(
+            "%s: sets no caption length, so transformers' generate stops after %d tokens, and so does the engine; "
+            "set max_new_tokens in its generation_config.json (edlight train writes it) or pass --max-new-tokens "
+            "to edlight caption", path, TRANSFORMERS_MAX_LENGTH,
+        )
+    _check_token_ids(path / "config.json", config)
+    _check_head_counts(path / "config.json", config)
     size = pre.get("patch_size") or {"height": 16, "width": 16}
+    if not isinstance(size, dict) or not all(_is_count(size.get(side)) for side in ("height", "width")):
+        raise ExportError(
+            f"{path / 'preprocessor_config.json'}: patch_size is {size!r}; write it as "
+            '{"height": H, "width": W} with whole numbers of pixels (Pix2Struct uses 16 and 16)'
+        )
     if not (path / "tokenizer.json").is_file():
         raise ExportError(
             f"{path / 'tokenizer.json'}: missing; the engine needs a fast tokenizer: save one with "
             "processor.tokenizer.save_pretrained(CHECKPOINT)"
         )
     return CheckpointInfo(path=path, config=config, max_patches=max_patches, patch_size=(int(size["height"]), int(size["width"])))
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_token_ids(path: Path, settings: dict[str, Any]) -> None:
+    """Token ids the export and the engine read must be whole numbers (a JSON "1" breaks both)."""
+    text = settings.get("text_config")
+    for where, values in ((path.name, settings), (f"{path.name} text_config", text if isinstance(text, dict) else {})):
+        for key in ("decoder_start_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
+            value = values.get(key)
+            ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
+            if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ExportError(f"{path}: {key} in {where} is {value!r}; token ids are whole numbers >= 0")
+
+
+def _check_head_counts(path: Path, config: dict[str, Any]) -> None:
+    """Optimum's Pix2Struct export sizes the decoder's cross-attention cache by the vision encoder's head
+    count, so a checkpoint whose two towers differ fails deep inside it; say so up front."""
+    text, vision = config.get("text_config"), config.get("vision_config")
+    text_heads = text.get("num_heads", 12) if isinstance(text, dict) else 12  # Pix2Struct's defaults
+    vision_heads = vision.get("num_attention_heads", 12) if isinstance(vision, dict) else 12
+    if text_heads != vision_heads:
+        raise ExportError(
+            f"{path}: the vision encoder has {vision_heads} attention heads and the text decoder {text_heads}; "
+            "Optimum's Pix2Struct export needs the same count in both"
+        )
 
 
 def _warn_about_generation(path: Path, generation: dict[str, Any]) -> None:
@@ -452,6 +520,9 @@ def _build(
         if not source.is_file():
             raise ExportError(f"{info.path / name}: missing; re-save the checkpoint with model and processor save_pretrained")
         shutil.copy2(source, bundle / name)
+    for name in OPTIONAL_SUPPORT_FILES:
+        if (info.path / name).is_file():
+            shutil.copy2(info.path / name, bundle / name)
     shutil.rmtree(raw)
     rewrites = _optimize_graphs(bundle, onnx_files)
 

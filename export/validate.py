@@ -180,6 +180,7 @@ def compare_greedy(
     first decoder steps (their per-tensor activation scales would otherwise mix the images).
     """
     import torch
+    from transformers import GenerationConfig
 
     text_config = model.config.text_config
     gen = model.generation_config
@@ -188,20 +189,30 @@ def compare_greedy(
     eos = gen.eos_token_id if gen.eos_token_id is not None else text_config.eos_token_id
     eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
+    # Plain greedy search with only the ids: this compares the graphs, so the checkpoint's logits processors
+    # (repetition penalty, minimum length, ...) stay out, as they do in the ONNX loop below.
+    plain = GenerationConfig(
+        decoder_start_token_id=start_id, pad_token_id=pad_id, eos_token_id=eos_ids, max_new_tokens=max_new_tokens,
+        num_beams=1, do_sample=False,
+    )
     # The image processor with its own max_patches: Pix2StructProcessor.__call__ would silently use 2048.
     ip = processor.image_processor
-    # channels_last: transformers would read a PIL image 1 or 3 pixels high as channels-first.
-    inputs = ip(images=images, max_patches=ip.max_patches, return_tensors="pt", input_data_format="channels_last")
-    with torch.no_grad():
-        ref_hidden = model.encoder(flattened_patches=inputs["flattened_patches"], attention_mask=inputs["attention_mask"])[0]
-        generated = model.generate(
-            flattened_patches=inputs["flattened_patches"],
-            attention_mask=inputs["attention_mask"],
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=0,
-            num_beams=1,
-            do_sample=False,
-        )
+    own = model.generation_config
+    try:
+        # channels_last: transformers would read a PIL image 1 or 3 pixels high as channels-first.
+        inputs = ip(images=images, max_patches=ip.max_patches, return_tensors="pt", input_data_format="channels_last")
+        # In place of the model's own: `generate` fills a given config's default values from the model's.
+        model.generation_config = plain
+        with torch.no_grad():
+            ref_hidden = model.encoder(flattened_patches=inputs["flattened_patches"], attention_mask=inputs["attention_mask"])[0]
+            generated = model.generate(flattened_patches=inputs["flattened_patches"], attention_mask=inputs["attention_mask"])
+    except Exception as exc:  # an inconsistent checkpoint fails inside transformers with any exception type
+        raise ExportError(
+            f"{model.config._name_or_path}: the PyTorch model cannot caption the validation images "
+            f"({type(exc).__name__}: {exc}); check that its config, processor and weights belong together"
+        ) from exc
+    finally:
+        model.generation_config = own
     torch_tokens = [cut_after_eos(row[1:], eos_ids) for row in generated.tolist()]
 
     runner = OrtGreedy(directory, onnx_files, layout)

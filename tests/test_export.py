@@ -540,6 +540,17 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
     elif how == "too_few_patches":
         processor = json.loads((ck / "preprocessor_config.json").read_text())
         (ck / "preprocessor_config.json").write_text(json.dumps({**processor, "max_patches": 2}))
+    elif how in ("vqa", "patch_size_number"):
+        processor = json.loads((ck / "preprocessor_config.json").read_text())
+        edit = {"is_vqa": True} if how == "vqa" else {"patch_size": 16}
+        (ck / "preprocessor_config.json").write_text(json.dumps({**processor, **edit}))
+    elif how == "eos_as_text":
+        generation = json.loads((ck / "generation_config.json").read_text())
+        (ck / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": "1"}))
+    elif how == "head_counts_differ":
+        config = json.loads((ck / "config.json").read_text())
+        config["vision_config"]["num_attention_heads"] = 2 * config["text_config"]["num_heads"]
+        (ck / "config.json").write_text(json.dumps(config))
     return ck
 
 
@@ -553,6 +564,10 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         ("non_causal", "is_decoder is false"),
         ("bad_generation", "generation_config.json: unreadable generation config"),
         ("too_few_patches", "max_patches is 2; .* an integer >= 4"),
+        ("vqa", "preprocessor_config.json: is_vqa is true: a VQA checkpoint"),
+        ("patch_size_number", r"preprocessor_config.json: patch_size is 16; write it as \{"),
+        ("eos_as_text", "generation_config.json: eos_token_id in generation_config.json is '1'; token ids are whole"),
+        ("head_counts_differ", "config.json: the vision encoder has .* attention heads and the text decoder"),
     ],
 )
 def test_bad_checkpoint_is_one_line_error(random_checkpoint: Path, tmp_path: Path, how: str, message: str) -> None:
@@ -617,6 +632,30 @@ def test_trained_int8_bundle_verifies(tiny_bundle_int8: Path) -> None:
     # the share a lot: measured 0.78 for this fixture, 0.70 and 0.80 for the last two shipped default bundles.
     assert bundle.manifest.extra["validation"]["int8"]["token_agreement"] >= 0.7
 
+
+
+def test_logits_processors_lengths_and_space_clean_up_of_a_checkpoint(
+    random_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A repetition penalty is the PyTorch side's, not the graphs': the export validates the graphs without
+    it and warns that the engine ignores it. A minimum length and the tokenizer's clean-up of spaces reach
+    the engine."""
+    from engine import Captioner
+    from export.onnx import export_bundle
+
+    ck = Path(shutil.copytree(random_checkpoint, tmp_path / "ck"))
+    generation = json.loads((ck / "generation_config.json").read_text())
+    (ck / "generation_config.json").write_text(
+        json.dumps({**generation, "repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "min_new_tokens": 3})
+    )
+    tokenizer = json.loads((ck / "tokenizer_config.json").read_text())
+    (ck / "tokenizer_config.json").write_text(json.dumps({**tokenizer, "clean_up_tokenization_spaces": True}))
+    with caplog.at_level(logging.WARNING, logger="edlight.export"):
+        export_bundle(ck, tmp_path / "b")
+    assert "repetition_penalty, no_repeat_ngram_size not used by the engine" in caplog.text
+    captioner = Captioner(tmp_path / "b", threads=1)
+    assert captioner.generation.min_new_tokens == 3
+    assert captioner.tokenizer.clean_up_spaces and (tmp_path / "b" / "tokenizer_config.json").is_file()
 
 
 def test_generation_settings_the_engine_ignores_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -642,6 +642,38 @@ def test_a_reader_that_stops_reading_ends_the_run_quietly(engine_bundle: Path, t
     assert process.wait(timeout=120) == 141 and "error" not in stderr and "Traceback" not in stderr, stderr
 
 
+@pytest.mark.parametrize(
+    ("lengths", "max_new", "min_new"),
+    [
+        ({"max_new_tokens": 7}, 7, 0),
+        ({"max_length": 9}, 8, 0),  # max_length counts the decoder's start token
+        ({"max_length": 20}, 20, 0),  # generate takes its own default as unset and adds the start token
+        ({}, 20, 0),  # nothing set: generate's default
+        ({"max_new_tokens": 7, "max_length": 30}, 7, 0),
+        ({"max_new_tokens": 7, "min_new_tokens": 3}, 7, 3),
+        ({"max_new_tokens": 7, "min_length": 4}, 7, 3),
+    ],
+)
+def test_caption_lengths_are_read_from_the_bundle_as_transformers_generate_reads_them(
+    engine_bundle: Path, tmp_path: Path, lengths: dict, max_new: int, min_new: int
+) -> None:
+    """Measured against transformers 4.57's generate on an encoder-decoder (new tokens per caption)."""
+    from engine.bundle import MANIFEST_NAME, sha256_file
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(engine_bundle, bundle)
+    config = json.loads((bundle / "generation_config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("max_new_tokens", "max_length")}
+    (bundle / "generation_config.json").write_text(json.dumps({**config, **lengths}))
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    manifest["files"]["generation_config.json"] = sha256_file(bundle / "generation_config.json")
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+    captioner = Captioner(bundle, threads=1)
+    assert (captioner.generation.max_new_tokens, captioner.generation.min_new_tokens) == (max_new, min_new)
+    assert captioner.captions_id == captioner.bundle.model_id  # the bundle's own settings
+    assert Captioner(bundle, threads=1, min_new_tokens=min_new + 1).captions_id.endswith(f"min_new_tokens={min_new + 1}")
+
+
 def test_a_resume_with_another_model_is_refused(captioner: Captioner, engine_bundle: Path, tmp_path: Path) -> None:
     from engine.bundle import MANIFEST_NAME, sha256_file
 
