@@ -285,7 +285,7 @@ class Captioner:
         self.timings.model_runs += 1
         self.timings.images += len(patches)
         # A caption is text for people: no spaces a model may emit before EOS or the length limit.
-        return [text.strip() for text in self.tokenizer.decode_batch(result.sequences)]
+        return [text.strip() for text in self.tokenizer.decode_batch(result.text_ids())]
 
     def _encode(self, flattened: np.ndarray, mask: np.ndarray) -> np.ndarray:
         feeds = {

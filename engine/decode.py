@@ -171,6 +171,15 @@ class DecodeResult:
     sequences: list[list[int]]  # generated ids per input row, without the start token and the EOS
     steps: int = 0  # decoder runs
     finished: list[bool] = field(default_factory=list)  # True where the row ended with EOS
+    # The EOS id that ended each row (None: the length limit). With several EOS ids one may be an ordinary
+    # token ("."), whose text transformers' decode keeps: see `text_ids`.
+    ends: list[int | None] = field(default_factory=list)
+
+    def text_ids(self) -> list[list[int]]:
+        """The ids to decode to text, as transformers decodes `generate`'s output: with the ending EOS id, which
+        `skip_special_tokens` drops when it is a special token (as </s> is) and keeps when it is not."""
+        ends = self.ends or [None] * len(self.sequences)
+        return [seq if end is None else [*seq, end] for seq, end in zip(self.sequences, ends, strict=True)]
 
 
 class Decoder:
@@ -347,6 +356,7 @@ def greedy(decoder: Decoder, encoder_hidden: np.ndarray, encoder_mask: np.ndarra
 def _greedy_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, rows: int, settings: GenerationSettings) -> DecodeResult:
     sequences: list[list[int]] = [[] for _ in range(rows)]
     finished = [False] * rows
+    ends: list[int | None] = [None] * rows
     eos = np.array(settings.eos_token_ids, dtype=np.int64)
     steps = 1
     active = np.arange(rows)  # input row of each row of `state`
@@ -357,7 +367,7 @@ def _greedy_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, rows
         done = np.isin(tokens, eos)
         for row, token, is_done in zip(active, tokens, done, strict=True):
             if is_done:
-                finished[row] = True
+                finished[row], ends[row] = True, int(token)
             else:
                 sequences[row].append(int(token))
         if step + 1 >= settings.max_new_tokens:
@@ -369,7 +379,7 @@ def _greedy_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, rows
             state, active, tokens = state.keep(keep), active[keep], tokens[keep]
         logits = decoder.advance(state, tokens[:, None])
         steps += 1
-    return DecodeResult(sequences, steps, finished)
+    return DecodeResult(sequences, steps, finished, ends)
 
 
 def beam_search(decoder: Decoder, encoder_hidden: np.ndarray, encoder_mask: np.ndarray, settings: GenerationSettings) -> DecodeResult:
@@ -471,10 +481,11 @@ def _beam_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, images
         logits = decoder.advance(state, next_tokens[:, None])
         steps += 1
 
-    sequences, finished = [], []
+    sequences, finished, ends = [], [], []
     for image in range(images):
         seq = done_seq[image, 0, : done_len[image, 0]].tolist()
         ended = bool(seq) and seq[-1] in settings.eos_token_ids
         sequences.append(seq[:-1] if ended else seq)
         finished.append(ended)
-    return DecodeResult(sequences, steps, finished)
+        ends.append(seq[-1] if ended else None)
+    return DecodeResult(sequences, steps, finished, ends)

@@ -256,3 +256,25 @@ def test_beam_search_memory_follows_the_captions_not_the_length_limit() -> None:
     assert run([0, 3], fn=beam_search, num_beams=2, max_new_tokens=10**12) == [[2, 3], [3]]
     # Image 1 never ends: its beams outgrow the first buffers (64 tokens) and are kept whole.
     assert run([1, 0], fn=beam_search, num_beams=2, max_new_tokens=150) == [[4] * 150, [2, 3]]
+
+
+@pytest.mark.parametrize("fn", [greedy, beam_search])
+def test_an_ordinary_token_among_the_eos_ids_keeps_its_text(fn) -> None:  # noqa: ANN001
+    """transformers decodes `generate`'s output with the EOS that ended it: skip_special_tokens drops </s>
+    but keeps an ordinary token listed as EOS (a ".", say). Image 0 writes "2 3" then EOS."""
+    hidden = np.zeros((1, 3, 2), dtype=np.float32)
+    mask = np.ones((1, 3), dtype=np.int64)
+    settings = GenerationSettings(max_new_tokens=8, eos_token_ids=(EOS, 3), num_beams=1 if fn is greedy else 2)
+    result = fn(ScriptedDecoder(), hidden, mask, settings)
+    assert result.sequences == [[2]] and result.ends == [3] and result.text_ids() == [[2, 3]]
+    plain = fn(ScriptedDecoder(), hidden, mask, GenerationSettings(max_new_tokens=8, eos_token_ids=(EOS,), num_beams=settings.num_beams))
+    assert plain.text_ids() == [[2, 3, EOS]]  # </s> goes to the tokenizer, which drops it as special
+
+
+def test_the_bundle_tokenizer_drops_a_special_eos_from_the_text() -> None:
+    from engine.captioner import resolve_bundle
+    from engine.tokenizer import CaptionTokenizer
+
+    tokenizer = CaptionTokenizer.from_bundle_dir(resolve_bundle(None))
+    ids = tokenizer.encode("The answer is correct.")  # ends with </s>
+    assert ids[-1] == EOS and tokenizer.decode(ids) == tokenizer.decode(ids[:-1]) == "The answer is correct."
