@@ -57,8 +57,6 @@ GENERATION_DEFAULTS: dict[str, object] = {
     "num_beam_groups": 1, "diversity_penalty": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
     "min_p": None, "renormalize_logits": False,
 }  # fmt: skip
-# Files of a checkpoint copied into the bundle when present: the engine reads clean_up_tokenization_spaces.
-OPTIONAL_SUPPORT_FILES = ("tokenizer_config.json",)
 # Above this many tokens per caption, export warns: a model that rarely says EOS would take minutes an image.
 LONG_CAPTION_TOKENS = 512
 # Which decoder the bundle ships. Measured on this 2-core machine (ORT 1.32, 2 threads, shared and
@@ -163,6 +161,17 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
             "processor.tokenizer.save_pretrained(CHECKPOINT)"
         )
     return CheckpointInfo(path=path, config=config, max_patches=max_patches, patch_size=(int(size["height"]), int(size["width"])))
+
+
+def _carry_space_clean_up(checkpoint: Path, bundle: Path) -> None:
+    """A tokenizer whose config asks transformers' decode to clean up spaces ("it is n't ." -> "it isn't.")
+    gets a tokenizer_config.json in the bundle saying so, the one setting of that file the engine reads."""
+    path = checkpoint / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = _read_json(path, "tokenizer config", "fix or delete it")
+    if config.get("clean_up_tokenization_spaces") is True:
+        (bundle / path.name).write_text(json.dumps({"clean_up_tokenization_spaces": True}) + "\n", encoding="utf-8")
 
 
 def _is_count(value: object) -> bool:
@@ -520,9 +529,7 @@ def _build(
         if not source.is_file():
             raise ExportError(f"{info.path / name}: missing; re-save the checkpoint with model and processor save_pretrained")
         shutil.copy2(source, bundle / name)
-    for name in OPTIONAL_SUPPORT_FILES:
-        if (info.path / name).is_file():
-            shutil.copy2(info.path / name, bundle / name)
+    _carry_space_clean_up(info.path, bundle)
     shutil.rmtree(raw)
     rewrites = _optimize_graphs(bundle, onnx_files)
 

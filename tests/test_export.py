@@ -67,7 +67,8 @@ def test_fp32_bundle_manifest_verifies(tiny_bundle: Path, tiny_checkpoint: Path)
     on_disk = {p.name for p in tiny_bundle.iterdir()} - {MANIFEST_NAME}
     assert set(m.files) == on_disk
     assert set(SUPPORT_FILES) | set(m.onnx_files.values()) <= on_disk
-    # Nothing beyond what the engine reads (no tokenizer_config.json, no unused decoder).
+    # Nothing beyond what the engine reads (no unused decoder; a tokenizer_config.json only where it asks
+    # for the clean-up of spaces, which this checkpoint's does not).
     assert len(on_disk) == len(SUPPORT_FILES) + len(m.onnx_files)
     assert m.extra["validation"]["fp32"]["identical_share"] == 1.0
     assert m.extra["validation"]["fp32"]["encoder_max_abs_diff"] < 1e-4
@@ -655,7 +656,8 @@ def test_logits_processors_lengths_and_space_clean_up_of_a_checkpoint(
     assert "repetition_penalty, no_repeat_ngram_size not used by the engine" in caplog.text
     captioner = Captioner(tmp_path / "b", threads=1)
     assert captioner.generation.min_new_tokens == 3
-    assert captioner.tokenizer.clean_up_spaces and (tmp_path / "b" / "tokenizer_config.json").is_file()
+    assert captioner.tokenizer.clean_up_spaces
+    assert json.loads((tmp_path / "b" / "tokenizer_config.json").read_text()) == {"clean_up_tokenization_spaces": True}
 
 
 def test_generation_settings_the_engine_ignores_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
