@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,11 +159,14 @@ class Bundle:
         reads (patch size, token ids, lengths) is not a usable integer.
         """
         root = Path(path)
-        if not root.is_dir():
-            raise BundleError(f"{root}: no such bundle directory")
         manifest_path = root / MANIFEST_NAME
-        if not manifest_path.is_file():
-            raise BundleError(f"{root}: not an edlight bundle ({MANIFEST_NAME} is missing); create one with `edlight export`")
+        try:
+            if not root.is_dir():
+                raise BundleError(f"{root}: no such bundle directory")
+            if not manifest_path.is_file():
+                raise BundleError(f"{root}: not an edlight bundle ({MANIFEST_NAME} is missing); create one with `edlight export`")
+        except OSError as exc:  # a folder above it without permission, a name too long
+            raise BundleError(f"{root}: cannot open the bundle: {exc.strerror or exc}") from exc
         try:
             data = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -179,7 +183,11 @@ class Bundle:
             file_path = root / name
             if not file_path.is_file():
                 raise BundleError(f"{file_path}: missing from bundle (listed in {MANIFEST_NAME})")
-            if verify_hashes and sha256_file(file_path) != expected:
+            try:
+                digest = sha256_file(file_path) if verify_hashes else expected
+            except OSError as exc:
+                raise BundleError(f"{file_path}: cannot read: {exc.strerror or exc}") from exc
+            if digest != expected:
                 raise BundleError(f"{file_path}: sha256 does not match {MANIFEST_NAME}; the bundle was modified or is corrupt")
 
         def read_json(name: str) -> dict[str, Any]:
@@ -318,10 +326,31 @@ class Bundle:
             return max(0, _setting(self.generation_config["min_length"], "min_length", where) - 1)
         return 0
 
+    @property
+    def length_penalty(self) -> float:
+        """Beam search's length penalty (transformers' default 1.0)."""
+        value = self.generation_config.get("length_penalty", 1.0)
+        value = 1.0 if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise BundleError(f"{self.path / 'generation_config.json'}: length_penalty must be a number, got {value!r}")
+        return float(value)
+
+    @property
+    def early_stopping(self) -> bool:
+        """Whether beam search stops once num_beams captions are finished (True); False and "never" run on
+        to the heuristic's or the length's end, as the engine's beam search does for both."""
+        value = self.generation_config.get("early_stopping", False)
+        if value not in (None, True, False, "never"):
+            raise BundleError(
+                f"{self.path / 'generation_config.json'}: early_stopping must be true, false or \"never\", got {value!r}"
+            )
+        return value is True
+
     def check_settings(self) -> None:
         """Read every model setting the engine uses, so that a bad one is a BundleError now, not mid-run."""
         _ = (self.patch_size, self.position_limit, self.decoder_start_token_id, self.pad_token_id,
-             self.eos_token_ids, self.default_max_new_tokens, self.default_min_new_tokens)
+             self.eos_token_ids, self.default_max_new_tokens, self.default_min_new_tokens, self.length_penalty,
+             self.early_stopping)
 
 
 def _setting(value: Any, what: str, where: Path, minimum: int = 0) -> int:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from engine.click_types import FiniteFloatRange, cannot_run
+from engine.click_types import FiniteFloatRange, GivenPath, cannot_run
 from engine.errors import EdlightError
 from engine.folder import IMAGE_EXTENSIONS, is_stream, output_path, resolve_format
 from engine.images import DEFAULT_MAX_PIXELS
@@ -37,8 +38,8 @@ def describe_bundle(bundle: Any) -> str:
 
 
 @click.command("caption")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", "model", type=click.Path(path_type=Path), default=None,
+@click.argument("inputs", nargs=-1, required=True, type=GivenPath(path_type=Path))
+@click.option("--model", "model", type=GivenPath(path_type=Path), default=None,
               help="Bundle directory made by `edlight export` (default: the bundle shipped with edlight).")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False, allow_dash=True), default=None,
               help="Output file (default: captions.jsonl, or captions.csv with --format csv); - is stdout.")
@@ -107,6 +108,10 @@ def caption(
         raise click.UsageError("--ray-address and --actors need --ray")
     from engine.captioner import Captioner
 
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > cores:
+        click.echo(f"warning: --threads {threads} on {cores} CPU cores: threads beyond the cores wait for each other "
+                   "and slow the run down", err=True)
     try:
         # The bundle is opened and verified before any input is looked at.
         captioner = Captioner(
@@ -121,6 +126,9 @@ def caption(
                                            recaption_changed=recaption_changed)
     except (EdlightError, FileNotFoundError) as exc:
         _fail(exc)
+    except MemoryError:
+        cannot_run(f"out of memory with --batch-size {batch_size} and --num-beams {num_beams}; lower them "
+                   "(the records written so far are kept)")
     except KeyboardInterrupt:
         _interrupted(out, fmt, overwrite)
     _finish(summary, strict)

@@ -124,8 +124,8 @@ class Captioner:
             max_new_tokens=self.bundle.default_max_new_tokens if max_new_tokens is None else max_new_tokens,
             min_new_tokens=self.bundle.default_min_new_tokens if min_new_tokens is None else min_new_tokens,
             num_beams=num_beams,
-            length_penalty=float(self.bundle.generation_config.get("length_penalty", 1.0)),
-            early_stopping=self.bundle.generation_config.get("early_stopping") is True,
+            length_penalty=self.bundle.length_penalty,
+            early_stopping=self.bundle.early_stopping,
             decoder_start_token_id=self.bundle.decoder_start_token_id,
             eos_token_ids=tuple(self.bundle.eos_token_ids),
         )

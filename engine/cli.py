@@ -57,6 +57,15 @@ class MissingExtraCommand(click.Command):
 
 
 class LazyGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        # Ctrl-C before a command's own handling starts (while it imports or loads a model): click would
+        # say "Aborted!" and exit 1, the status of a failed run; an interruption is 130.
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(LAZY_COMMANDS)
 

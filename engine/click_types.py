@@ -24,3 +24,13 @@ class FiniteFloatRange(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return number
+
+
+class GivenPath(click.Path):
+    """A click.Path that refuses an empty string: Path("") is the current folder, and an unset shell
+    variable ("$PHOTOS") must not caption everything below it."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value:
+            self.fail("an empty path (an unset variable?)", param, ctx)
+        return super().convert(value, param, ctx)

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -140,10 +141,9 @@ def collect_inputs(
     identities: list[object] = []  # (device, inode): one per real file, hard links included
     for raw in inputs:
         root = Path(raw)
-        if root.is_dir():
+        if _is_input_folder(raw):
             walked = [(path, path.relative_to(root).as_posix()) for path in _walk(root, frozenset(), unreadable, top=True)]
         else:
-            _require_input(raw)
             walked = [(root, root.name)]
         for path, name in walked:
             real = os.path.realpath(path)
@@ -188,10 +188,24 @@ def file_size(path: Path) -> int | None:
         return None
 
 
-def _require_input(raw: str | os.PathLike[str]) -> None:
-    """Raise FileNotFoundError unless `raw` exists (a broken symlink does: it becomes an error record)."""
-    if not (Path(raw).exists() or Path(raw).is_symlink()):
-        raise FileNotFoundError(f"{os.fspath(raw)}: no such file or folder")
+def _is_input_folder(raw: str | os.PathLike[str]) -> bool:
+    """Whether the input `raw` is a folder (else a file, or a broken symlink, which becomes an error record).
+    Raises FileNotFoundError when it does not exist or is empty (Path("") is the current folder: an unset
+    variable must not caption it), OutputError when it cannot be looked at (a folder above it without
+    permission, a name too long)."""
+    if not os.fspath(raw):
+        raise FileNotFoundError("an empty path was given as an input")
+    try:
+        os.lstat(raw)
+        return stat.S_ISDIR(os.stat(raw).st_mode)
+    except FileNotFoundError:
+        if os.path.lexists(raw):
+            return False  # a broken symlink
+        raise FileNotFoundError(f"{os.fspath(raw)}: no such file or folder") from None
+    except OSError as exc:
+        if os.path.islink(raw):
+            return False  # a symlink loop or one into a folder it may not enter: an error record, like a broken one
+        raise OutputError(f"{os.fspath(raw)}: cannot access this input: {exc.strerror or exc}") from exc
 
 
 def _without_symlinks(item: InputFile) -> bool:
@@ -199,27 +213,40 @@ def _without_symlinks(item: InputFile) -> bool:
 
 
 def _walk(folder: Path, ancestors: frozenset[tuple[int, int]], unreadable: list[str] | None, top: bool = False) -> Iterator[Path]:
-    """Image files below `folder`, sorted by name; `ancestors`: (device, inode) of the folders above it."""
-    try:
-        info = os.stat(folder)
-        if (info.st_dev, info.st_ino) in ancestors:
-            return  # a symlink back up the tree
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError as exc:
-        message = f"{folder}: cannot list folder: {exc.strerror or exc}"
-        if top or unreadable is None:  # an input folder that cannot be listed stops the job
-            raise OutputError(message) from exc
-        unreadable.append(message)
-        return
-    inside = ancestors | {(info.st_dev, info.st_ino)}
-    for entry in entries:
+    """Image files below `folder`, sorted by name, depth first; `ancestors`: (device, inode) of the folders
+    above it. A stack of listings, not recursion: a tree may be deeper than Python's recursion limit."""
+
+    def listing(current: Path, above: frozenset[tuple[int, int]], is_top: bool) -> tuple[Iterator[os.DirEntry[str]], frozenset[tuple[int, int]]] | None:
+        try:
+            info = os.stat(current)
+            if (info.st_dev, info.st_ino) in above:
+                return None  # a symlink back up the tree
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError as exc:
+            message = f"{current}: cannot list folder: {exc.strerror or exc}"
+            if is_top or unreadable is None:  # an input folder that cannot be listed stops the job
+                raise OutputError(message) from exc
+            unreadable.append(message)
+            return None
+        return iter(entries), above | {(info.st_dev, info.st_ino)}
+
+    first = listing(folder, ancestors, top)
+    stack = [first] if first is not None else []
+    while stack:
+        entries, inside = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
         path = Path(entry.path)
         try:
             is_folder = entry.is_dir()  # follows symlinks
         except OSError:
             is_folder = False  # e.g. a symlink loop: kept if named like an image, to become an error record
         if is_folder:
-            yield from _walk(path, inside, unreadable)
+            below = listing(path, inside, False)
+            if below is not None:
+                stack.append(below)
         elif is_image_name(path):
             yield path
 
@@ -245,6 +272,10 @@ class RecordWriter:
         except OSError as exc:
             why = "a file, not a folder" if folder.exists() or isinstance(exc, FileExistsError) else exc.strerror or exc
             raise OutputError(f"{self.out}: cannot create its folder {folder}: {why}") from exc
+        if str(self.out) in ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1") and sys.stdout is None:
+            # Python found descriptor 1 closed at start-up; by now a library may have opened another file
+            # there (often /dev/null), which /dev/stdout would name.
+            raise OutputError(f"{self.out}: this process's standard output is closed; give --out a file")
         try:
             # A stream (/dev/stdout, a pipe, a device) is never read back, truncated or synced.
             self._regular = not is_stream(self.out)
@@ -355,7 +386,9 @@ def _csv_field(value: object) -> str:
 
 def _csv_name(file: str) -> str:
     # A file name keeps its line breaks as \n, \r: written as spaces, "a\nb.png" and "a b.png" would clash.
-    return _printable(file).replace("\r", "\\r").replace("\n", "\\n")
+    # Its own backslashes are doubled first, so that no two names meet in one escape: a name written
+    # a\nb.png (backslash, n) and one with a line break, or \xff and the byte 0xff, stay apart.
+    return _printable(file.replace("\\", "\\\\")).replace("\r", "\\r").replace("\n", "\\n")
 
 
 def record_name(file: str, fmt: str) -> str:
@@ -454,7 +487,10 @@ def _parse_line(out: Path, fmt: str, number: int, raw: bytes) -> _Line:
             record = json.loads(text)
             file, failed, model, size = record["file"], record.get("error") is not None, record.get("model"), record.get("bytes")
         size = None if size is None else int(size)  # type: ignore[call-overload]
-    except (UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError, StopIteration) as exc:
+    except (
+        UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError, StopIteration,
+        OverflowError, RecursionError, csv.Error,  # 1e400 bytes, JSON nested beyond the parser, a huge CSV field
+    ) as exc:  # fmt: skip
         if number == 1 and (other := _caption_format(raw)) not in (None, fmt):
             raise OutputError(f"{out}: a {other.upper()} caption file, not {fmt.upper()}: caption into it with --format {other}") from exc
         # A damaged caption file may be started afresh; anything else is not ours to replace.
@@ -608,7 +644,14 @@ def is_stream(out: Path) -> bool:
     """Whether `out` is written as a stream: stdout ("-", /dev/stdout, /dev/fd/N ...), a pipe or a device."""
     if STREAM_PATH.fullmatch(str(out)):
         return True
-    return out.exists() and not out.is_file()
+    try:
+        return not stat.S_ISREG(os.stat(out).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False  # not there yet (RecordWriter says why if it cannot be made)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return False
+        raise OutputError(f"{out}: cannot access the output: {exc.strerror or exc}") from exc
 
 
 def output_target(out: Path) -> Path:
@@ -764,6 +807,9 @@ def plan_folder_job(
             target.unlink()
         except OSError as exc:
             raise OutputError(f"{out_path}: cannot start afresh: {exc.strerror or exc}") from exc
+    if not stream and target.is_file() and not os.access(target, os.W_OK):
+        # Before anything rewrites it (a torn line cut off, error records dropped for a retry).
+        raise OutputError(f"{out_path}: cannot write: the file is read-only; make it writable or choose another output")
     lines = [] if stream else _read_lines(target, fmt)
     others = sorted({line.model for line in lines if line.model is not None} - {model}) if model else []
     if others:
@@ -854,7 +900,7 @@ def folder_job(
     """`plan_folder_job` under the output's lock, held until the block ends (the last record written)."""
     inputs = _as_list(inputs)  # read once: a generator of inputs is walked here and planned below
     for raw in inputs:  # before the lock makes the output's folder
-        _require_input(raw)
+        _is_input_folder(raw)
     with output_lock(output_path(out, fmt)):
         yield plan_folder_job(inputs, out, fmt=fmt, overwrite=overwrite, model=model, recaption_changed=recaption_changed)
 

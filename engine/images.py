@@ -160,10 +160,22 @@ def _open_checked(handle: IO[bytes], max_pixels: int, label: str) -> Image.Image
     with warnings.catch_warnings():
         # Our own cap decides; PIL's bomb warning would only repeat it less precisely.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(handle)
+        image = Image.open(handle, formats=_readable_formats())
         _check_pixels(image.size, max_pixels, label)
         image.load()  # decodes the first frame only
     return image
+
+
+# Formats Pillow reads by running another program on the file: EPS runs Ghostscript (a PostScript
+# interpreter) on whatever a folder holds under an image's name. Not for an image service.
+EXTERNAL_PROGRAM_FORMATS = frozenset({"EPS"})
+
+
+def _readable_formats() -> list[str]:
+    """Every format Pillow has a reader for (plugins registered later, as HEIF, included), in its own
+    detection order, less EXTERNAL_PROGRAM_FORMATS."""
+    Image.init()
+    return [name for name in Image.ID if name not in EXTERNAL_PROGRAM_FORMATS]
 
 
 @contextlib.contextmanager
@@ -282,7 +294,7 @@ def to_rgb(image: Image.Image, label: str = "<image>") -> Image.Image:
 
 def _convert(image: Image.Image) -> Image.Image:
     mode = image.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in image.info:  # an RGB PNG may key one colour as transparent
         return image
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         return Image.fromarray(_to_uint8(np.asarray(image), mode)).convert("RGB")
@@ -299,8 +311,14 @@ def _convert(image: Image.Image) -> Image.Image:
 def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
     """Scale 16-bit, 32-bit integer and float greyscale pixels to 0..255 (PIL would clip them)."""
     if mode == "F":
-        values = np.nan_to_num(array.astype(np.float64))
-        low, high = float(values.min()), float(values.max())
+        values = array.astype(np.float64)
+        finite = values[np.isfinite(values)]
+        if finite.size == 0:
+            return np.zeros(values.shape, dtype=np.uint8)
+        # The range of the finite pixels: one inf pixel must not flatten the rest to black. Infinities
+        # take the ends of that range, NaN its low end.
+        low, high = float(finite.min()), float(finite.max())
+        values = np.where(np.isnan(values), low, np.clip(values, low, high))
         # Floats are usually 0..1 or 0..255; anything else is stretched to its own range.
         if 0.0 <= low and high <= 1.0:
             scaled = values * 255.0

@@ -444,6 +444,9 @@ def test_a_hand_edited_manifest_is_a_named_error(engine_bundle: Path, tmp_path: 
         ("generation_config.json", ["eos_token_id"], [], "eos_token_id is an empty list"),
         ("generation_config.json", ["max_new_tokens"], 0, "max_new_tokens must be an integer >= 1, got 0"),
         ("generation_config.json", ["decoder_start_token_id"], 1.5, "decoder_start_token_id must be an integer"),
+        ("generation_config.json", ["length_penalty"], "x", "length_penalty must be a number, got 'x'"),
+        ("generation_config.json", ["early_stopping"], "yes", "early_stopping must be true, false or \"never\", got 'yes'"),
+        ("generation_config.json", ["min_new_tokens"], -1, "min_new_tokens must be an integer >= 0, got -1"),
         ("config.json", ["vision_config", "seq_len"], "big", "vision_config.seq_len must be an integer >= 2"),
         ("preprocessor_config.json", ["patch_size", "height"], 0, "patch_size.height must be an integer >= 1, got 0"),
         ("preprocessor_config.json", ["patch_size"], 16, "patch_size must be an object, got 16"),
@@ -598,6 +601,105 @@ def test_csv_keeps_line_breaks_in_names_apart_from_spaces(captioner: Captioner, 
     again = captioner.caption_folder(folder, out=out, fmt="csv", progress=False)
     assert (first.captioned, again.skipped, again.captioned) == (2, 2, 0)
     assert set(read_done(out, "csv")) == {"a b.png", "a\\nb.png"}
+
+
+def test_csv_names_never_meet_in_one_escape(captioner: Captioner, tmp_path: Path) -> None:
+    """A name written with a backslash and an n, and one with a line break; a literal \\xff and the byte."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo(1).save(folder / "a\\nb.png")
+    photo(2).save(folder / "a\nb.png")
+    photo(3).save(folder / "\\xff.png")
+    photo(4).save(os.fsdecode(bytes(folder) + b"/\xff.png"))
+    out = tmp_path / "o.csv"
+    first = captioner.caption_folder(folder, out=out, fmt="csv", progress=False)
+    again = captioner.caption_folder(folder, out=out, fmt="csv", progress=False)
+    assert (first.captioned, again.skipped, again.captioned) == (4, 4, 0)
+    assert len(set(read_done(out, "csv"))) == 4
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"file": "a.png", "caption": "x", "error": null, "model": null, "bytes": 1e400}',  # a float overflowing int
+        '{"file": ' + "[" * 100_000 + "]" * 100_000 + "}",  # nested beyond the JSON parser's recursion
+    ],
+)
+def test_a_damaged_record_is_named_not_a_traceback(captioner: Captioner, tmp_path: Path, line: str) -> None:
+    make_folder(tmp_path / "in", 1)
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"file": "b.png", "caption": "y", "error": null}\n' + line + "\n")
+    with pytest.raises(OutputError, match=r"o.jsonl:2: not a caption record"):
+        captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+
+
+def test_a_csv_field_beyond_the_csv_modules_limit_is_named(captioner: Captioner, tmp_path: Path) -> None:
+    make_folder(tmp_path / "in", 1)
+    out = tmp_path / "o.csv"
+    out.write_text("file,caption,error,model,bytes\n" + "a.png," + "x" * 200_000 + ",,m,1\n")
+    with pytest.raises(OutputError, match=r"o.csv:2: not a caption record \(field larger than field limit"):
+        captioner.caption_folder(tmp_path / "in", out=out, fmt="csv", progress=False)
+
+
+def test_a_folder_deeper_than_pythons_recursion_limit_is_walked(captioner: Captioner, tmp_path: Path) -> None:
+    deep = tmp_path / "deep"
+    relative = "/".join(["d"] * (sys.getrecursionlimit() + 100))
+    folder = deep
+    for name in ["d"] * (sys.getrecursionlimit() + 100):  # os.makedirs itself recurses
+        folder = folder / name
+        folder.mkdir(parents=folder.parent == deep)
+    photo(1).save(deep / relative / "x.png")
+    photo(2).save(deep / "top.png")
+    assert [f.file for f in collect_inputs([deep])] == [f"{relative}/x.png", "top.png"]
+
+
+def test_an_empty_or_unreachable_input_is_a_named_error(engine_bundle: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    base = ["--model", str(engine_bundle), "--out", str(tmp_path / "o.jsonl"), "--quiet"]
+    empty = runner.invoke(caption_command, ["", *base])
+    assert empty.exit_code == 2 and "an empty path (an unset variable?)" in empty.output
+    with pytest.raises(FileNotFoundError, match="an empty path was given as an input"):
+        Captioner(engine_bundle, threads=1).caption_folder([""], out=tmp_path / "o.jsonl", progress=False)
+    too_long = "x" * 300 + ".png"  # longer than a file name may be: looking at it fails, not just "missing"
+    long_input = runner.invoke(caption_command, [str(tmp_path / too_long), *base])
+    assert long_input.exit_code == 2 and "cannot access this input: File name too long" in long_input.output
+    long_out = runner.invoke(caption_command, [str(tmp_path), "--model", str(engine_bundle), "--out", str(tmp_path / too_long)])
+    assert long_out.exit_code == 2 and "cannot access the output: File name too long" in long_out.output
+    with pytest.raises(BundleError, match="cannot open the bundle: File name too long"):
+        Captioner(tmp_path / too_long)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_records_for_a_closed_stdout_are_refused(engine_bundle: Path, tmp_path: Path) -> None:
+    make_folder(tmp_path / "in", 1)
+    command = f"{sys.executable} -m engine.cli caption {tmp_path / 'in'} --model {engine_bundle} --out - --quiet >&-"
+    result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "standard output is closed" in result.stderr, result.stderr
+
+
+def test_ctrl_c_while_the_model_loads_exits_130(engine_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import captioner as captioner_module
+    from engine.cli import main
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # what Ctrl-C raises in the middle of loading the ONNX sessions
+
+    monkeypatch.setattr(captioner_module.Captioner, "__init__", interrupted)
+    result = CliRunner().invoke(main, ["caption", str(tmp_path), "--model", str(engine_bundle)])
+    assert result.exit_code == 130 and "interrupted" in result.output and "Aborted" not in result.output
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes a read-only file whatever its mode")
+def test_a_read_only_output_is_left_as_it_was(captioner: Captioner, tmp_path: Path) -> None:
+    make_folder(tmp_path / "in", 2)
+    (tmp_path / "in" / "bad.png").write_bytes(b"zz")
+    out = tmp_path / "o.jsonl"
+    captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    out.chmod(0o444)
+    before = out.read_bytes()
+    with pytest.raises(OutputError, match="cannot write: the file is read-only"):
+        captioner.caption_folder(tmp_path / "in", out=out, progress=False)  # would retry bad.png: a rewrite
+    assert out.read_bytes() == before
 
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(

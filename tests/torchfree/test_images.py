@@ -103,6 +103,32 @@ def test_sixteen_bit_is_scaled_not_clipped() -> None:
     assert rgb[0, :, 0].tolist() == [0, 100, 255]
 
 
+def test_an_rgb_image_keying_a_colour_as_transparent_is_flattened_on_white_too() -> None:
+    keyed = Image.new("RGB", (4, 4), (0, 0, 0))
+    keyed.putpixel((0, 0), (10, 200, 30))
+    keyed.info["transparency"] = (0, 0, 0)  # as a PNG with a tRNS colour key opens
+    rgb = np.asarray(load_image(keyed))
+    assert rgb[1, 1].tolist() == [255, 255, 255] and rgb[0, 0].tolist() == [10, 200, 30]
+
+
+def test_a_float_image_with_an_infinite_pixel_keeps_its_other_pixels() -> None:
+    values = np.array([[0.0, 0.5, 1.0, np.inf, np.nan]], dtype=np.float32)
+    grey = np.asarray(load_image(Image.fromarray(values, mode="F")))[0, :, 0].tolist()
+    assert grey == [0, 128, 255, 255, 0]  # inf at the top of the finite range, NaN at its bottom
+    assert np.asarray(load_image(Image.fromarray(np.full((2, 2), np.inf, np.float32), mode="F"))).max() == 0
+
+
+def test_postscript_is_not_handed_to_ghostscript(tmp_path: Path) -> None:
+    """Pillow opens EPS by running Ghostscript on the file: not for whatever a folder holds."""
+    from engine.images import _readable_formats
+
+    assert "EPS" not in _readable_formats() and "PNG" in _readable_formats()
+    path = tmp_path / "drawing.png"
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n")
+    with pytest.raises(ImageError, match="not an image, or an image format that cannot be read"):
+        load_image(path)
+
+
 def test_palette_with_transparency_and_cmyk() -> None:
     palette = Image.new("P", (3, 3), 0)
     palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
