@@ -226,13 +226,18 @@ class Bundle:
 
     def captions_id(self, num_beams: int = 1, max_new_tokens: int | None = None, min_new_tokens: int | None = None) -> str:
         """What caption records name as their "model": `model_id`, followed by the decoding settings that
-        differ from the bundle's own (greedy, its generation config's lengths), e.g.
+        differ from the bundle's own (greedy, its generation config's max_new_tokens), e.g.
         "07775de15b7f num_beams=3". Captions of other settings differ too: a resume must not mix them."""
         changed = [f"num_beams={num_beams}"] * (num_beams != 1)
-        if max_new_tokens is not None and max_new_tokens != self.default_max_new_tokens:
-            changed.append(f"max_new_tokens={max_new_tokens}")
-        if min_new_tokens is not None and min_new_tokens != self.default_min_new_tokens:
-            changed.append(f"min_new_tokens={min_new_tokens}")
+        longest = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+        # A length the bundle does not state as max_new_tokens (read from max_length, or generate's default)
+        # is always named: earlier versions of the engine read those otherwise, and their records must not pass
+        # for this one's. A minimum is named whenever there is one, as versions that ignored the bundle's did.
+        if longest != self.default_max_new_tokens or self.generation_config.get("max_new_tokens") is None:
+            changed.append(f"max_new_tokens={longest}")
+        shortest = self.default_min_new_tokens if min_new_tokens is None else min_new_tokens
+        if shortest:
+            changed.append(f"min_new_tokens={shortest}")
         return " ".join([self.model_id, *changed])
 
     def onnx_path(self, role: str) -> Path:

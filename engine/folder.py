@@ -579,9 +579,22 @@ def output_lock(out: Path) -> Iterator[None]:
         yield  # nothing to lock, and RecordWriter cannot create the output there: it says so
         return
     handle = _flock(out, out, in_place=True) if in_place else _flock_lock_file(lock, out)
+    # The output itself too, when it exists: a hard link to it has a lock file of another name, yet the
+    # same records (flock belongs to the file, whatever name opened it).
+    itself = None
+    if handle is not None and not in_place and out.is_file():
+        try:
+            itself = _flock(out, out, in_place=True)
+        except OutputError:
+            os.close(handle)
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+            raise
     try:
         yield
     finally:
+        if itself is not None:
+            os.close(itself)
         if handle is not None:
             if not in_place:
                 with contextlib.suppress(OSError):
@@ -819,12 +832,13 @@ def plan_folder_job(
         )
     records = {line.file: line for line in lines if line.file is not None}  # a file's later record counts
     done = {file: line.failed for file, line in records.items()}
-    names = {f.file: _resumed_name(f.file, fmt, done) for f in files}
+    taken = {record_name(f.file, fmt) for f in files}
+    names = {f.file: _resumed_name(f.file, fmt, done, taken) for f in files}
     current = set(names.values())  # another input's name is no other name (a/x.png beside a/a/x.png)
     _refuse_renamed(out_path, [
         f for f in files
         if names[f.file] not in records and f.other_name is not None
-        and (other := _resumed_name(f.other_name, fmt, done)) in records and other not in current
+        and (other := _resumed_name(f.other_name, fmt, done, taken)) in records and other not in current
     ])
     changed = _changed_files([(f, records[names[f.file]]) for f in files if names[f.file] in records])
     if changed and not recaption_changed:
@@ -882,13 +896,18 @@ def _as_list(inputs: Inputs) -> list[str | os.PathLike[str]]:
     return [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
 
 
-def _resumed_name(file: str, fmt: str, done: dict[str, bool]) -> str:
-    """The name under which `file` has (or will have) its record in an output holding `done`."""
+def _resumed_name(file: str, fmt: str, done: dict[str, bool], taken: set[str]) -> str:
+    """The name under which `file` has (or will have) its record in an output holding `done`. `taken`: the
+    record names of this run's inputs, which an older spelling of another name must not claim."""
     name = record_name(file, fmt)
     if fmt == "csv" and name not in done:
-        legacy = " ".join(_printable(file).splitlines())  # CSV files written before names kept their line breaks
-        if legacy in done:
-            return legacy
+        printable = _printable(file)
+        # How CSV files of earlier versions wrote it: its backslashes single (before they were doubled), or
+        # its line breaks as spaces (before names kept them). Only a spelling that no input's current name
+        # has: "a\\nb.png" written single is the current name of "a<line break>b.png".
+        for legacy in (printable.replace("\r", "\\r").replace("\n", "\\n"), " ".join(printable.splitlines())):
+            if legacy != name and legacy in done and legacy not in taken:
+                return legacy
     return name
 
 

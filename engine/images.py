@@ -160,7 +160,7 @@ def _open_checked(handle: IO[bytes], max_pixels: int, label: str) -> Image.Image
     with warnings.catch_warnings():
         # Our own cap decides; PIL's bomb warning would only repeat it less precisely.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(handle, formats=_readable_formats())
+        image = Image.open(handle, formats=readable_formats())
         _check_pixels(image.size, max_pixels, label)
         image.load()  # decodes the first frame only
     return image
@@ -171,7 +171,7 @@ def _open_checked(handle: IO[bytes], max_pixels: int, label: str) -> Image.Image
 EXTERNAL_PROGRAM_FORMATS = frozenset({"EPS"})
 
 
-def _readable_formats() -> list[str]:
+def readable_formats() -> list[str]:
     """Every format Pillow has a reader for (plugins registered later, as HEIF, included), in its own
     detection order, less EXTERNAL_PROGRAM_FORMATS."""
     Image.init()

@@ -131,6 +131,11 @@ def test_unreadable_image(folder: Path) -> None:
     assert _only_problem(folder).startswith("a.jpg: unreadable image")
 
 
+def test_postscript_under_an_image_name_is_not_handed_to_ghostscript(folder: Path) -> None:
+    (folder / "a.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto stroke\n")
+    assert _only_problem(folder).startswith("a.jpg: unreadable image (not an image format")  # as the engine refuses it
+
+
 def test_a_file_the_system_refuses_is_named_as_such_not_as_corrupt(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
@@ -373,6 +378,33 @@ def test_an_unreadable_subfolder_is_fatal_not_skipped(tmp_path: Path, monkeypatc
     ]
     with pytest.raises(DataError, match="test/: cannot read this folder"):
         load_split(tmp_path, split="all", skip_bad=True)
+
+
+def test_an_unreadable_folder_outside_the_splits_is_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A volume's lost+found (root's, mode 0700) sits in the top folder of a data set on its own disk."""
+    import errno
+    import os
+
+    _image(tmp_path / "a.jpg")
+    _jsonl(tmp_path, [{"file_name": "a.jpg", "text": "a"}])
+    (tmp_path / "lost+found").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if Path(str(path)) == tmp_path / "lost+found":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    report = check_folder(tmp_path)
+    assert report.ok and [str(w) for w in report.warnings] == [
+        "lost+found/: cannot read this folder (Permission denied): any metadata and images in it are left out"
+    ]
+    with caplog.at_level(logging.WARNING, logger="train.data"):
+        assert [e.file_name for e in load_split(tmp_path, split="all")] == ["a.jpg"]
+    assert "lost+found/: cannot read this folder" in caplog.text
 
 
 def test_a_name_differing_only_in_unicode_normalisation_gets_a_hint(tmp_path: Path) -> None:

@@ -655,6 +655,27 @@ def test_lead_weight_reaches_the_loop_and_old_runs_still_resume(small_data: Path
         _check_out(TrainConfig(**settings).resolved())
 
 
+@pytest.mark.parametrize("base", ["google/pix2struct-textcaps-base", "gone/base-checkpoint"])
+def test_a_run_from_a_hub_id_or_a_base_since_removed_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base: str) -> None:
+    """Resuming loads RUN/last: the --base given is compared as given then (a hub id is never a path)."""
+    from train.loop import _check_out
+
+    monkeypatch.chdir(tmp_path)
+    data, run = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    if base.startswith("gone/"):
+        (tmp_path / base).mkdir(parents=True)  # there when the run started ...
+    config = TrainConfig(data=data, out=run, base=base, resume=True).resolved()
+    (run / "last").mkdir(parents=True)
+    (run / "last" / "trainer_state.pt").write_bytes(b"")
+    (run / "run_config.json").write_text(json.dumps(config.identity()))
+    if base.startswith("gone/"):
+        (tmp_path / base).rmdir()  # ... and removed since
+    assert _check_out(TrainConfig(data=data, out=run, base=base, resume=True).resolved()) == "resume"
+    with pytest.raises(TrainError, match="different run.*base"):
+        _check_out(TrainConfig(data=data, out=run, base="other/checkpoint", resume=True).resolved())
+
+
 def test_evaluate_says_when_it_is_given_a_bundle(small_data: Path, tmp_path: Path) -> None:
     from train.cli import evaluate as evaluate_command
 

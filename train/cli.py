@@ -11,7 +11,7 @@ from engine.click_types import FiniteFloatRange
 from engine.errors import EdlightError, ImageError
 from engine.folder import OutputError
 from train.checkpoint import run_data_options
-from train.loop import PRECISIONS
+from train.loop import PRECISIONS, best_record
 
 
 def _resume_note(out: Path) -> str:
@@ -157,11 +157,9 @@ def train(
         return
     if result.metrics:
         last = result.metrics[-1]
-        best = max(
-            (m for m in result.metrics if m.get("bleu") is not None), key=lambda m: m["bleu"], default=None
-        )
+        best = best_record(result.metrics)
         summary = f"done: {len(result.metrics)} epochs, last loss {last['loss']:.4f}"
-        if best is not None:
+        if best is not None and best.get("bleu") is not None:
             summary += f", best test BLEU {best['bleu']:.2f} (epoch {best['epoch']})"
         click.echo(summary)
     click.echo(f"best: {result.best_dir}\nlast: {result.last_dir}")

@@ -43,7 +43,7 @@ from PIL import Image, UnidentifiedImageError
 
 from engine.errors import EdlightError
 from engine.folder import IMAGE_EXTENSIONS  # what the engine captions: an unlisted one is worth a warning
-from engine.images import DEFAULT_MAX_PIXELS, HEIF_MISSING, enable_heif, is_heif_file
+from engine.images import DEFAULT_MAX_PIXELS, HEIF_MISSING, enable_heif, is_heif_file, readable_formats
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ class _Parsed:
     problems: list[Problem] = field(default_factory=list)
     fatal: bool = False  # no usable metadata at all (missing file, missing column, not UTF-8)
     metadata: str = ""
+    warnings: list[Problem] = field(default_factory=list)  # folders the walk could not read, outside the splits
 
 
 def _check_name(folder: Path, raw: object, where: str) -> tuple[str | None, Problem | None]:
@@ -270,14 +271,13 @@ def _parse_csv(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[str
             parsed.problems.append(Problem(f"{meta.label}:{start}", f"malformed CSV{found}: {exc}{_csv_hint(str(exc))}"))
 
 
-def _unreadable_folder(folder: Path, exc: OSError) -> Problem:
+def _unreadable_folder(folder: Path, exc: OSError) -> tuple[str, str]:
+    """(the folder relative to the data folder, why it cannot be read)."""
     rel = Path(exc.filename).relative_to(folder).as_posix() if exc.filename else "."
-    return Problem(
-        f"{rel}/", f"cannot read this folder ({exc.strerror or exc}): its metadata and images would be left out"
-    )
+    return rel, str(exc.strerror or exc)
 
 
-def _metadata_files(folder: Path, unreadable: list[Problem]) -> list[list[_MetadataFile]]:
+def _metadata_files(folder: Path, unreadable: list[tuple[str, str]]) -> list[list[_MetadataFile]]:
     """The metadata files of every folder holding any (one list per folder), the top folder first. A
     folder the walk cannot read is added to `unreadable`: skipping it could drop a whole split unseen."""
     found = []
@@ -296,12 +296,16 @@ def _parse(folder: str | Path, caption_column: str) -> _Parsed:
         raise DataError(f"{folder}: not a folder")
     if caption_column == "file_name":
         raise DataError(f"{folder}: the caption column cannot be 'file_name' (that column names the images)")
-    unreadable: list[Problem] = []
+    unreadable: list[tuple[str, str]] = []
     found = _metadata_files(folder, unreadable)
     parsed = _Parsed(metadata=", ".join(meta.label for present in found for meta in present))
-    if unreadable:
-        parsed.fatal = True
-        parsed.problems.extend(unreadable)
+    for rel, why in unreadable:
+        if rel == "." or split_folder(f"{rel}/") is not None:
+            # A split folder (test/, train/ ...) left out would drop a whole split unseen.
+            parsed.fatal = True
+            parsed.problems.append(Problem(f"{rel}/", f"cannot read this folder ({why}): its metadata and images would be left out"))
+        else:  # e.g. the lost+found of a volume's top folder
+            parsed.warnings.append(Problem(f"{rel}/", f"cannot read this folder ({why}): any metadata and images in it are left out"))
     if not found:
         parsed.fatal = True
         parsed.problems.append(Problem(str(folder), "no metadata.jsonl or metadata.csv (at the top or in a subfolder)"))
@@ -364,7 +368,7 @@ def _inspect_image(example: Example) -> tuple[tuple[int, int] | None, Problem | 
         return None, Problem(name, f"cannot access the file: {exc.strerror or exc}", name)
     enable_heif()  # HEIC photos train when the engine can caption them
     try:
-        with Image.open(example.path) as im:
+        with Image.open(example.path, formats=readable_formats()) as im:
             size = im.size
             if size[0] * size[1] > DEFAULT_MAX_PIXELS:  # checked before decoding, as training loads it
                 return None, Problem(
@@ -527,10 +531,10 @@ def check_folder(folder: str | Path, caption_column: str = "text") -> CheckRepor
             sizes[example.file_name] = size
     if not parsed.fatal and not parsed.examples and not problems:
         problems.append(Problem(parsed.metadata, "lists no images: nothing to train or evaluate on"))
-    warnings: list[Problem] = []
+    warnings: list[Problem] = list(parsed.warnings)
     if not parsed.fatal:
         listed = {e.file_name for e in parsed.examples} | {p.file_name for p in parsed.problems if p.file_name}
-        warnings = _unlisted(folder, listed, parsed.metadata)
+        warnings += _unlisted(folder, listed, parsed.metadata)
     return CheckReport(folder, parsed.metadata, good, problems, warnings, sizes)
 
 
@@ -616,6 +620,8 @@ def load_split(
     parsed = _parse(folder, caption_column)
     if parsed.fatal:
         raise _error(folder, parsed.problems)
+    for warning in parsed.warnings:
+        log.warning("%s: %s", folder, warning)
     chosen = [e for e in parsed.examples if split == "all" or split_of(e.file_name, test_ratio, seed) == split]
     bad = list(parsed.problems)
     good: list[Example] = []

@@ -37,7 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate tokenise
 
 from engine.errors import EdlightError, ImageError, is_count
 from engine.folder import write_report
-from engine.images import enable_heif
+from engine.images import enable_heif, readable_formats
 from engine.preprocess import PatchConfig, grid_size, standardization
 
 # Generic defaults for fine-tuning a --base checkpoint; presets bring their own (train/presets.py).
@@ -229,7 +229,7 @@ class CaptionDataset:
         view = self._full_views.get(i)
         enable_heif()  # in each DataLoader worker
         try:
-            handle = Image.open(path)
+            handle = Image.open(path, formats=readable_formats())
         except (OSError, UnidentifiedImageError) as exc:  # checked before training; gone or changed since
             raise ImageError(f"{path}: cannot read the image any more: {getattr(exc, 'strerror', None) or exc}") from exc
         with handle as f:
@@ -389,9 +389,11 @@ def _check_out(cfg: TrainConfig) -> str:
             raise TrainError(f"{run_file}: unreadable ({exc}); choose a new --out") from exc
         mine = cfg.identity()
         saved = {**IDENTITY_BEFORE_FIELD, **saved}
-        if saved.get("base") and mine["base"] and not os.path.isabs(mine["base"]):
-            # A --base since moved or deleted (a resumed run loads RUN/last): the same path, made absolute.
-            mine["base"] = os.path.abspath(os.path.expanduser(mine["base"]))
+        if saved.get("base") and mine["base"] and saved["base"] != mine["base"]:
+            # A --base since moved or deleted (a resumed run loads RUN/last) stays as given: the same path,
+            # made absolute as resolved() made it then. A hub id is never made a path.
+            if str(Path(mine["base"]).expanduser().resolve()) == saved["base"]:
+                mine["base"] = saved["base"]
         # A run that recorded its data's fingerprint may find the data elsewhere: the fingerprint is
         # compared once the data is read (_check_same_data).
         moved_ok = {"data"} if isinstance(saved.get("data_fingerprint"), dict) else set()
@@ -415,6 +417,12 @@ def _check_out(cfg: TrainConfig) -> str:
             f"--out {out} is not empty and holds no edlight run; choose a new or empty directory"
         )
     return "fresh"
+
+
+def best_record(metrics: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The metrics of the epoch best/ holds: the last one marked best (test BLEU, its ties broken by chrF;
+    the training loss without a test split)."""
+    return next((m for m in reversed(metrics) if m.get("best")), None)
 
 
 def long_caption_warnings(tokenizer: Any, train_ex: Sequence[Any], test_ex: Sequence[Any], max_new_tokens: int) -> list[str]:

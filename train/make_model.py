@@ -38,7 +38,7 @@ def make_model(
     """Generate data, train `tiny`, export the int8 bundle to `out` (replacing it). Returns the bundle path."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from export.onnx import export_bundle
-    from train.loop import TrainConfig, train
+    from train.loop import TrainConfig, best_record, train
     from train.synth import generate
 
     work, out = Path(work), Path(out)
@@ -53,8 +53,8 @@ def make_model(
 
     t1 = time.perf_counter()
     result = train(TrainConfig(data=data, out=run, preset="tiny", epochs=epochs, seed=seed, progress=progress))
-    best = max((m for m in result.metrics if m.get("bleu") is not None), key=lambda m: m["bleu"], default=None)
-    score = f"best test BLEU {best['bleu']:.2f} at epoch {best['epoch']}" if best else "no test split"
+    best = best_record(result.metrics)
+    score = f"best test BLEU {best['bleu']:.2f} at epoch {best['epoch']}" if best and best.get("bleu") is not None else "no test split"
     print(f"[make model] trained tiny in {time.perf_counter() - t1:.0f}s: {score}", flush=True)
 
     t2 = time.perf_counter()

@@ -618,6 +618,27 @@ def test_csv_names_never_meet_in_one_escape(captioner: Captioner, tmp_path: Path
     assert len(set(read_done(out, "csv"))) == 4
 
 
+def test_an_older_csv_spelling_of_a_name_is_resumed_unless_it_is_another_names(captioner: Captioner, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo(1).save(folder / "a\nb.png")  # a line break: written a\nb.png
+    out = tmp_path / "o.csv"
+    captioner.caption_folder(folder, out=out, fmt="csv", progress=False)
+    photo(2).save(folder / "a\\nb.png")  # backslash, n: written a\\nb.png, and a\nb.png before names doubled them
+    later = captioner.caption_folder(folder, out=out, fmt="csv", progress=False)
+    assert (later.skipped, later.captioned) == (1, 1)  # not taken for the other file's record
+    # A CSV written before backslashes were doubled resumes its names that have one.
+    other = tmp_path / "other"
+    other.mkdir()
+    photo(3).save(other / "x\\y.png")
+    old = tmp_path / "old.csv"
+    captioner.caption_folder(other, out=old, fmt="csv", progress=False)
+    old.write_text(old.read_text(encoding="utf-8").replace("x\\\\y.png", "x\\y.png"), encoding="utf-8")
+    assert set(read_done(old, "csv")) == {"x\\y.png"}
+    again = captioner.caption_folder(other, out=old, fmt="csv", progress=False)
+    assert (again.skipped, again.captioned) == (1, 0)
+
+
 @pytest.mark.parametrize(
     "line",
     [
@@ -650,7 +671,13 @@ def test_a_folder_deeper_than_pythons_recursion_limit_is_walked(captioner: Capti
         folder.mkdir(parents=folder.parent == deep)
     photo(1).save(deep / relative / "x.png")
     photo(2).save(deep / "top.png")
-    assert [f.file for f in collect_inputs([deep])] == [f"{relative}/x.png", "top.png"]
+    try:
+        assert [f.file for f in collect_inputs([deep])] == [f"{relative}/x.png", "top.png"]
+    finally:  # pytest's own clean-up (shutil.rmtree) recurses as deep: take the tree down from the bottom
+        (folder / "x.png").unlink()
+        while folder != deep:
+            folder.rmdir()
+            folder = folder.parent
 
 
 def test_an_empty_or_unreachable_input_is_a_named_error(engine_bundle: Path, tmp_path: Path) -> None:
@@ -724,6 +751,27 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(
     assert summary.captioned == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["in", "o.jsonl"]
 
 
+def test_a_run_through_a_hard_link_to_an_output_in_use_is_refused(captioner: Captioner, tmp_path: Path) -> None:
+    make_folder(tmp_path / "in", 2)
+    out, link = tmp_path / "o.jsonl", tmp_path / "same.jsonl"
+    out.touch()
+    os.link(out, link)  # one file, two names, two lock files
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom engine.folder import output_lock\n"
+         "with output_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        with pytest.raises(OutputError, match=r"same\.jsonl: another run is writing to it"):
+            captioner.caption_folder(tmp_path / "in", out=link, progress=False)
+        assert out.read_bytes() == b"" and not (tmp_path / ".same.jsonl.lock").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert captioner.caption_folder(tmp_path / "in", out=link, progress=False).captioned == 2
+
+
 def test_cli_warns_when_no_image_is_found(engine_bundle: Path, tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "notes.txt").write_text("no images here")
@@ -772,7 +820,9 @@ def test_caption_lengths_are_read_from_the_bundle_as_transformers_generate_reads
     (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
     captioner = Captioner(bundle, threads=1)
     assert (captioner.generation.max_new_tokens, captioner.generation.min_new_tokens) == (max_new, min_new)
-    assert captioner.captions_id == captioner.bundle.model_id  # the bundle's own settings
+    # Records name every length a former engine read otherwise: one not given as max_new_tokens, a minimum.
+    named = [f"max_new_tokens={max_new}"] * ("max_new_tokens" not in lengths) + [f"min_new_tokens={min_new}"] * bool(min_new)
+    assert captioner.captions_id == " ".join([captioner.bundle.model_id, *named])
     assert Captioner(bundle, threads=1, min_new_tokens=min_new + 1).captions_id.endswith(f"min_new_tokens={min_new + 1}")
 
 

@@ -120,9 +120,9 @@ def test_a_float_image_with_an_infinite_pixel_keeps_its_other_pixels() -> None:
 
 def test_postscript_is_not_handed_to_ghostscript(tmp_path: Path) -> None:
     """Pillow opens EPS by running Ghostscript on the file: not for whatever a folder holds."""
-    from engine.images import _readable_formats
+    from engine.images import readable_formats
 
-    assert "EPS" not in _readable_formats() and "PNG" in _readable_formats()
+    assert "EPS" not in readable_formats() and "PNG" in readable_formats()
     path = tmp_path / "drawing.png"
     path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n")
     with pytest.raises(ImageError, match="not an image, or an image format that cannot be read"):
