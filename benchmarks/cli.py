@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,6 +90,11 @@ def bench(
         None if p is None else p.expanduser().absolute() for p in (checkpoint, optimum_dir, images_dir, out)
     )
     cache = (cache_dir or default_cache()).expanduser().absolute()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = "it or a folder above it is a file" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        cannot_run(f"{out}: cannot create the results folder ({why})")
     earlier = [out / name for name in ("results.json", "results.md", "chart.png", "logs") if (out / name).exists()]
     if earlier and not overwrite:  # like every "cannot run" of the bench: exit 2
         cannot_run(f"{out} holds the results of an earlier run; pass --overwrite or choose another --out")
@@ -112,13 +118,21 @@ def bench(
                 f"{settings.threads} threads; cache {settings.cache_dir}")
             models = prepare_models(size, settings.systems, settings.cache_dir, log, checkpoint=checkpoint,
                                     bundles=list(bundles), optimum_dir=optimum_dir, images_dir=images_dir)
-            for path in earlier:  # replaced only now that the new run can start; old logs must not mix in
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-            results = run_benchmark(settings, models, log)
-            paths = write_all(results, settings.out)
+            # Set aside only now that the new run can start (old logs must not mix in), and put back if it
+            # does not finish: an interrupted --overwrite must not lose the earlier results.
+            aside = Path(tempfile.mkdtemp(prefix=".earlier-results-", dir=out)) if earlier else None
+            for path in earlier:
+                assert aside is not None
+                path.rename(aside / path.name)
+            try:
+                results = run_benchmark(settings, models, log)
+                paths = write_all(results, settings.out)
+            except BaseException:
+                if aside is not None:
+                    _put_back(aside, out)
+                raise
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
     except BenchSetupError as exc:  # the job cannot run here (like a missing extra): exit 2
         cannot_run(str(exc))
     except (EdlightError, ValueError) as exc:
@@ -128,3 +142,15 @@ def bench(
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     if results["results"] and all(r.get("status") == "failed" for r in results["results"]):
         raise click.ClickException(f"every measurement failed; see the worker logs in {out / 'logs'}")
+
+
+def _put_back(aside: Path, out: Path) -> None:
+    """The earlier run's files back in `out`, in place of what the unfinished run wrote."""
+    for path in aside.iterdir():
+        target = out / path.name
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        elif target.exists():
+            target.unlink()
+        path.rename(target)
+    aside.rmdir()

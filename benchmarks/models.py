@@ -132,15 +132,18 @@ def count_parameters(checkpoint: Path) -> int | None:
     if not files:
         return None
     for path in files:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in entry["shape"]:
-                    count *= int(dim)
-                total += count
+        try:
+            with open(path, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    count = 1
+                    for dim in entry["shape"]:
+                        count *= int(dim)
+                    total += count
+        except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError, OverflowError, MemoryError) as exc:
+            raise BenchSetupError(f"{path}: not a readable safetensors file ({exc})") from exc
     return total
 
 
@@ -271,7 +274,7 @@ def classify_bundles(paths: list[Path]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in paths:
         try:
-            bundle = Bundle.load(path, verify_hashes=False)
+            bundle = Bundle.load(path)  # verified now: a damaged bundle would fail every cell later
         except EdlightError as exc:  # a given path that is no bundle: the bench cannot run as asked
             raise BenchSetupError(str(exc)) from exc
         system = "engine-int8" if bundle.manifest.quantization == "int8" else "engine"

@@ -270,7 +270,9 @@ def run_batch_size(
     return list(cells.values())
 
 
-def run_batch_scaling(systems: list[str], settings: BenchSettings, models: ModelSet, log: Log) -> list[dict[str, Any]]:
+def run_batch_scaling(
+    systems: list[str], settings: BenchSettings, models: ModelSet, log: Log, measured: dict[str, tuple[int, int]] | None = None,
+) -> list[dict[str, Any]]:
     """Each engine system at the smallest and the largest batch size, timed interleaved: both workers alive
     at once, their timed runs alternating. The batch-size phases run one after another, so a machine that
     drifts between them skews the ratio of their throughputs; here drift falls on both alike.
@@ -280,6 +282,12 @@ def run_batch_scaling(systems: list[str], settings: BenchSettings, models: Model
     for system in (s for s in systems if s.startswith("engine")):
         specs = {size: _spec(system, models, settings, size) for size in (small, large)}
         if any(spec is None for spec in specs.values()):
+            continue
+        _, available = memory_bytes()
+        if available is not None and any(
+            estimate_peak_bytes(spec, models, measured or {}) > NOT_STARTED_ABOVE * available for spec in specs.values() if spec
+        ):  # as run_batch_size refuses to start it
+            log(f"batch scaling, {system}: skipped (batch {large} is too large for this machine's memory)")
             continue
         cells = {size: Cell(system=system, batch_size=size) for size in specs}
         workers: dict[int, Worker] = {}
@@ -415,7 +423,7 @@ def run_benchmark(settings: BenchSettings, models: ModelSet, log: Log) -> dict[s
 
     scaling: list[dict[str, Any]] = []
     if systems and len(settings.batch_sizes) > 1 and settings.interleave:
-        scaling = run_batch_scaling(systems, settings, models, log)
+        scaling = run_batch_scaling(systems, settings, models, log, measured)
 
     if systems:
         end = measure_ceiling(settings, log, "end")

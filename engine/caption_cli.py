@@ -100,6 +100,13 @@ def caption(
     model, input or output), 130 interrupted (Ctrl-C; rerun without --overwrite to resume).
     """
     fmt = resolve_format(fmt, out)
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > cores:
+        click.echo(f"warning: --threads {threads} on {cores} CPU cores: threads beyond the cores wait for each other "
+                   "and slow the run down", err=True)
+    if use_ray and actors is not None and ray_address is None and actors > cores:
+        click.echo(f"warning: --actors {actors} on a local Ray with {cores} CPU cores: each actor loads the model, and "
+                   "actors beyond the cores only wait for each other", err=True)
     if use_ray:
         _caption_on_ray(inputs, model, out, fmt, batch_size, threads, num_beams, max_new_tokens, max_pixels,
                         overwrite, recaption_changed, strict, quiet, ray_address, actors, ray_timeout)
@@ -108,10 +115,6 @@ def caption(
         raise click.UsageError("--ray-address and --actors need --ray")
     from engine.captioner import Captioner
 
-    cores = os.cpu_count() or 1
-    if threads is not None and threads > cores:
-        click.echo(f"warning: --threads {threads} on {cores} CPU cores: threads beyond the cores wait for each other "
-                   "and slow the run down", err=True)
     try:
         # The bundle is opened and verified before any input is looked at.
         captioner = Captioner(

@@ -27,6 +27,7 @@ import os
 import queue
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -272,17 +273,40 @@ def _connect(ray: Any, address: str | None, num_cpus: int | None, records_on_std
     return True
 
 
+def _auto_address() -> tuple[str, str] | None:
+    """(address, where it was found) of the cluster Ray's "auto" joins: RAY_ADDRESS, else the cluster this
+    machine started last, which Ray records in its temp folder (and leaves there after the cluster is gone)."""
+    from_env = os.environ.get("RAY_ADDRESS")
+    if from_env and from_env != "auto":
+        return from_env, "RAY_ADDRESS"
+    record = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    try:
+        recorded = record.read_text(encoding="utf-8").split()
+    except (OSError, UnicodeDecodeError):
+        return None  # nothing recorded: Ray says at once that it found no cluster
+    return (recorded[0], str(record)) if recorded else None
+
+
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
-    """Raise RayConnectionError if a `host:port` (or `ray://host:port`) address refuses connections."""
+    """Raise RayConnectionError if a `host:port` (or `ray://host:port`) address refuses connections. For
+    "auto", the address Ray would resolve it to: a stale record of a cluster long gone made ray.init wait
+    for minutes with only log lines."""
+    found = ""
+    if address == "auto":
+        auto = _auto_address()
+        if auto is None:
+            return
+        address, where = auto
+        found = f" (where --ray-address auto leads: {where})"
     target = address.removeprefix("ray://")
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():
-        return  # "auto" and the like: Ray resolves those itself, and fails fast when it cannot
+        return  # another form: Ray resolves it itself, and fails fast when it cannot
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as exc:
         raise RayConnectionError(
-            f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}): check the address, "
+            f"cannot reach a Ray cluster at {address}{found} ({exc.strerror or exc}): check the address, "
             "or start a cluster with `ray start --head`"
         ) from exc
 

@@ -57,11 +57,11 @@ class ParityReport:
     seconds_torch: float = 0.0
     seconds_engine: float = 0.0
     data_settings: str = ""  # how the data was read: caption column, split settings and where they came from
+    differences_count: int = 0  # images whose captions differ (`differences` keeps the first few)
 
     def to_dict(self, brief: bool = False) -> dict[str, Any]:
         """Everything as JSON-ready values; `brief` drops the caption examples (for the bundle manifest)."""
         data = asdict(self)
-        data["differences_count"] = round((1 - self.identical_share) * self.images)  # the list keeps the first few
         if brief:
             data.pop("differences")
             data.pop("bundle")  # stored inside the bundle, whose path may change (it is staged, then moved)
@@ -93,7 +93,7 @@ class ParityReport:
             lines.append(f"  data read with {self.data_settings}")
         lines.append("")
         lines += [f"  {a:<{width}}  {b:>7}  {c:>7}" for a, b, c in rows]
-        floor = f" (required >= {self.min_identical:.0%})" if self.min_identical is not None else ""
+        floor = f" (required >= {percent(self.min_identical)})" if self.min_identical is not None else ""
         lines += ["", f"  identical captions: {self.identical_share:.1%}{floor}", f"  BLEU tolerance: {self.tolerance}"]
         if self.differences:
             lines += ["", f"  first {len(self.differences)} differing captions:"]
@@ -133,6 +133,11 @@ def _same_weights(first: Path, second: Path) -> bool:
         return weights(first) == weights(second)
     except OSError:
         return True  # cannot tell: say nothing
+
+
+def percent(share: float) -> str:
+    """A share as a percentage with the digits it was given (0.804 -> "80.4%", not a rounded "80%")."""
+    return f"{share * 100:.6g}%"
 
 
 def run_parity(
@@ -211,12 +216,13 @@ def run_parity(
 
     refs = [e.text for e in examples]
     torch_scores, engine_scores = corpus_scores(torch_caps, refs), corpus_scores(engine_caps, refs)
-    identical = sum(a == b for a, b in zip(torch_caps, engine_caps, strict=True)) / len(examples)
+    same = sum(a == b for a, b in zip(torch_caps, engine_caps, strict=True))
+    identical = same / len(examples)
     bleu_diff = engine_scores["bleu"] - torch_scores["bleu"]
     if abs(bleu_diff) > tol:
         failures.append(f"BLEU differs by {bleu_diff:+.2f} (> {tol})")
     if floor is not None and identical < floor:
-        failures.append(f"identical captions {identical:.1%} < {floor:.0%}")
+        failures.append(f"identical captions {same} of {len(examples)} ({identical:.1%}) < {percent(floor)}")
     differences = [
         {"file_name": e.file_name, "reference": e.text, "torch": a, "engine": b}
         for e, a, b in zip(examples, torch_caps, engine_caps, strict=True)
@@ -238,6 +244,7 @@ def run_parity(
         bleu_diff=round(bleu_diff, 4),
         chrf_diff=round(engine_scores["chrf"] - torch_scores["chrf"], 4),
         identical_share=round(identical, 4),
+        differences_count=len(examples) - same,
         bleu_engine_vs_torch=round(corpus_scores(engine_caps, torch_caps)["bleu"], 4),
         tolerance=tol,
         min_identical=floor,

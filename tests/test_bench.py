@@ -86,6 +86,44 @@ def test_a_batch_far_beyond_memory_is_not_started(tmp_path: Path) -> None:
     assert any("not run" in line for line in logged)
 
 
+def test_batch_scaling_does_not_start_a_batch_refused_for_memory(tmp_path: Path) -> None:
+    from benchmarks import runner, settings
+    from benchmarks.models import ModelSet
+
+    models = ModelSet(size="base", checkpoint=None, optimum_dir=None, bundles={"engine": tmp_path}, images=[],
+                      max_patches=2048, vision_config={"num_attention_heads": 12}, parameters=None)
+    plan = settings.BenchSettings(size="base", systems=["engine"], batch_sizes=[1, 100_000], out=tmp_path)
+    logged: list[str] = []
+    assert runner.run_batch_scaling(["engine"], plan, models, logged.append, {}) == []
+    assert logged == ["batch scaling, engine: skipped (batch 100000 is too large for this machine's memory)"]
+
+
+def test_an_out_below_a_file_and_a_damaged_checkpoint_are_one_line_errors(tmp_path: Path) -> None:
+    from benchmarks.models import BenchSetupError, count_parameters
+
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(bench, ["--out", str(tmp_path / "notes.txt" / "sub"), "--size", "tiny"])
+    assert result.exit_code == 2 and "cannot create the results folder (it or a folder above it is a file)" in result.output
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(BenchSetupError, match=r"model.safetensors: not a readable safetensors file"):
+        count_parameters(tmp_path / "ck")
+
+
+def test_an_unfinished_overwrite_puts_the_earlier_results_back(tmp_path: Path) -> None:
+    from benchmarks.cli import _put_back
+
+    aside = tmp_path / ".earlier-results-x"
+    (aside / "logs").mkdir(parents=True)
+    (aside / "results.json").write_text("earlier")
+    (aside / "logs" / "engine.log").write_text("earlier log")
+    (tmp_path / "logs").mkdir()  # what the interrupted run had written
+    (tmp_path / "logs" / "engine.log").write_text("partial")
+    _put_back(aside, tmp_path)
+    assert (tmp_path / "results.json").read_text() == "earlier"
+    assert (tmp_path / "logs" / "engine.log").read_text() == "earlier log" and not aside.exists()
+
+
 def test_systems_without_their_libraries_are_skipped_with_a_note(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from benchmarks import runner, settings
     from benchmarks.models import ModelSet

@@ -171,3 +171,10 @@ def test_weights_are_compared_by_content(tmp_path: Path) -> None:
         (tmp_path / name / "config.json").write_text(name)  # not weights: not compared
     assert _same_weights(tmp_path / "a", tmp_path / "b") and _same_weights(tmp_path / "a", tmp_path / "a")
     assert not _same_weights(tmp_path / "a", tmp_path / "c")
+
+
+def test_a_threshold_is_shown_with_the_digits_it_was_given() -> None:
+    from export.parity import percent
+
+    # A floor of 0.804 printed as "80%" read "identical captions 80.0% < 80%": a failure that looked like a pass.
+    assert (percent(0.804), percent(0.8), percent(0.999)) == ("80.4%", "80%", "99.9%")

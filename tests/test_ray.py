@@ -52,7 +52,7 @@ def test_plan_on_two_cores_gives_fractional_actors() -> None:
     assert plan_actors(2.0, None, threads=3).threads == 3
 
 
-def test_an_unreachable_address_fails_at_once() -> None:
+def test_an_unreachable_address_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as probe:  # a port that was just free: nothing listens there
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -60,7 +60,18 @@ def test_an_unreachable_address_fails_at_once() -> None:
     with pytest.raises(RayConnectionError, match=rf"cannot reach a Ray cluster at ray://127.0.0.1:{port}"):
         _check_reachable(f"ray://127.0.0.1:{port}")
     assert time.monotonic() - started < 10
-    _check_reachable("auto")  # resolved by Ray itself
+    # "auto" leads where Ray would: RAY_ADDRESS, else the cluster recorded in Ray's temp folder, which a
+    # cluster long gone leaves behind (ray.init then waited for minutes with only log lines).
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    _check_reachable("auto")  # nothing recorded: Ray itself says at once that it finds no cluster
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+    with pytest.raises(RayConnectionError, match=rf"at 127.0.0.1:{port} \(where --ray-address auto leads: .*ray_current_cluster\)"):
+        _check_reachable("auto")
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    with pytest.raises(RayConnectionError, match=r"auto leads: RAY_ADDRESS"):
+        _check_reachable("auto")
 
 
 # ------------------------------------------------------------------------------------ missing extra

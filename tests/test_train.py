@@ -1006,6 +1006,23 @@ def test_resume_completes_a_save_cut_short_and_says_when_the_schedule_changes(
     assert [m["epoch"] for m in plain.metrics] == [1, 2] and "nothing to do: 2 of 2 epochs" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", ["weights", "tokenizer"])
+def test_a_damaged_checkpoint_file_is_a_named_error(tmp_path: Path, damage: str) -> None:
+    from train.checkpoint import load_checkpoint
+    from train.presets import build_from_preset
+
+    model, processor = build_from_preset("tiny", ["a caption", "another caption"], max_patches=16, seed=0)
+    model.save_pretrained(tmp_path / "ck")
+    processor.save_pretrained(tmp_path / "ck")
+    if damage == "weights":  # cut short, as a copy that ran out of room leaves it
+        weights = tmp_path / "ck" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:5000])
+    else:
+        (tmp_path / "ck" / "tokenizer.json").write_text('{"bad": 1')
+    with pytest.raises(CheckpointError, match=r"ck: cannot load the Pix2Struct checkpoint with its processor \("):
+        load_checkpoint(tmp_path / "ck")
+
+
 def test_an_interrupted_run_says_how_to_continue(tmp_path: Path) -> None:
     from train.cli import _resume_note
 

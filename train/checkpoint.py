@@ -222,8 +222,9 @@ def load_checkpoint(path: str | Path, max_patches: int | None = None) -> tuple[A
     try:
         model = Pix2StructForConditionalGeneration.from_pretrained(path)
         processor = Pix2StructProcessor.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot load the Pix2Struct checkpoint with its processor ({exc})") from exc
+    except Exception as exc:  # safetensors, tokenizers and transformers raise their own types for damaged files
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        raise CheckpointError(f"{path}: cannot load the Pix2Struct checkpoint with its processor ({why})") from exc
     if ensure_causal_decoder(model):
         warnings.warn(
             f"{path}: text_config.is_decoder was False (a non-causal decoder); set it to True",
