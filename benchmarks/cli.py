@@ -16,6 +16,9 @@ from benchmarks.settings import DEFAULT_TOKENS, SIZES, SYSTEMS, BenchSettings
 from engine.click_types import FiniteFloatRange, cannot_run
 from engine.errors import EdlightError
 
+# What a bench run writes into --out (benchmarks.report.write_all and the workers' logs).
+RESULT_NAMES = ("results.json", "results.md", "chart.png", "logs")
+
 
 def batch_size_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
     """Click callback: "1,4,8" -> [1, 4, 8] (positive integers); shared with benchmarks.batch_sizes."""
@@ -95,7 +98,10 @@ def bench(
     except OSError as exc:
         why = "it or a folder above it is a file" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
         cannot_run(f"{out}: cannot create the results folder ({why})")
-    earlier = [out / name for name in ("results.json", "results.md", "chart.png", "logs") if (out / name).exists()]
+    for left in sorted(out.glob(".earlier-results-*")):
+        click.echo(f"warning: {left} holds the results an --overwrite run set aside and did not live to put back "
+                   "(it was killed); move them back by hand if you want them", err=True)
+    earlier = [out / name for name in RESULT_NAMES if (out / name).exists()]
     if earlier and not overwrite:  # like every "cannot run" of the bench: exit 2
         cannot_run(f"{out} holds the results of an earlier run; pass --overwrite or choose another --out")
     started = time.perf_counter()
@@ -145,12 +151,13 @@ def bench(
 
 
 def _put_back(aside: Path, out: Path) -> None:
-    """The earlier run's files back in `out`, in place of what the unfinished run wrote."""
-    for path in aside.iterdir():
-        target = out / path.name
+    """The earlier run's files back in `out`, and nothing the unfinished run wrote left beside them."""
+    for name in RESULT_NAMES:
+        target = out / name
         if target.is_dir():
-            shutil.rmtree(target, ignore_errors=True)
+            shutil.rmtree(target)
         elif target.exists():
             target.unlink()
-        path.rename(target)
+    for path in aside.iterdir():
+        path.rename(out / path.name)
     aside.rmdir()

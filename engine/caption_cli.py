@@ -101,7 +101,7 @@ def caption(
     """
     fmt = resolve_format(fmt, out)
     cores = os.cpu_count() or 1
-    if threads is not None and threads > cores:
+    if threads is not None and threads > cores and not (use_ray and ray_address is not None):  # a cluster's own
         click.echo(f"warning: --threads {threads} on {cores} CPU cores: threads beyond the cores wait for each other "
                    "and slow the run down", err=True)
     if use_ray and actors is not None and ray_address is None and actors > cores:

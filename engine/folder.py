@@ -64,6 +64,8 @@ class OutputError(EdlightError):
 
 # Outputs that are streams even when they resolve to a regular file (a shell redirect): never resumed,
 # locked or rewritten. An --out of "-" is /dev/stdout (output_path).
+# A CSV "file" as this version writes it: every backslash begins \\, \n, \r or \xNN (see _csv_name).
+CURRENT_CSV_NAME = re.compile(r"(?:[^\\]|\\[\\nr]|\\x[0-9a-f]{2})*", re.DOTALL)
 STREAM_PATH = re.compile(r"/dev/(stdout|stderr)|/dev/fd/\d+|/proc/self/fd/\d+")
 
 
@@ -584,11 +586,11 @@ def output_lock(out: Path) -> Iterator[None]:
     itself = None
     if handle is not None and not in_place and out.is_file():
         try:
-            itself = _flock(out, out, in_place=True)
+            itself = _flock_output(out)
         except OutputError:
-            os.close(handle)
             with contextlib.suppress(OSError):
                 os.unlink(lock)
+            os.close(handle)
             raise
     try:
         yield
@@ -620,6 +622,27 @@ def _flock_lock_file(lock: Path, out: Path) -> int | None:
     with contextlib.suppress(OSError):  # a lock file of another user's, opened read-only: no pid then
         os.ftruncate(handle, 0)
         os.write(handle, f"{os.getpid()}\n".encode("ascii"))
+    return handle
+
+
+def _flock_output(out: Path) -> int | None:
+    """The output file itself flocked, beside its lock file (a hard link has a lock file of another name).
+    None, quietly, where it cannot be: a file this user may not open (plan_folder_job says what is wrong
+    with it), or NFS, whose emulated flock wants a descriptor open for writing (the lock file holds anyway).
+    Raises OutputError when another run holds it."""
+    assert fcntl is not None
+    try:
+        handle = os.open(out, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(handle)
+        raise OutputError(f"{out}: another run is writing to it; wait for it to end or choose another output") from exc
+    except OSError:
+        os.close(handle)
+        return None
     return handle
 
 
@@ -905,7 +928,13 @@ def _resumed_name(file: str, fmt: str, done: dict[str, bool], taken: set[str]) -
         # How CSV files of earlier versions wrote it: its backslashes single (before they were doubled), or
         # its line breaks as spaces (before names kept them). Only a spelling that no input's current name
         # has: "a\\nb.png" written single is the current name of "a<line break>b.png".
-        for legacy in (printable.replace("\r", "\\r").replace("\n", "\\n"), " ".join(printable.splitlines())):
+        single = printable.replace("\r", "\\r").replace("\n", "\\n")
+        # A single-backslash spelling that reads as this version's escapes may be another file's record.
+        legacies = [] if CURRENT_CSV_NAME.fullmatch(single) else [single]
+        spaced = " ".join(printable.splitlines())
+        if spaced != printable:  # only a name with line breaks was ever written with spaces for them
+            legacies.append(spaced)
+        for legacy in legacies:
             if legacy != name and legacy in done and legacy not in taken:
                 return legacy
     return name

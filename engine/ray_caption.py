@@ -27,7 +27,6 @@ import os
 import queue
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -274,17 +273,20 @@ def _connect(ray: Any, address: str | None, num_cpus: int | None, records_on_std
 
 
 def _auto_address() -> tuple[str, str] | None:
-    """(address, where it was found) of the cluster Ray's "auto" joins: RAY_ADDRESS, else the cluster this
-    machine started last, which Ray records in its temp folder (and leaves there after the cluster is gone)."""
-    from_env = os.environ.get("RAY_ADDRESS")
-    if from_env and from_env != "auto":
-        return from_env, "RAY_ADDRESS"
-    record = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    """(address, how it was found) of the cluster Ray's "auto" joins, resolved by Ray itself: RAY_ADDRESS,
+    else a Ray running on this machine, else the cluster Ray last recorded here (a record it leaves behind
+    after the cluster is gone). None where Ray finds nothing (ray.init then says so at once) or its private
+    API has moved (the check is skipped)."""
     try:
-        recorded = record.read_text(encoding="utf-8").split()
-    except (OSError, UnicodeDecodeError):
-        return None  # nothing recorded: Ray says at once that it found no cluster
-    return (recorded[0], str(record)) if recorded else None
+        from ray._private import services
+
+        resolved = services.get_ray_address_from_environment("auto", None)
+    except Exception:  # ConnectionError: nothing found; anything else: the private API moved
+        return None
+    if not isinstance(resolved, str) or not resolved or resolved == "auto":
+        return None
+    given = os.environ.get("RAY_ADDRESS")
+    return resolved, "RAY_ADDRESS" if given and given != "auto" else "a Ray found or last recorded on this machine"
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:

@@ -119,8 +119,9 @@ def test_an_unfinished_overwrite_puts_the_earlier_results_back(tmp_path: Path) -
     (aside / "logs" / "engine.log").write_text("earlier log")
     (tmp_path / "logs").mkdir()  # what the interrupted run had written
     (tmp_path / "logs" / "engine.log").write_text("partial")
+    (tmp_path / "chart.png").write_bytes(b"new")  # a file the earlier run did not have
     _put_back(aside, tmp_path)
-    assert (tmp_path / "results.json").read_text() == "earlier"
+    assert (tmp_path / "results.json").read_text() == "earlier" and not (tmp_path / "chart.png").exists()
     assert (tmp_path / "logs" / "engine.log").read_text() == "earlier log" and not aside.exists()
 
 

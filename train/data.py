@@ -300,12 +300,11 @@ def _parse(folder: str | Path, caption_column: str) -> _Parsed:
     found = _metadata_files(folder, unreadable)
     parsed = _Parsed(metadata=", ".join(meta.label for present in found for meta in present))
     for rel, why in unreadable:
-        if rel == "." or split_folder(f"{rel}/") is not None:
-            # A split folder (test/, train/ ...) left out would drop a whole split unseen.
+        if rel == "lost+found":  # the file system's own, at the top of a volume holding only the data
+            parsed.warnings.append(Problem(f"{rel}/", f"cannot read this folder ({why}): any metadata and images in it are left out"))
+        else:  # a metadata file in it, or a whole split folder, would be left out unseen
             parsed.fatal = True
             parsed.problems.append(Problem(f"{rel}/", f"cannot read this folder ({why}): its metadata and images would be left out"))
-        else:  # e.g. the lost+found of a volume's top folder
-            parsed.warnings.append(Problem(f"{rel}/", f"cannot read this folder ({why}): any metadata and images in it are left out"))
     if not found:
         parsed.fatal = True
         parsed.problems.append(Problem(str(folder), "no metadata.jsonl or metadata.csv (at the top or in a subfolder)"))

@@ -627,6 +627,14 @@ def test_an_older_csv_spelling_of_a_name_is_resumed_unless_it_is_another_names(c
     photo(2).save(folder / "a\\nb.png")  # backslash, n: written a\\nb.png, and a\nb.png before names doubled them
     later = captioner.caption_folder(folder, out=out, fmt="csv", progress=False)
     assert (later.skipped, later.captioned) == (1, 1)  # not taken for the other file's record
+    # Nor for the record of a file gone since: a name spelt as this version writes it is that name's.
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    photo(4).save(gone / "c\nd.png")
+    gone_out = tmp_path / "gone.csv"
+    captioner.caption_folder(gone, out=gone_out, fmt="csv", progress=False)
+    (gone / "c\nd.png").rename(gone / "c\\nd.png")  # the same bytes under the backslash-n name
+    assert captioner.caption_folder(gone, out=gone_out, fmt="csv", progress=False).captioned == 1
     # A CSV written before backslashes were doubled resumes its names that have one.
     other = tmp_path / "other"
     other.mkdir()
