@@ -355,23 +355,29 @@ def test_an_unreadable_or_dangling_metadata_file_is_a_named_problem(tmp_path: Pa
         load_split(tmp_path, split="all", skip_bad=True)
 
 
-def test_an_unreadable_subfolder_is_fatal_not_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A folder the walk cannot list (as a user without permission meets it) would drop a whole split."""
+def _refuse_listing(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Listing `folder` fails as it does for a user without permission (the tests run as root)."""
     import errno
     import os
+
+    real_scandir = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if Path(str(path)) == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_an_unreadable_subfolder_is_fatal_not_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder the walk cannot list (as a user without permission meets it) would drop a whole split."""
 
     _image(tmp_path / "train" / "a.jpg")
     _image(tmp_path / "test" / "b.jpg")
     _jsonl(tmp_path / "train", [{"file_name": "a.jpg", "text": "a"}])
     _jsonl(tmp_path / "test", [{"file_name": "b.jpg", "text": "b"}])
-    real_scandir = os.scandir
-
-    def scandir(path: object = ".") -> object:
-        if Path(str(path)) == tmp_path / "test":
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_scandir(path)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    _refuse_listing(monkeypatch, tmp_path / "test")
     report = check_folder(tmp_path)
     assert [str(p) for p in report.problems] == [
         "test/: cannot read this folder (Permission denied): its metadata and images would be left out"
@@ -380,24 +386,15 @@ def test_an_unreadable_subfolder_is_fatal_not_skipped(tmp_path: Path, monkeypatc
         load_split(tmp_path, split="all", skip_bad=True)
 
 
-def test_an_unreadable_folder_outside_the_splits_is_a_warning(
+def test_an_unreadable_lost_and_found_is_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A volume's lost+found (root's, mode 0700) sits in the top folder of a data set on its own disk."""
-    import errno
-    import os
 
     _image(tmp_path / "a.jpg")
     _jsonl(tmp_path, [{"file_name": "a.jpg", "text": "a"}])
     (tmp_path / "lost+found").mkdir()
-    real_scandir = os.scandir
-
-    def scandir(path: object = ".") -> object:
-        if Path(str(path)) == tmp_path / "lost+found":
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_scandir(path)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    _refuse_listing(monkeypatch, tmp_path / "lost+found")
     report = check_folder(tmp_path)
     assert report.ok and [str(w) for w in report.warnings] == [
         "lost+found/: cannot read this folder (Permission denied): any metadata and images in it are left out"

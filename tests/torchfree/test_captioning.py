@@ -737,18 +737,24 @@ def test_a_read_only_output_is_left_as_it_was(captioner: Captioner, tmp_path: Pa
     assert out.read_bytes() == before
 
 
-def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(
-    captioner: Captioner, tmp_path: Path, engine_bundle: Path
-) -> None:
-    make_folder(tmp_path / "in", 2)
-    out = tmp_path / "o.jsonl"
+def _lock_in_another_process(out: Path) -> subprocess.Popen[str]:
+    """A process holding `output_lock(out)` (as a run writing to it does) until it is killed."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom engine.folder import output_lock\n"
          "with output_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n", str(out)],
         cwd=REPO, stdout=subprocess.PIPE, text=True,
     )
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(
+    captioner: Captioner, tmp_path: Path, engine_bundle: Path
+) -> None:
+    make_folder(tmp_path / "in", 2)
+    out = tmp_path / "o.jsonl"
+    holder = _lock_in_another_process(out)
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
         with pytest.raises(OutputError, match=rf"o\.jsonl: another run \(pid {holder.pid}\) is writing to it"):
             captioner.caption_folder(tmp_path / "in", out=out, progress=False)
         assert not out.exists()
@@ -764,13 +770,8 @@ def test_a_run_through_a_hard_link_to_an_output_in_use_is_refused(captioner: Cap
     out, link = tmp_path / "o.jsonl", tmp_path / "same.jsonl"
     out.touch()
     os.link(out, link)  # one file, two names, two lock files
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom engine.folder import output_lock\n"
-         "with output_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n", str(out)],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )
+    holder = _lock_in_another_process(out)
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
         with pytest.raises(OutputError, match=r"same\.jsonl: another run is writing to it"):
             captioner.caption_folder(tmp_path / "in", out=link, progress=False)
         assert out.read_bytes() == b"" and not (tmp_path / ".same.jsonl.lock").exists()
