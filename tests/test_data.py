@@ -422,6 +422,28 @@ def test_rows_without_a_file_name_key_are_one_problem_naming_the_keys(tmp_path: 
     assert _only_problem(tmp_path) == "metadata.jsonl:1: file_name is not text: 12"
 
 
+def test_names_keep_their_own_spaces_and_captions_are_read_composed(tmp_path: Path) -> None:
+    import unicodedata
+
+    _image(tmp_path / " lead.jpg")  # a name that begins with a space
+    _image(tmp_path / "b.jpg")
+    _image(tmp_path / "scan")  # a JPEG without an extension: trains, but a caption run's folder walk skips it
+    decomposed = unicodedata.normalize("NFD", "Élève: ½ of 3² is 4.5")
+    _jsonl(tmp_path, [
+        {"file_name": " lead.jpg", "text": decomposed},
+        {"file_name": "b.jpg ", "text": "b"},  # a spreadsheet's stray space after a name that has none
+        {"file_name": "scan", "text": "c"},
+    ])  # fmt: skip
+    report = check_folder(tmp_path)
+    assert report.ok and [e.file_name for e in report.examples] == [" lead.jpg", "b.jpg", "scan"]
+    # As the training tokenizer writes it (NFC): scored as typed, a perfect caption would lose ~5 BLEU.
+    assert report.examples[0].text == unicodedata.normalize("NFC", decomposed) != decomposed
+    assert [str(w) for w in report.warnings] == [
+        "scan: listed, but `edlight caption` skips it in a folder walk: its name has no image extension the engine "
+        "knows (such as .jpg or .png)"
+    ]
+
+
 def test_the_caption_column_cannot_be_the_file_name(folder: Path) -> None:
     with pytest.raises(DataError, match="caption column cannot be 'file_name'"):
         check_folder(folder, caption_column="file_name")

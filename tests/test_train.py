@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -1050,6 +1051,26 @@ def test_an_out_that_cannot_be_made_is_refused_before_the_data_is_read(tmp_path:
     with pytest.raises(DataError):
         train(TrainConfig(data=data, out=tmp_path / "new" / "run", **FAST))
     assert not (tmp_path / "new").exists()
+
+
+def test_a_second_train_into_a_run_folder_in_use_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(  # what a training run into `out` holds while it trains
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom engine.folder import output_lock\n"
+         "with output_lock(Path(sys.argv[1]) / 'run_config.json'):\n    print('locked', flush=True)\n    time.sleep(60)\n",
+         str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        with pytest.raises(TrainError, match=rf"--out {re.escape(str(out))}: another training run is using it"):
+            train(TrainConfig(data=tmp_path, out=out, **FAST))
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(DataError):  # free again: on to the (here empty) data
+        train(TrainConfig(data=tmp_path / "run", out=out, **FAST))
 
 
 def test_captions_too_long_to_learn_or_generate_are_warned_about() -> None:

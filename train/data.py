@@ -25,6 +25,7 @@ This module needs only the standard library, Pillow and the engine's errors and 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -42,7 +43,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from engine.errors import EdlightError
-from engine.folder import IMAGE_EXTENSIONS  # what the engine captions: an unlisted one is worth a warning
+from engine.folder import IMAGE_EXTENSIONS, is_image_name  # what the engine's folder walk captions
 from engine.images import DEFAULT_MAX_PIXELS, HEIF_MISSING, enable_heif, is_heif_file, readable_formats
 
 log = logging.getLogger(__name__)
@@ -114,13 +115,24 @@ class _Parsed:
     warnings: list[Problem] = field(default_factory=list)  # folders the walk could not read, outside the splits
 
 
+def _as_listed(folder: Path, raw: str) -> str:
+    """`raw` as it names a file: exactly, where a file has that name (" lead.jpg" is a name), else without
+    the spaces a spreadsheet cell may carry around it."""
+    stripped = raw.strip()
+    if stripped != raw and "\x00" not in raw:
+        with contextlib.suppress(OSError, ValueError):
+            if os.path.lexists(folder / posixpath.normpath(raw)):
+                return raw
+    return stripped
+
+
 def _check_name(folder: Path, raw: object, where: str) -> tuple[str | None, Problem | None]:
     """The normalised file name, or the problem with it."""
     if raw is not None and not isinstance(raw, str):
         return None, Problem(where, f"file_name is not text: {raw!r}")
     if not isinstance(raw, str) or not raw.strip():
         return None, Problem(where, "missing or empty file_name")
-    name = posixpath.normpath(raw.strip())
+    name = posixpath.normpath(_as_listed(folder, raw))
     drive = len(name) > 2 and name[0].isalpha() and name[1] == ":" and name[2] in "/\\"  # C:/x.jpg
     if posixpath.isabs(name) or name == ".." or name.startswith("../") or drive:
         return None, Problem(where, f"file_name {raw!r} points outside the folder", raw)
@@ -165,7 +177,7 @@ def _add_entry(
     name, problem = _check_name(meta.folder, raw_name, where)
     if problem is not None:
         if problem.file_name is not None:  # named as the folder walk names it, for the unlisted-image check
-            listed = posixpath.normpath(posixpath.join(meta.sub, problem.file_name.strip()))
+            listed = posixpath.normpath(posixpath.join(meta.sub, _as_listed(meta.folder, problem.file_name)))
             problem = Problem(problem.where, problem.message, listed)
         parsed.problems.append(problem)
         return
@@ -182,7 +194,8 @@ def _add_entry(
     elif not caption.strip():
         parsed.problems.append(Problem(where, f"empty caption for {name}", name))
     else:
-        parsed.examples.append(Example(name, caption.strip(), meta.root / name, where))
+        # NFC, as the training tokenizer writes: a reference typed decomposed (NFD) could never be matched.
+        parsed.examples.append(Example(name, unicodedata.normalize("NFC", caption.strip()), meta.root / name, where))
 
 
 def _parse_jsonl(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[str, str]) -> None:
@@ -531,6 +544,11 @@ def check_folder(folder: str | Path, caption_column: str = "text") -> CheckRepor
     if not parsed.fatal and not parsed.examples and not problems:
         problems.append(Problem(parsed.metadata, "lists no images: nothing to train or evaluate on"))
     warnings: list[Problem] = list(parsed.warnings)
+    warnings += [
+        Problem(e.file_name, "listed, but `edlight caption` skips it in a folder walk: its name has no image "
+                "extension the engine knows (such as .jpg or .png)", e.file_name)
+        for e in good if not is_image_name(e.path)
+    ]
     if not parsed.fatal:
         listed = {e.file_name for e in parsed.examples} | {p.file_name for p in parsed.problems if p.file_name}
         warnings += _unlisted(folder, listed, parsed.metadata)

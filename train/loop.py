@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate tokenises inside worker processes
 
 from engine.errors import EdlightError, ImageError, is_count
-from engine.folder import write_report
+from engine.folder import OutputError, output_lock, write_report
 from engine.images import enable_heif, readable_formats
 from engine.preprocess import PatchConfig, grid_size, standardization
 
@@ -412,7 +412,7 @@ def _check_out(cfg: TrainConfig) -> str:
         if (out / "last" / "trainer_state.pt").is_file():
             return "resume"
         raise TrainError(f"--resume: {out / 'last'} holds no trainer state to continue from; choose a new --out")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != RUN_LOCK for p in out.iterdir()):
         raise TrainError(
             f"--out {out} is not empty and holds no edlight run; choose a new or empty directory"
         )
@@ -624,10 +624,39 @@ def train(config: TrainConfig) -> TrainResult:
     import torch
 
     threads = torch.get_num_threads()
+    # One process of a run (accelerate and torchrun number them in RANK) holds RUN/'s lock for all of them.
+    lock = _run_lock(config.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
     try:
-        return _run(config)
+        with lock:
+            return _run(config)
     finally:
         torch.set_num_threads(threads)  # the caller's setting, e.g. the rest of a test session
+
+
+RUN_LOCK = ".run_config.json.lock"  # what output_lock(RUN/run_config.json) holds while a run trains
+
+
+@contextlib.contextmanager
+def _run_lock(out_arg: Path | str) -> Iterator[None]:
+    """Hold RUN/'s lock while training: a second `train` into the same --out (or a --resume of a run still
+    training) is refused instead of writing the same checkpoints and logs. Folders made only for the lock
+    are removed again if the run leaves them empty (a run refused for its data, say)."""
+    out = Path(out_arg).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        yield  # _check_out says what is wrong
+        return
+    created = [p for p in [out, *out.parents] if not p.exists()]
+    try:
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(output_lock(out / "run_config.json"))
+            except OutputError as exc:
+                raise TrainError(f"--out {out}: another training run is using it ({exc})") from None
+            yield
+    finally:
+        for folder in created:  # innermost first, and only while empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _run(config: TrainConfig) -> TrainResult:
