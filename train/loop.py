@@ -624,11 +624,9 @@ def train(config: TrainConfig) -> TrainResult:
     import torch
 
     threads = torch.get_num_threads()
-    # One process of a run (accelerate and torchrun number them in RANK) holds RUN/'s lock for all of them.
-    lock = _run_lock(config.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
     try:
-        with lock:
-            return _run(config)
+        with contextlib.ExitStack() as held:  # RUN/'s lock, taken in _run by the main process
+            return _run(config, held)
     finally:
         torch.set_num_threads(threads)  # the caller's setting, e.g. the rest of a test session
 
@@ -651,7 +649,9 @@ def _run_lock(out_arg: Path | str) -> Iterator[None]:
             try:
                 stack.enter_context(output_lock(out / "run_config.json"))
             except OutputError as exc:
-                raise TrainError(f"--out {out}: another training run is using it ({exc})") from None
+                if isinstance(exc.__cause__, BlockingIOError):  # held: not a lock file it cannot open, say
+                    raise TrainError(f"--out {out}: another training run is using it ({exc})") from None
+                raise TrainError(str(exc)) from None
             yield
     finally:
         for folder in created:  # innermost first, and only while empty
@@ -659,7 +659,8 @@ def _run_lock(out_arg: Path | str) -> Iterator[None]:
                 folder.rmdir()
 
 
-def _run(config: TrainConfig) -> TrainResult:
+def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
+    """The run; `held` keeps RUN/'s lock (taken here, once the main process is known) until train returns."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
@@ -677,6 +678,8 @@ def _run(config: TrainConfig) -> TrainResult:
         cores = os.cpu_count() or 1
         torch.set_num_threads(cfg.threads or max(1, cores // accelerator.num_processes - cfg.num_workers))
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    if is_main:  # one lock for the run's processes (accelerate numbers an MPI run's only in Accelerator())
+        held.enter_context(_run_lock(cfg.out))
     bf16 = uses_bf16(cfg.precision, accelerator.device.type)
     forward_precision = "bf16" if bf16 else "fp32"  # what "auto" resolved to, for the log and run_config.json
     log = _log if is_main else (lambda _msg: None)
