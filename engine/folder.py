@@ -62,10 +62,10 @@ class OutputError(EdlightError):
     """The output file cannot be read back for resuming, or cannot be written."""
 
 
-# Outputs that are streams even when they resolve to a regular file (a shell redirect): never resumed,
-# locked or rewritten. An --out of "-" is /dev/stdout (output_path).
 # A CSV "file" as this version writes it: every backslash begins \\, \n, \r or \xNN (see _csv_name).
 CURRENT_CSV_NAME = re.compile(r"(?:[^\\]|\\[\\nr]|\\x[0-9a-f]{2})*", re.DOTALL)
+# Outputs that are streams even when they resolve to a regular file (a shell redirect): never resumed,
+# locked or rewritten. An --out of "-" is /dev/stdout (output_path).
 STREAM_PATH = re.compile(r"/dev/(stdout|stderr)|/dev/fd/\d+|/proc/self/fd/\d+")
 
 
@@ -926,10 +926,10 @@ def _resumed_name(file: str, fmt: str, done: dict[str, bool], taken: set[str]) -
     if fmt == "csv" and name not in done:
         printable = _printable(file)
         # How CSV files of earlier versions wrote it: its backslashes single (before they were doubled), or
-        # its line breaks as spaces (before names kept them). Only a spelling that no input's current name
-        # has: "a\\nb.png" written single is the current name of "a<line break>b.png".
+        # its line breaks as spaces (before names kept them). Neither may be another file's record: a
+        # single-backslash spelling that reads as this version's escapes ("a\\nb.png" is the current name of
+        # "a<line break>b.png") is never taken, nor a spelling that is an input's current name.
         single = printable.replace("\r", "\\r").replace("\n", "\\n")
-        # A single-backslash spelling that reads as this version's escapes may be another file's record.
         legacies = [] if CURRENT_CSV_NAME.fullmatch(single) else [single]
         spaced = " ".join(printable.splitlines())
         if spaced != printable:  # only a name with line breaks was ever written with spaces for them

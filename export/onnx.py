@@ -36,6 +36,7 @@ from engine.bundle import (
     Manifest,
     write_manifest,
 )
+from engine.errors import is_count
 from export import ExportError
 
 if TYPE_CHECKING:
@@ -150,7 +151,7 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
     _check_token_ids(path / "config.json", config)
     _check_head_counts(path / "config.json", config)
     size = pre.get("patch_size") or {"height": 16, "width": 16}
-    if not isinstance(size, dict) or not all(_is_count(size.get(side)) for side in ("height", "width")):
+    if not isinstance(size, dict) or not all(is_count(size.get(side)) for side in ("height", "width")):
         raise ExportError(
             f"{path / 'preprocessor_config.json'}: patch_size is {size!r}; write it as "
             '{"height": H, "width": W} with whole numbers of pixels (Pix2Struct uses 16 and 16)'
@@ -174,10 +175,6 @@ def _carry_space_clean_up(checkpoint: Path, bundle: Path) -> None:
         (bundle / path.name).write_text(json.dumps({"clean_up_tokenization_spaces": True}) + "\n", encoding="utf-8")
 
 
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def _check_token_ids(path: Path, settings: dict[str, Any]) -> None:
     """Token ids the export and the engine read must be whole numbers (a JSON "1" breaks both)."""
     text = settings.get("text_config")
@@ -185,7 +182,7 @@ def _check_token_ids(path: Path, settings: dict[str, Any]) -> None:
         for key in ("decoder_start_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
             value = values.get(key)
             ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
-            if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            if value is not None and not all(is_count(i, minimum=0) for i in ids):
                 raise ExportError(f"{path}: {key} in {where} is {value!r}; token ids are whole numbers >= 0")
 
 

@@ -112,7 +112,7 @@ class _Parsed:
     problems: list[Problem] = field(default_factory=list)
     fatal: bool = False  # no usable metadata at all (missing file, missing column, not UTF-8)
     metadata: str = ""
-    warnings: list[Problem] = field(default_factory=list)  # folders the walk could not read, outside the splits
+    warnings: list[Problem] = field(default_factory=list)  # folders the walk could not read and may pass by
 
 
 def _as_listed(folder: Path, raw: str) -> str:
@@ -127,7 +127,7 @@ def _as_listed(folder: Path, raw: str) -> str:
 
 
 def _check_name(folder: Path, raw: object, where: str) -> tuple[str | None, Problem | None]:
-    """The normalised file name, or the problem with it."""
+    """The normalised file name, or the problem with it (naming that normalised name as its file)."""
     if raw is not None and not isinstance(raw, str):
         return None, Problem(where, f"file_name is not text: {raw!r}")
     if not isinstance(raw, str) or not raw.strip():
@@ -135,16 +135,16 @@ def _check_name(folder: Path, raw: object, where: str) -> tuple[str | None, Prob
     name = posixpath.normpath(_as_listed(folder, raw))
     drive = len(name) > 2 and name[0].isalpha() and name[1] == ":" and name[2] in "/\\"  # C:/x.jpg
     if posixpath.isabs(name) or name == ".." or name.startswith("../") or drive:
-        return None, Problem(where, f"file_name {raw!r} points outside the folder", raw)
+        return None, Problem(where, f"file_name {raw!r} points outside the folder", name)
     if "\x00" in name:
-        return None, Problem(where, f"file_name {raw!r} contains a NUL character", raw)
+        return None, Problem(where, f"file_name {raw!r} contains a NUL character", name)
     # A symlink can still lead out of the folder.
     try:
         real, root = os.path.realpath(folder / name), os.path.realpath(folder)
     except (OSError, ValueError) as exc:
-        return None, Problem(where, f"file_name {raw!r} cannot be resolved ({exc})", raw)
+        return None, Problem(where, f"file_name {raw!r} cannot be resolved ({exc})", name)
     if os.path.commonpath([real, root]) != root:
-        return None, Problem(where, f"file_name {raw!r} points outside the folder (through a link)", raw)
+        return None, Problem(where, f"file_name {raw!r} points outside the folder (through a link)", name)
     return name, None
 
 
@@ -177,7 +177,7 @@ def _add_entry(
     name, problem = _check_name(meta.folder, raw_name, where)
     if problem is not None:
         if problem.file_name is not None:  # named as the folder walk names it, for the unlisted-image check
-            listed = posixpath.normpath(posixpath.join(meta.sub, _as_listed(meta.folder, problem.file_name)))
+            listed = posixpath.normpath(posixpath.join(meta.sub, problem.file_name))
             problem = Problem(problem.where, problem.message, listed)
         parsed.problems.append(problem)
         return
@@ -397,12 +397,9 @@ def _inspect_image(example: Example) -> tuple[tuple[int, int] | None, Problem | 
         return None, Problem(name, "unreadable image (not an image format Pillow can read)", name)
     except Image.DecompressionBombError as exc:
         return None, Problem(name, f"image too large to decode safely ({exc})", name)
-    except OSError as exc:
-        if exc.errno is not None:  # the file system's refusal (permissions, I/O), not the image's content
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:  # the file system's refusal, not the image's content
             return None, Problem(name, f"cannot read the file: {exc.strerror or exc}", name)
-        kind = "truncated image" if "truncated" in str(exc) else "corrupt image"
-        return None, Problem(name, f"{kind}: {exc}", name)
-    except (SyntaxError, ValueError, EOFError) as exc:
         kind = "truncated image" if "truncated" in str(exc) else "corrupt image"
         return None, Problem(name, f"{kind}: {exc}", name)
     if size[0] < 1 or size[1] < 1:

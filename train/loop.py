@@ -436,35 +436,29 @@ def long_caption_warnings(tokenizer: Any, train_ex: Sequence[Any], test_ex: Sequ
         return sorted(((len(i), e.file_name) for i, e in zip(ids, examples, strict=True) if len(i) > limit), reverse=True)
 
     warnings = []
-    for examples, limit, with_end, what in (
-        (train_ex, LABEL_TOKENS, True, f"are cut to the {LABEL_TOKENS} tokens a training label keeps"),
-        (test_ex, max_new_tokens, False, f"are longer than the {max_new_tokens} tokens evaluation generates "
+    for split, examples, limit, with_end, what in (
+        ("training", train_ex, LABEL_TOKENS, True, f"are cut to the {LABEL_TOKENS} tokens a training label keeps"),
+        ("test", test_ex, max_new_tokens, False, f"are longer than the {max_new_tokens} tokens evaluation generates "
          "(raise --max-new-tokens), so no prediction can match them whole"),
     ):  # fmt: skip
         long = too_long(examples, limit, with_end)
         if long:
-            split = "training" if examples is train_ex else "test"
             worst = ", ".join(f"{name} ({n} tokens)" for n, name in long[:3])
             warnings.append(f"warning: {len(long)} {split} caption(s) {what}; the longest: {worst}")
     return warnings
 
 
 def _check_writable(out: Path) -> None:
-    """Raises TrainError when `out` cannot be created or written, leaving nothing behind. An `out` that is
-    a file is left to _check_out, which says so."""
+    """Raises TrainError when `out` cannot be created or written. An `out` that is a file is left to
+    _check_out, which says so; folders made here and left empty are removed by _run_lock."""
     if out.exists() and not out.is_dir():
         return
-    created = [p for p in [out, *out.parents] if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as exc:
         raise TrainError(f"--out {out}: cannot create or write this folder ({exc.strerror or exc})") from None
-    finally:
-        for folder in created:  # innermost first: only the folders this check made, and only while empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
 
 
 def data_fingerprint(examples: Sequence[Any], split: dict[str, Any]) -> dict[str, Any]:
@@ -637,12 +631,10 @@ RUN_LOCK = ".run_config.json.lock"  # what output_lock(RUN/run_config.json) hold
 @contextlib.contextmanager
 def _run_lock(out_arg: Path | str) -> Iterator[None]:
     """Hold RUN/'s lock while training: a second `train` into the same --out (or a --resume of a run still
-    training) is refused instead of writing the same checkpoints and logs. Folders made only for the lock
-    are removed again if the run leaves them empty (a run refused for its data, say)."""
+    training) is refused instead of writing the same checkpoints and logs. Folders made for the run (by
+    the lock, or _check_writable) are removed again if it leaves them empty (a run refused for its data,
+    say). An --out that is a file cannot be locked: output_lock goes on without, and _check_out says so."""
     out = Path(out_arg).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        yield  # _check_out says what is wrong
-        return
     created = [p for p in [out, *out.parents] if not p.exists()]
     try:
         with contextlib.ExitStack() as stack:
