@@ -55,6 +55,7 @@ _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "source": (str,), "max_patches": (int,), "decoder_layout": (str,), "onnx_files": (dict,), "files": (dict,),
     "format_version": (int,), "quantization": (str, type(None)), "graph_rewrites": (list,), "versions": (dict,),
     "parity": (dict, type(None)), "created": (str,), "decoder_batching": (str, type(None)),
+    "int8_weight_bits": (int, type(None)),
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", dict: "an object", list: "a list", type(None): "null"}
 
@@ -69,6 +70,9 @@ class Manifest:
     onnx_files: dict[str, str]  # role ("encoder", "decoder_merged", "decoder", "decoder_with_past") -> file name
     quantization: str | None = None  # None (fp32) or "int8"
     decoder_batching: str | None = None  # one of DECODER_BATCHING; None: not recorded (see `batching`)
+    # int8: bits of the per-channel weights of the integer (MatMulInteger) MatMuls, 7 since they came in
+    # (see export.quantize.INT8_WEIGHT_BITS); None: fp32, or an int8 bundle written before, with 8.
+    int8_weight_bits: int | None = None
     graph_rewrites: list[str] = field(default_factory=list)  # export-time graph optimisations applied
     versions: dict[str, str] = field(default_factory=dict)  # torch/transformers/optimum/onnxruntime used
     parity: dict[str, Any] | None = None  # PyTorch vs engine BLEU on the test split, when exported with --data
@@ -83,6 +87,11 @@ class Manifest:
         if self.decoder_batching is not None:
             return self.decoder_batching
         return "batch" if self.quantization is None else "image"
+
+    @property
+    def full_range_int8(self) -> bool:
+        """An int8 bundle whose integer MatMuls have 8-bit weights, which CPUs without VNNI saturate."""
+        return self.quantization == "int8" and (self.int8_weight_bits or 8) > 7
 
     def to_json(self) -> str:
         data = asdict(self)

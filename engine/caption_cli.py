@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -117,13 +118,20 @@ def caption(
 
     try:
         # The bundle is opened and verified before any input is looked at.
-        captioner = Captioner(
-            model, threads=threads, batch_size=batch_size, num_beams=num_beams,
-            max_new_tokens=max_new_tokens, max_pixels=max_pixels,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            captioner = Captioner(
+                model, threads=threads, batch_size=batch_size, num_beams=num_beams,
+                max_new_tokens=max_new_tokens, max_pixels=max_pixels,
+            )
     except EdlightError as exc:
         _fail(exc)
     click.echo(describe_bundle(captioner.bundle), err=True)
+    for caught_warning in caught:  # the engine's own (a bundle this CPU computes differently), as the CLI words them
+        if issubclass(caught_warning.category, UserWarning):
+            click.echo(f"warning: {caught_warning.message}", err=True)
+        else:
+            warnings.warn_explicit(caught_warning.message, caught_warning.category, caught_warning.filename, caught_warning.lineno)
     try:
         summary = captioner.caption_folder(list(inputs), out=out, fmt=fmt, overwrite=overwrite, progress=not quiet,
                                            recaption_changed=recaption_changed)

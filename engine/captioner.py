@@ -11,6 +11,7 @@ import contextlib
 import operator
 import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from engine.decode import Decoder, GenerationSettings, generate
 from engine.errors import BundleError, ImageError, is_count
 from engine.images import DEFAULT_MAX_PIXELS, ImageSource, describe, load_image
 from engine.preprocess import PatchConfig, Patches, image_to_patches, stack
-from engine.session import OnnxModel, SessionSettings
+from engine.session import OnnxModel, SessionSettings, int8_products_saturate
 from engine.tokenizer import CaptionTokenizer
 
 if TYPE_CHECKING:
@@ -130,6 +131,13 @@ class Captioner:
             eos_token_ids=tuple(self.bundle.eos_token_ids),
         )
         path = self.bundle.path
+        if self.bundle.manifest.full_range_int8 and int8_products_saturate():
+            warnings.warn(
+                f"{path}: this int8 bundle has 8-bit weights, which this CPU (AVX2 without VNNI) multiplies in "
+                "saturating 16-bit sums: its captions can differ from the model's. Export it again with this "
+                "edlight (7-bit weights, exact on every CPU), or use an fp32 bundle",
+                stacklevel=2,
+            )
         # What may share a run (engine.bundle.DECODER_BATCHING). int8 quantizes some activations with one
         # scale per tensor: batched there, images would nudge each other's numbers, and a caption could
         # change with its neighbours in the folder (or between a run and its resume). So int8 bundles run

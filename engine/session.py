@@ -7,6 +7,7 @@ any ONNX Runtime failure is re-raised as `ModelRuntimeError` naming the model fi
 from __future__ import annotations
 
 import os
+import platform
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,32 @@ _LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (none where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def int8_products_saturate() -> bool:
+    """Whether ONNX Runtime's uint8 x int8 MatMuls on this CPU add pairs of products in a saturating int16.
+
+    x86 CPUs with AVX2 but without VNNI (AVX512_VNNI or AVX_VNNI) multiply with VPMADDUBSW, whose int16
+    pair sums overflow for weights beyond 7 bits (255 x 127 x 2 > 32767); VNNI sums in 32 bits. False
+    where the flags cannot be read (not Linux), as nothing is known there.
+    """
+    if platform.machine().lower() not in {"x86_64", "amd64", "i686", "i386"}:
+        return False
+    flags = cpu_flags()
+    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni"}
 
 
 @dataclass(frozen=True)

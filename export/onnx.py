@@ -536,9 +536,11 @@ def _build(
     require_identical(fp32, info.path)
     validation: dict[str, Any] = {"fp32": fp32.to_dict()}
 
+    weight_bits = None
     if quantize == "int8":
-        from export.quantize import quantize_decoder_int8, quantize_int8
+        from export.quantize import INT8_WEIGHT_BITS, quantize_decoder_int8, quantize_int8
 
+        weight_bits = INT8_WEIGHT_BITS
         log.info("quantizing to int8")
         for role, name in onnx_files.items():
             quantized = bundle / f"{Path(name).stem}_int8.onnx"
@@ -570,6 +572,7 @@ def _build(
         onnx_files=onnx_files,
         quantization=quantize,
         decoder_batching="steps" if quantize else "batch",
+        int8_weight_bits=weight_bits,
         graph_rewrites=rewrites,
         versions=library_versions(),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -111,6 +111,14 @@ def test_int8_merged_quantizes_both_branches(random_checkpoint: Path, tmp_path: 
         if name == "then_branch":  # cached steps: nothing scales a whole (batch) tensor at once
             assert "DynamicQuantizeLinear" not in ops and "DynamicQuantizeMatMul" not in ops
     assert bundle.manifest.decoder_batching == "steps" and bundle.manifest.batching == "steps"
+    # The integer MatMuls' weights use 7 bits, which no CPU's uint8 x int8 kernel saturates (export.quantize).
+    assert bundle.manifest.int8_weight_bits == 7 and not bundle.manifest.full_range_int8
+    integer_weights = [
+        onnx.numpy_helper.to_array(t) for path in (bundle.onnx_path("encoder"), merged)
+        for t in onnx.load(str(path)).graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1
+    ]
+    assert integer_weights and all(-64 <= w.min() and w.max() <= 63 for w in integer_weights)
+    assert max(int(abs(w).max()) for w in integer_weights) >= 63  # and they use those 7 bits
     int8 = bundle.manifest.extra["validation"]["int8"]
     assert int8["images"] == 4 and int8["encoder_max_abs_diff"] < 1.0
 

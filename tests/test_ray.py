@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,7 +115,21 @@ def local_ray() -> Iterator[object]:
     try:
         yield ray
     finally:
+        _wait_for_result_pumps()
         ray.shutdown()
+
+
+def _result_pumps() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "edlight-ray-results"]
+
+
+def _wait_for_result_pumps(seconds: float = 120) -> None:
+    """Wait until no engine thread is inside a Ray result iterator. One still inside it at ray.shutdown()
+    makes Ray start a new local cluster from this process (its auto-init), whose end later terminates the
+    process: the whole pytest run, silently."""
+    deadline = time.monotonic() + seconds
+    while _result_pumps() and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +277,10 @@ def test_a_stalled_ray_job_fails_loudly(local_ray: object, tiny_bundle: Path, mi
         assert time.monotonic() - started < 60
     finally:
         ray.kill(hog)
+    # Once the CPUs are free the stalled job's actors start; the engine's thread then closes Ray's iterator
+    # at its first result and ends (it cannot be stopped while the iterator blocks).
+    _wait_for_result_pumps()
+    assert not _result_pumps()
     assert (tmp_path / "stalled.jsonl").read_text() == ""  # nothing half-written
 
 

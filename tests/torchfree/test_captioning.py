@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import platform
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -424,6 +426,7 @@ def test_cli_refuses_a_missing_or_tampered_bundle_before_reading_images(engine_b
         ({"max_patches": 64}, "max_patches 64 differs from preprocessor_config.json's"),
         ({"decoder_batching": "rows"}, "unknown decoder_batching 'rows'"),
         ({"decoder_batching": 8}, "decoder_batching must be a string or null"),
+        ({"int8_weight_bits": "7"}, "int8_weight_bits must be an integer or null"),
     ],
 )
 def test_a_hand_edited_manifest_is_a_named_error(engine_bundle: Path, tmp_path: Path, edit: dict, message: str) -> None:
@@ -485,6 +488,64 @@ def test_cli_prints_the_parity_recorded_in_the_manifest(engine_bundle: Path, tmp
                                                   str(tmp_path / "o.jsonl"), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "parity vs PyTorch: passed=True, split=test, images=20, bleu_torch=41.25, bleu_engine=40.5" in result.output
+
+
+@pytest.mark.parametrize(
+    ("machine", "flags", "saturates"),
+    [
+        ("x86_64", "fpu sse2 avx avx2 fma", True),  # AVX2 without VNNI: VPMADDUBSW's int16 pair sums
+        ("x86_64", "avx2 avx512f avx512bw", True),  # AVX-512 without VNNI: the same instruction
+        ("x86_64", "avx2 avx512f avx512_vnni", False),
+        ("AMD64", "avx2 avx_vnni", False),
+        ("x86_64", "sse2 sse4_1", False),  # no AVX2: kernels that widen to int16 first
+        ("aarch64", "fp asimd asimddp", False),
+    ],
+)
+def test_which_cpus_saturate_int8_products(monkeypatch: pytest.MonkeyPatch, machine: str, flags: str, saturates: bool) -> None:
+    from engine import session
+
+    monkeypatch.setattr(session.platform, "machine", lambda: machine)
+    monkeypatch.setattr(session, "cpu_flags", lambda: frozenset(flags.split()))
+    assert session.int8_products_saturate() is saturates
+
+
+def test_cpu_flags_are_read_from_cpuinfo() -> None:
+    from engine.session import cpu_flags
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    listed = [line.split(":", 1)[1].split() for line in lines if line.split(":")[0].strip() == "flags"]
+    assert cpu_flags() == frozenset(listed[0] if listed else ())
+    if platform.machine() == "x86_64" and listed:
+        assert "sse2" in cpu_flags()  # every x86-64 CPU has it
+
+
+@pytest.mark.parametrize(("weight_bits", "saturates", "warned"), [(None, True, True), (8, True, True), (7, True, False), (None, False, False)])
+def test_an_int8_bundle_with_8_bit_weights_is_warned_about_on_a_cpu_that_saturates(
+    engine_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weight_bits: int | None, saturates: bool, warned: bool
+) -> None:
+    import engine.captioner
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(engine_bundle, bundle)
+    manifest = json.loads((bundle / "edlight.json").read_text())
+    assert manifest["quantization"] == "int8"
+    manifest.pop("int8_weight_bits", None)  # as bundles written before 7-bit weights
+    if weight_bits is not None:
+        manifest["int8_weight_bits"] = weight_bits
+    (bundle / "edlight.json").write_text(json.dumps(manifest))  # the manifest is not among the hashed files
+    monkeypatch.setattr(engine.captioner, "int8_products_saturate", lambda: saturates)
+    make_folder(tmp_path / "in", 1)
+    result = CliRunner().invoke(caption_command, [str(tmp_path / "in"), "--model", str(bundle), "--out",
+                                                  str(tmp_path / "o.jsonl"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    expected = f"warning: {bundle}: this int8 bundle has 8-bit weights, which this CPU (AVX2 without VNNI)"
+    assert (expected in result.output) is warned, result.output
+    assert "UserWarning" not in result.output
+    with warnings.catch_warnings(record=True) as caught:  # the API says it too
+        warnings.simplefilter("always")
+        Captioner(bundle)
+    assert any("8-bit weights" in str(w.message) for w in caught) is warned
 
 
 @pytest.mark.parametrize(
