@@ -117,7 +117,7 @@ def test_int8_merged_quantizes_both_branches(random_checkpoint: Path, tmp_path: 
         onnx.numpy_helper.to_array(t) for path in (bundle.onnx_path("encoder"), merged)
         for t in onnx.load(str(path)).graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1
     ]
-    assert integer_weights and all(-64 <= w.min() and w.max() <= 63 for w in integer_weights)
+    assert integer_weights and all(-64 <= w.min() and w.max() <= 64 for w in integer_weights)  # 255 x 64 x 2 < 2**15
     assert max(int(abs(w).max()) for w in integer_weights) >= 63  # and they use those 7 bits
     int8 = bundle.manifest.extra["validation"]["int8"]
     assert int8["images"] == 4 and int8["encoder_max_abs_diff"] < 1.0
