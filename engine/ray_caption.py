@@ -197,6 +197,10 @@ def caption_folder_ray(
     Ray starts), FileNotFoundError for a missing input, OutputError for an unusable output file,
     RayStallError when no result arrives for `stall_timeout` seconds, and whatever the actors raise
     (e.g. ModelRuntimeError).
+
+    After a RayStallError, a thread of the job can stay blocked in Ray Data's iterator (nothing stops it
+    from outside) until the stalled actors start; it then closes the job. Shutting Ray down in this
+    process before that makes the thread's next Ray call start a new local Ray (Ray's auto-init).
     """
     ray = import_ray()
     if batch_size < 1:
@@ -332,16 +336,11 @@ def _stream_records(
     RayStallError on a stall."""
     context = ray.data.DataContext.get_current()
     saved = (context.execution_options.preserve_order, context.enable_progress_bars,
-             getattr(context, "print_on_execution_start", None), getattr(context, "wait_for_min_actors_s", None))
+             getattr(context, "print_on_execution_start", None))
     context.execution_options.preserve_order = True  # records come back in input order
     context.enable_progress_bars = False  # our own bar counts images
     if saved[2] is not None:
         context.print_on_execution_start = False
-    if saved[3] is not None:
-        # Actors that cannot be placed make Ray's iterator wait for ever, and nothing can stop a thread
-        # blocked in it: after ray.shutdown() it started a new local cluster from this process (Ray's
-        # auto-init). So Ray gives up on them itself, a little after our own stall error is raised.
-        context.wait_for_min_actors_s = math.ceil(stall_timeout + ACTOR_WAIT_MARGIN_S)
     # Ray Data's INFO lines and its "progress bars disabled" warning would clutter the CLI's output.
     quieted = [(logging.getLogger(name), level) for name, level in
                (("ray.data", logging.WARNING), ("ray.data._internal.progress", logging.ERROR))]
@@ -367,14 +366,11 @@ def _stream_records(
         context.execution_options.preserve_order, context.enable_progress_bars = saved[:2]
         if saved[2] is not None:
             context.print_on_execution_start = saved[2]
-        if saved[3] is not None:
-            context.wait_for_min_actors_s = saved[3]
         for (logger, _), level in zip(quieted, saved_levels, strict=True):
             logger.setLevel(level)
 
 
 PUMP_JOIN_S = 10.0  # how long an interrupted or failed run waits for Ray's result iterator to close
-ACTOR_WAIT_MARGIN_S = 2.0  # Ray's own wait for actors ends this long after the stall error (within PUMP_JOIN_S)
 
 
 def _watch(items: Any, timeout: float, message: Any) -> Iterator[Any]:
@@ -418,15 +414,8 @@ def _watch(items: Any, timeout: float, message: Any) -> Iterator[Any]:
         stop.set()
         # Let the pump see `stop` and close the Ray iterator before the caller shuts Ray down: a pump still
         # inside the iterator after ray.shutdown() makes Ray reconnect and print tracebacks. A stalled
-        # iterator may never return, so the wait is bounded. Ray Data logs the end of an iteration given up
-        # on (its own wait for actors timing out) as an internal error with a stack trace: noise by now.
-        internal_errors = logging.getLogger("ray.data.exceptions")
-        level = internal_errors.level
-        internal_errors.setLevel(logging.CRITICAL)
-        try:
-            thread.join(timeout=PUMP_JOIN_S)
-        finally:
-            internal_errors.setLevel(level)
+        # iterator may never return, so the wait is bounded.
+        thread.join(timeout=PUMP_JOIN_S)
 
 
 def _stall_message(ray: Any, plan: ActorPlan, timeout: float) -> str:

@@ -275,8 +275,6 @@ def test_a_stalled_ray_job_fails_loudly(local_ray: object, tiny_bundle: Path, mi
             caption_folder_ray([mixed_folder], tmp_path / "stalled.jsonl", tiny_bundle, actors=2,
                                progress=False, stall_timeout=5)
         assert time.monotonic() - started < 60
-        # Ray gave up on the actors too, so no thread of the job is left inside Ray's iterator.
-        assert not _result_pumps()
     finally:
         ray.kill(hog)
     # Once the CPUs are free the stalled job's actors start; the engine's thread then closes Ray's iterator
