@@ -35,22 +35,6 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _cpuinfo() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return model, flags
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and value.strip():
-            model = value.strip()
-        elif key == "flags" and not flags:
-            flags = value.split()
-    return model, flags
-
-
 def physical_cores() -> int | None:
     try:
         import psutil
@@ -87,10 +71,13 @@ def library_versions() -> dict[str, str]:
 
 def machine_info(threads: int) -> dict[str, Any]:
     """What results.json records about where it ran."""
-    model, flags = _cpuinfo()
+    # Imported here: the workers import this module, and loading onnxruntime would count in their peak RSS.
+    from engine.session import cpu_flags, cpuinfo_field
+
+    flags = cpu_flags()
     total, available = memory_bytes()
     return {
-        "cpu_model": model,
+        "cpu_model": cpuinfo_field("model name") or platform.processor() or platform.machine(),
         "cpu_flags": [f for f in INTERESTING_FLAGS if f in flags],
         "logical_cpus": os.cpu_count(),
         "available_cpus": available_cpus(),

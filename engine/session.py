@@ -37,17 +37,22 @@ _LEVELS = {
 }
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (none where it cannot be read)."""
+def cpuinfo_field(key: str) -> str | None:
+    """The first value of `key` ("flags", "model name") in Linux's /proc/cpuinfo; None where there is none."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return frozenset()
+        return None
     for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
+        name, _, value = line.partition(":")
+        if name.strip() == key:
+            return value.strip()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (none where it cannot be read)."""
+    return frozenset((cpuinfo_field("flags") or "").split())
 
 
 def int8_products_saturate() -> bool:
