@@ -20,6 +20,11 @@ def _gib(value: int | None) -> str:
     return f"{value / 2**30:.2f} GiB" if value else "-"
 
 
+def _load(seconds: float | None) -> str:
+    """The worker's model load (a bundle's verification and sessions, for the engines), in seconds."""
+    return f"{seconds:.2f}" if seconds else "-"
+
+
 def _num(stats: dict[str, float] | None, digits: int = 3, key: str = "median") -> str:
     return f"{stats[key]:.{digits}f}" if stats else "-"
 
@@ -55,15 +60,15 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "| system | batch | preprocess s/img | encoder s/img | decode s/img | decode ms/step | total s/img (min-max) "
-        "| images/s | time vs Optimum | peak RSS | encoder GFLOP/s | of ceiling |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| images/s | time vs Optimum | load s | peak RSS | encoder GFLOP/s | of ceiling |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     optimum = {r["batch_size"]: r["total_s_per_image"]["median"] for r in results["results"]
                if r["system"] == "optimum" and r.get("total_s_per_image")}
     for r in results["results"]:
         if not r.get("total_s_per_image"):
             lines.append(f"| {r['system']} | {r['batch_size']} | failed: {r.get('error') or 'no timed run'} "
-                         "| | | | | | | | | |")
+                         "| | | | | | | | | | |")
             continue
         total = r["total_s_per_image"]
         ratio = f"{total['median'] / optimum[r['batch_size']]:.2f}x" if r["batch_size"] in optimum else "-"
@@ -73,7 +78,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {r['system']} | {r['batch_size']} | {_num(r['preprocess_s_per_image'])} | {_num(r['encoder_s_per_image'])} "
             f"| {_num(r['decode_s_per_image'])} | {_num(r['decode_ms_per_step'], 1)} "
             f"| {total['median']:.3f} ({total['min']:.3f}-{total['max']:.3f}) | {r['images_per_s']:.3g} | {ratio} "
-            f"| {_gib(r.get('peak_rss_bytes'))} | {gflops} | {share} |"
+            f"| {_load(r.get('load_s'))} | {_gib(r.get('peak_rss_bytes'))} | {gflops} | {share} |"
         )
     scaling = results.get("batch_scaling") or []
     if scaling:

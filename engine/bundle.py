@@ -50,6 +50,19 @@ def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def verify_files(root: Path, expected: dict[str, str]) -> None:
+    """Raise BundleError naming the first of `expected`'s files (name -> sha256, below `root`) whose content
+    differs or that cannot be read."""
+    for name, digest in sorted(expected.items()):
+        path = root / name
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            raise BundleError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        if actual != digest:
+            raise BundleError(f"{path}: sha256 does not match {MANIFEST_NAME}; the bundle was modified or is corrupt")
+
+
 # Types of the manifest's fields as JSON gives them (a hand-edited manifest gets a named error, not a crash).
 _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "source": (str,), "max_patches": (int,), "decoder_layout": (str,), "onnx_files": (dict,), "files": (dict,),
@@ -87,6 +100,11 @@ class Manifest:
         if self.decoder_batching is not None:
             return self.decoder_batching
         return "batch" if self.quantization is None else "image"
+
+    def graph_files(self) -> set[str]:
+        """The listed ONNX graphs and the weights files beside them (`<graph>.data`, Optimum's `<graph>_data`)."""
+        graphs = set(self.onnx_files.values())
+        return {name for name in self.files if name in graphs or any(name.startswith((g + ".", g + "_")) for g in graphs)}
 
     @property
     def full_range_int8(self) -> bool:
@@ -160,12 +178,14 @@ class Bundle:
     preprocessor_config: dict[str, Any]
 
     @classmethod
-    def load(cls, path: str | Path, verify_hashes: bool = True) -> Bundle:
+    def load(cls, path: str | Path, verify_hashes: bool = True, graphs_later: bool = False) -> Bundle:
         """Open a bundle directory.
 
         Raises BundleError when the directory or its manifest is missing, a listed file is absent,
         (with `verify_hashes`) a file's sha256 differs from the manifest, or a model setting the engine
-        reads (patch size, token ids, lengths) is not a usable integer.
+        reads (patch size, token ids, lengths) is not a usable integer. `graphs_later` leaves the hashes of
+        the ONNX graphs and their weights files, nearly all of a bundle's bytes, to `verify_graph_hashes`,
+        which a caller can run while ONNX Runtime loads them.
         """
         root = Path(path)
         manifest_path = root / MANIFEST_NAME
@@ -188,16 +208,12 @@ class Bundle:
         unlisted = sorted(needed - set(manifest.files))
         if unlisted:
             raise BundleError(f"{root}: manifest does not list {', '.join(unlisted)}")
-        for name, expected in sorted(manifest.files.items()):
-            file_path = root / name
-            if not file_path.is_file():
-                raise BundleError(f"{file_path}: missing from bundle (listed in {MANIFEST_NAME})")
-            try:
-                digest = sha256_file(file_path) if verify_hashes else expected
-            except OSError as exc:
-                raise BundleError(f"{file_path}: cannot read: {exc.strerror or exc}") from exc
-            if digest != expected:
-                raise BundleError(f"{file_path}: sha256 does not match {MANIFEST_NAME}; the bundle was modified or is corrupt")
+        for name in sorted(manifest.files):
+            if not (root / name).is_file():
+                raise BundleError(f"{root / name}: missing from bundle (listed in {MANIFEST_NAME})")
+        later = manifest.graph_files() if graphs_later else set()
+        if verify_hashes:
+            verify_files(root, {name: digest for name, digest in manifest.files.items() if name not in later})
 
         def read_json(name: str) -> dict[str, Any]:
             try:
@@ -225,6 +241,12 @@ class Bundle:
         )
         bundle.check_settings()
         return bundle
+
+    def verify_graph_hashes(self) -> None:
+        """The sha256 check of the ONNX graphs and their weights files, for a bundle loaded with `graphs_later`.
+        Raises BundleError naming the first file that differs from the manifest or cannot be read."""
+        files = self.manifest.files
+        verify_files(self.path, {name: files[name] for name in self.manifest.graph_files()})
 
     @property
     def model_id(self) -> str:

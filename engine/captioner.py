@@ -23,7 +23,7 @@ import numpy as np
 
 from engine.bundle import MANIFEST_NAME, Bundle
 from engine.decode import Decoder, GenerationSettings, generate
-from engine.errors import BundleError, ImageError, is_count
+from engine.errors import BundleError, ImageError, ModelRuntimeError, is_count
 from engine.images import DEFAULT_MAX_PIXELS, ImageSource, describe, load_image
 from engine.preprocess import PatchConfig, Patches, image_to_patches, stack
 from engine.session import OnnxModel, SessionSettings, int8_products_saturate
@@ -111,7 +111,8 @@ class Captioner:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         max_pixels = pixel_cap(max_pixels)
         settings = SessionSettings(threads=threads)  # checks `threads` before the bundle is read
-        self.bundle = Bundle.load(resolve_bundle(bundle), verify_hashes=verify)
+        # The graphs' hashes (about a second for a base-size bundle) are checked while ONNX Runtime loads them.
+        self.bundle = Bundle.load(resolve_bundle(bundle), verify_hashes=verify, graphs_later=True)
         self.batch_size = batch_size
         self.max_pixels = max_pixels
         self.patch_config = PatchConfig.from_preprocessor_config(
@@ -145,6 +146,24 @@ class Captioner:
         # activations are scaled row by row ("steps"); older int8 bundles run one image at a time ("image").
         self.batching = self.bundle.manifest.batching
         self.one_image_per_run = self.batching == "image"
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edlight-verify") as hasher:
+            hashed = hasher.submit(self.bundle.verify_graph_hashes) if verify else None
+            try:
+                self._load_graphs(settings)
+            except ModelRuntimeError:
+                if hashed is not None:
+                    hashed.result()  # a file that differs from the manifest explains a refused graph better
+                raise
+            if hashed is not None:
+                hashed.result()
+        self._encoder_input = self.encoder.input_names[0] if "flattened_patches" not in self.encoder.inputs else "flattened_patches"
+        self._encoder_output = "last_hidden_state" if "last_hidden_state" in self.encoder.outputs else self.encoder.output_names[0]
+        self.trims_padding = self._patch_axis_is_dynamic()
+        self.timings = Timings()
+
+    def _load_graphs(self, settings: SessionSettings) -> None:
+        """The bundle's ONNX Runtime sessions: the encoder and the decoder(s) of its layout."""
+        path = self.bundle.path
         per_image_first_step = self.batching == "steps"
         self.encoder = OnnxModel(self.bundle.onnx_path("encoder"), settings, bundle=path)
         if self.bundle.manifest.decoder_layout == "merged":
@@ -156,10 +175,6 @@ class Captioner:
                 OnnxModel(self.bundle.onnx_path("decoder_with_past"), settings, bundle=path),
                 first_step_per_image=per_image_first_step,
             )
-        self._encoder_input = self.encoder.input_names[0] if "flattened_patches" not in self.encoder.inputs else "flattened_patches"
-        self._encoder_output = "last_hidden_state" if "last_hidden_state" in self.encoder.outputs else self.encoder.output_names[0]
-        self.trims_padding = self._patch_axis_is_dynamic()
-        self.timings = Timings()
 
     # ----------------------------------------------------------------------------------- public API
     def caption(self, images: Sequence[ImageSource] | ImageSource) -> list[str]:

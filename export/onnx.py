@@ -504,6 +504,7 @@ def _build(
     tolerance: float | None = None,
     min_identical: float | None = None,
 ) -> Path:
+    from export.optimize import store_weights_beside
     from export.validate import compare_greedy
 
     log.info("loading %s", info.path)
@@ -565,6 +566,9 @@ def _build(
                 100 * int8.token_agreement,
             )
 
+    for name in onnx_files.values():  # large graphs' weights into a side file ONNX Runtime maps (faster start)
+        if store_weights_beside(bundle / name):
+            log.info("%s: weights stored beside the graph in %s.data", name, name)
     manifest = Manifest(
         source=str(info.path.absolute()),
         max_patches=info.max_patches,

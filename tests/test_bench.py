@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -212,7 +213,7 @@ def test_tiny_benchmark_writes_json_table_and_chart(
     assert (out / "logs" / "engine-b2-scaling.log").exists()
 
     table = (out / "results.md").read_text(encoding="utf-8")
-    assert "| system | batch |" in table and "of ceiling" in table
+    assert "| system | batch |" in table and "| load s |" in table and "of ceiling" in table
     assert "Batch scaling, timed interleaved" in table and "| engine-int8 |" in table
     for system in ALL_SYSTEMS:
         assert f"| {system} | 1 |" in table and f"| {system} | 2 |" in table
@@ -254,3 +255,22 @@ def test_batch_sizes_are_timed_interleaved_in_one_process(tiny_bundle: Path, tin
     notes.write_text("mine\n")
     refused = CliRunner().invoke(batch_sizes, [*args[:-1], str(notes)])
     assert refused.exit_code == 2 and "does not hold batch-size timings" in refused.output and notes.read_text() == "mine\n"
+
+
+def test_startup_is_timed_in_fresh_processes(tiny_bundle: Path, tiny_bundle_int8: Path, synth_data: Path, tmp_path: Path) -> None:
+    from benchmarks.startup import main as startup
+
+    image = sorted(synth_data.glob("*.jpg"))[0]
+    result = CliRunner().invoke(startup, ["--model", str(tiny_bundle), "--model", str(tiny_bundle_int8), "--rounds", "1",
+                                          "--tokens", "3", "--image", str(image), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    for bundle in (tiny_bundle, tiny_bundle_int8):
+        line = next(line for line in result.output.splitlines() if line.startswith(f"{bundle.resolve()}: "))
+        load, first, total = (float(x) for x in re.findall(r"load ([\d.]+) s \+ first caption ([\d.]+) s = ([\d.]+) s", line)[0])
+        assert load > 0 and first > 0 and abs(load + first - total) < 0.015 and "peak RSS" in line
+
+    not_a_bundle = tmp_path / "empty"
+    not_a_bundle.mkdir()
+    failed = CliRunner().invoke(startup, ["--model", str(not_a_bundle), "--rounds", "1", "--image", str(image)])
+    assert failed.exit_code == 1 and "the measuring process failed" in failed.output and "not an edlight bundle" in failed.output
+    assert CliRunner().invoke(startup, ["--rounds", "1"]).exit_code == 2  # no --model

@@ -21,6 +21,7 @@ from export.optimize import (  # noqa: E402
     encoder_feeds,
     optimize_decoder,
     optimize_encoder,
+    store_weights_beside,
     verify_encoder,
     verify_same_outputs,
 )
@@ -248,3 +249,31 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
         optimize_encoder(tmp_path / "missing.onnx", tmp_path / "out.onnx")
     with pytest.raises(OptimizeError, match="missing.onnx"):
         optimize_decoder(tmp_path / "missing.onnx", tmp_path / "out.onnx")
+
+
+def test_weights_move_beside_the_graph_byte_for_byte(tiny_encoder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    graph = tmp_path / "encoder_model.onnx"
+    shutil.copy(tiny_encoder, graph)
+    graph.chmod(0o644)
+    before = graph.read_bytes()
+    assert not store_weights_beside(graph, min_bytes=len(before) * 2)  # small graphs stay one file
+    assert graph.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [graph.name]
+
+    assert store_weights_beside(graph, min_bytes=0)
+    side = tmp_path / "encoder_model.onnx.data"
+    assert side.stat().st_size > 0.9 * len(before) and graph.stat().st_size < 0.1 * len(before)
+    assert side.stat().st_mode & 0o777 == 0o644  # readable by whoever deploys the bundle, like the graph
+    assert sorted(p.name for p in tmp_path.iterdir()) == [graph.name, side.name]  # no staging left behind
+    feeds = [encoder_feeds(1, *_shape(tiny_encoder)), encoder_feeds(2, *_shape(tiny_encoder), pad=10)]
+    assert verify_same_outputs(tiny_encoder, graph, feeds, atol=0.0, rtol=0.0) == 0.0
+
+    # A graph whose weights already sit in a side file of another name (Optimum's over 2 GB) gets ours instead.
+    other = tmp_path / "other"
+    other.mkdir()
+    model = onnx.load(str(tiny_encoder))
+    onnx.save(model, str(other / "encoder_model.onnx"), save_as_external_data=True, location="encoder_model.onnx_data")
+    assert store_weights_beside(other / "encoder_model.onnx", min_bytes=0)
+    assert sorted(p.name for p in other.iterdir()) == ["encoder_model.onnx", "encoder_model.onnx.data"]
+    assert verify_same_outputs(tiny_encoder, other / "encoder_model.onnx", feeds, atol=0.0, rtol=0.0) == 0.0

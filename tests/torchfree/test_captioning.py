@@ -416,6 +416,37 @@ def test_cli_refuses_a_missing_or_tampered_bundle_before_reading_images(engine_b
         Captioner(tampered)
 
 
+def test_weights_beside_the_graphs_load_without_onnx(engine_bundle: Path, tmp_path: Path) -> None:
+    """Exports of large models keep each graph's weights in `<graph>.data` (export.optimize.store_weights_beside).
+    The engine reads such a bundle with ONNX Runtime alone, captions as from one-file graphs, and hashes the
+    weights files (while the sessions load) like every other file. ONNX Runtime itself rewrites the graphs here."""
+    import onnxruntime as ort
+
+    from engine.bundle import Bundle, write_manifest
+
+    beside = Path(shutil.copytree(engine_bundle, tmp_path / "beside"))
+    manifest = Bundle.load(beside).manifest
+    for name in manifest.onnx_files.values():
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as it is
+        options.optimized_model_filepath = str(tmp_path / name)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{name}.data")
+        # As the export writes them: small tensors (shapes, split sizes) stay in the graph, for shape inference.
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        ort.InferenceSession(str(beside / name), options, providers=["CPUExecutionProvider"])
+        for written in (name, f"{name}.data"):
+            shutil.move(tmp_path / written, beside / written)
+    write_manifest(beside, manifest)
+    assert Bundle.load(beside).manifest.graph_files() == {*manifest.onnx_files.values(), *(f"{n}.data" for n in manifest.onnx_files.values())}
+    images = [photo(seed) for seed in range(3)]
+    assert Captioner(beside, threads=1).caption(images) == Captioner(engine_bundle, threads=1).caption(images)
+
+    weights = beside / f"{manifest.onnx_files['decoder_merged']}.data"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\1")
+    with pytest.raises(BundleError, match=rf"{re.escape(weights.name)}: sha256 does not match"):
+        Captioner(beside, threads=1)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
