@@ -776,8 +776,9 @@ WEIGHTS_BESIDE_MIN_BYTES = 64 << 20
 
 def store_weights_beside(path: Path, min_bytes: int | None = None) -> bool:
     """Rewrite the graph at `path` with its weights in `path.name + ".data"` beside it, when they total at
-    least `min_bytes` (default WEIGHTS_BESIDE_MIN_BYTES); returns whether it did. The same tensors, byte for byte: only where they are stored
-    changes. A side file the graph had under another name (an Optimum export over 2 GB) is removed."""
+    least `min_bytes` (default WEIGHTS_BESIDE_MIN_BYTES); returns whether it did. The same tensors, byte for
+    byte: only where they are stored changes. A side file the graph had under another name (an Optimum
+    export over 2 GB) is removed."""
     from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
 
     model = onnx.load(str(path), load_external_data=False)
@@ -789,6 +790,8 @@ def store_weights_beside(path: Path, min_bytes: int | None = None) -> bool:
     staging = path.parent / f".{path.name}.weights"
     staging.mkdir()
     try:
+        # Tensors under 1 KB (shapes, split sizes) stay in the graph: ONNX Runtime's shape inference cannot
+        # read them from a side file and refuses the graph.
         onnx.save(model, str(staging / path.name), save_as_external_data=True, location=side, size_threshold=1024)
         # onnx creates the weights file readable by its owner only; a bundle is read by whoever deploys it.
         os.chmod(staging / side, stat.S_IMODE(path.stat().st_mode))
