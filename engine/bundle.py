@@ -2,7 +2,8 @@
 
 This module owns the bundle format. The export stage writes bundles through
 `Manifest` and `write_manifest`; the engine opens them only through
-`Bundle.load`, which refuses a missing file or a hash mismatch before any work.
+`Bundle.load`, which refuses a missing file or a hash mismatch before any image is read (the Captioner
+hashes the graphs while ONNX Runtime loads them: `graphs_later`, `verify_graph_hashes`).
 
 Layout of a bundle directory::
 
@@ -10,6 +11,8 @@ Layout of a bundle directory::
     encoder_model.onnx           Pix2Struct vision encoder
     decoder_model_merged.onnx    text decoder with KV cache (layout "merged"), or
     decoder_model.onnx + decoder_with_past_model.onnx   (layout "split")
+    <graph>.onnx.data            a large graph's weights (export.optimize.store_weights_beside), int8 graphs
+                                 are named *_int8.onnx
     tokenizer.json, preprocessor_config.json, config.json, generation_config.json
 """
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from engine.bundle import MANIFEST_NAME, Bundle
 from engine.decode import Decoder, GenerationSettings, generate
-from engine.errors import BundleError, ImageError, ModelRuntimeError, is_count
+from engine.errors import BundleError, ImageError, is_count
 from engine.images import DEFAULT_MAX_PIXELS, ImageSource, describe, load_image
 from engine.preprocess import PatchConfig, Patches, image_to_patches, stack
 from engine.session import OnnxModel, SessionSettings, int8_products_saturate
@@ -150,9 +150,10 @@ class Captioner:
             hashed = hasher.submit(self.bundle.verify_graph_hashes) if verify else None
             try:
                 self._load_graphs(settings)
-            except ModelRuntimeError:
-                if hashed is not None:
-                    hashed.result()  # a file that differs from the manifest explains a refused graph better
+            except Exception as exc:  # ONNX Runtime refused a graph, or it lacks what the decoder loop needs
+                damaged = hashed.exception() if hashed is not None else None  # waits for the hashes
+                if damaged is not None:
+                    raise damaged from exc  # a file that differs from the manifest explains it better
                 raise
             if hashed is not None:
                 hashed.result()

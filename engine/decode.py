@@ -214,7 +214,11 @@ class Decoder:
             for name in ("input_ids", "encoder_attention_mask"):
                 if name not in model.inputs:
                     raise ModelRuntimeError(f"{model.path}: decoder lacks input {name}")
+            if "logits" not in model.outputs:
+                raise ModelRuntimeError(f"{model.path}: decoder lacks output logits")
         shape = cached.input_shape(self.self_names[0])
+        if len(shape) != 4:
+            raise ModelRuntimeError(f"{cached.path}: {self.self_names[0]} should be [batch, heads, length, head_dim], got {shape}")
         self.num_heads, self.head_dim = shape[1], shape[3]
         self.kv_dtype = cached.input_dtype(self.self_names[0])
         # The split layout's with-past graph reads only the cached cross K/V: states then drop the hidden

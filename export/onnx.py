@@ -504,7 +504,7 @@ def _build(
     tolerance: float | None = None,
     min_identical: float | None = None,
 ) -> Path:
-    from export.optimize import store_weights_beside
+    from export.optimize import OptimizeError, store_weights_beside, weights_files
     from export.validate import compare_greedy
 
     log.info("loading %s", info.path)
@@ -551,7 +551,8 @@ def _build(
             if role == "encoder":
                 # Let ONNX Runtime fuse the integer MatMuls once here rather than at every start-up.
                 _ort_optimize(quantized)
-            (bundle / name).unlink()
+            for fp32_file in (name, *weights_files(bundle / name)):
+                (bundle / fp32_file).unlink(missing_ok=True)
             onnx_files[role] = quantized.name
         int8 = compare_greedy(model, processor, bundle, onnx_files, layout, images, VALIDATION_TOKENS, one_image_at_a_time=True)
         validation["int8"] = int8.to_dict()
@@ -567,8 +568,11 @@ def _build(
             )
 
     for name in onnx_files.values():  # large graphs' weights into a side file ONNX Runtime maps (faster start)
-        if store_weights_beside(bundle / name):
-            log.info("%s: weights stored beside the graph in %s.data", name, name)
+        try:
+            if store_weights_beside(bundle / name):
+                log.info("%s: weights stored beside the graph in %s.data", name, name)
+        except OptimizeError as exc:
+            raise ExportError(f"{bundle / name}: storing the weights beside the graph failed: {exc}") from exc
     manifest = Manifest(
         source=str(info.path.absolute()),
         max_patches=info.max_patches,
@@ -613,7 +617,13 @@ def _optimize_graphs(bundle: Path, onnx_files: dict[str, str]) -> list[str]:
     cut trailing padding); each rewritten encoder is checked against the original on padded and unpadded
     inputs. The decoders only get the dynamic patch axis. Raises ExportError when a rewrite breaks a graph.
     """
-    from export.optimize import OptimizeError, optimize_decoder, optimize_encoder, verify_encoder
+    from export.optimize import (
+        OptimizeError,
+        optimize_decoder,
+        optimize_encoder,
+        verify_encoder,
+        weights_files,
+    )
 
     staging = bundle / ".optimized"
     staging.mkdir()
@@ -621,6 +631,7 @@ def _optimize_graphs(bundle: Path, onnx_files: dict[str, str]) -> list[str]:
     try:
         for role, name in onnx_files.items():
             source, target = bundle / name, staging / name
+            exported_weights = weights_files(source)  # Optimum's `<graph>_data` over 2 GB; the rewrite names its own
             if role == "encoder":
                 report = optimize_encoder(source, target)
                 worst = verify_encoder(source, target)
@@ -633,6 +644,8 @@ def _optimize_graphs(bundle: Path, onnx_files: dict[str, str]) -> list[str]:
                 rewrites += [f"{role}:{r}" for r in report.rewrites]
             for produced in staging.iterdir():  # the graph, and its weights file if it has one
                 os.replace(produced, bundle / produced.name)
+            for stale in exported_weights - weights_files(bundle / name):
+                (bundle / stale).unlink(missing_ok=True)
     except OptimizeError as exc:
         raise ExportError(f"{bundle}: graph optimisation failed: {exc}") from exc
     finally:

@@ -775,45 +775,54 @@ WEIGHTS_BESIDE_MIN_BYTES = 64 << 20
 
 
 def store_weights_beside(path: Path, min_bytes: int | None = None) -> bool:
-    """Rewrite the graph at `path` with its weights in `path.name + ".data"` beside it, when they total at
-    least `min_bytes` (default WEIGHTS_BESIDE_MIN_BYTES); returns whether it did. The same tensors, byte for
-    byte: only where they are stored changes. A side file the graph had under another name (an Optimum
-    export over 2 GB) is removed."""
-    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
+    """Rewrite the graph at `path` with its weights in `path.name + ".data"` beside it, when its initializers
+    total at least `min_bytes` (default WEIGHTS_BESIDE_MIN_BYTES); returns whether it did. The same tensors,
+    byte for byte: only where they are stored changes. A weights file the graph had under another name (an
+    Optimum export over 2 GB) is removed. Raises OptimizeError when ONNX Runtime cannot load the result."""
+    from onnx.external_data_helper import load_external_data_for_model
 
+    old_sides = weights_files(path)
     model = onnx.load(str(path), load_external_data=False)
-    old_sides = {ExternalDataInfo(t).location for t in _all_tensors(model.graph) if uses_external_data(t)}
     load_external_data_for_model(model, str(path.parent))
-    if sum(len(t.raw_data) for t in _all_tensors(model.graph)) < (WEIGHTS_BESIDE_MIN_BYTES if min_bytes is None else min_bytes):
+    initializers = [t for graph in _graphs(model.graph) for t in graph.initializer]
+    if sum(len(t.raw_data) for t in initializers) < (WEIGHTS_BESIDE_MIN_BYTES if min_bytes is None else min_bytes):
         return False
     side = path.name + ".data"
+    mode = stat.S_IMODE(path.stat().st_mode)
     staging = path.parent / f".{path.name}.weights"
     staging.mkdir()
     try:
         # Tensors under 1 KB (shapes, split sizes) stay in the graph: ONNX Runtime's shape inference cannot
         # read them from a side file and refuses the graph.
         onnx.save(model, str(staging / path.name), save_as_external_data=True, location=side, size_threshold=1024)
-        # onnx creates the weights file readable by its owner only; a bundle is read by whoever deploys it.
-        os.chmod(staging / side, stat.S_IMODE(path.stat().st_mode))
-        for produced in staging.iterdir():
-            os.replace(produced, path.parent / produced.name)
+        for name in (side, path.name):  # the weights first: a graph never points at a file not yet there
+            os.chmod(staging / name, mode)  # onnx makes the weights file owner-only; deployments read bundles
+            os.replace(staging / name, path.parent / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for old in old_sides - {side}:
         (path.parent / old).unlink(missing_ok=True)
+    _check_loads(path)
     return True
 
 
-def _all_tensors(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
-    """Every initializer and tensor attribute of `graph` and its If/Loop bodies (where external data can be)."""
-    yield from graph.initializer
+def weights_files(path: Path) -> set[str]:
+    """Names of the files (relative to its folder) that hold the weights of the graph at `path` besides itself."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    tensors = [t for g in _graphs(graph) for t in g.initializer]
+    tensors += [t for g in _graphs(graph) for node in g.node for a in node.attribute for t in (*([a.t] if a.HasField("t") else []), *a.tensors)]
+    return {ExternalDataInfo(t).location for t in tensors if uses_external_data(t)}
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
+    """`graph` and every If/Loop body inside it, at any depth."""
+    yield graph
     for node in graph.node:
         for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
             for sub in [*([attr.g] if attr.HasField("g") else []), *attr.graphs]:
-                yield from _all_tensors(sub)
+                yield from _graphs(sub)
 
 
 def ort_optimize_file(source: Path, target: Path) -> None:

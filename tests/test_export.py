@@ -320,6 +320,23 @@ def test_large_graphs_keep_their_weights_beside_them(
     with pytest.raises(BundleError, match=rf"{re.escape(weights.name)}: sha256 does not match"):
         Captioner(beside.path, threads=1)
 
+    # A graph that ONNX Runtime loads but the decoder loop cannot use (its logits renamed) is named as such,
+    # and as the changed file it is when the bundle is verified.
+    import onnx
+
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))  # the weights as exported again
+    decoder = beside.path / beside.manifest.onnx_files["decoder_merged"]
+    graph = onnx.load(str(decoder), load_external_data=False)
+    for node in graph.graph.node:
+        node.output[:] = ["scores" if name == "logits" else name for name in node.output]
+    next(o for o in graph.graph.output if o.name == "logits").name = "scores"
+    onnx.save(graph, str(decoder))
+    with pytest.raises(ModelRuntimeError, match="decoder lacks output logits"):
+        Captioner(beside.path, threads=1, verify=False)
+    with pytest.raises(BundleError, match=rf"{re.escape(decoder.name)}: sha256 does not match"):
+        Captioner(beside.path, threads=1)
+
 
 def test_existing_out_refused_unless_force(random_checkpoint: Path, tmp_path: Path) -> None:
     from export.onnx import export_bundle

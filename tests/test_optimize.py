@@ -277,3 +277,22 @@ def test_weights_move_beside_the_graph_byte_for_byte(tiny_encoder: Path, tmp_pat
     assert store_weights_beside(other / "encoder_model.onnx", min_bytes=0)
     assert sorted(p.name for p in other.iterdir()) == ["encoder_model.onnx", "encoder_model.onnx.data"]
     assert verify_same_outputs(tiny_encoder, other / "encoder_model.onnx", feeds, atol=0.0, rtol=0.0) == 0.0
+
+
+def test_rewritten_graphs_leave_no_weights_file_behind(tiny_encoder: Path, tmp_path: Path) -> None:
+    """Optimum writes the weights of graphs over 2 GB to `<graph>_data`; the rewritten graphs name their own
+    (or none), so the export's rewrite step removes the exported ones instead of shipping them unused."""
+    from export.onnx import _optimize_graphs
+    from export.optimize import weights_files
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    roles = {"encoder": "encoder_model.onnx", "decoder": "decoder_model.onnx"}
+    for name in roles.values():
+        model = onnx.load(str(tiny_encoder.parent / name))
+        onnx.save(model, str(bundle / name), save_as_external_data=True, location=f"{name}_data", size_threshold=1024)
+        assert weights_files(bundle / name) == {f"{name}_data"}
+    _optimize_graphs(bundle, roles)
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(roles.values())
+    assert all(weights_files(bundle / name) == set() for name in roles.values())
+    verify_encoder(tiny_encoder, bundle / "encoder_model.onnx")
