@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
+import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -75,6 +76,23 @@ class _Prepared:
     patches: list[Patches | None]
     errors: list[str | None]
     seconds: float
+
+
+def _in_daemon_thread(work: Callable[[], None], name: str) -> Future[None]:
+    """Run `work` in a daemon thread; its Future gives its outcome. Unlike an executor's thread, it does not
+    hold up Ctrl-C or the end of the process (hashing a large bundle takes seconds)."""
+    future: Future[None] = Future()
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 class Captioner:
@@ -146,17 +164,16 @@ class Captioner:
         # activations are scaled row by row ("steps"); older int8 bundles run one image at a time ("image").
         self.batching = self.bundle.manifest.batching
         self.one_image_per_run = self.batching == "image"
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edlight-verify") as hasher:
-            hashed = hasher.submit(self.bundle.verify_graph_hashes) if verify else None
-            try:
-                self._load_graphs(settings)
-            except Exception as exc:  # ONNX Runtime refused a graph, or it lacks what the decoder loop needs
-                damaged = hashed.exception() if hashed is not None else None  # waits for the hashes
-                if damaged is not None:
-                    raise damaged from exc  # a file that differs from the manifest explains it better
-                raise
-            if hashed is not None:
-                hashed.result()
+        hashed = _in_daemon_thread(self.bundle.verify_graph_hashes, "edlight-verify") if verify else None
+        try:
+            self._load_graphs(settings)
+        except Exception as exc:  # ONNX Runtime refused a graph, or it lacks what the decoder loop needs
+            damaged = hashed.exception() if hashed is not None else None  # waits for the hashes
+            if damaged is not None:
+                raise damaged from exc  # a file that differs from the manifest explains it better
+            raise
+        if hashed is not None:
+            hashed.result()
         self._encoder_input = self.encoder.input_names[0] if "flattened_patches" not in self.encoder.inputs else "flattened_patches"
         self._encoder_output = "last_hidden_state" if "last_hidden_state" in self.encoder.outputs else self.encoder.output_names[0]
         self.trims_padding = self._patch_axis_is_dynamic()

@@ -447,6 +447,44 @@ def test_weights_beside_the_graphs_load_without_onnx(engine_bundle: Path, tmp_pa
         Captioner(beside, threads=1)
 
 
+def test_ctrl_c_while_loading_does_not_wait_for_the_hashes(engine_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graphs are hashed beside the session load (seconds for a large bundle); Ctrl-C there ends the load
+    at once, and a hash mismatch found meanwhile is what a failed load reports."""
+    import threading
+
+    from engine.bundle import Bundle
+
+    release = threading.Event()
+
+    def slow_hashes(self: Bundle) -> None:
+        release.wait(60)
+
+    def interrupted(self: Captioner, settings: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Bundle, "verify_graph_hashes", slow_hashes)
+    monkeypatch.setattr(Captioner, "_load_graphs", interrupted)
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Captioner(engine_bundle)
+        assert time.monotonic() - started < 30  # not the 60 s the hashing still has to go
+    finally:
+        release.set()
+
+    def mismatch(self: Bundle) -> None:
+        raise BundleError(f"{self.path}/decoder.onnx: sha256 does not match edlight.json")
+
+    def refused(self: Captioner, settings: object) -> None:
+        raise RuntimeError("ONNX Runtime: cannot load")
+
+    monkeypatch.setattr(Bundle, "verify_graph_hashes", mismatch)
+    monkeypatch.setattr(Captioner, "_load_graphs", refused)
+    with pytest.raises(BundleError, match="sha256 does not match") as caught:
+        Captioner(engine_bundle)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
