@@ -781,8 +781,8 @@ def store_weights_beside(path: Path, min_bytes: int | None = None) -> bool:
     Optimum export over 2 GB) is removed. Raises OptimizeError when ONNX Runtime cannot load the result."""
     from onnx.external_data_helper import load_external_data_for_model
 
-    old_sides = weights_files(path)
     model = onnx.load(str(path), load_external_data=False)
+    old_sides = _weights_locations(model.graph)
     load_external_data_for_model(model, str(path.parent))
     initializers = [t for graph in _graphs(model.graph) for t in graph.initializer]
     if sum(len(t.raw_data) for t in initializers) < (WEIGHTS_BESIDE_MIN_BYTES if min_bytes is None else min_bytes):
@@ -808,9 +808,13 @@ def store_weights_beside(path: Path, min_bytes: int | None = None) -> bool:
 
 def weights_files(path: Path) -> set[str]:
     """Names of the files (relative to its folder) that hold the weights of the graph at `path` besides itself."""
+    return _weights_locations(onnx.load(str(path), load_external_data=False).graph)
+
+
+def _weights_locations(graph: onnx.GraphProto) -> set[str]:
+    """The external-data files `graph` (loaded without its external data) names for its tensors."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    graph = onnx.load(str(path), load_external_data=False).graph
     tensors = [t for g in _graphs(graph) for t in g.initializer]
     tensors += [t for g in _graphs(graph) for node in g.node for a in node.attribute for t in (*([a.t] if a.HasField("t") else []), *a.tensors)]
     return {ExternalDataInfo(t).location for t in tensors if uses_external_data(t)}
