@@ -784,7 +784,7 @@ def store_weights_beside(path: Path, min_bytes: int | None = None) -> bool:
     model = onnx.load(str(path), load_external_data=False)
     old_sides = _weights_locations(model.graph)
     load_external_data_for_model(model, str(path.parent))
-    initializers = [t for graph in _graphs(model.graph) for t in graph.initializer]
+    initializers = [t for graph in all_graphs(model.graph) for t in graph.initializer]
     if sum(len(t.raw_data) for t in initializers) < (WEIGHTS_BESIDE_MIN_BYTES if min_bytes is None else min_bytes):
         return False
     side = path.name + ".data"
@@ -815,18 +815,18 @@ def _weights_locations(graph: onnx.GraphProto) -> set[str]:
     """The external-data files `graph` (loaded without its external data) names for its tensors."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    tensors = [t for g in _graphs(graph) for t in g.initializer]
-    tensors += [t for g in _graphs(graph) for node in g.node for a in node.attribute for t in (*([a.t] if a.HasField("t") else []), *a.tensors)]
+    tensors = [t for g in all_graphs(graph) for t in g.initializer]
+    tensors += [t for g in all_graphs(graph) for node in g.node for a in node.attribute for t in (*([a.t] if a.HasField("t") else []), *a.tensors)]
     return {ExternalDataInfo(t).location for t in tensors if uses_external_data(t)}
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
+def all_graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
     """`graph` and every If/Loop body inside it, at any depth."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             for sub in [*([attr.g] if attr.HasField("g") else []), *attr.graphs]:
-                yield from _graphs(sub)
+                yield from all_graphs(sub)
 
 
 def ort_optimize_file(source: Path, target: Path) -> None:

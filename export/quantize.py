@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from export import ExportError
-from export.optimize import needs_external_data, save_model
+from export.optimize import all_graphs, needs_external_data, save_model
 
 if TYPE_CHECKING:
     import onnx
@@ -269,13 +269,5 @@ def count_quantized_nodes(path: Path) -> dict[str, int]:
 
 
 def _walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every node of `graph` and of its subgraphs (If branches, loop bodies), depth first."""
-    import onnx
-
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _walk_nodes(attr.g)
-            for sub in attr.graphs:
-                yield from _walk_nodes(sub)
+    """Every node of `graph` and of its subgraphs (If branches, loop bodies)."""
+    return (node for g in all_graphs(graph) for node in g.node)
