@@ -244,12 +244,12 @@ class CaptionDataset:
                 if side < 1:
                     f.draft("RGB", (max(1, int(f.size[0] * side)), max(1, int(f.size[1] * side))))
             img = load_rgb(f, name=str(path))
-        full = standardization(np.asarray(img)) if view is None else None
+        full = standardization(img) if view is None else None
         full_size = img.size if view is None else view.size
         if img.size[0] * img.size[1] > target:  # Lanczos: bilinear and the processor's resize blurred 8-10% flatter
             img = img.resize(_shrunk_size(img.size, target, full_size, self.patch_config), Image.Resampling.LANCZOS)
         if full is not None:
-            mean, std = standardization(np.asarray(img))
+            mean, std = standardization(img)
             view = self._full_views[i] = _FullView(stored_size, full_size, full[0] - mean, full[1] / std)
         nbytes = img.size[0] * img.size[1] * 3
         if self._cache_bytes + nbytes <= CACHE_BYTES:
@@ -266,7 +266,7 @@ class CaptionDataset:
             from train.augment import augment
 
             img = augment(img, np.random.default_rng([self.seed, epoch, i]))
-        mean, std = standardization(np.asarray(img))
+        mean, std = standardization(img)
         view = self._full_views[i]
         enc = encode_images(self.processor, [img], standardizations=[(mean + view.mean_shift, std * view.std_factor)])
         return enc["flattened_patches"][0], enc["attention_mask"][0], self.examples[i].text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -50,12 +52,29 @@ def test_patch_layout_ids_padding_and_mask() -> None:
 def test_standardization_is_exact_and_guards_flat_images() -> None:
     rng = np.random.default_rng(1)
     pixels = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
-    mean, std = standardization(pixels)
+    mean, std = standardization(Image.fromarray(pixels))
     assert mean == pytest.approx(pixels.astype(np.float64).mean(), rel=1e-12)
     assert std == pytest.approx(pixels.astype(np.float64).std(), rel=1e-12)
+    grey = pixels[..., 0]
+    assert standardization(Image.fromarray(grey)) == (pytest.approx(grey.mean(), rel=1e-12), pytest.approx(grey.std(), rel=1e-12))
     flat = np.full((10, 10, 3), 7, dtype=np.uint8)
-    assert standardization(flat) == (7.0, pytest.approx(1 / np.sqrt(300)))
+    assert standardization(Image.fromarray(flat)) == (7.0, pytest.approx(1 / np.sqrt(300)))
     assert np.isfinite(image_to_patches(Image.fromarray(flat), PatchConfig(max_patches=8)).flattened_patches).all()
+    with pytest.raises(ValueError, match="mode RGBA"):
+        standardization(Image.new("RGBA", (4, 4)))
+
+
+def test_standardization_copies_no_pixels() -> None:
+    # A photo's statistics must not cost a multiple of the photo: numpy's bincount widened every channel
+    # value to int64 (8x the image, over 1 GB for a 48-megapixel photo in every preprocessing thread).
+    image = Image.new("RGB", (2000, 1500), (10, 200, 30))  # 9 MB of pixels
+    tracemalloc.start()
+    try:
+        standardization(image)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, f"standardization allocated {peak} bytes for a 9 MB image"
 
 
 def test_stack_and_config_from_bundle_files() -> None:
