@@ -81,8 +81,10 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: 
         try:
             image = _first_frame(source)
             image.load()  # an image opened lazily from a damaged file fails here, not in the model
-        except DECODE_ERRORS as exc:
-            if isinstance(exc, ValueError) and "closed image" in str(exc):
+        except (*DECODE_ERRORS, AssertionError) as exc:
+            # Closed before its pixels were read: im.close() (ValueError), the end of a `with Image.open()`
+            # block (Pillow asserts it still has a file), or the file object it was opened from closed.
+            if isinstance(exc, AssertionError) or (isinstance(exc, ValueError) and "closed" in str(exc)):
                 raise ImageError(f"{label}: the PIL image was closed before it was captioned (keep it open, or pass its path)") from exc
             raise ImageError(f"{label}: truncated or corrupt image data ({exc})") from exc
         return to_rgb(image, label)
@@ -297,8 +299,13 @@ def _convert(image: Image.Image) -> Image.Image:
     if mode == "RGB" and "transparency" not in image.info:  # an RGB PNG may key one colour as transparent
         return image
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        return Image.fromarray(_to_uint8(np.asarray(image), mode)).convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode in ("P", "L", "RGB") and "transparency" in image.info)
+        values = np.asarray(image)
+        grey = _to_uint8(values, mode)
+        key = image.info.get("transparency")  # a 16-bit PNG may key one grey level as transparent
+        if isinstance(key, int) and mode != "F":
+            grey[values == key] = 255  # onto white, as alpha is
+        return Image.fromarray(grey).convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode in ("P", "L", "1", "RGB") and "transparency" in image.info)
     if has_alpha:
         if mode == "La":  # premultiplied: PIL converts it only to LA
             image = image.convert("LA")

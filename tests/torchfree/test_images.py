@@ -224,3 +224,27 @@ def test_heic_photos_are_read_with_pillow_heif_or_named(tmp_path: Path) -> None:
     damaged.write_bytes(path.read_bytes()[:24] + np.random.default_rng(0).bytes(200))
     with pytest.raises(ImageError, match=r"IMG_0002\.HEIC: truncated or corrupt HEIC/HEIF image data"):
         load_image(damaged)
+
+
+@pytest.mark.parametrize("mode", ["1", "I;16"])
+def test_a_grey_level_keyed_transparent_is_white_in_one_bit_and_sixteen_bit_pngs(mode: str) -> None:
+    values = np.zeros((4, 4), dtype=np.uint16 if mode == "I;16" else bool)
+    values[0, 0] = 1 if mode == "1" else 40000
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, "PNG", transparency=0)  # tRNS: grey level 0 is transparent
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == mode
+    rgb = np.asarray(load_image(buffer.getvalue()))
+    assert rgb[1, 1].tolist() == [255, 255, 255]  # keyed: onto white, as alpha is
+    assert rgb[0, 0].tolist() == ([255] * 3 if mode == "1" else [156] * 3)  # the opaque pixel keeps its grey
+
+
+def test_a_pil_image_whose_file_was_closed_is_named_as_closed(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "a.png")
+    with Image.open(tmp_path / "a.png") as lazy:  # the block ends before the pixels were read
+        assert lazy.size == (8, 8)
+    with pytest.raises(ImageError, match="the PIL image was closed before it was captioned"):
+        load_image(lazy)
+    with open(tmp_path / "a.png", "rb") as handle:
+        from_file = Image.open(handle)
+    with pytest.raises(ImageError, match="the PIL image was closed before it was captioned"):
+        load_image(from_file)
