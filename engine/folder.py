@@ -863,6 +863,7 @@ def plan_folder_job(
         if names[f.file] not in records and f.other_name is not None
         and (other := _resumed_name(f.other_name, fmt, done, taken)) in records and other not in current
     ])
+    _refuse_respelled(out_path, _respelled(files, names, records, current, fmt))
     changed = _changed_files([(f, records[names[f.file]]) for f in files if names[f.file] in records])
     if changed and not recaption_changed:
         _refuse_other_files(out_path, changed)
@@ -889,6 +890,36 @@ def _refuse_renamed(out: Path, renamed: list[InputFile]) -> None:
             f"{out}: holds records of {len(renamed)} of these images under other names: {shown}. Names are "
             "relative to their input folder, prefixed with the folder when two inputs hold the same names: "
             "resume with the inputs that wrote it, or caption into another output"
+        )
+
+
+def _respelled(
+    files: list[InputFile], names: dict[str, str], records: dict[str, _Line], current: set[str], fmt: str
+) -> list[tuple[InputFile, str]]:
+    """Inputs with no record under their name whose very file has one under another: a record's name that,
+    read as a path from the working folder, is the input's file (`A/x.png` beside `/data/A/x.png`, the
+    same folders given relative and absolute, as a cron job and a manual rerun do)."""
+    missing = [f for f in files if names[f.file] not in records]
+    stray = [name for name in records if name not in current] if missing else []
+    by_real: dict[str, str] = {}
+    for name in stray:
+        if fmt == "csv" and "\\" in name:
+            continue  # an escaped name (line breaks, bytes that are not UTF-8): not the path as written
+        try:
+            by_real.setdefault(os.path.realpath(name), name)
+        except (OSError, ValueError):  # a name with a NUL, one too long
+            continue
+    return [(f, by_real[f.real]) for f in missing if f.real in by_real]
+
+
+def _refuse_respelled(out: Path, respelled: list[tuple[InputFile, str]]) -> None:
+    """Raise OutputError for `_respelled`: captioning them would give the output two records per image."""
+    if respelled:
+        shown = ", ".join(f"{old!r} (now {f.file!r})" for f, old in respelled[:3])
+        raise OutputError(
+            f"{out}: holds records of {len(respelled)} of these images under another spelling of their paths: "
+            f"{shown}. Record names start with the inputs as given: resume with the inputs spelled as before, "
+            "or caption into another output"
         )
 
 

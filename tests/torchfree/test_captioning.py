@@ -1096,6 +1096,32 @@ def test_adding_an_input_that_renames_the_records_is_refused(
     assert (summary.skipped, summary.captioned) == (1, 1)
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_inputs_spelled_another_way_do_not_caption_the_images_twice(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    photos, more = tmp_path / "photos", tmp_path / "more"
+    make_folder(photos, 2)
+    more.mkdir()
+    shutil.copy(photos / "img_001.png", more / "img_001.png")  # shared names: records are prefixed
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / f"o.{fmt}"
+    assert captioner.caption_folder(["photos", "more/"], out=out, fmt=fmt, progress=False).captioned == 3
+    before = out.read_bytes()
+    with pytest.raises(OutputError, match=r"3 of these images under another spelling of their paths: 'photos/img_001\.png' \(now '.*/photos/img_001\.png'\)"):
+        captioner.caption_folder([photos, more], out=out, fmt=fmt, progress=False)  # absolute: a cron job's
+    assert out.read_bytes() == before
+    assert captioner.caption_folder(["photos", "more"], out=out, fmt=fmt, progress=False).skipped == 3
+    # Another image under an old name's spelling is no respelling: a new image beside the captioned ones.
+    photo(5).save(photos / "new.png")
+    summary = captioner.caption_folder(["./photos", "more"], out=out, fmt=fmt, progress=False)
+    assert (summary.skipped, summary.captioned) == (3, 1)
+    # One folder: names are relative to it, however it is spelled.
+    single = tmp_path / f"single.{fmt}"
+    assert captioner.caption_folder("more", out=single, fmt=fmt, progress=False).captioned == 1
+    assert captioner.caption_folder(more, out=single, fmt=fmt, progress=False).skipped == 1
+
+
 def test_overwrite_replaces_only_a_caption_file(captioner: Captioner, tmp_path: Path) -> None:
     make_folder(tmp_path / "in", 2)
     notes = tmp_path / "notes.md"
