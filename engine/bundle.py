@@ -194,9 +194,14 @@ class Bundle:
         manifest_path = root / MANIFEST_NAME
         try:
             if not root.is_dir():
-                raise BundleError(f"{root}: no such bundle directory")
+                what = "a file, not a bundle directory" if root.exists() else "no such bundle directory"
+                raise BundleError(f"{root}: {what}")
             if not manifest_path.is_file():
-                raise BundleError(f"{root}: not an edlight bundle ({MANIFEST_NAME} is missing); create one with `edlight export`")
+                fix = (
+                    f"it holds a PyTorch checkpoint: export it with `edlight export {root} --out BUNDLE`"
+                    if _is_checkpoint(root) else "create one with `edlight export`"
+                )
+                raise BundleError(f"{root}: not an edlight bundle ({MANIFEST_NAME} is missing); {fix}")
         except OSError as exc:  # a folder above it without permission, a name too long
             raise BundleError(f"{root}: cannot open the bundle: {exc.strerror or exc}") from exc
         try:
@@ -390,6 +395,12 @@ class Bundle:
         _ = (self.patch_size, self.position_limit, self.decoder_start_token_id, self.pad_token_id,
              self.eos_token_ids, self.default_max_new_tokens, self.default_min_new_tokens, self.length_penalty,
              self.early_stopping)
+
+
+def _is_checkpoint(root: Path) -> bool:
+    """Whether `root` looks like a `save_pretrained` model folder (what `edlight export` takes)."""
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    return (root / "config.json").is_file() and any((root / name).is_file() for name in weights)
 
 
 def _setting(value: Any, what: str, where: Path, minimum: int = 0) -> int:

@@ -131,7 +131,7 @@ class Captioner:
         settings = SessionSettings(threads=threads)  # checks `threads` before the bundle is read
         # The graphs' hashes (about a second for a base-size bundle) are checked while ONNX Runtime loads them.
         self.bundle = Bundle.load(resolve_bundle(bundle), verify_hashes=verify, graphs_later=True)
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
         self.max_pixels = max_pixels
         self.patch_config = PatchConfig.from_preprocessor_config(
             self.bundle.preprocessor_config, max_patches=self.bundle.max_patches
@@ -201,8 +201,11 @@ class Captioner:
         A single image of any of these kinds is accepted too (a list of one caption is returned).
         Raises ImageError naming the first image that cannot be read (nothing is returned then).
         """
-        if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(images, "getbands") or hasattr(images, "read"):
-            images = [images]  # type: ignore[list-item]
+        if (
+            isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray))
+            or hasattr(images, "getbands") or hasattr(images, "read") or not isinstance(images, Iterable)
+        ):
+            images = [images]  # type: ignore[list-item]  # one image; anything else is named by load_image
         items = [(i, source, describe(source, i)) for i, source in enumerate(images)]  # type: ignore[arg-type]
         captions: list[str] = []
         for _, caption, error in self.iter_captions(items):

@@ -49,6 +49,7 @@ class GenerationSettings:
             value = getattr(self, name)
             if not is_count(value, minimum):
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+            object.__setattr__(self, name, int(value))
 
 
 class BufferPool:

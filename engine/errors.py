@@ -3,6 +3,8 @@ the ValueErrors for bad settings."""
 
 from __future__ import annotations
 
+import numbers
+
 
 class EdlightError(Exception):
     """Base class for every error edlight raises on purpose."""
@@ -21,8 +23,9 @@ class ModelRuntimeError(EdlightError):
 
 
 def is_count(value: object, minimum: int = 1) -> bool:
-    """True for an int of at least `minimum`; False for anything else, including bools (True is an int)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    """True for a whole number of at least `minimum` (a Python or numpy integer; callers keep int(value));
+    False for anything else, including bools (True is an int) and floats."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
 
 
 def is_installed(module: str) -> bool:

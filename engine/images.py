@@ -116,7 +116,10 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: 
             raise ImageError(f"{label}: cannot open: {exc.strerror or exc}") from exc
         with handle:
             return _decode(handle, max_pixels, label)
-    raise ImageError(f"{label}: unsupported input type {type(source).__name__} (expected a path, bytes, a binary file object or a PIL image)")
+    hint = "; for an array of pixels, pass PIL.Image.fromarray(array)" if hasattr(source, "__array_interface__") else ""
+    raise ImageError(
+        f"{label}: unsupported input type {type(source).__name__} (expected a path, bytes, a binary file object or a PIL image{hint})"
+    )
 
 
 def _check_path(path: Path, label: str) -> None:

@@ -80,6 +80,8 @@ class SessionSettings:
         threads = self.threads
         if threads is not None and not is_count(threads):
             raise ValueError(f"threads must be an integer >= 1 (or None for all cores), got {threads!r}")
+        if threads is not None:
+            object.__setattr__(self, "threads", int(threads))  # a numpy integer: ONNX Runtime takes ints
         if self.graph_optimization not in _LEVELS:
             raise ValueError(f"graph_optimization must be one of {', '.join(_LEVELS)}, got {self.graph_optimization!r}")
 

@@ -90,6 +90,21 @@ def test_unusable_sources_are_named_errors(captioner: Captioner, source: object,
         captioner.caption([source])  # type: ignore[list-item]
 
 
+def test_one_unusable_source_outside_a_list_is_a_named_error_too(captioner: Captioner) -> None:
+    with pytest.raises(ImageError, match=re.escape("<NoneType #0>: unsupported input type NoneType")):
+        captioner.caption(None)  # type: ignore[arg-type]  # was a bare TypeError from iterating it
+    with pytest.raises(ImageError, match=re.escape("<ndarray #0>: unsupported input type ndarray (") + ".*pass PIL.Image.fromarray"):
+        captioner.caption(np.zeros((4, 4, 3), np.uint8))  # type: ignore[arg-type]  # one image, not rows
+
+
+def test_numpy_integers_are_settings_like_ints(engine_bundle: Path) -> None:
+    numpy_settings = Captioner(engine_bundle, threads=np.int64(1), batch_size=np.int32(2), num_beams=np.int64(2), max_new_tokens=np.int64(5))
+    assert (numpy_settings.batch_size, numpy_settings.generation.num_beams) == (2, 2)
+    assert type(numpy_settings.batch_size) is int and type(numpy_settings.generation.max_new_tokens) is int
+    plain = Captioner(engine_bundle, threads=1, batch_size=2, num_beams=2, max_new_tokens=5)
+    assert numpy_settings.caption([photo(1), photo(2)]) == plain.caption([photo(1), photo(2)])
+
+
 @pytest.mark.parametrize(
     ("setting", "value"),
     [("threads", 0), ("threads", 1.5), ("threads", "2"), ("batch_size", 2.5), ("max_pixels", "50000000"), ("max_pixels", 2.5), ("max_pixels", True)],
@@ -404,6 +419,16 @@ def test_cli_refuses_a_missing_or_tampered_bundle_before_reading_images(engine_b
     # The input does not exist: if images were looked at first, that would be the error reported.
     missing = runner.invoke(caption_command, [str(tmp_path / "no-input"), "--model", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no such bundle directory" in missing.output
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    a_file = runner.invoke(caption_command, [str(tmp_path / "no-input"), "--model", str(tmp_path / "model.onnx")])
+    assert a_file.exit_code == 2 and "model.onnx: a file, not a bundle directory" in a_file.output
+    checkpoint = tmp_path / "run" / "best"  # what `edlight train` writes: export it first
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text("{}")
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    not_exported = runner.invoke(caption_command, [str(tmp_path / "no-input"), "--model", str(checkpoint)])
+    assert not_exported.exit_code == 2, not_exported.output
+    assert f"edlight.json is missing); it holds a PyTorch checkpoint: export it with `edlight export {checkpoint} --out BUNDLE`" in not_exported.output
 
     tampered = tmp_path / "bundle"
     shutil.copytree(engine_bundle, tampered)
