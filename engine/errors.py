@@ -25,7 +25,7 @@ class ModelRuntimeError(EdlightError):
 def is_count(value: object, minimum: int = 1) -> bool:
     """True for a whole number of at least `minimum` (a Python or numpy integer; callers keep int(value));
     False for anything else, including bools (True is an int) and floats."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= minimum
 
 
 def is_installed(module: str) -> bool:
