@@ -249,8 +249,23 @@ def _walk(folder: Path, ancestors: frozenset[tuple[int, int]], unreadable: list[
             below = listing(path, inside, False)
             if below is not None:
                 stack.append(below)
-        elif is_image_name(path):
+        elif is_image_name(path) and not _is_apple_double(path):
             yield path
+
+
+# macOS writes a file's metadata beside it as "._<name>" on volumes without its attributes (USB sticks,
+# network shares, zip files): never an image, whatever its name says.
+APPLE_DOUBLE_MAGIC = b"\x00\x05\x16\x07"
+
+
+def _is_apple_double(path: Path) -> bool:
+    if not path.name.startswith("._"):
+        return False
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == APPLE_DOUBLE_MAGIC
+    except OSError:
+        return False  # unreadable: kept, to become an error record like any other
 
 
 class RecordWriter:

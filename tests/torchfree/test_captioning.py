@@ -703,6 +703,17 @@ def test_a_failed_image_is_retried_by_the_next_run(captioner: Captioner, tmp_pat
     assert all(r["caption"] and not r["error"] for r in rows)
 
 
+def test_macos_metadata_files_are_not_walked_as_images(tmp_path: Path) -> None:
+    # Copied from a Mac to a USB stick or share, every photo gets a "._" twin that is AppleDouble metadata.
+    photo(1).save(tmp_path / "a.png")
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    (tmp_path / "__MACOSX").mkdir()  # as unzipping a Mac's archive leaves it
+    (tmp_path / "__MACOSX" / "._a.png").write_bytes((tmp_path / "._a.png").read_bytes())
+    photo(2).save(tmp_path / "._b.png")  # an image that only has such a name is still one
+    assert [f.file for f in collect_inputs([tmp_path])] == ["._b.png", "a.png"]
+    assert [f.file for f in collect_inputs([tmp_path / "._a.png"])] == ["._a.png"]  # given explicitly: an error record
+
+
 def test_folders_are_followed_through_symlinks_once_and_files_counted_once(captioner: Captioner, tmp_path: Path) -> None:
     root = tmp_path / "in"
     make_folder(root / "real", 2)
