@@ -490,6 +490,20 @@ def test_a_checkpoint_save_that_runs_out_of_room_is_a_named_error(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 
 
+def test_a_checkpoints_caption_length_is_read_as_generate_reads_it() -> None:
+    from transformers import GenerationConfig
+
+    from train.checkpoint import stated_caption_length
+
+    assert stated_caption_length(GenerationConfig(max_new_tokens=30, max_length=10)) == 30
+    assert stated_caption_length(GenerationConfig(max_length=10)) == 9  # max_length counts the start token
+    assert stated_caption_length(GenerationConfig(max_length=20)) is None  # generate's own default: unset
+    assert stated_caption_length(GenerationConfig()) is None
+    assert TrainConfig(data=".", out="run", base="x").resolved().max_new_tokens is None  # read from the base
+    assert TrainConfig(data=".", out="run", preset="tiny").resolved().max_new_tokens == 48
+    assert TrainConfig(data=".", out="run", preset="tiny", resume=True, epochs=1).resolved().max_new_tokens is None
+
+
 def test_corpus_scores() -> None:
     from train.evaluate import corpus_scores
 
@@ -573,6 +587,19 @@ def test_evaluate_cli(tiny_run: Path, synth_data: Path, tmp_path: Path) -> None:
 
     res = CliRunner().invoke(evaluate, [str(synth_data), "--data", str(synth_data)])
     assert res.exit_code == 1 and "no config.json" in res.output
+
+    # A checkpoint stating only max_length is read as generate (and the engine) read it: 3 new tokens, not 64.
+    short = tmp_path / "short"
+    shutil.copytree(tiny_run / "best", short)
+    generation = json.loads((short / "generation_config.json").read_text())
+    generation.pop("max_new_tokens")
+    (short / "generation_config.json").write_text(json.dumps({**generation, "max_length": 4}))
+    predictions = {}
+    for name, extra in (("stated", []), ("given", ["--max-new-tokens", "3"])):
+        run = CliRunner().invoke(evaluate, [str(short), "--data", str(synth_data), "--out", str(tmp_path / f"{name}.jsonl"), *extra])
+        assert run.exit_code == 0, run.output
+        predictions[name] = [json.loads(line)["prediction"] for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    assert predictions["stated"] == predictions["given"] and max(len(p.split()) for p in predictions["given"]) <= 3
 
     if Path("/dev/full").exists():  # a full disk at the end: the scores are printed before the error
         res = CliRunner().invoke(evaluate, [*args[:3], "--out", "/dev/full", *args[5:]])
@@ -879,6 +906,10 @@ def test_finetune_from_base_checkpoint(small_data: Path, tmp_path: Path) -> None
     assert json.loads((res.last_dir / "preprocessor_config.json").read_text())["max_patches"] == 64
     before, after = _weights(base), _weights(res.last_dir)
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+    assert json.loads((res.best_dir / "generation_config.json").read_text())["max_new_tokens"] == 12
+    # A base that states its caption length keeps it (it became 64, and BLEU and best/ were judged on cut captions).
+    again = train(TrainConfig(data=small_data, out=tmp_path / "ft-again", base=res.best_dir, epochs=1, batch_size=8, progress=False))
+    assert json.loads((again.last_dir / "generation_config.json").read_text())["max_new_tokens"] == 12
 
     not_p2s = tmp_path / "t5"
     not_p2s.mkdir()

@@ -80,6 +80,11 @@ def _own_message(exc: Exception) -> str:
     "--test-ratio", type=FiniteFloatRange(0, 1, max_open=True), default=0.1, show_default=True,
     help="Share of files in the test split (0 to 1); files below split folders (train/, test/, validation/ ...: see README) stay in theirs.",
 )
+@click.option(
+    "--max-new-tokens", type=click.IntRange(min=1), default=None,
+    help="Caption length of the per-epoch evaluation, saved in the checkpoints for the export and the engine "
+    "(default: the preset's: tiny 48, others 64; with --base or --resume the checkpoint's own, else 64).",
+)
 @click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True, help="Data loader workers per process.")
 @click.option(
     "--threads", type=click.IntRange(min=1), default=None, help="Torch threads per process (default: cores left after workers)."
@@ -107,6 +112,7 @@ def train(
     lead_tokens: int | None,
     caption_column: str,
     test_ratio: float,
+    max_new_tokens: int | None,
     workers: int,
     threads: int | None,
     precision: str,
@@ -139,6 +145,7 @@ def train(
         lead_tokens=lead_tokens,
         caption_column=caption_column,
         test_ratio=test_ratio,
+        max_new_tokens=max_new_tokens,
         num_workers=workers,
         threads=threads,
         precision=precision,

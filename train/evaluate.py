@@ -63,17 +63,21 @@ def generate_from_patches(
     num_beams: int = 1,
     max_new_tokens: int | None = None,
 ) -> list[str]:
-    """Decode one already-encoded batch to stripped caption strings."""
+    """Decode one already-encoded batch to stripped caption strings.
+
+    Without `max_new_tokens`, the length is the model's generation config's as `generate` reads it
+    (max_new_tokens, else max_length, else 20 tokens): the rule the engine applies to a bundle.
+    """
     import torch
 
-    max_new = max_new_tokens or getattr(model.generation_config, "max_new_tokens", None) or 64
+    length = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
     with torch.inference_mode():
         ids = model.generate(
             flattened_patches=flattened_patches,
             attention_mask=attention_mask,
-            max_new_tokens=max_new,
             num_beams=num_beams,
             do_sample=False,
+            **length,
         )
     return [t.strip() for t in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 

@@ -88,7 +88,9 @@ class TrainConfig:
     test_ratio: float = 0.1
     split_seed: int = 0
     caption_column: str = "text"
-    max_new_tokens: int | None = None  # for the per-epoch evaluation
+    # Caption length of the per-epoch evaluation, saved in the checkpoints (None: the preset's; with --base or
+    # --resume the checkpoint's own when it states one, else BASE_DEFAULTS').
+    max_new_tokens: int | None = None
     warmup_ratio: float | None = None
     weight_decay: float = 0.01
     # The first `lead_tokens` tokens of every caption weigh `lead_weight` times as much in the loss (see
@@ -128,6 +130,9 @@ class TrainConfig:
             c.base = str(Path(c.base).expanduser().resolve())
         if c.resume and c.epochs is None:  # a plain --resume goes on with the run's plan, not the preset's
             c.epochs = _planned_epochs(c.out)
+        if c.resume or self.preset is None:
+            # The checkpoint's own caption length (a base's, or the run's in last/); see caption_length.
+            defaults.pop("max_new_tokens")
         for name, value in defaults.items():
             if getattr(c, name) is None:
                 setattr(c, name, value)
@@ -657,7 +662,14 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
 
-    from train.checkpoint import atomic_save, check_checkpoint_dir, is_hub_id, load_checkpoint, recover
+    from train.checkpoint import (
+        atomic_save,
+        check_checkpoint_dir,
+        is_hub_id,
+        load_checkpoint,
+        recover,
+        stated_caption_length,
+    )
     from train.data import DataError, describe_split, load_split, split_counts, split_of
     from train.evaluate import corpus_scores, encode_images, generate_from_patches, load_rgb
     from train.presets import VISION_INIT_IMAGES, build_from_preset, count_parameters
@@ -738,11 +750,12 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         model, processor = build_from_preset(
             cfg.preset, [e.text for e in train_ex], cfg.max_patches, seed=cfg.seed, images=sample
         )
-    if cfg.max_new_tokens:
-        model.generation_config.max_new_tokens = cfg.max_new_tokens
+    # The per-epoch evaluation's caption length, saved in every checkpoint for the export and the engine.
+    cfg.max_new_tokens = cfg.max_new_tokens or stated_caption_length(model.generation_config) or BASE_DEFAULTS["max_new_tokens"]
+    model.generation_config.max_new_tokens = cfg.max_new_tokens
     max_patches = int(processor.image_processor.max_patches)
     if mode != "resume":
-        for warning in long_caption_warnings(processor.tokenizer, train_ex, test_ex, int(cfg.max_new_tokens or 0)):
+        for warning in long_caption_warnings(processor.tokenizer, train_ex, test_ex, int(cfg.max_new_tokens)):
             log(warning)
 
     dataset = CaptionDataset(train_ex, processor, augment=cfg.augment, seed=cfg.seed)
