@@ -490,6 +490,38 @@ def test_a_checkpoint_save_that_runs_out_of_room_is_a_named_error(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 
 
+def test_evaluation_encodes_one_image_at_a_time_with_the_same_patches(tmp_path: Path) -> None:
+    import tracemalloc
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+    from transformers import Pix2StructImageProcessor
+
+    from train.evaluate import encode_files, encode_images, load_rgb
+
+    processor = SimpleNamespace(image_processor=Pix2StructImageProcessor(max_patches=64))
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (600 + 40 * i, 800, 3), dtype=np.uint8)).save(paths[-1])
+    peaks = []
+    for encode in (lambda: encode_images(processor, [load_rgb(p) for p in paths]), lambda: encode_files(processor, paths)):
+        tracemalloc.start()
+        try:
+            encoded = encode()
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        if len(peaks) == 1:
+            together = encoded
+    for key in ("flattened_patches", "attention_mask"):
+        assert torch.equal(encoded[key], together[key])
+    # The processor normalises a whole batch in float32 at full size at once (7 GB for 32 phone photos).
+    assert peaks[1] < 0.5 * peaks[0], peaks
+
+
 def test_a_checkpoints_caption_length_is_read_as_generate_reads_it() -> None:
     from transformers import GenerationConfig
 

@@ -671,7 +671,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         stated_caption_length,
     )
     from train.data import DataError, describe_split, load_split, split_counts, split_of
-    from train.evaluate import corpus_scores, encode_images, generate_from_patches, load_rgb
+    from train.evaluate import corpus_scores, encode_files, generate_from_patches, load_rgb
     from train.presets import VISION_INIT_IMAGES, build_from_preset, count_parameters
 
     cfg = config.resolved()
@@ -859,13 +859,9 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         preds: list[str] = []
         batches = [my_test[i : i + cfg.eval_batch_size] for i in range(0, len(my_test), cfg.eval_batch_size)]
         if cache_ok and test_cache is None:
-            test_cache = [encode_images(processor, [load_rgb(e.path) for e in b]) for b in batches]
+            test_cache = [encode_files(processor, [e.path for e in b]) for b in batches]
         for bi, b in enumerate(batches):
-            enc = (
-                test_cache[bi]
-                if test_cache is not None
-                else encode_images(processor, [load_rgb(e.path) for e in b])
-            )
+            enc = test_cache[bi] if test_cache is not None else encode_files(processor, [e.path for e in b])
             preds.extend(
                 generate_from_patches(raw_model, processor, **enc, max_new_tokens=cfg.max_new_tokens)
             )
