@@ -247,6 +247,9 @@ def test_non_object_json_line(folder: Path) -> None:
         ({"file_name": "a.jpg"}, "metadata.jsonl:1: missing caption column 'text' for a.jpg"),
         ({"file_name": "a.jpg", "text": 7}, "metadata.jsonl:1: caption 'text' of a.jpg is not text: 7"),
         ({"text": "no file"}, "metadata.jsonl:1: missing or empty file_name"),
+        # A JSON writer that cut an emoji in half: json.dumps escapes it as \\ud83d, which reads back alone.
+        ({"file_name": "a.jpg", "text": "well done \ud83d"},
+         "metadata.jsonl:1: caption of a.jpg is not valid Unicode: half of a character ('\\ud83d') at character 11"),
     ],
 )
 def test_missing_or_empty_caption_or_name(tmp_path: Path, row: dict[str, object], expected: str) -> None:

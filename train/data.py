@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import statistics
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -169,6 +170,12 @@ class _MetadataFile:
         return posixpath.join(self.sub, self.name)
 
 
+def _lone_surrogate(text: str) -> str | None:
+    """The first UTF-16 surrogate standing alone in `text` (not encodable as UTF-8), if any."""
+    match = re.search("[\ud800-\udfff]", text)
+    return match.group() if match else None
+
+
 def _add_entry(
     parsed: _Parsed, meta: _MetadataFile, seen: dict[str, str], raw_name: object, caption: object, column: str,
     where: str,
@@ -193,6 +200,13 @@ def _add_entry(
         parsed.problems.append(Problem(where, f"caption {column!r} of {name} is not text: {caption!r}", name))
     elif not caption.strip():
         parsed.problems.append(Problem(where, f"empty caption for {name}", name))
+    elif (half := _lone_surrogate(caption)) is not None:
+        # JSON's \ud800-style escapes can carry half of a character (a writer that cut an emoji in two): no
+        # tokenizer, log or predictions file can take it.
+        parsed.problems.append(Problem(
+            where, f"caption of {name} is not valid Unicode: half of a character ({half!r}) at character {caption.index(half) + 1}",
+            name,
+        ))  # fmt: skip
     else:
         # NFC, as the training tokenizer writes: a reference typed decomposed (NFD) could never be matched.
         parsed.examples.append(Example(name, unicodedata.normalize("NFC", caption.strip()), meta.root / name, where))
