@@ -397,10 +397,13 @@ class Bundle:
              self.early_stopping)
 
 
+# The weights of a `save_pretrained` folder: one file, or the index of its shards.
+CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 def _is_checkpoint(root: Path) -> bool:
     """Whether `root` looks like a `save_pretrained` model folder (what `edlight export` takes)."""
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-    return (root / "config.json").is_file() and any((root / name).is_file() for name in weights)
+    return (root / "config.json").is_file() and any((root / name).is_file() for name in CHECKPOINT_WEIGHTS)
 
 
 def _setting(value: Any, what: str, where: Path, minimum: int = 0) -> int:

@@ -522,6 +522,19 @@ def test_evaluation_encodes_one_image_at_a_time_with_the_same_patches(tmp_path: 
     assert peaks[1] < 0.5 * peaks[0], peaks
 
 
+def test_a_checkpoint_in_pytorch_bin_shards_loads(tmp_path: Path) -> None:
+    from train.checkpoint import check_checkpoint_dir, load_checkpoint
+    from train.presets import build_from_preset
+
+    model, processor = build_from_preset("tiny", ["three groups of two", "a clock at nine"], max_patches=16)
+    model.save_pretrained(tmp_path, safe_serialization=False, max_shard_size="1MB")  # as older tools write
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "pytorch_model.bin.index.json").is_file() and not (tmp_path / "pytorch_model.bin").exists()
+    check_checkpoint_dir(tmp_path)  # said "no model weights", though transformers (and the export) read it
+    loaded, _ = load_checkpoint(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
+
+
 def test_a_checkpoints_caption_length_is_read_as_generate_reads_it() -> None:
     from transformers import GenerationConfig
 

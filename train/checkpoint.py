@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.bundle import MANIFEST_NAME
+from engine.bundle import CHECKPOINT_WEIGHTS, MANIFEST_NAME
 from engine.errors import EdlightError
 from engine.folder import OutputError
 
@@ -50,10 +50,7 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     model_type = cfg.get("model_type")
     if model_type != "pix2struct":
         raise CheckpointError(f"{path} is not a Pix2Struct checkpoint (model_type={model_type!r})")
-    if not any(
-        (path / f).is_file()
-        for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
-    ):
+    if not any((path / f).is_file() for f in CHECKPOINT_WEIGHTS):  # a shard index counts: transformers reads it
         if (path / MANIFEST_NAME).is_file():
             raise CheckpointError(
                 f"{path} is an ONNX bundle made by `edlight export`, not a PyTorch checkpoint; give the "
