@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import BundleError
+from engine.preprocess import DEFAULT_POSITION_LIMIT
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "edlight.json"
@@ -304,7 +305,7 @@ class Bundle:
         """Rows of the encoder's row/column position tables (vision_config.seq_len; HF's default 4096)."""
         vision = self.config.get("vision_config")
         if not isinstance(vision, dict) or vision.get("seq_len") is None:
-            return 4096
+            return DEFAULT_POSITION_LIMIT
         return _setting(vision["seq_len"], "vision_config.seq_len", self.path / "config.json", 2)
 
     def _token_setting(self, key: str) -> tuple[Any, str, Path] | None:

@@ -26,7 +26,7 @@ from engine.bundle import MANIFEST_NAME, Bundle
 from engine.decode import Decoder, GenerationSettings, generate
 from engine.errors import BundleError, ImageError, is_count
 from engine.images import DEFAULT_MAX_PIXELS, ImageSource, describe, load_image
-from engine.preprocess import PatchConfig, Patches, image_to_patches, stack
+from engine.preprocess import PatchConfig, Patches, image_to_patches, position_error, stack
 from engine.session import OnnxModel, SessionSettings, int8_products_saturate
 from engine.tokenizer import CaptionTokenizer
 
@@ -266,13 +266,10 @@ class Captioner:
         for _, source, label in batch:
             try:
                 image = load_image(source, max_pixels=self.max_pixels, name=label)
-                patch = image_to_patches(image, self.patch_config)
-                if max(patch.rows, patch.cols) >= self.position_limit:
-                    raise ImageError(
-                        f"{label}: a {image.width}x{image.height} image becomes a {patch.rows}x{patch.cols} patch "
-                        f"grid, beyond this model's {self.position_limit - 1} row/column positions (aspect ratio too extreme)"
-                    )
-                patches.append(patch)
+                beyond = position_error(image.width, image.height, self.patch_config, self.position_limit)
+                if beyond is not None:
+                    raise ImageError(f"{label}: {beyond}")
+                patches.append(image_to_patches(image, self.patch_config))
                 errors.append(None)
             except ImageError as exc:
                 patches.append(None)

@@ -82,6 +82,30 @@ def grid_size(height: int, width: int, config: PatchConfig) -> tuple[int, int]:
     return rows, cols
 
 
+# Rows of the row/column position tables when config.json states none (transformers' default seq_len).
+DEFAULT_POSITION_LIMIT = 4096
+
+
+def position_limit_of(config: dict[str, Any]) -> int:
+    """Rows of a Pix2Struct config's row/column position tables (vision_config.seq_len)."""
+    vision = config.get("vision_config")
+    limit = vision.get("seq_len") if isinstance(vision, dict) else None
+    return DEFAULT_POSITION_LIMIT if limit is None else int(limit)
+
+
+def position_error(width: int, height: int, config: PatchConfig, position_limit: int) -> str | None:
+    """Why a `width` x `height` image cannot be embedded, or None: row and column ids index position tables
+    of `position_limit` rows, so a grid side must stay below it. Only a model with max_patches at or beyond
+    its table (a grid side is at most max_patches) meets a long, thin image it cannot embed."""
+    rows, cols = grid_size(height, width, config)
+    if max(rows, cols) < position_limit:
+        return None
+    return (
+        f"a {width}x{height} image becomes a {rows}x{cols} patch grid, beyond this model's "
+        f"{position_limit - 1} row/column positions (aspect ratio too extreme)"
+    )
+
+
 def standardization(image: Image.Image) -> tuple[float, float]:
     """Mean and adjusted standard deviation of an 8-bit RGB or L image, as TF's per_image_standardization.
 

@@ -457,7 +457,7 @@ def export_bundle(
     examples = None
     settings = None
     if data_path is not None:
-        from train.checkpoint import data_settings
+        from train.checkpoint import data_settings, position_check
         from train.data import load_split
 
         settings = data_settings(info.path, caption_column, skip_bad, test_ratio, split_seed)
@@ -466,7 +466,7 @@ def export_bundle(
         # evaluate and parity; a bad training image does not matter here), and parity needs test images.
         examples = list(load_split(
             data_path, "test", test_ratio=settings.test_ratio, seed=settings.split_seed,
-            caption_column=settings.caption_column, skip_bad=settings.skip_bad,
+            caption_column=settings.caption_column, skip_bad=settings.skip_bad, positions=position_check(info.path),
         ))
         if not examples:
             raise ExportError(

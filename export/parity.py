@@ -166,16 +166,18 @@ def run_parity(
     not an exception but `report.passed == False`.
     """
     from engine.captioner import Captioner
-    from train.checkpoint import data_settings, load_checkpoint
+    from train.checkpoint import data_settings, load_checkpoint, position_check
     from train.data import load_split
     from train.evaluate import corpus_scores, generate_captions
 
     settings = data_settings(checkpoint, caption_column, skip_bad, test_ratio, split_seed)
     try:
         loaded = Bundle.load(bundle)
+        # An image too long and thin for the model's positions is a data problem (neither side can caption it).
         examples = load_split(
             Path(data), split=split, test_ratio=settings.test_ratio, seed=settings.split_seed,
             caption_column=settings.caption_column, skip_bad=settings.skip_bad,
+            positions=position_check(loaded.path, loaded.max_patches),
         )  # fmt: skip
     except EdlightError as exc:
         raise ParityError(str(exc)) from exc

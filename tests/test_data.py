@@ -681,3 +681,25 @@ def test_cli_check_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["data", "check", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+def test_images_too_long_and_thin_for_the_models_positions_are_problems(folder: Path) -> None:
+    from engine.preprocess import PatchConfig
+
+    _image(folder / "strip.png", (2000, 10), "PNG")  # a 1 x 40 patch grid at 40 patches
+    sideways = Image.new("RGB", (10, 2000), (200, 120, 40))  # stored upright-thin, shown lying down
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways.save(folder / "turned.jpg", exif=exif.tobytes())
+    with (folder / "metadata.jsonl").open("a") as f:
+        f.write(json.dumps({"file_name": "strip.png", "text": "a number line from 0 to 20."}) + "\n")
+        f.write(json.dumps({"file_name": "turned.jpg", "text": "a number line from 0 to 10."}) + "\n")
+    positions = (PatchConfig(max_patches=40), 32)  # position tables of 32 rows: grid sides up to 31
+    with pytest.raises(DataError) as refused:
+        load_split(folder, "all", positions=positions)
+    assert [str(p) for p in refused.value.problems] == [
+        "strip.png: a 2000x10 image becomes a 1x40 patch grid, beyond this model's 31 row/column positions (aspect ratio too extreme)",
+        "turned.jpg: a 2000x10 image becomes a 1x40 patch grid, beyond this model's 31 row/column positions (aspect ratio too extreme)",
+    ]
+    assert [e.file_name for e in load_split(folder, "all", positions=positions, skip_bad=True)] == ["a.jpg", "b.png", "sub/c.jpg"]
+    assert len(load_split(folder, "all", positions=(PatchConfig(max_patches=40), 41))) == 5  # tables that fit

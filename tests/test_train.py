@@ -966,6 +966,44 @@ def test_finetune_from_base_checkpoint(small_data: Path, tmp_path: Path) -> None
     assert not (tmp_path / "ft2").exists()
 
 
+@pytest.mark.slow
+def test_images_too_long_and_thin_for_the_models_positions_are_named_before_any_work(small_data: Path, tmp_path: Path) -> None:
+    """A checkpoint whose max_patches reach its position tables cannot embed a long strip's grid: that was an
+    IndexError mid-epoch (the epoch lost), after evaluate loaded, or in the export's parity check."""
+    from PIL import Image
+
+    from engine.errors import ImageError
+    from train.checkpoint import load_checkpoint
+    from train.data import load_split
+    from train.evaluate import evaluate_checkpoint, generate_captions
+    from train.presets import build_from_preset
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    Image.new("RGB", (20000, 10), "white").save(data / "strip.png")
+    with (data / "metadata.jsonl").open("a") as f:
+        f.write(json.dumps({"file_name": "strip.png", "text": "a number line."}) + "\n")
+    base = tmp_path / "base"
+    model, proc = build_from_preset("tiny", [e.text for e in load_split(small_data)], max_patches=64)
+    limit = model.config.vision_config.seq_len  # 512 for the tiny preset: a grid side of 511 at most
+    model.save_pretrained(base)
+    proc.save_pretrained(base)
+    strip = rf"strip.png: a 20000x10 image becomes a 1x\d+ patch grid, beyond this model's {limit - 1} row/column positions"
+    run = dict(data=data, base=base, max_patches=limit + 16, epochs=1, batch_size=8, max_new_tokens=8, progress=False)
+    with pytest.raises(DataError, match=strip):  # before the model loads
+        train(TrainConfig(out=tmp_path / "refused", **run))  # type: ignore[arg-type]
+    assert not (tmp_path / "refused" / "last").exists()
+    with pytest.warns(UserWarning, match=f"max_patches={limit + 16} reaches the model's {limit} row/column positions"):
+        trained = train(TrainConfig(out=tmp_path / "run", skip_bad=True, **run))  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=strip):
+        evaluate_checkpoint(trained.best_dir, data, split="all", skip_bad=False)
+    # Called directly, generation names the image instead of failing inside the model.
+    with pytest.warns(UserWarning, match="reaches the model's"):
+        model, processor = load_checkpoint(trained.best_dir)
+    with pytest.raises(ImageError, match=str(data / strip)):
+        generate_captions(model, processor, [data / "00000.jpg", data / "strip.png"])
+
+
 # ----------------------------------------------------------------------------- CLI and two processes
 
 

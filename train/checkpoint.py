@@ -15,6 +15,7 @@ from typing import Any
 from engine.bundle import CHECKPOINT_WEIGHTS, MANIFEST_NAME
 from engine.errors import EdlightError
 from engine.folder import OutputError
+from engine.preprocess import PatchConfig, position_limit_of
 
 
 class CheckpointError(EdlightError):
@@ -231,13 +232,28 @@ def load_checkpoint(path: str | Path, max_patches: int | None = None) -> tuple[A
         processor.image_processor.max_patches = int(max_patches)
     seq_len = getattr(model.config.vision_config, "seq_len", None)
     patches = processor.image_processor.max_patches
-    if seq_len is not None and patches > seq_len:
+    if seq_len is not None and patches >= seq_len:  # a 1 x max_patches strip needs ids up to max_patches
         warnings.warn(
-            f"{path}: max_patches={patches} exceeds the model's {seq_len} row/column positions; "
-            "very tall or wide images may fail",
+            f"{path}: max_patches={patches} reaches the model's {seq_len} row/column positions; "
+            "images too long and thin for them are refused",
             stacklevel=2,
         )
     return model, processor
+
+
+def position_check(path: str | Path, max_patches: int | None = None) -> tuple[PatchConfig, int] | None:
+    """(patch config, row/column position limit) of a checkpoint (or bundle) folder whose max_patches (or
+    the given one) reach its position tables, for train.data.load_split's `positions`: then a long, thin image can
+    have a grid side the model cannot embed. None when every image fits, or the files cannot tell (a hub
+    id; a damaged file is reported when the checkpoint loads)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+        processor = json.loads((Path(path) / "preprocessor_config.json").read_text())
+        patches = PatchConfig.from_preprocessor_config(processor, max_patches=max_patches)
+        limit = position_limit_of(config)
+    except (OSError, ValueError, TypeError, AttributeError, EdlightError):
+        return None
+    return (patches, limit) if patches.max_patches >= limit else None
 
 
 def stated_caption_length(generation_config: Any) -> int | None:

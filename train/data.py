@@ -46,6 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from engine.errors import EdlightError
 from engine.folder import IMAGE_EXTENSIONS, is_image_name  # what the engine's folder walk captions
 from engine.images import DEFAULT_MAX_PIXELS, HEIF_MISSING, enable_heif, is_heif_file, readable_formats
+from engine.preprocess import PatchConfig, position_error
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +397,7 @@ def _inspect_image(example: Example) -> tuple[tuple[int, int] | None, Problem | 
     try:
         with Image.open(example.path, formats=readable_formats()) as im:
             size = im.size
+            sideways = _exif_orientation(im) in (5, 6, 7, 8)  # stored on its side: loaded turned upright
             if size[0] * size[1] > DEFAULT_MAX_PIXELS:  # checked before decoding, as training loads it
                 return None, Problem(
                     name,
@@ -418,7 +420,14 @@ def _inspect_image(example: Example) -> tuple[tuple[int, int] | None, Problem | 
         return None, Problem(name, f"{kind}: {exc}", name)
     if size[0] < 1 or size[1] < 1:
         return None, Problem(name, f"empty image ({size[0]}x{size[1]})", name)
-    return size, None
+    return (size[1], size[0]) if sideways else size, None
+
+
+def _exif_orientation(image: Image.Image) -> int | None:
+    try:
+        return image.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: engine.images.to_rgb keeps the image as stored
+        return None
 
 
 def _normalisation_hint(path: Path) -> str:
@@ -630,8 +639,13 @@ def load_split(
     seed: int = 0,
     caption_column: str = "text",
     skip_bad: bool = False,
+    positions: tuple[PatchConfig, int] | None = None,
 ) -> Examples:
     """The validated examples of one split ("train", "test" or "all"), in metadata order.
+
+    `positions`: the model's (patch config, row/column position limit) when its max_patches reach its
+    position tables; an image whose patch grid the model cannot embed (a long, thin strip) is then a
+    problem too (train.checkpoint.position_check).
 
     Validation covers every metadata line and decodes every image of the requested split (so loading
     both splits decodes each image once). With skip_bad=False any problem raises DataError listing them
@@ -653,7 +667,11 @@ def load_split(
     chosen = [e for e in parsed.examples if split == "all" or split_of(e.file_name, test_ratio, seed) == split]
     bad = list(parsed.problems)
     good: list[Example] = []
-    for example, (_, problem) in zip(chosen, _inspect_all(chosen), strict=True):
+    for example, (size, problem) in zip(chosen, _inspect_all(chosen), strict=True):
+        if problem is None and size is not None and positions is not None:
+            beyond = position_error(*size, *positions)
+            if beyond is not None:
+                problem = Problem(example.file_name, beyond, example.file_name)
         if problem is None:
             good.append(example)
         else:

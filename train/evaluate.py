@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from engine.errors import ImageError
 from engine.folder import check_report_out, json_keys, write_report
-from engine.images import load_image
+from engine.images import describe, load_image
+from engine.preprocess import PatchConfig, position_error, position_limit_of
 
 ImageInput = str | Path | Image.Image
 
@@ -55,16 +57,32 @@ def encode_images(
     return {"flattened_patches": enc["flattened_patches"], "attention_mask": enc["attention_mask"]}
 
 
-def encode_files(processor: Any, images: Sequence[ImageInput]) -> dict[str, Any]:
+def patch_config_of(processor: Any) -> PatchConfig:
+    """The engine's PatchConfig of a Pix2StructProcessor (its max_patches and patch size)."""
+    ip = processor.image_processor
+    size = getattr(ip, "patch_size", None) or {"height": 16, "width": 16}
+    return PatchConfig(int(ip.max_patches), int(size["height"]), int(size["width"]))
+
+
+def encode_files(processor: Any, images: Sequence[ImageInput], position_limit: int | None = None) -> dict[str, Any]:
     """`encode_images` of paths or PIL images, loaded and encoded one at a time.
 
     The processor normalises a whole batch in float32 at full resolution at once (about 220 MB per
     12-megapixel photo: 7 GB for an evaluation batch of 32); one at a time, only the patches add up. The
-    patches are the same: the processor treats each image on its own.
+    patches are the same: the processor treats each image on its own. With `position_limit` (the model's
+    row/column positions), an image whose grid goes beyond them raises ImageError naming it, as the engine
+    does (the model would fail with an IndexError).
     """
     import torch
 
-    encoded = [encode_images(processor, [load_rgb(image)]) for image in images]
+    config = patch_config_of(processor)
+    encoded = []
+    for image in images:
+        rgb = load_rgb(image)
+        beyond = None if position_limit is None else position_error(*rgb.size, config, position_limit)
+        if beyond is not None:
+            raise ImageError(f"{describe(image) if isinstance(image, Image.Image) else image}: {beyond}")
+        encoded.append(encode_images(processor, [rgb]))
     return {key: torch.cat([enc[key] for enc in encoded]) for key in ("flattened_patches", "attention_mask")}
 
 
@@ -113,7 +131,7 @@ def generate_captions(
     out: list[str] = []
     try:
         for start in range(0, len(images), batch_size):
-            enc = encode_files(processor, images[start : start + batch_size])
+            enc = encode_files(processor, images[start : start + batch_size], position_limit_of(model.config.to_dict()))
             out.extend(
                 generate_from_patches(
                     model, processor, **enc, num_beams=num_beams, max_new_tokens=max_new_tokens
@@ -195,7 +213,7 @@ def evaluate_checkpoint(
     cannot take the predictions (checked before any captioning: a folder, an unwritable place, or an
     existing file that holds no predictions); `out` is written atomically.
     """
-    from train.checkpoint import data_settings, load_checkpoint
+    from train.checkpoint import data_settings, load_checkpoint, position_check
     from train.data import DataError, load_split
 
     if split not in ("test", "train", "all"):
@@ -211,6 +229,7 @@ def evaluate_checkpoint(
         seed=settings.split_seed,
         caption_column=settings.caption_column,
         skip_bad=settings.skip_bad,
+        positions=position_check(checkpoint),
     )
     if not examples:  # a score of 0 would look like a real one
         skipped = len(getattr(examples, "skipped", []))

@@ -38,7 +38,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate tokenise
 from engine.errors import EdlightError, ImageError, is_count
 from engine.folder import OutputError, output_lock, write_report
 from engine.images import enable_heif, readable_formats
-from engine.preprocess import PatchConfig, grid_size, standardization
+from engine.preprocess import (
+    DEFAULT_POSITION_LIMIT,
+    PatchConfig,
+    grid_size,
+    position_error,
+    position_limit_of,
+    standardization,
+)
+from train.evaluate import patch_config_of
 
 # Generic defaults for fine-tuning a --base checkpoint; presets bring their own (train/presets.py).
 BASE_DEFAULTS = {
@@ -209,12 +217,14 @@ class CaptionDataset:
     on average, with the same spread to 1% (0.15 and 40% apart without the correction and Lanczos).
     """
 
-    def __init__(self, examples: Sequence[Any], processor: Any, augment: bool, seed: int) -> None:
+    def __init__(
+        self, examples: Sequence[Any], processor: Any, augment: bool, seed: int, position_limit: int = DEFAULT_POSITION_LIMIT
+    ) -> None:
         self.examples = list(examples)
         self.processor = processor
-        self.max_patches = int(processor.image_processor.max_patches)
-        size = getattr(processor.image_processor, "patch_size", None) or {"height": 16, "width": 16}
-        self.patch_config = PatchConfig(self.max_patches, int(size["height"]), int(size["width"]))
+        self.patch_config = patch_config_of(processor)
+        self.max_patches = self.patch_config.max_patches
+        self.position_limit = position_limit  # the model's row/column positions (see __getitem__)
         self.augment = augment
         self.seed = seed
         self._cache: dict[int, Image.Image] = {}
@@ -271,6 +281,8 @@ class CaptionDataset:
             from train.augment import augment
 
             img = augment(img, np.random.default_rng([self.seed, epoch, i]))
+            if position_error(*img.size, self.patch_config, self.position_limit) is not None:
+                img = self._load(i)  # stretched beyond the model's positions: the image as it is (checked to fit)
         mean, std = standardization(img)
         view = self._full_views[i]
         enc = encode_images(self.processor, [img], standardizations=[(mean + view.mean_shift, std * view.std_factor)])
@@ -667,6 +679,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         check_checkpoint_dir,
         is_hub_id,
         load_checkpoint,
+        position_check,
         recover,
         stated_caption_length,
     )
@@ -710,10 +723,13 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         check_checkpoint_dir(cfg.base)
     accelerator.wait_for_everyone()  # every rank has judged RUN/ before rank 0 writes to it
     # Validated once (every image opened); the split is a pure function of the file name (its split folder,
-    # else a hash).
+    # else a hash). A checkpoint whose max_patches reach its position tables also refuses images too long and
+    # thin for them (a preset's tables are twice max_patches).
+    checkpoint = out / "last" if mode == "resume" else cfg.base
+    positions = position_check(checkpoint, cfg.max_patches) if checkpoint is not None else None
     all_ok = load_split(
         data, split="all", test_ratio=cfg.test_ratio, seed=cfg.split_seed, caption_column=cfg.caption_column,
-        skip_bad=cfg.skip_bad,
+        skip_bad=cfg.skip_bad, positions=positions,
     )  # fmt: skip
     part = [split_of(e.file_name, test_ratio=cfg.test_ratio, seed=cfg.split_seed) for e in all_ok]
     train_ex = [e for e, s in zip(all_ok, part, strict=True) if s == "train"]
@@ -758,7 +774,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         for warning in long_caption_warnings(processor.tokenizer, train_ex, test_ex, int(cfg.max_new_tokens)):
             log(warning)
 
-    dataset = CaptionDataset(train_ex, processor, augment=cfg.augment, seed=cfg.seed)
+    dataset = CaptionDataset(train_ex, processor, augment=cfg.augment, seed=cfg.seed, position_limit=position_limit_of(model.config.to_dict()))
     sampler = EpochSampler()
     # Workers decode/augment/patch the next batches while the model trains on this one;
     # torch gives each worker one thread, which is what small image ops want.
