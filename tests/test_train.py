@@ -1209,6 +1209,22 @@ def test_captions_too_long_to_learn_or_generate_are_warned_about() -> None:
     assert long_caption_warnings(tok, train_ex[:1], test_ex[:1], max_new_tokens=n_short) == []
 
 
+def test_characters_the_tokenizer_cannot_write_are_warned_about() -> None:
+    from train.data import Example
+    from train.loop import unwritable_character_warnings
+    from train.presets import train_tokenizer
+
+    tok = train_tokenizer(["The student wrote 7 + 5 = 12.", "A clock showing 3:30."] * 5, vocab_size=120)
+    examples = [Example(name, text, Path(name)) for name, text in (
+        ("a.jpg", "The student wrote 7 + 5 = 12."), ("b.jpg", "12 ÷ 3 ≤ 5, très bien."), ("c.jpg", "7 × 5 = 35."),
+    )]  # fmt: skip
+    assert tok.unk_token_id in tok("12 ÷ 3", add_special_tokens=False).input_ids
+    [warning] = unwritable_character_warnings(tok, examples)
+    assert warning.startswith("warning: 2 caption(s) hold characters the tokenizer has no token for (")
+    assert "no token for (× è ÷ ≤): they are read as <unk>" in warning and warning.endswith("e.g. b.jpg, c.jpg")
+    assert unwritable_character_warnings(tok, examples[:1]) == []
+
+
 def test_the_tokenizer_keeps_math_symbols_as_written() -> None:
     from train.presets import train_tokenizer
 

@@ -465,6 +465,27 @@ def long_caption_warnings(tokenizer: Any, train_ex: Sequence[Any], test_ex: Sequ
     return warnings
 
 
+def unwritable_character_warnings(tokenizer: Any, examples: Sequence[Any]) -> list[str]:
+    """A warning naming the caption characters the tokenizer has no token for: it encodes them as <unk>,
+    which decoding drops, so the model learns to write nothing there (a --base tokenizer meets symbols its
+    pretraining lacked, a preset's those only test captions hold)."""
+    unk = tokenizer.unk_token_id
+    chars = sorted({c for e in examples for c in e.text if not c.isspace()})
+    if unk is None or not chars:
+        return []
+    ids = tokenizer(chars, add_special_tokens=False)["input_ids"]
+    missing = {c for c, i in zip(chars, ids, strict=True) if unk in i}
+    affected = [e.file_name for e in examples if missing.intersection(e.text)]
+    if not affected:
+        return []
+    shown = " ".join(sorted(missing)[:12]) + (" ..." if len(missing) > 12 else "")
+    return [
+        f"warning: {len(affected)} caption(s) hold characters the tokenizer has no token for ({shown}): they are "
+        f"read as <unk>, which decoding drops, so the model cannot write them (spell them out in the captions to "
+        f"keep their meaning); e.g. {', '.join(affected[:3])}"
+    ]
+
+
 def _check_writable(out: Path) -> None:
     """Raises TrainError when `out` cannot be created or written. An `out` that is a file is left to
     _check_out, which says so; folders made here and left empty are removed by _run_lock."""
@@ -771,7 +792,8 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     model.generation_config.max_new_tokens = cfg.max_new_tokens
     max_patches = int(processor.image_processor.max_patches)
     if mode != "resume":
-        for warning in long_caption_warnings(processor.tokenizer, train_ex, test_ex, int(cfg.max_new_tokens)):
+        for warning in long_caption_warnings(processor.tokenizer, train_ex, test_ex, int(cfg.max_new_tokens)) + \
+                unwritable_character_warnings(processor.tokenizer, train_ex + test_ex):
             log(warning)
 
     dataset = CaptionDataset(train_ex, processor, augment=cfg.augment, seed=cfg.seed, position_limit=position_limit_of(model.config.to_dict()))
