@@ -453,7 +453,8 @@ def export_bundle(
     info = inspect_checkpoint(checkpoint)
     data_path = Path(data) if data is not None else None
     if data_path is not None and not data_path.is_dir():
-        raise ExportError(f"{data_path}: data folder not found; pass a folder with images and metadata.jsonl")
+        what = "a file, not a data folder" if data_path.exists() else "data folder not found"
+        raise ExportError(f"{data_path}: {what}; pass a folder with images and metadata.jsonl")
     examples = None
     settings = None
     if data_path is not None:

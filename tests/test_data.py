@@ -275,6 +275,14 @@ def test_path_escaping_the_folder(tmp_path: Path, name: str) -> None:
     assert [str(p) for p in report.problems] == [f"metadata.jsonl:2: file_name {name!r} points outside the folder"]
 
 
+def test_an_absolute_path_inside_the_folder_is_named_with_its_relative_name(folder: Path) -> None:
+    _jsonl(folder, [{"file_name": str(folder.absolute() / "sub" / "c.jpg"), "text": "Tally marks for 4 and 9."}])
+    assert _only_problem(folder) == (
+        f"metadata.jsonl:1: file_name {str(folder.absolute() / 'sub' / 'c.jpg')!r} is an absolute path; names are "
+        "relative to the folder: 'sub/c.jpg'"
+    )
+
+
 def test_symlink_escaping_the_folder(tmp_path: Path) -> None:
     data = tmp_path / "data"
     _image(tmp_path / "outside.jpg")

@@ -382,6 +382,11 @@ def test_bad_data_is_refused_before_the_export_runs(random_checkpoint: Path, tmp
         export_bundle(random_checkpoint, tmp_path / "bundle", data=data)
     assert "broken_train.png" not in str(refused.value)  # only the test split is used, so only it is checked
     assert not (tmp_path / "bundle").exists() and not _leftovers(tmp_path, "bundle")
+    from export.onnx import ExportError
+
+    for given, message in ((tmp_path / "nowhere", "data folder not found"), (data / "test" / "metadata.jsonl", "a file, not a data folder")):
+        with pytest.raises(ExportError, match=f"{re.escape(str(given))}: {message}; pass a folder with images"):
+            export_bundle(random_checkpoint, tmp_path / "bundle", data=given)
 
 
 def _page(path: Path, caption: str) -> dict[str, str]:

@@ -136,6 +136,10 @@ def _check_name(folder: Path, raw: object, where: str) -> tuple[str | None, Prob
         return None, Problem(where, "missing or empty file_name")
     name = posixpath.normpath(_as_listed(folder, raw))
     drive = len(name) > 2 and name[0].isalpha() and name[1] == ":" and name[2] in "/\\"  # C:/x.jpg
+    if posixpath.isabs(name) and os.path.isabs(name):
+        with contextlib.suppress(ValueError):  # under the folder: say how to name it
+            inside = Path(name).relative_to(folder.absolute()).as_posix()
+            return None, Problem(where, f"file_name {raw!r} is an absolute path; names are relative to the folder: {inside!r}", name)
     if posixpath.isabs(name) or name == ".." or name.startswith("../") or drive:
         return None, Problem(where, f"file_name {raw!r} points outside the folder", name)
     if "\x00" in name:
