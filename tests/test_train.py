@@ -995,7 +995,7 @@ def test_images_too_long_and_thin_for_the_models_positions_are_named_before_any_
     assert not (tmp_path / "refused" / "last").exists()
     with pytest.warns(UserWarning, match=f"max_patches={limit + 16} reaches the model's {limit} row/column positions"):
         trained = train(TrainConfig(out=tmp_path / "run", skip_bad=True, **run))  # type: ignore[arg-type]
-    with pytest.raises(DataError, match=strip):
+    with pytest.warns(UserWarning, match="reaches the model's"), pytest.raises(DataError, match=strip):
         evaluate_checkpoint(trained.best_dir, data, split="all", skip_bad=False)
     # Called directly, generation names the image instead of failing inside the model.
     with pytest.warns(UserWarning, match="reaches the model's"):
