@@ -911,20 +911,39 @@ def _refuse_renamed(out: Path, renamed: list[InputFile]) -> None:
 def _respelled(
     files: list[InputFile], names: dict[str, str], records: dict[str, _Line], current: set[str], fmt: str
 ) -> list[tuple[InputFile, str]]:
-    """Inputs with no record under their name whose very file has one under another: a record's name that,
-    read as a path from the working folder, is the input's file (`A/x.png` beside `/data/A/x.png`, the
-    same folders given relative and absolute, as a cron job and a manual rerun do)."""
-    missing = [f for f in files if names[f.file] not in records]
-    stray = [name for name in records if name not in current] if missing else []
-    by_real: dict[str, str] = {}
-    for name in stray:
-        if fmt == "csv" and "\\" in name:
-            continue  # an escaped name (line breaks, bytes that are not UTF-8): not the path as written
-        try:
-            by_real.setdefault(os.path.realpath(name), name)
-        except (OSError, ValueError):  # a name with a NUL, one too long
+    """Inputs with no record under their name that have one under another spelling of their input folder:
+    the same path below the input, after a prefix naming the same folder otherwise (`A/x.png` beside
+    `/data/A/x.png`: relative and absolute, as a cron job and a manual rerun give them), for a file of the
+    same size. Told from the names and sizes alone: the working folder an old name was relative to is unknown."""
+    missing: dict[str, list[InputFile]] = {}  # record name below its input -> inputs
+    for f in files:
+        if names[f.file] not in records:
+            missing.setdefault(record_name(_below_input(f), fmt), []).append(f)
+    found: dict[str, tuple[InputFile, str]] = {}
+    for name, line in records.items() if missing else ():
+        if name in current or line.bytes is None:
             continue
-    return [(f, by_real[f.real]) for f in missing if f.real in by_real]
+        cut = name.find("/")
+        while cut != -1:
+            tail = name[cut + 1 :]
+            for f in missing.get(tail, ()):
+                now = names[f.file]
+                prefix = now[: len(now) - len(tail) - 1] if now.endswith("/" + tail) else ""  # "": not prefixed
+                if f.bytes == line.bytes and _same_folder_otherwise(name[:cut], prefix):
+                    found.setdefault(f.file, (f, name))
+            cut = name.find("/", cut + 1)
+    return list(found.values())
+
+
+def _below_input(f: InputFile) -> str:
+    """The record name of `f` without its input's prefix (whichever naming rule the run uses)."""
+    return f.other_name if f.other_name is not None and f.file.endswith("/" + f.other_name) else f.file
+
+
+def _same_folder_otherwise(old: str, new: str) -> bool:
+    """Whether two input prefixes look like one folder spelled two ways: one ends with the other."""
+    old, new = old.rstrip("/"), new.rstrip("/")
+    return old != new and bool(old) and bool(new) and (old.endswith("/" + new) or new.endswith("/" + old))
 
 
 def _refuse_respelled(out: Path, respelled: list[tuple[InputFile, str]]) -> None:

@@ -1144,9 +1144,22 @@ def test_inputs_spelled_another_way_do_not_caption_the_images_twice(
     out = tmp_path / f"o.{fmt}"
     assert captioner.caption_folder(["photos", "more/"], out=out, fmt=fmt, progress=False).captioned == 3
     before = out.read_bytes()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a cron job's absolute paths, from its own working folder
     with pytest.raises(OutputError, match=r"3 of these images under another spelling of their paths: 'photos/img_001\.png' \(now '.*/photos/img_001\.png'\)"):
-        captioner.caption_folder([photos, more], out=out, fmt=fmt, progress=False)  # absolute: a cron job's
+        captioner.caption_folder([photos, more], out=out, fmt=fmt, progress=False)
     assert out.read_bytes() == before
+    # Other images of the same names in folders of other names are no respelling, nor are other images
+    # (other sizes) in a folder of the same name elsewhere.
+    for folder in (tmp_path / "day2" / "scans", tmp_path / "day2" / "more"):
+        folder.mkdir(parents=True)
+        photo(7, 90, 70).save(folder / "img_001.png")
+    photo(8, 90, 70).save(tmp_path / "day2" / "more" / "img_002.png")
+    summary = captioner.caption_folder([tmp_path / "day2" / "scans", tmp_path / "day2" / "more"], out=out, fmt=fmt, progress=False)
+    assert summary.captioned == 3
+    monkeypatch.chdir(tmp_path)
+    before = out.read_bytes()
     assert captioner.caption_folder(["photos", "more"], out=out, fmt=fmt, progress=False).skipped == 3
     # Another image under an old name's spelling is no respelling: a new image beside the captioned ones.
     photo(5).save(photos / "new.png")
