@@ -535,6 +535,19 @@ def test_a_checkpoint_in_pytorch_bin_shards_loads(tmp_path: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
 
 
+def test_whole_number_settings_are_checked_and_kept_as_ints() -> None:
+    import numpy as np
+
+    config = TrainConfig(data=".", out="run", preset="tiny", lead_tokens=np.int64(3), batch_size=np.int32(4), seed=np.int64(2)).resolved()
+    json.dumps(config.identity())  # run_config.json: a numpy integer made it fail after the model was built
+    assert (type(config.lead_tokens), type(config.batch_size), type(config.seed)) == (int, int, int)
+    for bad, message in ((dict(batch_size=2.5), "batch_size must be an integer of at least 1, got 2.5"),
+                         (dict(max_patches=2), "max_patches must be an integer of at least 4, got 2"),
+                         (dict(lead_tokens=True), "lead_tokens must be an integer of at least 0, got True")):  # fmt: skip
+        with pytest.raises(TrainError, match=re.escape(message)):
+            TrainConfig(data=".", out="run", preset="tiny", **bad).resolved()  # type: ignore[arg-type]
+
+
 def test_a_checkpoints_caption_length_is_read_as_generate_reads_it() -> None:
     from transformers import GenerationConfig
 

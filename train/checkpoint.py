@@ -251,7 +251,7 @@ def position_check(path: str | Path, max_patches: int | None = None) -> tuple[Pa
         processor = json.loads((Path(path) / "preprocessor_config.json").read_text())
         patches = PatchConfig.from_preprocessor_config(processor, max_patches=max_patches)
         limit = position_limit_of(config)
-    except (OSError, ValueError, TypeError, AttributeError, EdlightError):
+    except (OSError, ValueError, TypeError, AttributeError, LookupError, EdlightError):
         return None
     return (patches, limit) if patches.max_patches >= limit else None
 

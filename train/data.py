@@ -401,7 +401,6 @@ def _inspect_image(example: Example) -> tuple[tuple[int, int] | None, Problem | 
     try:
         with Image.open(example.path, formats=readable_formats()) as im:
             size = im.size
-            sideways = _exif_orientation(im) in (5, 6, 7, 8)  # stored on its side: loaded turned upright
             if size[0] * size[1] > DEFAULT_MAX_PIXELS:  # checked before decoding, as training loads it
                 return None, Problem(
                     name,
@@ -410,6 +409,8 @@ def _inspect_image(example: Example) -> tuple[tuple[int, int] | None, Problem | 
                     name,
                 )
             im.load()
+            # After the load: Pillow's PNG plugin reads the whole file to look for EXIF.
+            sideways = _exif_orientation(im) in (5, 6, 7, 8)  # stored on its side: loaded turned upright
     except UnidentifiedImageError:
         if is_heif_file(example.path):
             why = "corrupt HEIC/HEIF image" if enable_heif() else HEIF_MISSING

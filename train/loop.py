@@ -68,6 +68,12 @@ IDENTITY_FIELDS = (
     "test_ratio", "split_seed", "caption_column", "skip_bad", "warmup_ratio", "weight_decay", "max_grad_norm",
     "lead_tokens", "lead_weight",
 )  # fmt: skip
+# Whole-number settings and their least values (checked, and kept as ints, by TrainConfig.resolved).
+COUNT_FIELDS = {
+    "epochs": 1, "batch_size": 1, "grad_accum": 1, "eval_batch_size": 1, "max_patches": 4, "seed": 0, "split_seed": 0,
+    "lead_tokens": 0, "max_new_tokens": 1, "num_workers": 0, "threads": 1, "stop_after": 1,
+}  # fmt: skip
+OPTIONAL_COUNT_FIELDS = {"max_patches", "max_new_tokens", "threads", "stop_after"}  # None: a default
 # What identity fields added later meant for runs whose run_config.json predates them.
 IDENTITY_BEFORE_FIELD = {"lead_tokens": 3, "lead_weight": 1.0}
 
@@ -116,7 +122,8 @@ class TrainConfig:
     stop_after: int | None = None  # end this invocation after N epochs (schedule still spans `epochs`)
 
     def resolved(self) -> TrainConfig:
-        """A copy with paths made absolute and None fields filled from the preset or BASE_DEFAULTS."""
+        """A copy with paths made absolute, None fields filled from the preset or BASE_DEFAULTS (max_new_tokens
+        of --base and --resume excepted: see the field) and whole-number settings checked and made ints."""
         from train.presets import get_preset
 
         if (self.base is None) == (self.preset is None):
@@ -139,18 +146,20 @@ class TrainConfig:
         if c.resume and c.epochs is None:  # a plain --resume goes on with the run's plan, not the preset's
             c.epochs = _planned_epochs(c.out)
         if c.resume or self.preset is None:
-            # The checkpoint's own caption length (a base's, or the run's in last/); see caption_length.
+            # Left None: the checkpoint's own caption length (a base's, or the run's in last/), read when it loads.
             defaults.pop("max_new_tokens")
         for name, value in defaults.items():
             if getattr(c, name) is None:
                 setattr(c, name, value)
-        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
-            if int(getattr(c, name)) < 1:
-                raise TrainError(f"{name} must be at least 1, got {getattr(c, name)}")
+        for name, minimum in COUNT_FIELDS.items():
+            value = getattr(c, name)
+            if value is None and name in OPTIONAL_COUNT_FIELDS:
+                continue
+            if not is_count(value, minimum):
+                raise TrainError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+            setattr(c, name, int(value))  # a numpy integer would not go into run_config.json
         if c.lr is None or c.lr <= 0:
             raise TrainError(f"lr must be positive, got {c.lr}")
-        if not is_count(c.lead_tokens, minimum=0):
-            raise TrainError(f"lead_tokens must be an integer of at least 0, got {c.lead_tokens!r}")
         weight = c.lead_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight > 0):
             raise TrainError(f"lead_weight must be a positive number, got {weight!r}")
