@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import BundleError
-from engine.preprocess import DEFAULT_POSITION_LIMIT
+from engine.preprocess import position_limit_of
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "edlight.json"
@@ -303,10 +303,10 @@ class Bundle:
     @property
     def position_limit(self) -> int:
         """Rows of the encoder's row/column position tables (vision_config.seq_len; HF's default 4096)."""
-        vision = self.config.get("vision_config")
-        if not isinstance(vision, dict) or vision.get("seq_len") is None:
-            return DEFAULT_POSITION_LIMIT
-        return _setting(vision["seq_len"], "vision_config.seq_len", self.path / "config.json", 2)
+        try:
+            return position_limit_of(self.config)
+        except BundleError as exc:
+            raise BundleError(f"{self.path / 'config.json'}: {exc}") from None
 
     def _token_setting(self, key: str) -> tuple[Any, str, Path] | None:
         """(value, name, file) of the first `key` set in generation_config.json, config.json, then config.json's
@@ -348,17 +348,10 @@ class Bundle:
 
     @property
     def default_max_new_tokens(self) -> int:
-        """The caption length transformers' `generate` gives with this generation config: max_new_tokens;
-        else max_length, which counts the decoder's start token (so one token less), except that generate
-        takes a max_length equal to its own default (20) as unset and gives 20 new tokens; with neither,
-        that default."""
-        where = self.path / "generation_config.json"
-        if self.generation_config.get("max_new_tokens") is not None:
-            return _setting(self.generation_config["max_new_tokens"], "max_new_tokens", where, 1)
-        if self.generation_config.get("max_length") is not None:
-            length = _setting(self.generation_config["max_length"], "max_length", where, 1)
-            return length if length == TRANSFORMERS_MAX_LENGTH else length - 1
-        return TRANSFORMERS_MAX_LENGTH
+        """The caption length transformers' `generate` gives with this generation config: the stated one
+        (stated_max_new_tokens), else generate's default of 20 new tokens."""
+        stated = stated_max_new_tokens(self.generation_config, self.path / "generation_config.json")
+        return TRANSFORMERS_MAX_LENGTH if stated is None else stated
 
     @property
     def default_min_new_tokens(self) -> int:
@@ -405,6 +398,19 @@ CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pyto
 def _is_checkpoint(root: Path) -> bool:
     """Whether `root` looks like a `save_pretrained` model folder (what `edlight export` takes)."""
     return (root / "config.json").is_file() and any((root / name).is_file() for name in CHECKPOINT_WEIGHTS)
+
+
+def stated_max_new_tokens(generation_config: dict[str, Any], where: Path) -> int | None:
+    """The caption length a generation config (its dict; `where` names it in errors) states, read as
+    transformers' `generate` reads it: max_new_tokens; else max_length, which counts the decoder's start
+    token (so one token less), except that generate takes a max_length equal to its own default (20) as
+    unset; None when it states neither."""
+    if generation_config.get("max_new_tokens") is not None:
+        return _setting(generation_config["max_new_tokens"], "max_new_tokens", where, 1)
+    if generation_config.get("max_length") is not None:
+        length = _setting(generation_config["max_length"], "max_length", where, 1)
+        return None if length == TRANSFORMERS_MAX_LENGTH else length - 1
+    return None
 
 
 def _setting(value: Any, what: str, where: Path, minimum: int = 0) -> int:

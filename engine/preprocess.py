@@ -87,10 +87,15 @@ DEFAULT_POSITION_LIMIT = 4096
 
 
 def position_limit_of(config: dict[str, Any]) -> int:
-    """Rows of a Pix2Struct config's row/column position tables (vision_config.seq_len)."""
+    """Rows of a Pix2Struct config's row/column position tables (vision_config.seq_len; transformers'
+    default when unset). Raises BundleError for a value that is no whole number of at least 2."""
     vision = config.get("vision_config")
     limit = vision.get("seq_len") if isinstance(vision, dict) else None
-    return DEFAULT_POSITION_LIMIT if limit is None else int(limit)
+    if limit is None:
+        return DEFAULT_POSITION_LIMIT
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 2:
+        raise BundleError(f"vision_config.seq_len must be an integer >= 2, got {limit!r}")
+    return limit
 
 
 def position_error(width: int, height: int, config: PatchConfig, position_limit: int) -> str | None:

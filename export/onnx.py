@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.bundle import (
+    CHECKPOINT_WEIGHTS,
     DECODER_LAYOUTS,
     MANIFEST_NAME,
     SUPPORT_FILES,
@@ -116,9 +117,8 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
     model_type = config.get("model_type")
     if model_type != "pix2struct":
         raise ExportError(f"{path / 'config.json'}: model_type is {model_type!r}, not 'pix2struct'; edlight exports Pix2Struct only")
-    weights = [p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"} or p.name.endswith(".safetensors.index.json")]
-    if not weights:
-        raise ExportError(f"{path}: no model weights (*.safetensors or *.bin); re-save the model with save_pretrained")
+    if not any((path / name).is_file() for name in CHECKPOINT_WEIGHTS):  # a trainer's training_args.bin is none
+        raise ExportError(f"{path}: no model weights ({' or '.join(CHECKPOINT_WEIGHTS)}); re-save the model with save_pretrained")
     pre = _read_json(
         path / "preprocessor_config.json",
         "processor config",

@@ -598,6 +598,7 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         (ck / "tokenizer.json").unlink()
     elif how == "no_weights":
         (ck / "model.safetensors").unlink()
+        (ck / "training_args.bin").write_bytes(b"a Trainer's arguments, not weights")
     elif how == "non_causal":
         config = json.loads((ck / "config.json").read_text())
         config["text_config"]["is_decoder"] = False

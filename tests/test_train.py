@@ -551,12 +551,15 @@ def test_whole_number_settings_are_checked_and_kept_as_ints() -> None:
 def test_a_checkpoints_caption_length_is_read_as_generate_reads_it() -> None:
     from transformers import GenerationConfig
 
-    from train.checkpoint import stated_caption_length
+    from engine.bundle import stated_max_new_tokens
 
-    assert stated_caption_length(GenerationConfig(max_new_tokens=30, max_length=10)) == 30
-    assert stated_caption_length(GenerationConfig(max_length=10)) == 9  # max_length counts the start token
-    assert stated_caption_length(GenerationConfig(max_length=20)) is None  # generate's own default: unset
-    assert stated_caption_length(GenerationConfig()) is None
+    def stated(**settings: int) -> int | None:  # as training reads a loaded checkpoint's
+        return stated_max_new_tokens(GenerationConfig(**settings).to_diff_dict(), Path("generation_config.json"))
+
+    assert stated(max_new_tokens=30, max_length=10) == 30
+    assert stated(max_length=10) == 9  # max_length counts the start token
+    assert stated(max_length=20) is None  # generate's own default: unset
+    assert stated() is None
     assert TrainConfig(data=".", out="run", base="x").resolved().max_new_tokens is None  # read from the base
     assert TrainConfig(data=".", out="run", preset="tiny").resolved().max_new_tokens == 48
     assert TrainConfig(data=".", out="run", preset="tiny", resume=True, epochs=1).resolved().max_new_tokens is None

@@ -256,16 +256,6 @@ def position_check(path: str | Path, max_patches: int | None = None) -> tuple[Pa
     return (patches, limit) if patches.max_patches >= limit else None
 
 
-def stated_caption_length(generation_config: Any) -> int | None:
-    """The caption length a checkpoint's generation config states, read as `generate` reads it:
-    max_new_tokens, else a max_length (which counts the decoder's start token) other than generate's own
-    default of 20; None when it states neither."""
-    if generation_config.max_new_tokens is not None:
-        return int(generation_config.max_new_tokens)
-    max_length = generation_config.to_diff_dict().get("max_length")  # only where it differs from the default
-    return max(1, int(max_length) - 1) if max_length is not None else None
-
-
 def atomic_save(dest: Path, write: Callable[[Path], None]) -> Path:
     """Run `write(tmp_dir)` then swap `tmp_dir` into `dest`, so `dest` is always complete or absent-but-recoverable.
 

@@ -64,6 +64,13 @@ def patch_config_of(processor: Any) -> PatchConfig:
     return PatchConfig(int(ip.max_patches), int(size["height"]), int(size["width"]))
 
 
+def model_positions(model: Any, processor: Any) -> tuple[PatchConfig, int] | None:
+    """A loaded model's (patch config, row/column position limit) when its max_patches reach its position
+    tables (see train.data.load_split's `positions`), else None."""
+    config, limit = patch_config_of(processor), position_limit_of(model.config.to_dict())
+    return (config, limit) if config.max_patches >= limit else None
+
+
 def encode_files(processor: Any, images: Sequence[ImageInput], position_limit: int | None = None) -> dict[str, Any]:
     """`encode_images` of paths or PIL images, loaded and encoded one at a time.
 
@@ -81,7 +88,7 @@ def encode_files(processor: Any, images: Sequence[ImageInput], position_limit: i
         rgb = load_rgb(image)
         beyond = None if position_limit is None else position_error(*rgb.size, config, position_limit)
         if beyond is not None:
-            raise ImageError(f"{describe(image) if isinstance(image, Image.Image) else image}: {beyond}")
+            raise ImageError(f"{describe(image)}: {beyond}")
         encoded.append(encode_images(processor, [rgb]))
     return {key: torch.cat([enc[key] for enc in encoded]) for key in ("flattened_patches", "attention_mask")}
 
@@ -213,7 +220,7 @@ def evaluate_checkpoint(
     cannot take the predictions (checked before any captioning: a folder, an unwritable place, or an
     existing file that holds no predictions); `out` is written atomically.
     """
-    from train.checkpoint import data_settings, load_checkpoint, position_check
+    from train.checkpoint import data_settings, load_checkpoint
     from train.data import DataError, load_split
 
     if split not in ("test", "train", "all"):
@@ -229,7 +236,7 @@ def evaluate_checkpoint(
         seed=settings.split_seed,
         caption_column=settings.caption_column,
         skip_bad=settings.skip_bad,
-        positions=position_check(checkpoint),
+        positions=model_positions(model, processor),
     )
     if not examples:  # a score of 0 would look like a real one
         skipped = len(getattr(examples, "skipped", []))

@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate tokenises inside worker processes
 
+from engine.bundle import stated_max_new_tokens
 from engine.errors import EdlightError, ImageError, is_count
 from engine.folder import OutputError, output_lock, write_report
 from engine.images import enable_heif, readable_formats
@@ -291,7 +292,9 @@ class CaptionDataset:
 
             img = augment(img, np.random.default_rng([self.seed, epoch, i]))
             if position_error(*img.size, self.patch_config, self.position_limit) is not None:
-                img = self._load(i)  # stretched beyond the model's positions: the image as it is (checked to fit)
+                # Stretched beyond the model's positions: the image as it is (load_split checked that it fits,
+                # for a checkpoint on disk; a hub id's files are not read before the model loads).
+                img = self._load(i)
         mean, std = standardization(img)
         view = self._full_views[i]
         enc = encode_images(self.processor, [img], standardizations=[(mean + view.mean_shift, std * view.std_factor)])
@@ -711,7 +714,6 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         load_checkpoint,
         position_check,
         recover,
-        stated_caption_length,
     )
     from train.data import DataError, describe_split, load_split, split_counts, split_of
     from train.evaluate import corpus_scores, encode_files, generate_from_patches, load_rgb
@@ -797,7 +799,9 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             cfg.preset, [e.text for e in train_ex], cfg.max_patches, seed=cfg.seed, images=sample
         )
     # The per-epoch evaluation's caption length, saved in every checkpoint for the export and the engine.
-    cfg.max_new_tokens = cfg.max_new_tokens or stated_caption_length(model.generation_config) or BASE_DEFAULTS["max_new_tokens"]
+    if not cfg.max_new_tokens:  # --base or --resume: the checkpoint's own, when it states one
+        where = Path(str(checkpoint)) / "generation_config.json"
+        cfg.max_new_tokens = stated_max_new_tokens(model.generation_config.to_diff_dict(), where) or BASE_DEFAULTS["max_new_tokens"]
     model.generation_config.max_new_tokens = cfg.max_new_tokens
     max_patches = int(processor.image_processor.max_patches)
     if mode != "resume":
