@@ -14,4 +14,9 @@ class ExportError(EdlightError):
     """A checkpoint cannot be exported, or the exported model does not match PyTorch."""
 
 
-__all__ = ["ExportError"]
+class ExportCheckFailed(ExportError):
+    """The export ran and a check of what it wrote failed (ONNX outputs or greedy tokens differ from
+    PyTorch, or the parity check): `edlight export` exits 1 for it, 2 for an export that cannot run."""
+
+
+__all__ = ["ExportCheckFailed", "ExportError"]

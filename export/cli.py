@@ -13,8 +13,9 @@ from typing import Any
 import click
 
 from engine.bundle import MANIFEST_NAME
-from engine.click_types import FiniteFloatRange
+from engine.click_types import FiniteFloatRange, cannot_run
 from engine.errors import EdlightError
+from export import ExportCheckFailed
 from train.checkpoint import run_data_options
 
 
@@ -77,8 +78,11 @@ def export(
             caption_column=caption_column, skip_bad=skip_bad, test_ratio=test_ratio, tolerance=tolerance,
             min_identical=min_identical,
         )  # fmt: skip
+    except ExportCheckFailed as exc:  # it ran, and what it wrote did not match PyTorch
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from exc
     except EdlightError as exc:
-        raise click.ClickException(str(exc)) from exc
+        cannot_run(str(exc))
     except KeyboardInterrupt:  # the partial bundle is gone already (export_bundle's finally)
         click.echo(f"interrupted: no partial bundle is left at {out}; run the same command again", err=True)
         raise SystemExit(130) from None

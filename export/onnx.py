@@ -38,7 +38,7 @@ from engine.bundle import (
     write_manifest,
 )
 from engine.errors import is_count
-from export import ExportError
+from export import ExportCheckFailed, ExportError
 
 if TYPE_CHECKING:
     from export.validate import GreedyComparison
@@ -299,7 +299,7 @@ def _run_optimum(model: Any, processor: Any, raw: Path, layout: str) -> None:
         except Exception as exc:
             raise ExportError(f"{model.config._name_or_path}: Optimum ONNX export failed: {exc}") from exc
     if failures:
-        raise ExportError(f"{model.config._name_or_path}: ONNX outputs differ from PyTorch (Optimum validation): {failures[0]}")
+        raise ExportCheckFailed(f"{model.config._name_or_path}: ONNX outputs differ from PyTorch (Optimum validation): {failures[0]}")
 
 
 def _validation_images(examples: list[Example] | None) -> list[Any]:
@@ -442,7 +442,8 @@ def export_bundle(
     "split" or "merged" (see DEFAULT_LAYOUT).
 
     Returns the bundle path. Raises ExportError for a bad checkpoint, an unwritable or existing
-    `out`, an export whose outputs or greedy tokens differ from PyTorch, or a failed parity check,
+    `out`, and its ExportCheckFailed for an export whose outputs or greedy tokens differ from PyTorch or a
+    failed parity check,
     and DataError for a bad data folder; both before any export work for a bad or empty test split.
     In every failure case no bundle is left at `out` (an existing one is kept).
     """
@@ -603,7 +604,7 @@ def _build(
         manifest.parity = report.to_dict(brief=True)
         write_manifest(bundle, manifest)
         if not report.passed:
-            raise ExportError(
+            raise ExportCheckFailed(
                 f"{info.path}: parity check on {data} failed: {report.summary_line()}. No bundle was written; on a "
                 "small test split a difference can be noise: see `edlight parity` for the captions, or widen "
                 "--tolerance / --min-identical"
@@ -664,10 +665,10 @@ def _ort_optimize(path: Path) -> None:
 
 
 def require_identical(comparison: GreedyComparison, checkpoint: Path) -> None:
-    """Raise ExportError when an fp32 export's greedy tokens differ from PyTorch's on any image."""
+    """Raise ExportCheckFailed when an fp32 export's greedy tokens differ from PyTorch's on any image."""
     if comparison.mismatches:
         first = comparison.mismatches[0]
-        raise ExportError(
+        raise ExportCheckFailed(
             f"{checkpoint}: ONNX greedy tokens differ from PyTorch on {len(comparison.mismatches)}/"
             f"{len(comparison.torch_tokens)} validation images (image {first['image']}, position {first['position']}: "
             f"torch {first['torch']} vs onnx {first['onnx']}); the export is not faithful, do not ship it"

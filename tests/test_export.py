@@ -415,7 +415,7 @@ def test_run_folder_is_refused_with_the_checkpoints_to_pass(random_checkpoint: P
 
     shutil.copytree(random_checkpoint, tmp_path / "run" / "best")
     result = CliRunner().invoke(export, [str(tmp_path / "run"), "--out", str(tmp_path / "b")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # cannot run (1: a check of the export failed)
     assert f"is a training run, not a checkpoint; pass {tmp_path / 'run' / 'best'} (best test BLEU)" in result.output
 
 
@@ -669,10 +669,10 @@ def test_cli_export_and_errors(random_checkpoint: Path, tmp_path: Path) -> None:
     assert "identical greedy tokens 100%" in result.output
     Bundle.load(tmp_path / "b")
     again = runner.invoke(export, [str(random_checkpoint), "--out", str(tmp_path / "b")])
-    assert again.exit_code == 1
+    assert again.exit_code == 2
     assert again.output.strip().count("\n") == 0 and "--force" in again.output
     missing = runner.invoke(export, [str(tmp_path / "missing"), "--out", str(tmp_path / "c")])
-    assert missing.exit_code == 1 and "checkpoint not found" in missing.output
+    assert missing.exit_code == 2 and "checkpoint not found" in missing.output
 
 
 def test_trained_fp32_bundle_tokens_equal_pytorch_on_test_images(tiny_checkpoint: Path, tiny_bundle: Path, synth_data: Path) -> None:

@@ -162,6 +162,19 @@ def test_export_with_data_stores_parity_split_layout(tiny_checkpoint: Path, synt
     assert "bundle" not in shipped and "differences" not in shipped
 
 
+def test_an_export_whose_parity_fails_exits_1_and_one_that_cannot_run_2(tiny_checkpoint: Path, synth_data: Path, tmp_path: Path) -> None:
+    """Scripts tell a bundle that failed its check (1) from an export that could not run (2), as for parity."""
+    from export.cli import export
+
+    failed = CliRunner().invoke(
+        export, [str(tiny_checkpoint), "--out", str(tmp_path / "b"), "--quantize", "int8", "--data", str(synth_data), "--min-identical", "1"]
+    )
+    assert failed.exit_code == 1, failed.output  # int8 changes some captions: fewer than 100% identical
+    assert "parity check on" in failed.output and "failed" in failed.output and not (tmp_path / "b").exists()
+    refused = CliRunner().invoke(export, [str(tiny_checkpoint), "--out", str(tmp_path / "b"), "--data", str(tmp_path / "none")])
+    assert refused.exit_code == 2 and "data folder not found" in refused.output
+
+
 def test_weights_are_compared_by_content(tmp_path: Path) -> None:
     from export.parity import _same_weights
 

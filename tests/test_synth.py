@@ -141,13 +141,13 @@ def test_cli_synth_then_check(tmp_path: Path) -> None:
     assert "wrote 8 images and metadata.jsonl" in result.output
     assert {r["kind"] for r in _rows(out)} == set(KINDS)
     again = CliRunner().invoke(main, ["data", "synth", "--out", str(out), "--n", "8"])
-    assert again.exit_code == 1 and "--overwrite" in again.output
+    assert again.exit_code == 2 and "--overwrite" in again.output
     check = CliRunner().invoke(main, ["data", "check", str(out)])
     assert check.exit_code == 0, check.output
     assert "examples: 8 usable" in check.output
     (tmp_path / "a_file").write_text("x")
     under_a_file = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "a_file" / "d"), "--n", "1"])
-    assert under_a_file.exit_code == 1 and "cannot write the data set there" in under_a_file.output
+    assert under_a_file.exit_code == 2 and "cannot write the data set there" in under_a_file.output
     empty = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "none"), "--n", "0"])
     assert empty.exit_code == 0
     check = CliRunner().invoke(main, ["data", "check", str(tmp_path / "none")])

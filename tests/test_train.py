@@ -647,7 +647,7 @@ def test_evaluate_cli(tiny_run: Path, synth_data: Path, tmp_path: Path) -> None:
     assert scores["split"] == "test" and scores["n"] > 0 and "bleu" in scores and out.is_file()
 
     res = CliRunner().invoke(evaluate, [str(synth_data), "--data", str(synth_data)])
-    assert res.exit_code == 1 and "no config.json" in res.output
+    assert res.exit_code == 2 and "no config.json" in res.output
 
     # A checkpoint stating only max_length is read as generate (and the engine) read it: 3 new tokens, not 64.
     short = tmp_path / "short"
@@ -664,7 +664,7 @@ def test_evaluate_cli(tiny_run: Path, synth_data: Path, tmp_path: Path) -> None:
 
     if Path("/dev/full").exists():  # a full disk at the end: the scores are printed before the error
         res = CliRunner().invoke(evaluate, [*args[:3], "--out", "/dev/full", *args[5:]])
-        assert res.exit_code == 1 and "/dev/full: cannot write" in res.output, res.output
+        assert res.exit_code == 2 and "/dev/full: cannot write" in res.output, res.output
         assert json.loads(res.output.splitlines()[0]) == scores
 
 
@@ -773,7 +773,7 @@ def test_evaluate_says_when_it_is_given_a_bundle(small_data: Path, tmp_path: Pat
     (bundle / "config.json").write_text(json.dumps({"model_type": "pix2struct"}))
     (bundle / "edlight.json").write_text("{}")
     res = CliRunner().invoke(evaluate_command, [str(bundle), "--data", str(small_data)])
-    assert res.exit_code == 1 and "is an ONNX bundle" in res.output and "edlight parity" in res.output
+    assert res.exit_code == 2 and "is an ONNX bundle" in res.output and "edlight parity" in res.output
 
 
 def test_evaluation_data_settings_default_to_the_training_runs(tmp_path: Path) -> None:
@@ -830,10 +830,10 @@ def test_split_folders_and_the_runs_caption_column_reach_train_and_evaluate(
     assert res.exit_code == 0, res.output
     assert json.loads(res.output.splitlines()[-1])["n"] == 4
     res = CliRunner().invoke(evaluate_command, [str(run / "best"), "--data", str(data), "--caption-column", "text"])
-    assert res.exit_code == 1 and "no row has 'text'; columns seen: caption, file_name" in res.output
+    assert res.exit_code == 2 and "no row has 'text'; columns seen: caption, file_name" in res.output
     # The run folder itself is not a checkpoint: say which of its checkpoints to pass.
     res = CliRunner().invoke(evaluate_command, [str(run), "--data", str(data)])
-    assert res.exit_code == 1 and f"pass {run / 'best'} (best test BLEU) or {run / 'last'}" in res.output
+    assert res.exit_code == 2 and f"pass {run / 'best'} (best test BLEU) or {run / 'last'}" in res.output
 
 
 # ----------------------------------------------------------------------------- resume, run dir guards
@@ -1031,7 +1031,7 @@ def test_train_cli_usage_errors(small_data: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(
         train_cmd, ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "r"), "--preset", "tiny"]
     )
-    assert res.exit_code == 1 and "data folder not found" in res.output
+    assert res.exit_code == 2 and "data folder not found" in res.output
 
 
 def _free_port() -> int:

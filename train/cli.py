@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from engine.click_types import FiniteFloatRange
+from engine.click_types import FiniteFloatRange, cannot_run
 from engine.errors import EdlightError, ImageError
 from engine.folder import OutputError
 from train.checkpoint import run_data_options
@@ -154,9 +154,10 @@ def train(
     try:
         result = run_training(cfg)
     except (ImageError, OutputError) as exc:  # an image gone since the data check, a full disk: mid-training
-        raise click.ClickException(f"{_own_message(exc)}\n{_resume_note(out)}") from exc
+        click.echo(f"error: {_own_message(exc)}\n{_resume_note(out)}", err=True)
+        raise SystemExit(1) from exc  # the run started and stopped: 1, as a failed check
     except EdlightError as exc:
-        raise click.ClickException(str(exc)) from exc
+        cannot_run(str(exc))
     except KeyboardInterrupt:
         click.echo(f"interrupted: {_resume_note(out)}", err=True)
         raise SystemExit(130) from None
@@ -217,7 +218,7 @@ def evaluate(
             skip_bad=skip_bad,
         )
     except (EdlightError, ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        cannot_run(str(exc))
     except KeyboardInterrupt:
         click.echo("interrupted: nothing was written", err=True)
         raise SystemExit(130) from None
@@ -231,5 +232,5 @@ def evaluate(
         try:
             report.write_predictions(out)
         except OutputError as exc:
-            raise click.ClickException(str(exc)) from exc
+            cannot_run(str(exc))
         click.echo(f"predictions: {out}")

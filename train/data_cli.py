@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from engine.click_types import FiniteFloatRange
+from engine.click_types import FiniteFloatRange, cannot_run
 from train.data import DataError, check_folder
 
 
@@ -29,10 +29,10 @@ def synth(out: Path, n: int, seed: int, workers: int | None, overwrite: bool) ->
     start = time.perf_counter()
     try:
         generate(out, n, seed=seed, workers=workers, overwrite=overwrite)
-    except FileExistsError as exc:
-        raise click.ClickException(f"{out} already holds a data set; pass --overwrite to replace it") from exc
+    except FileExistsError:
+        cannot_run(f"{out} already holds a data set; pass --overwrite to replace it")
     except OSError as exc:
-        raise click.ClickException(f"{out}: cannot write the data set there ({exc.strerror or exc})") from exc
+        cannot_run(f"{out}: cannot write the data set there ({exc.strerror or exc})")
     click.echo(f"wrote {n} images and metadata.jsonl to {out} in {time.perf_counter() - start:.1f}s (seed {seed})")
 
 
