@@ -323,9 +323,10 @@ def prepare_models(
     if checkpoint is None and (_needs(systems, "torch", "optimum") or wanted_bundles):
         if not have_torch:
             if not given:
+                bundles_hint = "; on an engine-only machine pass --model BUNDLE for each bundle to benchmark"
                 raise BenchSetupError(
-                    f"building the benchmark model needs torch and transformers ({install_hint('export')}); "
-                    "on an engine-only machine pass --model BUNDLE for each bundle to benchmark"
+                    f"building the benchmark model needs torch and transformers ({install_hint('export')})"
+                    + (bundles_hint if wanted_bundles else "")
                 )
             notes.append("no torch here: the model is not built; only the given bundles are measured")
         elif size == "base":

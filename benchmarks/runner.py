@@ -23,10 +23,10 @@ from typing import Any, TextIO
 
 from benchmarks.flops import encoder_flops
 from benchmarks.machine import machine_info, memory_bytes
-from benchmarks.models import ModelSet
+from benchmarks.models import BenchSetupError, ModelSet
 from benchmarks.settings import SYSTEMS, BenchSettings, missing_modules
 from benchmarks.timing import RunTiming, SystemSpec
-from engine.errors import is_installed
+from engine.errors import install_hint, is_installed
 
 Log = Callable[[str], None]
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -156,7 +156,8 @@ def plan_systems(settings: BenchSettings, models: ModelSet) -> tuple[list[str], 
     for system in settings.systems:
         missing = missing_modules(system)
         if missing:
-            skipped[system] = f"not installed here: {', '.join(missing)}"
+            hint = f" (install them {install_hint('export')})" if system in ("torch", "optimum") else ""
+            skipped[system] = f"not installed here: {', '.join(missing)}{hint}"
         elif system in models.unavailable:
             skipped[system] = models.unavailable[system]
         elif _spec(system, models, settings, 1) is None:
@@ -405,6 +406,8 @@ def run_benchmark(settings: BenchSettings, models: ModelSet, log: Log) -> dict[s
     started = time.perf_counter()
     settings.out.mkdir(parents=True, exist_ok=True)
     systems, skipped = plan_systems(settings, models)
+    if not systems:  # a results table with no row would read as a run that measured something
+        raise BenchSetupError("nothing to measure: " + "; ".join(f"{system}: {why}" for system, why in skipped.items()))
     for system, why in skipped.items():
         log(f"skipping {system}: {why}")
     flops = encoder_flops(models.vision_config, models.max_patches) if models.vision_config else None

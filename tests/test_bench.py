@@ -128,7 +128,7 @@ def test_an_unfinished_overwrite_puts_the_earlier_results_back(tmp_path: Path) -
 
 def test_systems_without_their_libraries_are_skipped_with_a_note(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from benchmarks import runner, settings
-    from benchmarks.models import ModelSet
+    from benchmarks.models import BenchSetupError, ModelSet
 
     monkeypatch.setitem(settings.SYSTEMS, "engine", ("engine needing an absent library", ("edlight_no_such_module",)))
     models = ModelSet(size="tiny", checkpoint=tmp_path, optimum_dir=None, bundles={}, images=[], max_patches=16,
@@ -137,6 +137,14 @@ def test_systems_without_their_libraries_are_skipped_with_a_note(monkeypatch: py
     runnable, skipped = runner.plan_systems(plan, models)
     assert runnable == ["torch"]
     assert skipped == {"engine": "not installed here: edlight_no_such_module"}
+    monkeypatch.setitem(settings.SYSTEMS, "torch", ("torch needing an absent library", ("edlight_no_such_module",)))
+    assert runner.plan_systems(plan, models)[1]["torch"] == (
+        "not installed here: edlight_no_such_module (install them in the edlight source folder: pip install '.[export]' -c constraints.txt)"
+    )
+    # Nothing left to run: a table without rows would read as a finished run (it exited 0).
+    only = settings.BenchSettings(size="tiny", systems=["engine"], out=tmp_path / "out")
+    with pytest.raises(BenchSetupError, match=r"nothing to measure: engine: not installed here: edlight_no_such_module"):
+        runner.run_benchmark(only, models, lambda _message: None)
 
 
 def test_a_worker_that_cannot_load_its_model_fails_with_its_log(tmp_path: Path) -> None:
@@ -274,3 +282,16 @@ def test_startup_is_timed_in_fresh_processes(tiny_bundle: Path, tiny_bundle_int8
     failed = CliRunner().invoke(startup, ["--model", str(not_a_bundle), "--rounds", "1", "--image", str(image)])
     assert failed.exit_code == 1 and "the measuring process failed" in failed.output and "not an edlight bundle" in failed.output
     assert CliRunner().invoke(startup, ["--rounds", "1"]).exit_code == 2  # no --model
+
+
+def test_without_torch_the_model_cannot_be_built_and_bundles_are_suggested_only_for_the_engine(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from benchmarks import models
+    from benchmarks.models import BenchSetupError
+
+    monkeypatch.setattr(models, "is_installed", lambda module: module not in ("torch", "transformers"))
+    with pytest.raises(BenchSetupError, match=r"needs torch and transformers \(in the edlight source folder: .*\)$"):
+        models.prepare_models("tiny", ["torch"], tmp_path, lambda _message: None)  # a bundle cannot time torch
+    with pytest.raises(BenchSetupError, match=r"constraints.txt\); on an engine-only machine pass --model BUNDLE"):
+        models.prepare_models("tiny", ["engine"], tmp_path, lambda _message: None)
