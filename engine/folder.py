@@ -182,6 +182,13 @@ def collect_inputs(
     return named
 
 
+def mkdir_failure(folder: Path, exc: OSError) -> str:
+    """Why `folder` could not be created: a file where it or a folder above it should be says so."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) or folder.exists():
+        return "a file, not a folder"
+    return str(exc.strerror or exc)
+
+
 def file_size(path: Path) -> int | None:
     """The size of the file at `path` (symlinks followed), None if it cannot be read."""
     try:
@@ -287,8 +294,7 @@ class RecordWriter:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            why = "a file, not a folder" if folder.exists() or isinstance(exc, FileExistsError) else exc.strerror or exc
-            raise OutputError(f"{self.out}: cannot create its folder {folder}: {why}") from exc
+            raise OutputError(f"{self.out}: cannot create its folder {folder}: {mkdir_failure(folder, exc)}") from exc
         if str(self.out) in ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1") and sys.stdout is None:
             # Python found descriptor 1 closed at start-up; by now a library may have opened another file
             # there (often /dev/null), which /dev/stdout would name.
@@ -732,8 +738,7 @@ def check_report_out(out: Path, what: str, is_ours: Callable[[str], bool] | None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        why = "a file, not a folder" if target.parent.exists() else exc.strerror or exc
-        raise OutputError(f"{out}: cannot create its folder {target.parent}: {why}") from exc
+        raise OutputError(f"{out}: cannot create its folder {target.parent}: {mkdir_failure(target.parent, exc)}") from exc
     if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise OutputError(f"{out}: cannot write {what} there (permission denied or a read-only file system)")
 

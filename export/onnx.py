@@ -38,6 +38,7 @@ from engine.bundle import (
     write_manifest,
 )
 from engine.errors import is_count
+from engine.folder import mkdir_failure
 from export import ExportCheckFailed, ExportError
 
 if TYPE_CHECKING:
@@ -350,6 +351,9 @@ def _refuse_inside_checkpoints(out: Path, checkpoint: Path) -> None:
 def _place_temp_dir(out: Path, force: bool, inputs: list[Path]) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"{out}: cannot create its folder {out.parent}: {mkdir_failure(out.parent, exc)}; choose another --out") from exc
+    try:
         _clear_dead_exports(out)  # first: it may put a bundle back at `out`, which the next check must see
     except OSError as exc:
         raise ExportError(f"{out.parent}: cannot write the bundle there ({exc.strerror or exc}); choose a writable --out") from exc

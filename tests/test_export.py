@@ -656,8 +656,10 @@ def test_missing_checkpoint_and_unwritable_out(random_checkpoint: Path, tmp_path
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     # Root ignores permission bits, so block the output with a file where a directory must go.
-    with pytest.raises(ExportError, match=r"cannot write the bundle there.*writable --out"):
+    with pytest.raises(ExportError, match=r"out: cannot create its folder .*file: a file, not a folder; choose another --out"):
         export_bundle(random_checkpoint, blocker / "out")
+    with pytest.raises(ExportError, match=r"out: cannot create its folder .*file/deeper: a file, not a folder"):
+        export_bundle(random_checkpoint, blocker / "deeper" / "out")
 
 
 def test_cli_export_and_errors(random_checkpoint: Path, tmp_path: Path) -> None:
