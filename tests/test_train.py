@@ -1028,6 +1028,10 @@ def test_train_cli_usage_errors(small_data: Path, tmp_path: Path) -> None:
 
     res = CliRunner().invoke(train_cmd, ["--data", str(small_data), "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "exactly one of --base" in res.output
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "run_config.json").write_text(json.dumps({"preset": "tiny", "base": None}))
+    res = CliRunner().invoke(train_cmd, ["--data", str(small_data), "--out", str(tmp_path / "r"), "--resume"])
+    assert res.exit_code == 2 and "was started with --preset tiny: resume with the command that started it plus --resume" in res.output
     res = CliRunner().invoke(
         train_cmd, ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "r"), "--preset", "tiny"]
     )

@@ -10,7 +10,7 @@ import click
 from engine.click_types import FiniteFloatRange, cannot_run
 from engine.errors import EdlightError, ImageError
 from engine.folder import OutputError
-from train.checkpoint import run_data_options
+from train.checkpoint import read_run_config, run_data_options
 from train.loop import PRECISIONS, best_record
 
 
@@ -126,7 +126,11 @@ def train(
     from train.loop import train as run_training
 
     if (base is None) == (preset is None):
-        raise click.UsageError("give exactly one of --base CHECKPOINT or --preset NAME")
+        saved = read_run_config(out) if resume and base is None and preset is None else {}
+        started = (f"--preset {saved['preset']}" if isinstance(saved.get("preset"), str)
+                   else f"--base {saved['base']}" if isinstance(saved.get("base"), str) else None)  # fmt: skip
+        hint = f" ({out} was started with {started}: resume with the command that started it plus --resume)" if started else ""
+        raise click.UsageError(f"give exactly one of --base CHECKPOINT or --preset NAME{hint}")
     cfg = TrainConfig(
         data=data,
         out=out,
