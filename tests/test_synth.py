@@ -149,7 +149,9 @@ def test_cli_synth_then_check(tmp_path: Path) -> None:
     under_a_file = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "a_file" / "d"), "--n", "1"])
     assert under_a_file.exit_code == 2 and "cannot write the data set there" in under_a_file.output
     empty = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "none"), "--n", "0"])
-    assert empty.exit_code == 0
+    assert empty.exit_code == 2 and "0 is not in the range x>=1" in empty.output  # a data set of no images
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "metadata.jsonl").write_text("")
     check = CliRunner().invoke(main, ["data", "check", str(tmp_path / "none")])
     assert check.exit_code == 1 and "metadata.jsonl: lists no images" in check.output
 

@@ -18,7 +18,7 @@ def data() -> None:
 
 @data.command("synth", short_help="Write N synthetic images of student work with descriptions.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
-@click.option("--n", "n", default=2000, show_default=True, type=click.IntRange(min=0), help="Number of images.")
+@click.option("--n", "n", default=2000, show_default=True, type=click.IntRange(min=1), help="Number of images.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Same seed, same bytes.")
 @click.option("--workers", default=None, type=click.IntRange(min=1), help="Processes (default: 2 for n >= 400).")
 @click.option("--overwrite", is_flag=True, help="Replace the metadata of an existing data folder.")
