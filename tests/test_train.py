@@ -364,20 +364,41 @@ def test_an_image_replaced_during_training_is_read_as_new(tmp_path: Path, monkey
     from train.loop import CaptionDataset
     from train.presets import train_tokenizer
 
-    monkeypatch.setattr("train.loop.CACHE_BYTES", 0)  # every item reads the file again
     processor = Pix2StructProcessor(
         image_processor=Pix2StructImageProcessor(max_patches=64, is_vqa=False), tokenizer=train_tokenizer(["a b c"], 100)
     )
     rng = np.random.default_rng(0)
     path = tmp_path / "page.jpg"
     Image.fromarray(rng.integers(0, 256, (600, 800, 3), dtype=np.uint8)).save(path)
-    dataset = CaptionDataset([Example("page.jpg", "a", path)], processor, augment=False, seed=0)
+    dataset = CaptionDataset([Example("page.jpg", "a", path)], processor, augment=False, seed=0, cache_bytes=0)  # reads again
     dataset[(0, 0)]
     Image.fromarray(rng.integers(0, 256, (800, 600, 3), dtype=np.uint8)).save(path)  # now upright
     patches, mask, _ = dataset[(1, 0)]
     want = image_to_patches(load_image(path), PatchConfig(max_patches=64))
     np.testing.assert_array_equal(np.asarray(patches)[:, :2], want.flattened_patches[:, :2])
     assert int(mask.sum()) == want.rows * want.cols
+
+
+def test_the_image_cache_counts_what_pillow_holds(tmp_path: Path) -> None:
+    """Pillow keeps an RGB image in 4 bytes a pixel: counted as 3, the 2 GiB cache held 2.7 GiB and more."""
+    from PIL import Image
+    from transformers import Pix2StructImageProcessor, Pix2StructProcessor
+
+    from train.data import Example
+    from train.loop import CaptionDataset
+    from train.presets import train_tokenizer
+
+    processor = Pix2StructProcessor(
+        image_processor=Pix2StructImageProcessor(max_patches=64, is_vqa=False), tokenizer=train_tokenizer(["a b c"], 100)
+    )
+    examples = []
+    for i in range(3):
+        Image.new("RGB", (100, 80), (i, 0, 0)).save(tmp_path / f"{i}.png")  # small: kept at this size
+        examples.append(Example(f"{i}.png", "a", tmp_path / f"{i}.png"))
+    dataset = CaptionDataset(examples, processor, augment=False, seed=0, cache_bytes=2 * 100 * 80 * 4)
+    for i in range(3):
+        dataset[(0, i)]
+    assert sorted(dataset._cache) == [0, 1] and dataset._cache_bytes == 2 * 100 * 80 * 4
 
 
 def test_an_image_gone_since_the_data_check_is_a_named_error(tmp_path: Path) -> None:

@@ -58,7 +58,8 @@ BASE_DEFAULTS = {
 # so augmentation and patch extraction work on small images. The processor then resizes again;
 # see CaptionDataset for what keeps the result close to the engine's single resize.
 PREDOWNSCALE_AREA = 1.6
-# In-memory cache of the shrunk training images, per process.
+# In-memory cache of the shrunk training images, per training process (shared out among its data workers,
+# each of which caches the images it reads).
 CACHE_BYTES = 2 * 1024**3
 PRECISIONS = ("auto", "bf16", "fp32")
 # Caption tokens (with </s>) a training label keeps; longer captions are cut (and warned about).
@@ -228,13 +229,15 @@ class CaptionDataset:
     """
 
     def __init__(
-        self, examples: Sequence[Any], processor: Any, augment: bool, seed: int, position_limit: int = DEFAULT_POSITION_LIMIT
+        self, examples: Sequence[Any], processor: Any, augment: bool, seed: int, position_limit: int = DEFAULT_POSITION_LIMIT,
+        cache_bytes: int = CACHE_BYTES,
     ) -> None:
         self.examples = list(examples)
         self.processor = processor
         self.patch_config = patch_config_of(processor)
         self.max_patches = self.patch_config.max_patches
         self.position_limit = position_limit  # the model's row/column positions (see __getitem__)
+        self.cache_bytes = cache_bytes  # what this copy may keep of the shrunk images
         self.augment = augment
         self.seed = seed
         self._cache: dict[int, Image.Image] = {}
@@ -276,8 +279,8 @@ class CaptionDataset:
         if full is not None:
             mean, std = standardization(img)
             view = self._full_views[i] = _FullView(stored_size, full_size, full[0] - mean, full[1] / std)
-        nbytes = img.size[0] * img.size[1] * 3
-        if self._cache_bytes + nbytes <= CACHE_BYTES:
+        nbytes = img.size[0] * img.size[1] * 4  # Pillow keeps RGB in 4 bytes a pixel
+        if self._cache_bytes + nbytes <= self.cache_bytes:
             self._cache[i] = img
             self._cache_bytes += nbytes
         return img
@@ -809,7 +812,10 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
                 unwritable_character_warnings(processor.tokenizer, train_ex + test_ex):
             log(warning)
 
-    dataset = CaptionDataset(train_ex, processor, augment=cfg.augment, seed=cfg.seed, position_limit=position_limit_of(model.config.to_dict()))
+    dataset = CaptionDataset(
+        train_ex, processor, augment=cfg.augment, seed=cfg.seed, position_limit=position_limit_of(model.config.to_dict()),
+        cache_bytes=CACHE_BYTES // max(1, cfg.num_workers),  # every worker holds its own copy of the dataset
+    )
     sampler = EpochSampler()
     # Workers decode/augment/patch the next batches while the model trains on this one;
     # torch gives each worker one thread, which is what small image ops want.
