@@ -445,9 +445,13 @@ def format_record(record: dict[str, Any], fmt: str, columns: tuple[str, ...] = F
     return buffer.getvalue()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Line:
-    raw: bytes  # the line as stored, with its newline
+    """One line of an output as a resume reads it; not its bytes (a million records would hold the file
+    several times over), but where it ends: lines follow each other, so a line is the bytes from the end
+    of the one before."""
+
+    end: int  # the file offset just past its newline
     file: str | None  # None for the CSV header and blank lines
     failed: bool = False
     model: str | None = None  # the model that wrote it (None: not said, as in records before the field)
@@ -470,39 +474,45 @@ def _read_lines(out: Path, fmt: str, repair: bool = True) -> list[_Line]:
     has been read as a record. Raises OutputError, leaving the file as it was, for anything else."""
     if not out.is_file():
         return []  # nothing yet, or a device or pipe (/dev/stdout): nothing to resume
+    lines: list[_Line] = []
+    tail = b""  # bytes after the last newline: none, or a record a kill cut short
+    end = 0
     try:
-        data = out.read_bytes()
+        with open(out, "rb") as handle:
+            for raw in handle:  # line by line: memory for what is kept of each record, not for the file
+                if not raw.endswith(b"\n"):
+                    tail = raw
+                    break
+                end += len(raw)
+                lines.append(_parse_line(out, fmt, len(lines) + 1, raw[:-1], end))
     except OSError as exc:
         raise OutputError(f"{out}: cannot read for resuming: {exc.strerror or exc}") from exc
-    pieces = data.split(b"\n")
-    tail = pieces.pop()  # bytes after the last newline: empty, or a record a kill cut short
-    lines = [_parse_line(out, fmt, number, raw) for number, raw in enumerate(pieces, start=1)]
     if tail:
-        if not _is_torn_record(tail, fmt, first_line=not pieces):
+        if not _is_torn_record(tail, fmt, first_line=not lines):
             raise OutputError(
-                f"{out}:{len(pieces) + 1}: not a caption record (and not one cut short); "
+                f"{out}:{len(lines) + 1}: not a caption record (and not one cut short); "
                 "fix the file, or start afresh with --overwrite"
             )
         if not repair:
             return lines
         try:
             with open(out, "r+b") as handle:
-                handle.truncate(len(data) - len(tail))
+                handle.truncate(end)
         except OSError as exc:
             raise OutputError(f"{out}: cannot cut off its torn last line: {exc.strerror or exc}") from exc
     return lines
 
 
-def _parse_line(out: Path, fmt: str, number: int, raw: bytes) -> _Line:
+def _parse_line(out: Path, fmt: str, number: int, raw: bytes, end: int) -> _Line:
     if not raw.strip():
-        return _Line(raw + b"\n", None)
+        return _Line(end, None)
     try:
         text = raw.decode("utf-8")
         if fmt == "csv":
             if number == 1:
                 if _columns(text) not in CSV_HEADERS:
                     raise ValueError(f"the first line is not the CSV header {','.join(FIELDS)}")
-                return _Line(raw + b"\n", None)
+                return _Line(end, None)
             row = next(csv.reader([text]))
             file, failed, model = row[0], len(row) > 2 and bool(row[2]), row[3] if len(row) > 3 and row[3] else None
             size: object = row[4] if len(row) > 4 and row[4] else None
@@ -519,7 +529,7 @@ def _parse_line(out: Path, fmt: str, number: int, raw: bytes) -> _Line:
         # A damaged caption file may be started afresh; anything else is not ours to replace.
         remedy = "choose another output" if number == 1 else "fix the file, or start afresh with --overwrite"
         raise OutputError(f"{out}:{number}: not a caption record ({exc}); {remedy}") from exc
-    return _Line(raw + b"\n", str(file), failed, None if model is None else str(model), size)
+    return _Line(end, str(file), failed, None if model is None else sys.intern(str(model)), size)  # few models
 
 
 def _caption_format(first_line: bytes) -> str | None:
@@ -563,8 +573,13 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
             return
         raise OutputError(f"{out}: cannot drop the error records of images to retry: {exc.strerror or exc}") from exc
     try:
-        with handle:
-            handle.write(b"".join(line.raw for line in lines if line.file is None or line.file not in files))
+        with handle, open(out, "rb") as source:  # the lines as read: the lock kept anyone else from writing
+            start = 0
+            for line in lines:
+                raw = source.read(line.end - start)
+                if line.file is None or line.file not in files:
+                    handle.write(raw)
+                start = line.end
             handle.flush()
             os.fsync(handle.fileno())
         with contextlib.suppress(OSError):
