@@ -111,6 +111,7 @@ def bench(
         click.echo(f"[bench {elapsed // 60:02d}:{elapsed % 60:02d}] {message}")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    measuring = False  # errors before the measurements: the bench cannot run (2); during them: it failed (1)
     try:
         settings = BenchSettings(
             size=size, systems=systems, batch_sizes=batch_sizes, threads=threads or available_cpus(), repeats=repeats,
@@ -131,6 +132,7 @@ def bench(
                 assert aside is not None
                 path.rename(aside / path.name)
             try:
+                measuring = True
                 results = run_benchmark(settings, models, log)
                 paths = write_all(results, settings.out)
             except BaseException:
@@ -142,7 +144,10 @@ def bench(
     except BenchSetupError as exc:  # the job cannot run here (like a missing extra): exit 2
         cannot_run(str(exc))
     except (EdlightError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        if not measuring:  # settings, another bench holding the results folder or cache, models that cannot load
+            cannot_run(str(exc))
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from exc
     click.echo("")
     click.echo(paths["markdown"].read_text(encoding="utf-8"))
     log("wrote " + ", ".join(str(p) for p in paths.values()))

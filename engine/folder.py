@@ -577,6 +577,8 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
             start = 0
             for line in lines:
                 raw = source.read(line.end - start)
+                if len(raw) != line.end - start:  # cut short since it was read (a file system without locks)
+                    raise OSError(errno.EIO, "the file changed while the records were being dropped; it was left as it was")
                 if line.file is None or line.file not in files:
                     handle.write(raw)
                 start = line.end

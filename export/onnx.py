@@ -625,6 +625,7 @@ def _optimize_graphs(bundle: Path, onnx_files: dict[str, str]) -> list[str]:
     """
     from export.optimize import (
         OptimizeError,
+        OutputsDiffer,
         optimize_decoder,
         optimize_encoder,
         verify_encoder,
@@ -652,6 +653,8 @@ def _optimize_graphs(bundle: Path, onnx_files: dict[str, str]) -> list[str]:
                 os.replace(produced, bundle / produced.name)
             for stale in exported_weights - weights_files(bundle / name):
                 (bundle / stale).unlink(missing_ok=True)
+    except OutputsDiffer as exc:
+        raise ExportCheckFailed(f"{bundle}: graph optimisation failed its check: {exc}") from exc
     except OptimizeError as exc:
         raise ExportError(f"{bundle}: graph optimisation failed: {exc}") from exc
     finally:

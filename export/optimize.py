@@ -63,6 +63,10 @@ class OptimizeError(RuntimeError):
     """A rewritten graph failed to load or its outputs differ from the original's."""
 
 
+class OutputsDiffer(OptimizeError):
+    """A rewritten graph loads and runs, but its outputs differ from the original's (a failed check)."""
+
+
 # ----------------------------------------------------------------------------- graph helpers
 
 
@@ -871,9 +875,7 @@ def verify_same_outputs(
             diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
             worst = max(worst, float(diff.max()))
             if not np.all(diff <= atol + rtol * np.abs(a)):
-                raise OptimizeError(
-                    f"{optimized}: output {name!r} differs from {original} by up to {diff.max():.3g}"
-                )
+                raise OutputsDiffer(f"{optimized}: output {name!r} differs from {original} by up to {diff.max():.3g}")
     return worst
 
 

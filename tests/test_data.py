@@ -683,6 +683,8 @@ def test_cli_check_caption_column(tmp_path: Path) -> None:
     assert CliRunner().invoke(main, ["data", "check", str(tmp_path)]).exit_code == 1
     result = CliRunner().invoke(main, ["data", "check", str(tmp_path), "--caption-column", "caption"])
     assert result.exit_code == 0, result.output
+    refused = CliRunner().invoke(main, ["data", "check", str(tmp_path), "--caption-column", "file_name"])
+    assert refused.exit_code == 2 and "caption column cannot be 'file_name'" in refused.output  # cannot run: 2
 
 
 def test_cli_check_missing_folder_is_a_usage_error(tmp_path: Path) -> None:

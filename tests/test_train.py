@@ -706,9 +706,15 @@ def test_cli_refuses_out_of_range_options_before_writing_anything(small_data: Pa
 
 
 def test_a_diverging_run_stops_with_an_error_instead_of_saving_nan_weights(small_data: Path, tmp_path: Path) -> None:
+    from train.cli import train as train_cmd
+
     with pytest.raises(TrainError, match="training diverged; lower --lr"):
-        train(TrainConfig(data=small_data, out=tmp_path / "run", epochs=1, lr=float("inf"), **FAST))
+        train(TrainConfig(data=small_data, out=tmp_path / "run", epochs=1, lr=1e6, **FAST))
     assert not (tmp_path / "run" / "best").exists()
+    args = ["--data", str(small_data), "--out", str(tmp_path / "cli"), "--preset", "tiny", "--epochs", "1", "--lr", "1e6", "--batch-size", "8",
+            "--max-patches", "64", "--no-progress"]  # fmt: skip
+    diverged = CliRunner().invoke(train_cmd, args)
+    assert diverged.exit_code == 1 and "training diverged" in diverged.output, diverged.output  # it ran: not 2
 
 
 def test_precision_choice() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import click
@@ -11,7 +12,7 @@ from engine.click_types import FiniteFloatRange, cannot_run
 from engine.errors import EdlightError, ImageError
 from engine.folder import OutputError
 from train.checkpoint import read_run_config, run_data_options
-from train.loop import PRECISIONS, best_record
+from train.loop import PRECISIONS, TrainDiverged, best_record
 
 
 def _resume_note(out: Path) -> str:
@@ -59,7 +60,7 @@ def _own_message(exc: Exception) -> str:
 @click.option(
     "--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per optimizer step."
 )
-@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=None, help="Peak learning rate, AdamW, warmup then cosine decay (default: the preset's: tiny 5e-4, small 1e-3, base 1e-4; 1e-4 with --base).")
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True, max=1e6), default=None, help="Peak learning rate, AdamW, warmup then cosine decay (default: the preset's: tiny 5e-4, small 1e-3, base 1e-4; 1e-4 with --base).")
 @click.option("--max-patches", type=click.IntRange(min=4), default=None, help="Patch budget per image, at least 4 (default: the model's).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the model's initialisation, the batch order and augmentation.")
@@ -128,8 +129,8 @@ def train(
     if (base is None) == (preset is None):
         saved = read_run_config(out) if resume and base is None and preset is None else {}
         started = (f"--preset {saved['preset']}" if isinstance(saved.get("preset"), str)
-                   else f"--base {saved['base']}" if isinstance(saved.get("base"), str) else None)  # fmt: skip
-        hint = f" ({out} was started with {started}: resume with the command that started it plus --resume)" if started else ""
+                   else f"--base {shlex.quote(saved['base'])}" if isinstance(saved.get("base"), str) else None)  # fmt: skip
+        hint = f" ({shlex.quote(str(out))} was started with {started}: resume with the command that started it plus --resume)" if started else ""
         raise click.UsageError(f"give exactly one of --base CHECKPOINT or --preset NAME{hint}")
     cfg = TrainConfig(
         data=data,
@@ -157,6 +158,9 @@ def train(
     )
     try:
         result = run_training(cfg)
+    except TrainDiverged as exc:  # the run started and failed: 1 (a resume would diverge the same way)
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from exc
     except (ImageError, OutputError) as exc:  # an image gone since the data check, a full disk: mid-training
         click.echo(f"error: {_own_message(exc)}\n{_resume_note(out)}", err=True)
         raise SystemExit(1) from exc  # the run started and stopped: 1, as a failed check

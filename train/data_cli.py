@@ -45,8 +45,8 @@ def check(folder: Path, caption_column: str, test_ratio: float, split_seed: int)
     """Validate a data folder: list every problem (exit 1) or print a summary (exit 0)."""
     try:
         report = check_folder(folder, caption_column=caption_column)
-    except DataError as exc:
-        raise click.ClickException(str(exc)) from exc
+    except DataError as exc:  # the check cannot run (e.g. --caption-column file_name): 2, as for train
+        cannot_run(str(exc))
     for problem in report.problems:
         click.echo(f"error: {problem}")
     for warning in report.warnings:

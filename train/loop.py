@@ -84,6 +84,10 @@ class TrainError(EdlightError):
     """Training cannot start or continue: bad settings, a conflicting --out, nothing to train on."""
 
 
+class TrainDiverged(TrainError):
+    """The loss stopped being finite mid-run (the checkpoints of finished epochs stay)."""
+
+
 @dataclass
 class TrainConfig:
     """Everything `train` needs. Fields left as None take the preset's (or BASE_DEFAULTS') value."""
@@ -160,8 +164,8 @@ class TrainConfig:
             if not is_count(value, minimum):
                 raise TrainError(f"{name} must be an integer of at least {minimum}, got {value!r}")
             setattr(c, name, int(value))  # a numpy integer would not go into run_config.json
-        if c.lr is None or c.lr <= 0:
-            raise TrainError(f"lr must be positive, got {c.lr}")
+        if c.lr is None or not 0 < c.lr <= 1e6:  # far beyond any use; torch's float32 overflows at 3.4e38
+            raise TrainError(f"lr must be positive and at most 1e6, got {c.lr}")
         weight = c.lead_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight > 0):
             raise TrainError(f"lead_weight must be a positive number, got {weight!r}")
@@ -804,7 +808,8 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     # The per-epoch evaluation's caption length, saved in every checkpoint for the export and the engine.
     if not cfg.max_new_tokens:  # --base or --resume: the checkpoint's own, when it states one
         where = Path(str(checkpoint)) / "generation_config.json"
-        cfg.max_new_tokens = stated_max_new_tokens(model.generation_config.to_diff_dict(), where) or BASE_DEFAULTS["max_new_tokens"]
+        stated = stated_max_new_tokens(model.generation_config.to_diff_dict(), where)
+        cfg.max_new_tokens = BASE_DEFAULTS["max_new_tokens"] if stated is None else max(1, stated)
     model.generation_config.max_new_tokens = cfg.max_new_tokens
     max_patches = int(processor.image_processor.max_patches)
     if mode != "resume":
@@ -999,7 +1004,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
                 # the logged loss is the mean over all processes, so it does not depend on the rank
                 step_loss = float(accelerator.reduce(torch.tensor(group_loss / group_n), reduction="mean"))
                 if not math.isfinite(step_loss):  # every rank sees the same reduced value and stops together
-                    raise TrainError(
+                    raise TrainDiverged(
                         f"the loss became {step_loss} at step {step} (epoch {epoch + 1}): training diverged; "
                         f"lower --lr (it was {cfg.lr:g}). Checkpoints of finished epochs in {out} are kept."
                     )

@@ -743,13 +743,13 @@ def generate(
 
     Images are `00000.jpg`, `00001.jpg`, ...; metadata lines hold `file_name`, `text` and `kind`, in index
     order. The same `seed` gives byte-identical files for any `workers` (worker processes; default: 2 for
-    large sets, where the cores exist). Raises ValueError for a negative `n` or `seed`, and FileExistsError
+    large sets, where the cores exist). Raises ValueError for an `n` below 1 or a negative `seed`, and FileExistsError
     when `out_dir` already holds a metadata file and `overwrite` is false. With `overwrite`, the metadata
     and the images of this run replace what was there, images an earlier run listed but this one does not
     write are removed, and any other file is left alone.
     """
-    if n < 0 or seed < 0:
-        raise ValueError(f"n and seed must be >= 0 (got n={n}, seed={seed})")
+    if n < 1 or seed < 0:  # no images: a data set that every reader refuses
+        raise ValueError(f"n must be >= 1 and seed >= 0 (got n={n}, seed={seed})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     existing = [p.name for p in (out / METADATA, out / "metadata.csv") if p.exists()]

@@ -1443,3 +1443,20 @@ def test_a_resume_with_other_decoding_settings_is_refused(captioner: Captioner, 
     assert short.captions_id == f"{captioner.bundle.model_id} max_new_tokens=4"
     default_length = Captioner(engine_bundle, threads=1, max_new_tokens=captioner.bundle.default_max_new_tokens)
     assert default_length.caption_folder(tmp_path / "in", out=out, progress=False).skipped == 3  # same as default
+
+
+def test_dropping_retried_records_refuses_a_file_cut_short_since_it_was_read(tmp_path: Path) -> None:
+    """The records to keep are copied by byte range from the file as read; on a file system without locks
+    another writer may have changed it since: then the output is left as it is, not rewritten cut short."""
+    from engine.folder import _drop_lines, _read_lines
+
+    out = tmp_path / "o.jsonl"
+    out.write_text("".join(json.dumps({"file": f"{name}.png", "caption": None, "error": "x", "bytes": 1}) + "\n" for name in "abc"))
+    lines = _read_lines(out, "jsonl")
+    _drop_lines(out, lines, {"b.png"})
+    assert [r["file"] for r in records(out)] == ["a.png", "c.png"]
+    lines = _read_lines(out, "jsonl")
+    out.write_bytes(out.read_bytes()[:40])
+    with pytest.raises(OutputError, match="the file changed while the records were being dropped"):
+        _drop_lines(out, lines, {"a.png"})
+    assert len(out.read_bytes()) == 40 and not list(tmp_path.glob(".o.jsonl.*.tmp"))
