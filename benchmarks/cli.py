@@ -13,7 +13,7 @@ import click
 
 from benchmarks.machine import available_cpus
 from benchmarks.settings import DEFAULT_TOKENS, SIZES, SYSTEMS, BenchSettings
-from engine.click_types import FiniteFloatRange, cannot_run
+from engine.click_types import FiniteFloatRange, cannot_run, failed
 from engine.errors import EdlightError
 
 # What a bench run writes into --out (benchmarks.report.write_all and the workers' logs).
@@ -146,13 +146,12 @@ def bench(
     except (EdlightError, ValueError) as exc:
         if not measuring:  # settings, another bench holding the results folder or cache, models that cannot load
             cannot_run(str(exc))
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(1) from exc
+        failed(str(exc))
     click.echo("")
     click.echo(paths["markdown"].read_text(encoding="utf-8"))
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     if results["results"] and all(r.get("status") == "failed" for r in results["results"]):
-        raise click.ClickException(f"every measurement failed; see the worker logs in {out / 'logs'}")
+        failed(f"every measurement failed; see the worker logs in {out / 'logs'}")
 
 
 def _put_back(aside: Path, out: Path) -> None:

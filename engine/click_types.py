@@ -14,6 +14,12 @@ def cannot_run(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def failed(message: str) -> NoReturn:
+    """A job that ran and failed (a check of its result, a run stopped partway): one line on stderr, exit 1."""
+    click.echo(f"error: {message}", err=True)
+    raise SystemExit(1)
+
+
 class FiniteFloatRange(click.FloatRange):
     """A FloatRange that also refuses nan and inf (nan passes every range check; inf overflows a run)."""
 

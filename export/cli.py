@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from engine.bundle import MANIFEST_NAME
-from engine.click_types import FiniteFloatRange, cannot_run
+from engine.click_types import FiniteFloatRange, cannot_run, failed
 from engine.errors import EdlightError
 from export import ExportCheckFailed
 from train.checkpoint import run_data_options
@@ -79,8 +79,7 @@ def export(
             min_identical=min_identical,
         )  # fmt: skip
     except ExportCheckFailed as exc:  # it ran, and what it wrote did not match PyTorch
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(1) from exc
+        failed(str(exc))
     except EdlightError as exc:
         cannot_run(str(exc))
     except KeyboardInterrupt:  # the partial bundle is gone already (export_bundle's finally)

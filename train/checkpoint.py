@@ -242,10 +242,9 @@ def load_checkpoint(path: str | Path, max_patches: int | None = None) -> tuple[A
 
 
 def position_check(path: str | Path, max_patches: int | None = None) -> tuple[PatchConfig, int] | None:
-    """(patch config, row/column position limit) of a checkpoint (or bundle) folder whose max_patches (or
-    the given one) reach its position tables, for train.data.load_split's `positions`: then a long, thin image can
-    have a grid side the model cannot embed. None when every image fits, or the files cannot tell (a hub
-    id; a damaged file is reported when the checkpoint loads)."""
+    """(patch config, row/column position limit) of a checkpoint (or bundle) folder, with max_patches
+    given or its own, for train.data.load_split's `positions`. None when the files cannot tell (a hub id;
+    a damaged file is reported when the checkpoint loads)."""
     try:
         config = json.loads((Path(path) / "config.json").read_text())
         processor = json.loads((Path(path) / "preprocessor_config.json").read_text())
@@ -253,7 +252,7 @@ def position_check(path: str | Path, max_patches: int | None = None) -> tuple[Pa
         limit = position_limit_of(config)
     except (OSError, ValueError, TypeError, AttributeError, LookupError, EdlightError):
         return None
-    return (patches, limit) if patches.max_patches >= limit else None
+    return patches, limit
 
 
 def atomic_save(dest: Path, write: Callable[[Path], None]) -> Path:

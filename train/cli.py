@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from engine.click_types import FiniteFloatRange, cannot_run
+from engine.click_types import FiniteFloatRange, cannot_run, failed
 from engine.errors import EdlightError, ImageError
 from engine.folder import OutputError
 from train.checkpoint import read_run_config, run_data_options
@@ -158,12 +158,10 @@ def train(
     )
     try:
         result = run_training(cfg)
-    except TrainDiverged as exc:  # the run started and failed: 1 (a resume would diverge the same way)
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(1) from exc
+    except TrainDiverged as exc:  # the run started and failed (a resume would diverge the same way)
+        failed(str(exc))
     except (ImageError, OutputError) as exc:  # an image gone since the data check, a full disk: mid-training
-        click.echo(f"error: {_own_message(exc)}\n{_resume_note(out)}", err=True)
-        raise SystemExit(1) from exc  # the run started and stopped: 1, as a failed check
+        failed(f"{_own_message(exc)}\n{_resume_note(out)}")
     except EdlightError as exc:
         cannot_run(str(exc))
     except KeyboardInterrupt:

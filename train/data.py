@@ -648,9 +648,9 @@ def load_split(
 ) -> Examples:
     """The validated examples of one split ("train", "test" or "all"), in metadata order.
 
-    `positions`: the model's (patch config, row/column position limit) when its max_patches reach its
-    position tables; an image whose patch grid the model cannot embed (a long, thin strip) is then a
-    problem too (train.checkpoint.position_check).
+    `positions`: the model's (patch config, row/column position limit); an image whose patch grid the
+    model cannot embed (a long, thin strip, when max_patches reach the tables) is then a problem too
+    (engine.preprocess.position_error, train.checkpoint.position_check).
 
     Validation covers every metadata line and decodes every image of the requested split (so loading
     both splits decodes each image once). With skip_bad=False any problem raises DataError listing them

@@ -64,13 +64,6 @@ def patch_config_of(processor: Any) -> PatchConfig:
     return PatchConfig(int(ip.max_patches), int(size["height"]), int(size["width"]))
 
 
-def model_positions(model: Any, processor: Any) -> tuple[PatchConfig, int] | None:
-    """A loaded model's (patch config, row/column position limit) when its max_patches reach its position
-    tables (see train.data.load_split's `positions`), else None."""
-    config, limit = patch_config_of(processor), position_limit_of(model.config.to_dict())
-    return (config, limit) if config.max_patches >= limit else None
-
-
 def encode_files(processor: Any, images: Sequence[ImageInput], position_limit: int | None = None) -> dict[str, Any]:
     """`encode_images` of paths or PIL images, loaded and encoded one at a time.
 
@@ -136,9 +129,10 @@ def generate_captions(
     was_training = model.training
     model.eval()
     out: list[str] = []
+    position_limit = position_limit_of(model.config.to_dict())
     try:
         for start in range(0, len(images), batch_size):
-            enc = encode_files(processor, images[start : start + batch_size], position_limit_of(model.config.to_dict()))
+            enc = encode_files(processor, images[start : start + batch_size], position_limit)
             out.extend(
                 generate_from_patches(
                     model, processor, **enc, num_beams=num_beams, max_new_tokens=max_new_tokens
@@ -236,7 +230,7 @@ def evaluate_checkpoint(
         seed=settings.split_seed,
         caption_column=settings.caption_column,
         skip_bad=settings.skip_bad,
-        positions=model_positions(model, processor),
+        positions=(patch_config_of(processor), position_limit_of(model.config.to_dict())),
     )
     if not examples:  # a score of 0 would look like a real one
         skipped = len(getattr(examples, "skipped", []))
