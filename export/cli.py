@@ -16,7 +16,7 @@ from engine.bundle import MANIFEST_NAME
 from engine.click_types import FiniteFloatRange, cannot_run, failed
 from engine.errors import EdlightError
 from export import ExportCheckFailed
-from train.checkpoint import run_data_options
+from train.checkpoint import is_hub_id, run_data_options
 
 
 class _EchoHandler(logging.Handler):
@@ -61,8 +61,9 @@ def export(
     skip_bad: bool | None,
     test_ratio: float | None,
 ) -> None:
-    """Export CHECKPOINT (a Pix2Struct save_pretrained directory) to a verified ONNX bundle."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """Export CHECKPOINT (a Pix2Struct save_pretrained directory, or a hub id) to a verified ONNX bundle."""
+    if not is_hub_id(checkpoint):  # a folder needs no hub; a hub id is downloaded where a network exists
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from export.onnx import DEFAULT_LAYOUT, export_bundle
 
     logger = logging.getLogger("edlight.export")

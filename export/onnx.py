@@ -101,9 +101,15 @@ class CheckpointInfo:
 def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
     """Check that `checkpoint` is a Pix2Struct save_pretrained directory with processor and tokenizer.
 
-    Raises ExportError (one line, naming the path and what to do) for each problem.
+    `checkpoint` may also be a hub id (train.checkpoint.resolve_checkpoint: its folder in huggingface_hub's
+    cache). Raises ExportError (one line, naming the path and what to do) for each problem.
     """
-    path = Path(checkpoint).expanduser()
+    from train.checkpoint import CheckpointError, resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from exc
     if not path.exists():
         raise ExportError(f"{path}: checkpoint not found; pass a directory written by `edlight train` (RUN/best)")
     if not path.is_dir():

@@ -166,7 +166,7 @@ def run_parity(
     not an exception but `report.passed == False`.
     """
     from engine.captioner import Captioner
-    from train.checkpoint import data_settings, load_checkpoint, position_check
+    from train.checkpoint import data_settings, load_checkpoint, position_check, resolve_checkpoint
     from train.data import load_split
     from train.evaluate import corpus_scores, generate_captions
 
@@ -189,7 +189,8 @@ def run_parity(
     max_new = int(max_new_tokens or loaded.default_max_new_tokens)
 
     try:
-        model, processor = load_checkpoint(checkpoint)
+        checkpoint_dir = resolve_checkpoint(checkpoint)  # a hub id: its folder in huggingface_hub's cache
+        model, processor = load_checkpoint(checkpoint_dir)
     except (EdlightError, OSError, ValueError) as exc:
         raise ParityError(f"{checkpoint}: cannot load the PyTorch checkpoint ({exc})") from exc
     # Before the long part (captioning the split twice): a checkpoint of another shape cannot be the source.
@@ -199,7 +200,7 @@ def run_parity(
     if mismatches:
         raise ParityError(f"{checkpoint} is not the checkpoint {loaded.path} was exported from: " + "; ".join(mismatches))
     source = Path(loaded.manifest.source)
-    if source.is_dir() and not _same_weights(source, Path(checkpoint)):
+    if source.is_dir() and not _same_weights(source, checkpoint_dir):
         # Same shape, other weights (another seed or epoch): the engine is not at fault if this fails.
         log.warning("%s was exported from %s, whose weights differ from %s's: expect this check to fail",
                     loaded.path, source, checkpoint)

@@ -14,12 +14,12 @@ import click
 from engine.click_types import FiniteFloatRange, cannot_run
 from engine.errors import EdlightError
 from engine.folder import check_report_out, json_keys, write_report
-from train.checkpoint import run_data_options
+from train.checkpoint import is_hub_id, run_data_options
 
 
 @click.command("parity")
 @click.option("--model", "bundle", required=True, type=click.Path(path_type=Path), help="Bundle directory (edlight export).")
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="PyTorch checkpoint it came from.")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="PyTorch checkpoint it came from (a folder, or a hub id).")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Data folder (images + metadata).")
 @click.option("--split", type=click.Choice(["test", "train", "all"]), default="test", show_default=True)
 @click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True)
@@ -45,7 +45,8 @@ def parity(
     test_ratio: float | None,
 ) -> None:
     """Check that a bundle's captions and BLEU match the PyTorch checkpoint's on the same images."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not is_hub_id(checkpoint):  # a folder needs no hub; a hub id is downloaded where a network exists
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from export.parity import run_parity
 
     if out is not None:

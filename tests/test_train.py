@@ -1009,6 +1009,80 @@ def test_finetune_from_base_checkpoint(small_data: Path, tmp_path: Path) -> None
     assert not (tmp_path / "ft2").exists()
 
 
+
+def _hub_cache(root: Path, repo: str, checkpoint: Path, skip: tuple[str, ...] = ()) -> Path:
+    """A huggingface_hub cache holding `checkpoint`'s files as the hub repo `repo`, laid out as
+    snapshot_download leaves it (refs/main names a commit; the snapshot's files link to blobs/)."""
+    import hashlib
+
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    folder = root / f"models--{repo.replace('/', '--')}"
+    snapshot, blobs = folder / "snapshots" / commit, folder / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    for file in checkpoint.iterdir():
+        if file.is_file() and file.name not in skip:
+            blob = blobs / hashlib.sha256(file.read_bytes()).hexdigest()
+            shutil.copyfile(file, blob)
+            (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot
+
+
+@pytest.mark.slow
+def test_a_hub_id_base_is_read_from_huggingface_hubs_cache(small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--base org/name` (and export's, evaluate's, parity's checkpoint) loads through huggingface_hub: here
+    offline, from its cache, as a machine that downloaded it before; checked before any work like a folder."""
+    import huggingface_hub.constants
+
+    from export.onnx import ExportError, inspect_checkpoint
+    from train.checkpoint import load_checkpoint, position_check, resolve_checkpoint
+    from train.data import load_split
+    from train.presets import build_from_preset
+
+    base = tmp_path / "base"
+    model, proc = build_from_preset("tiny", [e.text for e in load_split(small_data)], max_patches=64)
+    model.save_pretrained(base)
+    proc.save_pretrained(base)
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    snapshot = _hub_cache(cache, "edlight-test/tiny-base", base)
+
+    assert resolve_checkpoint("edlight-test/tiny-base") == snapshot
+    assert inspect_checkpoint("edlight-test/tiny-base").path == snapshot
+    assert position_check(snapshot) == position_check(base)
+    res = train(TrainConfig(data=small_data, out=tmp_path / "ft", base="edlight-test/tiny-base", epochs=1, lr=1e-3,
+                            batch_size=8, progress=False))  # fmt: skip
+    assert json.loads((tmp_path / "ft" / "run_config.json").read_text())["base"] == "edlight-test/tiny-base"
+    stated = json.loads((base / "generation_config.json").read_text())["max_new_tokens"]  # the tiny preset's 48
+    assert json.loads((res.last_dir / "generation_config.json").read_text())["max_new_tokens"] == stated
+    before, after = _weights(base), _weights(res.last_dir)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained, from the cached weights
+
+    # A repo with PyTorch .bin weights only (older uploads) loads from them.
+    model.save_pretrained(tmp_path / "bin-base", safe_serialization=False)
+    proc.save_pretrained(tmp_path / "bin-base")
+    _hub_cache(cache, "edlight-test/bin-base", tmp_path / "bin-base")
+    loaded, _ = load_checkpoint("edlight-test/bin-base")
+    assert torch.equal(loaded.state_dict()["decoder.lm_head.weight"], model.state_dict()["decoder.lm_head.weight"])
+
+    # Not in the cache and no network: named before the data is read or anything is written.
+    with pytest.raises(CheckpointError, match="edlight-test/absent is not a local directory and the hub could not provide it"):
+        train(TrainConfig(data=small_data, out=tmp_path / "absent", base="edlight-test/absent", progress=False))
+    assert not (tmp_path / "absent").exists()
+    with pytest.raises(ExportError, match="edlight-test/absent is not a local directory"):
+        inspect_checkpoint("edlight-test/absent")
+    from export.cli import export as export_command
+
+    res = CliRunner().invoke(export_command, ["edlight-test/absent", "--out", str(tmp_path / "bundle")])
+    assert res.exit_code == 2 and "edlight-test/absent is not a local directory" in res.output
+    assert not (tmp_path / "bundle").exists()
+    # A cached repo missing a file gets the folder checks' words.
+    _hub_cache(cache, "edlight-test/no-tokenizer", base, skip=("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"))
+    with pytest.raises(CheckpointError, match="no-tokenizer.*no tokenizer"):
+        load_checkpoint("edlight-test/no-tokenizer")
+
 @pytest.mark.slow
 def test_images_too_long_and_thin_for_the_models_positions_are_named_before_any_work(small_data: Path, tmp_path: Path) -> None:
     """A checkpoint whose max_patches reach its position tables cannot embed a long strip's grid: that was an

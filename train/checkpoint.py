@@ -193,30 +193,49 @@ def is_hub_id(name: str | Path) -> bool:
     return not Path(text).expanduser().exists() and text.count("/") == 1 and not text.startswith((".", "/", "~"))
 
 
+# What a checkpoint is read from: configs, processor, tokenizer and safetensors weights; .bin weights only
+# when a repo has no safetensors (textcaps-base holds both, 1.1 GB each).
+HUB_FILES = ("*.json", "*.safetensors", "*.model")
+HUB_BIN_WEIGHTS = ("pytorch_model*.bin",)  # not a Trainer's training_args.bin
+
+
+def resolve_checkpoint(name: str | Path) -> Path:
+    """The local directory of checkpoint `name`: the path itself, or for a hub id ("org/name") its snapshot
+    in huggingface_hub's cache, downloaded first where a network exists (HF_HUB_OFFLINE=1: the cache only).
+
+    Every reader then checks and loads a directory, so a hub id gets the same checks as a local
+    checkpoint before any work. Raises CheckpointError when the hub cannot provide it.
+    """
+    if not is_hub_id(name):
+        return Path(name).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(str(name), allow_patterns=list(HUB_FILES)))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(str(name), allow_patterns=list(HUB_BIN_WEIGHTS)))
+    except Exception as exc:  # huggingface_hub's own errors: offline and not cached, no such repo, gated, network
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint not found: {name} is not a local directory and the hub could not provide it ({why})"
+        ) from exc
+    return folder
+
+
 def load_checkpoint(path: str | Path, max_patches: int | None = None) -> tuple[Any, Any]:
     """Load (Pix2StructForConditionalGeneration, Pix2StructProcessor) from a checkpoint.
 
     `path` is a local save_pretrained dir, or a hub id such as google/pix2struct-textcaps-base
-    where a network (or the local hub cache) can provide it. A checkpoint whose text decoder is
+    where a network (or the local hub cache) can provide it (resolve_checkpoint). A checkpoint whose text decoder is
     not causal (`text_config.is_decoder=False`) is fixed with a warning. `max_patches` overrides
     the processor's patch budget. Raises CheckpointError for anything that is not a complete
     Pix2Struct checkpoint.
     """
-    from transformers import AutoConfig, Pix2StructForConditionalGeneration, Pix2StructProcessor
+    from transformers import Pix2StructForConditionalGeneration, Pix2StructProcessor
 
     from train.presets import ensure_causal_decoder
 
-    if is_hub_id(path):
-        try:
-            model_type = AutoConfig.from_pretrained(str(path)).model_type
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(
-                f"checkpoint not found: {path} is not a local directory and the hub could not provide it ({exc})"
-            ) from exc
-        if model_type != "pix2struct":
-            raise CheckpointError(f"{path} is not a Pix2Struct checkpoint (model_type={model_type!r})")
-    else:
-        path = check_checkpoint_dir(path)
+    path = check_checkpoint_dir(resolve_checkpoint(path))
     try:
         model = Pix2StructForConditionalGeneration.from_pretrained(path)
         processor = Pix2StructProcessor.from_pretrained(path)
@@ -243,8 +262,8 @@ def load_checkpoint(path: str | Path, max_patches: int | None = None) -> tuple[A
 
 def position_check(path: str | Path, max_patches: int | None = None) -> tuple[PatchConfig, int] | None:
     """(patch config, row/column position limit) of a checkpoint (or bundle) folder, with max_patches
-    given or its own, for train.data.load_split's `positions`. None when the files cannot tell (a hub id;
-    a damaged file is reported when the checkpoint loads)."""
+    given or its own, for train.data.load_split's `positions`. None when the files cannot tell (a damaged
+    file is reported when the checkpoint loads). For a hub id, pass its resolve_checkpoint folder."""
     try:
         config = json.loads((Path(path) / "config.json").read_text())
         processor = json.loads((Path(path) / "preprocessor_config.json").read_text())

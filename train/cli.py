@@ -49,7 +49,7 @@ def _own_message(exc: Exception) -> str:
     help="Run directory (best/, last/, metrics).",
 )
 @click.option(
-    "--base", type=str, default=None, help="Pix2Struct checkpoint (save_pretrained dir) to fine-tune."
+    "--base", type=str, default=None, help="Pix2Struct checkpoint to fine-tune: a save_pretrained folder, or a hub id (e.g. google/pix2struct-textcaps-base)."
 )
 @click.option(
     "--preset", type=click.Choice(["tiny", "small", "base"]), default=None, help="Build a model from scratch."
@@ -206,7 +206,7 @@ def evaluate(
     skip_bad: bool | None,
     as_json: bool,
 ) -> None:
-    """BLEU and chrF of CHECKPOINT's captions on a split of DATA (sacrebleu defaults)."""
+    """BLEU and chrF of CHECKPOINT's (a folder, or a hub id) captions on a split of DATA (sacrebleu defaults)."""
     from train.evaluate import check_predictions_out, evaluate_checkpoint
 
     try:

@@ -299,8 +299,7 @@ class CaptionDataset:
 
             img = augment(img, np.random.default_rng([self.seed, epoch, i]))
             if position_error(*img.size, self.patch_config, self.position_limit) is not None:
-                # Stretched beyond the model's positions: the image as it is (load_split checked that it fits,
-                # for a checkpoint on disk; a hub id's files are not read before the model loads).
+                # Stretched beyond the model's positions: the image as it is (load_split checked that it fits).
                 img = self._load(i)
         mean, std = standardization(img)
         view = self._full_views[i]
@@ -717,10 +716,10 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     from train.checkpoint import (
         atomic_save,
         check_checkpoint_dir,
-        is_hub_id,
         load_checkpoint,
         position_check,
         recover,
+        resolve_checkpoint,
     )
     from train.data import DataError, describe_split, load_split, split_counts, split_of
     from train.evaluate import corpus_scores, encode_files, generate_from_patches, load_rgb
@@ -757,14 +756,16 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             raise TrainError(f"--out {out}: cannot put back a checkpoint an interrupted save set aside ({exc})") from exc
     accelerator.wait_for_everyone()
     mode = _check_out(cfg)
-    if mode == "fresh" and cfg.base is not None and not is_hub_id(cfg.base):
-        # Before anything is written (a hub id is checked when loaded). A resumed run loads RUN/last instead.
-        check_checkpoint_dir(cfg.base)
+    base_dir = None
+    if mode == "fresh" and cfg.base is not None:
+        # Before anything is written. A hub id is fetched into huggingface_hub's cache (or found there) now,
+        # so it gets the same checks as a folder. A resumed run loads RUN/last instead.
+        base_dir = check_checkpoint_dir(resolve_checkpoint(cfg.base))
     accelerator.wait_for_everyone()  # every rank has judged RUN/ before rank 0 writes to it
     # Validated once (every image opened); the split is a pure function of the file name (its split folder,
     # else a hash). A checkpoint whose max_patches reach its position tables also refuses images too long and
     # thin for them (a preset's tables are twice max_patches).
-    checkpoint = out / "last" if mode == "resume" else cfg.base
+    checkpoint = out / "last" if mode == "resume" else base_dir
     positions = position_check(checkpoint, cfg.max_patches) if checkpoint is not None else None
     all_ok = load_split(
         data, split="all", test_ratio=cfg.test_ratio, seed=cfg.split_seed, caption_column=cfg.caption_column,
@@ -796,8 +797,8 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     set_seed(cfg.seed)
     if mode == "resume":
         model, processor = load_checkpoint(out / "last", max_patches=cfg.max_patches)
-    elif cfg.base is not None:
-        model, processor = load_checkpoint(cfg.base, max_patches=cfg.max_patches)
+    elif base_dir is not None:
+        model, processor = load_checkpoint(base_dir, max_patches=cfg.max_patches)
     else:
         assert cfg.preset is not None
         # A preset with vision_init reads the first few hundred training images once, as the engine loads them.
