@@ -374,15 +374,16 @@ class Bundle:
         return float(value)
 
     @property
-    def early_stopping(self) -> bool:
-        """Whether beam search stops once num_beams captions are finished (True); False and "never" run on
-        to the heuristic's or the length's end, as the engine's beam search does for both."""
+    def early_stopping(self) -> bool | str:
+        """Beam search's stopping rule, as transformers reads it: True stops once num_beams captions are
+        finished; False (the default) and "never" run on while the best open beam could still win, "never"
+        judging that, under a positive length penalty, at the longest caption allowed."""
         value = self.generation_config.get("early_stopping", False)
         if value not in (None, True, False, "never"):
             raise BundleError(
                 f"{self.path / 'generation_config.json'}: early_stopping must be true, false or \"never\", got {value!r}"
             )
-        return value is True
+        return False if value is None else value
 
     def check_settings(self) -> None:
         """Read every model setting the engine uses, so that a bad one is a BundleError now, not mid-run."""

@@ -12,8 +12,8 @@ rows are sliced away), so a long caption does not make the short ones pay, and a
 same tokens as each image alone.
 
 Greedy and beam search follow transformers' `generate` (4.57) exactly: greedy argmax; beam search
-with `2 * num_beams` candidates, length-penalised finished hypotheses, and the default
-`early_stopping=False` stopping heuristic. `min_new_tokens` suppresses EOS until reached.
+with `2 * num_beams` candidates, length-penalised finished hypotheses, and its stopping rules for
+`early_stopping` True, False (the default) and "never". `min_new_tokens` suppresses EOS until reached.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class GenerationSettings:
     min_new_tokens: int = 0
     num_beams: int = 1
     length_penalty: float = 1.0
-    early_stopping: bool = False
+    early_stopping: bool | str = False  # True, False or "never", as transformers' generation config
     decoder_start_token_id: int = 0
     eos_token_ids: tuple[int, ...] = (1,)
 
@@ -50,6 +50,8 @@ class GenerationSettings:
             if not is_count(value, minimum):
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
             object.__setattr__(self, name, int(value))
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f'early_stopping must be True, False or "never", got {self.early_stopping!r}')
 
 
 class BufferPool:
@@ -410,6 +412,10 @@ def _beam_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, images
     eos = np.array(settings.eos_token_ids, dtype=np.int64)
     keep_k = max(2, 1 + len(eos)) * beams
     penalty = settings.length_penalty
+    stop_when_full = settings.early_stopping is True  # "never" is a string: truthy, but not this rule
+    # transformers' stopping heuristic scores the best open beam at its current length; with "never" and a
+    # penalty favouring long captions, at the longest allowed, so the search runs on while that could win.
+    at_longest = settings.early_stopping == "never" and penalty > 0
     steps = 1
 
     # Token buffers grow with the captions (doubling), not to max_new_tokens up front: a huge limit
@@ -451,7 +457,7 @@ def _beam_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, images
         # Finished hypotheses: only candidates within the top `beams` may enter, length-penalised.
         just_done = hits & (np.arange(top.shape[1]) < beams)[None, :]
         final_scores = top_scores / np.float32((cur + 1) ** penalty)
-        if settings.early_stopping:
+        if stop_when_full:
             final_scores = final_scores + (done_flag[alive].all(axis=1, keepdims=True)).astype(np.float32) * NEG_INF
         final_scores = final_scores + (~searching[alive])[:, None].astype(np.float32) * NEG_INF
         final_scores = final_scores + (~just_done).astype(np.float32) * NEG_INF
@@ -465,11 +471,11 @@ def _beam_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, images
         done_len[alive] = np.take_along_axis(merged_len, best, axis=1)
         done_flag[alive] = np.take_along_axis(merged_flag, best, axis=1)
 
-        # Stopping heuristic (early_stopping=False): can the best open beam still beat the worst finished one?
-        best_possible = running_scores[alive][:, :1] / np.float32((cur + 1) ** penalty)
+        # Stopping heuristic: can the best open beam still beat the worst finished one?
+        best_possible = running_scores[alive][:, :1] / np.float32((length if at_longest else cur + 1) ** penalty)
         worst_done = np.where(done_flag[alive], done_scores[alive].min(axis=1, keepdims=True), NEG_INF)
         searching[alive] &= (best_possible > worst_done).any(axis=1)
-        if settings.early_stopping:
+        if stop_when_full:
             searching[alive] &= ~done_flag[alive].all(axis=1)
         if cur + 1 >= length or hits.all() or not searching[alive].any():
             break

@@ -37,7 +37,7 @@ def torch_model(tiny_checkpoint: Path):  # noqa: ANN201
     return model, Pix2StructProcessor.from_pretrained(tiny_checkpoint)
 
 
-def torch_captions(torch_model, paths: list[Path], **generate_kwargs: int) -> list[str]:  # noqa: ANN001
+def torch_captions(torch_model, paths: list[Path], **generate_kwargs: object) -> list[str]:  # noqa: ANN001
     import torch
 
     model, processor = torch_model
@@ -81,10 +81,27 @@ def test_both_decoder_layouts_give_the_same_captions(tiny_bundle: Path, other_la
     assert first.caption(images) == second.caption(images)
 
 
-def test_beam_search_follows_transformers(tiny_bundle: Path, torch_model, images: list[Path]) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    "stopping", [{}, {"early_stopping": "never", "length_penalty": 2.0}, {"early_stopping": True, "length_penalty": 0.5}]
+)
+def test_beam_search_follows_transformers(
+    tiny_bundle: Path, torch_model, images: list[Path], stopping: dict, tmp_path: Path  # noqa: ANN001
+) -> None:
+    """With the bundle's own stopping rule and length penalty (its generation_config.json) as generate reads them."""
+    import json
+    import shutil
+
+    from engine.bundle import Bundle, write_manifest
+
+    bundle = tiny_bundle
+    if stopping:
+        bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+        config = json.loads((bundle / "generation_config.json").read_text())
+        (bundle / "generation_config.json").write_text(json.dumps({**config, **stopping}))
+        write_manifest(bundle, Bundle.load(bundle, verify_hashes=False).manifest)
     subset = images[:12]
-    engine = Captioner(tiny_bundle, batch_size=4, num_beams=3, max_new_tokens=MAX_NEW_TOKENS).caption(subset)
-    reference = torch_captions(torch_model, subset, num_beams=3)
+    engine = Captioner(bundle, batch_size=4, num_beams=3, max_new_tokens=MAX_NEW_TOKENS).caption(subset)
+    reference = torch_captions(torch_model, subset, num_beams=3, **stopping)
     identical = sum(a == b for a, b in zip(engine, reference, strict=True))
     # Beam scores are sums of log-probabilities; a float32 near-tie may order two beams differently.
     assert identical >= len(subset) - 1, list(zip(engine, reference, strict=True))

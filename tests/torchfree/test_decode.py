@@ -43,6 +43,10 @@ TABLE = {
         (): dist(t2=0.5, t3=0.4), (2,): dist(t1=0.01), (3,): dist(t5=0.6, t4=0.35),
         (3, 5): dist(t3=0.9), (3, 5, 3): dist(t1=0.9), (3, 4): dist(t2=0.9), (3, 4, 2): dist(t1=0.9),
     },
+    # image 5: with 2 beams and length_penalty 2, "EOS" (-0.51) and "2 EOS" (-1.74 / 2**2 = -0.44) fill the
+    # finished slots at step 2, when the open "2 3" (-2.25) scored at its length, -2.25 / 2**2 = -0.56, cannot
+    # beat them; scored at the longest allowed (early_stopping="never") it can, and "2 3 EOS" wins: -2.36 / 3**2
+    5: {(): dist(t1=0.6, t2=0.35), (2,): dist(t1=0.5, t3=0.3), (2, 3): dist(t1=0.9)},
 }
 
 
@@ -82,7 +86,7 @@ class ScriptedDecoder:
         return self._logits(state)
 
 
-def run(images: list[int], fn=generate, **kwargs: int) -> list[list[int]]:  # noqa: ANN001
+def run(images: list[int], fn=generate, **kwargs: object) -> list[list[int]]:  # noqa: ANN001
     hidden = np.array(images, dtype=np.float32).reshape(-1, 1, 1) * np.ones((1, 3, 2), dtype=np.float32)
     mask = np.ones((len(images), 3), dtype=np.int64)
     settings = GenerationSettings(max_new_tokens=kwargs.pop("max_new_tokens", 8), eos_token_ids=(EOS,), **kwargs)
@@ -136,6 +140,20 @@ def test_beam_search_batch_equals_single_and_respects_length() -> None:
     assert batch[2] == [2, 3]
 
 
+def test_early_stopping_never_scores_the_open_beam_at_the_longest_length() -> None:
+    """transformers' rule: under a positive length penalty, "never" keeps searching while the best open beam,
+    scored at max_new_tokens, could beat a finished one; False scores it at its current length."""
+    beams = dict(num_beams=2, max_new_tokens=6, length_penalty=2.0)
+    assert run([5], **beams) == [[2]]
+    assert run([5], early_stopping=True, **beams) == [[2]]
+    assert run([5], early_stopping="never", **beams) == [[2, 3]]
+    assert run([5, 0, 5], early_stopping="never", **beams) == [[2, 3], [2, 3], [2, 3]]
+    # With no length penalty pushing to longer captions, "never" is the False rule.
+    assert run([5], early_stopping="never", num_beams=2, max_new_tokens=6, length_penalty=0.0) == run(
+        [5], num_beams=2, max_new_tokens=6, length_penalty=0.0
+    )
+
+
 def test_one_beam_is_greedy() -> None:
     assert run([0, 1, 2, 3], num_beams=1) == run([0, 1, 2, 3], fn=greedy)
     assert run([3], fn=beam_search, num_beams=1, max_new_tokens=5) == [[2]]
@@ -149,6 +167,7 @@ def test_one_beam_is_greedy() -> None:
         ({"max_new_tokens": 4, "num_beams": 1.5}, "num_beams must be an integer >= 1, got 1.5"),
         ({"max_new_tokens": 4, "min_new_tokens": True}, "min_new_tokens must be an integer >= 0, got True"),
         ({"max_new_tokens": "8"}, "max_new_tokens must be an integer >= 0, got '8'"),
+        ({"max_new_tokens": 4, "early_stopping": "always"}, 'early_stopping must be True, False or "never", got \'always\''),
     ],
 )
 def test_bad_settings_are_refused(settings: dict, message: str) -> None:
