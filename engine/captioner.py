@@ -179,6 +179,13 @@ class Captioner:
         self.trims_padding = self._patch_axis_is_dynamic()
         self.timings = Timings()
 
+    def __reduce__(self) -> Any:
+        # ONNX Runtime's own "cannot pickle 'InferenceSession'" does not say what to do instead.
+        raise TypeError(
+            f"a Captioner cannot be pickled (it holds ONNX Runtime sessions): build one per process from its "
+            f"bundle, Captioner({str(self.bundle.path)!r}, ...), e.g. in a Ray actor's or a worker's set-up"
+        )
+
     def _load_graphs(self, settings: SessionSettings) -> None:
         """The bundle's ONNX Runtime sessions: the encoder and the decoder(s) of its layout."""
         path = self.bundle.path

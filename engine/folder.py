@@ -261,7 +261,8 @@ def _walk(folder: Path, ancestors: frozenset[tuple[int, int]], unreadable: list[
 
 
 # macOS writes a file's metadata beside it as "._<name>" on volumes without its attributes (USB sticks,
-# network shares, zip files): never an image, whatever its name says.
+# network shares, zip files): an AppleDouble file, never an image whatever its name says. Told by these
+# first bytes, not the name: any other "._" file is the user's, captioned or reported as usual.
 APPLE_DOUBLE_MAGIC = b"\x00\x05\x16\x07"
 
 
@@ -895,8 +896,8 @@ def plan_folder_job(
     taken = {record_name(f.file, fmt) for f in files}
     names = {f.file: _resumed_name(f.file, fmt, done, taken) for f in files}
     current = set(names.values())  # another input's name is no other name (a/x.png beside a/a/x.png)
-    _refuse_renamed(out_path, [
-        f for f in files
+    _refuse_renamed(out_path, records, [
+        (f, other) for f in files
         if names[f.file] not in records and f.other_name is not None
         and (other := _resumed_name(f.other_name, fmt, done, taken)) in records and other not in current
     ])
@@ -915,16 +916,23 @@ def plan_folder_job(
     return todo, summary
 
 
-def _refuse_renamed(out: Path, renamed: list[InputFile]) -> None:
-    """Raise OutputError if `out` holds records of these inputs under their other name (see collect_inputs).
+def _refuse_renamed(out: Path, records: dict[str, _Line], renamed: list[tuple[InputFile, str]]) -> None:
+    """Raise OutputError if `out` holds records of these inputs under their other name (see collect_inputs),
+    given as (input, the record's name).
 
     Adding or removing an input folder whose images share names with another's switches the names
     between `x.png` and `folder/x.png`; resuming then would caption everything again under new names.
     """
-    if renamed:
-        shown = ", ".join(f"{f.other_name!r} (now {f.file!r})" for f in renamed[:3])
+    claims: dict[str, list[InputFile]] = {}  # one record may be the other name of several inputs (A/x, B/x)
+    for f, name in renamed:
+        claims.setdefault(name, []).append(f)
+    if claims:
+        shown = []
+        for name, inputs in list(claims.items())[:3]:
+            sized = [f for f in inputs if f.bytes is not None and f.bytes == records[name].bytes]
+            shown.append(f"{name!r} (now {' or '.join(repr(f.file) for f in sized or inputs)})")
         raise OutputError(
-            f"{out}: holds records of {len(renamed)} of these images under other names: {shown}. Names are "
+            f"{out}: holds records of {len(claims)} of these images under other names: {', '.join(shown)}. Names are "
             "relative to their input folder, prefixed with the folder when two inputs hold the same names: "
             "resume with the inputs that wrote it, or caption into another output"
         )

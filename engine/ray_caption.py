@@ -265,8 +265,15 @@ def _connect(ray: Any, address: str | None, num_cpus: int | None, records_on_std
         try:
             ray.init(address=address, **options)
         except (ConnectionError, RuntimeError, ValueError) as exc:
+            if address == "auto" and isinstance(exc, ConnectionError):  # Ray's words name its own CLI's flag
+                raise RayConnectionError(
+                    "--ray-address auto found no Ray cluster (RAY_ADDRESS is not set and no Ray was started on "
+                    "this machine with `ray start`); give the cluster's address, or leave out --ray-address to "
+                    "start a local Ray"
+                ) from exc
+            why = str(exc).rstrip(".")
             raise RayConnectionError(
-                f"cannot join the Ray cluster at {address}: {exc}. If the cluster uses token authentication "
+                f"cannot join the Ray cluster at {address}: {why}. If the cluster uses token authentication "
                 "(the default since Ray 2.52), set RAY_AUTH_MODE=token and provide its token "
                 "(RAY_AUTH_TOKEN, or ~/.ray/auth_token)"
             ) from exc

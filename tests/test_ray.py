@@ -27,6 +27,7 @@ from engine.ray_caption import (
     RayConnectionError,
     RayStallError,
     _check_reachable,
+    _connect,
     caption_folder_ray,
     plan_actors,
 )
@@ -65,7 +66,12 @@ def test_an_unreachable_address_fails_at_once(tmp_path: Path, monkeypatch: pytes
     # cluster long gone leaves behind (ray.init then waited for minutes with only log lines).
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
-    _check_reachable("auto")  # nothing recorded: Ray itself says at once that it finds no cluster
+    _check_reachable("auto")  # nothing recorded: Ray itself says at once that it finds no cluster ...
+    import ray
+
+    assert not ray.is_initialized()
+    with pytest.raises(RayConnectionError, match=r"^--ray-address auto found no Ray cluster .*leave out --ray-address"):
+        _connect(ray, "auto", None)  # ... in words naming edlight's option (Ray's name its own CLI's --address)
     (tmp_path / "ray").mkdir()
     (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
     with pytest.raises(RayConnectionError, match=rf"at 127.0.0.1:{port} \(where --ray-address auto leads: a Ray found or last"):

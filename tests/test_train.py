@@ -664,8 +664,9 @@ def test_evaluate_cli(tiny_run: Path, synth_data: Path, tmp_path: Path) -> None:
     ]
     res = CliRunner().invoke(evaluate, args)
     assert res.exit_code == 0, res.output
-    scores = json.loads(res.output.splitlines()[0])
+    scores = json.loads(res.stdout)  # stdout is the JSON alone (the predictions line goes to stderr)
     assert scores["split"] == "test" and scores["n"] > 0 and "bleu" in scores and out.is_file()
+    assert f"predictions: {out}" in res.stderr
 
     res = CliRunner().invoke(evaluate, [str(synth_data), "--data", str(synth_data)])
     assert res.exit_code == 2 and "no config.json" in res.output
@@ -922,16 +923,18 @@ def test_refuses_foreign_out_dir_and_missing_data(small_data: Path, tmp_path: Pa
     assert not (tmp_path / "run").exists()
 
 
-def test_a_start_that_failed_before_any_checkpoint_does_not_block_its_folder(small_data: Path, tmp_path: Path) -> None:
+def test_a_start_that_failed_before_any_checkpoint_does_not_block_its_folder(
+    small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "run"
     run.mkdir()
     # What a run killed (or crashed) before its first checkpoint leaves: its settings, no last/ or best/.
     (run / "run_config.json").write_text(json.dumps({"seed": 123, "lr": 5.0}))
-    config = TrainConfig(data=small_data, out=run, epochs=1, **FAST)
-    result = train(config)
+    config = TrainConfig(data=small_data, out=run, epochs=1, resume=True, **FAST)
+    result = train(config)  # --resume of it starts over, and says so
     assert result.metrics and json.loads((run / "run_config.json").read_text())["seed"] == 0
+    assert f"--resume: {run} holds no finished epoch" in capsys.readouterr().err
     (run / "last" / "trainer_state.pt").unlink()
-    config.resume = True
     with pytest.raises(TrainError, match="--resume: .*holds no trainer state"):
         train(config)
 

@@ -239,4 +239,4 @@ def evaluate(
             report.write_predictions(out)
         except OutputError as exc:
             cannot_run(str(exc))
-        click.echo(f"predictions: {out}")
+        click.echo(f"predictions: {out}", err=as_json)  # --json: stdout holds the JSON alone

@@ -756,6 +756,8 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             raise TrainError(f"--out {out}: cannot put back a checkpoint an interrupted save set aside ({exc})") from exc
     accelerator.wait_for_everyone()
     mode = _check_out(cfg)
+    if mode == "fresh" and cfg.resume:
+        log(f"--resume: {out} holds no finished epoch (its run stopped before the first checkpoint); starting at epoch 1")
     base_dir = None
     if mode == "fresh" and cfg.base is not None:
         # Before anything is written. A hub id is fetched into huggingface_hub's cache (or found there) now,
