@@ -178,6 +178,7 @@ class Captioner:
         self._encoder_output = "last_hidden_state" if "last_hidden_state" in self.encoder.outputs else self.encoder.output_names[0]
         self.trims_padding = self._patch_axis_is_dynamic()
         self.timings = Timings()
+        self._timings_lock = threading.Lock()  # threads sharing this Captioner add to the same counts
 
     def __reduce__(self) -> Any:
         # ONNX Runtime's own "cannot pickle 'InferenceSession'" does not say what to do instead.
@@ -244,7 +245,8 @@ class Captioner:
         return self.bundle.captions_id(g.num_beams, g.max_new_tokens, g.min_new_tokens)
 
     def reset_timings(self) -> None:
-        self.timings = Timings()
+        with self._timings_lock:
+            self.timings = Timings()
 
     def iter_captions(
         self, items: Iterable[tuple[Key, ImageSource, str]]
@@ -287,7 +289,8 @@ class Captioner:
         return _Prepared([key for key, _, _ in batch], patches, errors, time.perf_counter() - started)
 
     def _finish(self, prepared: _Prepared) -> Iterator[tuple[Any, str | None, str | None]]:
-        self.timings.preprocess_s += prepared.seconds
+        with self._timings_lock:
+            self.timings.preprocess_s += prepared.seconds
         good = [p for p in prepared.patches if p is not None]
         captions = iter(self._run_model(good) if good else [])
         for key, patch, error in zip(prepared.keys, prepared.patches, prepared.errors, strict=True):
@@ -327,11 +330,13 @@ class Captioner:
             hidden = self._encode(flattened, mask)
         encoded = time.perf_counter()
         result = generate(self.decoder, hidden, mask, self.generation)
-        self.timings.encoder_s += encoded - started
-        self.timings.decode_s += time.perf_counter() - encoded
-        self.timings.decode_steps += result.steps
-        self.timings.model_runs += 1
-        self.timings.images += len(patches)
+        decoded = time.perf_counter()
+        with self._timings_lock:
+            self.timings.encoder_s += encoded - started
+            self.timings.decode_s += decoded - encoded
+            self.timings.decode_steps += result.steps
+            self.timings.model_runs += 1
+            self.timings.images += len(patches)
         # A caption is text for people: no spaces a model may emit before EOS or the length limit.
         return [text.strip() for text in self.tokenizer.decode_batch(result.text_ids())]
 
