@@ -385,11 +385,26 @@ class Bundle:
             )
         return False if value is None else value
 
+    @property
+    def repetition_penalty(self) -> float:
+        """transformers' repetition_penalty (1.0: none), which `generate` applies from the generation config."""
+        value = self.generation_config.get("repetition_penalty", 1.0)
+        value = 1.0 if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise BundleError(f"{self.path / 'generation_config.json'}: repetition_penalty must be a number > 0, got {value!r}")
+        return float(value)
+
+    @property
+    def no_repeat_ngram_size(self) -> int:
+        """transformers' no_repeat_ngram_size (0: none)."""
+        value = self.generation_config.get("no_repeat_ngram_size", 0)
+        return 0 if value is None else _setting(value, "no_repeat_ngram_size", self.path / "generation_config.json")
+
     def check_settings(self) -> None:
         """Read every model setting the engine uses, so that a bad one is a BundleError now, not mid-run."""
         _ = (self.patch_size, self.position_limit, self.decoder_start_token_id, self.pad_token_id,
              self.eos_token_ids, self.default_max_new_tokens, self.default_min_new_tokens, self.length_penalty,
-             self.early_stopping)
+             self.early_stopping, self.repetition_penalty, self.no_repeat_ngram_size)
 
 
 # The weights of a `save_pretrained` folder: one file, or the index of its shards.

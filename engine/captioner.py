@@ -146,6 +146,8 @@ class Captioner:
             num_beams=num_beams,
             length_penalty=self.bundle.length_penalty,
             early_stopping=self.bundle.early_stopping,
+            repetition_penalty=self.bundle.repetition_penalty,
+            no_repeat_ngram_size=self.bundle.no_repeat_ngram_size,
             decoder_start_token_id=self.bundle.decoder_start_token_id,
             eos_token_ids=tuple(self.bundle.eos_token_ids),
         )

@@ -13,7 +13,10 @@ same tokens as each image alone.
 
 Greedy and beam search follow transformers' `generate` (4.57) exactly: greedy argmax; beam search
 with `2 * num_beams` candidates, length-penalised finished hypotheses, and its stopping rules for
-`early_stopping` True, False (the default) and "never". `min_new_tokens` suppresses EOS until reached.
+`early_stopping` True, False (the default) and "never". `min_new_tokens` suppresses EOS until reached;
+`repetition_penalty` and `no_repeat_ngram_size` act as transformers' logits processors do, on the
+logits in greedy search and on the log-probabilities in beam search, over the start token and the
+caption so far.
 """
 
 from __future__ import annotations
@@ -41,17 +44,44 @@ class GenerationSettings:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # True, False or "never", as transformers' generation config
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the caption (CTRL's rule)
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this many tokens appears twice
     decoder_start_token_id: int = 0
     eos_token_ids: tuple[int, ...] = (1,)
 
     def __post_init__(self) -> None:
-        for name, minimum in (("max_new_tokens", 0), ("min_new_tokens", 0), ("num_beams", 1)):
+        for name, minimum in (("max_new_tokens", 0), ("min_new_tokens", 0), ("num_beams", 1), ("no_repeat_ngram_size", 0)):
             value = getattr(self, name)
             if not is_count(value, minimum):
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
             object.__setattr__(self, name, int(value))
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f'early_stopping must be True, False or "never", got {self.early_stopping!r}')
+        penalty = self.repetition_penalty
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be a number > 0, got {penalty!r}")
+        object.__setattr__(self, "repetition_penalty", float(penalty))
+
+    @property
+    def processes_scores(self) -> bool:
+        """Whether the scores depend on the tokens so far (repetition_penalty or no_repeat_ngram_size)."""
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+
+
+def process_scores(scores: np.ndarray, history: np.ndarray, settings: GenerationSettings) -> np.ndarray:
+    """transformers' RepetitionPenalty and NoRepeatNGram logits processors, in its order, in place:
+    `scores` [rows, vocab], `history` [rows, tokens] the start token and the caption so far of each row."""
+    if settings.repetition_penalty != 1.0:
+        seen = np.take_along_axis(scores, history, axis=1)
+        penalty = np.float32(settings.repetition_penalty)
+        np.put_along_axis(scores, history, np.where(seen < 0, seen * penalty, seen / penalty), axis=1)
+    n = settings.no_repeat_ngram_size
+    if n > 0 and history.shape[1] + 1 >= n:
+        for row, tokens in enumerate(history.tolist()):
+            tail = tokens[len(tokens) - n + 1 :] if n > 1 else []
+            banned = [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i : i + n - 1] == tail]
+            scores[row, banned] = -np.inf
+    return scores
 
 
 class BufferPool:
@@ -367,10 +397,17 @@ def _greedy_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, rows
     eos = np.array(settings.eos_token_ids, dtype=np.int64)
     steps = 1
     active = np.arange(rows)  # input row of each row of `state`
+    history = None
+    if settings.processes_scores:  # the start token, then each row's caption so far
+        history = np.full((rows, settings.max_new_tokens + 1), settings.decoder_start_token_id, dtype=np.int64)
     for step in range(settings.max_new_tokens):
+        if history is not None:
+            logits = process_scores(logits, history[active, : step + 1], settings)
         if step < settings.min_new_tokens:
             logits[:, eos] = -np.inf
         tokens = logits.argmax(axis=-1)
+        if history is not None:
+            history[active, step + 1] = tokens
         done = np.isin(tokens, eos)
         for row, token, is_done in zip(active, tokens, done, strict=True):
             if is_done:
@@ -437,6 +474,10 @@ def _beam_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, images
             running_seq, done_seq = _grown(running_seq, length), _grown(done_seq, length)
         n = alive.size
         logp = log_softmax(logits)
+        if settings.processes_scores:
+            history = np.full((n * beams, cur + 1), settings.decoder_start_token_id, dtype=np.int64)
+            history[:, 1:] = running_seq[alive][:, :, :cur].reshape(n * beams, cur)
+            logp = process_scores(logp, history, settings)
         if cur < settings.min_new_tokens:
             logp[:, eos] = -np.inf
         scores = (logp.reshape(n, beams, vocab) + running_scores[alive][:, :, None]).reshape(n, beams * vocab)

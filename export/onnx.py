@@ -50,11 +50,12 @@ TASK = "image-to-text-with-past"
 # Optimum's dummy inputs need at least a 2x2 patch grid.
 MIN_PATCHES = 4
 # Generation settings the engine does not take from a checkpoint (their transformers defaults): sampling,
-# beams, and the logits processors. The export's validation runs PyTorch without them too, since it checks
-# the graphs. (The engine does follow max_new_tokens/max_length and min_new_tokens/min_length.)
+# beams, and the logits processors but two. The export's validation runs PyTorch without any of them, since
+# it checks the graphs. (The engine does follow max_new_tokens/max_length, min_new_tokens/min_length,
+# length_penalty, early_stopping, repetition_penalty and no_repeat_ngram_size.)
 GENERATION_DEFAULTS: dict[str, object] = {
     "do_sample": False, "num_beams": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
     "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
     "forced_eos_token_id": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
     "num_beam_groups": 1, "diversity_penalty": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,

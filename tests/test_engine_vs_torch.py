@@ -81,30 +81,55 @@ def test_both_decoder_layouts_give_the_same_captions(tiny_bundle: Path, other_la
     assert first.caption(images) == second.caption(images)
 
 
-@pytest.mark.parametrize(
-    "stopping", [{}, {"early_stopping": "never", "length_penalty": 2.0}, {"early_stopping": True, "length_penalty": 0.5}]
-)
-def test_beam_search_follows_transformers(
-    tiny_bundle: Path, torch_model, images: list[Path], stopping: dict, tmp_path: Path  # noqa: ANN001
-) -> None:
-    """With the bundle's own stopping rule and length penalty (its generation_config.json) as generate reads them."""
+def with_generation_settings(bundle: Path, settings: dict, copy: Path) -> Path:
+    """`bundle`, or a copy of it whose generation_config.json also says `settings` (manifest rehashed)."""
     import json
     import shutil
 
     from engine.bundle import Bundle, write_manifest
 
-    bundle = tiny_bundle
-    if stopping:
-        bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
-        config = json.loads((bundle / "generation_config.json").read_text())
-        (bundle / "generation_config.json").write_text(json.dumps({**config, **stopping}))
-        write_manifest(bundle, Bundle.load(bundle, verify_hashes=False).manifest)
+    if not settings:
+        return bundle
+    copied = Path(shutil.copytree(bundle, copy))
+    config = json.loads((copied / "generation_config.json").read_text())
+    (copied / "generation_config.json").write_text(json.dumps({**config, **settings}))
+    write_manifest(copied, Bundle.load(copied, verify_hashes=False).manifest)
+    return copied
+
+
+@pytest.mark.parametrize(
+    "stopping",
+    [
+        {},
+        {"early_stopping": "never", "length_penalty": 2.0},
+        {"early_stopping": True, "length_penalty": 0.5},
+        {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2},
+    ],
+)
+def test_beam_search_follows_transformers(
+    tiny_bundle: Path, torch_model, images: list[Path], stopping: dict, tmp_path: Path  # noqa: ANN001
+) -> None:
+    """With the bundle's own stopping rule, length penalty and logits processors (its generation_config.json)
+    as generate reads them."""
+    bundle = with_generation_settings(tiny_bundle, stopping, tmp_path / "bundle")
     subset = images[:12]
     engine = Captioner(bundle, batch_size=4, num_beams=3, max_new_tokens=MAX_NEW_TOKENS).caption(subset)
     reference = torch_captions(torch_model, subset, num_beams=3, **stopping)
     identical = sum(a == b for a, b in zip(engine, reference, strict=True))
     # Beam scores are sums of log-probabilities; a float32 near-tie may order two beams differently.
     assert identical >= len(subset) - 1, list(zip(engine, reference, strict=True))
+
+
+@pytest.mark.parametrize("processors", [{"repetition_penalty": 1.5}, {"no_repeat_ngram_size": 2}, {"repetition_penalty": 0.7}])
+def test_logits_processors_in_the_generation_config_follow_transformers(
+    tiny_bundle: Path, torch_model, images: list[Path], processors: dict, tmp_path: Path  # noqa: ANN001
+) -> None:
+    """A checkpoint's repetition_penalty / no_repeat_ngram_size reach the engine as generate applies them."""
+    bundle = with_generation_settings(tiny_bundle, processors, tmp_path / "bundle")
+    engine = Captioner(bundle, batch_size=4, max_new_tokens=MAX_NEW_TOKENS).caption(images)
+    assert engine == torch_captions(torch_model, images, **processors)
+    plain = Captioner(tiny_bundle, batch_size=4, max_new_tokens=MAX_NEW_TOKENS).caption(images)
+    assert engine != plain, "the setting changed no caption: a weak test"
 
 
 def test_min_new_tokens_matches_transformers(tiny_bundle: Path, torch_model, images: list[Path]) -> None:  # noqa: ANN001

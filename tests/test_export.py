@@ -708,8 +708,8 @@ def test_logits_processors_lengths_and_space_clean_up_of_a_checkpoint(
     random_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A repetition penalty is the PyTorch side's, not the graphs': the export validates the graphs without
-    it and warns that the engine ignores it. A minimum length and the tokenizer's clean-up of spaces reach
-    the engine."""
+    it, and the engine applies it from the bundle's generation config, as the no-repeat n-gram size, a
+    minimum length and the tokenizer's clean-up of spaces."""
     from engine import Captioner
     from export.onnx import export_bundle
 
@@ -722,8 +722,9 @@ def test_logits_processors_lengths_and_space_clean_up_of_a_checkpoint(
     (ck / "tokenizer_config.json").write_text(json.dumps({**tokenizer, "clean_up_tokenization_spaces": True}))
     with caplog.at_level(logging.WARNING, logger="edlight.export"):
         export_bundle(ck, tmp_path / "b")
-    assert "repetition_penalty, no_repeat_ngram_size not used by the engine" in caplog.text
+    assert "not used by the engine" not in caplog.text
     captioner = Captioner(tmp_path / "b", threads=1)
+    assert (captioner.generation.repetition_penalty, captioner.generation.no_repeat_ngram_size) == (1.5, 2)
     assert captioner.generation.min_new_tokens == 3
     assert captioner.tokenizer.clean_up_spaces
     assert json.loads((tmp_path / "b" / "tokenizer_config.json").read_text()) == {"clean_up_tokenization_spaces": True}

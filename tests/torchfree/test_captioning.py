@@ -548,6 +548,8 @@ def test_a_hand_edited_manifest_is_a_named_error(engine_bundle: Path, tmp_path: 
         ("generation_config.json", ["length_penalty"], "x", "length_penalty must be a number, got 'x'"),
         ("generation_config.json", ["early_stopping"], "yes", "early_stopping must be true, false or \"never\", got 'yes'"),
         ("generation_config.json", ["min_new_tokens"], -1, "min_new_tokens must be an integer >= 0, got -1"),
+        ("generation_config.json", ["repetition_penalty"], 0, "repetition_penalty must be a number > 0, got 0"),
+        ("generation_config.json", ["no_repeat_ngram_size"], 1.5, "no_repeat_ngram_size must be an integer >= 0, got 1.5"),
         ("config.json", ["vision_config", "seq_len"], "big", "vision_config.seq_len must be an integer >= 2"),
         ("preprocessor_config.json", ["patch_size", "height"], 0, "patch_size.height must be an integer >= 1, got 0"),
         ("preprocessor_config.json", ["patch_size"], 16, "patch_size must be an object, got 16"),

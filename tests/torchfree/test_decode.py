@@ -154,6 +154,22 @@ def test_early_stopping_never_scores_the_open_beam_at_the_longest_length() -> No
     )
 
 
+def test_repetition_penalty_and_no_repeat_ngrams_follow_the_caption_so_far() -> None:
+    """transformers' processors over the start token and the caption so far. Image 1 says "4" at p=0.9
+    forever, the other tokens share the rest (log 0.02 = -3.9)."""
+    assert run([1], max_new_tokens=5) == [[4, 4, 4, 4, 4]]
+    # A penalty of 50 makes a seen "4" -0.105 * 50 = -5.3, below the unseen tokens: the first of them, EOS.
+    assert run([1], max_new_tokens=5, repetition_penalty=50.0) == [[4]]
+    assert run([1], max_new_tokens=5, repetition_penalty=50.0, num_beams=2) == [[4]]
+    # Every bigram once: after "0 4 4" (the start token first) "4 4" is seen, so the first of the tied rest, 0;
+    # after "0 4 4 0", "0 4" bans 4 again: 0; after "... 0 0", "0 4" and "0 0" ban both: EOS.
+    assert run([1], max_new_tokens=8, no_repeat_ngram_size=2) == [[4, 4, 0, 0]]
+    # One-token n-grams: every token seen once is banned, the start token too.
+    assert run([1], max_new_tokens=8, no_repeat_ngram_size=1) == [[4]]
+    # Rows of a batch keep their own history.
+    assert run([1, 0, 1], max_new_tokens=8, no_repeat_ngram_size=2) == [[4, 4, 0, 0], [2, 3], [4, 4, 0, 0]]
+
+
 def test_one_beam_is_greedy() -> None:
     assert run([0, 1, 2, 3], num_beams=1) == run([0, 1, 2, 3], fn=greedy)
     assert run([3], fn=beam_search, num_beams=1, max_new_tokens=5) == [[2]]
@@ -168,6 +184,8 @@ def test_one_beam_is_greedy() -> None:
         ({"max_new_tokens": 4, "min_new_tokens": True}, "min_new_tokens must be an integer >= 0, got True"),
         ({"max_new_tokens": "8"}, "max_new_tokens must be an integer >= 0, got '8'"),
         ({"max_new_tokens": 4, "early_stopping": "always"}, 'early_stopping must be True, False or "never", got \'always\''),
+        ({"max_new_tokens": 4, "repetition_penalty": 0}, "repetition_penalty must be a number > 0, got 0"),
+        ({"max_new_tokens": 4, "no_repeat_ngram_size": -1}, "no_repeat_ngram_size must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_settings_are_refused(settings: dict, message: str) -> None:
