@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import BundleError
+from engine.errors import BundleError, is_finite_number
 from engine.preprocess import position_limit_of
 
 FORMAT_VERSION = 1
@@ -278,6 +277,14 @@ class Bundle:
         shortest = self.default_min_new_tokens if min_new_tokens is None else min_new_tokens
         if shortest:
             changed.append(f"min_new_tokens={shortest}")
+        # Settings of the bundle's generation config that engines before 2026-11-28 did not apply: named,
+        # so that their records are not resumed as this one's (the model id alone is the same).
+        if self.repetition_penalty != 1.0:
+            changed.append(f"repetition_penalty={self.repetition_penalty:g}")
+        if self.no_repeat_ngram_size:
+            changed.append(f"no_repeat_ngram_size={self.no_repeat_ngram_size}")
+        if num_beams != 1 and self.early_stopping == "never" and self.length_penalty > 0:
+            changed.append("early_stopping=never")
         return " ".join([self.model_id, *changed])
 
     def onnx_path(self, role: str) -> Path:
@@ -369,7 +376,7 @@ class Bundle:
         """Beam search's length penalty (transformers' default 1.0)."""
         value = self.generation_config.get("length_penalty", 1.0)
         value = 1.0 if value is None else value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_finite_number(value):
             raise BundleError(f"{self.path / 'generation_config.json'}: length_penalty must be a number, got {value!r}")
         return float(value)
 
@@ -390,7 +397,7 @@ class Bundle:
         """transformers' repetition_penalty (1.0: none), which `generate` applies from the generation config."""
         value = self.generation_config.get("repetition_penalty", 1.0)
         value = 1.0 if value is None else value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        if not is_finite_number(value) or value <= 0:
             raise BundleError(f"{self.path / 'generation_config.json'}: repetition_penalty must be a number > 0, got {value!r}")
         return float(value)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import ModelRuntimeError, is_count
+from engine.errors import ModelRuntimeError, is_count, is_finite_number
 from engine.session import OnnxModel
 
 PAST_PREFIX = "past_key_values."
@@ -57,10 +57,9 @@ class GenerationSettings:
             object.__setattr__(self, name, int(value))
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f'early_stopping must be True, False or "never", got {self.early_stopping!r}')
-        penalty = self.repetition_penalty
-        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty < float("inf"):
-            raise ValueError(f"repetition_penalty must be a number > 0, got {penalty!r}")
-        object.__setattr__(self, "repetition_penalty", float(penalty))
+        if not is_finite_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
+        object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
 
     @property
     def processes_scores(self) -> bool:

@@ -3,6 +3,7 @@ the ValueErrors for bad settings."""
 
 from __future__ import annotations
 
+import math
 import numbers
 
 
@@ -26,6 +27,11 @@ def is_count(value: object, minimum: int = 1) -> bool:
     """True for a whole number of at least `minimum` (a Python or numpy integer; callers keep int(value));
     False for anything else, including bools (True is an int) and floats."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= minimum
+
+
+def is_finite_number(value: object) -> bool:
+    """True for an int or float (Python or numpy) that is finite; False for bools, strings and None."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 def is_installed(module: str) -> bool:

@@ -265,7 +265,7 @@ def _connect(ray: Any, address: str | None, num_cpus: int | None, records_on_std
         try:
             ray.init(address=address, **options)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            if address == "auto" and isinstance(exc, ConnectionError):  # Ray's words name its own CLI's flag
+            if address == "auto" and _auto_address() is None:  # Ray found nothing; its words name its CLI's flag
                 raise RayConnectionError(
                     "--ray-address auto found no Ray cluster (RAY_ADDRESS is not set and no Ray was started on "
                     "this machine with `ray start`); give the cluster's address, or leave out --ray-address to "

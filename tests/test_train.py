@@ -1071,16 +1071,21 @@ def test_a_hub_id_base_is_read_from_huggingface_hubs_cache(small_data: Path, tmp
     assert torch.equal(loaded.state_dict()["decoder.lm_head.weight"], model.state_dict()["decoder.lm_head.weight"])
 
     # Not in the cache and no network: named before the data is read or anything is written.
-    with pytest.raises(CheckpointError, match="edlight-test/absent is not a local directory and the hub could not provide it"):
+    with pytest.raises(CheckpointError, match="edlight-test/absent is no local folder, and as a hub id the hub could not provide it"):
         train(TrainConfig(data=small_data, out=tmp_path / "absent", base="edlight-test/absent", progress=False))
     assert not (tmp_path / "absent").exists()
-    with pytest.raises(ExportError, match="edlight-test/absent is not a local directory"):
+    with pytest.raises(ExportError, match="edlight-test/absent is no local folder"):
         inspect_checkpoint("edlight-test/absent")
     from export.cli import export as export_command
 
     res = CliRunner().invoke(export_command, ["edlight-test/absent", "--out", str(tmp_path / "bundle")])
-    assert res.exit_code == 2 and "edlight-test/absent is not a local directory" in res.output
+    assert res.exit_code == 2 and "edlight-test/absent is no local folder" in res.output
     assert not (tmp_path / "bundle").exists()
+    # A mistyped folder is not asked of the hub: "runs/bset" beside runs/ (as "./runs/bset" reaches it too).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "best").mkdir(parents=True)
+    with pytest.raises(ExportError, match=r"^runs/bset: checkpoint not found"):
+        inspect_checkpoint(Path("./runs/bset"))
     # A cached repo missing a file gets the folder checks' words.
     _hub_cache(cache, "edlight-test/no-tokenizer", base, skip=("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"))
     with pytest.raises(CheckpointError, match="no-tokenizer.*no tokenizer"):

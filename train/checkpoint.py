@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -187,10 +188,14 @@ def _recordable(name: str, value: object) -> bool:
     return name == "split_seed" and isinstance(value, int)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # the hub's "org/name" (letters, digits, - _ .)
+
+
 def is_hub_id(name: str | Path) -> bool:
-    """True for "org/name" strings that are not a local path (loaded from the Hugging Face hub)."""
+    """True for "org/name" that is no local path: neither it nor its "org" folder is here (`runs/bset`
+    beside runs/ is a mistyped folder, said to be not found, not asked of the hub)."""
     text = str(name)
-    return not Path(text).expanduser().exists() and text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    return HUB_ID.fullmatch(text) is not None and not Path(text.split("/")[0]).exists()
 
 
 # What a checkpoint is read from: configs, processor, tokenizer and safetensors weights; .bin weights only
@@ -217,7 +222,7 @@ def resolve_checkpoint(name: str | Path) -> Path:
     except Exception as exc:  # huggingface_hub's own errors: offline and not cached, no such repo, gated, network
         why = " ".join(str(exc).split()) or type(exc).__name__
         raise CheckpointError(
-            f"checkpoint not found: {name} is not a local directory and the hub could not provide it ({why})"
+            f"checkpoint not found: {name} is no local folder, and as a hub id the hub could not provide it ({why})"
         ) from exc
     return folder
 

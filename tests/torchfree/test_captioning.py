@@ -1007,6 +1007,29 @@ def test_caption_lengths_are_read_from_the_bundle_as_transformers_generate_reads
     assert Captioner(bundle, threads=1, min_new_tokens=min_new + 1).captions_id.endswith(f"min_new_tokens={min_new + 1}")
 
 
+def test_records_name_the_generation_settings_former_engines_did_not_apply(engine_bundle: Path, tmp_path: Path) -> None:
+    """Engines before these settings captioned such a bundle without them, under the same model id: a resume
+    must not take those records for this engine's."""
+    from engine.bundle import MANIFEST_NAME, sha256_file
+
+    bundle = Path(shutil.copytree(engine_bundle, tmp_path / "bundle"))
+    config = json.loads((bundle / "generation_config.json").read_text())
+    settings = {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "early_stopping": "never", "length_penalty": 2.0}
+    (bundle / "generation_config.json").write_text(json.dumps({**config, **settings}))
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    manifest["files"]["generation_config.json"] = sha256_file(bundle / "generation_config.json")
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+    greedy, beams = Captioner(bundle, threads=1), Captioner(bundle, threads=1, num_beams=2)
+    named = "repetition_penalty=1.5 no_repeat_ngram_size=2"
+    assert greedy.captions_id == f"{greedy.bundle.model_id} {named}"
+    assert beams.captions_id == f"{greedy.bundle.model_id} num_beams=2 {named} early_stopping=never"
+    out = tmp_path / "captions.jsonl"  # as a former engine wrote them: the model id alone
+    out.write_text(json.dumps({"file": "a.png", "caption": "x", "error": None, "model": greedy.bundle.model_id}) + "\n")
+    photo(1).save(tmp_path / "a.png")
+    with pytest.raises(OutputError, match="holds captions of another model or decoding settings"):
+        greedy.caption_folder(tmp_path / "a.png", out=out, progress=False)
+
+
 def test_a_resume_with_another_model_is_refused(captioner: Captioner, engine_bundle: Path, tmp_path: Path) -> None:
     from engine.bundle import MANIFEST_NAME, sha256_file
 
