@@ -10,6 +10,7 @@ interrupted export never leaves a directory that looks like a bundle.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import glob
 import json
@@ -282,14 +283,26 @@ def _load_pytorch(info: CheckpointInfo) -> tuple[Any, Any]:
     return model, processor
 
 
+class _NoSlowProcessorNotice(logging.Filter):
+    """Drops transformers' "Using a slow image processor as `use_fast` is unset" notice, printed when
+    Optimum reloads the processor: Pix2Struct has no fast image processor, so it asks nothing of the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Using a slow image processor")
+
+
 def _run_optimum(model: Any, processor: Any, raw: Path, layout: str) -> None:
     """Optimum export of encoder, decoder and decoder_with_past (+ the merged decoder) into `raw`."""
     import torch
     from optimum.exporters.onnx import onnx_export_from_model
 
+    notices = logging.getLogger("transformers.models.auto.image_processing_auto")
+    quiet = _NoSlowProcessorNotice()
+    notices.addFilter(quiet)
     # Pix2Struct's ONNX config reads the static patch count from preprocessors[1].image_processor:
     # hand it the checkpoint's own processor rather than whatever Optimum would guess from the path.
-    with _optimum_validation_is_fatal() as failures, warnings.catch_warnings():
+    with contextlib.ExitStack() as cleanup, _optimum_validation_is_fatal() as failures, warnings.catch_warnings():
+        cleanup.callback(notices.removeFilter, quiet)
         # Tracing chatter about Python control flow Optimum already accounts for (past/no-past graphs).
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         try:

@@ -462,6 +462,16 @@ def test_export_and_parity_read_the_data_as_the_training_run_did(random_checkpoi
     assert result.exit_code == 0 and "3 images" in result.output, result.output
 
 
+def test_the_export_prints_its_own_stages_not_transformers_notices(random_checkpoint: Path, tmp_path: Path) -> None:
+    """A fresh process (transformers prints each notice once per process): Optimum reloading the processor
+    made transformers say to set `use_fast`, which Pix2Struct, having no fast image processor, cannot."""
+    command = [sys.executable, "-m", "engine.cli", "export", str(random_checkpoint), "--out", str(tmp_path / "b")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "export: exporting with Optimum" in result.stderr
+    assert "use_fast" not in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_export_leaves_no_bundle(random_checkpoint: Path, tmp_path: Path, sig: signal.Signals) -> None:
     """Kill a real export once its ONNX files exist: `out` must not appear and no staging dir may load."""
