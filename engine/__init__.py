@@ -6,7 +6,14 @@ use, so `import engine` (and `edlight --help`) stays cheap.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# ONNX Runtime's official Linux builds send usage events to Microsoft over HTTPS and keep a device id under
+# ~/.cache (warning in colour on stderr where HOME cannot be written). A captioning server for pupils' work
+# may have no network or no HOME, and should not phone out unasked: off unless ORT_DISABLE_TELEMETRY says
+# otherwise. ONNX Runtime reads it when it loads, and every edlight module imports this package first.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from engine.errors import BundleError, EdlightError, ImageError, ModelRuntimeError
 

@@ -79,3 +79,23 @@ def test_the_blocker_itself_blocks(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "blocked import of transformers" in result.stderr or "No module named 'transformers'" in result.stderr
+
+
+def test_onnx_runtime_telemetry_is_off_unless_asked_for(engine_bundle: Path, tmp_path: Path) -> None:
+    """ONNX Runtime's official builds keep a device id under ~/.cache/Microsoft and send usage events; edlight
+    turns that off (ORT_DISABLE_TELEMETRY), and a setting in the environment wins."""
+    import os
+
+    script = "from engine import Captioner; import sys; Captioner(sys.argv[1], threads=1)"
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    for setting in (None, "0"):
+        home = tmp_path / f"home-{setting}"
+        home.mkdir()
+        extra = {"ORT_DISABLE_TELEMETRY": setting} if setting is not None else {}
+        subprocess.run([sys.executable, "-c", script, str(engine_bundle)], env={**env, "HOME": str(home), **extra},
+                       check=True, timeout=120)  # fmt: skip
+        found = sorted(p.relative_to(home).as_posix() for p in home.rglob("*") if p.is_file())
+        if setting is None:
+            assert found == [], found
+        else:  # asked for: ONNX Runtime keeps its id, which shows the variable is what turns it off
+            assert any("onnxruntime" in name for name in found), found
