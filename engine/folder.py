@@ -600,7 +600,8 @@ def output_lock(out: Path) -> Iterator[None]:
 
     Raises OutputError at once if another run holds it: two runs appending to one file would
     caption everything twice. The lock file is removed afterwards; a killed run's lock is released
-    by the kernel, so a stale file never blocks anyone. In a folder where no file may be made, the
+    by the kernel, so a stale file never blocks anyone who may open it (another user's that only they may
+    read is refused with their name: whether their run still holds it cannot be told). In a folder where no file may be made, the
     output itself is locked (no rewrite can happen there either); on a file system without locks
     (NFS without lockd, some FUSE mounts) the run goes on unlocked, with a warning.
     """
@@ -698,6 +699,12 @@ def _flock(path: Path, out: Path, in_place: bool = False) -> int | None:
             except PermissionError:
                 handle = os.open(path, os.O_RDONLY)  # another user's lock file: flock needs no write access
     except OSError as exc:
+        owner = _other_owner(path) if isinstance(exc, PermissionError) and not in_place else None
+        if owner is not None:  # unreadable to us (their umask 077): whether their run holds it cannot be told
+            raise OutputError(
+                f"{out}: cannot open its lock file {path}: it belongs to {owner} and only they may read it; "
+                f"if no run of theirs is writing the output, remove the lock file (or ask them to)"
+            ) from exc
         raise OutputError(f"{out}: cannot open its lock file {path}: {exc.strerror or exc}") from exc
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -713,6 +720,22 @@ def _flock(path: Path, out: Path, in_place: bool = False) -> int | None:
         log.warning("%s: the file system does not lock files (%s); make sure no other run writes it", out, exc.strerror or exc)
         return None
     return handle
+
+
+def _other_owner(path: Path) -> str | None:
+    """The name (else uid) of the user owning `path` when it is not this process's user; else None."""
+    try:
+        uid = os.stat(path).st_uid
+    except OSError:
+        return None
+    if uid == os.geteuid():
+        return None
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(uid).pw_name}"
+    except (ImportError, KeyError):
+        return f"user id {uid}"
 
 
 def is_stream(out: Path) -> bool:

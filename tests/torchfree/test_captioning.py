@@ -909,6 +909,33 @@ def test_a_read_only_output_is_left_as_it_was(captioner: Captioner, tmp_path: Pa
     assert out.read_bytes() == before
 
 
+def test_a_lock_file_only_another_user_may_read_is_named_with_its_owner(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed under umask 077 leaves a lock nobody else may open, whether or not its run still goes on:
+    the message names whose it is and what to do (it said only 'Permission denied'). Root may open any file,
+    so this user is made someone else and the lock unopenable to them (checked for real as a second user)."""
+    import engine.folder
+
+    photo(1).save(tmp_path / "a.png")
+    out, lock = tmp_path / "c.jsonl", tmp_path / ".c.jsonl.lock"
+    lock.write_text("12345\n")
+    lock.chmod(0o600)
+    real_open = os.open
+
+    def open_as_another_user(path: object, flags: int, *args: object) -> int:
+        if Path(str(path)) == lock:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.folder.os, "open", open_as_another_user)
+    monkeypatch.setattr(engine.folder.os, "geteuid", lambda: lock.stat().st_uid + 1)
+    with pytest.raises(OutputError, match=rf"cannot open its lock file {re.escape(str(lock))}: it belongs to user (id )?\w+ and "
+                                          "only they may read it; if no run of theirs is writing the output, remove the lock file"):  # fmt: skip
+        captioner.caption_folder(tmp_path / "a.png", out=out, progress=False)
+    assert not out.exists()
+
+
 def _lock_in_another_process(out: Path) -> subprocess.Popen[str]:
     """A process holding `output_lock(out)` (as a run writing to it does) until it is killed."""
     holder = subprocess.Popen(
