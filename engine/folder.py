@@ -571,6 +571,11 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
         handle = open(temporary, "wb")
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            log.warning(
+                "%s: its folder takes no new file, so the output cannot be rewritten without the error records "
+                "of the %d image(s) retried: they stay, and each image's later record is the one that counts",
+                out, len(files),
+            )
             return
         raise OutputError(f"{out}: cannot drop the error records of images to retry: {exc.strerror or exc}") from exc
     try:

@@ -1365,6 +1365,37 @@ def test_a_file_system_without_locks_runs_unlocked_with_a_warning(
     assert summary.captioned == 2 and "does not lock files (No locks available)" in caplog.text
 
 
+def test_retried_error_records_stay_with_a_warning_where_the_output_cannot_be_rewritten(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder that takes no new file (read-only, where the output itself is writable): the rewrite without
+    the error records cannot be made, so they stay and the retry's record follows, said in a warning."""
+    import builtins
+    import errno
+
+    import engine.folder
+
+    make_folder(tmp_path / "in", 2)
+    (tmp_path / "in" / "late.png").write_bytes(b"still copying")
+    out = tmp_path / "o.jsonl"
+    captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    photo(5).save(tmp_path / "in" / "late.png")
+
+    def no_new_files(path: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        if "w" in mode and Path(str(path)).parent == tmp_path:  # root may write any folder: say it cannot
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return builtins.open(path, mode, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(engine.folder, "open", no_new_files, raising=False)
+    summary = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    assert (summary.retried, summary.captioned) == (1, 1)
+    late = [r for r in records(out) if r["file"] == "late.png"]
+    assert [r["error"] is None for r in late] == [False, True]  # the error first, the caption after it
+    assert "the 1 image(s) retried: they stay, and each image's later record is the one that counts" in caplog.text
+    monkeypatch.undo()
+    assert captioner.caption_folder(tmp_path / "in", out=out, progress=False).skipped == 3  # the later one counts
+
+
 def test_a_csv_written_before_names_kept_their_line_breaks_resumes(captioner: Captioner, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
