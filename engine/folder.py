@@ -899,6 +899,12 @@ def plan_folder_job(
             if re.fullmatch(rf"\.{re.escape(target.name)}\.\d+\.tmp", stale.name):  # not another output's
                 with contextlib.suppress(OSError):
                     stale.unlink()
+    if not stream and target.is_file() and not os.access(target, os.W_OK):
+        # Before anything rewrites or replaces it (a torn line cut off, error records dropped for a retry,
+        # --overwrite): a file made read-only, or another user's, is kept as it is.
+        owner = _other_owner(target)
+        why = f"it belongs to {owner}, and this user may not write it" if owner else "the file is read-only; make it writable"
+        raise OutputError(f"{out_path}: cannot write: {why} (or choose another output)")
     if overwrite and not stream and target.is_file():
         if not _is_caption_file(target):
             raise OutputError(
@@ -908,10 +914,8 @@ def plan_folder_job(
         try:
             target.unlink()
         except OSError as exc:
-            raise OutputError(f"{out_path}: cannot start afresh: {exc.strerror or exc}") from exc
-    if not stream and target.is_file() and not os.access(target, os.W_OK):
-        # Before anything rewrites it (a torn line cut off, error records dropped for a retry).
-        raise OutputError(f"{out_path}: cannot write: the file is read-only; make it writable or choose another output")
+            where = f"its folder {target.parent} takes no changes: " if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
+            raise OutputError(f"{out_path}: cannot start afresh: {where}{exc.strerror or exc}") from exc
     lines = [] if stream else _read_lines(target, fmt)
     others = sorted({line.model for line in lines if line.model is not None} - {model}) if model else []
     if others:

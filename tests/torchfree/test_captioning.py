@@ -906,6 +906,8 @@ def test_a_read_only_output_is_left_as_it_was(captioner: Captioner, tmp_path: Pa
     before = out.read_bytes()
     with pytest.raises(OutputError, match="cannot write: the file is read-only"):
         captioner.caption_folder(tmp_path / "in", out=out, progress=False)  # would retry bad.png: a rewrite
+    with pytest.raises(OutputError, match="cannot write: the file is read-only"):
+        captioner.caption_folder(tmp_path / "in", out=out, progress=False, overwrite=True)  # it was deleted
     assert out.read_bytes() == before
 
 
