@@ -207,7 +207,8 @@ class Bundle:
         try:
             data = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"{manifest_path}: unreadable manifest: {exc}") from exc
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # the path is named already
+            raise BundleError(f"{manifest_path}: unreadable manifest: {why}") from exc
         if not isinstance(data, dict):
             raise BundleError(f"{manifest_path}: manifest is not a JSON object")
         manifest = Manifest.from_dict(data, manifest_path)
