@@ -342,7 +342,11 @@ class RecordWriter:
                 os.fsync(self._handle.fileno())
                 self._written += len(text.encode("utf-8"))
         except OSError as exc:
-            raise OutputError(f"{self.out}: cannot write: {exc.strerror or exc}") from exc
+            then = ""
+            if self._regular and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                then = ("; the records before are kept: make room and run the same command again to resume "
+                        "(a record cut short is written again)")
+            raise OutputError(f"{self.out}: cannot write: {exc.strerror or exc}{then}") from exc
         if self._regular:
             self._check_still_named()
 

@@ -213,6 +213,27 @@ def test_resume_after_a_killed_run(engine_bundle: Path, tmp_path: Path) -> None:
     assert all(r["error"] is None for r in got)
 
 
+def test_a_full_disk_keeps_the_records_and_says_how_to_go_on(engine_bundle: Path, tmp_path: Path) -> None:
+    """The output's file size limit reached mid-run (EFBIG, as a full disk's ENOSPC): exit 2, the records before
+    kept, the last one cut short; the same command with room resumes to one record per image."""
+    import resource
+
+    names = make_folder(tmp_path / "in", 20)
+    out = tmp_path / "captions.jsonl"
+    command = [sys.executable, "-m", "engine.cli", "caption", str(tmp_path / "in"), "--model", str(engine_bundle),
+               "--out", str(out), "--batch-size", "2", "--threads", "1", "--quiet"]  # fmt: skip
+    limit = 1500  # bytes: a few records (Python ignores SIGXFSZ, so the write fails with EFBIG)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    full = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))  # fmt: skip
+    assert full.returncode == 2, full.stderr[-2000:]
+    assert f"{out}: cannot write: File too large; the records before are kept: make room and run the same command" in full.stderr
+    assert out.stat().st_size == limit and 0 < len(read_done(out, "jsonl")) < len(names)
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [r["file"] for r in records(out)] == names  # none lost, none twice, in order
+
+
 def test_ctrl_c_keeps_the_records_and_says_how_to_go_on(engine_bundle: Path, tmp_path: Path) -> None:
     names = make_folder(tmp_path / "in", 60)
     out = tmp_path / "captions.jsonl"
