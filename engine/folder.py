@@ -609,10 +609,10 @@ def output_lock(out: Path) -> Iterator[None]:
 
     Raises OutputError at once if another run holds it: two runs appending to one file would
     caption everything twice. The lock file is removed afterwards; a killed run's lock is released
-    by the kernel, so a stale file never blocks anyone who may open it (another user's that only they may
-    read is refused with their name: whether their run still holds it cannot be told). In a folder where no file may be made, the
-    output itself is locked (no rewrite can happen there either); on a file system without locks
-    (NFS without lockd, some FUSE mounts) the run goes on unlocked, with a warning.
+    by the kernel, so a stale file never blocks anyone who may open it (another user's that only they
+    may read is refused with their name: whether their run still holds it cannot be told). In a folder
+    where no file may be made, the output itself is locked (no rewrite can happen there either); on a
+    file system without locks (NFS without lockd, some FUSE mounts) the run goes on unlocked, with a warning.
     """
     if fcntl is None or is_stream(out):
         yield

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from engine.bundle import MANIFEST_NAME
 from engine.click_types import FiniteFloatRange, cannot_run, failed
 from engine.errors import EdlightError
 from export import ExportCheckFailed
-from train.checkpoint import is_hub_id, run_data_options
+from train.checkpoint import offline_unless_hub_id, run_data_options
 
 
 class _EchoHandler(logging.Handler):
@@ -62,8 +61,7 @@ def export(
     test_ratio: float | None,
 ) -> None:
     """Export CHECKPOINT (a Pix2Struct save_pretrained directory, or a hub id) to a verified ONNX bundle."""
-    if not is_hub_id(checkpoint):  # a folder needs no hub; a hub id is downloaded where a network exists
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    offline_unless_hub_id(checkpoint)
     from export.onnx import DEFAULT_LAYOUT, export_bundle
 
     logger = logging.getLogger("edlight.export")

@@ -6,7 +6,6 @@ Exit 0 passed, 1 parity failed, 2 the check cannot run (bad bundle, checkpoint, 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
@@ -14,7 +13,7 @@ import click
 from engine.click_types import FiniteFloatRange, cannot_run
 from engine.errors import EdlightError
 from engine.folder import check_report_out, json_keys, write_report
-from train.checkpoint import is_hub_id, run_data_options
+from train.checkpoint import offline_unless_hub_id, run_data_options
 
 
 @click.command("parity")
@@ -45,8 +44,7 @@ def parity(
     test_ratio: float | None,
 ) -> None:
     """Check that a bundle's captions and BLEU match the PyTorch checkpoint's on the same images."""
-    if not is_hub_id(checkpoint):  # a folder needs no hub; a hub id is downloaded where a network exists
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    offline_unless_hub_id(checkpoint)
     from export.parity import run_parity
 
     if out is not None:

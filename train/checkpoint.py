@@ -198,6 +198,13 @@ def is_hub_id(name: str | Path) -> bool:
     return HUB_ID.fullmatch(text) is not None and not Path(text.split("/")[0]).exists()
 
 
+def offline_unless_hub_id(checkpoint: str | Path) -> None:
+    """Set HF_HUB_OFFLINE=1 (unless the environment sets it) for a checkpoint folder, which needs no hub;
+    a hub id keeps the network, where there is one, to download it."""
+    if not is_hub_id(checkpoint):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 # What a checkpoint is read from: configs, processor, tokenizer and safetensors weights; .bin weights only
 # when a repo has no safetensors (textcaps-base holds both, 1.1 GB each).
 HUB_FILES = ("*.json", "*.safetensors", "*.model")
