@@ -113,7 +113,9 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
     except CheckpointError as exc:
         raise ExportError(str(exc)) from exc
     if not path.exists():
-        raise ExportError(f"{path}: checkpoint not found; pass a directory written by `edlight train` (RUN/best)")
+        from train.checkpoint import hub_id_hint
+
+        raise ExportError(f"{path}: checkpoint not found{hub_id_hint(path)}; pass a directory written by `edlight train` (RUN/best)")
     if not path.is_dir():
         raise ExportError(f"{path}: not a directory; pass a save_pretrained checkpoint directory (e.g. RUN/best)")
     if not (path / "config.json").exists():

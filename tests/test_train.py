@@ -1084,8 +1084,11 @@ def test_a_hub_id_base_is_read_from_huggingface_hubs_cache(small_data: Path, tmp
     # A mistyped folder is not asked of the hub: "runs/bset" beside runs/ (as "./runs/bset" reaches it too).
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "best").mkdir(parents=True)
-    with pytest.raises(ExportError, match=r"^runs/bset: checkpoint not found"):
+    with pytest.raises(ExportError, match=r"^runs/bset: checkpoint not found \(taken as a folder, since runs/ is here"):
         inspect_checkpoint(Path("./runs/bset"))
+    with pytest.raises(CheckpointError, match=r"checkpoint not found: runs/bset \(taken as a folder, since runs/ is here; "
+                                              r"the hub id runs/bset is read where no runs/ folder is\)"):  # fmt: skip
+        load_checkpoint("runs/bset")
     # A cached repo missing a file gets the folder checks' words.
     _hub_cache(cache, "edlight-test/no-tokenizer", base, skip=("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"))
     with pytest.raises(CheckpointError, match="no-tokenizer.*no tokenizer"):

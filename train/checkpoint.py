@@ -36,7 +36,7 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}{hub_id_hint(path)}")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint must be a save_pretrained directory, got a file: {path}")
     cfg_file = path / "config.json"
@@ -196,6 +196,16 @@ def is_hub_id(name: str | Path) -> bool:
     beside runs/ is a mistyped folder, said to be not found, not asked of the hub)."""
     text = str(name)
     return HUB_ID.fullmatch(text) is not None and not Path(text.split("/")[0]).exists()
+
+
+def hub_id_hint(path: str | Path) -> str:
+    """For a missing `path` spelled as a hub id whose first folder is here (`google/` beside the run):
+    why it was read as a folder; else ""."""
+    text = str(path)
+    if HUB_ID.fullmatch(text) is None or not Path(text.split("/")[0]).is_dir():
+        return ""
+    first = text.split("/")[0]
+    return f" (taken as a folder, since {first}/ is here; the hub id {text} is read where no {first}/ folder is)"
 
 
 def offline_unless_hub_id(checkpoint: str | Path) -> None:
