@@ -51,6 +51,10 @@ IMAGE_EXTENSIONS = frozenset({
 })
 FORMATS = ("jsonl", "csv")
 log = logging.getLogger(__name__)
+# Out of room: on the disk, in a quota, or under the process's file size limit.
+FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# A folder (or file system) that takes no changes from this user.
+NOT_WRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 FIELDS = ("file", "caption", "error", "model", "bytes")
 # CSV files written before records named their model (3 columns) or their file's size (4): resumed as they
@@ -343,7 +347,7 @@ class RecordWriter:
                 self._written += len(text.encode("utf-8"))
         except OSError as exc:
             then = ""
-            if self._regular and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if self._regular and exc.errno in FULL_DISK_ERRNOS:
                 then = ("; the records before are kept: make room and run the same command again to resume "
                         "(a record cut short is written again)")
             raise OutputError(f"{self.out}: cannot write: {exc.strerror or exc}{then}") from exc
@@ -574,7 +578,7 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
     try:
         handle = open(temporary, "wb")
     except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if exc.errno in NOT_WRITABLE_ERRNOS:
             log.warning(
                 "%s: its folder takes no new file, so the output cannot be rewritten without the error records "
                 "of the %d image(s) retried: they stay, and each image's later record is the one that counts",
@@ -918,7 +922,7 @@ def plan_folder_job(
         try:
             target.unlink()
         except OSError as exc:
-            where = f"its folder {target.parent} takes no changes: " if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
+            where = f"its folder {target.parent} takes no changes: " if exc.errno in NOT_WRITABLE_ERRNOS else ""
             raise OutputError(f"{out_path}: cannot start afresh: {where}{exc.strerror or exc}") from exc
     lines = [] if stream else _read_lines(target, fmt)
     others = sorted({line.model for line in lines if line.model is not None} - {model}) if model else []

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from engine.errors import BundleError
+from engine.errors import BundleError, is_count
 
 
 @dataclass(frozen=True)
@@ -93,9 +93,9 @@ def position_limit_of(config: dict[str, Any]) -> int:
     limit = vision.get("seq_len") if isinstance(vision, dict) else None
     if limit is None:
         return DEFAULT_POSITION_LIMIT
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 2:
+    if not is_count(limit, 2):
         raise BundleError(f"vision_config.seq_len must be an integer >= 2, got {limit!r}")
-    return limit
+    return int(limit)
 
 
 def position_error(width: int, height: int, config: PatchConfig, position_limit: int) -> str | None:

@@ -106,15 +106,13 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
     `checkpoint` may also be a hub id (train.checkpoint.resolve_checkpoint: its folder in huggingface_hub's
     cache). Raises ExportError (one line, naming the path and what to do) for each problem.
     """
-    from train.checkpoint import CheckpointError, resolve_checkpoint
+    from train.checkpoint import CheckpointError, hub_id_hint, resolve_checkpoint
 
     try:
         path = resolve_checkpoint(checkpoint)
     except CheckpointError as exc:
         raise ExportError(str(exc)) from exc
     if not path.exists():
-        from train.checkpoint import hub_id_hint
-
         raise ExportError(f"{path}: checkpoint not found{hub_id_hint(path)}; pass a directory written by `edlight train` (RUN/best)")
     if not path.is_dir():
         raise ExportError(f"{path}: not a directory; pass a save_pretrained checkpoint directory (e.g. RUN/best)")

@@ -15,7 +15,7 @@ from typing import Any
 
 from engine.bundle import CHECKPOINT_WEIGHTS, MANIFEST_NAME
 from engine.errors import EdlightError
-from engine.folder import OutputError
+from engine.folder import FULL_DISK_ERRNOS, OutputError
 from engine.preprocess import PatchConfig, position_limit_of
 
 
@@ -25,7 +25,7 @@ class CheckpointError(EdlightError):
 
 PROCESSOR_FILES = ("preprocessor_config.json",)
 FULL_DISK_BYTES = 16 * 1024**2  # less room than this when a write fails: the disk is full (storage_failure)
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+STORAGE_ERRNOS = FULL_DISK_ERRNOS | {errno.EROFS, errno.EIO}
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # either is enough for T5TokenizerFast
 
 
@@ -202,9 +202,9 @@ def hub_id_hint(path: str | Path) -> str:
     """For a missing `path` spelled as a hub id whose first folder is here (`google/` beside the run):
     why it was read as a folder; else ""."""
     text = str(path)
-    if HUB_ID.fullmatch(text) is None or not Path(text.split("/")[0]).is_dir():
-        return ""
     first = text.split("/")[0]
+    if HUB_ID.fullmatch(text) is None or not Path(first).is_dir():
+        return ""
     return f" (taken as a folder, since {first}/ is here; the hub id {text} is read where no {first}/ folder is)"
 
 
