@@ -61,6 +61,7 @@ def _quantize_dynamic(
     source: Path, target: Path, quiet: tuple[str, ...], label: Path | None = None, nodes: list[str] | None = None
 ) -> Path:
     """quantize_dynamic (of `nodes` only, if given) with `quiet` log messages dropped; errors name `label`."""
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     try:
@@ -74,7 +75,10 @@ def _quantize_dynamic(
                 # Gather (embeddings) stays fp32: per-channel int8 embeddings cost accuracy for little speed.
                 op_types_to_quantize=["MatMul"],
                 nodes_to_quantize=nodes,
-                extra_options={"EnableSubgraph": True},
+                # ONNX type inference cannot type contrib-op outputs, and ONNX Runtime's optimiser fuses
+                # some MLP activations into one (exact-erf GELU -> com.microsoft.Gelu, quick_gelu ->
+                # QuickGelu) that feeds the next MatMul. In these fp32 graphs such a tensor is float.
+                extra_options={"EnableSubgraph": True, "DefaultTensorType": TensorProto.FLOAT},
             )
     except Exception as exc:  # the quantizer raises bare ValueError/RuntimeError/onnx errors
         raise ExportError(f"{label or source}: int8 quantization failed: {exc}") from exc

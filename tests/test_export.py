@@ -123,6 +123,29 @@ def test_int8_merged_quantizes_both_branches(random_checkpoint: Path, tmp_path: 
     assert int8["images"] == 4 and int8["encoder_max_abs_diff"] < 1.0
 
 
+@pytest.mark.parametrize("activation", ["gelu", "quick_gelu"])
+def test_int8_export_of_other_activations(random_checkpoint: Path, tmp_path: Path, activation: str) -> None:
+    """An MLP activation ONNX Runtime fuses into a contrib op (exact-erf GELU -> com.microsoft.Gelu,
+    x*sigmoid(1.702x) -> QuickGelu) leaves a tensor ONNX type inference cannot type before the next
+    MatMul; the int8 export still quantizes every encoder MatMul and captions."""
+    import onnx
+
+    from engine.captioner import Captioner
+    from export.onnx import export_bundle
+
+    ck = Path(shutil.copytree(random_checkpoint, tmp_path / "ck"))
+    config = json.loads((ck / "config.json").read_text())
+    for tower in ("text_config", "vision_config"):
+        config[tower]["dense_act_fn"] = activation
+    (ck / "config.json").write_text(json.dumps(config))
+    bundle = Bundle.load(export_bundle(ck, tmp_path / "int8", quantize="int8"))
+    encoder = onnx.load(str(bundle.onnx_path("encoder"))).graph.node
+    assert {"Gelu": "gelu", "QuickGelu": "quick_gelu"}.get(next(n.op_type for n in encoder if n.domain == "com.microsoft" and "Gelu" in n.op_type)) == activation
+    assert not any(n.op_type == "MatMul" for n in encoder)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 160, 3), dtype=np.uint8))
+    assert [type(c) for c in Captioner(bundle.path).caption([image, image])] == [str, str]
+
+
 def test_decoder_int8_quantizes_image_rows_per_tensor_and_token_rows_per_row(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """MatMuls reading the encoder output get dynamic int8, the others row-wise MatMulNBits; quietly."""
     import logging
