@@ -358,6 +358,25 @@ def test_a_link_listed_in_a_subfolder_is_one_problem_not_also_unlisted(tmp_path:
     assert not report.warnings
 
 
+def test_a_linked_split_folder_is_a_problem_not_a_silent_gap(tmp_path: Path) -> None:
+    """The walk does not follow links to folders: a held-out split linked in would vanish unseen."""
+    data = tmp_path / "data"
+    _image(data / "train" / "a.jpg")
+    _jsonl(data / "train", [{"file_name": "a.jpg", "text": "a"}])
+    _image(tmp_path / "elsewhere" / "inner" / "b.jpg")
+    _jsonl(tmp_path / "elsewhere" / "inner", [{"file_name": "b.jpg", "text": "b"}])
+    (data / "test").symlink_to(tmp_path / "elsewhere")  # its metadata is one folder down
+    (data / "photos").symlink_to(tmp_path / "elsewhere" / "inner" / "b.jpg")  # a file link is not a folder
+    (tmp_path / "empty").mkdir()
+    (data / "scratch").symlink_to(tmp_path / "empty")  # a linked folder holding no metadata loses nothing
+    assert _only_problem(data) == (
+        "test/: a link to a folder holding metadata; links to folders are not followed, so its metadata and images "
+        "would be left out: put the folder itself (or a copy) here"
+    )
+    with pytest.raises(DataError, match="test/: a link to a folder holding metadata"):
+        load_split(data, "train")
+
+
 def test_an_unreadable_or_dangling_metadata_file_is_a_named_problem(tmp_path: Path) -> None:
     _image(tmp_path / "a.jpg")
     (tmp_path / "metadata.jsonl").symlink_to(tmp_path / "gone" / "metadata.jsonl")  # a copy that lost its target

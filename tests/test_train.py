@@ -6,7 +6,9 @@ runs here use a 40-image folder at 64 patches so each takes seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -25,6 +27,7 @@ from click.testing import CliRunner  # noqa: E402
 from train.checkpoint import CheckpointError, atomic_save, recover  # noqa: E402
 from train.data import DataError  # noqa: E402
 from train.loop import TrainConfig, TrainError, epoch_batches, train, uses_bf16  # noqa: E402
+from train.presets import PRESETS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(preset="tiny", batch_size=8, max_patches=64, max_new_tokens=12, progress=False)
@@ -864,11 +867,39 @@ def test_split_folders_and_the_runs_caption_column_reach_train_and_evaluate(
     assert res.exit_code == 2 and f"pass {run / 'best'} (best test BLEU) or {run / 'last'}" in res.output
 
 
+def test_gradient_accumulation_longer_than_a_progress_interval(small_data: Path, tmp_path: Path) -> None:
+    """Without a progress bar the loop logs every quarter epoch; with --grad-accum 3 and 5 micro-batches
+    the first such line comes before the first optimizer step."""
+    result = train(TrainConfig(data=small_data, out=tmp_path / "run", epochs=1, grad_accum=3, **FAST))
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    micro_batches = math.ceil(result.metrics[0]["train_images"] / FAST["batch_size"])
+    assert micro_batches == 5 and [s["step"] for s in steps] == [1, 2]  # groups of 3 and of the 2 left
+
+
+def test_an_empty_test_split_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for split in ("train", "test"):
+        (data / split).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40, 30), "white").save(data / split / f"{i}.png")
+    (data / "train" / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": "a page"}) + "\n" for i in range(2)))
+    train(TrainConfig(data=data, out=tmp_path / "run", epochs=1, **FAST))
+    assert f"the test split is empty; {data / 'test'} has no metadata.jsonl or metadata.csv listing its images" in capsys.readouterr().err
+    shutil.rmtree(data / "test")
+    train(TrainConfig(data=data, out=tmp_path / "again", epochs=1, **FAST))
+    assert "the test split is empty; held-out images go in a test/ folder beside train/" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- resume, run dir guards
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_losses_and_weights(small_data: Path, tmp_path: Path) -> None:
+def test_resume_gives_the_same_losses_and_weights(small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With dropout, as the small and base presets and most --base checkpoints have: the resumed run must
+    # draw the same dropout masks as the uninterrupted one (its data workers start again in epoch 2).
+    monkeypatch.setitem(PRESETS, "tiny", dataclasses.replace(PRESETS["tiny"], dropout=0.1))
     full = train(TrainConfig(data=small_data, out=tmp_path / "full", epochs=2, seed=5, **FAST))
     part = TrainConfig(data=small_data, out=tmp_path / "cut", epochs=2, seed=5, stop_after=1, **FAST)
     first = train(part)
@@ -1201,6 +1232,15 @@ def test_two_process_ddp_run_on_cpu(small_data: Path, tmp_path: Path) -> None:
     from transformers import Pix2StructForConditionalGeneration
 
     assert Pix2StructForConditionalGeneration.from_pretrained(out / "last").config.text_config.is_decoder
+
+    # Resumed on one process for a third epoch: the smaller global batch and the re-planned schedule are said.
+    resume = [sys.executable, *cmd[cmd.index("engine.cli") - 1 :], "--resume"]
+    resume[resume.index("--epochs") + 1] = "3"
+    proc = subprocess.run(resume, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert "ran on 2 process(es) and now runs on 1: each optimizer step now takes 4 images instead of 8" in said
+    assert [json.loads(line)["processes"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 2, 1]
 
 
 @pytest.mark.slow

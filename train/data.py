@@ -309,9 +309,10 @@ def _unreadable_folder(folder: Path, exc: OSError) -> tuple[str, str]:
     return rel, str(exc.strerror or exc)
 
 
-def _metadata_files(folder: Path, unreadable: list[tuple[str, str]]) -> list[list[_MetadataFile]]:
+def _metadata_files(folder: Path, unreadable: list[tuple[str, str]], linked: list[str]) -> list[list[_MetadataFile]]:
     """The metadata files of every folder holding any (one list per folder), the top folder first. A
-    folder the walk cannot read is added to `unreadable`: skipping it could drop a whole split unseen."""
+    folder the walk cannot read is added to `unreadable`, and a link to a folder holding metadata to
+    `linked`: the walk does not follow links, and skipping either could drop a whole split unseen."""
     found = []
     for root, dirs, files in os.walk(folder, onerror=lambda exc: unreadable.append(_unreadable_folder(folder, exc))):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -319,7 +320,15 @@ def _metadata_files(folder: Path, unreadable: list[tuple[str, str]]) -> list[lis
         present = [_MetadataFile(folder, "" if rel == "." else rel, name) for name in METADATA_FILES if name in files]
         if present:
             found.append(present)
+        for name in dirs:
+            if os.path.islink(os.path.join(root, name)) and _holds_metadata(os.path.join(root, name)):
+                linked.append(Path(root, name).relative_to(folder).as_posix())
     return found
+
+
+def _holds_metadata(linked_folder: str) -> bool:
+    """Whether a metadata file lies in `linked_folder` or below (links inside it are not followed)."""
+    return any(name in files for _, _, files in os.walk(linked_folder) for name in METADATA_FILES)
 
 
 def _parse(folder: str | Path, caption_column: str) -> _Parsed:
@@ -329,8 +338,15 @@ def _parse(folder: str | Path, caption_column: str) -> _Parsed:
     if caption_column == "file_name":
         raise DataError(f"{folder}: the caption column cannot be 'file_name' (that column names the images)")
     unreadable: list[tuple[str, str]] = []
-    found = _metadata_files(folder, unreadable)
+    linked: list[str] = []
+    found = _metadata_files(folder, unreadable, linked)
     parsed = _Parsed(metadata=", ".join(meta.label for present in found for meta in present))
+    for rel in linked:
+        parsed.fatal = True
+        parsed.problems.append(Problem(
+            f"{rel}/", "a link to a folder holding metadata; links to folders are not followed, so its metadata and "
+            "images would be left out: put the folder itself (or a copy) here",
+        ))  # fmt: skip
     for rel, why in unreadable:
         if rel == "lost+found":  # the file system's own, at the top of a volume holding only the data
             parsed.warnings.append(Problem(f"{rel}/", f"cannot read this folder ({why}): any metadata and images in it are left out"))

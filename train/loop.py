@@ -721,7 +721,15 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         recover,
         resolve_checkpoint,
     )
-    from train.data import DataError, describe_split, load_split, split_counts, split_of
+    from train.data import (
+        METADATA_FILES,
+        SPLIT_FOLDERS,
+        DataError,
+        describe_split,
+        load_split,
+        split_counts,
+        split_of,
+    )
     from train.evaluate import corpus_scores, encode_files, generate_from_patches, load_rgb
     from train.presets import VISION_INIT_IMAGES, build_from_preset, count_parameters
 
@@ -792,7 +800,14 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             "start fewer processes, or add images"
         )
     if not test_ex:
-        hint = "; held-out images go in a test/ folder beside train/" if split["folders"] and not split["hashed"] else ""
+        hint = ""
+        if split["folders"] and not split["hashed"]:
+            held_out = [p for p in sorted(data.iterdir()) if p.is_dir() and SPLIT_FOLDERS.get(p.name.lower()) == "test"]
+            unlisted = [p for p in held_out if not any((p / name).is_file() for name in METADATA_FILES)]
+            if unlisted:
+                hint = f"; {unlisted[0]} has no metadata.jsonl or metadata.csv listing its images"
+            elif not held_out:
+                hint = "; held-out images go in a test/ folder beside train/"
         log(f"warning: {data}: the test split is empty{hint}; no BLEU, best/ follows the lowest train loss")
 
     # --- model, processor, optimizer
@@ -833,6 +848,10 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         collate_fn=make_collate(processor.tokenizer),
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
+        # Its own generator: a DataLoader draws its workers' base seed when an iterator starts, which with
+        # persistent workers is once per process. From the global RNG, that draw would come in epoch 1 of an
+        # uninterrupted run but after the restored RNG of a resumed one, shifting every later dropout mask.
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     steps_per_epoch = len(epoch_batches(len(train_ex), cfg.batch_size, world, rank, cfg.seed, 0))
     opt_steps_per_epoch = math.ceil(steps_per_epoch / cfg.grad_accum)
@@ -870,6 +889,15 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
                 f"warning: {out} was planned for {planned} epochs and now runs to {cfg.epochs}: the learning-rate "
                 f"schedule is re-planned over {cfg.epochs} epochs (lr {scheduler.get_last_lr()[0]:.3g} at the end of "
                 f"epoch {start_epoch}, {replanned_lr:.3g} from its second step on)"
+            )
+        before = metrics[-1].get("processes") if metrics else None
+        if isinstance(before, int) and before != world and start_epoch < cfg.epochs:
+            # Each process takes --batch-size images: the global batch, the data order and the step count change.
+            log(
+                f"warning: {out} ran on {before} process(es) and now runs on {world}: each optimizer step now takes "
+                f"{cfg.batch_size * cfg.grad_accum * world} images instead of {cfg.batch_size * cfg.grad_accum * before}, "
+                f"and the learning-rate schedule is re-planned over {total_steps} steps; resume on {before} to "
+                "continue the run as it was"
             )
         if is_main and start_epoch < cfg.epochs:
             # A record of what this run now is (epochs and precision may change on resume); replaced whole,
@@ -1028,6 +1056,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
                 and not cfg.progress
                 and (bi + 1) % max(1, len(batches) // 4) == 0
                 and bi + 1 < len(batches)
+                and steps_log  # with --grad-accum, the first optimizer step may not have come yet
             ):
                 log(f"  epoch {epoch + 1} batch {bi + 1}/{len(batches)}: loss {steps_log[-1]['loss']:.4f}, "
                     f"{n_images * world / max(elapsed, 1e-9):.1f} img/s")  # fmt: skip
