@@ -271,7 +271,8 @@ APPLE_DOUBLE_MAGIC = b"\x00\x05\x16\x07"
 
 
 def _is_apple_double(path: Path) -> bool:
-    if not path.name.startswith("._"):
+    # Only a regular file is read: opening a FIFO (or a link to a terminal) would wait forever.
+    if not path.name.startswith("._") or not path.is_file():
         return False
     try:
         with open(path, "rb") as handle:
@@ -1102,7 +1103,12 @@ def output_path(out: str | os.PathLike[str] | None, fmt: str) -> Path:
     """The output as given ("-" is stdout), or the default for `fmt`."""
     if out is None:
         return default_output(fmt)
-    return Path("/dev/stdout") if os.fspath(out) == "-" else Path(out)
+    given = os.fspath(out)
+    if isinstance(given, str) and not given:  # Path("") is the current folder
+        raise OutputError("the output path is empty (an unset variable?); give a file name")
+    if isinstance(given, str) and given.endswith(("/", os.sep)):  # Path() would drop the slash: a file named like the folder
+        raise OutputError(f"{given}: names a folder, not an output file; give a file name (e.g. {given}captions.jsonl)")
+    return Path("/dev/stdout") if given == "-" else Path(out)
 
 
 def write_batch(writer: RecordWriter, records: list[dict[str, Any]], summary: FolderSummary, bar: Any) -> None:

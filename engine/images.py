@@ -206,9 +206,8 @@ def _decode(handle: IO[bytes], max_pixels: int, label: str, heif_tried: bool = F
         try:
             image = _open_checked(handle, max_pixels, label)
         except Image.DecompressionBombError:
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit is not None and 0 < max_pixels <= 2 * limit:
-                raise
+            # Again without PIL's limit: our cap decides, and under a cap below PIL's limit it refuses the
+            # image from its header, with its size and how to raise the cap.
             handle.seek(0)
             with _pillow_limit_lifted():
                 image = _open_checked(handle, max_pixels, label)
@@ -225,10 +224,6 @@ def _decode(handle: IO[bytes], max_pixels: int, label: str, heif_tried: bool = F
         if (kind := _signature(handle)) is not None:  # Pillow drops the reason (a bad chunk checksum, say)
             raise ImageError(f"{label}: a damaged {kind} image: its header cannot be read") from exc
         raise ImageError(f"{label}: not an image, or an image format that cannot be read") from exc
-    except Image.DecompressionBombError as exc:  # PIL's own hard limit fires inside Image.open
-        raise ImageError(
-            f"{label}: image too large to decode safely ({exc}); the pixel cap is {_megapixels(max_pixels)}"
-        ) from exc
     except DECODE_ERRORS as exc:
         raise ImageError(f"{label}: truncated or corrupt image data ({exc})") from exc
     except MemoryError as exc:
@@ -259,7 +254,10 @@ def _is_heif(handle: IO[bytes]) -> bool:
 
 
 def is_heif_file(path: str | os.PathLike[str]) -> bool:
-    """Whether the file at `path` starts like a HEIC/HEIF still image (False if it cannot be read)."""
+    """Whether the file at `path` starts like a HEIC/HEIF still image (False if it cannot be read, or is
+    not a regular file: opening a FIFO would wait forever)."""
+    if not os.path.isfile(path):
+        return False
     try:
         with open(path, "rb") as handle:
             return _is_heif(handle)
@@ -287,28 +285,31 @@ def _first_frame(image: Image.Image) -> Image.Image:
 
 def to_rgb(image: Image.Image, label: str = "<image>") -> Image.Image:
     """Apply EXIF orientation and convert any PIL mode to 8-bit RGB (alpha flattened onto white)."""
+    full_scale = _declared_full_scale(image)  # read from the file's image: the transposed copy has no format
     try:
         image = ImageOps.exif_transpose(image) or image
     except Exception:  # noqa: BLE001 - a malformed EXIF block must not lose an otherwise good image
         pass
     try:
-        return _convert(image)
+        return _convert(image, full_scale)
     except (OSError, ValueError) as exc:
         raise ImageError(f"{label}: cannot convert image mode {image.mode} to RGB ({exc})") from exc
 
 
-def _convert(image: Image.Image) -> Image.Image:
+def _convert(image: Image.Image, full_scale: int | None = None) -> Image.Image:
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:  # an RGB PNG may key one colour as transparent
         return image
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         values = np.asarray(image)
-        grey = _to_uint8(values, mode)
+        grey = _to_uint8(values, mode, full_scale)
         key = image.info.get("transparency")  # a 16-bit PNG may key one grey level as transparent
         if isinstance(key, int) and mode != "F":
             grey[values == key] = 255  # onto white, as alpha is
         return Image.fromarray(grey).convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode in ("P", "L", "1", "RGB") and "transparency" in image.info)
+    # has_transparency_data: alpha bands, a "transparency" key, or a palette of RGBA colours (a TGA's 32-bit
+    # colour map, Image.quantize() of an RGBA image), which carries no "transparency" key.
+    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode in ("P", "L", "1", "RGB") and image.has_transparency_data)
     if has_alpha:
         if mode == "La":  # premultiplied: PIL converts it only to LA
             image = image.convert("LA")
@@ -318,8 +319,28 @@ def _convert(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
-    """Scale 16-bit, 32-bit integer and float greyscale pixels to 0..255 (PIL would clip them)."""
+def _declared_full_scale(image: Image.Image) -> int | None:
+    """The white level an integer ("I") image's file states, else None. PNG and PPM/PGM widen 16-bit data
+    into "I" (PGM rescaled from its maxval to 0..65535); a TIFF states its bits per sample."""
+    if image.mode != "I":
+        return None
+    if image.format in ("PNG", "PPM"):
+        return 65535
+    tags = getattr(image, "tag_v2", None)
+    if image.format == "TIFF" and tags is not None:
+        bits, sample_format = tags.get(258), tags.get(339)
+        bits = bits[0] if isinstance(bits, tuple) and bits else bits
+        signed = (sample_format[0] if isinstance(sample_format, tuple) and sample_format else sample_format) == 2
+        if isinstance(bits, int) and 8 < bits <= 32:
+            return 2 ** (bits - signed) - 1
+    return None
+
+
+def _to_uint8(array: np.ndarray, mode: str, full_scale: int | None = None) -> np.ndarray:
+    """Scale 16-bit, 32-bit integer and float greyscale pixels to 0..255 (PIL would clip them).
+
+    Integers are scaled from `full_scale` (the file's stated white level) when given, else from the
+    smallest of 8, 16 and 31 bits that holds the brightest pixel."""
     if mode == "F":
         values = array.astype(np.float64)
         finite = values[np.isfinite(values)]
@@ -338,7 +359,9 @@ def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
             scaled = (values - low) * (255.0 / (high - low or 1.0))
         return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     values = array.astype(np.int64)
-    high = int(values.max()) if values.size else 0
-    # PNG/TIFF store 16-bit data in "I;16" or widened into "I": both use 0..65535.
-    full_scale = 65535 if high > 255 or mode.startswith("I;16") else 255
+    if mode.startswith("I;16"):
+        full_scale = 65535
+    elif full_scale is None:
+        high = int(values.max()) if values.size else 0
+        full_scale = 255 if high <= 255 else 65535 if high <= 65535 else 2**31 - 1
     return np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)

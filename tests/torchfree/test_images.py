@@ -39,9 +39,9 @@ def test_pixel_cap_is_checked_before_decoding(tmp_path: Path, png_with_header) -
         load_image(path)
     with pytest.raises(ImageError, match="upload: .* exceeds the pixel cap"):
         load_image(path.read_bytes(), name="upload")
-    # Beyond PIL's own bomb limit, Image.open refuses first; still a named, clear error.
+    # Beyond PIL's own bomb limit, Image.open refuses first; named as by our cap, with its size and the way out.
     path.write_bytes(png_with_header(20000, 20000))
-    with pytest.raises(ImageError, match="too large to decode safely.*pixel cap is 50.0 MP"):
+    with pytest.raises(ImageError, match=r"20000x20000 = 400.0 MP exceeds the pixel cap of 50.0 MP \(raise it"):
         load_image(path)
 
 
@@ -65,8 +65,9 @@ def test_a_cap_above_pillows_own_limit_is_honoured(tmp_path: Path, monkeypatch: 
     assert Image.MAX_IMAGE_PIXELS == 1_000  # lifted only while that image was opened
     with pytest.raises(ImageError, match=r"big\.png: image too large to decode safely: 100x50 = 5000 pixels exceeds the pixel cap of 4000 pixels"):
         load_image(tmp_path / "big.png", max_pixels=4_000)  # our cap, above PIL's: ours decides
-    with pytest.raises(ImageError, match=r"big\.png: image too large to decode safely \(.*\); the pixel cap is 1500 pixels"):
-        load_image(tmp_path / "big.png", max_pixels=1_500)  # under PIL's limit: PIL refuses first
+    with pytest.raises(ImageError, match=r"big\.png: image too large to decode safely: 100x50 = 5000 pixels exceeds the pixel cap of 1500 pixels \(raise it"):
+        load_image(tmp_path / "big.png", max_pixels=1_500)  # under PIL's limit: named as by our own cap
+    assert Image.MAX_IMAGE_PIXELS == 1_000
 
 
 def test_alpha_is_flattened_on_white() -> None:
@@ -101,6 +102,21 @@ def test_sixteen_bit_is_scaled_not_clipped() -> None:
     values = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
     rgb = np.asarray(load_image(Image.fromarray(values)))
     assert rgb[0, :, 0].tolist() == [0, 100, 255]
+
+
+def test_integer_images_scale_from_the_white_level_their_file_states(tmp_path: Path) -> None:
+    """Pillow opens a 16-bit PGM and a 32-bit TIFF as "I": the file says where white is, so a dark 16-bit
+    page stays dark (it was read as 8-bit when no pixel passed 255) and 32 bits are not clipped at 65535."""
+    dark = np.array([[0, 200, 255]], dtype=">u2")
+    (tmp_path / "dark.pgm").write_bytes(b"P5\n3 1\n65535\n" + dark.tobytes())
+    assert Image.open(tmp_path / "dark.pgm").mode == "I"
+    assert np.asarray(load_image(tmp_path / "dark.pgm"))[0, :, 0].tolist() == [0, 1, 1]
+    Image.fromarray(np.array([[0, 2**30, 2**31 - 1]], dtype=np.int32)).save(tmp_path / "wide.tif")
+    assert Image.open(tmp_path / "wide.tif").mode == "I"
+    assert np.asarray(load_image(tmp_path / "wide.tif"))[0, :, 0].tolist() == [0, 128, 255]
+    # An "I" image made in memory states nothing: the smallest of 8, 16 and 31 bits holding its brightest pixel.
+    assert np.asarray(load_image(Image.fromarray(np.array([[0, 200]], dtype=np.int32))))[0, :, 0].tolist() == [0, 200]
+    assert np.asarray(load_image(Image.fromarray(np.array([[0, 2**20]], dtype=np.int32))))[0, :, 0].tolist() == [0, 0]
 
 
 def test_an_rgb_image_keying_a_colour_as_transparent_is_flattened_on_white_too() -> None:
@@ -138,6 +154,20 @@ def test_palette_with_transparency_and_cmyk() -> None:
     assert rgb[0, 0].tolist() == [255, 255, 255] and rgb[1, 1].tolist() == [0, 255, 0]
     cmyk = np.asarray(load_image(Image.new("CMYK", (2, 2), (0, 255, 255, 0))))
     assert cmyk[0, 0].tolist() == [255, 0, 0]
+
+
+def test_a_palette_of_transparent_colours_is_flattened_on_white(tmp_path: Path) -> None:
+    """Image.quantize() of an RGBA drawing, or a TGA with a 32-bit colour map: a "P" image whose palette
+    colours carry alpha, with no "transparency" key. Its clear red background is white, as in the RGBA."""
+    drawing = Image.new("RGBA", (20, 20), (255, 0, 0, 0))
+    drawing.paste((0, 0, 0, 255), (5, 5, 15, 15))
+    quantized = drawing.quantize()
+    assert quantized.mode == "P" and "transparency" not in quantized.info
+    quantized.save(tmp_path / "drawing.tga")
+    expected = np.asarray(load_image(drawing))
+    assert expected[0, 0].tolist() == [255, 255, 255] and expected[10, 10].tolist() == [0, 0, 0]
+    for image in (quantized, tmp_path / "drawing.tga"):
+        assert np.array_equal(np.asarray(load_image(image)), expected)
 
 
 def test_exif_orientation_is_applied() -> None:
