@@ -398,9 +398,12 @@ def _greedy_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, rows
     active = np.arange(rows)  # input row of each row of `state`
     history = None
     if settings.processes_scores:  # the start token, then each row's caption so far
-        history = np.full((rows, settings.max_new_tokens + 1), settings.decoder_start_token_id, dtype=np.int64)
+        # Grown by doubling, as beam search's buffers are: a huge max_new_tokens costs nothing up front.
+        history = np.full((rows, min(settings.max_new_tokens, 64) + 1), settings.decoder_start_token_id, dtype=np.int64)
     for step in range(settings.max_new_tokens):
         if history is not None:
+            if step + 1 >= history.shape[1]:
+                history = np.concatenate([history, np.zeros_like(history)], axis=1)
             logits = process_scores(logits, history[active, : step + 1], settings)
         if step < settings.min_new_tokens:
             logits[:, eos] = -np.inf

@@ -170,6 +170,15 @@ def test_repetition_penalty_and_no_repeat_ngrams_follow_the_caption_so_far() -> 
     assert run([1, 0, 1], max_new_tokens=8, no_repeat_ngram_size=2) == [[4, 4, 0, 0], [2, 3], [4, 4, 0, 0]]
 
 
+def test_the_caption_history_grows_with_the_caption_not_the_limit() -> None:
+    # A limit far beyond memory costs nothing up front (the history was max_new_tokens long from the start).
+    assert run([1], max_new_tokens=10**12, repetition_penalty=50.0) == [[4]]
+    assert run([1], max_new_tokens=10**12, repetition_penalty=50.0, num_beams=2) == [[4]]
+    # Past the first growth the whole history still counts: after the start token and 100 "4"s, the 99
+    # last "4"s were once followed by a "4" already, so 100-grams ban it and the first of the rest, 0, follows.
+    assert run([1], max_new_tokens=101, no_repeat_ngram_size=100) == [[4] * 100 + [0]]
+
+
 def test_one_beam_is_greedy() -> None:
     assert run([0, 1, 2, 3], num_beams=1) == run([0, 1, 2, 3], fn=greedy)
     assert run([3], fn=beam_search, num_beams=1, max_new_tokens=5) == [[2]]
