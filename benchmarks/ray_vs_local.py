@@ -75,7 +75,7 @@ def main(bundle: Path, folder: Path | None, images: int, repeats: int, actors: i
          batch_size: int, threads: int | None, json_out: Path | None) -> None:
     import ray
 
-    from engine.ray_caption import _machine_cores
+    from engine.session import available_cores
 
     with tempfile.TemporaryDirectory(prefix="edlight-raybench-") as tmp:
         work = Path(tmp)
@@ -87,7 +87,7 @@ def main(bundle: Path, folder: Path | None, images: int, repeats: int, actors: i
 
         count = len(collect_inputs([folder]))
         started = time.perf_counter()
-        ray.init(address="local", num_cpus=cpus or _machine_cores(), include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=cpus or available_cores(), include_dashboard=False, logging_level="WARNING")
         ray_start_s = time.perf_counter() - started
         local, local_load, on_ray, ray_first = [], [], [], []
         try:
@@ -113,7 +113,7 @@ def main(bundle: Path, folder: Path | None, images: int, repeats: int, actors: i
         "bundle": str(bundle),
         "batch_size": batch_size,
         "actors": actors,
-        "ray_cpus": cpus or _machine_cores(),
+        "ray_cpus": cpus or available_cores(),
         "ray_start_s": round(ray_start_s, 2),
         "local_images_per_s": [round(v, 3) for v in local],
         "local_with_load_images_per_s": [round(v, 3) for v in local_load],

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from engine.errors import BundleError, is_finite_number
@@ -134,6 +134,13 @@ class Manifest:
         for key in ("onnx_files", "files"):
             if not all(isinstance(k, str) and isinstance(v, str) for k, v in data[key].items()):
                 raise BundleError(f"{where}: {key} must map file names to strings")
+        # Every file is the bundle's own: a name reaching outside it would make a copy depend on another folder.
+        for name in [*data["files"], *data["onnx_files"].values()]:
+            parts = PurePosixPath(name).parts
+            if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name or ":" in parts[0]:
+                raise BundleError(f"{where}: {name!r} is not a file name inside the bundle")
+        if data.get("quantization") not in (None, "int8"):
+            raise BundleError(f"{where}: unknown quantization {data['quantization']!r} (expected int8, or null for fp32)")
         if data["max_patches"] < 1:
             raise BundleError(f"{where}: max_patches must be positive, got {data['max_patches']}")
         version = data.get("format_version", 0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -42,7 +41,7 @@ def describe_bundle(bundle: Any) -> str:
 @click.argument("inputs", nargs=-1, required=True, type=GivenPath(path_type=Path))
 @click.option("--model", "model", type=GivenPath(path_type=Path), default=None,
               help="Bundle directory made by `edlight export` (default: the bundle shipped with edlight).")
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False, allow_dash=True), default=None,
+@click.option("--out", type=GivenPath(path_type=Path, dir_okay=False, allow_dash=True), default=None,
               help="Output file (default: captions.jsonl, or captions.csv with --format csv); - is stdout.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
               help="Output format (default: csv when --out ends in .csv, else jsonl).")
@@ -100,9 +99,14 @@ def caption(
     Exit status: 0 done (see --strict), 1 --strict and something failed, 2 the job cannot run (bad
     model, input or output), 130 interrupted (Ctrl-C; rerun without --overwrite to resume).
     """
+    from engine.session import MAX_THREADS_PER_CORE, available_cores
+
     fmt = resolve_format(fmt, out)
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     if threads is not None and threads > cores and not (use_ray and ray_address is not None):  # a cluster's own
+        if threads > MAX_THREADS_PER_CORE * cores:
+            cannot_run(f"--threads {threads} on {cores} CPU cores: at most {MAX_THREADS_PER_CORE * cores} "
+                       f"({MAX_THREADS_PER_CORE} per core); threads beyond the cores only wait for each other")
         click.echo(f"warning: --threads {threads} on {cores} CPU cores: threads beyond the cores wait for each other "
                    "and slow the run down", err=True)
     if use_ray and actors is not None and ray_address is None and actors > cores:

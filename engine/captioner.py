@@ -211,12 +211,15 @@ class Captioner:
         A single image of any of these kinds is accepted too (a list of one caption is returned).
         Raises ImageError naming the first image that cannot be read (nothing is returned then).
         """
+        # An array of paths (a DataFrame column's .values) is a sequence; any other array is pixels, one image
+        # (which load_image refuses with the way to pass it).
+        paths = isinstance(images, np.ndarray) and images.ndim == 1 and images.dtype.kind in "UO"
         if (
-            isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray))
+            isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)) and not paths
             or hasattr(images, "getbands") or hasattr(images, "read") or not isinstance(images, Iterable)
         ):
             images = [images]  # type: ignore[list-item]  # one image; anything else is named by load_image
-        items = [(i, source, describe(source, i)) for i, source in enumerate(images)]  # type: ignore[arg-type]
+        items: list[tuple[int, ImageSource, str]] = [(i, source, describe(source, i)) for i, source in enumerate(images)]  # type: ignore[arg-type,misc]
         captions: list[str] = []
         for _, caption, error in self.iter_captions(items):
             if error is not None:

@@ -48,6 +48,7 @@ from engine.folder import (
     write_batch,
 )
 from engine.images import DEFAULT_MAX_PIXELS
+from engine.session import available_cores
 
 INSTALL_HINT = install_hint("distributed")
 DEFAULT_STALL_TIMEOUT_S = 300.0  # covers actor start-up and the bundle load before the first batch
@@ -279,7 +280,7 @@ def _connect(ray: Any, address: str | None, num_cpus: int | None, records_on_std
             ) from exc
     else:
         # "local": a fresh instance of our own, never an unrelated cluster found through RAY_ADDRESS.
-        ray.init(address="local", num_cpus=num_cpus or _machine_cores(), **options)
+        ray.init(address="local", num_cpus=num_cpus or available_cores(), **options)
     return True
 
 
@@ -322,13 +323,6 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
             f"cannot reach a Ray cluster at {address}{found} ({exc.strerror or exc}): check the address, "
             "or start a cluster with `ray start --head`"
         ) from exc
-
-
-def _machine_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _stream_records(

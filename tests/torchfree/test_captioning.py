@@ -74,6 +74,9 @@ def test_path_str_bytes_and_pil_give_the_same_caption(captioner: Captioner, tmp_
     assert captioner.caption(tmp_path / "a.png") == captions[:1]  # a single source is accepted too
     assert captioner.caption(io.BytesIO(data)) == captions[:1]
     assert captioner.caption(memoryview(data)) == captions[:1]
+    # An array of paths, as a DataFrame column's .values gives: one image each, not one array of pixels.
+    assert captioner.caption(np.array([str(tmp_path / "a.png")] * 2)) == captions[:2]
+    assert captioner.caption(np.array([tmp_path / "a.png", data], dtype=object)) == captions[:2]
 
 
 @pytest.mark.parametrize(
@@ -113,6 +116,38 @@ def test_bad_settings_raise_value_error_before_loading(engine_bundle: Path, sett
     """A max_pixels of another type was taken, and then every image failed with a TypeError."""
     with pytest.raises(ValueError, match=f"{setting} must be an integer" if setting != "max_pixels" else "max_pixels must be a whole number"):
         Captioner(engine_bundle, **{setting: value})  # type: ignore[arg-type]
+
+
+def test_an_output_path_naming_a_folder_is_refused(engine_bundle: Path, tmp_path: Path) -> None:
+    """`--out results/` wrote a file named `results` (Path() drops the slash); `--out ""` meant the current folder."""
+    photo(1).save(tmp_path / "a.png")
+    args = [str(tmp_path / "a.png"), "--model", str(engine_bundle), "--quiet", "--out"]
+    slash = CliRunner().invoke(caption_command, [*args, f"{tmp_path / 'results'}/"])
+    assert slash.exit_code == 2 and "names a folder; give a file name (e.g. " in slash.output
+    empty = CliRunner().invoke(caption_command, [*args, ""])
+    assert empty.exit_code == 2 and "an empty path" in empty.output
+    captioner = Captioner(engine_bundle, threads=1)
+    with pytest.raises(OutputError, match="results/: names a folder, not an output file"):
+        captioner.caption_folder([tmp_path / "a.png"], out=f"{tmp_path / 'results'}/", progress=False)
+    with pytest.raises(OutputError, match="the output path is empty"):
+        captioner.caption_folder([tmp_path / "a.png"], out="", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_threads_far_beyond_the_cores_are_refused(engine_bundle: Path, tmp_path: Path) -> None:
+    """100,000 threads never captioned an image (16 GB of thread stacks); a few per core is only slow."""
+    from engine.session import MAX_THREADS_PER_CORE, available_cores
+
+    most = MAX_THREADS_PER_CORE * available_cores()
+    with pytest.raises(ValueError, match=rf"threads {most + 1} on {available_cores()} CPU cores: at most {most} "):
+        Captioner(engine_bundle, threads=most + 1)
+    photo(1).save(tmp_path / "a.png")
+    args = [str(tmp_path / "a.png"), "--model", str(engine_bundle), "--out", "-", "--quiet", "--threads"]
+    refused = CliRunner().invoke(caption_command, [*args, "100000"])
+    assert refused.exit_code == 2
+    assert f"error: --threads 100000 on {available_cores()} CPU cores: at most {most} (" in refused.output
+    slow = CliRunner().invoke(caption_command, [*args, str(available_cores() + 1)])
+    assert slow.exit_code == 0 and "threads beyond the cores wait for each other" in slow.output
 
 
 def test_no_pixel_cap_and_api_misuse_are_clear(engine_bundle: Path, tmp_path: Path) -> None:
@@ -546,6 +581,10 @@ def test_ctrl_c_while_loading_does_not_wait_for_the_hashes(engine_bundle: Path, 
         ({"decoder_batching": "rows"}, "unknown decoder_batching 'rows'"),
         ({"decoder_batching": 8}, "decoder_batching must be a string or null"),
         ({"int8_weight_bits": "7"}, "int8_weight_bits must be an integer or null"),
+        ({"quantization": "int4"}, "unknown quantization 'int4' \\(expected int8, or null for fp32\\)"),
+        # A graph of another folder: the bundle would caption, but not as a self-contained copy.
+        ({"onnx_files": {"encoder": "/elsewhere/encoder_model.onnx", "decoder_merged": "d.onnx"}}, "'/elsewhere/encoder_model.onnx' is not a file name inside the bundle"),
+        ({"files": {"../other/config.json": "0" * 64}}, "'../other/config.json' is not a file name inside the bundle"),
     ],
 )
 def test_a_hand_edited_manifest_is_a_named_error(engine_bundle: Path, tmp_path: Path, edit: dict, message: str) -> None:
