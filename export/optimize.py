@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import stat
 from collections import defaultdict
@@ -735,6 +736,7 @@ def optimize_decoder(source: str | Path, target: str | Path) -> OptimizeReport:
     if not source.is_file():
         raise OptimizeError(f"{source}: no such ONNX file to optimise")
     model = onnx.load(str(source))
+    name_shared_weights(model.graph)
     g = _Graph(model)
     report = OptimizeReport()
     count = make_patch_axis_dynamic(g, DECODER_PATCH_AXES, "encoder_sequence_length")
@@ -744,6 +746,34 @@ def optimize_decoder(source: str | Path, target: str | Path) -> OptimizeReport:
     save_model(model, target)
     _check_loads(target)
     return report
+
+
+# Optimum's merge of the two decoders names each weight they share after one of its two names
+# ("onnx::MatMul_886_merged_0"), picked by set.pop(): by Python's per-process string hashing, so the same
+# checkpoint gave a merged decoder with other names, other bytes and another model id at every export.
+MERGED_NAME = re.compile(r"_merged_\d+$")
+
+
+def name_shared_weights(graph: onnx.GraphProto) -> int:
+    """Rename a merged decoder's shared weights by their place among the weights ("shared.<index>"), in
+    `graph` and every subgraph that reads them, so that the export is byte-for-byte reproducible.
+    Returns how many were renamed (0 for a graph that is not a merged decoder)."""
+    taken = {t.name for t in graph.initializer}
+    renames = {}
+    for index, tensor in enumerate(graph.initializer):
+        if MERGED_NAME.search(tensor.name):
+            new = f"shared.{index}"
+            if new in taken:
+                raise OptimizeError(f"cannot rename the shared weight {tensor.name!r}: {new!r} is taken")
+            renames[tensor.name] = new
+    for tensor in graph.initializer:
+        tensor.name = renames.get(tensor.name, tensor.name)
+    for sub in all_graphs(graph):
+        for node in sub.node:
+            for k, name in enumerate(node.input):
+                if name in renames:
+                    node.input[k] = renames[name]
+    return len(renames)
 
 
 def _check_loads(path: Path) -> None:
