@@ -343,6 +343,8 @@ def _check_replaceable(out: Path, force: bool, inputs: list[Path]) -> None:
         raise ExportError(f"{out}: already exists; choose another --out or pass --force to replace it")
     if not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; choose another --out")
+    if os.path.ismount(out):  # the finished bundle replaces --out by a rename, which a mount point refuses
+        raise ExportError(f"{out}: is a mount point, which --force cannot replace; choose a folder inside it (e.g. {out / 'bundle'})")
     resolved = out.resolve()
     for path in inputs:
         if path.resolve() == resolved or resolved in path.resolve().parents:
@@ -352,6 +354,27 @@ def _check_replaceable(out: Path, force: bool, inputs: list[Path]) -> None:
             f"{out}: is not an edlight bundle (no {MANIFEST_NAME}); --force replaces only a bundle or an "
             "empty folder, so choose another --out"
         )
+    others = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p.name not in _bundle_files(out))
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ExportError(
+            f"{out}: holds files that are not part of its bundle ({shown}); --force replaces only the bundle: "
+            "move them out or choose another --out"
+        )
+
+
+def _bundle_files(bundle: Path) -> set[str]:
+    """The names an earlier bundle's manifest lists (with the manifest); for an unreadable manifest, the
+    names a bundle's files have, so that --force can still replace a damaged bundle."""
+    try:
+        listed = json.loads((bundle / MANIFEST_NAME).read_text(encoding="utf-8"))["files"]
+        if isinstance(listed, dict) and all(isinstance(name, str) for name in listed):
+            return {MANIFEST_NAME, *(name.split("/")[0] for name in listed)}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return {MANIFEST_NAME, "tokenizer_config.json", *SUPPORT_FILES} | {
+        p.name for p in bundle.iterdir() if p.is_file() and p.name.endswith((".onnx", ".onnx.data"))
+    }
 
 
 def _refuse_inside_checkpoints(out: Path, checkpoint: Path) -> None:
@@ -396,17 +419,19 @@ def _clear_dead_exports(out: Path) -> None:
     for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
         # Exactly the names _place_temp_dir and _move_into_place give (mkdtemp adds 8 of [a-z0-9_]); another
         # bundle's ("NAME.old-2024/...") or another machine's leftovers never match.
-        found = re.fullmatch(rf"\.{name}\.(?:partial-(\d+)@{host}-[a-z0-9_]{{8}}|old-(\d+)@{host})", leftover.name)
+        found = re.fullmatch(
+            rf"\.{name}\.(?:partial-(\d+)@{host}-[a-z0-9_]{{8}}|old-(\d+)@{host}|discard-(\d+)@{host})", leftover.name
+        )
         if not found:
             continue
-        pid = int(found.group(1) or found.group(2))
+        pid = int(found.group(1) or found.group(2) or found.group(3))
         if _alive(pid):
             continue
         if found.group(2) is not None and not out.exists():
             os.replace(leftover, out)
             log.warning("%s: put back the bundle an interrupted export had set aside", out)
         else:
-            shutil.rmtree(leftover, ignore_errors=True)
+            _remove(leftover)
 
 
 def _alive(pid: int) -> bool:
@@ -436,7 +461,22 @@ def _move_into_place(staged: Path, out: Path, force: bool) -> None:
             raise ExportError(f"{out}: cannot move the finished bundle into place ({exc.strerror or exc})") from exc
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        # Renamed first, so that a removal cut short or failing part-way is never taken for a bundle set aside
+        # by an interrupted export (_clear_dead_exports puts those back).
+        discard = out.with_name(f".{out.name}.discard-{_owner()}")
+        try:
+            os.replace(old, discard)
+        except OSError:
+            discard = old
+        _remove(discard)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder, or the link that stood for one (a linked --out: the link's target is kept)."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def export_bundle(

@@ -146,6 +146,24 @@ def test_int8_export_of_other_activations(random_checkpoint: Path, tmp_path: Pat
     assert [type(c) for c in Captioner(bundle.path).caption([image, image])] == [str, str]
 
 
+@pytest.mark.slow
+def test_the_same_checkpoint_exports_to_the_same_bundle(random_checkpoint: Path, tmp_path: Path) -> None:
+    """Byte-for-byte, so a rebuilt bundle keeps its model id and resumes the captions of the first. Two
+    processes with other string-hash seeds: Optimum's decoder merge picked shared weights' names by them."""
+    digests = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"seed{seed}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "engine.cli", "export", str(random_checkpoint), "--out", str(out)],
+            env={**os.environ, "PYTHONHASHSEED": seed, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        bundle = Bundle.load(out)
+        assert bundle.manifest.decoder_layout == "merged"
+        digests.append((bundle.model_id, bundle.manifest.files))
+    assert digests[0] == digests[1]
+
+
 def test_decoder_int8_quantizes_image_rows_per_tensor_and_token_rows_per_row(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """MatMuls reading the encoder output get dynamic int8, the others row-wise MatMulNBits; quietly."""
     import logging
@@ -390,6 +408,40 @@ def test_existing_out_refused_unless_force(random_checkpoint: Path, tmp_path: Pa
     assert json.loads((out / "edlight.json").read_text())["created"] >= first
     Bundle.load(out)
     assert not _leftovers(tmp_path, "bundle")
+    # A bundle folder the user also keeps other things in: --force would delete them with the bundle.
+    (out / "captions.jsonl").write_text("mine")
+    (out / "archive").mkdir()
+    with pytest.raises(ExportError, match=r"bundle: holds files that are not part of its bundle \(archive/, captions.jsonl\)"):
+        export_bundle(random_checkpoint, out, force=True)
+    assert (out / "captions.jsonl").read_text() == "mine" and (out / "archive").is_dir()
+
+
+def test_force_on_a_mount_point_is_refused_before_the_export(random_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A volume mounted at --out (a container's): the finished bundle could not be renamed over it, which
+    was found only after the whole export."""
+    from export.onnx import export_bundle
+
+    out = tmp_path / "volume"
+    out.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == out)  # mounting needs privileges CI lacks
+    with pytest.raises(ExportError, match=r"volume: is a mount point, which --force cannot replace; choose a folder inside it"):
+        export_bundle(random_checkpoint, out, force=True)
+    assert not any(out.iterdir()) and not _leftovers(tmp_path, "volume")
+
+
+def test_force_on_a_linked_out_replaces_the_link_and_keeps_its_target(random_checkpoint: Path, tmp_path: Path) -> None:
+    from export.onnx import export_bundle
+
+    real, link = tmp_path / "v3", tmp_path / "current"
+    export_bundle(random_checkpoint, real)
+    link.symlink_to(real)
+    export_bundle(random_checkpoint, link, force=True)
+    assert link.is_dir() and not link.is_symlink()
+    Bundle.load(link), Bundle.load(real)  # the link's target is another name's bundle: kept
+    assert not _leftovers(tmp_path, "current")  # the set-aside link went too: nothing to "put back" later
+    shutil.rmtree(link)
+    export_bundle(random_checkpoint, link)
+    assert not link.is_symlink() and not _leftovers(tmp_path, "current")
 
 
 def test_bad_data_is_refused_before_the_export_runs(random_checkpoint: Path, tmp_path: Path) -> None:
