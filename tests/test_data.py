@@ -295,6 +295,8 @@ def test_symlink_escaping_the_folder(tmp_path: Path) -> None:
 def test_unlisted_images_are_warnings_only(folder: Path) -> None:
     _image(folder / "sub" / "extra.png", fmt="PNG")
     (folder / "notes.txt").write_text("not an image, not a warning")
+    _image(folder / "runs" / "a" / "curves.png", fmt="PNG")  # a training run written inside the data folder
+    (folder / "runs" / "a" / "run_config.json").write_text("{}")
     report = check_folder(folder)
     assert report.ok
     assert [str(w) for w in report.warnings] == ["sub/extra.png: image is not listed in metadata.jsonl"]

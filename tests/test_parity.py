@@ -186,6 +186,29 @@ def test_weights_are_compared_by_content(tmp_path: Path) -> None:
     assert not _same_weights(tmp_path / "a", tmp_path / "c")
 
 
+def test_the_bleu_difference_is_judged_as_reported() -> None:
+    from export.parity import bleu_difference
+
+    # A tolerance copied from a report's bleu_diff (0.0434) passes those captions; the message has the digits.
+    assert bleu_difference(45.0, 45.043404, 0.0434) == (0.0434, None)
+    assert bleu_difference(45.0, 44.9565, 0.0434) == (-0.0435, "BLEU differs by -0.0435 (> 0.0434)")
+    assert bleu_difference(30.0, 31.5, 1.0) == (1.5, "BLEU differs by +1.5 (> 1)")
+
+
+def test_weights_stored_another_way_are_not_called_different(tmp_path: Path) -> None:
+    from export.parity import _same_weights
+
+    (tmp_path / "safe").mkdir()
+    (tmp_path / "safe" / "model.safetensors").write_bytes(b"tensors")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"the same tensors, pickled")
+    (tmp_path / "trainer").mkdir()
+    (tmp_path / "trainer" / "model.safetensors").write_bytes(b"tensors")
+    (tmp_path / "trainer" / "training_args.bin").write_bytes(b"a Trainer's arguments")  # not weights
+    assert _same_weights(tmp_path / "safe", tmp_path / "bin")  # cannot tell from the files: no warning
+    assert _same_weights(tmp_path / "safe", tmp_path / "trainer")
+
+
 def test_a_threshold_is_shown_with_the_digits_it_was_given() -> None:
     from export.parity import percent
 

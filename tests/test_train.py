@@ -865,6 +865,13 @@ def test_split_folders_and_the_runs_caption_column_reach_train_and_evaluate(
     # The run folder itself is not a checkpoint: say which of its checkpoints to pass.
     res = CliRunner().invoke(evaluate_command, [str(run), "--data", str(data)])
     assert res.exit_code == 2 and f"pass {run / 'best'} (best test BLEU) or {run / 'last'}" in res.output
+    # A transformers Trainer's output folder: its checkpoint-N folders.
+    trainer = tmp_path / "trainer"
+    for step in (10, 200, 30):
+        shutil.copytree(run / "last", trainer / f"checkpoint-{step}")
+    res = CliRunner().invoke(evaluate_command, [str(trainer), "--data", str(data)])
+    assert res.exit_code == 2
+    assert f"is a training run, not a checkpoint; pass one of its 3 checkpoint-N folders, e.g. the latest, {trainer / 'checkpoint-200'}" in res.output
 
 
 def test_gradient_accumulation_longer_than_a_progress_interval(small_data: Path, tmp_path: Path) -> None:

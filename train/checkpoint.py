@@ -71,13 +71,23 @@ def check_checkpoint_dir(path: str | Path) -> Path:
 
 
 def run_folder_hint(path: str | Path) -> str:
-    """For a training run folder (holding best/ or last/ checkpoints): which of them to pass instead; else ""."""
+    """For a training run folder (edlight's, holding best/ or last/; a transformers Trainer's, holding
+    checkpoint-N/): which of its checkpoints to pass instead; else ""."""
     path = Path(path)
     found = [path / name for name in ("best", "last") if (path / name / "config.json").is_file()]
-    if not found:
+    if found:
+        what = {"best": "best test BLEU", "last": "latest epoch"}
+        return "pass " + " or ".join(f"{p} ({what[p.name]})" for p in found)
+    try:
+        steps = [
+            (int(p.name.split("-")[1]), p) for p in path.iterdir()
+            if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "config.json").is_file()
+        ]  # fmt: skip
+    except OSError:
         return ""
-    what = {"best": "best test BLEU", "last": "latest epoch"}
-    return "pass " + " or ".join(f"{p} ({what[p.name]})" for p in found)
+    if not steps:
+        return ""
+    return f"pass one of its {len(steps)} checkpoint-N folders, e.g. the latest, {max(steps)[1]}"
 
 
 RUN_CONFIG = "run_config.json"

@@ -47,6 +47,7 @@ from engine.errors import EdlightError
 from engine.folder import IMAGE_EXTENSIONS, is_image_name  # what the engine's folder walk captions
 from engine.images import DEFAULT_MAX_PIXELS, HEIF_MISSING, enable_heif, is_heif_file, readable_formats
 from engine.preprocess import PatchConfig, position_error
+from train.checkpoint import RUN_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -480,7 +481,8 @@ def _inspect_all(examples: Sequence[Example]) -> list[tuple[tuple[int, int] | No
 def _unlisted(folder: Path, listed: set[str], metadata: str) -> list[Problem]:
     found = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        # Hidden folders, and training runs written inside the data folder (their curves.png is no data).
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not os.path.isfile(os.path.join(root, d, RUN_CONFIG)))
         for name in sorted(files):
             rel = Path(root, name).relative_to(folder).as_posix()
             if Path(name).suffix.lower() in IMAGE_EXTENSIONS and rel not in listed and not name.startswith("."):
