@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from engine.errors import BundleError, is_finite_number
@@ -136,8 +137,8 @@ class Manifest:
                 raise BundleError(f"{where}: {key} must map file names to strings")
         # Every file is the bundle's own: a name reaching outside it would make a copy depend on another folder.
         for name in [*data["files"], *data["onnx_files"].values()]:
-            parts = PurePosixPath(name).parts
-            if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name or ":" in parts[0]:
+            parts = re.split(r"[/\\]", name)  # either separator: a bundle may be copied to Windows
+            if not name or name.startswith(("/", "\\")) or ".." in parts or re.match(r"[A-Za-z]:", name):
                 raise BundleError(f"{where}: {name!r} is not a file name inside the bundle")
         if data.get("quantization") not in (None, "int8"):
             raise BundleError(f"{where}: unknown quantization {data['quantization']!r} (expected int8, or null for fp32)")

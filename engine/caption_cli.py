@@ -41,7 +41,8 @@ def describe_bundle(bundle: Any) -> str:
 @click.argument("inputs", nargs=-1, required=True, type=GivenPath(path_type=Path))
 @click.option("--model", "model", type=GivenPath(path_type=Path), default=None,
               help="Bundle directory made by `edlight export` (default: the bundle shipped with edlight).")
-@click.option("--out", type=GivenPath(path_type=Path, dir_okay=False, allow_dash=True), default=None,
+# A string: Path() would drop a trailing slash, which engine.folder.output_path refuses (as an empty path).
+@click.option("--out", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Output file (default: captions.jsonl, or captions.csv with --format csv); - is stdout.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
               help="Output format (default: csv when --out ends in .csv, else jsonl).")
@@ -71,7 +72,7 @@ def describe_bundle(bundle: Any) -> str:
 def caption(
     inputs: tuple[Path, ...],
     model: Path | None,
-    out: Path | None,
+    out: str | None,
     fmt: str | None,
     batch_size: int,
     threads: int | None,
@@ -149,7 +150,7 @@ def caption(
     _finish(summary, strict)
 
 
-def _interrupted(out: Path | None, fmt: str, overwrite: bool) -> NoReturn:
+def _interrupted(out: str | None, fmt: str, overwrite: bool) -> NoReturn:
     """Ctrl-C: say what is kept and how to go on; exit 130 (not 1, which means images failed)."""
     target = output_path(out, fmt)
     if is_stream(target):
@@ -184,7 +185,7 @@ def _finish(summary: FolderSummary, strict: bool) -> None:
 
 
 def _caption_on_ray(
-    inputs: tuple[Path, ...], model: Path | None, out: Path | None, fmt: str, batch_size: int,
+    inputs: tuple[Path, ...], model: Path | None, out: str | None, fmt: str, batch_size: int,
     threads: int | None, num_beams: int, max_new_tokens: int | None, max_pixels: int, overwrite: bool,
     recaption_changed: bool, strict: bool, quiet: bool, address: str | None, actors: int | None, timeout: float,
 ) -> None:

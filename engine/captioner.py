@@ -213,7 +213,9 @@ class Captioner:
         """
         # An array of paths (a DataFrame column's .values) is a sequence; any other array is pixels, one image
         # (which load_image refuses with the way to pass it).
-        paths = isinstance(images, np.ndarray) and images.ndim == 1 and images.dtype.kind in "UO"
+        paths = isinstance(images, np.ndarray) and images.dtype.kind in "UO" and images.squeeze().ndim <= 1
+        if paths:
+            images = images.reshape(-1)  # type: ignore[union-attr]  # a column (n x 1) too
         if (
             isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)) and not paths
             or hasattr(images, "getbands") or hasattr(images, "read") or not isinstance(images, Iterable)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, NoReturn
 
 import click
@@ -40,7 +39,4 @@ class GivenPath(click.Path):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str) and not value:
             self.fail("an empty path (an unset variable?)", param, ctx)
-        if isinstance(value, str) and not self.dir_okay and value.endswith(("/", os.sep)):
-            # Path() drops the slash: the file would be written under the folder's name.
-            self.fail(f"{value!r} names a folder; give a file name (e.g. {value}captions.jsonl)", param, ctx)
         return super().convert(value, param, ctx)

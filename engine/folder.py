@@ -1107,7 +1107,7 @@ def output_path(out: str | os.PathLike[str] | None, fmt: str) -> Path:
     if isinstance(given, str) and not given:  # Path("") is the current folder
         raise OutputError("the output path is empty (an unset variable?); give a file name")
     if isinstance(given, str) and given.endswith(("/", os.sep)):  # Path() would drop the slash: a file named like the folder
-        raise OutputError(f"{given}: names a folder, not an output file; give a file name (e.g. {given}captions.jsonl)")
+        raise OutputError(f"{given}: names a folder, not an output file; give a file name (e.g. {given}{default_output(fmt)})")
     return Path("/dev/stdout") if given == "-" else Path(out)
 
 

@@ -186,8 +186,8 @@ def readable_formats() -> list[str]:
 @contextlib.contextmanager
 def _pillow_limit_lifted() -> Iterator[None]:
     """PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS (179 MP) in Image.open, whatever our cap says.
-    Lifted only while one such image is opened under a cap above that, which `_check_pixels` enforces
-    instead (the lock: the limit is a module global). Meanwhile other threads of the process open images
+    Lifted only while one such image is opened again, so that our cap decides (`_check_pixels`: it reads
+    the size from the header and refuses before decoding; the lock: the limit is a module global). Meanwhile other threads of the process open images
     without PIL's own check too; the engine's loads keep their cap, code of its host's own does not."""
     with _PILLOW_LIMIT_LOCK:
         limit = Image.MAX_IMAGE_PIXELS
@@ -359,6 +359,8 @@ def _to_uint8(array: np.ndarray, mode: str, full_scale: int | None = None) -> np
             scaled = (values - low) * (255.0 / (high - low or 1.0))
         return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     values = array.astype(np.int64)
+    if full_scale is not None and full_scale > 2**31 - 1:
+        values = np.bitwise_and(values, 0xFFFFFFFF)  # an unsigned 32-bit file: PIL's int32 "I" wraps its upper half negative
     if mode.startswith("I;16"):
         full_scale = 65535
     elif full_scale is None:

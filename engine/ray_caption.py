@@ -132,7 +132,11 @@ class CaptionActor:
     def __init__(self, bundle: str, threads: int, batch_size: int, num_beams: int,
                  max_new_tokens: int | None, max_pixels: int) -> None:
         from engine.captioner import Captioner
+        from engine.session import MAX_THREADS_PER_CORE
 
+        # The plan shares out the whole cluster's cores; on a node with fewer, no more than the local limit
+        # (more threads than that would only wait for each other, and Captioner refuses them).
+        threads = min(threads, MAX_THREADS_PER_CORE * available_cores())
         self.captioner = Captioner(
             bundle, threads=threads, batch_size=batch_size, num_beams=num_beams,
             max_new_tokens=max_new_tokens, max_pixels=max_pixels,

@@ -354,8 +354,11 @@ def _check_replaceable(out: Path, force: bool, inputs: list[Path]) -> None:
             f"{out}: is not an edlight bundle (no {MANIFEST_NAME}); --force replaces only a bundle or an "
             "empty folder, so choose another --out"
         )
-    others = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p.name not in _bundle_files(out))
-    if others:
+    # Hidden files (a Finder's .DS_Store, ._ metadata) go with the bundle; a linked --out is replaced by
+    # the new bundle while the folder it leads to is kept, whatever that holds.
+    own = _bundle_files(out)
+    others = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p.name not in own and not p.name.startswith("."))
+    if others and not out.is_symlink():
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise ExportError(
             f"{out}: holds files that are not part of its bundle ({shown}); --force replaces only the bundle: "

@@ -758,7 +758,14 @@ def name_shared_weights(graph: onnx.GraphProto) -> int:
     """Rename a merged decoder's shared weights by their place among the weights ("shared.<index>"), in
     `graph` and every subgraph that reads them, so that the export is byte-for-byte reproducible.
     Returns how many were renamed (0 for a graph that is not a merged decoder)."""
-    taken = {t.name for t in graph.initializer}
+    taken = {
+        name
+        for sub in all_graphs(graph)
+        for name in (
+            *(t.name for t in sub.initializer), *(v.name for v in (*sub.input, *sub.output, *sub.value_info)),
+            *(out for node in sub.node for out in node.output),
+        )
+    }  # fmt: skip
     renames = {}
     for index, tensor in enumerate(graph.initializer):
         if MERGED_NAME.search(tensor.name):
@@ -768,6 +775,8 @@ def name_shared_weights(graph: onnx.GraphProto) -> int:
             renames[tensor.name] = new
     for tensor in graph.initializer:
         tensor.name = renames.get(tensor.name, tensor.name)
+    for info in graph.input:  # graphs of IR < 4 list their weights as inputs too
+        info.name = renames.get(info.name, info.name)
     for sub in all_graphs(graph):
         for node in sub.node:
             for k, name in enumerate(node.input):

@@ -126,9 +126,9 @@ WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin
 
 
 def _same_weights(first: Path, second: Path) -> bool:
-    """False when two checkpoint directories hold different weights, as their files tell (by name and
-    sha256). The same weights stored another way (safetensors or .bin, whole or sharded) cannot be told
-    from the files: True then, as when a folder cannot be read."""
+    """False when two checkpoint directories hold different weights, as their weight files of the same
+    name tell (by sha256). The same weights stored only another way (safetensors or .bin, whole or
+    sharded) cannot be told from the files: True then, as when a folder cannot be read."""
     if first.resolve() == second.resolve():
         return True
 
@@ -137,9 +137,7 @@ def _same_weights(first: Path, second: Path) -> bool:
 
     try:
         ours, theirs = weights(first), weights(second)
-        if ours.keys() != theirs.keys():
-            return True  # stored differently: cannot tell
-        return all(sha256_file(ours[name]) == sha256_file(theirs[name]) for name in ours)
+        return all(sha256_file(ours[name]) == sha256_file(theirs[name]) for name in ours.keys() & theirs.keys())
     except OSError:
         return True  # cannot tell: say nothing
 

@@ -371,6 +371,7 @@ def test_a_linked_split_folder_is_a_problem_not_a_silent_gap(tmp_path: Path) -> 
     (data / "photos").symlink_to(tmp_path / "elsewhere" / "inner" / "b.jpg")  # a file link is not a folder
     (tmp_path / "empty").mkdir()
     (data / "scratch").symlink_to(tmp_path / "empty")  # a linked folder holding no metadata loses nothing
+    (data / "latest").symlink_to(data / "train")  # nor does one to a folder inside: that is read anyway
     assert _only_problem(data) == (
         "test/: a link to a folder holding metadata; links to folders are not followed, so its metadata and images "
         "would be left out: put the folder itself (or a copy) here"

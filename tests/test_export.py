@@ -408,6 +408,8 @@ def test_existing_out_refused_unless_force(random_checkpoint: Path, tmp_path: Pa
     assert json.loads((out / "edlight.json").read_text())["created"] >= first
     Bundle.load(out)
     assert not _leftovers(tmp_path, "bundle")
+    (out / ".DS_Store").write_bytes(b"a Finder's view settings")  # hidden files go with the bundle
+    export_bundle(random_checkpoint, out, force=True)
     # A bundle folder the user also keeps other things in: --force would delete them with the bundle.
     (out / "captions.jsonl").write_text("mine")
     (out / "archive").mkdir()
@@ -434,10 +436,12 @@ def test_force_on_a_linked_out_replaces_the_link_and_keeps_its_target(random_che
 
     real, link = tmp_path / "v3", tmp_path / "current"
     export_bundle(random_checkpoint, real)
+    (real / "notes.txt").write_text("kept with v3")  # only the link is replaced: this is no reason to refuse
     link.symlink_to(real)
     export_bundle(random_checkpoint, link, force=True)
     assert link.is_dir() and not link.is_symlink()
     Bundle.load(link), Bundle.load(real)  # the link's target is another name's bundle: kept
+    assert (real / "notes.txt").read_text() == "kept with v3"
     assert not _leftovers(tmp_path, "current")  # the set-aside link went too: nothing to "put back" later
     shutil.rmtree(link)
     export_bundle(random_checkpoint, link)

@@ -207,6 +207,10 @@ def test_weights_stored_another_way_are_not_called_different(tmp_path: Path) -> 
     (tmp_path / "trainer" / "training_args.bin").write_bytes(b"a Trainer's arguments")  # not weights
     assert _same_weights(tmp_path / "safe", tmp_path / "bin")  # cannot tell from the files: no warning
     assert _same_weights(tmp_path / "safe", tmp_path / "trainer")
+    (tmp_path / "both").mkdir()  # a file of the same name that differs still tells, beside others
+    (tmp_path / "both" / "model.safetensors").write_bytes(b"other tensors")
+    (tmp_path / "both" / "pytorch_model.bin").write_bytes(b"the same tensors, pickled")
+    assert not _same_weights(tmp_path / "safe", tmp_path / "both")
 
 
 def test_a_threshold_is_shown_with_the_digits_it_was_given() -> None:

@@ -54,6 +54,17 @@ def test_plan_on_two_cores_gives_fractional_actors() -> None:
     assert plan_actors(2.0, None, threads=3).threads == 3
 
 
+def test_an_actor_on_a_node_with_fewer_cores_than_its_share_still_starts(tiny_bundle: Path) -> None:
+    """plan_actors shares out the whole cluster's cores: 1 actor on a cluster of 5 four-core nodes gets 20
+    threads, which the 4-core node it lands on would refuse (Captioner's limit is per core of its machine)."""
+    from engine.ray_caption import CaptionActor
+    from engine.session import MAX_THREADS_PER_CORE, available_cores
+
+    actor = CaptionActor(str(tiny_bundle), threads=10 * MAX_THREADS_PER_CORE * available_cores(), batch_size=2,
+                         num_beams=1, max_new_tokens=4, max_pixels=0)  # fmt: skip
+    assert actor.captioner.encoder.settings.threads == MAX_THREADS_PER_CORE * available_cores()
+
+
 def test_an_unreachable_address_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as probe:  # a port that was just free: nothing listens there
         probe.bind(("127.0.0.1", 0))

@@ -322,14 +322,26 @@ def _metadata_files(folder: Path, unreadable: list[tuple[str, str]], linked: lis
         if present:
             found.append(present)
         for name in dirs:
-            if os.path.islink(os.path.join(root, name)) and _holds_metadata(os.path.join(root, name)):
+            link = os.path.join(root, name)
+            if os.path.islink(link) and _outside(link, folder) and _holds_metadata(link):
                 linked.append(Path(root, name).relative_to(folder).as_posix())
     return found
 
 
+def _outside(link: str, folder: Path) -> bool:
+    """Whether a link leads out of the data folder (one to a folder inside it loses nothing: that is read)."""
+    real, root = os.path.realpath(link), os.path.realpath(folder)
+    return os.path.commonpath([real, root]) != root
+
+
 def _holds_metadata(linked_folder: str) -> bool:
-    """Whether a metadata file lies in `linked_folder` or below (links inside it are not followed)."""
-    return any(name in files for _, _, files in os.walk(linked_folder) for name in METADATA_FILES)
+    """Whether a metadata file lies in `linked_folder` or below, outside hidden folders (as the data
+    walk reads them); stops at the first."""
+    for _, dirs, files in os.walk(linked_folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(name in files for name in METADATA_FILES):
+            return True
+    return False
 
 
 def _parse(folder: str | Path, caption_column: str) -> _Parsed:

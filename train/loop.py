@@ -1056,7 +1056,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
                 and not cfg.progress
                 and (bi + 1) % max(1, len(batches) // 4) == 0
                 and bi + 1 < len(batches)
-                and steps_log  # with --grad-accum, the first optimizer step may not have come yet
+                and loss_n  # with --grad-accum, this epoch's first optimizer step may not have come yet
             ):
                 log(f"  epoch {epoch + 1} batch {bi + 1}/{len(batches)}: loss {steps_log[-1]['loss']:.4f}, "
                     f"{n_images * world / max(elapsed, 1e-9):.1f} img/s")  # fmt: skip

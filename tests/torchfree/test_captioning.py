@@ -77,6 +77,7 @@ def test_path_str_bytes_and_pil_give_the_same_caption(captioner: Captioner, tmp_
     # An array of paths, as a DataFrame column's .values gives: one image each, not one array of pixels.
     assert captioner.caption(np.array([str(tmp_path / "a.png")] * 2)) == captions[:2]
     assert captioner.caption(np.array([tmp_path / "a.png", data], dtype=object)) == captions[:2]
+    assert captioner.caption(np.array([[str(tmp_path / "a.png")]] * 2)) == captions[:2]  # df[["file"]].values
 
 
 @pytest.mark.parametrize(
@@ -122,10 +123,11 @@ def test_an_output_path_naming_a_folder_is_refused(engine_bundle: Path, tmp_path
     """`--out results/` wrote a file named `results` (Path() drops the slash); `--out ""` meant the current folder."""
     photo(1).save(tmp_path / "a.png")
     args = [str(tmp_path / "a.png"), "--model", str(engine_bundle), "--quiet", "--out"]
-    slash = CliRunner().invoke(caption_command, [*args, f"{tmp_path / 'results'}/"])
-    assert slash.exit_code == 2 and "names a folder; give a file name (e.g. " in slash.output
+    slash = CliRunner().invoke(caption_command, [*args, f"{tmp_path / 'results'}/", "--format", "csv"])
+    assert slash.exit_code == 2
+    assert f"results/: names a folder, not an output file; give a file name (e.g. {tmp_path / 'results'}/captions.csv)" in slash.output
     empty = CliRunner().invoke(caption_command, [*args, ""])
-    assert empty.exit_code == 2 and "an empty path" in empty.output
+    assert empty.exit_code == 2 and "the output path is empty" in empty.output
     captioner = Captioner(engine_bundle, threads=1)
     with pytest.raises(OutputError, match="results/: names a folder, not an output file"):
         captioner.caption_folder([tmp_path / "a.png"], out=f"{tmp_path / 'results'}/", progress=False)

@@ -114,6 +114,13 @@ def test_integer_images_scale_from_the_white_level_their_file_states(tmp_path: P
     Image.fromarray(np.array([[0, 2**30, 2**31 - 1]], dtype=np.int32)).save(tmp_path / "wide.tif")
     assert Image.open(tmp_path / "wide.tif").mode == "I"
     assert np.asarray(load_image(tmp_path / "wide.tif"))[0, :, 0].tolist() == [0, 128, 255]
+    # Unsigned 32 bits (SampleFormat 1; PIL writes 2, so the tag is patched): PIL reads them as int32.
+    Image.fromarray(np.array([[0, -(2**31), -1]], dtype=np.int32)).save(tmp_path / "unsigned.tif")
+    signed_tag = b"\x53\x01\x03\x00\x01\x00\x00\x00\x02\x00"  # tag 339 SampleFormat, SHORT, 1 value: 2
+    data = (tmp_path / "unsigned.tif").read_bytes()
+    assert data.count(signed_tag) == 1
+    (tmp_path / "unsigned.tif").write_bytes(data.replace(signed_tag, signed_tag[:-2] + b"\x01\x00"))
+    assert np.asarray(load_image(tmp_path / "unsigned.tif"))[0, :, 0].tolist() == [0, 128, 255]
     # An "I" image made in memory states nothing: the smallest of 8, 16 and 31 bits holding its brightest pixel.
     assert np.asarray(load_image(Image.fromarray(np.array([[0, 200]], dtype=np.int32))))[0, :, 0].tolist() == [0, 200]
     assert np.asarray(load_image(Image.fromarray(np.array([[0, 2**20]], dtype=np.int32))))[0, :, 0].tolist() == [0, 0]
