@@ -48,7 +48,7 @@ def describe_bundle(bundle: Any) -> str:
               help="Output format (default: csv when --out ends in .csv, else jsonl).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Images per model run (and per write to the output).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads (default: the cores this process may use).")
 @click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True,
               help="Beam search width; 1 is greedy decoding.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,

@@ -115,7 +115,7 @@ class Captioner:
     ) -> None:
         """Open and verify `bundle` (default: the packaged one) and load its ONNX sessions.
 
-        `threads` sets ONNX Runtime's intra-op threads (None: all cores). `max_new_tokens` and
+        `threads` sets ONNX Runtime's intra-op threads (None: the cores this process may use). `max_new_tokens` and
         `min_new_tokens` default to the bundle's generation config, read as transformers' `generate` does.
         `max_pixels` is the pixel cap for decoding images (None, 0 or less: no cap). Raises BundleError (missing, incomplete or tampered bundle), ModelRuntimeError
         (ONNX Runtime cannot load a model) and ValueError (bad settings), all before any image is read.

@@ -85,14 +85,14 @@ def available_cores() -> int:
 class SessionSettings:
     """Runtime knobs shared by every session of a bundle."""
 
-    threads: int | None = None  # intra-op threads; None lets ONNX Runtime use every core
+    threads: int | None = None  # intra-op threads; None: one per CPU this process may use
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     graph_optimization: str = "all"  # "disabled" | "basic" | "extended" | "all"
 
     def __post_init__(self) -> None:
         threads = self.threads
         if threads is not None and not is_count(threads):
-            raise ValueError(f"threads must be an integer >= 1 (or None for all cores), got {threads!r}")
+            raise ValueError(f"threads must be an integer >= 1 (or None for the cores this process may use), got {threads!r}")
         if threads is not None:
             object.__setattr__(self, "threads", int(threads))  # a numpy integer: ONNX Runtime takes ints
             cores = available_cores()
@@ -108,6 +108,10 @@ class SessionSettings:
         options = ort.SessionOptions()
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
+        elif available_cores() < (os.cpu_count() or 1):
+            # Left at 0, ONNX Runtime starts one thread per physical core of the machine and pins each to its
+            # core, outside a taskset or cpuset this process was given: one per CPU it may use instead.
+            options.intra_op_num_threads = available_cores()
         # One graph runs at a time; inter-op parallelism only adds contention on a shared CPU.
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -136,6 +136,28 @@ def test_an_output_path_naming_a_folder_is_refused(engine_bundle: Path, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2, reason="needs CPU affinity and 2 CPUs")
+def test_the_default_threads_stay_inside_the_cpus_the_process_was_given(engine_bundle: Path, tmp_path: Path) -> None:
+    """Under `taskset -c 0`, ONNX Runtime's own default started a thread per core of the machine, pinned
+    to cores outside the set."""
+    photo(1).save(tmp_path / "a.png")
+    script = f"""
+import os
+os.sched_setaffinity(0, {{0}})
+from engine import Captioner
+captioner = Captioner({str(engine_bundle)!r})  # kept: its sessions' threads live as long as it does
+captioner.caption([{str(tmp_path / "a.png")!r}])
+allowed = set()
+for task in os.listdir("/proc/self/task"):
+    with open(f"/proc/self/task/{{task}}/status") as status:
+        allowed |= {{line.split(":")[1].strip() for line in status if line.startswith("Cpus_allowed_list")}}
+print(sorted(allowed))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "['0']"
+
+
 def test_threads_far_beyond_the_cores_are_refused(engine_bundle: Path, tmp_path: Path) -> None:
     """100,000 threads never captioned an image (16 GB of thread stacks); a few per core is only slow."""
     from engine.session import MAX_THREADS_PER_CORE, available_cores
