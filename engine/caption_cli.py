@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from engine.click_types import FiniteFloatRange, GivenPath, cannot_run
+from engine.click_types import (
+    FiniteFloatRange,
+    GivenPath,
+    cannot_run,
+    interrupted_status,
+    say,
+    unwinds_on_stop,
+)
 from engine.errors import EdlightError
 from engine.folder import IMAGE_EXTENSIONS, is_stream, output_path, resolve_format
 from engine.images import DEFAULT_MAX_PIXELS
@@ -69,6 +76,7 @@ def describe_bundle(bundle: Any) -> str:
               help="With --ray: number of actors (default: one per 2 CPUs of the cluster).")
 @click.option("--ray-timeout", type=FiniteFloatRange(min=1), default=300.0, show_default=True, metavar="SECONDS",
               help="With --ray: stop with an error when no result arrives for this long (a stalled cluster).")
+@unwinds_on_stop
 def caption(
     inputs: tuple[Path, ...],
     model: Path | None,
@@ -98,7 +106,8 @@ def caption(
     model and decoding settings that wrote it.
 
     Exit status: 0 done (see --strict), 1 --strict and something failed, 2 the job cannot run (bad
-    model, input or output), 130 interrupted (Ctrl-C; rerun without --overwrite to resume).
+    model, input or output), 130 interrupted (Ctrl-C; 143 SIGTERM, 129 SIGHUP; rerun without --overwrite to
+    resume).
     """
     from engine.session import MAX_THREADS_PER_CORE, available_cores
 
@@ -108,11 +117,11 @@ def caption(
         if threads > MAX_THREADS_PER_CORE * cores:
             cannot_run(f"--threads {threads} on {cores} CPU cores: at most {MAX_THREADS_PER_CORE * cores} "
                        f"({MAX_THREADS_PER_CORE} per core); threads beyond the cores only wait for each other")
-        click.echo(f"warning: --threads {threads} on {cores} CPU cores: threads beyond the cores wait for each other "
-                   "and slow the run down", err=True)
+        say(f"warning: --threads {threads} on {cores} CPU cores: threads beyond the cores wait for each other "
+            "and slow the run down")
     if use_ray and actors is not None and ray_address is None and actors > cores:
-        click.echo(f"warning: --actors {actors} on a local Ray with {cores} CPU cores: each actor loads the model, and "
-                   "actors beyond the cores only wait for each other", err=True)
+        say(f"warning: --actors {actors} on a local Ray with {cores} CPU cores: each actor loads the model, and "
+            "actors beyond the cores only wait for each other")
     if use_ray:
         _caption_on_ray(inputs, model, out, fmt, batch_size, threads, num_beams, max_new_tokens, max_pixels,
                         overwrite, recaption_changed, strict, quiet, ray_address, actors, ray_timeout)
@@ -131,10 +140,10 @@ def caption(
             )
     except EdlightError as exc:
         _fail(exc)
-    click.echo(describe_bundle(captioner.bundle), err=True)
+    say(describe_bundle(captioner.bundle))
     for caught_warning in caught:  # the engine's own (a bundle this CPU computes differently), as the CLI words them
         if issubclass(caught_warning.category, UserWarning):
-            click.echo(f"warning: {caught_warning.message}", err=True)
+            say(f"warning: {caught_warning.message}")
         else:
             warnings.warn_explicit(caught_warning.message, caught_warning.category, caught_warning.filename, caught_warning.lineno)
     try:
@@ -145,21 +154,22 @@ def caption(
     except MemoryError:
         cannot_run(f"out of memory with --batch-size {batch_size} and --num-beams {num_beams}; lower them "
                    "(the records written so far are kept)")
-    except KeyboardInterrupt:
-        _interrupted(out, fmt, overwrite)
+    except KeyboardInterrupt as exc:
+        _interrupted(out, fmt, overwrite, exc)
     _finish(summary, strict)
 
 
-def _interrupted(out: str | None, fmt: str, overwrite: bool) -> NoReturn:
-    """Ctrl-C: say what is kept and how to go on; exit 130 (not 1, which means images failed)."""
+def _interrupted(out: str | None, fmt: str, overwrite: bool, exc: KeyboardInterrupt) -> NoReturn:
+    """Ctrl-C, SIGTERM or SIGHUP: say what is kept and how to go on; exit 130 (143, 129; not 1, which
+    means images failed)."""
     target = output_path(out, fmt)
     if is_stream(target):
-        click.echo("interrupted", err=True)
+        say("interrupted")
     else:
         again = "the same command without --overwrite" if overwrite else "the same command"
-        click.echo(f"interrupted: the records written so far are kept in {target}; "
-                   f"run {again} again to caption the rest", err=True)
-    raise SystemExit(130)
+        say(f"interrupted: the records written so far are kept in {target}; "
+            f"run {again} again to caption the rest")
+    raise SystemExit(interrupted_status(exc))
 
 
 def _fail(exc: Exception) -> NoReturn:
@@ -176,10 +186,10 @@ def _fail(exc: Exception) -> NoReturn:
 def _finish(summary: FolderSummary, strict: bool) -> None:
     """Warnings and the summary line; exit 1 under --strict when any image failed or folder was unreadable."""
     for problem in summary.unreadable:
-        click.echo(f"warning: {problem} (skipped)", err=True)
+        say(f"warning: {problem} (skipped)")
     if summary.total == 0:
-        click.echo("warning: no image files found (looked for " + " ".join(sorted(IMAGE_EXTENSIONS)) + ")", err=True)
-    click.echo(summary.line(), err=True)
+        say("warning: no image files found (looked for " + " ".join(sorted(IMAGE_EXTENSIONS)) + ")")
+    say(summary.line())
     if strict and summary.any_failed:
         raise SystemExit(1)
 
@@ -196,15 +206,15 @@ def _caption_on_ray(
 
     try:
         import_ray()  # a missing extra is said first, before any work
-        click.echo(describe_bundle(Bundle.load(resolve_bundle(model))), err=True)
+        say(describe_bundle(Bundle.load(resolve_bundle(model))))
         summary = caption_folder_ray(
             list(inputs), out, model, address=address, actors=actors, threads=threads, batch_size=batch_size,
             num_beams=num_beams, max_new_tokens=max_new_tokens, max_pixels=max_pixels, fmt=fmt,
             overwrite=overwrite, recaption_changed=recaption_changed, progress=not quiet, stall_timeout=timeout,
-            log=lambda line: click.echo(line, err=True),
+            log=say,
         )
     except (EdlightError, FileNotFoundError) as exc:
         _fail(exc)
-    except KeyboardInterrupt:
-        _interrupted(out, fmt, overwrite)
+    except KeyboardInterrupt as exc:
+        _interrupted(out, fmt, overwrite, exc)
     _finish(summary, strict)

@@ -13,6 +13,7 @@ import sys
 
 import click
 
+from engine.click_types import interrupted_status, say
 from engine.errors import install_hint, is_installed
 
 # name -> (module, attribute, extra that provides its dependencies, one-line help)
@@ -62,9 +63,15 @@ class LazyGroup(click.Group):
         # say "Aborted!" and exit 1, the status of a failed run; an interruption is 130.
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as exc:
+            stop = exc
+        except ImportError as exc:  # onnxruntime's native start-up turns a Ctrl-C during its import into this
+            cause = exc.__cause__ or exc.__context__
+            if not isinstance(cause, KeyboardInterrupt):
+                raise
+            stop = cause
+        say("interrupted")
+        ctx.exit(interrupted_status(stop))
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(LAZY_COMMANDS)

@@ -2,21 +2,81 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import signal
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import click
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (what `timeout`, a service manager or a closed terminal send), raised where the
+    process is, so that a job unwinds as from Ctrl-C: records flushed, locks and partial files removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def interrupted_status(exc: KeyboardInterrupt) -> int:
+    """The exit status of a job stopped by `exc`: 128 + the signal's number (130 for Ctrl-C)."""
+    return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stops_unwind() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise Stopped. A signal the process was told to ignore (SIGHUP
+    under nohup) stays ignored; outside the main thread, where handlers cannot be set, nothing changes."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = {}
+    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):  # no SIGHUP on Windows
+        try:
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                previous[signum] = signal.signal(signum, stop)
+        except (ValueError, OSError):  # not the main thread; a platform without the signal
+            pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def unwinds_on_stop(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A command (under its click decorators) that runs within `stops_unwind`."""
+
+    @functools.wraps(function)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with stops_unwind():
+            return function(*args, **kwargs)
+
+    return run
+
+
+def say(message: str) -> None:
+    """One line on stderr, if stderr takes it: a closed pipe or a full disk there (`2>&1 | head`,
+    `2>/dev/full`) costs the messages, not the job or its exit status."""
+    try:
+        click.echo(message, err=True)
+    except OSError:
+        pass
+
+
 def cannot_run(message: str) -> NoReturn:
     """A job that cannot run (bad model, input or output; a missing extra): one line on stderr, exit 2."""
-    click.echo(f"error: {message}", err=True)
+    say(f"error: {message}")
     raise SystemExit(2)
 
 
 def failed(message: str) -> NoReturn:
     """A job that ran and failed (a check of its result, a run stopped partway): one line on stderr, exit 1."""
-    click.echo(f"error: {message}", err=True)
+    say(f"error: {message}")
     raise SystemExit(1)
 
 

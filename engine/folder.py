@@ -1083,10 +1083,25 @@ def folder_job(
 ) -> Iterator[tuple[list[InputFile], FolderSummary]]:
     """`plan_folder_job` under the output's lock, held until the block ends (the last record written)."""
     inputs = _as_list(inputs)  # read once: a generator of inputs is walked here and planned below
+    _require_working_folder([*inputs, output_path(out, fmt)])
     for raw in inputs:  # before the lock makes the output's folder
         _is_input_folder(raw)
     with output_lock(output_path(out, fmt)):
         yield plan_folder_job(inputs, out, fmt=fmt, overwrite=overwrite, model=model, recaption_changed=recaption_changed)
+
+
+def _require_working_folder(paths: list[str | os.PathLike[str]]) -> None:
+    """Raise OutputError when a relative path is given from a working folder deleted since (a shell left in
+    a removed folder): Python cannot resolve it there and would say only "No such file or directory"."""
+    if all(os.path.isabs(p) for p in paths):
+        return
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise OutputError(
+            "the working folder no longer exists (deleted after this shell entered it), so relative paths cannot "
+            "be read: cd to a folder that exists, or give absolute paths"
+        ) from None
 
 
 def _is_caption_file(path: Path) -> bool:
@@ -1175,4 +1190,29 @@ def _progress_bar(total: int, enabled: bool) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", desc="captioning", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, unit="img", desc="captioning", file=_Progress(sys.stderr), dynamic_ncols=True)
+
+
+class _Progress:
+    """stderr for the progress bar, which stops drawing where stderr no longer takes it (a reader gone,
+    a full disk): the captions go on, with the bar the only loss."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.broken = stream, False
+
+    def write(self, text: str) -> None:
+        if not self.broken:
+            try:
+                self.stream.write(text)
+            except OSError:
+                self.broken = True
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except OSError:
+                self.broken = True
+
+    def isatty(self) -> bool:
+        return bool(getattr(self.stream, "isatty", lambda: False)())

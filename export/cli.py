@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
 from engine.bundle import MANIFEST_NAME
-from engine.click_types import FiniteFloatRange, cannot_run, failed
+from engine.click_types import FiniteFloatRange, cannot_run, failed, interrupted_status, unwinds_on_stop
 from engine.errors import EdlightError
 from export import ExportCheckFailed
 from train.checkpoint import offline_unless_hub_id, run_data_options
@@ -47,6 +44,7 @@ class _EchoHandler(logging.Handler):
     help="Decoder files to ship (default: merged: as fast as split in the engine, half the memory).",
 )
 @run_data_options("the --data metadata", "Use the good --data examples, skipping bad files.")
+@unwinds_on_stop  # a service manager's stop (SIGTERM) unwinds like Ctrl-C: the half-written bundle is removed
 def export(
     checkpoint: Path,
     out: Path,
@@ -69,8 +67,6 @@ def export(
         logger.addHandler(_EchoHandler())
     logger.setLevel(logging.INFO)
     propagate, logger.propagate = logger.propagate, False  # libraries configure the root logger too: print once
-    # A service manager's stop (SIGTERM) unwinds like Ctrl-C, so the half-written bundle is removed.
-    previous_sigterm = _unwind_on_sigterm()
     try:
         bundle = export_bundle(
             checkpoint, out, quantize=quantize, data=data, force=force, decoder_layout=decoder_layout or DEFAULT_LAYOUT,
@@ -81,13 +77,11 @@ def export(
         failed(str(exc))
     except EdlightError as exc:
         cannot_run(str(exc))
-    except KeyboardInterrupt:  # the partial bundle is gone already (export_bundle's finally)
+    except KeyboardInterrupt as exc:  # also a service manager's stop; the partial bundle is gone already (export_bundle's finally)
         click.echo(f"interrupted: no partial bundle is left at {out}; run the same command again", err=True)
-        raise SystemExit(130) from None
+        raise SystemExit(interrupted_status(exc)) from None
     finally:
         logger.propagate = propagate
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
     manifest = json.loads((bundle / MANIFEST_NAME).read_text(encoding="utf-8"))
     validation = manifest.get("validation", {})
     click.echo(f"bundle: {bundle}")
@@ -105,11 +99,3 @@ def export(
             f"{'passed' if parity['passed'] else 'FAILED'}"
         )
 
-
-def _unwind_on_sigterm() -> Any:
-    """Make SIGTERM raise SystemExit (so `finally` blocks run); returns the handler to restore, or None
-    where signals cannot be set (not the main thread)."""
-    try:
-        return signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
-    except ValueError:
-        return None

@@ -158,6 +158,38 @@ print(sorted(allowed))
     assert done.stdout.strip() == "['0']"
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_stderr_that_takes_nothing_costs_only_the_messages(engine_bundle: Path, tmp_path: Path) -> None:
+    """`2>/dev/full`, or a reader of stderr gone (`2>&1 >out | head`): the model line or the progress bar
+    raised, and the job ended with status 1 and no word, part-way."""
+    for i in range(3):
+        photo(i).save(tmp_path / f"{i}.png")
+    base = [sys.executable, "-m", "engine.cli", "caption", str(tmp_path), "--model", str(engine_bundle), "--threads", "1",
+            "--batch-size", "1", "--out"]  # fmt: skip
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*base, str(tmp_path / "c.jsonl")], stderr=full, cwd=REPO, timeout=120)
+        refused = subprocess.run([*base, str(tmp_path / "0.png" / "c.jsonl")], stderr=full, cwd=REPO, timeout=120)
+    assert done.returncode == 0
+    assert [json.loads(line)["file"] for line in (tmp_path / "c.jsonl").read_text().splitlines()] == ["0.png", "1.png", "2.png"]
+    assert refused.returncode == 2  # an output it cannot write is still exit 2, with or without the message
+
+
+def test_relative_paths_from_a_deleted_working_folder_are_a_named_error(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photo(1).save(tmp_path / "a.png")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()  # a shell left in a folder removed since
+    with pytest.raises(OutputError, match="the working folder no longer exists .*cd to a folder that exists, or give absolute paths"):
+        captioner.caption_folder(["../a.png"], out=tmp_path / "c.jsonl", progress=False)
+    with pytest.raises(OutputError, match="the working folder no longer exists"):
+        captioner.caption_folder([tmp_path / "a.png"], out="c.jsonl", progress=False)
+    summary = captioner.caption_folder([tmp_path / "a.png"], out=tmp_path / "c.jsonl", progress=False)  # absolute: fine
+    assert summary.captioned == 1
+
+
 def test_threads_far_beyond_the_cores_are_refused(engine_bundle: Path, tmp_path: Path) -> None:
     """100,000 threads never captioned an image (16 GB of thread stacks); a few per core is only slow."""
     from engine.session import MAX_THREADS_PER_CORE, available_cores
@@ -293,7 +325,10 @@ def test_a_full_disk_keeps_the_records_and_says_how_to_go_on(engine_bundle: Path
     assert [r["file"] for r in records(out)] == names  # none lost, none twice, in order
 
 
-def test_ctrl_c_keeps_the_records_and_says_how_to_go_on(engine_bundle: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_ctrl_c_keeps_the_records_and_says_how_to_go_on(engine_bundle: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C, and what `timeout`, a service manager's stop or a closed terminal send (SIGTERM, SIGHUP: the
+    process died by them, leaving its lock file and no word)."""
     names = make_folder(tmp_path / "in", 60)
     out = tmp_path / "captions.jsonl"
     command = [sys.executable, "-m", "engine.cli", "caption", str(tmp_path / "in"), "--model", str(engine_bundle),
@@ -304,11 +339,12 @@ def test_ctrl_c_keeps_the_records_and_says_how_to_go_on(engine_bundle: Path, tmp
         if out.exists() and out.read_bytes().count(b"\n") >= 2:
             break
         time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     stderr = process.communicate(timeout=60)[1]
-    assert process.returncode == 130, stderr
+    assert process.returncode == 128 + sig, stderr  # 130, 143, 129
     assert f"interrupted: the records written so far are kept in {out}; run the same command again" in stderr
     assert "Traceback" not in stderr
+    assert not list(tmp_path.glob(".captions.jsonl.lock*"))  # unwound: the lock went with the run
     kept = read_done(out, "jsonl")
     assert 2 <= len(kept) < len(names)
     assert subprocess.run(command, cwd=REPO, capture_output=True, timeout=300).returncode == 0
@@ -978,6 +1014,23 @@ def test_ctrl_c_while_the_model_loads_exits_130(engine_bundle: Path, tmp_path: P
     monkeypatch.setattr(captioner_module.Captioner, "__init__", interrupted)
     result = CliRunner().invoke(main, ["caption", str(tmp_path), "--model", str(engine_bundle)])
     assert result.exit_code == 130 and "interrupted" in result.output and "Aborted" not in result.output
+
+    def interrupted_import(*args: object, **kwargs: object) -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:  # what onnxruntime's native start-up makes of Ctrl-C during its import
+            raise ImportError("initialization failed") from exc
+
+    monkeypatch.setattr(captioner_module.Captioner, "__init__", interrupted_import)
+    result = CliRunner().invoke(main, ["caption", str(tmp_path), "--model", str(engine_bundle)])
+    assert result.exit_code == 130 and "interrupted" in result.output
+
+    def broken_install(*args: object, **kwargs: object) -> None:
+        raise ImportError("libonnxruntime.so: cannot open shared object file")  # no Ctrl-C: not hidden
+
+    monkeypatch.setattr(captioner_module.Captioner, "__init__", broken_install)
+    result = CliRunner().invoke(main, ["caption", str(tmp_path), "--model", str(engine_bundle)])
+    assert result.exit_code == 1 and isinstance(result.exception, ImportError)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes a read-only file whatever its mode")
