@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from engine.click_types import FiniteFloatRange, cannot_run
+from engine.click_types import FiniteFloatRange, cannot_run, interrupted_status, unwinds_on_stop
 from engine.errors import EdlightError
 from engine.folder import check_report_out, json_keys, write_report
 from train.checkpoint import offline_unless_hub_id, run_data_options
@@ -28,6 +28,7 @@ from train.checkpoint import offline_unless_hub_id, run_data_options
 @click.option("--min-identical", type=FiniteFloatRange(0, 1), default=None, help="Min share of identical captions (default 0.99 fp32, none for int8).")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the full report as JSON here.")
 @run_data_options("the metadata", "Compare on the good examples, skipping bad files.")
+@unwinds_on_stop
 def parity(
     bundle: Path,
     checkpoint: Path,
@@ -71,9 +72,9 @@ def parity(
         )
     except EdlightError as exc:
         cannot_run(str(exc))
-    except KeyboardInterrupt:  # not exit 1, which says the check failed
+    except KeyboardInterrupt as exc:  # not exit 1, which says the check failed
         click.echo("interrupted: the check did not finish; nothing was written", err=True)
-        raise SystemExit(130) from None
+        raise SystemExit(interrupted_status(exc)) from None
     click.echo(report.table())
     if out is not None:
         try:  # whole or not at all: a full disk must not leave half a report

@@ -12,9 +12,11 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -897,6 +899,30 @@ def test_an_empty_test_split_says_why(tmp_path: Path, capsys: pytest.CaptureFixt
     shutil.rmtree(data / "test")
     train(TrainConfig(data=data, out=tmp_path / "again", epochs=1, **FAST))
     assert "the test split is empty; held-out images go in a test/ folder beside train/" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_service_managers_stop_says_how_to_resume(small_data: Path, tmp_path: Path) -> None:
+    """SIGTERM (systemd, `timeout`, a batch scheduler) unwinds as Ctrl-C does: the resume note, exit 143;
+    it killed the run without a word."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "engine.cli", "train", "--data", str(small_data), "--out", str(out), "--preset", "tiny",
+           "--epochs", "30", "--batch-size", "8", "--max-patches", "64", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and not (out / "last" / "trainer_state.pt").is_file():
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        stderr = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr[-2000:]
+    assert f"interrupted: the latest finished epoch is in {out / 'last'}" in stderr and "--resume" in stderr
+    assert "Traceback" not in stderr
 
 
 # ----------------------------------------------------------------------------- resume, run dir guards

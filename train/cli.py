@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from engine.click_types import FiniteFloatRange, cannot_run, failed
+from engine.click_types import FiniteFloatRange, cannot_run, failed, interrupted_status, unwinds_on_stop
 from engine.errors import EdlightError, ImageError
 from engine.folder import OutputError
 from train.checkpoint import read_run_config, run_data_options
@@ -95,6 +95,7 @@ def _own_message(exc: Exception) -> str:
     help="Training forward pass in bf16 autocast or fp32; auto: bf16 where the processor computes bf16 natively.",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@unwinds_on_stop  # a service manager's stop or a closed terminal: as Ctrl-C
 def train(
     data: Path,
     out: Path,
@@ -164,9 +165,9 @@ def train(
         failed(f"{_own_message(exc)}\n{_resume_note(out)}")
     except EdlightError as exc:
         cannot_run(str(exc))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         click.echo(f"interrupted: {_resume_note(out)}", err=True)
-        raise SystemExit(130) from None
+        raise SystemExit(interrupted_status(exc)) from None
     if not result.is_main:
         return
     if result.metrics:
@@ -193,6 +194,7 @@ def train(
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the checkpoint's generation config.")
 @run_data_options("the metadata", "Score the good examples and skip bad files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+@unwinds_on_stop
 def evaluate(
     checkpoint: Path,
     data: Path,
@@ -225,9 +227,9 @@ def evaluate(
         )
     except (EdlightError, ValueError, OSError) as exc:
         cannot_run(str(exc))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         click.echo("interrupted: nothing was written", err=True)
-        raise SystemExit(130) from None
+        raise SystemExit(interrupted_status(exc)) from None
     if as_json:
         click.echo(
             json.dumps({"split": report.split, "n": report.n, "bleu": report.bleu, "chrf": report.chrf})
