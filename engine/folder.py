@@ -1214,5 +1214,5 @@ class _Progress:
             except OSError:
                 self.broken = True
 
-    def isatty(self) -> bool:
-        return bool(getattr(self.stream, "isatty", lambda: False)())
+    def __getattr__(self, name: str) -> Any:  # fileno (the terminal's width), encoding (unicode blocks), isatty
+        return getattr(self.stream, name)
