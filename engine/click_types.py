@@ -26,26 +26,45 @@ def interrupted_status(exc: KeyboardInterrupt) -> int:
     return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
 
 
+_STOP_SIGNALS = (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))  # no SIGHUP on Windows
+_unwinding = [0]  # depth of stops_unwind blocks that set a handler
+
+
 @contextlib.contextmanager
 def stops_unwind() -> Iterator[None]:
     """Within the block, SIGTERM and SIGHUP raise Stopped. A signal the process was told to ignore (SIGHUP
     under nohup) stays ignored; outside the main thread, where handlers cannot be set, nothing changes."""
-
-    def stop(signum: int, _frame: object) -> None:
-        raise Stopped(signum)
-
     previous = {}
-    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):  # no SIGHUP on Windows
+    for signum in _STOP_SIGNALS:
         try:
             if signal.getsignal(signum) == signal.SIG_DFL:
-                previous[signum] = signal.signal(signum, stop)
+                previous[signum] = signal.signal(signum, _stop)
         except (ValueError, OSError):  # not the main thread; a platform without the signal
             pass
+    _unwinding[0] += bool(previous)
     try:
         yield
     finally:
+        _unwinding[0] -= bool(previous)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _stop(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
+
+
+def reclaim_stop_signals() -> None:
+    """Within `stops_unwind`, take back SIGTERM and SIGHUP from a library that set its own handler since
+    (ray.init makes SIGTERM exit with status 15 and no word); elsewhere nothing changes."""
+    if not _unwinding[0]:
+        return
+    for signum in _STOP_SIGNALS:
+        try:
+            if signal.getsignal(signum) not in (_stop, signal.SIG_IGN):
+                signal.signal(signum, _stop)
+        except (ValueError, OSError):
+            pass
 
 
 def unwinds_on_stop(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -66,6 +85,31 @@ def say(message: str) -> None:
         click.echo(message, err=True)
     except OSError:
         pass
+
+
+class TolerantStream:
+    """A stream (stderr, for a progress bar) that stops writing where it no longer takes output (its reader
+    or terminal gone, a full disk): the job goes on, with the bar the only loss."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.broken = stream, False
+
+    def write(self, text: str) -> None:
+        if not self.broken:
+            try:
+                self.stream.write(text)
+            except OSError:
+                self.broken = True
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except OSError:
+                self.broken = True
+
+    def __getattr__(self, name: str) -> Any:  # fileno (the terminal's width), encoding (unicode blocks), isatty
+        return getattr(self.stream, name)
 
 
 def cannot_run(message: str) -> NoReturn:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from engine.click_types import TolerantStream
 from engine.errors import EdlightError
 
 try:
@@ -1190,29 +1191,4 @@ def _progress_bar(total: int, enabled: bool) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", desc="captioning", file=_Progress(sys.stderr), dynamic_ncols=True)
-
-
-class _Progress:
-    """stderr for the progress bar, which stops drawing where stderr no longer takes it (a reader gone,
-    a full disk): the captions go on, with the bar the only loss."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream, self.broken = stream, False
-
-    def write(self, text: str) -> None:
-        if not self.broken:
-            try:
-                self.stream.write(text)
-            except OSError:
-                self.broken = True
-
-    def flush(self) -> None:
-        if not self.broken:
-            try:
-                self.stream.flush()
-            except OSError:
-                self.broken = True
-
-    def __getattr__(self, name: str) -> Any:  # fileno (the terminal's width), encoding (unicode blocks), isatty
-        return getattr(self.stream, name)
+    return tqdm(total=total, unit="img", desc="captioning", file=TolerantStream(sys.stderr), dynamic_ncols=True)

@@ -36,6 +36,7 @@ from typing import Any
 
 from engine.bundle import Bundle
 from engine.captioner import pixel_cap, resolve_bundle
+from engine.click_types import reclaim_stop_signals
 from engine.errors import EdlightError, install_hint
 from engine.folder import (
     FolderSummary,
@@ -285,6 +286,7 @@ def _connect(ray: Any, address: str | None, num_cpus: int | None, records_on_std
     else:
         # "local": a fresh instance of our own, never an unrelated cluster found through RAY_ADDRESS.
         ray.init(address="local", num_cpus=num_cpus or available_cores(), **options)
+    reclaim_stop_signals()  # ray.init's SIGTERM handler exits with status 15 and no word: the CLI unwinds instead
     return True
 
 

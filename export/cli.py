@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from engine.bundle import MANIFEST_NAME
-from engine.click_types import FiniteFloatRange, cannot_run, failed, interrupted_status, unwinds_on_stop
+from engine.click_types import FiniteFloatRange, cannot_run, failed, interrupted_status, say, unwinds_on_stop
 from engine.errors import EdlightError
 from export import ExportCheckFailed
 from train.checkpoint import offline_unless_hub_id, run_data_options
@@ -19,7 +19,7 @@ class _EchoHandler(logging.Handler):
     """Log records to click's current stderr (which CliRunner swaps per invocation)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        click.echo(f"export: {record.getMessage()}", err=True)
+        say(f"export: {record.getMessage()}")  # a stderr that takes nothing costs the messages, not the export
 
 
 @click.command("export")
@@ -78,7 +78,7 @@ def export(
     except EdlightError as exc:
         cannot_run(str(exc))
     except KeyboardInterrupt as exc:  # also a service manager's stop; the partial bundle is gone already (export_bundle's finally)
-        click.echo(f"interrupted: no partial bundle is left at {out}; run the same command again", err=True)
+        say(f"interrupted: no partial bundle is left at {out}; run the same command again")
         raise SystemExit(interrupted_status(exc)) from None
     finally:
         logger.propagate = propagate

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from engine.click_types import FiniteFloatRange, cannot_run, interrupted_status, unwinds_on_stop
+from engine.click_types import FiniteFloatRange, cannot_run, interrupted_status, say, unwinds_on_stop
 from engine.errors import EdlightError
 from engine.folder import check_report_out, json_keys, write_report
 from train.checkpoint import offline_unless_hub_id, run_data_options
@@ -73,7 +73,7 @@ def parity(
     except EdlightError as exc:
         cannot_run(str(exc))
     except KeyboardInterrupt as exc:  # not exit 1, which says the check failed
-        click.echo("interrupted: the check did not finish; nothing was written", err=True)
+        say("interrupted: the check did not finish; nothing was written")
         raise SystemExit(interrupted_status(exc)) from None
     click.echo(report.table())
     if out is not None:

@@ -275,6 +275,33 @@ def test_killed_ray_run_resumes_without_loss_or_duplicates(local_ray: object, ti
 
 
 @pytest.mark.slow
+def test_a_service_managers_stop_of_a_ray_run_says_how_to_go_on(tiny_bundle: Path, tmp_path: Path) -> None:
+    """ray.init sets its own SIGTERM handler, which exited with status 15 and no word; the CLI takes it back."""
+    from train.synth import generate
+
+    folder = generate(tmp_path / "images", n=48, seed=4)
+    out = tmp_path / "captions.jsonl"
+    command = [sys.executable, "-m", "engine.cli", "caption", str(folder), "--model", str(tiny_bundle), "--out", str(out),
+               "--ray", "--actors", "1", "--batch-size", "1", "--quiet"]  # fmt: skip
+    job = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 2):
+            assert job.poll() is None, f"the run ended before it could be stopped: {job.stderr.read()!r}"  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the Ray run wrote nothing in 120 s"
+            time.sleep(0.05)
+        job.send_signal(signal.SIGTERM)
+        stderr = job.communicate(timeout=120)[1]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait(timeout=30)
+    assert job.returncode == 143, stderr[-3000:]
+    assert f"interrupted: the records written so far are kept in {out}" in stderr
+    assert 2 <= len(_records(out)) < 48
+
+
+@pytest.mark.slow
 def test_a_stalled_ray_job_fails_loudly(local_ray: object, tiny_bundle: Path, mixed_folder: Path,
                                         tmp_path: Path) -> None:
     import ray

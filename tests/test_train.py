@@ -901,6 +901,18 @@ def test_an_empty_test_split_says_why(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "the test split is empty; held-out images go in a test/ folder beside train/" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_stderr_that_takes_nothing_costs_only_the_log(small_data: Path, tmp_path: Path) -> None:
+    """`2>/dev/full` (or a terminal gone): the first log line raised and the run ended with status 1."""
+    cmd = [sys.executable, "-m", "engine.cli", "train", "--data", str(small_data), "--out", str(tmp_path / "run"),
+           "--preset", "tiny", "--epochs", "1", "--batch-size", "8", "--max-patches", "64"]  # fmt: skip
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=full, timeout=300)  # fmt: skip
+    assert done.returncode == 0
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
 @pytest.mark.slow
 def test_a_service_managers_stop_says_how_to_resume(small_data: Path, tmp_path: Path) -> None:
     """SIGTERM (systemd, `timeout`, a batch scheduler) unwinds as Ctrl-C does: the resume note, exit 143;

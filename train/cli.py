@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 
 import click
 
-from engine.click_types import FiniteFloatRange, cannot_run, failed, interrupted_status, unwinds_on_stop
+from engine.click_types import FiniteFloatRange, cannot_run, failed, interrupted_status, say, unwinds_on_stop
 from engine.errors import EdlightError, ImageError
 from engine.folder import OutputError
 from train.checkpoint import read_run_config, run_data_options
@@ -166,7 +167,8 @@ def train(
     except EdlightError as exc:
         cannot_run(str(exc))
     except KeyboardInterrupt as exc:
-        click.echo(f"interrupted: {_resume_note(out)}", err=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one word for the run, not one per process
+            say(f"interrupted: {_resume_note(out)}")
         raise SystemExit(interrupted_status(exc)) from None
     if not result.is_main:
         return
@@ -228,7 +230,7 @@ def evaluate(
     except (EdlightError, ValueError, OSError) as exc:
         cannot_run(str(exc))
     except KeyboardInterrupt as exc:
-        click.echo("interrupted: nothing was written", err=True)
+        say("interrupted: nothing was written")
         raise SystemExit(interrupted_status(exc)) from None
     if as_json:
         click.echo(

@@ -36,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate tokenises inside worker processes
 
 from engine.bundle import stated_max_new_tokens
+from engine.click_types import TolerantStream, say
 from engine.errors import EdlightError, ImageError, is_count
 from engine.folder import OutputError, output_lock, write_report
 from engine.images import enable_heif, readable_formats
@@ -602,7 +603,7 @@ def plot_curves(metrics: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    say(msg)  # a stderr that takes nothing (2>/dev/full, its reader or terminal gone) costs the log, not the run
 
 
 def _lr_lambda(total: int, warmup: int) -> Any:
@@ -997,7 +998,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             total=len(batches),
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             disable=not (is_main and cfg.progress),
-            file=sys.stderr,
+            file=TolerantStream(sys.stderr),
             leave=False,
         )
         t0, n_images, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
