@@ -1,4 +1,4 @@
-"""Click parameter types and exits shared by every `edlight` command."""
+"""Click parameter types, exits, stop signals and stderr output shared by every `edlight` command."""
 
 from __future__ import annotations
 
