@@ -109,14 +109,13 @@ def caption(
     model, input or output), 130 interrupted (Ctrl-C; 143 SIGTERM, 129 SIGHUP; rerun without --overwrite to
     resume).
     """
-    from engine.session import MAX_THREADS_PER_CORE, available_cores
+    from engine.session import available_cores, too_many_threads
 
     fmt = resolve_format(fmt, out)
     cores = available_cores()
     if threads is not None and threads > cores and not (use_ray and ray_address is not None):  # a cluster's own
-        if threads > MAX_THREADS_PER_CORE * cores:
-            cannot_run(f"--threads {threads} on {cores} CPU cores: at most {MAX_THREADS_PER_CORE * cores} "
-                       f"({MAX_THREADS_PER_CORE} per core); threads beyond the cores only wait for each other")
+        if problem := too_many_threads(threads):
+            cannot_run(f"--{problem}")
         say(f"warning: --threads {threads} on {cores} CPU cores: threads beyond the cores wait for each other "
             "and slow the run down")
     if use_ray and actors is not None and ray_address is None and actors > cores:

@@ -1084,10 +1084,11 @@ def folder_job(
 ) -> Iterator[tuple[list[InputFile], FolderSummary]]:
     """`plan_folder_job` under the output's lock, held until the block ends (the last record written)."""
     inputs = _as_list(inputs)  # read once: a generator of inputs is walked here and planned below
-    _require_working_folder([*inputs, output_path(out, fmt)])
+    target = output_path(out, fmt)
+    _require_working_folder([*inputs, target])
     for raw in inputs:  # before the lock makes the output's folder
         _is_input_folder(raw)
-    with output_lock(output_path(out, fmt)):
+    with output_lock(target):
         yield plan_folder_job(inputs, out, fmt=fmt, overwrite=overwrite, model=model, recaption_changed=recaption_changed)
 
 

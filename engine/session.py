@@ -81,6 +81,17 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def too_many_threads(threads: int) -> str | None:
+    """Why `threads` is more than this process's CPUs can use (MAX_THREADS_PER_CORE each), else None."""
+    cores = available_cores()
+    if threads <= MAX_THREADS_PER_CORE * cores:
+        return None
+    return (
+        f"threads {threads} on {cores} CPU cores: at most {MAX_THREADS_PER_CORE * cores} "
+        f"({MAX_THREADS_PER_CORE} per core); threads beyond the cores only wait for each other"
+    )
+
+
 @dataclass(frozen=True)
 class SessionSettings:
     """Runtime knobs shared by every session of a bundle."""
@@ -95,23 +106,21 @@ class SessionSettings:
             raise ValueError(f"threads must be an integer >= 1 (or None for the cores this process may use), got {threads!r}")
         if threads is not None:
             object.__setattr__(self, "threads", int(threads))  # a numpy integer: ONNX Runtime takes ints
-            cores = available_cores()
-            if int(threads) > MAX_THREADS_PER_CORE * cores:
-                raise ValueError(
-                    f"threads {threads} on {cores} CPU cores: at most {MAX_THREADS_PER_CORE * cores} "
-                    f"({MAX_THREADS_PER_CORE} per core); threads beyond the cores only wait for each other"
-                )
+            problem = too_many_threads(int(threads))
+            if problem:
+                raise ValueError(problem)
         if self.graph_optimization not in _LEVELS:
             raise ValueError(f"graph_optimization must be one of {', '.join(_LEVELS)}, got {self.graph_optimization!r}")
 
     def options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
+        cores = available_cores()
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
-        elif available_cores() < (os.cpu_count() or 1):
+        elif cores < (os.cpu_count() or 1):
             # Left at 0, ONNX Runtime starts one thread per physical core of the machine and pins each to its
             # core, outside a taskset or cpuset this process was given: one per CPU it may use instead.
-            options.intra_op_num_threads = available_cores()
+            options.intra_op_num_threads = cores
         # One graph runs at a time; inter-op parallelism only adds contention on a shared CPU.
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
