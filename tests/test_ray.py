@@ -242,6 +242,15 @@ caption_folder_ray([sys.argv[1]], sys.argv[2], sys.argv[3], num_cpus=2, actors=2
 """
 
 
+def _wait_for_two_records(job: subprocess.Popen, out: Path, seconds: float) -> None:  # type: ignore[type-arg]
+    """Until the running `job` has written two records to `out`: mid-run, where a stop means something."""
+    deadline = time.monotonic() + seconds
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 2):
+        assert job.poll() is None, f"the run ended before it could be stopped: {job.stderr.read()!r}"  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, f"the Ray run wrote nothing in {seconds:g} s"
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_killed_ray_run_resumes_without_loss_or_duplicates(local_ray: object, tiny_bundle: Path,
                                                            tmp_path: Path) -> None:
@@ -254,11 +263,7 @@ def test_killed_ray_run_resumes_without_loss_or_duplicates(local_ray: object, ti
     job = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(folder), str(out), str(tiny_bundle)],
                            cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 90
-        while not (out.exists() and out.read_bytes().count(b"\n") >= 2):
-            assert job.poll() is None, f"the run ended before it could be killed: {job.stderr.read()!r}"  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "the Ray run wrote nothing in 90 s"
-            time.sleep(0.05)
+        _wait_for_two_records(job, out, seconds=90)
     finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait(timeout=30)
@@ -285,11 +290,7 @@ def test_a_service_managers_stop_of_a_ray_run_says_how_to_go_on(tiny_bundle: Pat
                "--ray", "--actors", "1", "--batch-size", "1", "--quiet"]  # fmt: skip
     job = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (out.exists() and out.read_bytes().count(b"\n") >= 2):
-            assert job.poll() is None, f"the run ended before it could be stopped: {job.stderr.read()!r}"  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "the Ray run wrote nothing in 120 s"
-            time.sleep(0.05)
+        _wait_for_two_records(job, out, seconds=120)
         job.send_signal(signal.SIGTERM)
         stderr = job.communicate(timeout=120)[1]
     finally:
