@@ -19,6 +19,7 @@ import contextlib
 import csv
 import errno
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -72,6 +73,11 @@ CURRENT_CSV_NAME = re.compile(r"(?:[^\\]|\\[\\nr]|\\x[0-9a-f]{2})*", re.DOTALL)
 # Outputs that are streams even when they resolve to a regular file (a shell redirect): never resumed,
 # locked or rewritten. An --out of "-" is /dev/stdout (output_path).
 STREAM_PATH = re.compile(r"/dev/(stdout|stderr)|/dev/fd/\d+|/proc/self/fd/\d+")
+# The longest file name (bytes) on Linux, macOS and Windows file systems alike.
+NAME_MAX_BYTES = 255
+# Room kept after `sibling_stem` for what its callers append: the longest, export's
+# ".partial-PID@HOST-XXXXXXXX", takes 90 bytes with a 64-byte host name.
+SIBLING_SUFFIX_BYTES = 96
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,22 @@ def collect_inputs(
         file, other = (prefixed, item.file) if prefix else (item.file, prefixed)
         named.append(InputFile(item.path, file, item.real, item.bytes, other if other != file else None))
     return named
+
+
+def sibling_stem(name: str) -> str:
+    """`.NAME`: how the hidden files kept next to NAME begin (its lock, temporary copies, a bundle set aside).
+
+    A name too long to take a suffix within the file system's limit keeps its start and gains a hash of
+    the whole name, so every such file can still be made, and each name still has its own.
+    """
+    stem = f".{name}"
+    room = NAME_MAX_BYTES - SIBLING_SUFFIX_BYTES
+    if len(os.fsencode(stem)) <= room:
+        return stem
+    mark = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+    while len(os.fsencode(stem + mark)) > room:
+        stem = stem[:-1]
+    return stem + mark
 
 
 def mkdir_failure(folder: Path, exc: OSError) -> str:
@@ -576,7 +598,7 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
     In a folder where no new file may be made, the records stay: the retries' records follow them, and
     the later record of a file is the one a resume reads.
     """
-    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    temporary = out.with_name(f"{sibling_stem(out.name)}.{os.getpid()}.tmp")
     try:
         handle = open(temporary, "wb")
     except OSError as exc:
@@ -630,7 +652,7 @@ def output_lock(out: Path) -> Iterator[None]:
     except OSError:
         yield  # RecordWriter says why the folder cannot be made
         return
-    lock = out.with_name(f".{out.name}.lock")
+    lock = out.with_name(f"{sibling_stem(out.name)}.lock")
     in_place = not lock.exists() and not os.access(folder, os.W_OK)
     if in_place and not out.is_file():
         yield  # nothing to lock, and RecordWriter cannot create the output there: it says so
@@ -824,7 +846,7 @@ def write_report(out: Path, text: str) -> None:
             return
         target = output_target(out)
         # A new name every time, created exclusively: never an existing file or a symlink planted there.
-        temporary = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        temporary = target.with_name(f"{sibling_stem(target.name)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         try:
             with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as handle:
                 handle.write(text)
@@ -905,8 +927,9 @@ def plan_folder_job(
         if any(os.path.realpath(raw) == str(target) for raw in inputs):
             raise OutputError(f"{out_path}: the output file is one of the input images; choose another output")
         files = [f for f in files if f.real != str(target)]  # an earlier run's output inside an input folder
-        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):  # a rewrite a kill cut short
-            if re.fullmatch(rf"\.{re.escape(target.name)}\.\d+\.tmp", stale.name):  # not another output's
+        stem = sibling_stem(target.name)
+        for stale in target.parent.glob(f"{glob.escape(stem)}.*.tmp"):  # a rewrite a kill cut short
+            if re.fullmatch(rf"{re.escape(stem)}\.\d+\.tmp", stale.name):  # not another output's
                 with contextlib.suppress(OSError):
                     stale.unlink()
     if not stream and target.is_file() and not os.access(target, os.W_OK):

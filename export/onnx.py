@@ -39,7 +39,7 @@ from engine.bundle import (
     write_manifest,
 )
 from engine.errors import is_count
-from engine.folder import mkdir_failure
+from engine.folder import mkdir_failure, sibling_stem
 from export import ExportCheckFailed, ExportError
 
 if TYPE_CHECKING:
@@ -405,7 +405,7 @@ def _place_temp_dir(out: Path, force: bool, inputs: list[Path]) -> Path:
         raise ExportError(f"{out.parent}: cannot write the bundle there ({exc.strerror or exc}); choose a writable --out") from exc
     _check_replaceable(out, force, inputs)
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{_owner()}-", dir=out.parent))
+        return Path(tempfile.mkdtemp(prefix=f"{sibling_stem(out.name)}.partial-{_owner()}-", dir=out.parent))
     except OSError as exc:
         raise ExportError(f"{out.parent}: cannot write the bundle there ({exc.strerror or exc}); choose a writable --out") from exc
 
@@ -418,12 +418,12 @@ def _owner() -> str:
 def _clear_dead_exports(out: Path) -> None:
     """Remove what exports to `out` killed mid-way on this machine left (their pid@host names them): partial
     bundles, and a replaced bundle set aside (put back if the new one never arrived)."""
-    name, host = re.escape(out.name), re.escape(socket.gethostname())
-    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
+    stem, host = sibling_stem(out.name), re.escape(socket.gethostname())
+    for leftover in sorted(out.parent.glob(f"{glob.escape(stem)}.*")):
         # Exactly the names _place_temp_dir and _move_into_place give (mkdtemp adds 8 of [a-z0-9_]); another
         # bundle's ("NAME.old-2024/...") or another machine's leftovers never match.
         found = re.fullmatch(
-            rf"\.{name}\.(?:partial-(\d+)@{host}-[a-z0-9_]{{8}}|old-(\d+)@{host}|discard-(\d+)@{host})", leftover.name
+            rf"{re.escape(stem)}\.(?:partial-(\d+)@{host}-[a-z0-9_]{{8}}|old-(\d+)@{host}|discard-(\d+)@{host})", leftover.name
         )
         if not found:
             continue
@@ -454,7 +454,7 @@ def _move_into_place(staged: Path, out: Path, force: bool) -> None:
         raise ExportError(f"{out}: appeared during the export; pass --force to replace it")
     try:
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{_owner()}")
+            old = out.with_name(f"{sibling_stem(out.name)}.old-{_owner()}")
             os.replace(out, old)
         os.replace(staged, out)
     except BaseException as exc:  # also Ctrl-C or SIGTERM between the two renames: the old bundle goes back
@@ -466,7 +466,7 @@ def _move_into_place(staged: Path, out: Path, force: bool) -> None:
     if old is not None:
         # Renamed first, so that a removal cut short or failing part-way is never taken for a bundle set aside
         # by an interrupted export (_clear_dead_exports puts those back).
-        discard = out.with_name(f".{out.name}.discard-{_owner()}")
+        discard = out.with_name(f"{sibling_stem(out.name)}.discard-{_owner()}")
         try:
             os.replace(old, discard)
         except OSError:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from engine.bundle import MANIFEST_NAME, SUPPORT_FILES, Bundle
 from engine.errors import BundleError, ModelRuntimeError
+from engine.folder import sibling_stem
 from export import ExportError
 
 pytestmark = pytest.mark.slow
@@ -673,6 +674,26 @@ def test_a_bundle_set_aside_by_a_killed_export_is_put_back(tmp_path: Path) -> No
     _clear_dead_exports(tmp_path / "bundle")
     assert (tmp_path / "bundle" / "edlight.json").exists() and not set_aside.exists()
     assert all(folder.exists() for folder in keep)
+
+
+def test_a_bundle_named_up_to_the_file_system_limit_is_staged_replaced_and_put_back(tmp_path: Path) -> None:
+    """The staging folder and the set-aside bundle are named after --out: a legal name near 255 bytes made
+    them too long to create ("File name too long" after the whole export)."""
+    from export.onnx import _clear_dead_exports, _move_into_place, _place_temp_dir
+
+    out = tmp_path / ("b" * 250)
+    first = _place_temp_dir(out, force=False, inputs=[])
+    (first / "edlight.json").write_text('{"v": 1}')
+    _move_into_place(first, out, force=False)
+    second = _place_temp_dir(out, force=True, inputs=[])
+    (second / "edlight.json").write_text('{"v": 2}')
+    _move_into_place(second, out, force=True)  # the old bundle is set aside, then discarded
+    assert (out / "edlight.json").read_text() == '{"v": 2}' and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out.rename(tmp_path / f"{sibling_stem(out.name)}.old-{int(dead.stdout)}@{socket.gethostname()}")  # killed mid-swap
+    _clear_dead_exports(out)
+    assert (out / "edlight.json").read_text() == '{"v": 2}' and [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
 def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:

@@ -23,7 +23,14 @@ from PIL import Image
 from engine import Captioner
 from engine.caption_cli import caption as caption_command
 from engine.errors import BundleError, ImageError
-from engine.folder import OutputError, collect_inputs, output_lock, read_done
+from engine.folder import (
+    SIBLING_SUFFIX_BYTES,
+    OutputError,
+    collect_inputs,
+    output_lock,
+    read_done,
+    sibling_stem,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -277,6 +284,35 @@ def test_resume_repairs_a_torn_last_line(captioner: Captioner, tmp_path: Path) -
     assert summary.skipped == 4 and summary.captioned == 3
     assert out.read_text(encoding="utf-8") == complete
     assert [r["file"] for r in records(out)] == names
+
+
+def test_an_output_named_up_to_the_file_system_limit_is_locked_resumed_and_rewritten(
+    captioner: Captioner, tmp_path: Path
+) -> None:
+    """The lock and the temporary copies beside an output are named after it: a legal name near 255 bytes made
+    them too long to create (a traceback before any image)."""
+    names = make_folder(tmp_path / "in", 3)
+    (tmp_path / "in" / "broken.png").write_bytes(b"not a png")  # an error record, dropped by the resume's retry
+    out = tmp_path / ("\u00e9" * 100 + "c" * 49 + ".jsonl")  # 255 bytes in UTF-8
+    assert len(os.fsencode(out.name)) == 255
+    first = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    assert (first.captioned, first.failed) == (3, 1)
+    with output_lock(out):  # held under a name the file system takes, and released
+        pass
+    again = captioner.caption_folder(tmp_path / "in", out=out, progress=False)  # retries broken.png: a rewrite
+    assert (again.skipped, again.failed) == (3, 1)
+    assert sorted(r["file"] for r in records(out)) == sorted([*names, "broken.png"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", out.name])  # no lock or copy left
+
+
+def test_sibling_names_fit_the_file_system_and_stay_apart() -> None:
+    assert sibling_stem("captions.jsonl") == ".captions.jsonl"  # as before for every usual name
+    long_a, long_b = "\u00e9" * 120 + "a", "\u00e9" * 120 + "b"
+    stems = {sibling_stem(long_a), sibling_stem(long_b)}
+    assert len(stems) == 2  # same start, their own hashes
+    for stem in stems:
+        assert stem.startswith(".\u00e9") and len(os.fsencode(stem)) + SIBLING_SUFFIX_BYTES <= 255
+        os.fsencode(stem).decode("utf-8")  # cut between characters, never inside one
 
 
 def test_resume_after_a_killed_run(engine_bundle: Path, tmp_path: Path) -> None:
