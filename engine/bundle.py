@@ -294,6 +294,9 @@ class Bundle:
             changed.append(f"no_repeat_ngram_size={self.no_repeat_ngram_size}")
         if num_beams != 1 and self.early_stopping == "never" and self.length_penalty > 0:
             changed.append("early_stopping=never")
+        # Likewise for engines before 2026-11-29, which did not apply these (their values are the model id's),
+        # by their names in the generation config.
+        changed.extend(name.replace("forced_eos_token_ids", "forced_eos_token_id") for name in self.token_processors)
         return " ".join([self.model_id, *changed])
 
     def onnx_path(self, role: str) -> Path:
@@ -416,11 +419,16 @@ class Bundle:
         value = self.generation_config.get("no_repeat_ngram_size", 0)
         return 0 if value is None else _setting(value, "no_repeat_ngram_size", self.path / "generation_config.json")
 
+    @property
+    def token_processors(self) -> dict[str, Any]:
+        """The generation config's logits processors that name tokens (see `token_processors`)."""
+        return token_processors(self.generation_config, self.path / "generation_config.json")
+
     def check_settings(self) -> None:
         """Read every model setting the engine uses, so that a bad one is a BundleError now, not mid-run."""
         _ = (self.patch_size, self.position_limit, self.decoder_start_token_id, self.pad_token_id,
              self.eos_token_ids, self.default_max_new_tokens, self.default_min_new_tokens, self.length_penalty,
-             self.early_stopping, self.repetition_penalty, self.no_repeat_ngram_size)
+             self.early_stopping, self.repetition_penalty, self.no_repeat_ngram_size, self.token_processors)
 
 
 # The weights of a `save_pretrained` folder: one file, or the index of its shards.
@@ -443,6 +451,48 @@ def stated_max_new_tokens(generation_config: dict[str, Any], where: Path) -> int
         length = _setting(generation_config["max_length"], "max_length", where, 1)
         return None if length == TRANSFORMERS_MAX_LENGTH else length - 1
     return None
+
+
+def token_processors(generation_config: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The logits processors a generation config (its dict; `where` names it in errors) sets that name tokens,
+    as engine.decode.GenerationSettings takes them (only those set): transformers' bad_words_ids,
+    sequence_bias (in JSON, [[tokens], bias] pairs), forced_bos_token_id, forced_eos_token_id,
+    suppress_tokens and begin_suppress_tokens."""
+    config = generation_config
+    found: dict[str, Any] = {}
+    if config.get("bad_words_ids") is not None:
+        words = [_token_ids(w, "bad_words_ids", where) for w in _nonempty_list(config["bad_words_ids"], "bad_words_ids", where)]
+        if not all(words):
+            raise BundleError(f"{where}: bad_words_ids holds an empty list")
+        found["bad_words_ids"] = tuple(words)
+    if config.get("sequence_bias") is not None:
+        biases = []
+        for pair in _nonempty_list(config["sequence_bias"], "sequence_bias", where):
+            if not (isinstance(pair, list) and len(pair) == 2 and pair[0] and is_finite_number(pair[1])):
+                raise BundleError(f"{where}: sequence_bias must be a list of [[token ids], bias] pairs, got {pair!r}")
+            biases.append((_token_ids(pair[0], "sequence_bias", where), float(pair[1])))
+        found["sequence_bias"] = tuple(biases)
+    if config.get("forced_bos_token_id") is not None:
+        found["forced_bos_token_id"] = _setting(config["forced_bos_token_id"], "forced_bos_token_id", where)
+    if config.get("forced_eos_token_id") is not None:
+        value = config["forced_eos_token_id"]
+        found["forced_eos_token_ids"] = _token_ids(value if isinstance(value, list) else [value], "forced_eos_token_id", where)
+    for name in ("suppress_tokens", "begin_suppress_tokens"):
+        if config.get(name) is not None:
+            found[name] = _token_ids(config[name], name, where)
+    return {name: value for name, value in found.items() if value != ()}
+
+
+def _token_ids(value: Any, name: str, where: Path) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise BundleError(f"{where}: {name} must be a list of token ids, got {value!r}")
+    return tuple(_setting(t, f"each token id in {name}", where) for t in value)
+
+
+def _nonempty_list(value: Any, name: str, where: Path) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        raise BundleError(f"{where}: {name} must be a non-empty list, got {value!r}")
+    return value
 
 
 def _setting(value: Any, what: str, where: Path, minimum: int = 0) -> int:

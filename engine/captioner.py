@@ -150,6 +150,7 @@ class Captioner:
             no_repeat_ngram_size=self.bundle.no_repeat_ngram_size,
             decoder_start_token_id=self.bundle.decoder_start_token_id,
             eos_token_ids=tuple(self.bundle.eos_token_ids),
+            **self.bundle.token_processors,
         )
         path = self.bundle.path
         if self.bundle.manifest.full_range_int8 and int8_products_saturate():
@@ -176,6 +177,11 @@ class Captioner:
             raise
         if hashed is not None:
             hashed.result()
+        vocab = self.decoder.vocab_size
+        if isinstance(vocab, int) and (unknown := sorted(t for t in self.generation.named_tokens if t >= vocab)):
+            raise BundleError(
+                f"{path / 'generation_config.json'}: names tokens the model does not have (vocabulary of {vocab}): {unknown}"
+            )
         self._encoder_input = self.encoder.input_names[0] if "flattened_patches" not in self.encoder.inputs else "flattened_patches"
         self._encoder_output = "last_hidden_state" if "last_hidden_state" in self.encoder.outputs else self.encoder.output_names[0]
         self.trims_padding = self._patch_axis_is_dynamic()

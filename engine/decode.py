@@ -13,10 +13,11 @@ same tokens as each image alone.
 
 Greedy and beam search follow transformers' `generate` (4.57) exactly: greedy argmax; beam search
 with `2 * num_beams` candidates, length-penalised finished hypotheses, and its stopping rules for
-`early_stopping` True, False (the default) and "never". `min_new_tokens` suppresses EOS until reached;
-`repetition_penalty` and `no_repeat_ngram_size` act as transformers' logits processors do, on the
-logits in greedy search and on the log-probabilities in beam search, over the start token and the
-caption so far.
+`early_stopping` True, False (the default) and "never". The generation config's logits processors act
+as transformers' do, in its order, on the logits in greedy search and on the log-probabilities in beam
+search, over the start token and the caption so far: `sequence_bias`, `repetition_penalty`,
+`no_repeat_ngram_size`, `bad_words_ids`, `min_new_tokens` (EOS suppressed until reached),
+`forced_bos_token_id`, `forced_eos_token_id`, `suppress_tokens` and `begin_suppress_tokens`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ class GenerationSettings:
     no_repeat_ngram_size: int = 0  # > 0: no n-gram of this many tokens appears twice
     decoder_start_token_id: int = 0
     eos_token_ids: tuple[int, ...] = (1,)
+    # Added to a token's score when the caption so far ends with the rest of its sequence (one token: always).
+    sequence_bias: tuple[tuple[tuple[int, ...], float], ...] = ()
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # never completed (EOS alone is never banned)
+    forced_bos_token_id: int | None = None  # the first token
+    forced_eos_token_ids: tuple[int, ...] = ()  # the last token the length allows is one of these
+    suppress_tokens: tuple[int, ...] = ()  # never generated
+    begin_suppress_tokens: tuple[int, ...] = ()  # not generated first (after a forced first token: second)
 
     def __post_init__(self) -> None:
         for name, minimum in (("max_new_tokens", 0), ("min_new_tokens", 0), ("num_beams", 1), ("no_repeat_ngram_size", 0)):
@@ -60,27 +68,111 @@ class GenerationSettings:
         if not is_finite_number(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
         object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
+        tokens = {
+            "bad_words_ids": [t for words in self.bad_words_ids for t in words],
+            "sequence_bias": [t for sequence, _ in self.sequence_bias for t in sequence],
+            "forced_bos_token_id": [] if self.forced_bos_token_id is None else [self.forced_bos_token_id],
+            "forced_eos_token_ids": list(self.forced_eos_token_ids),
+            "suppress_tokens": list(self.suppress_tokens),
+            "begin_suppress_tokens": list(self.begin_suppress_tokens),
+        }
+        for name, ids in tokens.items():
+            if not all(is_count(t, 0) for t in ids):
+                raise ValueError(f"{name} must hold token ids (integers >= 0), got {getattr(self, name)!r}")
+        if any(not words for words in self.bad_words_ids) or any(not sequence for sequence, _ in self.sequence_bias):
+            raise ValueError("bad_words_ids and sequence_bias take non-empty token sequences")
+        if not all(is_finite_number(bias) or bias == -np.inf for _, bias in self.sequence_bias):
+            raise ValueError(f"sequence_bias must be numbers (or -inf), got {self.sequence_bias!r}")
+        # As transformers reads them: one bias per sequence (the last given), and EOS alone is never banned.
+        object.__setattr__(self, "sequence_bias", tuple(dict(self.sequence_bias).items()))
+        banned = tuple(words for words in self.bad_words_ids if list(words) not in [[e] for e in self.eos_token_ids])
+        object.__setattr__(self, "bad_words_ids", banned)
 
     @property
     def processes_scores(self) -> bool:
-        """Whether the scores depend on the tokens so far (repetition_penalty or no_repeat_ngram_size)."""
-        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+        """Whether any logits processor is set (min_new_tokens aside, which the loops apply themselves)."""
+        return (
+            self.reads_history or bool(self.sequence_bias) or bool(self.bad_words_ids) or self.forced_bos_token_id is not None
+            or bool(self.forced_eos_token_ids) or bool(self.suppress_tokens) or bool(self.begin_suppress_tokens)
+        )
+
+    @property
+    def reads_history(self) -> bool:
+        """Whether the scores depend on the tokens so far."""
+        return (
+            self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+            or any(len(words) > 1 for words in self.bad_words_ids) or any(len(seq) > 1 for seq, _ in self.sequence_bias)
+        )
+
+    @property
+    def named_tokens(self) -> set[int]:
+        """Every token id the logits processors name."""
+        named = {t for sequence, _ in self.sequence_bias for t in sequence} | {t for words in self.bad_words_ids for t in words}
+        named |= {*self.forced_eos_token_ids, *self.suppress_tokens, *self.begin_suppress_tokens}
+        return named if self.forced_bos_token_id is None else named | {self.forced_bos_token_id}
+
+    @property
+    def begin_step(self) -> int:
+        """The step `begin_suppress_tokens` acts at: the first, or the second after a forced first token."""
+        return 0 if self.forced_bos_token_id is None else 1
 
 
-def process_scores(scores: np.ndarray, history: np.ndarray, settings: GenerationSettings) -> np.ndarray:
-    """transformers' RepetitionPenalty and NoRepeatNGram logits processors, in its order, in place:
-    `scores` [rows, vocab], `history` [rows, tokens] the start token and the caption so far of each row."""
+def process_scores(scores: np.ndarray, history: np.ndarray | None, step: int, settings: GenerationSettings) -> np.ndarray:
+    """transformers' logits processors in its order, in place, at caption step `step`: `scores` [rows, vocab],
+    `history` [rows, step + 1] the start token and the caption so far of each row (None unless
+    `settings.reads_history`). EOS's suppression before `min_new_tokens` is the loops' own."""
+    if step == 0 and (unknown := sorted(t for t in settings.named_tokens if t >= scores.shape[1])):
+        raise ModelRuntimeError(
+            f"the generation settings name tokens the model does not have (vocabulary of {scores.shape[1]}): {unknown}"
+        )
+    if settings.sequence_bias:
+        _add_sequence_bias(scores, history, settings.sequence_bias)
     if settings.repetition_penalty != 1.0:
+        assert history is not None
         seen = np.take_along_axis(scores, history, axis=1)
         penalty = np.float32(settings.repetition_penalty)
         np.put_along_axis(scores, history, np.where(seen < 0, seen * penalty, seen / penalty), axis=1)
     n = settings.no_repeat_ngram_size
-    if n > 0 and history.shape[1] + 1 >= n:
-        for row, tokens in enumerate(history.tolist()):
-            tail = tokens[len(tokens) - n + 1 :] if n > 1 else []
-            banned = [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i : i + n - 1] == tail]
-            scores[row, banned] = -np.inf
+    if n > 0:
+        assert history is not None
+        if history.shape[1] + 1 >= n:
+            for row, tokens in enumerate(history.tolist()):
+                tail = tokens[len(tokens) - n + 1 :] if n > 1 else []
+                banned = [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i : i + n - 1] == tail]
+                scores[row, banned] = -np.inf
+    if settings.bad_words_ids:
+        _add_sequence_bias(scores, history, tuple((words, -np.inf) for words in settings.bad_words_ids))
+    if step < settings.min_new_tokens:
+        scores[:, list(settings.eos_token_ids)] = -np.inf
+    if settings.forced_bos_token_id is not None and step == 0:
+        scores[:] = -np.inf
+        scores[:, settings.forced_bos_token_id] = 0.0
+    if settings.forced_eos_token_ids and step == settings.max_new_tokens - 1:
+        scores[:] = -np.inf
+        scores[:, list(settings.forced_eos_token_ids)] = 0.0
+    if settings.suppress_tokens:
+        scores[:, list(settings.suppress_tokens)] = -np.inf
+    if settings.begin_suppress_tokens and step == settings.begin_step:
+        scores[:, list(settings.begin_suppress_tokens)] = -np.inf
     return scores
+
+
+def _add_sequence_bias(scores: np.ndarray, history: np.ndarray | None, biases: tuple[tuple[tuple[int, ...], float], ...]) -> None:
+    """transformers' SequenceBias: one bias array summed first (single tokens, then sequences whose start
+    ends the history), then added to the scores."""
+    bias = np.zeros_like(scores)
+    for sequence, value in biases:
+        if len(sequence) == 1:
+            bias[:, sequence[0]] = np.float32(value)  # set, not added: later single-token entries win, as there
+    for sequence, value in biases:
+        if len(sequence) == 1:
+            continue
+        assert history is not None
+        if len(sequence) > history.shape[1]:
+            continue
+        matching = (history[:, history.shape[1] - len(sequence) + 1 :] == np.asarray(sequence[:-1])).all(axis=1)
+        bias[:, sequence[-1]] += np.where(matching, np.float32(value), np.float32(0.0))
+    scores += bias
 
 
 class BufferPool:
@@ -397,15 +489,15 @@ def _greedy_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, rows
     steps = 1
     active = np.arange(rows)  # input row of each row of `state`
     history = None
-    if settings.processes_scores:  # the start token, then each row's caption so far
+    if settings.reads_history:  # the start token, then each row's caption so far
         # Grown by doubling, as beam search's buffers are: a huge max_new_tokens costs nothing up front.
         history = np.full((rows, min(settings.max_new_tokens, 64) + 1), settings.decoder_start_token_id, dtype=np.int64)
     for step in range(settings.max_new_tokens):
-        if history is not None:
-            if step + 1 >= history.shape[1]:
-                history = np.concatenate([history, np.zeros_like(history)], axis=1)
-            logits = process_scores(logits, history[active, : step + 1], settings)
-        if step < settings.min_new_tokens:
+        if history is not None and step + 1 >= history.shape[1]:
+            history = np.concatenate([history, np.zeros_like(history)], axis=1)
+        if settings.processes_scores:
+            logits = process_scores(logits, None if history is None else history[active, : step + 1], step, settings)
+        elif step < settings.min_new_tokens:
             logits[:, eos] = -np.inf
         tokens = logits.argmax(axis=-1)
         if history is not None:
@@ -477,10 +569,12 @@ def _beam_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, images
         n = alive.size
         logp = log_softmax(logits)
         if settings.processes_scores:
-            history = np.full((n * beams, cur + 1), settings.decoder_start_token_id, dtype=np.int64)
-            history[:, 1:] = running_seq[alive][:, :, :cur].reshape(n * beams, cur)
-            logp = process_scores(logp, history, settings)
-        if cur < settings.min_new_tokens:
+            history = None
+            if settings.reads_history:
+                history = np.full((n * beams, cur + 1), settings.decoder_start_token_id, dtype=np.int64)
+                history[:, 1:] = running_seq[alive][:, :, :cur].reshape(n * beams, cur)
+            logp = process_scores(logp, history, cur, settings)
+        elif cur < settings.min_new_tokens:
             logp[:, eos] = -np.inf
         scores = (logp.reshape(n, beams, vocab) + running_scores[alive][:, :, None]).reshape(n, beams * vocab)
         top = _top_k(scores, keep_k)

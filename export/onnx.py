@@ -36,9 +36,10 @@ from engine.bundle import (
     TRANSFORMERS_MAX_LENGTH,
     Bundle,
     Manifest,
+    token_processors,
     write_manifest,
 )
-from engine.errors import is_count
+from engine.errors import BundleError, is_count
 from engine.folder import mkdir_failure, sibling_stem
 from export import ExportCheckFailed, ExportError
 
@@ -51,14 +52,12 @@ TASK = "image-to-text-with-past"
 # Optimum's dummy inputs need at least a 2x2 patch grid.
 MIN_PATCHES = 4
 # Generation settings the engine does not take from a checkpoint (their transformers defaults): sampling,
-# beams, and the logits processors but two. The export's validation runs PyTorch without any of them, since
-# it checks the graphs. (The engine does follow max_new_tokens/max_length, min_new_tokens/min_length,
-# length_penalty, early_stopping, repetition_penalty and no_repeat_ngram_size.)
+# beams, and the logits processors that act on the image or on probabilities. The export's validation runs
+# PyTorch without any logits processor, since it checks the graphs. (The engine follows the caption lengths,
+# length_penalty, early_stopping and the processors that act on tokens: engine.decode.process_scores.)
 GENERATION_DEFAULTS: dict[str, object] = {
     "do_sample": False, "num_beams": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
-    "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
-    "forced_eos_token_id": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+    "encoder_no_repeat_ngram_size": 0, "exponential_decay_length_penalty": None,
     "num_beam_groups": 1, "diversity_penalty": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
     "min_p": None, "renormalize_logits": False,
 }  # fmt: skip
@@ -150,6 +149,10 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
         # Optional, but one that is there must be readable: its max_new_tokens goes into the bundle.
         generation = _read_json(path / "generation_config.json", "generation config", "fix or delete it")
         _check_token_ids(path / "generation_config.json", generation)
+        try:
+            token_processors(generation, path / "generation_config.json")  # as the engine will read them
+        except BundleError as exc:
+            raise ExportError(str(exc)) from exc
         _warn_about_generation(path / "generation_config.json", generation)
     if all(source.get(key) is None for source in (generation, config) for key in ("max_new_tokens", "max_length")):
         log.warning(

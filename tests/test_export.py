@@ -722,9 +722,11 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         processor = json.loads((ck / "preprocessor_config.json").read_text())
         edit = {"is_vqa": True} if how == "vqa" else {"patch_size": 16}
         (ck / "preprocessor_config.json").write_text(json.dumps({**processor, **edit}))
-    elif how == "eos_as_text":
+    elif how in ("eos_as_text", "sequence_bias_as_saved_from_a_dict"):
         generation = json.loads((ck / "generation_config.json").read_text())
-        (ck / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": "1"}))
+        # transformers saves a {(5, 6): 2.0} sequence_bias with string keys, which its generate then refuses
+        edit = {"eos_token_id": "1"} if how == "eos_as_text" else {"sequence_bias": {"(5, 6)": 2.0}}
+        (ck / "generation_config.json").write_text(json.dumps({**generation, **edit}))
     elif how == "head_counts_differ":
         config = json.loads((ck / "config.json").read_text())
         config["vision_config"]["num_attention_heads"] = 2 * config["text_config"]["num_heads"]
@@ -746,6 +748,7 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         ("patch_size_number", r"preprocessor_config.json: patch_size is 16; write it as \{"),
         ("eos_as_text", "generation_config.json: eos_token_id in generation_config.json is '1'; token ids are whole"),
         ("head_counts_differ", "config.json: the vision encoder has .* attention heads and the text decoder"),
+        ("sequence_bias_as_saved_from_a_dict", r"generation_config.json: sequence_bias must be a non-empty list"),
     ],
 )
 def test_bad_checkpoint_is_one_line_error(random_checkpoint: Path, tmp_path: Path, how: str, message: str) -> None:
@@ -819,14 +822,15 @@ def test_logits_processors_lengths_and_space_clean_up_of_a_checkpoint(
 ) -> None:
     """A repetition penalty is the PyTorch side's, not the graphs': the export validates the graphs without
     it, and the engine applies it from the bundle's generation config, as the no-repeat n-gram size, a
-    minimum length and the tokenizer's clean-up of spaces."""
+    minimum length, suppressed and banned tokens, and the tokenizer's clean-up of spaces."""
     from engine import Captioner
     from export.onnx import export_bundle
 
     ck = Path(shutil.copytree(random_checkpoint, tmp_path / "ck"))
     generation = json.loads((ck / "generation_config.json").read_text())
     (ck / "generation_config.json").write_text(
-        json.dumps({**generation, "repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "min_new_tokens": 3})
+        json.dumps({**generation, "repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "min_new_tokens": 3,
+                    "suppress_tokens": [5], "bad_words_ids": [[7, 8]]})
     )
     tokenizer = json.loads((ck / "tokenizer_config.json").read_text())
     (ck / "tokenizer_config.json").write_text(json.dumps({**tokenizer, "clean_up_tokenization_spaces": True}))
@@ -836,6 +840,7 @@ def test_logits_processors_lengths_and_space_clean_up_of_a_checkpoint(
     captioner = Captioner(tmp_path / "b", threads=1)
     assert (captioner.generation.repetition_penalty, captioner.generation.no_repeat_ngram_size) == (1.5, 2)
     assert captioner.generation.min_new_tokens == 3
+    assert (captioner.generation.suppress_tokens, captioner.generation.bad_words_ids) == ((5,), ((7, 8),))
     assert captioner.tokenizer.clean_up_spaces
     assert json.loads((tmp_path / "b" / "tokenizer_config.json").read_text()) == {"clean_up_tokenization_spaces": True}
 

@@ -706,6 +706,13 @@ def test_a_hand_edited_manifest_is_a_named_error(engine_bundle: Path, tmp_path: 
         ("generation_config.json", ["min_new_tokens"], -1, "min_new_tokens must be an integer >= 0, got -1"),
         ("generation_config.json", ["repetition_penalty"], 0, "repetition_penalty must be a number > 0, got 0"),
         ("generation_config.json", ["no_repeat_ngram_size"], 1.5, "no_repeat_ngram_size must be an integer >= 0, got 1.5"),
+        ("generation_config.json", ["suppress_tokens"], 7, "suppress_tokens must be a list of token ids, got 7"),
+        ("generation_config.json", ["bad_words_ids"], [[3], [-1]], "each token id in bad_words_ids must be an integer >= 0, got -1"),
+        ("generation_config.json", ["bad_words_ids"], [[]], "bad_words_ids holds an empty list"),
+        ("generation_config.json", ["sequence_bias"], {"(5, 6)": 2.0}, "sequence_bias must be a non-empty list, got {'(5, 6)': 2.0}"),
+        ("generation_config.json", ["sequence_bias"], [[[5], "x"]], "sequence_bias must be a list of [[token ids], bias] pairs"),
+        ("generation_config.json", ["forced_eos_token_id"], [1, "2"], "each token id in forced_eos_token_id must be an integer"),
+        ("generation_config.json", ["begin_suppress_tokens"], [10**9], "names tokens the model does not have (vocabulary of"),
         ("config.json", ["vision_config", "seq_len"], "big", "vision_config.seq_len must be an integer >= 2"),
         ("preprocessor_config.json", ["patch_size", "height"], 0, "patch_size.height must be an integer >= 1, got 0"),
         ("preprocessor_config.json", ["patch_size"], 16, "patch_size must be an object, got 16"),
@@ -1216,15 +1223,16 @@ def test_records_name_the_generation_settings_former_engines_did_not_apply(engin
 
     bundle = Path(shutil.copytree(engine_bundle, tmp_path / "bundle"))
     config = json.loads((bundle / "generation_config.json").read_text())
-    settings = {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "early_stopping": "never", "length_penalty": 2.0}
+    settings = {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "early_stopping": "never", "length_penalty": 2.0,
+                "suppress_tokens": [5], "forced_eos_token_id": 1, "begin_suppress_tokens": []}  # an empty list: none
     (bundle / "generation_config.json").write_text(json.dumps({**config, **settings}))
     manifest = json.loads((bundle / MANIFEST_NAME).read_text())
     manifest["files"]["generation_config.json"] = sha256_file(bundle / "generation_config.json")
     (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
     greedy, beams = Captioner(bundle, threads=1), Captioner(bundle, threads=1, num_beams=2)
     named = "repetition_penalty=1.5 no_repeat_ngram_size=2"
-    assert greedy.captions_id == f"{greedy.bundle.model_id} {named}"
-    assert beams.captions_id == f"{greedy.bundle.model_id} num_beams=2 {named} early_stopping=never"
+    assert greedy.captions_id == f"{greedy.bundle.model_id} {named} forced_eos_token_id suppress_tokens"
+    assert beams.captions_id == f"{greedy.bundle.model_id} num_beams=2 {named} early_stopping=never forced_eos_token_id suppress_tokens"
     out = tmp_path / "captions.jsonl"  # as a former engine wrote them: the model id alone
     out.write_text(json.dumps({"file": "a.png", "caption": "x", "error": None, "model": greedy.bundle.model_id}) + "\n")
     photo(1).save(tmp_path / "a.png")

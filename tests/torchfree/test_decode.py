@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from engine.decode import BufferPool, DecoderState, GenerationSettings, beam_search, generate, greedy
+from engine.errors import ModelRuntimeError
 
 VOCAB = 6  # 0 = pad/start, 1 = EOS, 2..5 words
 EOS = 1
@@ -177,6 +178,38 @@ def test_the_caption_history_grows_with_the_caption_not_the_limit() -> None:
     # Past the first growth the whole history still counts: after the start token and 100 "4"s, the 99
     # last "4"s were once followed by a "4" already, so 100-grams ban it and the first of the rest, 0, follows.
     assert run([1], max_new_tokens=101, no_repeat_ngram_size=100) == [[4] * 100 + [0]]
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_token_processors_act_as_transformers_does(beams: int) -> None:
+    """Image 0 says "2 3" then EOS; image 1 "4" forever; unnamed tokens tie, and a tie goes to the lowest id."""
+
+    def caption(image: int, **settings: object) -> list[int]:
+        return run([image], num_beams=beams, **settings)[0]
+
+    assert caption(0, suppress_tokens=(3,)) == [2, 0]  # after "2", not 3: the first of the tied rest
+    assert caption(0, bad_words_ids=((2, 3),)) == [2, 0]  # "2 3" never completed
+    assert caption(0, bad_words_ids=((2,),)) == [0]
+    assert caption(0, bad_words_ids=((EOS,),)) == [2, 3]  # EOS alone is never banned
+    assert caption(0, sequence_bias=(((2,), -10.0),)) == [0]
+    assert caption(0, sequence_bias=(((2, 3), -10.0),)) == [2, 0]
+    assert caption(0, sequence_bias=(((2,), -10.0), ((2,), 0.0))) == [2, 3]  # the last bias given for a sequence
+    assert caption(0, forced_bos_token_id=5) == [5]
+    assert caption(1, max_new_tokens=5, forced_eos_token_ids=(EOS,)) == [4, 4, 4, 4]  # EOS is the 5th token
+    # Forced last token over min_new_tokens' ban, as transformers orders them.
+    assert caption(1, max_new_tokens=3, min_new_tokens=3, forced_eos_token_ids=(EOS,)) == [4, 4]
+    assert caption(0, begin_suppress_tokens=(2,)) == [0]  # the first token only
+    assert caption(0, begin_suppress_tokens=(3,)) == [2, 3]
+    assert caption(0, forced_bos_token_id=5, begin_suppress_tokens=(EOS,)) == [5, 0]  # after a forced one: the second
+
+
+def test_token_processors_name_only_tokens_the_model_has() -> None:
+    with pytest.raises(ModelRuntimeError, match=re.escape("vocabulary of 6): [6, 9]")):
+        run([0], suppress_tokens=(9,), bad_words_ids=((2, 6),))
+    with pytest.raises(ValueError, match="bad_words_ids and sequence_bias take non-empty token sequences"):
+        GenerationSettings(max_new_tokens=4, bad_words_ids=((),))
+    with pytest.raises(ValueError, match=re.escape("suppress_tokens must hold token ids (integers >= 0), got (-1,)")):
+        GenerationSettings(max_new_tokens=4, suppress_tokens=(-1,))
 
 
 def test_one_beam_is_greedy() -> None:
