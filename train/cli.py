@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from engine.click_types import FiniteFloatRange, cannot_run, failed, interrupted
 from engine.errors import EdlightError, ImageError
 from engine.folder import OutputError
 from train.checkpoint import read_run_config, run_data_options
-from train.loop import PRECISIONS, TrainDiverged, best_record
+from train.loop import PRECISIONS, TrainDiverged, best_record, lost_another_process
 
 
 def _resume_note(out: Path) -> str:
@@ -36,6 +37,15 @@ def _own_message(exc: Exception) -> str:
     last = text.strip().splitlines()[-1]
     prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
     return last[len(prefix):] if last.startswith(prefix) else last
+
+
+def _gist(exc: BaseException) -> str:
+    """The gist of a collective's error: gloo's first sentence, without its source location."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    line = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0])  # "[.../gloo/transport/tcp/pair.cc:553] "
+    return line.split(". ")[0]
 
 
 @click.command()
@@ -160,16 +170,24 @@ def train(
     )
     try:
         result = run_training(cfg)
-    except TrainDiverged as exc:  # the run started and failed (a resume would diverge the same way)
-        failed(str(exc))
-    except (ImageError, OutputError) as exc:  # an image gone since the data check, a full disk: mid-training
-        failed(f"{_own_message(exc)}\n{_resume_note(out)}")
-    except EdlightError as exc:
-        cannot_run(str(exc))
     except KeyboardInterrupt as exc:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one word for the run, not one per process
             say(f"interrupted: {_resume_note(out)}")
         raise SystemExit(interrupted_status(exc)) from None
+    except EdlightError as exc:
+        if getattr(exc, "said_by_first_process", False):  # a multi-process run's checks: process 0 says it
+            raise SystemExit(2) from None
+        if isinstance(exc, TrainDiverged):  # the run started and failed (a resume would diverge the same way)
+            failed(str(exc))
+        if isinstance(exc, (ImageError, OutputError)):  # an image gone since the data check, a full disk: mid-training
+            failed(f"{_own_message(exc)}\n{_resume_note(out)}")
+        cannot_run(str(exc))
+    except RuntimeError as exc:
+        if not lost_another_process(exc):
+            raise
+        # Another process of a torchrun died (killed, out of memory, its own error above): this one's
+        # collective failed. Its words say what happened; this one says where the run stands.
+        failed(f"another process of this run stopped ({_gist(exc)})\n{_resume_note(out)}")
     if not result.is_main:
         return
     if result.metrics:

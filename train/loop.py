@@ -602,6 +602,56 @@ def plot_curves(metrics: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any
 # ----------------------------------------------------------------------------- the loop
 
 
+def lost_another_process(exc: BaseException) -> bool:
+    """Whether `exc` is a multi-process run's collective failing because another process is gone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed
+
+    said = str(exc)
+    return isinstance(exc, torch.distributed.DistError) or (
+        isinstance(exc, RuntimeError) and any(words in said for words in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+    )
+
+
+@contextlib.contextmanager
+def _every_process_agrees(accelerator: Any) -> Iterator[None]:
+    """Run the block's checks on every process, then wait for all of them: when any raised an EdlightError,
+    every process raises one. The first process's error says the first failing process's words (named, when
+    another's); the others' errors are marked `said_by_first_process`, so the CLI says the run's error once.
+
+    Alone, each process printed the same error; and a process whose view of the disk differed (another
+    machine's --out) failed while the rest waited for it, then died in a raw gloo traceback.
+    """
+    error: EdlightError | None = None
+    try:
+        yield
+    except EdlightError as exc:
+        error = exc
+    if accelerator.num_processes == 1:
+        if error is not None:
+            raise error
+        return
+    from accelerate.utils import gather_object
+
+    said = gather_object([None if error is None else str(error)])
+    failed = [(rank, message) for rank, message in enumerate(said) if message is not None]
+    if not failed:
+        return
+    if accelerator.process_index != 0:
+        told = error if error is not None else TrainError(f"process {failed[0][0]} of this run failed its checks")
+        told.said_by_first_process = True  # type: ignore[attr-defined]
+        raise told
+    rank, message = failed[0]
+    if rank == 0:
+        assert error is not None
+        raise error
+    raise TrainError(
+        f"process {rank} of {accelerator.num_processes}: {message} (process 0 found no such problem: with several "
+        "machines, --data and --out must be the same folders on every one, e.g. on shared storage)"
+    )
+
+
 def _log(msg: str) -> None:
     say(msg)  # a stderr that takes nothing (2>/dev/full, its reader or terminal gone) costs the log, not the run
 
@@ -738,10 +788,20 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     # One process's worker preparing images plus intra-op threads must not exceed the cores: an
     # oversubscribed OpenMP pool spins and waits (measured here: ~10x slower steps on a busy 2-core box).
+    # The processes that share this machine's cores: torchrun's ranks on this node, not those of every node.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores_each = max(1, cores // max(1, local_world) - cfg.num_workers)
     if cfg.threads is not None or "OMP_NUM_THREADS" not in os.environ:
-        cores = os.cpu_count() or 1
-        torch.set_num_threads(cfg.threads or max(1, cores // accelerator.num_processes - cfg.num_workers))
+        torch.set_num_threads(cfg.threads or cores_each)
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    if is_main and local_world > 1 and cfg.threads is None and torch.get_num_threads() < cores_each:
+        # torchrun sets OMP_NUM_THREADS=1 for its ranks unless it is set: on a large machine most cores would idle.
+        _log(
+            f"warning: each of the {local_world} process(es) on this machine uses {torch.get_num_threads()} torch "
+            f"thread(s) (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; torchrun sets 1 unless it is set) "
+            f"of its {cores} cores: pass --threads {cores_each} (per process) to use them"
+        )
     if is_main:  # one lock for the run's processes (accelerate numbers an MPI run's only in Accelerator())
         held.enter_context(_run_lock(cfg.out))
     bf16 = uses_bf16(cfg.precision, accelerator.device.type)
@@ -750,56 +810,58 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     out = Path(cfg.out)
     data = Path(cfg.data)
 
-    # --- checks before any work: data, checkpoint, run dir
-    if not data.exists():
-        raise DataError(f"data folder not found: {data}")
-    if not data.is_dir():
-        raise DataError(f"data folder is not a directory: {data}")
-    if is_main:
-        _check_writable(out)  # now, not after the images are read and the model is built
-    if is_main and out.exists():
-        try:
-            recover(out / "last")  # a kill between two renames of atomic_save
-            recover(out / "best")
-        except OSError as exc:
-            raise TrainError(f"--out {out}: cannot put back a checkpoint an interrupted save set aside ({exc})") from exc
-    accelerator.wait_for_everyone()
-    mode = _check_out(cfg)
+    # --- checks before any work: data, checkpoint, run dir. Every process runs them; each block ends with
+    # all of them agreeing, so that an error is said once, and one process's failure stops every process.
+    with _every_process_agrees(accelerator):
+        if not data.exists():
+            raise DataError(f"data folder not found: {data}")
+        if not data.is_dir():
+            raise DataError(f"data folder is not a directory: {data}")
+        if is_main:
+            _check_writable(out)  # now, not after the images are read and the model is built
+        if is_main and out.exists():
+            try:
+                recover(out / "last")  # a kill between two renames of atomic_save
+                recover(out / "best")
+            except OSError as exc:
+                raise TrainError(f"--out {out}: cannot put back a checkpoint an interrupted save set aside ({exc})") from exc
+    with _every_process_agrees(accelerator):  # every rank has judged RUN/ before rank 0 writes to it
+        mode = _check_out(cfg)
+        base_dir = None
+        if mode == "fresh" and cfg.base is not None:
+            # Before anything is written. A hub id is fetched into huggingface_hub's cache (or found there) now,
+            # so it gets the same checks as a folder. A resumed run loads RUN/last instead.
+            base_dir = check_checkpoint_dir(resolve_checkpoint(cfg.base))
     if mode == "fresh" and cfg.resume:
         log(f"--resume: {out} holds no finished epoch (its run stopped before the first checkpoint); starting at epoch 1")
-    base_dir = None
-    if mode == "fresh" and cfg.base is not None:
-        # Before anything is written. A hub id is fetched into huggingface_hub's cache (or found there) now,
-        # so it gets the same checks as a folder. A resumed run loads RUN/last instead.
-        base_dir = check_checkpoint_dir(resolve_checkpoint(cfg.base))
-    accelerator.wait_for_everyone()  # every rank has judged RUN/ before rank 0 writes to it
-    # Validated once (every image opened); the split is a pure function of the file name (its split folder,
-    # else a hash). A checkpoint whose max_patches reach its position tables also refuses images too long and
-    # thin for them (a preset's tables are twice max_patches).
-    checkpoint = out / "last" if mode == "resume" else base_dir
-    positions = position_check(checkpoint, cfg.max_patches) if checkpoint is not None else None
-    all_ok = load_split(
-        data, split="all", test_ratio=cfg.test_ratio, seed=cfg.split_seed, caption_column=cfg.caption_column,
-        skip_bad=cfg.skip_bad, positions=positions,
-    )  # fmt: skip
-    part = [split_of(e.file_name, test_ratio=cfg.test_ratio, seed=cfg.split_seed) for e in all_ok]
-    train_ex = [e for e, s in zip(all_ok, part, strict=True) if s == "train"]
-    test_ex = [e for e, s in zip(all_ok, part, strict=True) if s == "test"]
+    with _every_process_agrees(accelerator):
+        # Validated once (every image opened); the split is a pure function of the file name (its split folder,
+        # else a hash). A checkpoint whose max_patches reach its position tables also refuses images too long and
+        # thin for them (a preset's tables are twice max_patches).
+        checkpoint = out / "last" if mode == "resume" else base_dir
+        positions = position_check(checkpoint, cfg.max_patches) if checkpoint is not None else None
+        all_ok = load_split(
+            data, split="all", test_ratio=cfg.test_ratio, seed=cfg.split_seed, caption_column=cfg.caption_column,
+            skip_bad=cfg.skip_bad, positions=positions, warn=is_main,
+        )  # fmt: skip
+        part = [split_of(e.file_name, test_ratio=cfg.test_ratio, seed=cfg.split_seed) for e in all_ok]
+        train_ex = [e for e, s in zip(all_ok, part, strict=True) if s == "train"]
+        test_ex = [e for e, s in zip(all_ok, part, strict=True) if s == "test"]
+        split = split_counts((e.file_name for e in all_ok), cfg.test_ratio, cfg.split_seed)
+        fingerprint = data_fingerprint(all_ok, split)
+        if mode == "resume":
+            _check_same_data(out, fingerprint)
+        if not train_ex:
+            raise TrainError(f"{data}: the train split is empty ({len(all_ok)} usable examples in all; {describe_split(split)})")
+        if len(train_ex) < world:  # every process needs an image in every step (epoch_batches)
+            raise TrainError(
+                f"{data}: {len(train_ex)} training image(s) for {world} processes; each process needs at least one: "
+                "start fewer processes, or add images"
+            )
     skipped = len(getattr(all_ok, "skipped", []))  # train.data.Examples lists what skip_bad left out
     if cfg.skip_bad:
         log(f"--skip-bad: training on {len(all_ok)} good examples, skipped {skipped} bad entries")
-    split = split_counts((e.file_name for e in all_ok), cfg.test_ratio, cfg.split_seed)
     log(describe_split(split))
-    fingerprint = data_fingerprint(all_ok, split)
-    if mode == "resume":
-        _check_same_data(out, fingerprint)
-    if not train_ex:
-        raise TrainError(f"{data}: the train split is empty ({len(all_ok)} usable examples in all; {describe_split(split)})")
-    if len(train_ex) < world:  # every process needs an image in every step (epoch_batches)
-        raise TrainError(
-            f"{data}: {len(train_ex)} training image(s) for {world} processes; each process needs at least one: "
-            "start fewer processes, or add images"
-        )
     if not test_ex:
         hint = ""
         if split["folders"] and not split["hashed"]:
