@@ -55,7 +55,7 @@ def describe_bundle(bundle: Any) -> str:
               help="Output format (default: csv when --out ends in .csv, else jsonl).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Images per model run (and per write to the output).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads (default: the cores this process may use).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads (per actor with --ray; default: the cores this process may use, with --ray each actor's share of the cluster's).")
 @click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True,
               help="Beam search width; 1 is greedy decoding.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
@@ -121,6 +121,13 @@ def caption(
     if use_ray and actors is not None and ray_address is None and actors > cores:
         say(f"warning: --actors {actors} on a local Ray with {cores} CPU cores: each actor loads the model, and "
             "actors beyond the cores only wait for each other")
+    elif use_ray and threads is not None and ray_address is None and threads <= cores:
+        from engine.ray_caption import plan_actors
+
+        pool = plan_actors(cores, actors, threads).actors  # a local Ray has this machine's cores
+        if pool * threads > cores:
+            say(f"warning: --threads {threads} is per actor: {pool} actor(s) x {threads} threads on a local Ray with "
+                f"{cores} CPU cores; threads beyond the cores wait for each other and slow the run down")
     if use_ray:
         _caption_on_ray(inputs, model, out, fmt, batch_size, threads, num_beams, max_new_tokens, max_pixels,
                         overwrite, recaption_changed, strict, quiet, ray_address, actors, ray_timeout)

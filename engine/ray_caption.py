@@ -128,45 +128,92 @@ def import_ray() -> Any:
 
 
 class CaptionActor:
-    """A Ray Data map_batches callable: one Captioner per actor, loaded once."""
+    """A Ray Data map_batches callable: one Captioner per actor, loaded once.
+
+    An actor that cannot load the bundle (not at that path on its node, a graph its ONNX Runtime refuses)
+    does not raise: Ray would print the traceback once per retry and the driver would die in an
+    ActorDiedError. It answers its first batch with the failure instead (`ActorFailure`), which the driver
+    raises as the engine's own error, said once.
+    """
 
     def __init__(self, bundle: str, threads: int, batch_size: int, num_beams: int,
                  max_new_tokens: int | None, max_pixels: int) -> None:
         from engine.captioner import Captioner
         from engine.session import MAX_THREADS_PER_CORE
 
-        # The plan shares out the whole cluster's cores; on a node with fewer, no more than the local limit
-        # (more threads than that would only wait for each other, and Captioner refuses them).
-        threads = min(threads, MAX_THREADS_PER_CORE * available_cores())
-        self.captioner = Captioner(
-            bundle, threads=threads, batch_size=batch_size, num_beams=num_beams,
-            max_new_tokens=max_new_tokens, max_pixels=max_pixels,
-        )
+        self.failure: str | None = None
+        try:
+            # The plan shares out the whole cluster's cores; on a node with fewer, no more than the local limit
+            # (more threads than that would only wait for each other, and Captioner refuses them).
+            threads = min(threads, MAX_THREADS_PER_CORE * available_cores())
+            self.captioner = Captioner(
+                bundle, threads=threads, batch_size=batch_size, num_beams=num_beams,
+                max_new_tokens=max_new_tokens, max_pixels=max_pixels,
+            )
+        except Exception as exc:  # noqa: BLE001 - anything that stops the bundle loading here is the run's error
+            said = str(exc) if isinstance(exc, EdlightError) else f"{type(exc).__name__}: {exc}"
+            self.failure = ActorFailure(type(exc).__name__, f"a Ray actor on {socket.gethostname()}: {said}").encode()
 
     def __call__(self, batch: dict[str, Any]) -> Any:
-        """Rows {index, path, label} -> a pyarrow table {index, caption, error, bytes} in the same order
-        (bytes: the file's size as it is read, as in a local run).
+        """Rows {index, path, label} -> a pyarrow table {index, caption, error, bytes, failure} in the same
+        order (bytes: the file's size as it is read, as in a local run; failure: null, or one row saying why
+        this actor cannot caption).
 
         Paths and labels travel as bytes (os.fsencode), and errors go back as bytes: a file name that is
         not valid UTF-8 (surrogate escapes in Python) is no Arrow string, and must not fail the job.
         """
-        import pyarrow as pa
-
+        if self.failure is not None:
+            return _result_table([-1], [None], [None], [None], [self.failure])
         items = [(int(i), Path(os.fsdecode(bytes(p))), os.fsdecode(bytes(label)))
                  for i, p, label in zip(batch["index"], batch["path"], batch["label"], strict=True)]
         sizes = {index: file_size(path) for index, path, _ in items}
-        indices, captions, errors = [], [], []
+        indices: list[int] = []
+        captions: list[str | None] = []
+        errors: list[bytes | None] = []
         for index, caption, error in self.captioner.iter_captions(items):
             indices.append(index)
             captions.append(caption)
             errors.append(None if error is None else error.encode("utf-8", "surrogatepass"))
-        # An explicit schema: a block whose images all failed would otherwise get a null-typed column.
-        return pa.table({
-            "index": pa.array(indices, pa.int64()),
-            "caption": pa.array(captions, pa.string()),
-            "error": pa.array(errors, pa.binary()),
-            "bytes": pa.array([sizes[i] for i in indices], pa.int64()),
-        })
+        return _result_table(indices, captions, errors, [sizes[i] for i in indices], [None] * len(indices))
+
+
+def _result_table(
+    indices: list[int], captions: list[str | None], errors: list[bytes | None], sizes: list[int | None],
+    failures: list[str | None],
+) -> Any:
+    import pyarrow as pa
+
+    # An explicit schema: a block whose images all failed would otherwise get a null-typed column.
+    return pa.table({
+        "index": pa.array(indices, pa.int64()),
+        "caption": pa.array(captions, pa.string()),
+        "error": pa.array(errors, pa.binary()),
+        "bytes": pa.array(sizes, pa.int64()),
+        "failure": pa.array(failures, pa.string()),
+    })
+
+
+@dataclass(frozen=True)
+class ActorFailure:
+    """Why an actor cannot caption, as it travels to the driver: the error's class name and its words."""
+
+    kind: str
+    message: str
+
+    def encode(self) -> str:
+        return f"{self.kind}\n{self.message}"
+
+    @staticmethod
+    def raise_from(encoded: str) -> None:
+        """Raise the engine's own error class of that name (BundleError, ModelRuntimeError, ...), else
+        ModelRuntimeError, with the actor's words."""
+        from engine import errors
+
+        kind, _, message = encoded.partition("\n")
+        error = getattr(errors, kind, None)
+        if not (isinstance(error, type) and issubclass(error, EdlightError)):
+            error = errors.ModelRuntimeError
+        raise error(message)
 
 
 def caption_folder_ray(
@@ -236,6 +283,8 @@ def caption_folder_ray(
             try:
                 with RecordWriter(summary.out, fmt, model) as writer:
                     for results in _stream_records(ray, rows, constructor, plan, batch_size, stall_timeout):
+                        for failure in (r["failure"] for r in results if r["failure"] is not None):
+                            ActorFailure.raise_from(failure)
                         records = [
                             {"file": files[r["index"]], "caption": r["caption"],
                              "error": None if r["error"] is None else r["error"].decode("utf-8", "surrogatepass"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.errors import BundleError
 from engine.folder import OutputError
 from engine.ray_caption import (
     RayConnectionError,
@@ -63,6 +65,31 @@ def test_an_actor_on_a_node_with_fewer_cores_than_its_share_still_starts(tiny_bu
     actor = CaptionActor(str(tiny_bundle), threads=10 * MAX_THREADS_PER_CORE * available_cores(), batch_size=2,
                          num_beams=1, max_new_tokens=4, max_pixels=0)  # fmt: skip
     assert actor.captioner.encoder.settings.threads == MAX_THREADS_PER_CORE * available_cores()
+
+
+@pytest.mark.slow
+def test_an_actor_that_cannot_load_the_bundle_is_one_named_error(local_ray: object, tiny_bundle: Path, tmp_path: Path) -> None:
+    """As on a node whose ONNX Runtime refuses a graph (or that lacks the bundle's path): the actor died in
+    its constructor, Ray printed its traceback once per retry, and the driver ended in ActorDiedError (exit 1)."""
+    from engine.bundle import MANIFEST_NAME, sha256_file
+    from engine.errors import ModelRuntimeError
+
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    encoder = next(name for name in manifest["files"] if name.startswith("encoder") and name.endswith(".onnx"))
+    (bundle / encoder).write_bytes(b"not an ONNX graph")  # hashed as it is: the driver's check passes
+    manifest["files"][encoder] = sha256_file(bundle / encoder)
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ModelRuntimeError, match=f"^a Ray actor on {re.escape(socket.gethostname())}: .*{encoder}: ONNX Runtime cannot load"):
+        caption_folder_ray([EXAMPLES], tmp_path / "out.jsonl", bundle, actors=1, progress=False)
+    assert (tmp_path / "out.jsonl").read_text() == ""  # no record: nothing was captioned
+
+    from engine.ray_caption import ActorFailure, CaptionActor
+
+    gone = CaptionActor(str(tmp_path / "elsewhere"), threads=1, batch_size=2, num_beams=1, max_new_tokens=4, max_pixels=0)
+    failure = gone({"index": [0], "path": [b"x.png"], "label": [b"x.png"]}).to_pylist()[0]["failure"]
+    with pytest.raises(BundleError, match="a Ray actor on .*elsewhere"):
+        ActorFailure.raise_from(failure)
 
 
 def test_an_unreachable_address_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
