@@ -181,10 +181,13 @@ def collect_inputs(
     if duplicates is not None:
         kept_set = set(kept)
         duplicates += [str(item.path) for index, item in enumerate(found) if index not in kept_set]
+    # Two inputs can hold the same relative name (a/x.png, b/x.png): then prefix with the input. Judged before
+    # duplicates go, so that it does not depend on which name of a hard-linked file was kept.
+    files_named: dict[str, set[object]] = {}
+    for item, key in zip(found, identities, strict=True):
+        files_named.setdefault(item.file, set()).add(key)
+    prefix = any(len(files) > 1 for files in files_named.values())
     found, given = [found[i] for i in kept], [given[i] for i in kept]
-    # Two inputs can hold the same relative name (a/x.png, b/x.png): then prefix with the input.
-    names = [item.file for item in found]
-    prefix = len(set(names)) != len(names)
     named = []
     for item, raw in zip(found, given, strict=True):
         prefixed = f"{Path(raw).as_posix().rstrip('/')}/{item.file}" if Path(raw).is_dir() else raw

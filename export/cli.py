@@ -25,7 +25,7 @@ class _EchoHandler(logging.Handler):
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to create.")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="int8: encoder MatMuls with per-channel int8 weights, decoder token rows as 8-bit MatMulNBits (see README).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="int8: dynamic int8 with 7-bit per-channel weights for the encoder and the decoder's image rows, 8-bit MatMulNBits for its token rows (see README).")
 @click.option(
     "--data",
     type=click.Path(path_type=Path),

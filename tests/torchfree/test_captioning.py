@@ -1671,6 +1671,15 @@ def test_hard_links_are_one_file_and_no_stderr_means_no_progress_bar(
     summary = captioner.caption_folder(tmp_path / "in", out=tmp_path / "o.jsonl")
     assert (summary.captioned, len(summary.duplicates)) == (2, 1)
 
+    # Another input holding the left-out name: the records are prefixed, whichever name of the file was kept
+    # (they were not when the kept name was the other one, and the run was refused once that link was gone).
+    photo(7).save(tmp_path / "b.png")
+    (tmp_path / "other").mkdir()
+    os.link(tmp_path / "b.png", tmp_path / "other" / "zz_same_file.png")
+    os.link(tmp_path / "b.png", tmp_path / "other" / "aa_first.png")  # kept in place of zz_same_file.png
+    files = [f.file for f in collect_inputs([tmp_path / "in", tmp_path / "other"])]
+    assert files == [f"{tmp_path / 'in'}/{name}" for name in names] + [f"{tmp_path / 'other'}/aa_first.png"]
+
 
 def test_a_report_to_redirected_stdout_or_stderr_appends(tmp_path: Path) -> None:
     code = ("import sys; from pathlib import Path; from engine.folder import write_report; "
