@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -210,6 +211,10 @@ def _caption_on_ray(
     from engine.captioner import resolve_bundle
     from engine.ray_caption import caption_folder_ray, import_ray
 
+    # A stop (SIGTERM from timeout or a service manager reaches Ray's own processes too) can leave Ray Data's
+    # executor thread calling Ray after the shutdown, and Ray's auto-init then started a new local Ray there,
+    # whose failing connection ended the process a minute later with exit 1. This process never needs it.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     try:
         import_ray()  # a missing extra is said first, before any work
         say(describe_bundle(Bundle.load(resolve_bundle(model))))

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -333,8 +334,17 @@ def _connect(ray: Any, address: str | None, num_cpus: int | None, records_on_std
                 "(RAY_AUTH_TOKEN, or ~/.ray/auth_token)"
             ) from exc
     else:
-        # "local": a fresh instance of our own, never an unrelated cluster found through RAY_ADDRESS.
-        ray.init(address="local", num_cpus=num_cpus or available_cores(), **options)
+        # "local": a fresh instance of our own, never an unrelated cluster found through RAY_ADDRESS. Its processes
+        # start with SIGTERM and SIGHUP blocked: `timeout` and service managers signal the whole process group (or
+        # cgroup), and a raylet dying at once made Ray end this process with exit 1 before the stop could unwind.
+        # They go with ray.shutdown(), or with this process (Ray ties them to it).
+        blocked = {signal.SIGTERM, signal.SIGHUP} if hasattr(signal, "pthread_sigmask") else set()
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if blocked else None
+        try:
+            ray.init(address="local", num_cpus=num_cpus or available_cores(), **options)
+        finally:
+            if before is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, before)
     reclaim_stop_signals()  # ray.init's SIGTERM handler exits with status 15 and no word: the CLI unwinds instead
     return True
 
