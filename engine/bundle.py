@@ -468,25 +468,30 @@ def token_processors(generation_config: dict[str, Any], where: Path) -> dict[str
     if config.get("sequence_bias") is not None:
         biases = []
         for pair in _nonempty_list(config["sequence_bias"], "sequence_bias", where):
-            if not (isinstance(pair, list) and len(pair) == 2 and pair[0] and is_finite_number(pair[1])):
-                raise BundleError(f"{where}: sequence_bias must be a list of [[token ids], bias] pairs, got {pair!r}")
-            biases.append((_token_ids(pair[0], "sequence_bias", where), float(pair[1])))
+            # As transformers' generate takes them: token ids from 1, and the bias written as a float (2.0, not 2).
+            if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], float) and is_finite_number(pair[1])):
+                raise BundleError(f"{where}: sequence_bias must be a list of [[token ids], bias] pairs with float biases, got {pair!r}")
+            biases.append((_token_ids(pair[0], "sequence_bias", where, minimum=1), pair[1]))
+            if not biases[-1][0]:
+                raise BundleError(f"{where}: sequence_bias holds an empty list of token ids")
         found["sequence_bias"] = tuple(biases)
     if config.get("forced_bos_token_id") is not None:
         found["forced_bos_token_id"] = _setting(config["forced_bos_token_id"], "forced_bos_token_id", where)
     if config.get("forced_eos_token_id") is not None:
         value = config["forced_eos_token_id"]
         found["forced_eos_token_ids"] = _token_ids(value if isinstance(value, list) else [value], "forced_eos_token_id", where)
+        if not found["forced_eos_token_ids"]:
+            raise BundleError(f"{where}: forced_eos_token_id is an empty list")
     for name in ("suppress_tokens", "begin_suppress_tokens"):
         if config.get(name) is not None:
             found[name] = _token_ids(config[name], name, where)
     return {name: value for name, value in found.items() if value != ()}
 
 
-def _token_ids(value: Any, name: str, where: Path) -> tuple[int, ...]:
+def _token_ids(value: Any, name: str, where: Path, minimum: int = 0) -> tuple[int, ...]:
     if not isinstance(value, list):
         raise BundleError(f"{where}: {name} must be a list of token ids, got {value!r}")
-    return tuple(_setting(t, f"each token id in {name}", where) for t in value)
+    return tuple(_setting(t, f"each token id in {name}", where, minimum) for t in value)
 
 
 def _nonempty_list(value: Any, name: str, where: Path) -> list[Any]:

@@ -178,7 +178,7 @@ class Captioner:
         if hashed is not None:
             hashed.result()
         vocab = self.decoder.vocab_size
-        if isinstance(vocab, int) and (unknown := sorted(t for t in self.generation.named_tokens if t >= vocab)):
+        if isinstance(vocab, int) and (unknown := self.generation.unknown_tokens(vocab)):
             raise BundleError(
                 f"{path / 'generation_config.json'}: names tokens the model does not have (vocabulary of {vocab}): {unknown}"
             )

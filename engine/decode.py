@@ -90,7 +90,8 @@ class GenerationSettings:
 
     @property
     def processes_scores(self) -> bool:
-        """Whether any logits processor is set (min_new_tokens aside, which the loops apply themselves)."""
+        """Whether any logits processor is set, when `process_scores` runs (min_new_tokens included); without
+        one, the loops only suppress EOS before min_new_tokens themselves."""
         return (
             self.reads_history or bool(self.sequence_bias) or bool(self.bad_words_ids) or self.forced_bos_token_id is not None
             or bool(self.forced_eos_token_ids) or bool(self.suppress_tokens) or bool(self.begin_suppress_tokens)
@@ -104,12 +105,13 @@ class GenerationSettings:
             or any(len(words) > 1 for words in self.bad_words_ids) or any(len(seq) > 1 for seq, _ in self.sequence_bias)
         )
 
-    @property
-    def named_tokens(self) -> set[int]:
-        """Every token id the logits processors name."""
+    def unknown_tokens(self, vocab_size: int) -> list[int]:
+        """The token ids the logits processors name that a vocabulary of `vocab_size` lacks."""
         named = {t for sequence, _ in self.sequence_bias for t in sequence} | {t for words in self.bad_words_ids for t in words}
         named |= {*self.forced_eos_token_ids, *self.suppress_tokens, *self.begin_suppress_tokens}
-        return named if self.forced_bos_token_id is None else named | {self.forced_bos_token_id}
+        if self.forced_bos_token_id is not None:
+            named.add(self.forced_bos_token_id)
+        return sorted(t for t in named if t >= vocab_size)
 
     @property
     def begin_step(self) -> int:
@@ -120,8 +122,8 @@ class GenerationSettings:
 def process_scores(scores: np.ndarray, history: np.ndarray | None, step: int, settings: GenerationSettings) -> np.ndarray:
     """transformers' logits processors in its order, in place, at caption step `step`: `scores` [rows, vocab],
     `history` [rows, step + 1] the start token and the caption so far of each row (None unless
-    `settings.reads_history`). EOS's suppression before `min_new_tokens` is the loops' own."""
-    if step == 0 and (unknown := sorted(t for t in settings.named_tokens if t >= scores.shape[1])):
+    `settings.reads_history`). EOS is suppressed before `min_new_tokens` here too, in its place in that order."""
+    if step == 0 and (unknown := settings.unknown_tokens(scores.shape[1])):
         raise ModelRuntimeError(
             f"the generation settings name tokens the model does not have (vocabulary of {scores.shape[1]}): {unknown}"
         )

@@ -75,9 +75,10 @@ CURRENT_CSV_NAME = re.compile(r"(?:[^\\]|\\[\\nr]|\\x[0-9a-f]{2})*", re.DOTALL)
 STREAM_PATH = re.compile(r"/dev/(stdout|stderr)|/dev/fd/\d+|/proc/self/fd/\d+")
 # The longest file name (bytes) on Linux, macOS and Windows file systems alike.
 NAME_MAX_BYTES = 255
-# Room kept after `sibling_stem` for what its callers append: the longest, export's
-# ".partial-PID@HOST-XXXXXXXX", takes 90 bytes with a 64-byte host name.
-SIBLING_SUFFIX_BYTES = 96
+# What follows `sibling_stem` in the names of an output's rewritten copy (".PID.tmp") and of a report's
+# (".PID-XXXXXXXX.tmp"), with room for a 7-digit pid.
+REWRITE_SUFFIX_BYTES = 16
+REPORT_SUFFIX_BYTES = 24
 
 
 @dataclass(frozen=True)
@@ -178,15 +179,17 @@ def collect_inputs(
         if first != index and not _without_symlinks(found[first]) and _without_symlinks(item):
             chosen[key] = index
     kept = sorted(chosen.values())
-    if duplicates is not None:
-        kept_set = set(kept)
-        duplicates += [str(item.path) for index, item in enumerate(found) if index not in kept_set]
-    # Two inputs can hold the same relative name (a/x.png, b/x.png): then prefix with the input. Judged before
-    # duplicates go, so that it does not depend on which name of a hard-linked file was kept.
+    # Two inputs can hold the same relative name (a/x.png, b/x.png): then prefix with the input. Hard-linked
+    # names count even when left out, so that this does not depend on which name of such a file was kept; a
+    # path through a symlink that was left out does not (as before hard links counted).
+    kept_set = set(kept)
     files_named: dict[str, set[object]] = {}
-    for item, key in zip(found, identities, strict=True):
-        files_named.setdefault(item.file, set()).add(key)
+    for index, (item, key) in enumerate(zip(found, identities, strict=True)):
+        if index in kept_set or _without_symlinks(item):
+            files_named.setdefault(item.file, set()).add(key)
     prefix = any(len(files) > 1 for files in files_named.values())
+    if duplicates is not None:
+        duplicates += [str(item.path) for index, item in enumerate(found) if index not in kept_set]
     found, given = [found[i] for i in kept], [given[i] for i in kept]
     named = []
     for item, raw in zip(found, given, strict=True):
@@ -196,14 +199,16 @@ def collect_inputs(
     return named
 
 
-def sibling_stem(name: str) -> str:
-    """`.NAME`: how the hidden files kept next to NAME begin (its lock, temporary copies, a bundle set aside).
+def sibling_stem(name: str, suffix_bytes: int) -> str:
+    """`.NAME`: how the hidden files kept next to NAME begin (its lock, temporary copies, a bundle set aside),
+    before a suffix of at most `suffix_bytes`.
 
-    A name too long to take a suffix within the file system's limit keeps its start and gains a hash of
-    the whole name, so every such file can still be made, and each name still has its own.
+    A name too long to take that suffix within the file system's limit keeps its start and gains a hash of
+    the whole name, so every such file can still be made, and each name still has its own. Every name that
+    fits keeps `.NAME` (as before this rule: an older edlight at work on the same output uses the same lock).
     """
     stem = f".{name}"
-    room = NAME_MAX_BYTES - SIBLING_SUFFIX_BYTES
+    room = NAME_MAX_BYTES - suffix_bytes
     if len(os.fsencode(stem)) <= room:
         return stem
     mark = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
@@ -456,13 +461,16 @@ def record_name(file: str, fmt: str) -> str:
 
 
 def _csv_header(path: Path) -> tuple[str, ...]:
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         return _columns(handle.readline())
 
 
 def _columns(line: str) -> tuple[str, ...]:
-    """The names in a CSV header line (ours never need quoting)."""
-    return tuple(line.rstrip("\r\n").split(","))
+    """The names in a CSV header line, as a spreadsheet may also save it: quoted, after a UTF-8 BOM."""
+    try:
+        return tuple(next(csv.reader([line.removeprefix(BOM).rstrip("\r\n")]), []))
+    except csv.Error:
+        return ()
 
 
 def format_record(record: dict[str, Any], fmt: str, columns: tuple[str, ...] = FIELDS) -> str:
@@ -495,6 +503,7 @@ class _Line:
 
 
 JSONL_START = '{"file": '  # how every JSONL record of ours begins (format_record)
+BOM = "\ufeff"  # what Excel's "CSV UTF-8" and Windows PowerShell 5 put before the first line
 
 
 def read_done(out: Path, fmt: str) -> dict[str, bool]:
@@ -512,7 +521,7 @@ def _read_lines(out: Path, fmt: str, repair: bool = True) -> list[_Line]:
         return []  # nothing yet, or a device or pipe (/dev/stdout): nothing to resume
     lines: list[_Line] = []
     tail = b""  # bytes after the last newline: none, or a record a kill cut short
-    end = 0
+    end, columns = 0, len(FIELDS)
     try:
         with open(out, "rb") as handle:
             for raw in handle:  # line by line: memory for what is kept of each record, not for the file
@@ -520,9 +529,21 @@ def _read_lines(out: Path, fmt: str, repair: bool = True) -> list[_Line]:
                     tail = raw
                     break
                 end += len(raw)
-                lines.append(_parse_line(out, fmt, len(lines) + 1, raw[:-1], end))
+                lines.append(_parse_line(out, fmt, len(lines) + 1, raw[:-1], end, columns))
+                if fmt == "csv" and len(lines) == 1 and raw.strip():  # the header: how many fields a row has
+                    columns = len(_columns(raw.decode("utf-8", "replace")))
     except OSError as exc:
         raise OutputError(f"{out}: cannot read for resuming: {exc.strerror or exc}") from exc
+    if tail and fmt == "jsonl" and (whole := _whole_record(out, len(lines) + 1, tail, end)) is not None:
+        # A whole record that only lacks its newline (a file saved by hand or by '\n'.join): kept. A cut
+        # record never parses: the brace that closes it is what is written last.
+        if repair:
+            try:
+                with open(out, "ab") as handle:
+                    handle.write(b"\n")
+            except OSError as exc:
+                raise OutputError(f"{out}: cannot end its last record with a newline: {exc.strerror or exc}") from exc
+        return [*lines, whole]
     if tail:
         if not _is_torn_record(tail, fmt, first_line=not lines):
             raise OutputError(
@@ -536,26 +557,45 @@ def _read_lines(out: Path, fmt: str, repair: bool = True) -> list[_Line]:
                 handle.truncate(end)
         except OSError as exc:
             raise OutputError(f"{out}: cannot cut off its torn last line: {exc.strerror or exc}") from exc
+        shown = tail[:60].decode("utf-8", "replace") + ("..." if len(tail) > 60 else "")
+        log.warning("%s: cut off its last line, a record whose writing was cut short (%d bytes: %s)", out, len(tail), shown)
     return lines
 
 
-def _parse_line(out: Path, fmt: str, number: int, raw: bytes, end: int) -> _Line:
+def _whole_record(out: Path, number: int, tail: bytes, end: int) -> _Line | None:
+    """`tail` as a complete JSONL record (ending at end + len(tail) + its newline to come), else None."""
+    try:
+        line = _parse_line(out, "jsonl", number, tail, end + len(tail) + 1)
+    except OutputError:
+        return None
+    return line if line.file is not None else None
+
+
+def _parse_line(out: Path, fmt: str, number: int, raw: bytes, end: int, columns: int = len(FIELDS)) -> _Line:
+    """One line of `out` as a record (`columns`: how many a CSV row has, as its header says)."""
     if not raw.strip():
         return _Line(end, None)
     try:
         text = raw.decode("utf-8")
+        if number == 1:
+            text = text.removeprefix(BOM)
         if fmt == "csv":
             if number == 1:
                 if _columns(text) not in CSV_HEADERS:
                     raise ValueError(f"the first line is not the CSV header {','.join(FIELDS)}")
                 return _Line(end, None)
+            if text.count('"') % 2:
+                raise ValueError("a quoted field runs on past the end of the line (a line break inside a cell, as a "
+                                 "spreadsheet saves one); keep each record on one line")
             row = next(csv.reader([text]))
+            if len(row) != columns:
+                raise ValueError(f"{len(row)} fields where the header has {columns}")
             file, failed, model = row[0], len(row) > 2 and bool(row[2]), row[3] if len(row) > 3 and row[3] else None
             size: object = row[4] if len(row) > 4 and row[4] else None
         else:
             record = json.loads(text)
             file, failed, model, size = record["file"], record.get("error") is not None, record.get("model"), record.get("bytes")
-        size = None if size is None else int(size)  # type: ignore[call-overload]
+        size = None if size is None else _whole_number(size)
     except (
         UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError, StopIteration,
         OverflowError, RecursionError, csv.Error,  # 1e400 bytes, JSON nested beyond the parser, a huge CSV field
@@ -568,11 +608,28 @@ def _parse_line(out: Path, fmt: str, number: int, raw: bytes, end: int) -> _Line
     return _Line(end, str(file), failed, None if model is None else sys.intern(str(model)), size)  # few models
 
 
+def _whole_number(value: object) -> int:
+    """A record's byte count: an integer, also as a whole float (46135.0: a spreadsheet's or pandas' copy)."""
+    if isinstance(value, bool):
+        raise ValueError(f"bytes is {value!r}, not a number")
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except ValueError:
+        number = float(value)  # type: ignore[arg-type]
+        if not number.is_integer():
+            raise
+        return int(number)
+
+
 def _caption_format(first_line: bytes) -> str | None:
     """The format of the caption file `first_line` starts ("jsonl": a record, "csv": our header), else None."""
-    text = first_line.decode("utf-8", "replace")
-    if text.startswith(JSONL_START):
-        return "jsonl"
+    text = first_line.decode("utf-8", "replace").removeprefix(BOM)
+    if text.startswith("{"):
+        try:
+            record = json.loads(text)
+        except (ValueError, RecursionError):
+            return "jsonl" if text.startswith(JSONL_START) else None
+        return "jsonl" if isinstance(record, dict) and "file" in record else None
     return "csv" if _columns(text) in CSV_HEADERS else None
 
 
@@ -588,6 +645,8 @@ def _is_torn_record(tail: bytes, fmt: str, first_line: bool) -> bool:
         return False
     if "\x00" in text:
         return False
+    if first_line:
+        text = text.removeprefix(BOM)
     if fmt == "jsonl":
         return text.startswith(JSONL_START) or JSONL_START.startswith(text)
     if first_line:
@@ -601,7 +660,7 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
     In a folder where no new file may be made, the records stay: the retries' records follow them, and
     the later record of a file is the one a resume reads.
     """
-    temporary = out.with_name(f"{sibling_stem(out.name)}.{os.getpid()}.tmp")
+    temporary = out.with_name(f"{sibling_stem(out.name, REWRITE_SUFFIX_BYTES)}.{os.getpid()}.tmp")
     try:
         handle = open(temporary, "wb")
     except OSError as exc:
@@ -625,13 +684,27 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
                 start = line.end
             handle.flush()
             os.fsync(handle.fileno())
-        with contextlib.suppress(OSError):
-            os.chmod(temporary, out.stat().st_mode & 0o7777)
+        _take_owner_and_mode(temporary, out)
         os.replace(temporary, out)
     except OSError as exc:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise OutputError(f"{out}: cannot drop the error records of images to retry: {exc.strerror or exc}") from exc
+
+
+def _take_owner_and_mode(copy: Path, original: Path) -> None:
+    """Give a rewritten copy the original's permissions, owner and group before it replaces it (as far as this
+    user may: a shared folder's group kept, so the team can still resume the file)."""
+    try:
+        info = original.stat()
+    except OSError:
+        return
+    with contextlib.suppress(OSError):
+        os.chmod(copy, info.st_mode & 0o7777)
+    if hasattr(os, "chown"):
+        with contextlib.suppress(OSError):
+            os.chown(copy, info.st_uid, info.st_gid)
+            os.chmod(copy, info.st_mode & 0o7777)  # chown clears setuid/setgid bits
 
 
 @contextlib.contextmanager
@@ -655,7 +728,7 @@ def output_lock(out: Path) -> Iterator[None]:
     except OSError:
         yield  # RecordWriter says why the folder cannot be made
         return
-    lock = out.with_name(f"{sibling_stem(out.name)}.lock")
+    lock = out.with_name(f"{sibling_stem(out.name, len('.lock'))}.lock")
     in_place = not lock.exists() and not os.access(folder, os.W_OK)
     if in_place and not out.is_file():
         yield  # nothing to lock, and RecordWriter cannot create the output there: it says so
@@ -849,12 +922,11 @@ def write_report(out: Path, text: str) -> None:
             return
         target = output_target(out)
         # A new name every time, created exclusively: never an existing file or a symlink planted there.
-        temporary = target.with_name(f"{sibling_stem(target.name)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        temporary = target.with_name(f"{sibling_stem(target.name, REPORT_SUFFIX_BYTES)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         try:
             with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as handle:
                 handle.write(text)
-            with contextlib.suppress(OSError):
-                os.chmod(temporary, target.stat().st_mode & 0o7777)
+            _take_owner_and_mode(temporary, target)
             try:
                 os.replace(temporary, target)
             except PermissionError:
@@ -930,7 +1002,7 @@ def plan_folder_job(
         if any(os.path.realpath(raw) == str(target) for raw in inputs):
             raise OutputError(f"{out_path}: the output file is one of the input images; choose another output")
         files = [f for f in files if f.real != str(target)]  # an earlier run's output inside an input folder
-        stem = sibling_stem(target.name)
+        stem = sibling_stem(target.name, REWRITE_SUFFIX_BYTES)
         for stale in target.parent.glob(f"{glob.escape(stem)}.*.tmp"):  # a rewrite a kill cut short
             if re.fullmatch(rf"{re.escape(stem)}\.\d+\.tmp", stale.name):  # not another output's
                 with contextlib.suppress(OSError):

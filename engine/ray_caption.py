@@ -343,8 +343,11 @@ def _connect(ray: Any, address: str | None, num_cpus: int | None, records_on_std
         try:
             ray.init(address="local", num_cpus=num_cpus or available_cores(), **options)
         finally:
+            # Before the mask goes: a stop that came during start-up is delivered then, to our handler.
+            reclaim_stop_signals()
             if before is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        return True
     reclaim_stop_signals()  # ray.init's SIGTERM handler exits with status 15 and no word: the CLI unwinds instead
     return True
 

@@ -49,6 +49,9 @@ if TYPE_CHECKING:
     from train.data import Example
 
 TASK = "image-to-text-with-past"
+# What follows the bundle's name in the names of its leftovers (engine.folder.sibling_stem): the longest,
+# ".partial-PID@HOST-XXXXXXXX", takes 90 bytes with a 7-digit pid and a 64-byte host name.
+LEFTOVER_SUFFIX_BYTES = 96
 # Optimum's dummy inputs need at least a 2x2 patch grid.
 MIN_PATCHES = 4
 # Generation settings the engine does not take from a checkpoint (their transformers defaults): sampling,
@@ -408,7 +411,7 @@ def _place_temp_dir(out: Path, force: bool, inputs: list[Path]) -> Path:
         raise ExportError(f"{out.parent}: cannot write the bundle there ({exc.strerror or exc}); choose a writable --out") from exc
     _check_replaceable(out, force, inputs)
     try:
-        return Path(tempfile.mkdtemp(prefix=f"{sibling_stem(out.name)}.partial-{_owner()}-", dir=out.parent))
+        return Path(tempfile.mkdtemp(prefix=f"{sibling_stem(out.name, LEFTOVER_SUFFIX_BYTES)}.partial-{_owner()}-", dir=out.parent))
     except OSError as exc:
         raise ExportError(f"{out.parent}: cannot write the bundle there ({exc.strerror or exc}); choose a writable --out") from exc
 
@@ -421,7 +424,7 @@ def _owner() -> str:
 def _clear_dead_exports(out: Path) -> None:
     """Remove what exports to `out` killed mid-way on this machine left (their pid@host names them): partial
     bundles, and a replaced bundle set aside (put back if the new one never arrived)."""
-    stem, host = sibling_stem(out.name), re.escape(socket.gethostname())
+    stem, host = sibling_stem(out.name, LEFTOVER_SUFFIX_BYTES), re.escape(socket.gethostname())
     for leftover in sorted(out.parent.glob(f"{glob.escape(stem)}.*")):
         # Exactly the names _place_temp_dir and _move_into_place give (mkdtemp adds 8 of [a-z0-9_]); another
         # bundle's ("NAME.old-2024/...") or another machine's leftovers never match.
@@ -457,7 +460,7 @@ def _move_into_place(staged: Path, out: Path, force: bool) -> None:
         raise ExportError(f"{out}: appeared during the export; pass --force to replace it")
     try:
         if out.exists():
-            old = out.with_name(f"{sibling_stem(out.name)}.old-{_owner()}")
+            old = out.with_name(f"{sibling_stem(out.name, LEFTOVER_SUFFIX_BYTES)}.old-{_owner()}")
             os.replace(out, old)
         os.replace(staged, out)
     except BaseException as exc:  # also Ctrl-C or SIGTERM between the two renames: the old bundle goes back
@@ -469,7 +472,7 @@ def _move_into_place(staged: Path, out: Path, force: bool) -> None:
     if old is not None:
         # Renamed first, so that a removal cut short or failing part-way is never taken for a bundle set aside
         # by an interrupted export (_clear_dead_exports puts those back).
-        discard = out.with_name(f"{sibling_stem(out.name)}.discard-{_owner()}")
+        discard = out.with_name(f"{sibling_stem(out.name, LEFTOVER_SUFFIX_BYTES)}.discard-{_owner()}")
         try:
             os.replace(old, discard)
         except OSError:

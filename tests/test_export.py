@@ -679,7 +679,7 @@ def test_a_bundle_set_aside_by_a_killed_export_is_put_back(tmp_path: Path) -> No
 def test_a_bundle_named_up_to_the_file_system_limit_is_staged_replaced_and_put_back(tmp_path: Path) -> None:
     """The staging folder and the set-aside bundle are named after --out: a legal name near 255 bytes made
     them too long to create ("File name too long" after the whole export)."""
-    from export.onnx import _clear_dead_exports, _move_into_place, _place_temp_dir
+    from export.onnx import LEFTOVER_SUFFIX_BYTES, _clear_dead_exports, _move_into_place, _place_temp_dir
 
     out = tmp_path / ("b" * 250)
     first = _place_temp_dir(out, force=False, inputs=[])
@@ -691,7 +691,7 @@ def test_a_bundle_named_up_to_the_file_system_limit_is_staged_replaced_and_put_b
     assert (out / "edlight.json").read_text() == '{"v": 2}' and [p.name for p in tmp_path.iterdir()] == [out.name]
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    out.rename(tmp_path / f"{sibling_stem(out.name)}.old-{int(dead.stdout)}@{socket.gethostname()}")  # killed mid-swap
+    out.rename(tmp_path / f"{sibling_stem(out.name, LEFTOVER_SUFFIX_BYTES)}.old-{int(dead.stdout)}@{socket.gethostname()}")  # killed mid-swap
     _clear_dead_exports(out)
     assert (out / "edlight.json").read_text() == '{"v": 2}' and [p.name for p in tmp_path.iterdir()] == [out.name]
 

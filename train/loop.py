@@ -617,8 +617,9 @@ def lost_another_process(exc: BaseException) -> bool:
 @contextlib.contextmanager
 def _every_process_agrees(accelerator: Any) -> Iterator[None]:
     """Run the block's checks on every process, then wait for all of them: when any raised an EdlightError,
-    every process raises one. The first process's error says the first failing process's words (named, when
-    another's); the others' errors are marked `said_by_first_process`, so the CLI says the run's error once.
+    every process raises one (any other exception ends its process, and the others then fail to reach it). The
+    first process's error says the first failing process's words (named, when another's); the others' errors are
+    marked `said_by_first_process`, so the CLI says the run's error once.
 
     Alone, each process printed the same error; and a process whose view of the disk differed (another
     machine's --out) failed while the rest waited for it, then died in a raw gloo traceback.
@@ -802,8 +803,6 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             f"thread(s) (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; torchrun sets 1 unless it is set) "
             f"of its {cores} cores: pass --threads {cores_each} (per process) to use them"
         )
-    if is_main:  # one lock for the run's processes (accelerate numbers an MPI run's only in Accelerator())
-        held.enter_context(_run_lock(cfg.out))
     bf16 = uses_bf16(cfg.precision, accelerator.device.type)
     forward_precision = "bf16" if bf16 else "fp32"  # what "auto" resolved to, for the log and run_config.json
     log = _log if is_main else (lambda _msg: None)
@@ -813,6 +812,8 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     # --- checks before any work: data, checkpoint, run dir. Every process runs them; each block ends with
     # all of them agreeing, so that an error is said once, and one process's failure stops every process.
     with _every_process_agrees(accelerator):
+        if is_main:  # one lock for the run's processes (accelerate numbers an MPI run's only in Accelerator())
+            held.enter_context(_run_lock(cfg.out))
         if not data.exists():
             raise DataError(f"data folder not found: {data}")
         if not data.is_dir():

@@ -24,7 +24,6 @@ from engine import Captioner
 from engine.caption_cli import caption as caption_command
 from engine.errors import BundleError, ImageError
 from engine.folder import (
-    SIBLING_SUFFIX_BYTES,
     OutputError,
     collect_inputs,
     output_lock,
@@ -50,6 +49,12 @@ def make_folder(root: Path, count: int) -> list[str]:
         photo(i, 64 + 8 * (i % 5), 48 + 16 * (i % 4)).save(root / name)
         names.append(name)
     return [f.file for f in collect_inputs([root])]
+
+
+def records_of_csv(path: Path) -> list[dict]:
+    import csv
+
+    return list(csv.DictReader(path.open(encoding="utf-8-sig", newline="")))
 
 
 def records(path: Path) -> list[dict]:
@@ -306,12 +311,13 @@ def test_an_output_named_up_to_the_file_system_limit_is_locked_resumed_and_rewri
 
 
 def test_sibling_names_fit_the_file_system_and_stay_apart() -> None:
-    assert sibling_stem("captions.jsonl") == ".captions.jsonl"  # as before for every usual name
+    assert sibling_stem("captions.jsonl", 96) == ".captions.jsonl"  # as before for every usual name
+    assert sibling_stem("c" * 244, 5) == "." + "c" * 244  # and for every name that takes its suffix
     long_a, long_b = "\u00e9" * 120 + "a", "\u00e9" * 120 + "b"
-    stems = {sibling_stem(long_a), sibling_stem(long_b)}
+    stems = {sibling_stem(long_a, 96), sibling_stem(long_b, 96)}
     assert len(stems) == 2  # same start, their own hashes
     for stem in stems:
-        assert stem.startswith(".\u00e9") and len(os.fsencode(stem)) + SIBLING_SUFFIX_BYTES <= 255
+        assert stem.startswith(".\u00e9") and len(os.fsencode(stem)) + 96 <= 255
         os.fsencode(stem).decode("utf-8")  # cut between characters, never inside one
 
 
@@ -400,6 +406,86 @@ def test_csv_output_and_resume(captioner: Captioner, tmp_path: Path) -> None:
     assert [r["file"] for r in rows] == names + ["broken.png"]
     assert rows[-1]["caption"] == "" and "broken.png" in rows[-1]["error"]
     assert all(r["caption"] and not r["error"] for r in rows[:-1])
+
+
+def test_a_whole_last_record_without_its_newline_is_kept_and_a_cut_one_is_said(
+    captioner: Captioner, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file saved by '\\n'.join (or an editor) lacks only the last newline: that record was cut off as torn,
+    and a hand-checked caption of an image no longer among the inputs was gone for good, without a word."""
+    names = make_folder(tmp_path / "in", 3)
+    out = tmp_path / "o.jsonl"
+    captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    reviewed = [{**r, "caption": "checked by hand"} if r["file"] == names[2] else r for r in records(out)]
+    out.write_text("\n".join(json.dumps(r) for r in reviewed), encoding="utf-8")
+    (tmp_path / "in" / names[2]).unlink()
+    photo(5).save(tmp_path / "in" / "new.png")
+    summary = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    assert (summary.skipped, summary.captioned) == (2, 1)
+    assert records(out)[:3] == reviewed and records(out)[3]["file"] == "new.png"  # kept, then a newline, then the new one
+
+    whole = out.read_text(encoding="utf-8")
+    out.write_text(whole + whole.splitlines()[0][:25], encoding="utf-8")  # a record cut short by a kill
+    with caplog.at_level("WARNING", logger="engine.folder"):
+        again = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    assert again.skipped == 3 and out.read_text(encoding="utf-8") == whole
+    assert "cut off its last line, a record whose writing was cut short (25 bytes" in caplog.text
+
+
+def test_caption_files_saved_by_spreadsheets_and_data_tools_are_resumed(captioner: Captioner, tmp_path: Path) -> None:
+    """A UTF-8 BOM (Excel's "CSV UTF-8", PowerShell), a quoted header, whole numbers as floats (pandas, when a
+    column has a gap) and compact JSON (jq -c) were refused as "not a caption record" (--overwrite too)."""
+    names = make_folder(tmp_path / "in", 2)
+    csv_out, jsonl_out = tmp_path / "c.csv", tmp_path / "j.jsonl"
+    captioner.caption_folder(tmp_path / "in", out=csv_out, fmt="csv", progress=False)
+    captioner.caption_folder(tmp_path / "in", out=jsonl_out, progress=False)
+    header, *rows = csv_out.read_text(encoding="utf-8").splitlines()
+    as_saved = ",".join(f'"{name}"' for name in header.split(",")) + "\r\n"
+    as_saved += "".join(re.sub(r",(\d+)$", r",\1.0", row) + "\r\n" for row in rows)
+    csv_out.write_text("\ufeff" + as_saved, encoding="utf-8", newline="")
+    jsonl_out.write_text("\ufeff" + "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records(jsonl_out)), encoding="utf-8")
+    make_folder(tmp_path / "more", 3)
+    photo(8).save(tmp_path / "in" / "z_new.png")
+    for out, fmt in ((csv_out, "csv"), (jsonl_out, "jsonl")):
+        summary = captioner.caption_folder(tmp_path / "in", out=out, fmt=fmt, progress=False)
+        assert (summary.skipped, summary.captioned) == (2, 1), fmt
+        assert out.read_bytes().startswith(b"\xef\xbb\xbf")  # the file's own start is kept
+    assert [r["file"] for r in records_of_csv(csv_out)] == [*names, "z_new.png"]
+    compact = tmp_path / "compact.jsonl"
+    compact.write_text(json.dumps({"file": "a.png", "caption": "x", "error": None}, separators=(",", ":")) + "\n")
+    assert captioner.caption_folder(tmp_path / "more", out=compact, overwrite=True, progress=False).captioned == 3
+
+
+def test_a_line_break_inside_a_csv_cell_is_named(captioner: Captioner, tmp_path: Path) -> None:
+    """A spreadsheet saves a cell with a line break across two lines: the second was read as a record of its own
+    ("line two"), or as another model's."""
+    names = make_folder(tmp_path / "in", 2)
+    out = tmp_path / "c.csv"
+    captioner.caption_folder(tmp_path / "in", out=out, fmt="csv", progress=False)
+    header, first, second = out.read_text(encoding="utf-8").splitlines()
+    file, _caption, *rest = next(__import__("csv").reader([second]))
+    out.write_text(f'{header}\n{first}\n{file},"line one\nline two",{",".join(rest)}\n', encoding="utf-8")
+    with pytest.raises(OutputError, match=r"c\.csv:3: not a caption record \(a quoted field runs on past the end of the line"):
+        captioner.caption_folder(tmp_path / "in", out=out, fmt="csv", progress=False)
+    out.write_text(f"{header}\n{first}\nline two\n", encoding="utf-8")
+    with pytest.raises(OutputError, match=r"c\.csv:3: not a caption record \(1 fields where the header has 5\)"):
+        captioner.caption_folder(tmp_path / "in", out=out, fmt="csv", progress=False)
+    assert names
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_rewrite_keeps_the_outputs_owner_and_group(captioner: Captioner, tmp_path: Path) -> None:
+    """Dropping retried error records rewrites the file: it became the rewriting user's, and a team sharing the
+    folder could no longer resume it."""
+    make_folder(tmp_path / "in", 2)
+    (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "o.jsonl"
+    captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    os.chown(out, 65534, 65534)
+    os.chmod(out, 0o664)
+    assert captioner.caption_folder(tmp_path / "in", out=out, progress=False).failed == 1  # retried: a rewrite
+    info = out.stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (65534, 65534, 0o664)
 
 
 def test_overwrite_starts_afresh(captioner: Captioner, tmp_path: Path) -> None:
@@ -711,6 +797,9 @@ def test_a_hand_edited_manifest_is_a_named_error(engine_bundle: Path, tmp_path: 
         ("generation_config.json", ["bad_words_ids"], [[]], "bad_words_ids holds an empty list"),
         ("generation_config.json", ["sequence_bias"], {"(5, 6)": 2.0}, "sequence_bias must be a non-empty list, got {'(5, 6)': 2.0}"),
         ("generation_config.json", ["sequence_bias"], [[[5], "x"]], "sequence_bias must be a list of [[token ids], bias] pairs"),
+        ("generation_config.json", ["sequence_bias"], [[[5], 2]], "sequence_bias must be a list of [[token ids], bias] pairs with float biases, got [[5], 2]"),
+        ("generation_config.json", ["sequence_bias"], [[[0, 5], 2.0]], "each token id in sequence_bias must be an integer >= 1, got 0"),
+        ("generation_config.json", ["forced_eos_token_id"], [], "forced_eos_token_id is an empty list"),
         ("generation_config.json", ["forced_eos_token_id"], [1, "2"], "each token id in forced_eos_token_id must be an integer"),
         ("generation_config.json", ["begin_suppress_tokens"], [10**9], "names tokens the model does not have (vocabulary of"),
         ("config.json", ["vision_config", "seq_len"], "big", "vision_config.seq_len must be an integer >= 2"),
@@ -1679,6 +1768,12 @@ def test_hard_links_are_one_file_and_no_stderr_means_no_progress_bar(
     os.link(tmp_path / "b.png", tmp_path / "other" / "aa_first.png")  # kept in place of zz_same_file.png
     files = [f.file for f in collect_inputs([tmp_path / "in", tmp_path / "other"])]
     assert files == [f"{tmp_path / 'in'}/{name}" for name in names] + [f"{tmp_path / 'other'}/aa_first.png"]
+    # A left-out path through a symlink does not count: names stay as earlier versions wrote them.
+    (tmp_path / "linked").mkdir()
+    photo(9).save(tmp_path / "linked" / "real.png")
+    (tmp_path / "linked" / "aa_first.png").symlink_to("real.png")  # named like other/'s file, left out for real.png
+    files = [f.file for f in collect_inputs([tmp_path / "other", tmp_path / "linked"])]
+    assert files == ["aa_first.png", "real.png"]
 
 
 def test_a_report_to_redirected_stdout_or_stderr_appends(tmp_path: Path) -> None:
