@@ -325,6 +325,7 @@ class RecordWriter:
         self._stream: TextIO | None = None  # this process's stdout or stderr, when `out` is its file
         self._regular = True
         self._written = 0  # the size the file must have at least: as opened, plus what this run appended
+        self._newline = "\n"
 
     def __enter__(self) -> RecordWriter:
         folder = self.out.parent
@@ -342,6 +343,8 @@ class RecordWriter:
             fresh = not self._regular or not self.out.is_file() or self.out.stat().st_size == 0
             if not fresh and self.fmt == "csv" and (header := _csv_header(self.out)) in CSV_HEADERS:
                 self.fields = header  # appended rows keep the file's columns
+            if not fresh and _line_end(self.out) == b"\r\n":
+                self._newline = "\r\n"  # a file saved on Windows or by a spreadsheet keeps one kind of line end
             # Through Python's own stdout when that is the output: /dev/stdout opened anew has an offset
             # of its own, so with `> file 2>&1` the progress bar and summary overwrote the records.
             self._stream = None if self._regular else _python_stream(self.out)
@@ -364,7 +367,10 @@ class RecordWriter:
                 raise OutputError(f"{self.out}: cannot write: {error.strerror or error}") from error
 
     def write(self, records: list[dict[str, Any]]) -> None:
-        self._write("".join(format_record({**r, "model": self.model}, self.fmt, self.fields) for r in records))
+        lines = (format_record({**r, "model": self.model}, self.fmt, self.fields) for r in records)
+        if self._newline != "\n":  # every record is one line ending in "\n" (format_record)
+            lines = (line[:-1] + self._newline for line in lines)
+        self._write("".join(lines))
 
     def _write(self, text: str) -> None:
         try:
@@ -460,6 +466,13 @@ def record_name(file: str, fmt: str) -> str:
     return file if fmt == "jsonl" else _csv_name(file)
 
 
+def _line_end(path: Path) -> bytes:
+    """How the first line of `path` ends (b"\r\n", b"\n", or b"" when it has none)."""
+    with open(path, "rb") as handle:
+        first = handle.readline(64 * 1024)
+    return b"\r\n" if first.endswith(b"\r\n") else b"\n" if first.endswith(b"\n") else b""
+
+
 def _csv_header(path: Path) -> tuple[str, ...]:
     with open(path, encoding="utf-8-sig", errors="replace") as handle:
         return _columns(handle.readline())
@@ -539,8 +552,9 @@ def _read_lines(out: Path, fmt: str, repair: bool = True) -> list[_Line]:
         # record never parses: the brace that closes it is what is written last.
         if repair:
             try:
+                line_end = _line_end(out) or b"\n"  # the file's own (none when this record is its only line)
                 with open(out, "ab") as handle:
-                    handle.write(b"\n")
+                    handle.write(line_end)
             except OSError as exc:
                 raise OutputError(f"{out}: cannot end its last record with a newline: {exc.strerror or exc}") from exc
         return [*lines, whole]

@@ -434,7 +434,8 @@ def test_a_whole_last_record_without_its_newline_is_kept_and_a_cut_one_is_said(
 
 def test_caption_files_saved_by_spreadsheets_and_data_tools_are_resumed(captioner: Captioner, tmp_path: Path) -> None:
     """A UTF-8 BOM (Excel's "CSV UTF-8", PowerShell), a quoted header, whole numbers as floats (pandas, when a
-    column has a gap) and compact JSON (jq -c) were refused as "not a caption record" (--overwrite too)."""
+    column has a gap) and compact JSON (jq -c) were refused as "not a caption record" (--overwrite too); CRLF
+    files got LF lines appended."""
     names = make_folder(tmp_path / "in", 2)
     csv_out, jsonl_out = tmp_path / "c.csv", tmp_path / "j.jsonl"
     captioner.caption_folder(tmp_path / "in", out=csv_out, fmt="csv", progress=False)
@@ -443,13 +444,16 @@ def test_caption_files_saved_by_spreadsheets_and_data_tools_are_resumed(captione
     as_saved = ",".join(f'"{name}"' for name in header.split(",")) + "\r\n"
     as_saved += "".join(re.sub(r",(\d+)$", r",\1.0", row) + "\r\n" for row in rows)
     csv_out.write_text("\ufeff" + as_saved, encoding="utf-8", newline="")
-    jsonl_out.write_text("\ufeff" + "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records(jsonl_out)), encoding="utf-8")
+    jsonl_out.write_text(
+        "\ufeff" + "".join(json.dumps(r, separators=(",", ":")) + "\r\n" for r in records(jsonl_out)), encoding="utf-8", newline=""
+    )
     make_folder(tmp_path / "more", 3)
     photo(8).save(tmp_path / "in" / "z_new.png")
     for out, fmt in ((csv_out, "csv"), (jsonl_out, "jsonl")):
         summary = captioner.caption_folder(tmp_path / "in", out=out, fmt=fmt, progress=False)
         assert (summary.skipped, summary.captioned) == (2, 1), fmt
         assert out.read_bytes().startswith(b"\xef\xbb\xbf")  # the file's own start is kept
+        assert out.read_bytes().count(b"\r\n") == out.read_bytes().count(b"\n") == 3 + (fmt == "csv")  # and line ends
     assert [r["file"] for r in records_of_csv(csv_out)] == [*names, "z_new.png"]
     compact = tmp_path / "compact.jsonl"
     compact.write_text(json.dumps({"file": "a.png", "caption": "x", "error": None}, separators=(",", ":")) + "\n")
