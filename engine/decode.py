@@ -90,11 +90,11 @@ class GenerationSettings:
 
     @property
     def processes_scores(self) -> bool:
-        """Whether any logits processor is set, when `process_scores` runs (min_new_tokens included); without
-        one, the loops only suppress EOS before min_new_tokens themselves."""
+        """Whether any logits processor is set (min_new_tokens included): the loops then run `process_scores`."""
         return (
-            self.reads_history or bool(self.sequence_bias) or bool(self.bad_words_ids) or self.forced_bos_token_id is not None
-            or bool(self.forced_eos_token_ids) or bool(self.suppress_tokens) or bool(self.begin_suppress_tokens)
+            self.reads_history or self.min_new_tokens > 0 or bool(self.sequence_bias) or bool(self.bad_words_ids)
+            or self.forced_bos_token_id is not None or bool(self.forced_eos_token_ids) or bool(self.suppress_tokens)
+            or bool(self.begin_suppress_tokens)
         )
 
     @property
@@ -122,7 +122,7 @@ class GenerationSettings:
 def process_scores(scores: np.ndarray, history: np.ndarray | None, step: int, settings: GenerationSettings) -> np.ndarray:
     """transformers' logits processors in its order, in place, at caption step `step`: `scores` [rows, vocab],
     `history` [rows, step + 1] the start token and the caption so far of each row (None unless
-    `settings.reads_history`). EOS is suppressed before `min_new_tokens` here too, in its place in that order."""
+    `settings.reads_history`)."""
     if step == 0 and (unknown := settings.unknown_tokens(scores.shape[1])):
         raise ModelRuntimeError(
             f"the generation settings name tokens the model does not have (vocabulary of {scores.shape[1]}): {unknown}"
@@ -499,8 +499,6 @@ def _greedy_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, rows
             history = np.concatenate([history, np.zeros_like(history)], axis=1)
         if settings.processes_scores:
             logits = process_scores(logits, None if history is None else history[active, : step + 1], step, settings)
-        elif step < settings.min_new_tokens:
-            logits[:, eos] = -np.inf
         tokens = logits.argmax(axis=-1)
         if history is not None:
             history[active, step + 1] = tokens
@@ -576,8 +574,6 @@ def _beam_loop(decoder: Decoder, logits: np.ndarray, state: DecoderState, images
                 history = np.full((n * beams, cur + 1), settings.decoder_start_token_id, dtype=np.int64)
                 history[:, 1:] = running_seq[alive][:, :, :cur].reshape(n * beams, cur)
             logp = process_scores(logp, history, cur, settings)
-        elif cur < settings.min_new_tokens:
-            logp[:, eos] = -np.inf
         scores = (logp.reshape(n, beams, vocab) + running_scores[alive][:, :, None]).reshape(n, beams * vocab)
         top = _top_k(scores, keep_k)
         top_scores = np.take_along_axis(scores, top, axis=1)
