@@ -675,7 +675,6 @@ def load_split(
     caption_column: str = "text",
     skip_bad: bool = False,
     positions: tuple[PatchConfig, int] | None = None,
-    warn: bool = True,
 ) -> Examples:
     """The validated examples of one split ("train", "test" or "all"), in metadata order.
 
@@ -689,7 +688,6 @@ def load_split(
     returned `Examples` list carries them in `.skipped` (Problem objects; `len(result.skipped)` is the
     count). A folder without usable metadata raises DataError either way. The result may be empty (a
     tiny folder can have no test image). Raises ValueError for an unknown split or a bad test_ratio.
-    `warn=False` logs nothing (the other processes of a multi-process run, whose first process says it).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -699,7 +697,7 @@ def load_split(
     parsed = _parse(folder, caption_column)
     if parsed.fatal:
         raise _error(folder, parsed.problems)
-    for warning in parsed.warnings if warn else []:
+    for warning in parsed.warnings:
         log.warning("%s: %s", folder, warning)
     chosen = [e for e in parsed.examples if split == "all" or split_of(e.file_name, test_ratio, seed) == split]
     bad = list(parsed.problems)
@@ -715,7 +713,7 @@ def load_split(
             bad.append(problem)
     if bad and not skip_bad:
         raise _error(folder, bad)
-    if bad and warn:
+    if bad:
         log.warning("%s: skipped %d bad entries:\n  %s", folder, len(bad), "\n  ".join(map(str, bad)))
     return Examples(good, skipped=bad)
 

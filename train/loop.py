@@ -653,6 +653,17 @@ def _every_process_agrees(accelerator: Any) -> Iterator[None]:
     )
 
 
+def _from_first_process(accelerator: Any, value: Any) -> Any:
+    """`value` as the first process has it (pickled to the others), on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
 def _log(msg: str) -> None:
     say(msg)  # a stderr that takes nothing (2>/dev/full, its reader or terminal gone) costs the log, not the run
 
@@ -836,15 +847,21 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     if mode == "fresh" and cfg.resume:
         log(f"--resume: {out} holds no finished epoch (its run stopped before the first checkpoint); starting at epoch 1")
     with _every_process_agrees(accelerator):
-        # Validated once (every image opened); the split is a pure function of the file name (its split folder,
-        # else a hash). A checkpoint whose max_patches reach its position tables also refuses images too long and
-        # thin for them (a preset's tables are twice max_patches).
+        # Validated once (every image opened), by the first process: every process opening every image
+        # multiplied the start-up's reading, on one machine's cores or one shared store. The split is a pure
+        # function of the file name (its split folder, else a hash). A checkpoint whose max_patches reach its
+        # position tables also refuses images too long and thin for them (a preset's tables are twice max_patches).
         checkpoint = out / "last" if mode == "resume" else base_dir
         positions = position_check(checkpoint, cfg.max_patches) if checkpoint is not None else None
-        all_ok = load_split(
+        checked = load_split(
             data, split="all", test_ratio=cfg.test_ratio, seed=cfg.split_seed, caption_column=cfg.caption_column,
-            skip_bad=cfg.skip_bad, positions=positions, warn=is_main,
-        )  # fmt: skip
+            skip_bad=cfg.skip_bad, positions=positions,
+        ) if is_main else None  # fmt: skip
+    all_ok = _from_first_process(accelerator, checked)
+    with _every_process_agrees(accelerator):
+        if not is_main and (unseen := [e.path for e in all_ok if not e.path.is_file()]):
+            # The others only look for the files: another machine must see the same data folder.
+            raise DataError(f"{data}: {len(unseen)} of its {len(all_ok)} images are not found here, e.g. {unseen[0]}")
         part = [split_of(e.file_name, test_ratio=cfg.test_ratio, seed=cfg.split_seed) for e in all_ok]
         train_ex = [e for e, s in zip(all_ok, part, strict=True) if s == "train"]
         test_ex = [e for e, s in zip(all_ok, part, strict=True) if s == "test"]
