@@ -28,6 +28,7 @@ def interrupted_status(exc: KeyboardInterrupt) -> int:
 
 _STOP_SIGNALS = (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))  # no SIGHUP on Windows
 _unwinding = [0]  # depth of stops_unwind blocks that set a handler
+_requested: list[int | None] = [None]  # the stop signal received within them, if any
 
 
 @contextlib.contextmanager
@@ -46,12 +47,22 @@ def stops_unwind() -> Iterator[None]:
         yield
     finally:
         _unwinding[0] -= bool(previous)
+        if not _unwinding[0]:
+            _requested[0] = None
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
 def _stop(signum: int, _frame: object) -> None:
+    _requested[0] = signum
     raise Stopped(signum)
+
+
+def check_stop() -> None:
+    """Raise Stopped again for a stop whose exception library code swallowed (a bare `except:` in an import the
+    signal interrupted: the run went on to its end). Long loops call it between their steps."""
+    if _requested[0] is not None and _unwinding[0]:
+        raise Stopped(_requested[0])
 
 
 def reclaim_stop_signals() -> None:

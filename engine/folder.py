@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from engine.click_types import TolerantStream
+from engine.click_types import TolerantStream, check_stop
 from engine.errors import EdlightError
 
 try:
@@ -1248,6 +1248,7 @@ def write_batch(writer: RecordWriter, records: list[dict[str, Any]], summary: Fo
     summary.captioned += len(records) - failed
     if bar is not None:
         bar.update(len(records))
+    check_stop()  # a stop that library code swallowed while these were made (an error record is retried)
 
 
 def caption_folder(

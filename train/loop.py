@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate tokenises inside worker processes
 
 from engine.bundle import stated_max_new_tokens
-from engine.click_types import TolerantStream, say
+from engine.click_types import TolerantStream, check_stop, say
 from engine.errors import EdlightError, ImageError, is_count
 from engine.folder import OutputError, output_lock, write_report
 from engine.images import enable_heif, readable_formats
@@ -1086,6 +1086,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         optimizer.zero_grad(set_to_none=True)
         sampler.batches = [[(epoch, i) for i in b] for b in batches]
         for bi, batch in enumerate(loader):
+            check_stop()  # a stop that library code swallowed (a signal inside matplotlib's import ran the run to its end)
             group_end = (bi + 1) % cfg.grad_accum == 0 or bi + 1 == len(batches)
             group_size = (
                 cfg.grad_accum
@@ -1172,6 +1173,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
                 plot_curves(metrics, steps_log, out / "curves.png")
             except Exception as exc:  # a plot must never stop a training run
                 log(f"warning: could not draw curves.png ({exc})")
+            check_stop()
             bleu_txt = f"BLEU {record['bleu']:.2f} chrF {record['chrf']:.2f}" if test_ex else "no test split"
             log(
                 f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}  {record['images_per_s']:.1f} img/s  "

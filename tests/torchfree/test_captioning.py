@@ -321,6 +321,27 @@ def test_sibling_names_fit_the_file_system_and_stay_apart() -> None:
         os.fsencode(stem).decode("utf-8")  # cut between characters, never inside one
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32", reason="POSIX signals")
+def test_a_stop_that_library_code_swallowed_is_raised_again(engine_bundle: Path, tmp_path: Path) -> None:
+    """A SIGTERM inside a library's bare `except:` (matplotlib's import, in a training run the CI saw) was lost:
+    the run went on to its end and exited 0. The loops raise it again between their steps."""
+    from engine.click_types import Stopped, check_stop, stops_unwind
+
+    check_stop()  # outside a command: nothing
+    captioner = Captioner(engine_bundle, threads=1, batch_size=1)
+    make_folder(tmp_path / "in", 3)
+    with stops_unwind():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here
+        except BaseException:  # noqa: BLE001 - as the library did
+            pass
+        with pytest.raises(Stopped):
+            captioner.caption_folder(tmp_path / "in", out=tmp_path / "o.jsonl", progress=False)
+    assert len(records(tmp_path / "o.jsonl")) == 1  # the first batch is kept, then the stop
+    check_stop()  # the command is over: nothing
+
+
 def test_resume_after_a_killed_run(engine_bundle: Path, tmp_path: Path) -> None:
     names = make_folder(tmp_path / "in", 60)
     out = tmp_path / "captions.jsonl"
