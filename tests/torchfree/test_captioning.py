@@ -330,14 +330,20 @@ def test_a_stop_that_library_code_swallowed_is_raised_again(engine_bundle: Path,
     check_stop()  # outside a command: nothing
     captioner = Captioner(engine_bundle, threads=1, batch_size=1)
     make_folder(tmp_path / "in", 3)
-    with stops_unwind():
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)  # the handler runs here
-        except BaseException:  # noqa: BLE001 - as the library did
-            pass
-        with pytest.raises(Stopped):
-            captioner.caption_folder(tmp_path / "in", out=tmp_path / "o.jsonl", progress=False)
+    # As a command starts: stops_unwind takes only a default handler (a Ray started by an earlier test in this
+    # process leaves its own, which would end the test run).
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with stops_unwind():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)  # the handler runs here
+            except BaseException:  # noqa: BLE001 - as the library did
+                pass
+            with pytest.raises(Stopped):
+                captioner.caption_folder(tmp_path / "in", out=tmp_path / "o.jsonl", progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, before)
     assert len(records(tmp_path / "o.jsonl")) == 1  # the first batch is kept, then the stop
     check_stop()  # the command is over: nothing
 
