@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from benchmarks.machine import available_cpus
 from benchmarks.settings import DEFAULT_TOKENS, SIZES, SYSTEMS, BenchSettings
 from engine.click_types import FiniteFloatRange, cannot_run, failed
+from engine.cpus import available_cores
 from engine.errors import EdlightError
 
 # What a bench run writes into --out (benchmarks.report.write_all and the workers' logs).
@@ -114,7 +114,7 @@ def bench(
     measuring = False  # errors before the measurements: the bench cannot run (2); during them: it failed (1)
     try:
         settings = BenchSettings(
-            size=size, systems=systems, batch_sizes=batch_sizes, threads=threads or available_cpus(), repeats=repeats,
+            size=size, systems=systems, batch_sizes=batch_sizes, threads=threads or available_cores(), repeats=repeats,
             warmup=warmup, tokens=tokens, out=out, cache_dir=cache,
             ceiling_seconds=ceiling_seconds, interleave=not no_interleave,
         )

@@ -11,6 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from engine.cpus import available_cores
+
 LIBRARIES = (
     "edlight",
     "torch",
@@ -25,14 +27,6 @@ LIBRARIES = (
 )
 # CPU features that decide which kernels ONNX Runtime and PyTorch can use.
 INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def physical_cores() -> int | None:
@@ -80,7 +74,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "cpu_model": cpuinfo_field("model name") or platform.processor() or platform.machine(),
         "cpu_flags": [f for f in INTERESTING_FLAGS if f in flags],
         "logical_cpus": os.cpu_count(),
-        "available_cpus": available_cpus(),
+        "available_cpus": available_cores(),
         "physical_cores": physical_cores(),
         "threads": threads,
         "memory_total_bytes": total,

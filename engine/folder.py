@@ -341,9 +341,10 @@ class RecordWriter:
             # A stream (/dev/stdout, a pipe, a device) is never read back, truncated or synced.
             self._regular = not is_stream(self.out)
             fresh = not self._regular or not self.out.is_file() or self.out.stat().st_size == 0
-            if not fresh and self.fmt == "csv" and (header := _csv_header(self.out)) in CSV_HEADERS:
+            first = b"" if fresh else _first_line(self.out)
+            if self.fmt == "csv" and (header := _columns(first.decode("utf-8", "replace"))) in CSV_HEADERS:
                 self.fields = header  # appended rows keep the file's columns
-            if not fresh and _line_end(self.out) == b"\r\n":
+            if first.endswith(b"\r\n"):
                 self._newline = "\r\n"  # a file saved on Windows or by a spreadsheet keeps one kind of line end
             # Through Python's own stdout when that is the output: /dev/stdout opened anew has an offset
             # of its own, so with `> file 2>&1` the progress bar and summary overwrote the records.
@@ -466,16 +467,10 @@ def record_name(file: str, fmt: str) -> str:
     return file if fmt == "jsonl" else _csv_name(file)
 
 
-def _line_end(path: Path) -> bytes:
-    """How the first line of `path` ends (b"\r\n", b"\n", or b"" when it has none)."""
+def _first_line(path: Path) -> bytes:
+    """The first line of `path` with its line end (at most 64 KiB: a caption file's header or first record)."""
     with open(path, "rb") as handle:
-        first = handle.readline(64 * 1024)
-    return b"\r\n" if first.endswith(b"\r\n") else b"\n" if first.endswith(b"\n") else b""
-
-
-def _csv_header(path: Path) -> tuple[str, ...]:
-    with open(path, encoding="utf-8-sig", errors="replace") as handle:
-        return _columns(handle.readline())
+        return handle.readline(64 * 1024)
 
 
 def _columns(line: str) -> tuple[str, ...]:
@@ -534,7 +529,7 @@ def _read_lines(out: Path, fmt: str, repair: bool = True) -> list[_Line]:
         return []  # nothing yet, or a device or pipe (/dev/stdout): nothing to resume
     lines: list[_Line] = []
     tail = b""  # bytes after the last newline: none, or a record a kill cut short
-    end, columns = 0, len(FIELDS)
+    end, columns, line_end = 0, len(FIELDS), b"\n"
     try:
         with open(out, "rb") as handle:
             for raw in handle:  # line by line: memory for what is kept of each record, not for the file
@@ -543,8 +538,10 @@ def _read_lines(out: Path, fmt: str, repair: bool = True) -> list[_Line]:
                     break
                 end += len(raw)
                 lines.append(_parse_line(out, fmt, len(lines) + 1, raw[:-1], end, columns))
-                if fmt == "csv" and len(lines) == 1 and raw.strip():  # the header: how many fields a row has
-                    columns = len(_columns(raw.decode("utf-8", "replace")))
+                if len(lines) == 1:
+                    line_end = b"\r\n" if raw.endswith(b"\r\n") else b"\n"  # the file's own, for a newline added
+                    if fmt == "csv" and raw.strip():  # the header: how many fields a row has
+                        columns = len(_columns(raw.decode("utf-8", "replace")))
     except OSError as exc:
         raise OutputError(f"{out}: cannot read for resuming: {exc.strerror or exc}") from exc
     if tail and fmt == "jsonl" and (whole := _whole_record(out, len(lines) + 1, tail, end)) is not None:
@@ -552,7 +549,6 @@ def _read_lines(out: Path, fmt: str, repair: bool = True) -> list[_Line]:
         # record never parses: the brace that closes it is what is written last.
         if repair:
             try:
-                line_end = _line_end(out) or b"\n"  # the file's own (none when this record is its only line)
                 with open(out, "ab") as handle:
                     handle.write(line_end)
             except OSError as exc:
@@ -1221,8 +1217,7 @@ def _require_working_folder(paths: list[str | os.PathLike[str]]) -> None:
 def _is_caption_file(path: Path) -> bool:
     """Whether `path` is empty or starts like a caption file of either format (JSONL record, CSV header)."""
     try:
-        with open(path, "rb") as handle:
-            first = handle.readline(64 * 1024)
+        first = _first_line(path)
     except OSError:
         return False
     return not first or _caption_format(first) is not None

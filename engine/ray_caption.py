@@ -315,41 +315,45 @@ def _connect(ray: Any, address: str | None, num_cpus: int | None, records_on_std
     options: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
     if records_on_stdout:
         options["log_to_driver"] = False
-    if address:
-        # ray.init retries an unreachable address for minutes with only log lines: check it first.
-        _check_reachable(address)
-        try:
-            ray.init(address=address, **options)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            if address == "auto" and _auto_address() is None:  # Ray found nothing; its words name its CLI's flag
-                raise RayConnectionError(
-                    "--ray-address auto found no Ray cluster (RAY_ADDRESS is not set and no Ray was started on "
-                    "this machine with `ray start`); give the cluster's address, or leave out --ray-address to "
-                    "start a local Ray"
-                ) from exc
-            why = str(exc).rstrip(".")
-            raise RayConnectionError(
-                f"cannot join the Ray cluster at {address}: {why}. If the cluster uses token authentication "
-                "(the default since Ray 2.52), set RAY_AUTH_MODE=token and provide its token "
-                "(RAY_AUTH_TOKEN, or ~/.ray/auth_token)"
-            ) from exc
-    else:
-        # "local": a fresh instance of our own, never an unrelated cluster found through RAY_ADDRESS. Its processes
-        # start with SIGTERM and SIGHUP blocked: `timeout` and service managers signal the whole process group (or
-        # cgroup), and a raylet dying at once made Ray end this process with exit 1 before the stop could unwind.
-        # They go with ray.shutdown(), or with this process (Ray ties them to it).
-        blocked = {signal.SIGTERM, signal.SIGHUP} if hasattr(signal, "pthread_sigmask") else set()
-        before = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if blocked else None
-        try:
+    # A local Ray (a fresh instance of our own, never an unrelated cluster found through RAY_ADDRESS) starts its
+    # processes with SIGTERM and SIGHUP blocked: `timeout` and service managers signal the whole process group
+    # (or cgroup), and a raylet dying at once made Ray end this process with exit 1 before the stop could
+    # unwind. They go with ray.shutdown(), or with this process (Ray ties them to it).
+    blocked = {signal.SIGTERM, signal.SIGHUP} if not address and hasattr(signal, "pthread_sigmask") else set()
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if blocked else None
+    try:
+        if address:
+            _join(ray, address, options)
+        else:
             ray.init(address="local", num_cpus=num_cpus or available_cores(), **options)
-        finally:
-            # Before the mask goes: a stop that came during start-up is delivered then, to our handler.
-            reclaim_stop_signals()
-            if before is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, before)
-        return True
-    reclaim_stop_signals()  # ray.init's SIGTERM handler exits with status 15 and no word: the CLI unwinds instead
+    finally:
+        # ray.init's SIGTERM handler exits with status 15 and no word: the CLI unwinds instead. Taken back before
+        # the mask goes, so that a stop that came during start-up reaches our handler.
+        reclaim_stop_signals()
+        if before is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
     return True
+
+
+def _join(ray: Any, address: str, options: dict[str, Any]) -> None:
+    """Connect to the cluster at `address`; RayConnectionError when it cannot be reached or joined."""
+    # ray.init retries an unreachable address for minutes with only log lines: check it first.
+    _check_reachable(address)
+    try:
+        ray.init(address=address, **options)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        if address == "auto" and _auto_address() is None:  # Ray found nothing; its words name its CLI's flag
+            raise RayConnectionError(
+                "--ray-address auto found no Ray cluster (RAY_ADDRESS is not set and no Ray was started on "
+                "this machine with `ray start`); give the cluster's address, or leave out --ray-address to "
+                "start a local Ray"
+            ) from exc
+        why = str(exc).rstrip(".")
+        raise RayConnectionError(
+            f"cannot join the Ray cluster at {address}: {why}. If the cluster uses token authentication "
+            "(the default since Ray 2.52), set RAY_AUTH_MODE=token and provide its token "
+            "(RAY_AUTH_TOKEN, or ~/.ray/auth_token)"
+        ) from exc
 
 
 def _auto_address() -> tuple[str, str] | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from engine.cpus import available_cores
 from engine.errors import ModelRuntimeError, is_count
 
 # ONNX tensor type strings -> numpy dtypes, for the inputs the engine feeds.
@@ -71,14 +72,6 @@ def int8_products_saturate() -> bool:
 # More intra-op threads than this many per core only wait for each other: at 64 threads on 2 cores one image
 # took 18x as long, and 100,000 threads never finished (16 GB of thread stacks).
 MAX_THREADS_PER_CORE = 4
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity: taskset, cgroup cpusets), else all of them."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def too_many_threads(threads: int) -> str | None:

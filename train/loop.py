@@ -37,6 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate tokenise
 
 from engine.bundle import stated_max_new_tokens
 from engine.click_types import TolerantStream, check_stop, say
+from engine.cpus import available_cores
 from engine.errors import EdlightError, ImageError, is_count
 from engine.folder import OutputError, output_lock, write_report
 from engine.images import enable_heif, readable_formats
@@ -802,7 +803,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     # oversubscribed OpenMP pool spins and waits (measured here: ~10x slower steps on a busy 2-core box).
     # The processes that share this machine's cores: torchrun's ranks on this node, not those of every node.
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     cores_each = max(1, cores // max(1, local_world) - cfg.num_workers)
     if cfg.threads is not None or "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(cfg.threads or cores_each)
@@ -1086,7 +1087,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         optimizer.zero_grad(set_to_none=True)
         sampler.batches = [[(epoch, i) for i in b] for b in batches]
         for bi, batch in enumerate(loader):
-            check_stop()  # a stop that library code swallowed (a signal inside matplotlib's import ran the run to its end)
+            check_stop()  # a stop that library code swallowed (one during the epoch's plot once ran a run to its end)
             group_end = (bi + 1) % cfg.grad_accum == 0 or bi + 1 == len(batches)
             group_size = (
                 cfg.grad_accum
