@@ -1,5 +1,9 @@
 # Two commands on a fresh clone: `make run` and `make test`. Both build what they need.
 PYTHON ?= python3
+# The pinned set (constraints.txt) needs Python 3.11 or newer: numpy 2.3+ and onnxruntime 1.24+ have no
+# 3.10 builds (3.10 reached its end of life in October 2026). Say so before pip's resolver does.
+CHECK_PYTHON = $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	echo "edlight needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) -V 2>/dev/null || echo "not found"). Name another, e.g. make $(or $(MAKECMDGOALS),run) PYTHON=python3.12" >&2; exit 1; }
 VENV := .venv
 ENGINE_VENV := .venv-engine
 export HF_HUB_OFFLINE := 1
@@ -21,6 +25,7 @@ install: $(VENV)/.installed
 
 # Everything: engine, training, export, dev tools, pinned by constraints.txt.
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@$(CHECK_PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[all]'
@@ -29,6 +34,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # The base install only (no torch/transformers/optimum): what an ops person deploys.
 install-engine: $(ENGINE_VENV)/.installed
 $(ENGINE_VENV)/.installed: pyproject.toml constraints.txt
+	@$(CHECK_PYTHON)
 	$(PYTHON) -m venv $(ENGINE_VENV)
 	$(ENGINE_VENV)/bin/pip install -q --upgrade pip
 	$(ENGINE_VENV)/bin/pip install -q -c constraints.txt -e . pytest

@@ -81,7 +81,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "memory_available_bytes": available,
         "platform": platform.platform(),
         "versions": library_versions(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -658,7 +658,7 @@ def _build(
         int8_weight_bits=weight_bits,
         graph_rewrites=rewrites,
         versions=library_versions(),
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         extra={"validation": validation},
     )
     write_manifest(bundle, manifest)
