@@ -68,7 +68,7 @@ def describe_bundle(bundle: Any) -> str:
               help="Caption again images whose file size changed since their record (replaced or edited photos), "
                    "replacing their records (default: such a resume is refused).")
 @click.option("--strict", is_flag=True, help="Exit 1 if any image failed or a folder could not be listed (default: exit 0).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress (a bar on a terminal; elsewhere a line at most every minute).")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run on Ray: a pool of actors, each loading the model once (needs edlight[distributed]).")
 @click.option("--ray-address", default=None, metavar="ADDRESS",

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import math
 import signal
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
@@ -121,6 +122,59 @@ class TolerantStream:
 
     def __getattr__(self, name: str) -> Any:  # fileno (the terminal's width), encoding (unicode blocks), isatty
         return getattr(self.stream, name)
+
+
+class LineProgress:
+    """Progress for a stderr that is not a terminal (a service's journal, a CI log, `2> file`): a plain line at
+    most every `interval` seconds, where a progress bar's carriage-return redraws would pile up on one line.
+    The same `update`/`close` calls as tqdm's bar."""
+
+    def __init__(self, total: int, desc: str, unit: str, stream: Any, interval: float = 60.0) -> None:
+        self.total, self.desc, self.unit, self.stream, self.interval = total, desc, unit, stream, interval
+        self.done = 0
+        self.started = self.said = time.monotonic()
+
+    def update(self, count: int = 1) -> None:
+        self.done += count
+        now = time.monotonic()
+        if now - self.said >= self.interval and self.done < self.total:
+            self.said = now
+            rate = self.done / max(now - self.started, 1e-9)
+            left = (self.total - self.done) / rate
+            self.stream.write(
+                f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%), "
+                f"{rate:.3g} {self.unit}/s, about {_duration(left)} left\n"
+            )
+            self.stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def is_terminal(stream: Any) -> bool:
+    """Whether `stream` is a terminal, where a progress bar may redraw itself."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):  # a stand-in stream, or one already closed
+        return False
+
+
+def progress_bar(total: int, desc: str, unit: str, stream: Any) -> Any:
+    """tqdm's bar on a terminal; elsewhere a LineProgress. Both write through a TolerantStream."""
+    tolerant = TolerantStream(stream)
+    if not is_terminal(stream):
+        return LineProgress(total, desc, unit, tolerant)
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, desc=desc, file=tolerant, dynamic_ncols=True)
 
 
 def cannot_run(message: str) -> NoReturn:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from engine.click_types import TolerantStream, check_stop
+from engine.click_types import check_stop, progress_bar
 from engine.errors import EdlightError
 
 try:
@@ -1298,6 +1298,4 @@ def caption_folder(
 def _progress_bar(total: int, enabled: bool) -> Any:
     if not enabled or total == 0 or sys.stderr is None:  # no stderr at all: pythonw, some service hosts
         return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="img", desc="captioning", file=TolerantStream(sys.stderr), dynamic_ncols=True)
+    return progress_bar(total, "captioning", "img", sys.stderr)

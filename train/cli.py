@@ -6,11 +6,20 @@ import json
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import click
 
-from engine.click_types import FiniteFloatRange, cannot_run, failed, interrupted_status, say, unwinds_on_stop
+from engine.click_types import (
+    FiniteFloatRange,
+    cannot_run,
+    failed,
+    interrupted_status,
+    is_terminal,
+    say,
+    unwinds_on_stop,
+)
 from engine.errors import EdlightError, ImageError
 from engine.folder import OutputError
 from train.checkpoint import read_run_config, run_data_options
@@ -105,7 +114,7 @@ def _gist(exc: BaseException) -> str:
     "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
     help="Training forward pass in bf16 autocast or fp32; auto: bf16 where the processor computes bf16 natively.",
 )
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (none off a terminal either: lines at each quarter epoch instead).")
 @unwinds_on_stop  # a service manager's stop or a closed terminal: as Ctrl-C
 def train(
     data: Path,
@@ -166,7 +175,9 @@ def train(
         num_workers=workers,
         threads=threads,
         precision=precision,
-        progress=not no_progress,
+        # Off a terminal (a journal, `2> log`) the bar's redraws would pile up on one line: the log's lines at
+        # each quarter epoch say the same.
+        progress=not no_progress and is_terminal(sys.stderr),
     )
     try:
         result = run_training(cfg)

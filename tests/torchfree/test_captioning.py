@@ -170,6 +170,34 @@ print(sorted(allowed))
     assert done.stdout.strip() == "['0']"
 
 
+def test_off_a_terminal_progress_is_lines_not_redraws(engine_bundle: Path, tmp_path: Path) -> None:
+    """A service's journal, a CI log or `2> log`: tqdm's carriage-return redraws (and block characters) piled up
+    on one line there."""
+    make_folder(tmp_path / "in", 3)
+    args = [str(tmp_path / "in"), "--model", str(engine_bundle), "--out", str(tmp_path / "c.jsonl"), "--batch-size", "1", "--threads", "1"]
+    result = CliRunner().invoke(caption_command, args)  # its stderr is no terminal
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.stderr and "%|" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("captioned 3, failed 0 of 3 images")
+
+
+def test_line_progress_says_count_rate_and_time_left() -> None:
+    from engine.click_types import LineProgress
+
+    stream = io.StringIO()
+    bar = LineProgress(4, "captioning", "img", stream, interval=0.0)
+    for _ in range(4):
+        bar.update(1)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" (")[0] for line in lines] == [f"captioning: {n}/4 img" for n in (1, 2, 3)]  # not the last: the summary says it
+    assert re.fullmatch(r"captioning: 1/4 img \(25%\), [0-9.e+]+ img/s, about \d+ s left", lines[0]), lines[0]
+    quiet = io.StringIO()
+    bar = LineProgress(4, "captioning", "img", quiet)  # at most a line a minute
+    bar.update(3)
+    assert quiet.getvalue() == ""
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_a_stderr_that_takes_nothing_costs_only_the_messages(engine_bundle: Path, tmp_path: Path) -> None:
     """`2>/dev/full`, or a reader of stderr gone (`2>&1 >out | head`): the model line or the progress bar
