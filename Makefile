@@ -2,8 +2,11 @@
 PYTHON ?= python3
 # The pinned set (constraints.txt) needs Python 3.11 or newer: numpy 2.3+ and onnxruntime 1.24+ have no
 # 3.10 builds (3.10 reached its end of life in October 2026). Say so before pip's resolver does.
-CHECK_PYTHON = $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
-	echo "edlight needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) -V 2>/dev/null || echo "not found"). Name another, e.g. make $(or $(MAKECMDGOALS),run) PYTHON=python3.12" >&2; exit 1; }
+NAME_ANOTHER = Name another, e.g. make $(or $(MAKECMDGOALS),run) PYTHON=python3.12
+CHECK_PYTHON = command -v $(PYTHON) >/dev/null 2>&1 || { \
+	echo "edlight needs Python 3.11 or newer; $(PYTHON) was not found. $(NAME_ANOTHER)" >&2; exit 1; }; \
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	echo "edlight needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) -V 2>&1). $(NAME_ANOTHER)" >&2; exit 1; }
 VENV := .venv
 ENGINE_VENV := .venv-engine
 export HF_HUB_OFFLINE := 1

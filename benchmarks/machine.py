@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from engine.cpus import available_cores
+from engine.cpus import available_cores, cgroup_cpu_quota
 
 LIBRARIES = (
     "edlight",
@@ -74,7 +74,8 @@ def machine_info(threads: int) -> dict[str, Any]:
         "cpu_model": cpuinfo_field("model name") or platform.processor() or platform.machine(),
         "cpu_flags": [f for f in INTERESTING_FLAGS if f in flags],
         "logical_cpus": os.cpu_count(),
-        "available_cpus": available_cores(),
+        "available_cpus": available_cores(),  # the affinity, capped by a cgroup CPU quota
+        "cpu_quota": cgroup_cpu_quota(),  # CPUs' worth of time the cgroup allows; None: no quota
         "physical_cores": physical_cores(),
         "threads": threads,
         "memory_total_bytes": total,

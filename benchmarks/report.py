@@ -34,7 +34,8 @@ def machine_line(results: dict[str, Any]) -> str:
     v = m.get("versions", {})
     libs = ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "optimum", "onnxruntime") if k in v)
     flags = "/".join(m.get("cpu_flags") or []) or "no AVX-512"
-    return (f"{m['cpu_model']} ({flags}), {m['available_cpus']} CPUs available, {m['threads']} threads, "
+    quota = f" (a cgroup CPU quota of {m['cpu_quota']:g})" if m.get("cpu_quota") is not None else ""
+    return (f"{m['cpu_model']} ({flags}), {m['available_cpus']} CPUs available{quota}, {m['threads']} threads, "
             f"{_gib(m.get('memory_total_bytes'))} RAM; {libs}; {m['date']}")
 
 

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
@@ -137,7 +138,7 @@ class LineProgress:
     def update(self, count: int = 1) -> None:
         self.done += count
         now = time.monotonic()
-        if now - self.said >= self.interval and self.done < self.total:
+        if now - self.said >= self.interval and 0 < self.done < self.total:
             self.said = now
             rate = self.done / max(now - self.started, 1e-9)
             left = (self.total - self.done) / rate
@@ -160,9 +161,9 @@ def _duration(seconds: float) -> str:
 
 
 def is_terminal(stream: Any) -> bool:
-    """Whether `stream` is a terminal, where a progress bar may redraw itself."""
+    """Whether `stream` is a terminal, or a Jupyter kernel's output (no tty, but it redraws a bar's line)."""
     try:
-        return bool(stream.isatty())
+        return bool(stream.isatty()) or "ipykernel" in sys.modules
     except (AttributeError, OSError, ValueError):  # a stand-in stream, or one already closed
         return False
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from engine.cpus import available_cores
+from engine.cpus import affinity_cores, available_cores, cgroup_cpu_quota, quota_cores
 from engine.errors import ModelRuntimeError, is_count
 
 # ONNX tensor type strings -> numpy dtypes, for the inputs the engine feeds.
@@ -79,8 +79,13 @@ def too_many_threads(threads: int) -> str | None:
     cores = available_cores()
     if threads <= MAX_THREADS_PER_CORE * cores:
         return None
+    quota = cgroup_cpu_quota()
+    if quota is not None and quota_cores(quota) < affinity_cores():  # `nproc` says more: name what limits it
+        cores_said = f"{cores} CPU cores (this cgroup's CPU quota: {quota:g} CPUs)"
+    else:
+        cores_said = f"{cores} CPU cores"
     return (
-        f"threads {threads} on {cores} CPU cores: at most {MAX_THREADS_PER_CORE * cores} "
+        f"threads {threads} on {cores_said}: at most {MAX_THREADS_PER_CORE * cores} "
         f"({MAX_THREADS_PER_CORE} per core); threads beyond the cores only wait for each other"
     )
 

@@ -886,16 +886,22 @@ def test_gradient_accumulation_longer_than_a_progress_interval(small_data: Path,
     assert micro_batches == 5 and [s["step"] for s in steps] == [1, 2]  # groups of 3 and of the 2 left
 
 
-def test_off_a_terminal_training_logs_lines_instead_of_a_bar(small_data: Path, tmp_path: Path) -> None:
-    """A service's journal or `2> train.log`: the bar's carriage-return redraws piled up on one line there."""
+def test_off_a_terminal_training_logs_lines_instead_of_a_bar(small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service's journal or `2> train.log`: the bar's carriage-return redraws piled up on one line there.
+    Lines come at each quarter epoch and at least every LINE_PROGRESS_SECONDS (0 here: after every batch)."""
+    from train import loop
     from train.cli import train as train_command
+
+    monkeypatch.setattr(loop, "LINE_PROGRESS_SECONDS", 0.0)
 
     args = ["--data", str(small_data), "--out", str(tmp_path / "run"), "--preset", "tiny", "--batch-size", "4",
             "--max-patches", "64", "--max-new-tokens", "4", "--epochs", "1"]  # fmt: skip
     res = CliRunner().invoke(train_command, args)  # its stderr is no terminal
     assert res.exit_code == 0, res.output
     assert "\r" not in res.output and "it/s" not in res.output
-    assert re.search(r"epoch 1 batch \d+/\d+: loss [\d.]+, [\d.]+ img/s", res.output), res.output
+    said = re.findall(r"epoch 1 batch (\d+)/(\d+): loss [\d.]+, [\d.]+ img/s", res.output)
+    batches = int(said[0][1])
+    assert [int(n) for n, _ in said] == list(range(1, batches)), res.output  # every batch but the last
 
 
 def test_an_empty_test_split_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

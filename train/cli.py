@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import click
@@ -16,7 +15,6 @@ from engine.click_types import (
     cannot_run,
     failed,
     interrupted_status,
-    is_terminal,
     say,
     unwinds_on_stop,
 )
@@ -114,7 +112,7 @@ def _gist(exc: BaseException) -> str:
     "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
     help="Training forward pass in bf16 autocast or fp32; auto: bf16 where the processor computes bf16 natively.",
 )
-@click.option("--no-progress", is_flag=True, help="No progress bar (none off a terminal either: lines at each quarter epoch instead).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (none off a terminal either): a line at each quarter epoch and at least every 5 minutes.")
 @unwinds_on_stop  # a service manager's stop or a closed terminal: as Ctrl-C
 def train(
     data: Path,
@@ -175,9 +173,7 @@ def train(
         num_workers=workers,
         threads=threads,
         precision=precision,
-        # Off a terminal (a journal, `2> log`) the bar's redraws would pile up on one line: the log's lines at
-        # each quarter epoch say the same.
-        progress=not no_progress and is_terminal(sys.stderr),
+        progress=not no_progress,
     )
     try:
         result = run_training(cfg)

@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate tokenises inside worker processes
 
 from engine.bundle import stated_max_new_tokens
-from engine.click_types import TolerantStream, check_stop, say
+from engine.click_types import TolerantStream, check_stop, is_terminal, say
 from engine.cpus import available_cores
 from engine.errors import EdlightError, ImageError, is_count
 from engine.folder import OutputError, output_lock, write_report
@@ -64,6 +64,9 @@ PREDOWNSCALE_AREA = 1.6
 # each of which caches the images it reads).
 CACHE_BYTES = 2 * 1024**3
 PRECISIONS = ("auto", "bf16", "fp32")
+# Without a drawn bar (off a terminal, or progress=False) the loop logs a line at each quarter epoch and at
+# least this often: an epoch over real data on CPUs can take hours.
+LINE_PROGRESS_SECONDS = 300.0
 # Caption tokens (with </s>) a training label keeps; longer captions are cut (and warned about).
 LABEL_TOKENS = 128
 # Settings that define a run: --resume and a second `train` into the same --out must match them.
@@ -1072,17 +1075,21 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     from tqdm.auto import tqdm
 
     last_epoch_run = min(cfg.epochs, start_epoch + cfg.stop_after) if cfg.stop_after else cfg.epochs
+    # Off a terminal (a service's journal, `2> train.log`) a bar's redraws would pile up on one line: lines
+    # instead, at each quarter epoch and at least every LINE_PROGRESS_SECONDS.
+    bar_drawn = is_main and cfg.progress and is_terminal(sys.stderr)
     for epoch in range(start_epoch, last_epoch_run):
         batches = epoch_batches(len(train_ex), cfg.batch_size, world, rank, cfg.seed, epoch)
         seen = [i for b in batches for i in b]
         bar = tqdm(
             total=len(batches),
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not (is_main and cfg.progress),
+            disable=not bar_drawn,
             file=TolerantStream(sys.stderr),
             leave=False,
         )
         t0, n_images, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+        line_said = t0
         group_loss, group_n = 0.0, 0
         optimizer.zero_grad(set_to_none=True)
         sampler.batches = [[(epoch, i) for i in b] for b in batches]
@@ -1136,11 +1143,12 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             bar.update(1)
             if (
                 is_main
-                and not cfg.progress
-                and (bi + 1) % max(1, len(batches) // 4) == 0
+                and not bar_drawn
+                and ((bi + 1) % max(1, len(batches) // 4) == 0 or time.perf_counter() - line_said >= LINE_PROGRESS_SECONDS)
                 and bi + 1 < len(batches)
                 and loss_n  # with --grad-accum, this epoch's first optimizer step may not have come yet
             ):
+                line_said = time.perf_counter()
                 log(f"  epoch {epoch + 1} batch {bi + 1}/{len(batches)}: loss {steps_log[-1]['loss']:.4f}, "
                     f"{n_images * world / max(elapsed, 1e-9):.1f} img/s")  # fmt: skip
         bar.close()

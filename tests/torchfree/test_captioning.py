@@ -196,6 +196,22 @@ def test_line_progress_says_count_rate_and_time_left() -> None:
     bar = LineProgress(4, "captioning", "img", quiet)  # at most a line a minute
     bar.update(3)
     assert quiet.getvalue() == ""
+    LineProgress(4, "captioning", "img", quiet, interval=0.0).update(0)  # nothing done yet: no rate to divide by
+    assert quiet.getvalue() == ""
+
+
+def test_on_a_terminal_progress_is_a_bar() -> None:
+    from engine.click_types import progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    bar = progress_bar(2, "captioning", "img", screen)
+    bar.update(1)
+    bar.close()
+    assert "\r" in screen.getvalue() and "1/2" in screen.getvalue()
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

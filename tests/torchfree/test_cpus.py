@@ -54,14 +54,52 @@ def test_no_proc_file_means_no_quota(tmp_path: Path) -> None:
     assert cpus.cgroup_cpu_quota(tmp_path / "missing", tmp_path) is None
 
 
+def test_a_cgroup_name_that_is_not_utf8_still_finds_the_quota(tmp_path: Path) -> None:
+    proc, root = cgroup_tree(tmp_path, "", {"cpu.max": "200000 100000"})
+    proc.write_bytes(b"0::/caf\xe9.scope\n")  # the kernel takes any bytes; not mounted here: the mount's own quota
+    assert cpus.cgroup_cpu_quota(proc, root) == 2.0
+    (root / os.fsdecode(b"caf\xe9.scope")).mkdir()
+    (root / os.fsdecode(b"caf\xe9.scope") / "cpu.max").write_text("50000 100000")
+    assert cpus.cgroup_cpu_quota(proc, root) == 0.5
+
+
+def test_a_cgroup_folder_it_may_not_search_counts_as_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As root the test cannot be refused by file modes; a sandbox's or security profile's EACCES, injected:
+    proc, root = cgroup_tree(tmp_path, "0::/kubepods/pod1\n", {"cpu.max": "300000 100000", "kubepods/pod1/cpu.max": "100000 100000"})
+    real_is_dir = Path.is_dir
+
+    def is_dir(path: Path) -> bool:
+        if path.name == "pod1":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_is_dir(path)
+
+    monkeypatch.setattr(Path, "is_dir", is_dir)
+    assert cpus.cgroup_cpu_quota(proc, root) == 3.0
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux affinity")
-@pytest.mark.parametrize(("affinity", "quota", "cores"), [(8, 1.5, 2), (8, 0.5, 1), (4, 16.0, 4), (8, None, 8), (8, 2.0, 2)])
+@pytest.mark.parametrize(
+    ("affinity", "quota", "cores"), [(8, 1.5, 1), (8, 2.9, 2), (8, 0.5, 1), (4, 16.0, 4), (8, None, 8), (8, 2.0, 2), (8, 3.0, 3)]
+)
 def test_available_cores_is_the_affinity_capped_by_the_quota(
     monkeypatch: pytest.MonkeyPatch, affinity: int, quota: float | None, cores: int
 ) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
     monkeypatch.setattr(cpus, "cgroup_cpu_quota", lambda: quota)
     assert cpus.available_cores() == cores
+
+
+def test_too_many_threads_names_the_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import session
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    for module in (cpus, session):
+        monkeypatch.setattr(module, "cgroup_cpu_quota", lambda: 0.5)
+    assert session.too_many_threads(4) is None
+    assert session.too_many_threads(5) == (
+        "threads 5 on 1 CPU cores (this cgroup's CPU quota: 0.5 CPUs): at most 4 (4 per core); "
+        "threads beyond the cores only wait for each other"
+    )
 
 
 def test_sessions_take_one_thread_per_cpu_of_the_quota(monkeypatch: pytest.MonkeyPatch) -> None:

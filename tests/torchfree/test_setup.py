@@ -27,3 +27,15 @@ def test_make_names_a_python_too_old_before_building_anything(tmp_path: Path, ta
     assert done.returncode != 0
     assert f"edlight needs Python 3.11 or newer; {fake} is Python 3.10.12. Name another, e.g. make {target} PYTHON=python3.12" in done.stderr
     assert not any(v.exists() for v in venvs.values())
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_names_a_python_that_is_not_there(tmp_path: Path) -> None:
+    missing = tmp_path / "python3.12"
+    done = subprocess.run(
+        ["make", "-C", str(REPO), "run", f"PYTHON={missing}", f"ENGINE_VENV={tmp_path / 'venv'}"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "MAKEFLAGS": ""},
+    )
+    assert done.returncode != 0
+    assert f"edlight needs Python 3.11 or newer; {missing} was not found." in done.stderr
+    assert not (tmp_path / "venv").exists()
