@@ -10,14 +10,7 @@ from pathlib import Path
 
 import click
 
-from engine.click_types import (
-    FiniteFloatRange,
-    cannot_run,
-    failed,
-    interrupted_status,
-    say,
-    unwinds_on_stop,
-)
+from engine.click_types import FiniteFloatRange, cannot_run, failed, interrupted_status, say, unwinds_on_stop
 from engine.errors import EdlightError, ImageError
 from engine.folder import OutputError
 from train.checkpoint import read_run_config, run_data_options
