@@ -12,12 +12,14 @@ from pathlib import Path
 import click
 
 from benchmarks.settings import DEFAULT_TOKENS, SIZES, SYSTEMS, BenchSettings
-from engine.click_types import FiniteFloatRange, cannot_run, failed
+from engine.click_types import FiniteFloatRange, GivenPath, cannot_run, failed, unwinds_on_stop
 from engine.cpus import available_cores
 from engine.errors import EdlightError
 
 # What a bench run writes into --out (benchmarks.report.write_all and the workers' logs).
 RESULT_NAMES = ("results.json", "results.md", "chart.png", "logs")
+# The workers' logs (benchmarks.runner): a logs/ folder holding anything else is not the bench's.
+WORKER_LOG = re.compile(r"(ceiling-\w+|[\w-]+-b\d+[\w-]*)\.log")
 
 
 def batch_size_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
@@ -40,8 +42,23 @@ def _system_list(ctx: click.Context, param: click.Parameter, value: str) -> list
 
 
 def default_cache() -> Path:
-    """Where generated benchmark models, bundles and images are kept (EDLIGHT_BENCH_CACHE overrides)."""
-    return Path(os.environ.get("EDLIGHT_BENCH_CACHE", Path.home() / ".cache" / "edlight" / "bench"))
+    """Where generated benchmark models, bundles and images are kept (EDLIGHT_BENCH_CACHE overrides; set
+    but empty, as an unset variable's expansion leaves it, counts as not set rather than the current folder)."""
+    return Path(os.environ.get("EDLIGHT_BENCH_CACHE") or Path.home() / ".cache" / "edlight" / "bench")
+
+
+def _logs_are_ours(logs: Path) -> bool:
+    """Whether `logs` holds only the workers' logs of an earlier bench (a user's own logs/ must not be moved)."""
+    return logs.is_dir() and all(WORKER_LOG.fullmatch(p.name) and p.is_file() for p in logs.iterdir())
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """Refuse (exit 2) a folder this run could not write into, before any model is built or measured."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".edlight-bench-probe-"):
+            pass
+    except OSError as exc:
+        cannot_run(f"{folder}: cannot write the {what} there ({exc.strerror or exc})")
 
 
 @click.command("bench")
@@ -63,14 +80,15 @@ def default_cache() -> Path:
               help="A plain Optimum export to use for the optimum system. Default: exported here from the checkpoint.")
 @click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A folder of images to caption. Default: generated student-work images.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"), show_default=True,
+@click.option("--out", type=GivenPath(file_okay=False, path_type=Path), default=Path("bench-results"), show_default=True,
               help="Where results.json, results.md, chart.png and the worker logs go.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--cache-dir", type=GivenPath(file_okay=False, path_type=Path), default=None,
               help="Built models and exports [default: $EDLIGHT_BENCH_CACHE or ~/.cache/edlight/bench].")
 @click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in --out.")
 @click.option("--no-interleave", is_flag=True, help="Run the systems one after another instead of round-robin.")
 @click.option("--ceiling-seconds", type=FiniteFloatRange(0.1, 600), default=3.0, show_default=True,
               help="How long to time the MatMul ceiling (at the start and at the end).")
+@unwinds_on_stop  # a service manager's stop or `timeout`: as Ctrl-C (earlier results put back, workers ended)
 def bench(
     size: str, systems: list[str], batch_sizes: list[int], threads: int | None, repeats: int, warmup: int, tokens: int,
     bundles: tuple[Path, ...], checkpoint: Path | None, optimum_dir: Path | None, images_dir: Path | None, out: Path,
@@ -83,7 +101,7 @@ def bench(
     results.md and chart.png into --out.
     """
     from benchmarks.models import BenchSetupError, prepare_models
-    from benchmarks.report import write_all
+    from benchmarks.report import markdown, write_all
     from benchmarks.runner import run_benchmark
     from engine.folder import output_lock
 
@@ -93,17 +111,28 @@ def bench(
         None if p is None else p.expanduser().absolute() for p in (checkpoint, optimum_dir, images_dir, out)
     )
     cache = (cache_dir or default_cache()).expanduser().absolute()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        why = "it or a folder above it is a file" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
-        cannot_run(f"{out}: cannot create the results folder ({why})")
-    for left in sorted(out.glob(".earlier-results-*")):
-        click.echo(f"warning: {left} holds the results an --overwrite run set aside and did not live to put back "
-                   "(it was killed); move them back by hand if you want them", err=True)
-    earlier = [out / name for name in RESULT_NAMES if (out / name).exists()]
-    if earlier and not overwrite:  # like every "cannot run" of the bench: exit 2
+    if threads is not None:
+        from engine.session import too_many_threads
+
+        problem = too_many_threads(threads)
+        if problem:
+            cannot_run(problem)
+    for folder, what in ((out, "results folder"), (cache, "model cache")):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            why = "it or a folder above it is a file" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+            cannot_run(f"{folder}: cannot create the {what} ({why})")
+        _check_writable(folder, what)
+    logs = out / "logs"
+    if logs.exists() and not _logs_are_ours(logs):
+        cannot_run(f"{logs} holds files edlight bench did not write, and the workers' logs go there; choose another --out")
+    results_there = [out / name for name in RESULT_NAMES if name != "logs" and (out / name).exists()]
+    if results_there and not overwrite:  # like every "cannot run" of the bench: exit 2
         cannot_run(f"{out} holds the results of an earlier run; pass --overwrite or choose another --out")
+    # Logs without results are an unfinished run's (stopped, or every measurement failed): replaced, not kept.
+    earlier = [*results_there, *([logs] if results_there and logs.exists() else [])]
+    stale_logs = logs.exists() and not results_there
     started = time.perf_counter()
 
     def log(message: str) -> None:
@@ -127,6 +156,11 @@ def bench(
                                     bundles=list(bundles), optimum_dir=optimum_dir, images_dir=images_dir)
             # Set aside only now that the new run can start (old logs must not mix in), and put back if it
             # does not finish: an interrupted --overwrite must not lose the earlier results.
+            for left in sorted(out.glob(".earlier-results-*")):  # under the lock: no run is alive to put them back
+                click.echo(f"warning: {left} holds the results an --overwrite run set aside and did not live to put "
+                           "back (it was killed); move them back by hand if you want them", err=True)
+            if stale_logs:
+                shutil.rmtree(logs)
             aside = Path(tempfile.mkdtemp(prefix=".earlier-results-", dir=out)) if earlier else None
             for path in earlier:
                 assert aside is not None
@@ -134,7 +168,22 @@ def bench(
             try:
                 measuring = True
                 results = run_benchmark(settings, models, log)
-                paths = write_all(results, settings.out)
+                if aside is not None and results["results"] and all(r.get("status") == "failed" for r in results["results"]):
+                    for cell in results["results"]:
+                        first_line = ((cell.get("error") or "").splitlines() or ["failed"])[0]
+                        click.echo(f"{cell['system']} at batch {cell['batch_size']}: {first_line}", err=True)
+                    _put_back(aside, out)  # a run with nothing measured does not replace one that measured
+                    aside = None
+                    failed(f"every measurement failed; the earlier results in {out} are kept (run into another "
+                           "--out to keep this run's worker logs)")
+                try:
+                    paths = write_all(results, settings.out)
+                except OSError as exc:  # a full disk, a folder made read-only meanwhile: the table is still shown
+                    click.echo("")
+                    click.echo(markdown(results))
+                    for name in RESULT_NAMES[:3]:  # half-written files would pass for an earlier run's results
+                        (out / name).unlink(missing_ok=True)
+                    failed(f"{out}: cannot write the results ({exc.strerror or exc}); the table above is what this run measured")
             except BaseException:
                 if aside is not None:
                     _put_back(aside, out)

@@ -100,6 +100,11 @@ class Worker:
         return "\n".join("    " + line for line in text[-lines:])
 
     def close(self) -> None:
+        if self.process.poll() is None and isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            # Stopped (Ctrl-C, or a SIGTERM to the bench alone): the worker would finish its run first, and
+            # outlive the bench if that is killed meanwhile, timing itself against the next run.
+            self.process.kill()
+            self.process.wait()
         if self.process.poll() is None:
             try:
                 self.request({"cmd": "exit"})

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,6 +75,72 @@ def test_earlier_results_are_kept_unless_overwrite(tmp_path: Path) -> None:
                                         "--model", str(bundle), "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 2 and "an int8 bundle, timed as system engine-int8, which --systems leaves out" in result.output
     assert (tmp_path / "results.json").read_text() == "{}"
+
+
+def test_a_logs_folder_of_the_users_own_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """`--out .` in a project with its own logs/: --overwrite moved it aside and deleted it with the earlier results."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "app.log").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        result = CliRunner().invoke(bench, ["--out", str(tmp_path), "--size", "tiny", "--cache-dir", str(tmp_path / "c"), *extra])
+        assert result.exit_code == 2, result.output
+        assert f"{tmp_path / 'logs'} holds files edlight bench did not write" in result.output
+        assert (tmp_path / "logs" / "app.log").read_text() == "mine"
+
+
+def test_empty_paths_and_threads_beyond_the_cpus_are_refused_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks.cli import default_cache
+    from engine.session import MAX_THREADS_PER_CORE, available_cores
+
+    for option in ("--out", "--cache-dir"):  # an unset variable: the current folder, and --overwrite there
+        result = CliRunner().invoke(bench, [option, "", "--size", "tiny"])
+        assert result.exit_code == 2 and "an empty path (an unset variable?)" in result.output
+    monkeypatch.setenv("EDLIGHT_BENCH_CACHE", "")
+    assert default_cache() == Path.home() / ".cache" / "edlight" / "bench"
+    threads = MAX_THREADS_PER_CORE * available_cores() + 1
+    result = CliRunner().invoke(bench, ["--threads", str(threads), "--out", str(tmp_path / "o"), "--size", "tiny"])
+    assert result.exit_code == 2 and f"error: threads {threads} on {available_cores()} CPU cores" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_failed_or_stopped_overwrite_keeps_the_earlier_results(tiny_bundle: Path, tmp_path: Path) -> None:
+    """An --overwrite run that measured nothing replaced good results with a table of failures; one stopped
+    by SIGTERM (timeout, a service manager) left them set aside and its worker running on."""
+    import psutil
+
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    (out / "results.json").write_text("earlier")
+    (out / "logs" / "engine-b1.log").write_text("earlier log")
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "examples" / "00000.jpg", images)
+    (images / "broken.png").write_text("not an image")
+    args = ["--systems", "engine", "--model", str(tiny_bundle), "--batch-sizes", "1", "--warmup", "0", "--images",
+            str(images), "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--overwrite", "--ceiling-seconds", "0.1"]
+    failed = CliRunner().invoke(bench, [*args, "--repeats", "1"])
+    assert failed.exit_code == 1 and f"every measurement failed; the earlier results in {out} are kept" in failed.output
+    assert (out / "results.json").read_text() == "earlier" and (out / "logs" / "engine-b1.log").read_text() == "earlier log"
+
+    (images / "broken.png").unlink()
+    command = [sys.executable, "-m", "engine.cli", "bench", *args, "--repeats", "100000"]
+    run = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert run.stdout is not None
+    for line in run.stdout:  # measuring: the worker is timing its runs
+        if "repeat 2/" in line:
+            break
+    workers = psutil.Process(run.pid).children(recursive=True)
+    assert workers
+    run.send_signal(signal.SIGTERM)  # to the bench alone, not its process group
+    rest = run.stdout.read()
+    assert run.wait(timeout=60) == 143, rest
+    assert "interrupted" in rest
+    assert (out / "results.json").read_text() == "earlier" and (out / "logs" / "engine-b1.log").read_text() == "earlier log"
+    assert not list(out.glob(".earlier-results-*"))
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
 
 
 def test_a_batch_far_beyond_memory_is_not_started(tmp_path: Path) -> None:
