@@ -104,12 +104,20 @@ def _key(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _cached(target: Path, build: Callable[[Path], None], what: str, log: Log) -> Path:
-    """Return `target` if complete; otherwise build it in a temporary sibling and rename it into place."""
+def _cached(
+    target: Path, build: Callable[[Path], None], what: str, log: Log, check: Callable[[Path], object] | None = None
+) -> Path:
+    """Return `target` if complete (and `check` of it raises no EdlightError); otherwise build it in a
+    temporary sibling and rename it into place. A damaged entry is rebuilt, not trusted at every run."""
     marker = target / ".complete"
     if marker.is_file():
-        log(f"using cached {what}: {target}")
-        return target
+        try:
+            if check is not None:
+                check(target)
+            log(f"using cached {what}: {target}")
+            return target
+        except EdlightError as exc:
+            log(f"warning: the cached {what} in {target} is damaged ({exc}); building it again")
     if target.exists():
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -267,6 +275,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _load_cached_bundle(root: Path) -> object:
+    """A cached bundle loaded as the engine would load it (its files' sha256 checked): BundleError if damaged."""
+    from engine.bundle import Bundle
+
+    return Bundle.load(root / "bundle")
+
+
 def classify_bundles(paths: list[Path]) -> dict[str, Path]:
     """Map bundles to systems by their manifest: fp32 -> "engine", int8 -> "engine-int8"."""
     from engine.bundle import Bundle
@@ -373,7 +388,8 @@ def prepare_models(
         try:
             root = _cached(cache_dir / f"{system}-{_key(recipe)}",
                            partial(export_engine_bundle, checkpoint, quantize=quantize),
-                           f"the {system} bundle (export.onnx.export_bundle, quantize={quantize})", log)
+                           f"the {system} bundle (export.onnx.export_bundle, quantize={quantize})", log,
+                           check=_load_cached_bundle)
         except Exception as exc:  # one failed export must not cost the other systems' numbers
             unavailable[system] = f"exporting the bundle failed: {type(exc).__name__}: {exc}"
             log(f"{system}: exporting the bundle failed ({type(exc).__name__}: {exc}); it will be skipped")

@@ -143,6 +143,30 @@ def test_a_failed_or_stopped_overwrite_keeps_the_earlier_results(tiny_bundle: Pa
     assert not alive
 
 
+def test_a_damaged_cached_bundle_is_built_again(tmp_path: Path) -> None:
+    """A cached bundle whose files changed failed every cell ("sha256 does not match") at every rerun."""
+    from benchmarks.models import _cached, _load_cached_bundle
+    from engine.bundle import Bundle
+
+    shipped = Path(__file__).resolve().parents[1] / "engine" / "default_bundle"
+    builds: list[Path] = []
+
+    def build(where: Path) -> None:
+        builds.append(where)
+        shutil.copytree(shipped, where / "bundle")
+
+    target = tmp_path / "engine-int8-abc"
+    logged: list[str] = []
+    assert _cached(target, build, "the bundle", logged.append, check=_load_cached_bundle) == target
+    assert _cached(target, build, "the bundle", logged.append, check=_load_cached_bundle) == target
+    assert len(builds) == 1 and logged[-1] == f"using cached the bundle: {target}"
+    graph = next((target / "bundle").glob("encoder*.onnx"))
+    graph.write_bytes(graph.read_bytes()[:-10])  # a disk error, a copy cut short
+    _cached(target, build, "the bundle", logged.append, check=_load_cached_bundle)
+    assert len(builds) == 2 and any(f"the cached the bundle in {target} is damaged" in line for line in logged)
+    Bundle.load(target / "bundle")
+
+
 def test_a_batch_far_beyond_memory_is_not_started(tmp_path: Path) -> None:
     from benchmarks import runner, settings
     from benchmarks.models import ModelSet
