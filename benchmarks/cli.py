@@ -17,7 +17,8 @@ from engine.cpus import available_cores
 from engine.errors import EdlightError
 
 # What a bench run writes into --out (benchmarks.report.write_all and the workers' logs).
-RESULT_NAMES = ("results.json", "results.md", "chart.png", "logs")
+RESULT_FILES = ("results.json", "results.md", "chart.png")
+RESULT_NAMES = (*RESULT_FILES, "logs")
 # The workers' logs (benchmarks.runner): a logs/ folder holding anything else is not the bench's.
 WORKER_LOG = re.compile(r"(ceiling-\w+|[\w-]+-b\d+[\w-]*)\.log")
 
@@ -127,7 +128,7 @@ def bench(
     logs = out / "logs"
     if logs.exists() and not _logs_are_ours(logs):
         cannot_run(f"{logs} holds files edlight bench did not write, and the workers' logs go there; choose another --out")
-    results_there = [out / name for name in RESULT_NAMES if name != "logs" and (out / name).exists()]
+    results_there = [out / name for name in RESULT_FILES if (out / name).exists()]
     if results_there and not overwrite:  # like every "cannot run" of the bench: exit 2
         cannot_run(f"{out} holds the results of an earlier run; pass --overwrite or choose another --out")
     # Logs without results are an unfinished run's (stopped, or every measurement failed): replaced, not kept.
@@ -168,7 +169,8 @@ def bench(
             try:
                 measuring = True
                 results = run_benchmark(settings, models, log)
-                if aside is not None and results["results"] and all(r.get("status") == "failed" for r in results["results"]):
+                nothing_measured = bool(results["results"]) and all(r.get("status") == "failed" for r in results["results"])
+                if aside is not None and nothing_measured:
                     for cell in results["results"]:
                         first_line = ((cell.get("error") or "").splitlines() or ["failed"])[0]
                         click.echo(f"{cell['system']} at batch {cell['batch_size']}: {first_line}", err=True)
@@ -181,7 +183,7 @@ def bench(
                 except OSError as exc:  # a full disk, a folder made read-only meanwhile: the table is still shown
                     click.echo("")
                     click.echo(markdown(results))
-                    for name in RESULT_NAMES[:3]:  # half-written files would pass for an earlier run's results
+                    for name in RESULT_FILES:  # half-written files would pass for an earlier run's results
                         (out / name).unlink(missing_ok=True)
                     failed(f"{out}: cannot write the results ({exc.strerror or exc}); the table above is what this run measured")
             except BaseException:
@@ -199,7 +201,7 @@ def bench(
     click.echo("")
     click.echo(paths["markdown"].read_text(encoding="utf-8"))
     log("wrote " + ", ".join(str(p) for p in paths.values()))
-    if results["results"] and all(r.get("status") == "failed" for r in results["results"]):
+    if nothing_measured:
         failed(f"every measurement failed; see the worker logs in {out / 'logs'}")
 
 
