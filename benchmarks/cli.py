@@ -13,8 +13,8 @@ import click
 
 from benchmarks.settings import DEFAULT_TOKENS, SIZES, SYSTEMS, BenchSettings
 from engine.click_types import FiniteFloatRange, GivenPath, cannot_run, failed, unwinds_on_stop
-from engine.cpus import available_cores
 from engine.errors import EdlightError
+from engine.resources import available_cores
 
 # What a bench run writes into --out (benchmarks.report.write_all and the workers' logs).
 RESULT_FILES = ("results.json", "results.md", "chart.png")

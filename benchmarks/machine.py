@@ -11,7 +11,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from engine.cpus import available_cores, cgroup_cpu_quota
+from engine.resources import (
+    available_cores,
+    cgroup_cpu_quota,
+    cgroup_memory_limit,
+    memory_available,
+    memory_total,
+)
 
 LIBRARIES = (
     "edlight",
@@ -39,18 +45,9 @@ def physical_cores() -> int | None:
 
 
 def memory_bytes() -> tuple[int | None, int | None]:
-    """(total, available) physical memory in bytes, None where unknown."""
-    try:
-        text = Path("/proc/meminfo").read_text(encoding="utf-8")
-    except OSError:
-        return None, None
-    values = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            values[key] = int(parts[0]) * 1024
-    return values.get("MemTotal"), values.get("MemAvailable")
+    """(total, available) memory in bytes for this process, None where unknown: the machine's, capped by its
+    cgroup's memory limit (a container's), which is what the kernel kills a worker by."""
+    return memory_total(), memory_available()
 
 
 def library_versions() -> dict[str, str]:
@@ -78,7 +75,8 @@ def machine_info(threads: int) -> dict[str, Any]:
         "cpu_quota": cgroup_cpu_quota(),  # CPUs' worth of time the cgroup allows; None: no quota
         "physical_cores": physical_cores(),
         "threads": threads,
-        "memory_total_bytes": total,
+        "memory_total_bytes": total,  # capped by the cgroup's limit
+        "memory_limit_bytes": cgroup_memory_limit(),  # the cgroup's memory limit; None: none
         "memory_available_bytes": available,
         "platform": platform.platform(),
         "versions": library_versions(),

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import BundleError, is_finite_number
+from engine.errors import BundleError, is_count, is_finite_number
 from engine.preprocess import position_limit_of
 
 FORMAT_VERSION = 1
@@ -339,6 +339,23 @@ class Bundle:
             if source.get(key) is not None:
                 return source[key], name, self.path / file
         return None
+
+    def weights_bytes(self) -> int:
+        """Bytes of the ONNX graphs and their weights files: about what ONNX Runtime holds once it loads them."""
+        return sum((self.path / name).stat().st_size for name in self.manifest.graph_files())
+
+    def cached_bytes_per_image(self) -> int | None:
+        """Bytes the decoder keeps for each image (and beam) while it writes the caption: the cross-attention
+        keys and values of every patch in every layer, and the encoder's states (float32, as the graphs take
+        them); None where config.json does not give the sizes."""
+        text, vision = self._text_config(), self.config.get("vision_config")
+        sizes = [text.get("num_layers"), text.get("num_heads"), text.get("d_kv"),
+                 vision.get("hidden_size") if isinstance(vision, dict) else None]  # fmt: skip
+        counts = [int(size) for size in sizes if isinstance(size, int) and is_count(size)]  # JSON numbers
+        if len(counts) < len(sizes):
+            return None
+        layers, heads, head_size, hidden = counts
+        return 4 * self.max_patches * (2 * layers * heads * head_size + hidden)
 
     def _text_config(self) -> dict[str, Any]:
         text = self.config.get("text_config", {})

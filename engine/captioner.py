@@ -27,6 +27,7 @@ from engine.decode import Decoder, GenerationSettings, generate
 from engine.errors import BundleError, ImageError, is_count
 from engine.images import DEFAULT_MAX_PIXELS, ImageSource, describe, load_image
 from engine.preprocess import PatchConfig, Patches, image_to_patches, position_error, stack
+from engine.resources import cgroup_memory_limit, memory_available
 from engine.session import OnnxModel, SessionSettings, int8_products_saturate
 from engine.tokenizer import CaptionTokenizer
 
@@ -167,6 +168,12 @@ class Captioner:
         # activations are scaled row by row ("steps"); older int8 bundles run one image at a time ("image").
         self.batching = self.bundle.manifest.batching
         self.one_image_per_run = self.batching == "image"
+        # Told before the weights load: past the memory it may take, the kernel kills the run (exit 137) unannounced.
+        shortfall = memory_shortfall(
+            self.bundle, 1 if self.one_image_per_run else self.batch_size, num_beams, memory_available(), cgroup_memory_limit()
+        )
+        if shortfall:
+            warnings.warn(shortfall, stacklevel=2)
         hashed = _in_daemon_thread(self.bundle.verify_graph_hashes, "edlight-verify") if verify else None
         try:
             self._load_graphs(settings)
@@ -360,6 +367,49 @@ class Captioner:
         }
         hidden = self.encoder.run(feeds, [self._encoder_output])[self._encoder_output]
         return np.ascontiguousarray(hidden)
+
+
+# Beside the weights and the per-image caches, at the least: the interpreter, ONNX Runtime, one image's encoder.
+RUNTIME_BYTES = 128 * 2**20
+
+
+def memory_shortfall(bundle: Bundle, batch_size: int, num_beams: int, available: int | None, limit: int | None = None) -> str | None:
+    """What to do when a batch of `batch_size` images cannot fit in the `available` bytes this process can
+    still take (`limit`: its cgroup's memory limit, named in the message); None when it may fit or that is not
+    known.
+
+    The need counted is a floor, so that a batch that fits is never warned about: the weights, RUNTIME_BYTES,
+    and what the decoder keeps per image and beam (`Bundle.cached_bytes_per_image`). Under cgroup v1 memory
+    limits at base size, fp32 (floor 1.32 GiB at batch 1, 1.47 at 2, 1.76 at 4) ran batch 1 in 1.40 GiB,
+    batch 2 in 1.58 and batch 4 in 1.86, and batch 2 in 1.40 GiB crawled, re-reading its weights from disk;
+    int8 (floor 0.74 GiB at batch 1, 0.89 at 2) ran batch 1 in 0.93 GiB and was killed at batch 2 in 1.30.
+    """
+    per_image = bundle.cached_bytes_per_image()
+    if available is None or per_image is None:
+        return None
+    per_image *= num_beams
+    fixed = bundle.weights_bytes() + RUNTIME_BYTES
+    need = fixed + batch_size * per_image
+    if need <= available:
+        return None
+    where = f" (its cgroup's memory limit is {_bytes(limit)})" if limit is not None else ""
+    beams = f" with {num_beams} beams" if num_beams > 1 else ""
+    fits = (available - fixed) // per_image
+    if fits >= 1:
+        advice = f"lower the batch size (at most {fits} can fit)"
+    elif num_beams > 1 and fixed + per_image // num_beams <= available:
+        advice = "use fewer beams"
+    else:
+        advice = "give it more memory" + ("" if bundle.manifest.quantization else ", or use an int8 bundle (edlight export --quantize int8)")
+    return (
+        f"{bundle.path}: a batch of {batch_size} image{'s' if batch_size > 1 else ''}{beams} needs at least {_bytes(need)} ({_bytes(bundle.weights_bytes())} "
+        f"of weights, {_bytes(per_image)} per image), and this process can take {_bytes(available)}{where}; past "
+        f"that it would crawl, or be killed for memory (exit 137): {advice}"
+    )
+
+
+def _bytes(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
 
 
 def pixel_cap(max_pixels: object) -> int:

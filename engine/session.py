@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from engine.cpus import affinity_cores, available_cores, cgroup_cpu_quota, quota_cores
 from engine.errors import ModelRuntimeError, is_count
+from engine.resources import affinity_cores, available_cores, cgroup_cpu_quota, quota_cores
 
 # ONNX tensor type strings -> numpy dtypes, for the inputs the engine feeds.
 _ORT_TYPES = {

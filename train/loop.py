@@ -37,7 +37,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate tokenise
 
 from engine.bundle import stated_max_new_tokens
 from engine.click_types import TolerantStream, check_stop, is_terminal, say
-from engine.cpus import available_cores
 from engine.errors import EdlightError, ImageError, is_count
 from engine.folder import OutputError, output_lock, write_report
 from engine.images import enable_heif, readable_formats
@@ -49,6 +48,7 @@ from engine.preprocess import (
     position_limit_of,
     standardization,
 )
+from engine.resources import available_cores
 from train.evaluate import patch_config_of
 
 # Generic defaults for fine-tuning a --base checkpoint; presets bring their own (train/presets.py).

@@ -975,6 +975,56 @@ def test_an_int8_bundle_with_8_bit_weights_is_warned_about_on_a_cpu_that_saturat
     assert any("8-bit weights" in str(w.message) for w in caught) is warned
 
 
+def test_a_batch_beyond_the_memory_left_is_warned_about_before_the_weights_load(
+    engine_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past a cgroup's memory limit the kernel kills the run (exit 137) and nothing says why.
+    import engine.captioner
+    from engine.bundle import Bundle
+
+    bundle = Bundle.load(engine_bundle)
+    config = json.loads((engine_bundle / "config.json").read_text())
+    text, hidden = config["text_config"], config["vision_config"]["hidden_size"]
+    per_image = 4 * bundle.max_patches * (2 * text["num_layers"] * text["num_heads"] * text["d_kv"] + hidden)
+    assert bundle.cached_bytes_per_image() == per_image
+    fixed = bundle.weights_bytes() + engine.captioner.RUNTIME_BYTES
+    available = fixed + 3 * per_image + per_image // 2  # room for 3 images
+    monkeypatch.setattr(engine.captioner, "memory_available", lambda: available)
+    monkeypatch.setattr(engine.captioner, "cgroup_memory_limit", lambda: 2 * available)
+    make_folder(tmp_path / "in", 4)
+    out = tmp_path / "o.jsonl"
+    result = CliRunner().invoke(caption_command, [str(tmp_path / "in"), "--model", str(engine_bundle), "--out", str(out),
+                                                  "--batch-size", "4", "--quiet"])
+    assert result.exit_code == 0, result.output  # a warning: the run goes on
+    assert f"warning: {engine_bundle}: a batch of 4 images needs at least " in result.output, result.output
+    assert "(its cgroup's memory limit is " in result.output and "lower the batch size (at most 3 can fit)" in result.output
+    assert len(records(out)) == 4
+    result = CliRunner().invoke(caption_command, [str(tmp_path / "in"), "--model", str(engine_bundle), "--out",
+                                                  str(tmp_path / "b3.jsonl"), "--batch-size", "3", "--quiet"])
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+    with warnings.catch_warnings(record=True) as caught:  # the API says it too
+        warnings.simplefilter("always")
+        Captioner(engine_bundle, batch_size=4)
+    assert any("at most 3 can fit" in str(w.message) for w in caught)
+
+
+def test_memory_shortfall_advice(engine_bundle: Path) -> None:
+    from engine.bundle import Bundle
+    from engine.captioner import RUNTIME_BYTES, memory_shortfall
+
+    bundle = Bundle.load(engine_bundle)
+    per_image, fixed = bundle.cached_bytes_per_image(), bundle.weights_bytes() + RUNTIME_BYTES
+    assert per_image is not None
+    assert memory_shortfall(bundle, 4, 1, fixed + 4 * per_image) is None  # fits exactly
+    assert memory_shortfall(bundle, 4, 1, None) is None  # nothing known: nothing said
+    one_image = memory_shortfall(bundle, 1, 2, fixed + per_image)  # one image fits, not with 2 beams
+    assert one_image is not None and "a batch of 1 image with 2 beams needs at least" in one_image
+    assert one_image.endswith("use fewer beams")
+    none = memory_shortfall(bundle, 1, 1, fixed // 2)
+    assert none is not None and none.endswith(": give it more memory")  # an int8 bundle: no int8 to suggest
+    assert "cgroup" not in none
+
+
 @pytest.mark.parametrize(
     ("name", "content"),
     [
