@@ -166,6 +166,7 @@ def bench_images(cache_dir: Path, log: Log, folder: Path | None = None, limit: i
         images = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in suffixes)[:limit]
         if not images:
             raise BenchSetupError(f"{folder}: no images (.png/.jpg/...) to benchmark with")
+        _check_images(images)
         return images
 
     try:
@@ -180,6 +181,19 @@ def bench_images(cache_dir: Path, log: Log, folder: Path | None = None, limit: i
     if not images:
         raise BenchSetupError(f"{root}: the cached benchmark images are missing; delete the folder to rebuild it")
     return images
+
+
+def _check_images(images: list[Path]) -> None:
+    """Decode each image as the systems will, before any model is built: a file that cannot be captioned
+    would otherwise fail every measurement, found only at the end of the run."""
+    from engine.errors import ImageError
+    from engine.images import load_image
+
+    for path in images:
+        try:
+            load_image(path).close()
+        except ImageError as exc:
+            raise BenchSetupError(f"{exc}; every system would fail on it: remove it from --images") from exc
 
 
 def _plain_images(out: Path, *, n: int) -> None:
@@ -323,6 +337,8 @@ def prepare_models(
     notes: list[str] = []
     unavailable: dict[str, str] = {}
     cache_dir = Path(cache_dir).expanduser()
+    if checkpoint is not None:
+        _check_given_checkpoint(Path(checkpoint).expanduser())
     given = classify_bundles([Path(b) for b in bundles or []])
     unused = {system: path for system, path in given.items() if system not in systems}
     if unused:  # it would be left out silently, and another model timed under its name
@@ -360,8 +376,6 @@ def prepare_models(
             checkpoint = root / "checkpoint"
     if checkpoint is not None:
         checkpoint = Path(checkpoint).expanduser()
-        if not (checkpoint / "config.json").is_file():
-            raise BenchSetupError(f"{checkpoint}: not a save_pretrained checkpoint (config.json is missing)")
 
     checkpoint_id = _checkpoint_identity(checkpoint) if checkpoint is not None else None
     if "optimum" in systems and optimum_dir is None and checkpoint is not None:
@@ -415,6 +429,23 @@ def prepare_models(
         notes=notes,
         unavailable=unavailable,
     )
+
+
+def _check_given_checkpoint(checkpoint: Path) -> None:
+    """Refuse a --checkpoint that is not a Pix2Struct checkpoint with its processor before anything is built
+    (an edlight bundle given there, for one, failed every torch and Optimum measurement at the end)."""
+    from engine.bundle import MANIFEST_NAME
+    from train.checkpoint import CheckpointError, check_checkpoint_dir
+
+    if (checkpoint / MANIFEST_NAME).is_file():
+        raise BenchSetupError(
+            f"{checkpoint}: an edlight bundle, not a PyTorch checkpoint; pass it with --model (and the checkpoint "
+            "it was exported from, if any, with --checkpoint)"
+        )
+    try:
+        check_checkpoint_dir(checkpoint)
+    except CheckpointError as exc:
+        raise BenchSetupError(str(exc)) from exc
 
 
 def _checkpoint_identity(checkpoint: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from benchmarks.cli import bench
 from benchmarks.flops import encoder_flops
@@ -203,6 +204,24 @@ def test_an_out_below_a_file_and_a_damaged_checkpoint_are_one_line_errors(tmp_pa
     (tmp_path / "ck" / "model.safetensors").write_bytes(b"")
     with pytest.raises(BenchSetupError, match=r"model.safetensors: not a readable safetensors file"):
         count_parameters(tmp_path / "ck")
+
+
+def test_a_bad_image_or_a_bundle_as_checkpoint_is_refused_before_anything_is_built(tiny_bundle: Path, tmp_path: Path) -> None:
+    # Both failed every measurement, and so the run (exit 1), only once every model had been built and timed.
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 48), "white").save(images / "a.png")
+    (images / "b.png").write_bytes(b"not an image")
+    cache = tmp_path / "cache"
+    result = CliRunner().invoke(bench, ["--out", str(tmp_path / "o"), "--size", "tiny", "--images", str(images),
+                                        "--cache-dir", str(cache)])
+    assert result.exit_code == 2, result.output
+    assert f"{images / 'b.png'}: " in result.output and "remove it from --images" in result.output
+    result = CliRunner().invoke(bench, ["--out", str(tmp_path / "o"), "--size", "tiny", "--checkpoint", str(tiny_bundle),
+                                        "--cache-dir", str(cache)])
+    assert result.exit_code == 2, result.output
+    assert f"{tiny_bundle}: an edlight bundle, not a PyTorch checkpoint; pass it with --model" in result.output
+    assert not any(path.name != "models.lock" and not path.name.startswith(".") for path in cache.iterdir())  # nothing built
 
 
 def test_an_unfinished_overwrite_puts_the_earlier_results_back(tmp_path: Path) -> None:
