@@ -63,10 +63,20 @@ class ModelSet:
     parameters: int | None
     notes: list[str] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)  # system -> why its model could not be had
+    given: list[str] = field(default_factory=list)  # the options that named models ("--checkpoint", "--model")
+
+    @property
+    def title(self) -> str:
+        """What was timed, for the report's title: `size` names only the models built here."""
+        if "--checkpoint" in self.given or (self.checkpoint is None and self.given):
+            return "given models"
+        return f"{self.size} size" + (", and given bundles" if self.given else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "size": self.size,
+            "title": self.title,
+            "given": self.given,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "optimum_dir": str(self.optimum_dir) if self.optimum_dir else None,
             "bundles": {k: str(v) for k, v in self.bundles.items()},
@@ -337,6 +347,7 @@ def prepare_models(
     notes: list[str] = []
     unavailable: dict[str, str] = {}
     cache_dir = Path(cache_dir).expanduser()
+    given_checkpoint = checkpoint is not None
     if checkpoint is not None:
         _check_given_checkpoint(Path(checkpoint).expanduser())
     given = classify_bundles([Path(b) for b in bundles or []])
@@ -417,8 +428,10 @@ def prepare_models(
         raise BenchSetupError("nothing to benchmark: pass --checkpoint and/or --model, or install the export extra")
     config = _read_json(config_source)
     max_patches = _max_patches(checkpoint, given)
+    given_options = [option for option, value in (("--checkpoint", given_checkpoint), ("--model", bundles)) if value]
     return ModelSet(
         size=size,
+        given=given_options,
         checkpoint=checkpoint,
         optimum_dir=Path(optimum_dir) if optimum_dir is not None else None,
         bundles=given,

@@ -47,7 +47,7 @@ def markdown(results: dict[str, Any]) -> str:
     flops = (model.get("encoder_flops_per_image") or {}).get("total")
     params = f"{model['parameters'] / 1e6:.1f}M parameters, " if model.get("parameters") else ""
     lines = [
-        f"# edlight benchmark ({model['size']} size)",
+        f"# edlight benchmark ({model.get('title') or model['size'] + ' size'})",
         "",
         f"Machine: {machine_line(results)}.",
         f"Model: {params}{model['max_patches']} patches per image, {settings['tokens']} generated tokens forced "
@@ -99,8 +99,11 @@ def markdown(results: dict[str, Any]) -> str:
         ]
     notes = [f"- {system}: skipped ({why})" for system, why in results.get("skipped", {}).items()]
     notes += [f"- {note}" for note in results.get("notes", [])]
-    notes += [f"- {r['system']} at batch {r['batch_size']}: run alone, not interleaved (memory)"
-              for r in results["results"] if not r.get("interleaved", True)]
+    alone = [r for r in results["results"] if not r.get("interleaved", True)]
+    if alone and results.get("settings", {}).get("interleave", True):
+        notes += [f"- {r['system']} at batch {r['batch_size']}: run alone, not interleaved (memory)" for r in alone]
+    elif alone:
+        notes.append("- each system ran alone, not interleaved (--no-interleave)")
     mismatched = [f"{r['system']} (batch {r['batch_size']})" for r in results["results"]
                   if r.get("captions_match_torch") is False]
     if mismatched:
@@ -151,7 +154,7 @@ def write_chart(results: dict[str, Any], out: Path) -> Path:
     ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
     ax.set_ylabel("seconds per image (dark: encoder)" + (", log scale" if log_scale else ""))
     m = results["machine"]
-    ax.set_title(f"edlight bench, {results['model']['size']} size, {m['threads']} threads\n{m['cpu_model']}", fontsize=9)
+    ax.set_title(f"edlight bench, {results['model'].get('title') or results['model']['size'] + ' size'}, {m['threads']} threads\n{m['cpu_model']}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

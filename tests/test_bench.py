@@ -297,6 +297,7 @@ def test_tiny_benchmark_writes_json_table_and_chart(
     assert doc["settings"]["batch_sizes"] == [1, 2]  # sorted
     assert doc["skipped"] == {}
     assert doc["model"]["size"] == "tiny" and doc["model"]["parameters"] > 0
+    assert doc["model"]["title"] == "given models" and (out / "results.md").read_text().startswith("# edlight benchmark (given models)")
     flops = doc["model"]["encoder_flops_per_image"]
     assert flops["patches"] == doc["model"]["max_patches"] and flops["total"] > 0
     assert doc["ceiling"]["matmul_gflops"] > 0 and len(doc["ceiling"]["measurements"]) == 2
@@ -408,3 +409,26 @@ def test_without_torch_the_model_cannot_be_built_and_bundles_are_suggested_only_
         models.prepare_models("tiny", ["torch"], tmp_path, lambda _message: None)  # a bundle cannot time torch
     with pytest.raises(BenchSetupError, match=r"constraints.txt\); on an engine-only machine pass --model BUNDLE"):
         models.prepare_models("tiny", ["engine"], tmp_path, lambda _message: None)
+
+
+def test_cells_run_alone_say_why() -> None:
+    from benchmarks.report import markdown
+
+    results = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/base-2026-11-27/results.json").read_text())
+    assert results["settings"]["interleave"] and "- engine at batch 8: run alone, not interleaved (memory)" in markdown(results)
+    results["settings"]["interleave"] = False  # the user's --no-interleave, not the machine's memory
+    table = markdown(results)
+    assert "(memory)" not in table and "- each system ran alone, not interleaved (--no-interleave)" in table
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "given", "title"),
+    [(True, [], "base size"), (True, ["--model"], "base size, and given bundles"), (True, ["--checkpoint"], "given models"),
+     (True, ["--checkpoint", "--model"], "given models"), (False, ["--model"], "given models")],
+)
+def test_results_are_titled_by_the_models_timed(tmp_path: Path, checkpoint: bool, given: list[str], title: str) -> None:
+    from benchmarks.models import ModelSet
+
+    models = ModelSet(size="base", checkpoint=tmp_path if checkpoint else None, optimum_dir=None, bundles={}, images=[],
+                      max_patches=16, vision_config={}, parameters=None, given=given)
+    assert models.title == title and models.to_dict()["title"] == title
