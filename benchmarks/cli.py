@@ -150,7 +150,10 @@ def bench(
         )
         # One bench at a time per results folder and per cache (two would build the same models at once
         # and time each other).
-        with output_lock(out / "results.json"), output_lock(cache / "models"):
+        with (
+            output_lock(out / "results.json", elsewhere="pass another --out"),
+            output_lock(cache / "models", elsewhere="pass another --cache-dir (the models are built again there)"),
+        ):
             log(f"{size} size; systems {','.join(settings.systems)}; batch sizes {settings.batch_sizes}; "
                 f"{settings.threads} threads; cache {settings.cache_dir}")
             models = prepare_models(size, settings.systems, settings.cache_dir, log, checkpoint=checkpoint,

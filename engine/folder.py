@@ -718,7 +718,7 @@ def _take_owner_and_mode(copy: Path, original: Path) -> None:
 
 
 @contextlib.contextmanager
-def output_lock(out: Path) -> Iterator[None]:
+def output_lock(out: Path, elsewhere: str = "choose another output") -> Iterator[None]:
     """Hold `.NAME.lock` next to `out` (an exclusive flock) while a run reads and writes `out`.
 
     Raises OutputError at once if another run holds it: two runs appending to one file would
@@ -727,6 +727,7 @@ def output_lock(out: Path) -> Iterator[None]:
     may read is refused with their name: whether their run still holds it cannot be told). In a folder
     where no file may be made, the output itself is locked (no rewrite can happen there either); on a
     file system without locks (NFS without lockd, some FUSE mounts) the run goes on unlocked, with a warning.
+    `elsewhere` ends the message of a held lock: how to run without waiting ("choose another output").
     """
     if fcntl is None or is_stream(out):
         yield
@@ -743,13 +744,13 @@ def output_lock(out: Path) -> Iterator[None]:
     if in_place and not out.is_file():
         yield  # nothing to lock, and RecordWriter cannot create the output there: it says so
         return
-    handle = _flock(out, out, in_place=True) if in_place else _flock_lock_file(lock, out)
+    handle = _flock(out, out, elsewhere, in_place=True) if in_place else _flock_lock_file(lock, out, elsewhere)
     # The output itself too, when it exists: a hard link to it has a lock file of another name, yet the
     # same records (flock belongs to the file, whatever name opened it).
     itself = None
     if handle is not None and not in_place and out.is_file():
         try:
-            itself = _flock_output(out)
+            itself = _flock_output(out, elsewhere)
         except OutputError:
             with contextlib.suppress(OSError):
                 os.unlink(lock)
@@ -767,10 +768,10 @@ def output_lock(out: Path) -> Iterator[None]:
             os.close(handle)
 
 
-def _flock_lock_file(lock: Path, out: Path) -> int | None:
+def _flock_lock_file(lock: Path, out: Path, elsewhere: str) -> int | None:
     """An open, flocked descriptor of `lock` holding this process's pid (None: no locks on this file system)."""
     while True:
-        handle = _flock(lock, out)
+        handle = _flock(lock, out, elsewhere)
         if handle is None:
             return None
         # The holder before us may have removed the file between our open and our lock: lock the file
@@ -788,7 +789,7 @@ def _flock_lock_file(lock: Path, out: Path) -> int | None:
     return handle
 
 
-def _flock_output(out: Path) -> int | None:
+def _flock_output(out: Path, elsewhere: str) -> int | None:
     """The output file itself flocked, beside its lock file (a hard link has a lock file of another name).
     None, quietly, where it cannot be: a file this user may not open (plan_folder_job says what is wrong
     with it), or NFS, whose emulated flock wants a descriptor open for writing (the lock file holds anyway).
@@ -802,14 +803,14 @@ def _flock_output(out: Path) -> int | None:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
         os.close(handle)
-        raise OutputError(f"{out}: another run is writing to it; wait for it to end or choose another output") from exc
+        raise OutputError(f"{out}: another run is writing to it; wait for it to end or {elsewhere}") from exc
     except OSError:
         os.close(handle)
         return None
     return handle
 
 
-def _flock(path: Path, out: Path, in_place: bool = False) -> int | None:
+def _flock(path: Path, out: Path, elsewhere: str, in_place: bool = False) -> int | None:
     """`path` opened (created if it is a lock file) and exclusively flocked; None when the file system has
     no locks. Raises OutputError when another run holds it."""
     assert fcntl is not None
@@ -836,7 +837,7 @@ def _flock(path: Path, out: Path, in_place: bool = False) -> int | None:
         os.close(handle)
         raise OutputError(
             f"{out}: another run{f' (pid {holder})' if holder else ''} is writing to it; "
-            "wait for it to end or choose another output"
+            f"wait for it to end or {elsewhere}"
         ) from exc
     except OSError as exc:
         os.close(handle)

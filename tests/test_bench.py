@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -432,3 +433,13 @@ def test_results_are_titled_by_the_models_timed(tmp_path: Path, checkpoint: bool
     models = ModelSet(size="base", checkpoint=tmp_path if checkpoint else None, optimum_dir=None, bundles={}, images=[],
                       max_patches=16, vision_config={}, parameters=None, given=given)
     assert models.title == title and models.to_dict()["title"] == title
+
+
+def test_a_cache_in_use_by_another_bench_names_the_option_to_change(tmp_path: Path) -> None:
+    from engine.folder import output_lock
+
+    cache = tmp_path / "cache"
+    with output_lock(cache / "models"):  # as a bench running beside this one holds it
+        result = CliRunner().invoke(bench, ["--out", str(tmp_path / "o"), "--size", "tiny", "--cache-dir", str(cache)])
+    assert result.exit_code == 2, result.output
+    assert f"another run (pid {os.getpid()}) is writing to it; wait for it to end or pass another --cache-dir" in result.output
