@@ -172,6 +172,10 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
             '{"height": H, "width": W} with whole numbers of pixels (Pix2Struct uses 16 and 16)'
         )
     if not (path / "tokenizer.json").is_file():
+        if (path / "spiece.model").is_file():
+            from train.checkpoint import sentencepiece_only
+
+            raise ExportError(sentencepiece_only(path))
         raise ExportError(
             f"{path / 'tokenizer.json'}: missing; the engine needs a fast tokenizer: save one with "
             "processor.tokenizer.save_pretrained(CHECKPOINT)"

@@ -706,6 +706,9 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         (ck / "preprocessor_config.json").unlink()
     elif how == "no_tokenizer":
         (ck / "tokenizer.json").unlink()
+    elif how == "spiece_only":  # a SentencePiece checkpoint (as T5's): transformers converts it only with sentencepiece
+        (ck / "tokenizer.json").unlink()
+        (ck / "spiece.model").write_bytes(b"a SentencePiece model")
     elif how == "no_weights":
         (ck / "model.safetensors").unlink()
         (ck / "training_args.bin").write_bytes(b"a Trainer's arguments, not weights")
@@ -740,6 +743,8 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         ("not_pix2struct", "not 'pix2struct'"),
         ("no_processor", "preprocessor_config.json: processor config missing"),
         ("no_tokenizer", "tokenizer.json: missing"),
+        ("spiece_only", r"its tokenizer is spiece.model alone \(SentencePiece\), and edlight reads tokenizer.json; write it once "
+                        r"with `pip install sentencepiece protobuf` and `python -c \"from transformers import AutoTokenizer"),
         ("no_weights", "no model weights"),
         ("non_causal", "is_decoder is false"),
         ("bad_generation", "generation_config.json: unreadable generation config"),

@@ -1189,6 +1189,22 @@ def test_a_hub_id_base_is_read_from_huggingface_hubs_cache(small_data: Path, tmp
     with pytest.raises(CheckpointError, match="no-tokenizer.*no tokenizer"):
         load_checkpoint("edlight-test/no-tokenizer")
 
+
+def test_a_sentencepiece_tokenizer_without_sentencepiece_says_how_to_write_tokenizer_json(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # transformers' own error was a list of 60 converter names, which said neither what was missing nor how to fix it.
+    import train.checkpoint
+    from train.checkpoint import CheckpointError, load_checkpoint
+
+    ck = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ck"))
+    (ck / "tokenizer.json").unlink()
+    (ck / "spiece.model").write_bytes(b"a SentencePiece model")
+    monkeypatch.setattr(train.checkpoint, "is_installed", lambda module: module != "sentencepiece")
+    with pytest.raises(CheckpointError, match=r"ck: its tokenizer is spiece.model alone .* `pip install sentencepiece "
+                                              r"protobuf` and `python -c .*AutoTokenizer.from_pretrained\('.*ck'\).save_pretrained"):
+        load_checkpoint(ck)
+
 @pytest.mark.slow
 def test_images_too_long_and_thin_for_the_models_positions_are_named_before_any_work(small_data: Path, tmp_path: Path) -> None:
     """A checkpoint whose max_patches reach its position tables cannot embed a long strip's grid: that was an

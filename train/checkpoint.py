@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.bundle import CHECKPOINT_WEIGHTS, MANIFEST_NAME
-from engine.errors import EdlightError
+from engine.errors import EdlightError, is_installed
 from engine.folder import FULL_DISK_ERRNOS, OutputError
 from engine.preprocess import PatchConfig, position_limit_of
 
@@ -67,7 +67,22 @@ def check_checkpoint_dir(path: str | Path) -> Path:
         raise CheckpointError(
             f"{path}: no tokenizer (tokenizer.json); save the Pix2StructProcessor with the model"
         )
+    if not (path / "tokenizer.json").is_file() and not all(is_installed(m) for m in SENTENCEPIECE_MODULES):
+        raise CheckpointError(sentencepiece_only(path))
     return path
+
+
+# What transformers needs to turn a SentencePiece spiece.model into the fast tokenizer edlight uses.
+SENTENCEPIECE_MODULES = ("sentencepiece", "google.protobuf")
+
+
+def sentencepiece_only(path: Path) -> str:
+    """The error for a checkpoint whose tokenizer is a spiece.model alone: how to write its tokenizer.json."""
+    return (
+        f"{path}: its tokenizer is spiece.model alone (SentencePiece), and edlight reads tokenizer.json; write it "
+        f"once with `pip install sentencepiece protobuf` and `python -c \"from transformers import AutoTokenizer; "
+        f"AutoTokenizer.from_pretrained('{path}').save_pretrained('{path}')\"`"
+    )
 
 
 def run_folder_hint(path: str | Path) -> str:
