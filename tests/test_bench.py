@@ -119,15 +119,22 @@ def test_a_failed_or_stopped_overwrite_keeps_the_earlier_results(tiny_bundle: Pa
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(Path(__file__).resolve().parents[1] / "examples" / "00000.jpg", images)
-    (images / "broken.png").write_text("not an image")
-    args = ["--systems", "engine", "--model", str(tiny_bundle), "--batch-sizes", "1", "--warmup", "0", "--images",
-            str(images), "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--overwrite", "--ceiling-seconds", "0.1"]
-    failed = CliRunner().invoke(bench, [*args, "--repeats", "1"])
+    # A bundle whose files match its manifest, but whose encoder ONNX Runtime cannot load: every cell fails.
+    from engine.bundle import MANIFEST_NAME, sha256_file
+
+    broken = Path(shutil.copytree(tiny_bundle, tmp_path / "broken"))
+    manifest = json.loads((broken / MANIFEST_NAME).read_text())
+    encoder = manifest["onnx_files"]["encoder"]
+    (broken / encoder).write_bytes(b"not an ONNX graph")
+    manifest["files"][encoder] = sha256_file(broken / encoder)
+    (broken / MANIFEST_NAME).write_text(json.dumps(manifest))
+    args = ["--systems", "engine", "--batch-sizes", "1", "--warmup", "0", "--images", str(images), "--cache-dir",
+            str(tmp_path / "cache"), "--out", str(out), "--overwrite", "--ceiling-seconds", "0.1"]
+    failed = CliRunner().invoke(bench, [*args, "--model", str(broken), "--repeats", "1"])
     assert failed.exit_code == 1 and f"every measurement failed; the earlier results in {out} are kept" in failed.output
     assert (out / "results.json").read_text() == "earlier" and (out / "logs" / "engine-b1.log").read_text() == "earlier log"
 
-    (images / "broken.png").unlink()
-    command = [sys.executable, "-m", "engine.cli", "bench", *args, "--repeats", "100000"]
+    command = [sys.executable, "-m", "engine.cli", "bench", *args, "--model", str(tiny_bundle), "--repeats", "100000"]
     run = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert run.stdout is not None
     for line in run.stdout:  # measuring: the worker is timing its runs
