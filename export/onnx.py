@@ -272,14 +272,18 @@ def _optimum_validation_is_fatal() -> Iterator[list[str]]:
 
 
 def _load_pytorch(info: CheckpointInfo) -> tuple[Any, Any]:
-    from transformers import Pix2StructForConditionalGeneration, Pix2StructProcessor
+    from transformers import Pix2StructProcessor
+
+    from train.checkpoint import CheckpointError, load_model_weights
 
     try:
         processor = Pix2StructProcessor.from_pretrained(info.path)
     except Exception as exc:  # transformers raises OSError/ValueError/TypeError for broken processor files
         raise ExportError(f"{info.path}: cannot load the Pix2Struct processor/tokenizer ({exc}); re-save the processor") from exc
     try:
-        model = Pix2StructForConditionalGeneration.from_pretrained(info.path).eval()
+        model = load_model_weights(info.path).eval()
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from exc
     except Exception as exc:
         raise ExportError(f"{info.path}: cannot load the Pix2Struct model ({exc}); re-save it with save_pretrained") from exc
     if not getattr(model.config.text_config, "is_decoder", False):

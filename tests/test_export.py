@@ -706,6 +706,14 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         (ck / "preprocessor_config.json").unlink()
     elif how == "no_tokenizer":
         (ck / "tokenizer.json").unlink()
+    elif how == "weights_of_another_model":  # transformers fills what is missing with random values, and only logs it
+        from safetensors.numpy import save_file
+
+        save_file({"unrelated": np.zeros(1, dtype=np.float32)}, str(ck / "model.safetensors"))
+    elif how == "more_layers_than_the_weights":
+        config = json.loads((ck / "config.json").read_text())
+        config["text_config"]["num_layers"] += 1
+        (ck / "config.json").write_text(json.dumps(config))
     elif how == "spiece_only":  # a SentencePiece checkpoint (as T5's): transformers converts it only with sentencepiece
         (ck / "tokenizer.json").unlink()
         (ck / "spiece.model").write_bytes(b"a SentencePiece model")
@@ -743,6 +751,8 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         ("not_pix2struct", "not 'pix2struct'"),
         ("no_processor", "preprocessor_config.json: processor config missing"),
         ("no_tokenizer", "tokenizer.json: missing"),
+        ("weights_of_another_model", r"model.safetensors: holds no values for (\d+) of the model's \1 tensors \(decoder"),
+        ("more_layers_than_the_weights", r"model.safetensors: holds no values for \d+ of the model's \d+ tensors \(decoder.layer.\d"),
         ("spiece_only", r"its tokenizer is spiece.model alone \(SentencePiece\), and edlight reads tokenizer.json; write it once "
                         r"with `pip install sentencepiece protobuf` and `python -c \"from transformers import AutoTokenizer"),
         ("no_weights", "no model weights"),

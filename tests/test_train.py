@@ -1190,6 +1190,20 @@ def test_a_hub_id_base_is_read_from_huggingface_hubs_cache(small_data: Path, tmp
         load_checkpoint("edlight-test/no-tokenizer")
 
 
+def test_weights_that_leave_tensors_out_are_refused_not_filled_at_random(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # transformers initialises what the weights lack at random and only logs it: training, evaluate and export
+    # went on with a random model (exit 0).
+    from train.checkpoint import CheckpointError, load_checkpoint
+
+    ck = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ck"))
+    config = json.loads((ck / "config.json").read_text())
+    config["vision_config"]["num_hidden_layers"] += 1  # a config of another size than the weights
+    (ck / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"ck/model.safetensors: holds no values for \d+ of the model's \d+ tensors "
+                                              r"\(encoder.encoder.layer.\d.*which would be random"):
+        load_checkpoint(ck)
+
+
 def test_a_sentencepiece_tokenizer_without_sentencepiece_says_how_to_write_tokenizer_json(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -269,6 +269,28 @@ def resolve_checkpoint(name: str | Path) -> Path:
     return folder
 
 
+def load_model_weights(path: Path) -> Any:
+    """Pix2StructForConditionalGeneration from the checkpoint folder `path`.
+
+    Raises CheckpointError when its weights leave any of the model's tensors out: transformers fills those
+    with random values and only logs it, so a weights file of another model (or a config.json of another
+    size) would train, evaluate and export as a random model, with exit 0.
+    """
+    from transformers import Pix2StructForConditionalGeneration
+
+    model, loading = Pix2StructForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+    missing = sorted(loading.get("missing_keys") or [])
+    if missing:
+        weights = next((name for name in CHECKPOINT_WEIGHTS if (path / name).is_file()), "its weights")
+        listed = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise CheckpointError(
+            f"{path / weights}: holds no values for {len(missing)} of the model's {len(model.state_dict())} tensors "
+            f"({listed}), which would be random; the weights were saved from another model than config.json "
+            "describes: re-save the model with save_pretrained"
+        )
+    return model
+
+
 def load_checkpoint(path: str | Path, max_patches: int | None = None) -> tuple[Any, Any]:
     """Load (Pix2StructForConditionalGeneration, Pix2StructProcessor) from a checkpoint.
 
@@ -278,14 +300,16 @@ def load_checkpoint(path: str | Path, max_patches: int | None = None) -> tuple[A
     the processor's patch budget. Raises CheckpointError for anything that is not a complete
     Pix2Struct checkpoint.
     """
-    from transformers import Pix2StructForConditionalGeneration, Pix2StructProcessor
+    from transformers import Pix2StructProcessor
 
     from train.presets import ensure_causal_decoder
 
     path = check_checkpoint_dir(resolve_checkpoint(path))
     try:
-        model = Pix2StructForConditionalGeneration.from_pretrained(path)
+        model = load_model_weights(path)
         processor = Pix2StructProcessor.from_pretrained(path)
+    except CheckpointError:
+        raise
     except Exception as exc:  # safetensors, tokenizers and transformers raise their own types for damaged files
         why = " ".join(str(exc).split()) or type(exc).__name__
         raise CheckpointError(f"{path}: cannot load the Pix2Struct checkpoint with its processor ({why})") from exc
