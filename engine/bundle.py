@@ -179,13 +179,123 @@ def write_manifest(directory: Path, manifest: Manifest) -> Path:
 
 
 @dataclass
-class Bundle:
-    """A verified bundle on disk plus the model facts the engine needs."""
+class ModelSettings:
+    """The generation settings of a model folder (a bundle, or a checkpoint before it is exported), read as
+    transformers' `generate` reads them; each raises BundleError naming the file and the setting."""
 
     path: Path
-    manifest: Manifest
     config: dict[str, Any]
     generation_config: dict[str, Any]
+
+    def _token_setting(self, key: str) -> tuple[Any, str, Path] | None:
+        """(value, name, file) of the first `key` set in generation_config.json, config.json, then config.json's
+        text_config."""
+        sources = (
+            (self.generation_config, "generation_config.json", key),
+            (self.config, "config.json", key),
+            (self._text_config(), "config.json", f"text_config.{key}"),
+        )
+        for source, file, name in sources:
+            if source.get(key) is not None:
+                return source[key], name, self.path / file
+        return None
+
+    def _text_config(self) -> dict[str, Any]:
+        text = self.config.get("text_config", {})
+        return text if isinstance(text, dict) else {}
+
+    @property
+    def decoder_start_token_id(self) -> int:
+        found = self._token_setting("decoder_start_token_id")
+        return self.pad_token_id if found is None else _setting(*found)
+
+    @property
+    def pad_token_id(self) -> int:
+        found = self._token_setting("pad_token_id")
+        return 0 if found is None else _setting(*found)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        found = self._token_setting("eos_token_id")
+        if found is None:
+            return [1]
+        value, name, where = found
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise BundleError(f"{where}: {name} is an empty list")
+        return [_setting(v, name, where) for v in values]
+
+    @property
+    def default_max_new_tokens(self) -> int:
+        """The caption length transformers' `generate` gives with this generation config: the stated one
+        (stated_max_new_tokens), else generate's default of 20 new tokens."""
+        stated = stated_max_new_tokens(self.generation_config, self.path / "generation_config.json")
+        return TRANSFORMERS_MAX_LENGTH if stated is None else stated
+
+    @property
+    def default_min_new_tokens(self) -> int:
+        """Tokens before EOS may end a caption, as in `generate`: min_new_tokens, else min_length less the
+        start token, else 0."""
+        where = self.path / "generation_config.json"
+        if self.generation_config.get("min_new_tokens") is not None:
+            return _setting(self.generation_config["min_new_tokens"], "min_new_tokens", where)
+        if self.generation_config.get("min_length") is not None:
+            return max(0, _setting(self.generation_config["min_length"], "min_length", where) - 1)
+        return 0
+
+    @property
+    def length_penalty(self) -> float:
+        """Beam search's length penalty (transformers' default 1.0)."""
+        value = self.generation_config.get("length_penalty", 1.0)
+        value = 1.0 if value is None else value
+        if not is_finite_number(value):
+            raise BundleError(f"{self.path / 'generation_config.json'}: length_penalty must be a number, got {value!r}")
+        return float(value)
+
+    @property
+    def early_stopping(self) -> bool | str:
+        """Beam search's stopping rule, as transformers reads it: True stops once num_beams captions are
+        finished; False (the default) and "never" run on while the best open beam could still win, "never"
+        judging that, under a positive length penalty, at the longest caption allowed."""
+        value = self.generation_config.get("early_stopping", False)
+        if value not in (None, True, False, "never"):
+            raise BundleError(
+                f"{self.path / 'generation_config.json'}: early_stopping must be true, false or \"never\", got {value!r}"
+            )
+        return False if value is None else value
+
+    @property
+    def repetition_penalty(self) -> float:
+        """transformers' repetition_penalty (1.0: none), which `generate` applies from the generation config."""
+        value = self.generation_config.get("repetition_penalty", 1.0)
+        value = 1.0 if value is None else value
+        if not is_finite_number(value) or value <= 0:
+            raise BundleError(f"{self.path / 'generation_config.json'}: repetition_penalty must be a number > 0, got {value!r}")
+        return float(value)
+
+    @property
+    def no_repeat_ngram_size(self) -> int:
+        """transformers' no_repeat_ngram_size (0: none)."""
+        value = self.generation_config.get("no_repeat_ngram_size", 0)
+        return 0 if value is None else _setting(value, "no_repeat_ngram_size", self.path / "generation_config.json")
+
+    @property
+    def token_processors(self) -> dict[str, Any]:
+        """The generation config's logits processors that name tokens (see `token_processors`)."""
+        return token_processors(self.generation_config, self.path / "generation_config.json")
+
+    def check_generation_settings(self) -> None:
+        """Read every generation setting the engine uses (a bad one: BundleError now, not mid-run)."""
+        _ = (self.decoder_start_token_id, self.pad_token_id, self.eos_token_ids, self.default_max_new_tokens,
+             self.default_min_new_tokens, self.length_penalty, self.early_stopping, self.repetition_penalty,
+             self.no_repeat_ngram_size, self.token_processors)
+
+
+@dataclass
+class Bundle(ModelSettings):
+    """A verified bundle on disk plus the model facts the engine needs."""
+
+    manifest: Manifest
     preprocessor_config: dict[str, Any]
 
     @classmethod
@@ -327,19 +437,6 @@ class Bundle:
         except BundleError as exc:
             raise BundleError(f"{self.path / 'config.json'}: {exc}") from None
 
-    def _token_setting(self, key: str) -> tuple[Any, str, Path] | None:
-        """(value, name, file) of the first `key` set in generation_config.json, config.json, then config.json's
-        text_config."""
-        sources = (
-            (self.generation_config, "generation_config.json", key),
-            (self.config, "config.json", key),
-            (self._text_config(), "config.json", f"text_config.{key}"),
-        )
-        for source, file, name in sources:
-            if source.get(key) is not None:
-                return source[key], name, self.path / file
-        return None
-
     def weights_bytes(self) -> int:
         """Bytes of the ONNX graphs and their weights files: about what ONNX Runtime holds once it loads them."""
         return sum((self.path / name).stat().st_size for name in self.manifest.graph_files())
@@ -357,95 +454,10 @@ class Bundle:
         layers, heads, head_size, hidden = counts
         return 4 * self.max_patches * (2 * layers * heads * head_size + hidden)
 
-    def _text_config(self) -> dict[str, Any]:
-        text = self.config.get("text_config", {})
-        return text if isinstance(text, dict) else {}
-
-    @property
-    def decoder_start_token_id(self) -> int:
-        found = self._token_setting("decoder_start_token_id")
-        return self.pad_token_id if found is None else _setting(*found)
-
-    @property
-    def pad_token_id(self) -> int:
-        found = self._token_setting("pad_token_id")
-        return 0 if found is None else _setting(*found)
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        found = self._token_setting("eos_token_id")
-        if found is None:
-            return [1]
-        value, name, where = found
-        values = value if isinstance(value, list) else [value]
-        if not values:
-            raise BundleError(f"{where}: {name} is an empty list")
-        return [_setting(v, name, where) for v in values]
-
-    @property
-    def default_max_new_tokens(self) -> int:
-        """The caption length transformers' `generate` gives with this generation config: the stated one
-        (stated_max_new_tokens), else generate's default of 20 new tokens."""
-        stated = stated_max_new_tokens(self.generation_config, self.path / "generation_config.json")
-        return TRANSFORMERS_MAX_LENGTH if stated is None else stated
-
-    @property
-    def default_min_new_tokens(self) -> int:
-        """Tokens before EOS may end a caption, as in `generate`: min_new_tokens, else min_length less the
-        start token, else 0."""
-        where = self.path / "generation_config.json"
-        if self.generation_config.get("min_new_tokens") is not None:
-            return _setting(self.generation_config["min_new_tokens"], "min_new_tokens", where)
-        if self.generation_config.get("min_length") is not None:
-            return max(0, _setting(self.generation_config["min_length"], "min_length", where) - 1)
-        return 0
-
-    @property
-    def length_penalty(self) -> float:
-        """Beam search's length penalty (transformers' default 1.0)."""
-        value = self.generation_config.get("length_penalty", 1.0)
-        value = 1.0 if value is None else value
-        if not is_finite_number(value):
-            raise BundleError(f"{self.path / 'generation_config.json'}: length_penalty must be a number, got {value!r}")
-        return float(value)
-
-    @property
-    def early_stopping(self) -> bool | str:
-        """Beam search's stopping rule, as transformers reads it: True stops once num_beams captions are
-        finished; False (the default) and "never" run on while the best open beam could still win, "never"
-        judging that, under a positive length penalty, at the longest caption allowed."""
-        value = self.generation_config.get("early_stopping", False)
-        if value not in (None, True, False, "never"):
-            raise BundleError(
-                f"{self.path / 'generation_config.json'}: early_stopping must be true, false or \"never\", got {value!r}"
-            )
-        return False if value is None else value
-
-    @property
-    def repetition_penalty(self) -> float:
-        """transformers' repetition_penalty (1.0: none), which `generate` applies from the generation config."""
-        value = self.generation_config.get("repetition_penalty", 1.0)
-        value = 1.0 if value is None else value
-        if not is_finite_number(value) or value <= 0:
-            raise BundleError(f"{self.path / 'generation_config.json'}: repetition_penalty must be a number > 0, got {value!r}")
-        return float(value)
-
-    @property
-    def no_repeat_ngram_size(self) -> int:
-        """transformers' no_repeat_ngram_size (0: none)."""
-        value = self.generation_config.get("no_repeat_ngram_size", 0)
-        return 0 if value is None else _setting(value, "no_repeat_ngram_size", self.path / "generation_config.json")
-
-    @property
-    def token_processors(self) -> dict[str, Any]:
-        """The generation config's logits processors that name tokens (see `token_processors`)."""
-        return token_processors(self.generation_config, self.path / "generation_config.json")
-
     def check_settings(self) -> None:
         """Read every model setting the engine uses, so that a bad one is a BundleError now, not mid-run."""
-        _ = (self.patch_size, self.position_limit, self.decoder_start_token_id, self.pad_token_id,
-             self.eos_token_ids, self.default_max_new_tokens, self.default_min_new_tokens, self.length_penalty,
-             self.early_stopping, self.repetition_penalty, self.no_repeat_ngram_size, self.token_processors)
+        _ = (self.patch_size, self.position_limit)
+        self.check_generation_settings()
 
 
 # The weights of a `save_pretrained` folder: one file, or the index of its shards.

@@ -36,7 +36,7 @@ from engine.bundle import (
     TRANSFORMERS_MAX_LENGTH,
     Bundle,
     Manifest,
-    token_processors,
+    ModelSettings,
     write_manifest,
 )
 from engine.errors import BundleError, is_count
@@ -152,10 +152,14 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
         # Optional, but one that is there must be readable: its max_new_tokens goes into the bundle.
         generation = _read_json(path / "generation_config.json", "generation config", "fix or delete it")
         _check_token_ids(path / "generation_config.json", generation)
-        try:
-            token_processors(generation, path / "generation_config.json")  # as the engine will read them
-        except BundleError as exc:
-            raise ExportError(str(exc)) from exc
+    _check_token_ids(path / "config.json", config)
+    try:
+        # As the engine will read them: transformers' own errors for a bad length ("'<=' not supported
+        # between instances of 'str' and 'int') came from loading the model, naming neither file nor setting.
+        ModelSettings(path=path, config=config, generation_config=generation).check_generation_settings()
+    except BundleError as exc:
+        raise ExportError(str(exc)) from exc
+    if generation:
         _warn_about_generation(path / "generation_config.json", generation)
     if all(source.get(key) is None for source in (generation, config) for key in ("max_new_tokens", "max_length")):
         log.warning(
@@ -163,7 +167,6 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
             "set max_new_tokens in its generation_config.json (edlight train writes it) or pass --max-new-tokens "
             "to edlight caption", path, TRANSFORMERS_MAX_LENGTH,
         )
-    _check_token_ids(path / "config.json", config)
     _check_head_counts(path / "config.json", config)
     size = pre.get("patch_size") or {"height": 16, "width": 16}
     if not isinstance(size, dict) or not all(is_count(size.get(side)) for side in ("height", "width")):

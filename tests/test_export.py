@@ -714,6 +714,9 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         config = json.loads((ck / "config.json").read_text())
         config["text_config"]["num_layers"] += 1
         (ck / "config.json").write_text(json.dumps(config))
+    elif how in ("length_as_text", "negative_length"):  # transformers' error named neither the file nor the setting
+        generation = json.loads((ck / "generation_config.json").read_text())
+        (ck / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": "20" if how == "length_as_text" else -1}))
     elif how == "spiece_only":  # a SentencePiece checkpoint (as T5's): transformers converts it only with sentencepiece
         (ck / "tokenizer.json").unlink()
         (ck / "spiece.model").write_bytes(b"a SentencePiece model")
@@ -753,6 +756,8 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         ("no_tokenizer", "tokenizer.json: missing"),
         ("weights_of_another_model", r"model.safetensors: holds no values for (\d+) of the model's \1 tensors \(decoder"),
         ("more_layers_than_the_weights", r"model.safetensors: holds no values for \d+ of the model's \d+ tensors \(decoder.layer.\d"),
+        ("length_as_text", r"generation_config.json: max_new_tokens"),
+        ("negative_length", r"generation_config.json: max_new_tokens"),
         ("spiece_only", r"its tokenizer is spiece.model alone \(SentencePiece\), and edlight reads tokenizer.json; write it once "
                         r"with `pip install sentencepiece protobuf` and `python -c \"from transformers import AutoTokenizer"),
         ("no_weights", "no model weights"),
