@@ -128,6 +128,10 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
     model_type = config.get("model_type")
     if model_type != "pix2struct":
         raise ExportError(f"{path / 'config.json'}: model_type is {model_type!r}, not 'pix2struct'; edlight exports Pix2Struct only")
+    _check_towers(path / "config.json", config)
+    loaded = next((name for name in CHECKPOINT_WEIGHTS if (path / name).is_file()), None)  # transformers' order
+    if loaded is not None and loaded.endswith(".json"):  # a shard index: transformers' error named no file
+        _read_json(path / loaded, "weights index", "re-save the model with save_pretrained")
     if not any((path / name).is_file() for name in CHECKPOINT_WEIGHTS):  # a trainer's training_args.bin is none
         raise ExportError(f"{path}: no model weights ({' or '.join(CHECKPOINT_WEIGHTS)}); re-save the model with save_pretrained")
     pre = _read_json(
@@ -174,6 +178,7 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
             f"{path / 'preprocessor_config.json'}: patch_size is {size!r}; write it as "
             '{"height": H, "width": W} with whole numbers of pixels (Pix2Struct uses 16 and 16)'
         )
+    _check_patch_embedding(path, config, (int(size["height"]), int(size["width"])))
     if not (path / "tokenizer.json").is_file():
         if (path / "spiece.model").is_file():
             from train.checkpoint import sentencepiece_only
@@ -183,6 +188,7 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
             f"{path / 'tokenizer.json'}: missing; the engine needs a fast tokenizer: save one with "
             "processor.tokenizer.save_pretrained(CHECKPOINT)"
         )
+    _check_tokenizer(path)
     return CheckpointInfo(path=path, config=config, max_patches=max_patches, patch_size=(int(size["height"]), int(size["width"])))
 
 
@@ -206,6 +212,42 @@ def _check_token_ids(path: Path, settings: dict[str, Any]) -> None:
             ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
             if value is not None and not all(is_count(i, minimum=0) for i in ids):
                 raise ExportError(f"{path}: {key} in {where} is {value!r}; token ids are whole numbers >= 0")
+
+
+def _check_tokenizer(path: Path) -> None:
+    """tokenizer.json loads as the engine will load it, and tokenizer_config.json (if any) is JSON: transformers'
+    errors for either ("EOF while parsing", "Model missing") named only the checkpoint."""
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as exc:  # the Rust library raises a plain Exception with serde's message
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        raise ExportError(f"{path / 'tokenizer.json'}: not a tokenizer the tokenizers library can read ({why}); "
+                          "re-save it with processor.tokenizer.save_pretrained(CHECKPOINT)") from exc
+    if (path / "tokenizer_config.json").is_file():
+        _read_json(path / "tokenizer_config.json", "tokenizer config", "fix or delete it")
+
+
+def _check_towers(path: Path, config: dict[str, Any]) -> None:
+    """The two towers' configs are objects (else transformers builds defaults, and the messages below would
+    blame what it made up)."""
+    for key in ("text_config", "vision_config"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise ExportError(f"{path}: {key} is {config[key]!r}, not an object of the {key.split('_')[0]} model's settings")
+
+
+def _check_patch_embedding(path: Path, config: dict[str, Any], patch_size: tuple[int, int]) -> None:
+    """The vision encoder embeds a patch of height x width x 3 values: a processor cutting other patches fails
+    deep inside the export ("mat1 and mat2 shapes cannot be multiplied")."""
+    vision = config.get("vision_config") or {}
+    width = vision.get("patch_embed_hidden_size", 768)  # Pix2Struct's default: 16 x 16 x 3
+    if is_count(width) and patch_size[0] * patch_size[1] * 3 != width:
+        raise ExportError(
+            f"{path / 'preprocessor_config.json'}: patch_size {patch_size[0]}x{patch_size[1]} gives patches of "
+            f"{patch_size[0] * patch_size[1] * 3} values, and the model's vision_config.patch_embed_hidden_size "
+            f"(config.json) embeds {width}; use the patch size the model was trained with"
+        )
 
 
 def _check_head_counts(path: Path, config: dict[str, Any]) -> None:

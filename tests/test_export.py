@@ -717,6 +717,17 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
     elif how in ("length_as_text", "negative_length"):  # transformers' error named neither the file nor the setting
         generation = json.loads((ck / "generation_config.json").read_text())
         (ck / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": "20" if how == "length_as_text" else -1}))
+    elif how == "text_config_not_an_object":
+        config = json.loads((ck / "config.json").read_text())
+        (ck / "config.json").write_text(json.dumps({**config, "text_config": [1]}))
+    elif how == "patches_the_model_does_not_embed":
+        processor = json.loads((ck / "preprocessor_config.json").read_text())
+        (ck / "preprocessor_config.json").write_text(json.dumps({**processor, "patch_size": {"height": 8, "width": 8}}))
+    elif how in ("tokenizer_not_a_tokenizer", "tokenizer_config_not_json"):
+        (ck / ("tokenizer.json" if how == "tokenizer_not_a_tokenizer" else "tokenizer_config.json")).write_text("{")
+    elif how == "broken_shard_index":
+        (ck / "model.safetensors").rename(ck / "model-00001-of-00001.safetensors")
+        (ck / "model.safetensors.index.json").write_text("not json")
     elif how == "spiece_only":  # a SentencePiece checkpoint (as T5's): transformers converts it only with sentencepiece
         (ck / "tokenizer.json").unlink()
         (ck / "spiece.model").write_bytes(b"a SentencePiece model")
@@ -758,6 +769,12 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         ("more_layers_than_the_weights", r"model.safetensors: holds no values for \d+ of the model's \d+ tensors \(decoder.layer.\d"),
         ("length_as_text", r"generation_config.json: max_new_tokens"),
         ("negative_length", r"generation_config.json: max_new_tokens"),
+        ("text_config_not_an_object", r"config.json: text_config is \[1\], not an object of the text model's settings"),
+        ("patches_the_model_does_not_embed", r"preprocessor_config.json: patch_size 8x8 gives patches of 192 values, and the "
+                                             r"model's vision_config.patch_embed_hidden_size \(config.json\) embeds \d+"),
+        ("tokenizer_not_a_tokenizer", r"tokenizer.json: not a tokenizer the tokenizers library can read \(EOF while parsing"),
+        ("tokenizer_config_not_json", r"tokenizer_config.json: unreadable tokenizer config"),
+        ("broken_shard_index", r"model.safetensors.index.json: unreadable weights index"),
         ("spiece_only", r"its tokenizer is spiece.model alone \(SentencePiece\), and edlight reads tokenizer.json; write it once "
                         r"with `pip install sentencepiece protobuf` and `python -c \"from transformers import AutoTokenizer"),
         ("no_weights", "no model weights"),
