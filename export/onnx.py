@@ -394,6 +394,29 @@ def _validation_images(examples: list[Example] | None) -> list[Any]:
     return [load_rgb(example.path) for example in examples[:VALIDATION_IMAGES]]
 
 
+def is_mount_point(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
+    """os.path.ismount, and the mount points Linux lists: a bind mount of a folder of the same file system
+    (a `docker -v` volume) is one that ismount, which compares devices, does not see."""
+    if os.path.ismount(path):
+        return True
+    try:
+        lines = mountinfo.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+        target = os.path.realpath(path)
+    except OSError:
+        return False
+    # The fifth field is the mount point, with space, tab, newline and backslash written as octal escapes.
+    unescape = {"\\040": " ", "\\011": "\t", "\\012": "\n", "\\134": "\\"}
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) > 4:
+            point = fields[4]
+            for escaped, char in unescape.items():
+                point = point.replace(escaped, char)
+            if point == target:
+                return True
+    return False
+
+
 def _check_replaceable(out: Path, force: bool, inputs: list[Path]) -> None:
     """`--force` replaces an earlier bundle (or an empty folder), never a run, a checkpoint or other files."""
     if not out.exists():
@@ -402,7 +425,7 @@ def _check_replaceable(out: Path, force: bool, inputs: list[Path]) -> None:
         raise ExportError(f"{out}: already exists; choose another --out or pass --force to replace it")
     if not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; choose another --out")
-    if os.path.ismount(out):  # the finished bundle replaces --out by a rename, which a mount point refuses
+    if is_mount_point(out):  # the finished bundle replaces --out by a rename, which a mount point refuses
         raise ExportError(f"{out}: is a mount point, which --force cannot replace; choose a folder inside it (e.g. {out / 'bundle'})")
     resolved = out.resolve()
     for path in inputs:

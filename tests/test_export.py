@@ -891,3 +891,19 @@ def test_generation_settings_the_engine_ignores_are_warned_about(tmp_path: Path,
         _warn_about_generation(tmp_path / "g.json", {"do_sample": True, "top_k": 1, "max_new_tokens": 100_000})
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "do_sample, top_k not used by the engine" in messages and "may run to 100000 tokens" in messages
+
+
+def test_a_bind_mount_of_the_same_file_system_is_a_mount_point(tmp_path: Path) -> None:
+    # `docker -v /host/dir:/bundle`: os.path.ismount compares devices and missed it, so --force ran the whole
+    # export before the rename into place failed ("Device or resource busy").
+    from export.onnx import is_mount_point
+
+    volume, other = tmp_path / "my volume", tmp_path / "other"
+    volume.mkdir()
+    other.mkdir()
+    escaped = str(volume).replace(" ", "\\040")
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(f"22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n611 22 8:1 /srv/data {escaped} rw - ext4 /dev/sda1 rw\n")
+    assert os.path.ismount(volume) is False
+    assert is_mount_point(volume, mountinfo) and not is_mount_point(other, mountinfo)
+    assert not is_mount_point(volume, tmp_path / "no-mountinfo")  # not Linux: ismount's answer
