@@ -735,3 +735,12 @@ def test_images_too_long_and_thin_for_the_models_positions_are_problems(folder: 
     ]
     assert [e.file_name for e in load_split(folder, "all", positions=positions, skip_bad=True)] == ["a.jpg", "b.png", "sub/c.jpg"]
     assert len(load_split(folder, "all", positions=(PatchConfig(max_patches=40), 41))) == 5  # tables that fit
+
+
+@pytest.mark.parametrize(("name", "text"), [("metadata.jsonl", ""), ("metadata.csv", "file_name,text\n")])
+def test_metadata_without_rows_is_named_not_taken_for_an_empty_split(tmp_path: Path, name: str, text: str) -> None:
+    # evaluate, parity and export --data said "the test split is empty", as if the split had been unlucky.
+    (tmp_path / name).write_text(text)
+    for split in ("train", "test"):
+        with pytest.raises(DataError, match=rf"1 problem in the data folder:\n  {name}: lists no images"):
+            load_split(tmp_path, split=split)

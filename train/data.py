@@ -597,7 +597,7 @@ def check_folder(folder: str | Path, caption_column: str = "text") -> CheckRepor
             good.append(example)
             sizes[example.file_name] = size
     if not parsed.fatal and not parsed.examples and not problems:
-        problems.append(Problem(parsed.metadata, "lists no images: nothing to train or evaluate on"))
+        problems.append(Problem(parsed.metadata, NO_IMAGES_LISTED))
     warnings: list[Problem] = list(parsed.warnings)
     warnings += [
         Problem(e.file_name, "listed, but `edlight caption` skips it in a folder walk: its name has no image "
@@ -667,6 +667,9 @@ def describe_split(counts: dict[str, Any]) -> str:
     return f"split ({how}): {counts['train']} train, {counts['test']} test"
 
 
+NO_IMAGES_LISTED = "lists no images: nothing to train or evaluate on"
+
+
 def load_split(
     folder: str | Path,
     split: str = "train",
@@ -697,6 +700,8 @@ def load_split(
     parsed = _parse(folder, caption_column)
     if parsed.fatal:
         raise _error(folder, parsed.problems)
+    if not parsed.examples and not parsed.problems:  # as `edlight data check` says: not an empty split
+        raise _error(folder, [Problem(parsed.metadata, NO_IMAGES_LISTED)])
     for warning in parsed.warnings:
         log.warning("%s: %s", folder, warning)
     chosen = [e for e in parsed.examples if split == "all" or split_of(e.file_name, test_ratio, seed) == split]
