@@ -250,11 +250,13 @@ def build_base_checkpoint(out: Path, captions: list[str]) -> None:
 def export_optimum(checkpoint: Path, out: Path) -> None:
     """Optimum's own ONNX export (`image-to-text-with-past`, merged decoder), as a user would run it."""
     from optimum.exporters.onnx import onnx_export_from_model
-    from transformers import Pix2StructForConditionalGeneration, Pix2StructProcessor
+    from transformers import Pix2StructProcessor
     from transformers.utils import logging as hf_logging
 
+    from train.checkpoint import load_model_weights
+
     hf_logging.set_verbosity_error()
-    model = Pix2StructForConditionalGeneration.from_pretrained(checkpoint).eval()
+    model = load_model_weights(checkpoint).eval()  # weights that leave tensors out: refused, not timed at random
     processor = Pix2StructProcessor.from_pretrained(checkpoint)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings: expected for Pix2Struct, pages of them

@@ -441,10 +441,10 @@ class Bundle(ModelSettings):
         """Bytes of the ONNX graphs and their weights files: about what ONNX Runtime holds once it loads them."""
         return sum((self.path / name).stat().st_size for name in self.manifest.graph_files())
 
-    def cached_bytes_per_image(self) -> int | None:
-        """Bytes the decoder keeps for each image (and beam) while it writes the caption: the cross-attention
-        keys and values of every patch in every layer, and the encoder's states (float32, as the graphs take
-        them); None where config.json does not give the sizes."""
+    def cached_bytes_per_image(self, num_beams: int = 1) -> int | None:
+        """Bytes the decoder keeps for each image while it writes the caption: the cross-attention keys and
+        values of every patch in every layer, for each beam, and the image's encoder states (float32, as the
+        graphs take them); None where config.json does not give the sizes."""
         text, vision = self._text_config(), self.config.get("vision_config")
         sizes = [text.get("num_layers"), text.get("num_heads"), text.get("d_kv"),
                  vision.get("hidden_size") if isinstance(vision, dict) else None]  # fmt: skip
@@ -452,7 +452,7 @@ class Bundle(ModelSettings):
         if len(counts) < len(sizes):
             return None
         layers, heads, head_size, hidden = counts
-        return 4 * self.max_patches * (2 * layers * heads * head_size + hidden)
+        return 4 * self.max_patches * (2 * layers * heads * head_size * num_beams + hidden)
 
     def check_settings(self) -> None:
         """Read every model setting the engine uses, so that a bad one is a BundleError now, not mid-run."""

@@ -369,7 +369,8 @@ class Captioner:
         return np.ascontiguousarray(hidden)
 
 
-# Beside the weights and the per-image caches, at the least: the interpreter, ONNX Runtime, one image's encoder.
+# Beside the weights and the per-image caches, at the least: one image's encoder at work and ONNX Runtime's
+# working buffers, beyond what the process holds when it reads the memory available (set from the runs below).
 RUNTIME_BYTES = 128 * 2**20
 
 
@@ -378,16 +379,17 @@ def memory_shortfall(bundle: Bundle, batch_size: int, num_beams: int, available:
     still take (`limit`: its cgroup's memory limit, named in the message); None when it may fit or that is not
     known.
 
-    The need counted is a floor, so that a batch that fits is never warned about: the weights, RUNTIME_BYTES,
-    and what the decoder keeps per image and beam (`Bundle.cached_bytes_per_image`). Under cgroup v1 memory
-    limits at base size, fp32 (floor 1.32 GiB at batch 1, 1.47 at 2, 1.76 at 4) ran batch 1 in 1.40 GiB,
-    batch 2 in 1.58 and batch 4 in 1.86, and batch 2 in 1.40 GiB crawled, re-reading its weights from disk;
-    int8 (floor 0.74 GiB at batch 1, 0.89 at 2) ran batch 1 in 0.93 GiB and was killed at batch 2 in 1.30.
+    The need counted is a floor, so that a batch size that fits is never warned about: the weights,
+    RUNTIME_BYTES, and what the decoder keeps per image (`Bundle.cached_bytes_per_image`). Under cgroup v1
+    memory limits at base size (the process holding about 0.05 GiB when it reads what is available), fp32
+    (floor 1.32 GiB at batch 1, 1.47 at 2, 1.76 at 4) ran batch 1 under a limit of 1.46 GiB, batch 2 under
+    1.66 and batch 4 under 1.95, and batch 2 under 1.46 crawled, re-reading its weights from disk; int8
+    (floor 0.68 GiB at batch 1, 0.82 at 2) ran batch 1 under 0.98 GiB and was killed at batch 2 under 1.37:
+    its floor is far below its need.
     """
-    per_image = bundle.cached_bytes_per_image()
+    per_image = bundle.cached_bytes_per_image(num_beams)
     if available is None or per_image is None:
         return None
-    per_image *= num_beams
     fixed = bundle.weights_bytes() + RUNTIME_BYTES
     need = fixed + batch_size * per_image
     if need <= available:
@@ -397,7 +399,7 @@ def memory_shortfall(bundle: Bundle, batch_size: int, num_beams: int, available:
     fits = (available - fixed) // per_image
     if fits >= 1:
         advice = f"lower the batch size (at most {fits} can fit)"
-    elif num_beams > 1 and fixed + per_image // num_beams <= available:
+    elif num_beams > 1 and fixed + (bundle.cached_bytes_per_image() or per_image) <= available:
         advice = "use fewer beams"
     else:
         advice = "give it more memory" + ("" if bundle.manifest.quantization else ", or use an int8 bundle (edlight export --quantize int8)")

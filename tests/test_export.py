@@ -776,7 +776,7 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         ("tokenizer_config_not_json", r"tokenizer_config.json: unreadable tokenizer config"),
         ("broken_shard_index", r"model.safetensors.index.json: unreadable weights index"),
         ("spiece_only", r"its tokenizer is spiece.model alone \(SentencePiece\), and edlight reads tokenizer.json; write it once "
-                        r"with `pip install sentencepiece protobuf` and `python -c \"from transformers import AutoTokenizer"),
+                        r"with `pip install sentencepiece protobuf` and `python -c 'from transformers import AutoTokenizer"),
         ("no_weights", "no model weights"),
         ("non_causal", "is_decoder is false"),
         ("bad_generation", "generation_config.json: unreadable generation config"),

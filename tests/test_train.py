@@ -1216,7 +1216,7 @@ def test_a_sentencepiece_tokenizer_without_sentencepiece_says_how_to_write_token
     (ck / "spiece.model").write_bytes(b"a SentencePiece model")
     monkeypatch.setattr(train.checkpoint, "is_installed", lambda module: module != "sentencepiece")
     with pytest.raises(CheckpointError, match=r"ck: its tokenizer is spiece.model alone .* `pip install sentencepiece "
-                                              r"protobuf` and `python -c .*AutoTokenizer.from_pretrained\('.*ck'\).save_pretrained"):
+                                              r"protobuf` and `python -c 'from transformers import AutoTokenizer; AutoTokenizer.from_pretrained\(\".*ck\"\).save_pretrained"):
         load_checkpoint(ck)
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import shutil
 import warnings
 from collections.abc import Callable
@@ -78,10 +79,11 @@ SENTENCEPIECE_MODULES = ("sentencepiece", "google.protobuf")
 
 def sentencepiece_only(path: Path) -> str:
     """The error for a checkpoint whose tokenizer is a spiece.model alone: how to write its tokenizer.json."""
+    folder = json.dumps(str(path))  # a Python string literal for any path (quotes, backslashes), then shell-quoted
+    program = f"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained({folder}).save_pretrained({folder})"
     return (
         f"{path}: its tokenizer is spiece.model alone (SentencePiece), and edlight reads tokenizer.json; write it "
-        f"once with `pip install sentencepiece protobuf` and `python -c \"from transformers import AutoTokenizer; "
-        f"AutoTokenizer.from_pretrained('{path}').save_pretrained('{path}')\"`"
+        f"once with `pip install sentencepiece protobuf` and `python -c {shlex.quote(program)}`"
     )
 
 

@@ -1018,10 +1018,13 @@ def test_memory_shortfall_advice(engine_bundle: Path) -> None:
     assert memory_shortfall(bundle, 4, 1, fixed + 4 * per_image) is None  # fits exactly
     assert memory_shortfall(bundle, 4, 1, None) is None  # nothing known: nothing said
     one_image = memory_shortfall(bundle, 1, 2, fixed + per_image)  # one image fits, not with 2 beams
+    with_beams = bundle.cached_bytes_per_image(2)
+    assert with_beams is not None and per_image < with_beams < 2 * per_image  # the encoder states are not per beam
     assert one_image is not None and "a batch of 1 image with 2 beams needs at least" in one_image
     assert one_image.endswith("use fewer beams")
     none = memory_shortfall(bundle, 1, 1, fixed // 2)
-    assert none is not None and none.endswith(": give it more memory")  # an int8 bundle: no int8 to suggest
+    int8 = ", or use an int8 bundle (edlight export --quantize int8)"
+    assert none is not None and none.endswith(": give it more memory" + ("" if bundle.manifest.quantization else int8))
     assert "cgroup" not in none
 
 
