@@ -1190,7 +1190,9 @@ def test_a_hub_id_base_is_read_from_huggingface_hubs_cache(small_data: Path, tmp
         load_checkpoint("edlight-test/no-tokenizer")
 
 
-def test_weights_that_leave_tensors_out_are_refused_not_filled_at_random(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_weights_that_leave_tensors_out_are_refused_not_filled_at_random(
+    tiny_checkpoint: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     # transformers initialises what the weights lack at random and only logs it: training, evaluate and export
     # went on with a random model (exit 0).
     from train.checkpoint import CheckpointError, load_checkpoint
@@ -1202,6 +1204,7 @@ def test_weights_that_leave_tensors_out_are_refused_not_filled_at_random(tiny_ch
     with pytest.raises(CheckpointError, match=r"ck/model.safetensors: holds no values for \d+ of the model's \d+ tensors "
                                               r"\(encoder.encoder.layer.\d.*which would be random"):
         load_checkpoint(ck)
+    assert "newly initialized" not in capfd.readouterr().err  # transformers' lines, which the error replaces
 
 
 def test_a_sentencepiece_tokenizer_without_sentencepiece_says_how_to_write_tokenizer_json(

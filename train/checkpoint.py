@@ -279,8 +279,14 @@ def load_model_weights(path: Path) -> Any:
     size) would train, evaluate and export as a random model, with exit 0.
     """
     from transformers import Pix2StructForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
-    model, loading = Pix2StructForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its lines on missing and unused tensors: said below, in one line each
+    try:
+        model, loading = Pix2StructForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = sorted(loading.get("missing_keys") or [])
     if missing:
         weights = next((name for name in CHECKPOINT_WEIGHTS if (path / name).is_file()), "its weights")
@@ -290,6 +296,10 @@ def load_model_weights(path: Path) -> Any:
             f"({listed}), which would be random; the weights were saved from another model than config.json "
             "describes: re-save the model with save_pretrained"
         )
+    unused = sorted(loading.get("unexpected_keys") or [])
+    if unused:
+        listed = ", ".join(unused[:3]) + (", ..." if len(unused) > 3 else "")
+        warnings.warn(f"{path}: {len(unused)} tensors of its weights are not the model's and are left unused ({listed})", stacklevel=2)
     return model
 
 
