@@ -390,7 +390,8 @@ def memory_shortfall(bundle: Bundle, batch_size: int, num_beams: int, available:
     per_image = bundle.cached_bytes_per_image(num_beams)
     if available is None or per_image is None:
         return None
-    fixed = bundle.weights_bytes() + RUNTIME_BYTES
+    weights = bundle.weights_bytes()
+    fixed = weights + RUNTIME_BYTES
     need = fixed + batch_size * per_image
     if need <= available:
         return None
@@ -404,7 +405,7 @@ def memory_shortfall(bundle: Bundle, batch_size: int, num_beams: int, available:
     else:
         advice = "give it more memory" + ("" if bundle.manifest.quantization else ", or use an int8 bundle (edlight export --quantize int8)")
     return (
-        f"{bundle.path}: a batch of {batch_size} image{'s' if batch_size > 1 else ''}{beams} needs at least {_bytes(need)} ({_bytes(bundle.weights_bytes())} "
+        f"{bundle.path}: a batch of {batch_size} image{'s' if batch_size > 1 else ''}{beams} needs at least {_bytes(need)} ({_bytes(weights)} "
         f"of weights, {_bytes(per_image)} per image), and this process can take {_bytes(available)}{where}; past "
         f"that it would crawl, or be killed for memory (exit 137): {advice}"
     )
