@@ -39,6 +39,12 @@ def machine_line(results: dict[str, Any]) -> str:
             f"{_gib(m.get('memory_total_bytes'))} RAM; {libs}; {m['date']}")
 
 
+def title(results: dict[str, Any]) -> str:
+    """What was timed (benchmarks.models.ModelSet.title); results written before it had one name the size."""
+    model = results["model"]
+    return str(model.get("title") or f"{model['size']} size")
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The human table: one row per system and batch size, per-image seconds (medians)."""
     model = results["model"]
@@ -47,7 +53,7 @@ def markdown(results: dict[str, Any]) -> str:
     flops = (model.get("encoder_flops_per_image") or {}).get("total")
     params = f"{model['parameters'] / 1e6:.1f}M parameters, " if model.get("parameters") else ""
     lines = [
-        f"# edlight benchmark ({model.get('title') or model['size'] + ' size'})",
+        f"# edlight benchmark ({title(results)})",
         "",
         f"Machine: {machine_line(results)}.",
         f"Model: {params}{model['max_patches']} patches per image, {settings['tokens']} generated tokens forced "
@@ -154,7 +160,7 @@ def write_chart(results: dict[str, Any], out: Path) -> Path:
     ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
     ax.set_ylabel("seconds per image (dark: encoder)" + (", log scale" if log_scale else ""))
     m = results["machine"]
-    ax.set_title(f"edlight bench, {results['model'].get('title') or results['model']['size'] + ' size'}, {m['threads']} threads\n{m['cpu_model']}", fontsize=9)
+    ax.set_title(f"edlight bench, {title(results)}, {m['threads']} threads\n{m['cpu_model']}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

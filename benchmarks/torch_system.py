@@ -26,7 +26,7 @@ class TorchSystem(GenerateSystem):
         self.torch = torch
         self.spec = spec
         self.processor = Pix2StructProcessor.from_pretrained(spec.processor_path)
-        # float32, as saved by the bench; weights that leave tensors out are refused, not timed at random
+        # float32 (transformers' default dtype); weights that leave tensors out are refused, not timed at random
         self.model = load_model_weights(Path(spec.model_path)).eval()
         self._encoder_s = 0.0
         self._encoder_start = 0.0

@@ -464,9 +464,15 @@ class Bundle(ModelSettings):
 CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+def checkpoint_weights(root: Path) -> str | None:
+    """The weights file of a `save_pretrained` folder that transformers loads (the first of CHECKPOINT_WEIGHTS
+    there, its order), or None."""
+    return next((name for name in CHECKPOINT_WEIGHTS if (root / name).is_file()), None)
+
+
 def _is_checkpoint(root: Path) -> bool:
     """Whether `root` looks like a `save_pretrained` model folder (what `edlight export` takes)."""
-    return (root / "config.json").is_file() and any((root / name).is_file() for name in CHECKPOINT_WEIGHTS)
+    return (root / "config.json").is_file() and checkpoint_weights(root) is not None
 
 
 def stated_max_new_tokens(generation_config: dict[str, Any], where: Path) -> int | None:

@@ -52,10 +52,18 @@ def cgroup_cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path =
     cgroup v2's `cpu.max` or v1's `cpu.cfs_quota_us`; None without a quota or where none can be read
     (nothing here may stop a command; a cgroup folder this user may not search counts as absent)."""
     try:
-        # os.fsdecode: a cgroup's name may be any bytes, and stays a path that names it.
-        return _smallest_quota(os.fsdecode(proc_cgroup.read_bytes()).splitlines(), root)
-    except (OSError, ValueError):
+        return _smallest_quota(_cgroup_lines(proc_cgroup), root)
+    except ValueError:
         return None
+
+
+def _cgroup_lines(proc_cgroup: Path) -> list[str]:
+    """The lines of /proc/self/cgroup ([] where it cannot be read: not Linux)."""
+    try:
+        # os.fsdecode: a cgroup's name may be any bytes, and stays a path that names it.
+        return os.fsdecode(proc_cgroup.read_bytes()).splitlines()
+    except OSError:
+        return []
 
 
 def _smallest_quota(lines: list[str], root: Path) -> float | None:
@@ -131,12 +139,8 @@ def _memory_limits(proc_cgroup: Path, root: Path) -> list[tuple[int, int | None]
     """(limit, bytes held) of each cgroup with a memory limit from this process's up to the mount. Bytes held
     leave out the page cache of files no process maps: the kernel drops it before it kills (cached pages
     of a process that has ended stay charged to the cgroup, and would otherwise count as taken)."""
-    try:
-        lines = os.fsdecode(proc_cgroup.read_bytes()).splitlines()
-    except OSError:
-        return []
     found: list[tuple[int, int | None]] = []
-    for directory, version in _cgroup_dirs(lines, root, "memory", V1_MEMORY_MOUNTS):
+    for directory, version in _cgroup_dirs(_cgroup_lines(proc_cgroup), root, "memory", V1_MEMORY_MOUNTS):
         limit_file, used_file, prefix, mapped = (
             ("memory.max", "memory.current", "", "file_mapped") if version == 2
             else ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_", "total_mapped_file")

@@ -37,6 +37,7 @@ from engine.bundle import (
     Bundle,
     Manifest,
     ModelSettings,
+    checkpoint_weights,
     write_manifest,
 )
 from engine.errors import BundleError, is_count
@@ -129,11 +130,11 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
     if model_type != "pix2struct":
         raise ExportError(f"{path / 'config.json'}: model_type is {model_type!r}, not 'pix2struct'; edlight exports Pix2Struct only")
     _check_towers(path / "config.json", config)
-    loaded = next((name for name in CHECKPOINT_WEIGHTS if (path / name).is_file()), None)  # transformers' order
-    if loaded is not None and loaded.endswith(".json"):  # a shard index: transformers' error named no file
-        _read_json(path / loaded, "weights index", "re-save the model with save_pretrained")
-    if not any((path / name).is_file() for name in CHECKPOINT_WEIGHTS):  # a trainer's training_args.bin is none
+    weights = checkpoint_weights(path)
+    if weights is None:  # a trainer's training_args.bin is none
         raise ExportError(f"{path}: no model weights ({' or '.join(CHECKPOINT_WEIGHTS)}); re-save the model with save_pretrained")
+    if weights.endswith(".json"):  # a shard index: transformers' error named no file
+        _read_json(path / weights, "weights index", "re-save the model with save_pretrained")
     pre = _read_json(
         path / "preprocessor_config.json",
         "processor config",

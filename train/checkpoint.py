@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.bundle import CHECKPOINT_WEIGHTS, MANIFEST_NAME
+from engine.bundle import MANIFEST_NAME, checkpoint_weights
 from engine.errors import EdlightError, is_installed
 from engine.folder import FULL_DISK_ERRNOS, OutputError
 from engine.preprocess import PatchConfig, position_limit_of
@@ -53,7 +53,7 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     model_type = cfg.get("model_type")
     if model_type != "pix2struct":
         raise CheckpointError(f"{path} is not a Pix2Struct checkpoint (model_type={model_type!r})")
-    if not any((path / f).is_file() for f in CHECKPOINT_WEIGHTS):  # a shard index counts: transformers reads it
+    if checkpoint_weights(path) is None:  # a shard index counts: transformers reads it
         if (path / MANIFEST_NAME).is_file():
             raise CheckpointError(
                 f"{path} is an ONNX bundle made by `edlight export`, not a PyTorch checkpoint; give the "
@@ -289,18 +289,21 @@ def load_model_weights(path: Path) -> Any:
         hf_logging.set_verbosity(verbosity)
     missing = sorted(loading.get("missing_keys") or [])
     if missing:
-        weights = next((name for name in CHECKPOINT_WEIGHTS if (path / name).is_file()), "its weights")
-        listed = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        weights = checkpoint_weights(path) or "its weights"
         raise CheckpointError(
             f"{path / weights}: holds no values for {len(missing)} of the model's {len(model.state_dict())} tensors "
-            f"({listed}), which would be random; the weights were saved from another model than config.json "
+            f"({_first_names(missing)}), which would be random; the weights were saved from another model than config.json "
             "describes: re-save the model with save_pretrained"
         )
     unused = sorted(loading.get("unexpected_keys") or [])
     if unused:
-        listed = ", ".join(unused[:3]) + (", ..." if len(unused) > 3 else "")
-        warnings.warn(f"{path}: {len(unused)} tensors of its weights are not the model's and are left unused ({listed})", stacklevel=2)
+        warnings.warn(f"{path}: {len(unused)} tensors of its weights are not the model's and are left unused "
+                      f"({_first_names(unused)})", stacklevel=2)
     return model
+
+
+def _first_names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def load_checkpoint(path: str | Path, max_patches: int | None = None) -> tuple[Any, Any]:
