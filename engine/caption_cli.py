@@ -129,6 +129,10 @@ def caption(
         if pool * threads > cores:
             say(f"warning: --threads {threads} is per actor: {pool} actor(s) x {threads} threads on a local Ray with "
                 f"{cores} CPU cores; threads beyond the cores wait for each other and slow the run down")
+    if inputs and all(_is_file(path) for path in inputs):
+        # Named files only: no batch is larger than their count, and the memory check (in Captioner) should
+        # not warn about a batch of 8 for `edlight caption one.jpg`.
+        batch_size = min(batch_size, len(inputs))
     if use_ray:
         _caption_on_ray(inputs, model, out, fmt, batch_size, threads, num_beams, max_new_tokens, max_pixels,
                         overwrite, recaption_changed, strict, quiet, ray_address, actors, ray_timeout)
@@ -164,6 +168,14 @@ def caption(
     except KeyboardInterrupt as exc:
         _interrupted(out, fmt, overwrite, exc)
     _finish(summary, strict)
+
+
+def _is_file(path: Path) -> bool:
+    """Whether `path` is a file; False where it cannot be looked at (the folder walk names that error)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _interrupted(out: str | None, fmt: str, overwrite: bool, exc: KeyboardInterrupt) -> NoReturn:

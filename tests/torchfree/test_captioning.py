@@ -1002,6 +1002,11 @@ def test_a_batch_beyond_the_memory_left_is_warned_about_before_the_weights_load(
     result = CliRunner().invoke(caption_command, [str(tmp_path / "in"), "--model", str(engine_bundle), "--out",
                                                   str(tmp_path / "b3.jsonl"), "--batch-size", "3", "--quiet"])
     assert result.exit_code == 0 and "warning" not in result.output, result.output
+    # Files named one by one make batches no larger than their count: 2 images fit at the default batch size.
+    files = sorted(str(path) for path in (tmp_path / "in").iterdir())[:2]
+    result = CliRunner().invoke(caption_command, [*files, "--model", str(engine_bundle), "--out", str(tmp_path / "two.jsonl"), "--quiet"])
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+    assert len(records(tmp_path / "two.jsonl")) == 2
     with warnings.catch_warnings(record=True) as caught:  # the API says it too
         warnings.simplefilter("always")
         Captioner(engine_bundle, batch_size=4)
