@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import os
 import stat
 import threading
@@ -33,6 +34,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engine.errors import ImageError, install_hint
 
+log = logging.getLogger(__name__)
+
 # About 50 megapixels: a 8000x6000 photo fits, a 100k x 100k PNG bomb does not.
 DEFAULT_MAX_PIXELS = 50_000_000
 
@@ -41,13 +44,16 @@ ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes
 # ISO base media "ftyp" brands of HEIF still images (AVIF, also HEIF-based, Pillow reads itself).
 HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
 # What PIL raises for truncated and corrupt data ("image file is truncated", "broken data stream") and for
-# malformed headers, while decoding: each becomes a named ImageError.
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error)
+# malformed headers, while decoding: each becomes a named ImageError. RuntimeError: Pillow's AVIF plugin
+# ("Failed to decode frame 0: Decoding of color planes failed").
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error, RuntimeError)
 # First bytes of formats Pillow reads, to tell a damaged image from a file that is not one.
 SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
     (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
 )
+# ISO base media "ftyp" brands of AVIF images and image sequences.
+AVIF_BRANDS = frozenset({b"avif", b"avis"})
 # Why a HEIC photo cannot be read here: said the same way by the engine and by training's data check.
 HEIF_MISSING = f"a HEIC/HEIF photo, which needs pillow-heif to be read ({install_hint('heif')})"
 
@@ -73,9 +79,41 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: 
 
     `max_pixels` caps width*height (checked before decoding; 0 or negative disables the cap).
     `name` is used in error messages instead of the path (e.g. for bytes inputs).
-    Raises ImageError naming the source for anything that is not a decodable, safe image.
+    Raises ImageError naming the source for anything that is not a decodable, safe image. Pillow's
+    warnings about it (corrupt EXIF, odd TIFF tags) are logged once each, naming it.
     """
     label = name or describe(source)
+    with _pillow_warnings_named(label):
+        return _load(source, max_pixels, label)
+
+
+@contextlib.contextmanager
+def _pillow_warnings_named(label: str) -> Iterator[None]:
+    """Log each distinct warning Pillow gives while an image loads as `label: message` (engine.images logger).
+
+    Raw, they name a line of Pillow's source and not the image (a fuzzed TIFF gave three, a phone photo
+    with a damaged EXIF block one), and a folder run could not tell which file was meant. Other code's
+    warnings are passed on as they were. catch_warnings is process-wide, as for the bomb warning below:
+    a warning another thread gives meanwhile is passed on too, only later.
+    """
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # every image's own: "default" would say a message once per process
+            # Our own pixel cap decides; PIL's bomb warning would only repeat it less precisely.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:  # outside the block, where a warning passed on is not recorded again
+        said: set[str] = set()
+        for warning in caught:
+            if f"{os.sep}PIL{os.sep}" in warning.filename:
+                if (message := " ".join(str(warning.message).split())) not in said:
+                    said.add(message)
+                    log.warning("%s: %s", label, message)
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def _load(source: ImageSource, max_pixels: int, label: str) -> Image.Image:
     if isinstance(source, Image.Image):
         _check_pixels(source.size, max_pixels, label)
         try:
@@ -104,7 +142,7 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: 
             raise ImageError(f"{label}: file object gives {type(data).__name__}, not bytes; open it in binary mode ('rb')")
         if position:
             label = f"{label} (read from position {position}; seek(0) first to read it whole)"
-        return load_image(data, max_pixels, label)
+        return _load(data, max_pixels, label)
     if isinstance(source, (str, os.PathLike)):
         if not os.fspath(source):
             raise ImageError(f"{label}: empty path")
@@ -162,13 +200,32 @@ def _megapixels(pixels: int) -> str:
 
 
 def _open_checked(handle: IO[bytes], max_pixels: int, label: str) -> Image.Image:
-    with warnings.catch_warnings():
-        # Our own cap decides; PIL's bomb warning would only repeat it less precisely.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(handle, formats=readable_formats())
-        _check_pixels(image.size, max_pixels, label)
-        image.load()  # decodes the first frame only
+    image = Image.open(handle, formats=readable_formats())  # PIL's bomb warning: see _pillow_warnings_named
+    _check_pixels(image.size, max_pixels, label)
+    keyed_16_bit = image.format == "PNG" and image.mode == "RGB" and "transparency" in image.info and any(
+        getattr(tile, "args", None) == "RGB;16B" for tile in image.tile
+    )
+    image.load()  # decodes the first frame only
+    if keyed_16_bit:
+        _whiten_16_bit_key(image, handle)
     return image
+
+
+def _whiten_16_bit_key(image: Image.Image, handle: IO[bytes]) -> None:
+    """Paint white the pixels of a 16-bit RGB PNG that its tRNS chunk keys as transparent, and drop the key.
+
+    Pillow keeps only the high byte of each 16-bit sample but the key in 16-bit units, so it would match
+    other pixels (8-bit (1, 2, 3)) and not the transparent ones. The low bytes come from decoding the file
+    again as little-endian samples, which takes the second byte of each pair.
+    """
+    key = image.info.pop("transparency")
+    handle.seek(0)
+    low = Image.open(handle, formats=["PNG"])
+    low.tile = [tile._replace(args="RGB;16L") for tile in low.tile]
+    low.load()
+    values = np.asarray(image).astype(np.uint16) << 8 | np.asarray(low)
+    transparent = np.all(values == np.asarray(key, dtype=np.uint16), axis=-1)
+    image.paste((255, 255, 255), mask=Image.fromarray(transparent.astype(np.uint8) * 255))
 
 
 # Formats Pillow reads by running another program on the file: EPS runs Ghostscript (a PostScript
@@ -241,10 +298,12 @@ def _head(handle: IO[bytes]) -> bytes:
 
 
 def _signature(handle: IO[bytes]) -> str | None:
-    """The format a file's first bytes announce (PNG, JPEG, GIF, WebP, TIFF), or None."""
+    """The format a file's first bytes announce (PNG, JPEG, GIF, WebP, AVIF, TIFF), or None."""
     head = _head(handle)
     if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
         return "WebP"
+    if head[4:8] == b"ftyp" and head[8:12] in AVIF_BRANDS:
+        return "AVIF"
     return next((kind for magic, kind in SIGNATURES if head.startswith(magic)), None)
 
 
@@ -342,7 +401,8 @@ def _to_uint8(array: np.ndarray, mode: str, full_scale: int | None = None) -> np
     Integers are scaled from `full_scale` (the file's stated white level) when given, else from the
     smallest of 8, 16 and 31 bits that holds the brightest pixel."""
     if mode == "F":
-        values = array.astype(np.float64)
+        with np.errstate(invalid="ignore"):  # a signalling NaN warns as it widens; it is a NaN all the same
+            values = array.astype(np.float64)
         finite = values[np.isfinite(values)]
         if finite.size == 0:
             return np.zeros(values.shape, dtype=np.uint8)

@@ -285,3 +285,70 @@ def test_a_pil_image_whose_file_was_closed_is_named_as_closed(tmp_path: Path) ->
         from_file = Image.open(handle)
     with pytest.raises(ImageError, match="the PIL image was closed before it was captioned"):
         load_image(from_file)
+
+
+def _png(width: int, height: int, depth: int, colour_type: int, rows: bytes, *chunks: tuple[bytes, bytes]) -> bytes:
+    """A PNG written chunk by chunk (Pillow does not write 16-bit RGB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+    body = [chunk(b"IHDR", header), *(chunk(kind, data) for kind, data in chunks), chunk(b"IDAT", zlib.compress(rows))]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(body) + chunk(b"IEND", b"")
+
+
+def test_a_sixteen_bit_rgb_png_keying_a_colour_whitens_that_colour_only() -> None:
+    # Pillow keeps the 16-bit key but only the high bytes of the pixels: matched as it stands, the key
+    # (1, 2, 3) whitened the pixels of 8-bit (1, 2, 3) and left the transparent ones black.
+    samples = np.zeros((2, 3, 3), dtype=">u2")
+    samples[0] = (1, 2, 3)  # keyed: transparent
+    samples[1, 0] = (256 + 1, 512 + 2, 768 + 3)  # 8-bit (1, 2, 3): opaque
+    samples[1, 1] = (300, 40000, 65535)
+    rows = b"".join(b"\x00" + row.tobytes() for row in samples)
+    png = _png(3, 2, 16, 2, rows, (b"tRNS", b"\x00\x01\x00\x02\x00\x03"))
+    rgb = np.asarray(load_image(png))
+    assert rgb[0].tolist() == [[255, 255, 255]] * 3
+    assert rgb[1].tolist() == [[1, 2, 3], [1, 156, 255], [0, 0, 0]]
+
+
+def test_pillows_warnings_name_the_image_once_each(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Raw, "UserWarning: Corrupt EXIF data" named a line of Pillow's source, not the photo.
+    import warnings
+
+    damaged = tmp_path / "phone.jpg"
+    Image.new("RGB", (6, 4), (90, 90, 90)).save(damaged, exif=b"Exif\x00\x00II*\x00\xff\xff\xff\xff")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing escapes as a warning
+        for _ in range(2):  # every image's warnings, not the first one's only
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="engine.images"):
+                assert np.asarray(load_image(damaged))[0, 0].tolist() == [90, 90, 90]
+            assert [r.getMessage() for r in caplog.records] == [f"{damaged}: Corrupt EXIF data. Expecting to read 2 bytes but only got 0."]
+        signalling_nan = np.full((2, 2), 0.5, dtype=np.float32)
+        signalling_nan.view(np.uint32)[0, 0] = 0x7F800001  # numpy warns as it widens one
+        assert np.asarray(load_image(Image.fromarray(signalling_nan, mode="F")))[1, 1].tolist() == [128] * 3
+
+
+def test_every_one_byte_corruption_of_an_avif_is_captioned_or_named() -> None:
+    # Pillow's AVIF plugin raises RuntimeError ("Failed to decode image: Not implemented"), which escaped.
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow reads no AVIF")
+    buffer = io.BytesIO()
+    Image.new("RGBA", (24, 24), (0, 0, 0, 0)).save(buffer, "AVIF")
+    good = buffer.getvalue()
+    named = 0
+    for offset in range(len(good)):
+        damaged = bytearray(good)
+        damaged[offset] ^= 0xFF
+        try:
+            load_image(bytes(damaged))
+        except ImageError:
+            named += 1
+    assert named > 0
+    with pytest.raises(ImageError, match="a damaged AVIF image: its header cannot be read"):
+        load_image(good[:300], name="cut.avif")
