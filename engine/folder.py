@@ -350,13 +350,32 @@ class RecordWriter:
             # of its own, so with `> file 2>&1` the progress bar and summary overwrote the records.
             self._stream = None if self._regular else _python_stream(self.out)
             if self._stream is None:
+                created = self._regular and not self.out.exists()
                 self._handle = open(self.out, "a", encoding="utf-8", newline="")
                 self._written = os.fstat(self._handle.fileno()).st_size
+                if created:
+                    self._lock_created()
         except OSError as exc:
             raise OutputError(f"{self.out}: cannot write: {exc.strerror or exc}") from exc
         if fresh and self.fmt == "csv":
             self._write(",".join(FIELDS) + "\n")
         return self
+
+    def _lock_created(self) -> None:
+        """Flock the output this writer has just created. `output_lock` flocks an output only if it exists
+        when the run starts; a hard link made to a new one meanwhile has a lock file of another name, and a
+        second run through it would append the same records. Raises OutputError if such a run holds it."""
+        assert self._handle is not None
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            self._handle.close()
+            self._handle = None
+            raise OutputError(f"{self.out}: another run is writing to it (through another name: a hard link)") from exc
+        except OSError:
+            pass  # a file system without locks: output_lock has said so
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if self._handle is None:
@@ -1031,10 +1050,10 @@ def plan_folder_job(
                 "only caption files: choose another output, or remove it yourself"
             )
         try:
-            target.unlink()
+            # Emptied, not replaced: the file keeps its permissions, owner, hard links and the run's lock.
+            os.truncate(target, 0)
         except OSError as exc:
-            where = f"its folder {target.parent} takes no changes: " if exc.errno in NOT_WRITABLE_ERRNOS else ""
-            raise OutputError(f"{out_path}: cannot start afresh: {where}{exc.strerror or exc}") from exc
+            raise OutputError(f"{out_path}: cannot start afresh: {exc.strerror or exc}") from exc
     lines = [] if stream else _read_lines(target, fmt)
     others = sorted({line.model for line in lines if line.model is not None} - {model}) if model else []
     if others:

@@ -567,8 +567,25 @@ def test_overwrite_starts_afresh(captioner: Captioner, tmp_path: Path) -> None:
     make_folder(tmp_path / "in", 3)
     out = tmp_path / "o.jsonl"
     out.write_text('{"file": "old.png", "caption": "x", "error": null}\n')
+    out.chmod(0o600)  # a private file stays private: it was deleted and made again with the umask's mode
+    os.link(out, tmp_path / "backup.jsonl")
     captioner.caption_folder(tmp_path / "in", out=out, overwrite=True, progress=False)
     assert "old.png" not in out.read_text() and len(records(out)) == 3
+    assert out.stat().st_mode & 0o777 == 0o600 and (tmp_path / "backup.jsonl").read_text() == out.read_text()
+
+
+def test_a_hard_link_to_an_output_a_run_has_just_made_is_refused_too(captioner: Captioner, tmp_path: Path) -> None:
+    # The output is locked by name before the run makes it; a second run through a hard link made
+    # meanwhile wrote the same images again into the same file.
+    from engine.folder import RecordWriter, folder_job
+
+    make_folder(tmp_path / "in", 2)
+    out, link = tmp_path / "o.jsonl", tmp_path / "same.jsonl"
+    with folder_job([tmp_path / "in"], out, "jsonl", overwrite=False, model=captioner.captions_id), RecordWriter(out, "jsonl"):
+        os.link(out, link)
+        with pytest.raises(OutputError, match=r"same\.jsonl: another run is writing to it"):
+            captioner.caption_folder(tmp_path / "in", out=link, progress=False)
+    assert captioner.caption_folder(tmp_path / "in", out=link, progress=False).captioned == 2
 
 
 def test_a_damaged_output_is_refused_not_clobbered(captioner: Captioner, tmp_path: Path) -> None:
