@@ -45,6 +45,8 @@ def resolve_bundle(bundle: str | Path | None) -> Path:
     Raises BundleError when no bundle is given and the package has no default bundle.
     """
     if bundle is not None:
+        if not os.fspath(bundle):  # Path("") is the working folder
+            raise BundleError("an empty path was given as the bundle (an unset variable?)")
         return Path(bundle)
     if not (DEFAULT_BUNDLE / MANIFEST_NAME).is_file():
         raise BundleError(

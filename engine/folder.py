@@ -1181,7 +1181,17 @@ def _refuse_other_files(out: Path, other: list[tuple[InputFile, int]]) -> None:
 
 
 def _as_list(inputs: Inputs) -> list[str | os.PathLike[str]]:
-    return [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    """`inputs` as a list of paths; a path given as bytes (as os.listdir(b".") gives them) is decoded as
+    Python decodes file names. Raises TypeError for anything that is not a path or an iterable of paths."""
+    if isinstance(inputs, (str, bytes, os.PathLike)):
+        inputs = [inputs]
+    elif not isinstance(inputs, Iterable):
+        raise TypeError(f"inputs: expected a path or a list of paths, got {type(inputs).__name__}")
+    paths = [os.fsdecode(item) if isinstance(item, bytes) else item for item in inputs]
+    for item in paths:
+        if not isinstance(item, (str, os.PathLike)):
+            raise TypeError(f"inputs: expected paths, got {type(item).__name__} ({item!r})")
+    return paths
 
 
 def _resumed_name(file: str, fmt: str, done: dict[str, bool], taken: set[str]) -> str:

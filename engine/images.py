@@ -351,7 +351,7 @@ def to_rgb(image: Image.Image, label: str = "<image>") -> Image.Image:
         pass
     try:
         return _convert(image, full_scale)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: a hand-made "transparency" of the wrong kind
         raise ImageError(f"{label}: cannot convert image mode {image.mode} to RGB ({exc})") from exc
 
 

@@ -1986,3 +1986,17 @@ def test_dropping_retried_records_refuses_a_file_cut_short_since_it_was_read(tmp
     with pytest.raises(OutputError, match="the file changed while the records were being dropped"):
         _drop_lines(out, lines, {"a.png"})
     assert len(out.read_bytes()) == 40 and not list(tmp_path.glob(".o.jsonl.*.tmp"))
+
+
+def test_folder_inputs_as_bytes_paths_and_wrong_kinds_of_input(captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bytes path was walked as a list of numbers ("expected str, bytes or os.PathLike object, not int"),
+    # and None as "'NoneType' object is not iterable".
+    make_folder(tmp_path / "in", 2)
+    monkeypatch.chdir(tmp_path)
+    assert captioner.caption_folder(b"in", out=tmp_path / "o.jsonl", progress=False).captioned == 2
+    assert captioner.caption_folder([os.fsencode(tmp_path / "in")], out=tmp_path / "o.jsonl", progress=False).skipped == 2
+    for wrong, said in ((None, "expected a path or a list of paths, got NoneType"), ([None], "expected paths, got NoneType")):
+        with pytest.raises(TypeError, match=said):
+            captioner.caption_folder(wrong, out=tmp_path / "p.jsonl", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(BundleError, match="an empty path was given as the bundle"):
+        Captioner("")  # not the working folder

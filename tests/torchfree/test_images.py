@@ -352,3 +352,10 @@ def test_every_one_byte_corruption_of_an_avif_is_captioned_or_named() -> None:
     assert named > 0
     with pytest.raises(ImageError, match="a damaged AVIF image: its header cannot be read"):
         load_image(good[:300], name="cut.avif")
+
+
+def test_a_hand_made_transparency_of_the_wrong_kind_is_a_named_error() -> None:
+    image = Image.new("RGB", (4, 4))
+    image.info["transparency"] = b"\x00"  # PIL wants a colour: it raised TypeError
+    with pytest.raises(ImageError, match="<PIL image>: cannot convert image mode RGB"):
+        load_image(image)
