@@ -134,6 +134,57 @@ def test_generate_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
         generate(tmp_path / "x", -1)
 
 
+def test_generate_neither_overwrites_nor_mixes_into_a_data_set_it_did_not_write(tmp_path: Path) -> None:
+    # Only a metadata file at the top was looked for: a folder of photos named 00000.jpg ... was overwritten,
+    # a data set in train/ and test/ got synthetic images mixed in, and --overwrite deleted a user's images
+    # of such names that its metadata listed.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(photos / "00000.jpg")
+    before = (photos / "00000.jpg").read_bytes()
+    with pytest.raises(FileExistsError, match=r"photos already holds images, folders or metadata \(00000\.jpg\)"):
+        generate(photos, 2)
+    with pytest.raises(FileExistsError, match=r"holds a data set data synth did not write \(00000\.jpg\)"):
+        generate(photos, 2, overwrite=True)  # an image no metadata of synth's lists
+    (photos / "metadata.jsonl").write_text('{"file_name": "00000.jpg", "text": "my photo"}\n')
+    with pytest.raises(FileExistsError, match=r"did not write \(metadata\.jsonl\)"):
+        generate(photos, 2, overwrite=True)  # listed, but by the user's own metadata
+    split = tmp_path / "split"
+    (split / "train").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match=r"\(train\)"):
+        generate(split, 2, overwrite=True)
+    assert (photos / "00000.jpg").read_bytes() == before and sorted(p.name for p in photos.iterdir()) == ["00000.jpg", "metadata.jsonl"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.txt").write_text("a folder with other files takes a data set")
+    assert len(_rows(generate(tmp_path / "notes", 2))) == 2
+
+
+def test_a_stopped_synth_leaves_the_folder_as_it_was_and_no_workers(tmp_path: Path) -> None:
+    # SIGTERM killed the main process at once: its pool's workers lived on, orphaned, holding the caller's
+    # pipes, and the folder kept the images written so far.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "data"
+    generate(out, 2, seed=1)
+    before = _files(out)
+    command = [sys.executable, "-m", "engine.cli", "data", "synth", "--out", str(out), "--n", "600", "--workers", "2", "--overwrite"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / ".synth-partial").is_dir() or len(os.listdir(out / ".synth-partial")) < 20:  # workers at work
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        time.sleep(0.1)
+    run.send_signal(signal.SIGTERM)
+    stdout, stderr = run.communicate(timeout=120)  # returns only when no process holds the pipes
+    assert run.returncode == 143 and "interrupted" in stderr.decode(), (run.returncode, stderr.decode())
+    assert _files(out) == before  # the partial set is gone, the earlier one is as it was
+    alive = subprocess.run(["pgrep", "-s", str(run.pid)], capture_output=True, text=True).stdout.split()
+    assert alive == []
+
+
 def test_cli_synth_then_check(tmp_path: Path) -> None:
     out = tmp_path / "data"
     result = CliRunner().invoke(main, ["data", "synth", "--out", str(out), "--n", "8", "--seed", "3"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from engine.click_types import FiniteFloatRange, cannot_run
+from engine.click_types import FiniteFloatRange, cannot_run, unwinds_on_stop
 from train.data import DataError, check_folder
 
 
@@ -21,7 +21,8 @@ def data() -> None:
 @click.option("--n", "n", default=2000, show_default=True, type=click.IntRange(min=1), help="Number of images.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Same seed, same bytes.")
 @click.option("--workers", default=None, type=click.IntRange(min=1), help="Processes (default: 2 for n >= 400).")
-@click.option("--overwrite", is_flag=True, help="Replace the metadata of an existing data folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a data set that data synth wrote in OUT (its images and metadata).")
+@unwinds_on_stop  # SIGTERM/SIGHUP: as Ctrl-C (exit 143/129), the workers stopped and OUT left as it was
 def synth(out: Path, n: int, seed: int, workers: int | None, overwrite: bool) -> None:
     """Write N synthetic photos of student math work and their descriptions to OUT."""
     from train.synth import generate
@@ -29,8 +30,8 @@ def synth(out: Path, n: int, seed: int, workers: int | None, overwrite: bool) ->
     start = time.perf_counter()
     try:
         generate(out, n, seed=seed, workers=workers, overwrite=overwrite)
-    except FileExistsError:
-        cannot_run(f"{out} already holds a data set; pass --overwrite to replace it")
+    except FileExistsError as exc:
+        cannot_run(str(exc))
     except OSError as exc:
         cannot_run(f"{out}: cannot write the data set there ({exc.strerror or exc})")
     click.echo(f"wrote {n} images and metadata.jsonl to {out} in {time.perf_counter() - start:.1f}s (seed {seed})")
@@ -41,6 +42,7 @@ def synth(out: Path, n: int, seed: int, workers: int | None, overwrite: bool) ->
 @click.option("--caption-column", default="text", show_default=True, help="Metadata column with the description.")
 @click.option("--test-ratio", default=0.1, show_default=True, type=FiniteFloatRange(0.0, 1.0, max_open=True), help="For the split count.")
 @click.option("--split-seed", default=0, show_default=True, type=int, help="For the split count.")
+@unwinds_on_stop
 def check(folder: Path, caption_column: str, test_ratio: float, split_seed: int) -> None:
     """Validate a data folder: list every problem (exit 1) or print a summary (exit 0)."""
     try:

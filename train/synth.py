@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
+from engine.click_types import check_stop
+from engine.folder import is_image_name
+
 KINDS = ("arithmetic", "groups", "fraction", "number_line", "bar_graph", "tally", "clock", "shapes")
 PAPERS = ("plain", "lined", "grid")
 INKS = ("pencil", "blue", "black")
@@ -44,6 +48,8 @@ INKS = ("pencil", "blue", "black")
 # Share of answers the student gets right.
 P_CORRECT = 0.65
 METADATA = "metadata.jsonl"
+# Where `generate` writes a set before moving it into place.
+PARTIAL = ".synth-partial"
 
 Points = np.ndarray  # (N, 2) float array of x, y; y grows downwards everywhere in this module
 
@@ -743,51 +749,98 @@ def generate(
 
     Images are `00000.jpg`, `00001.jpg`, ...; metadata lines hold `file_name`, `text` and `kind`, in index
     order. The same `seed` gives byte-identical files for any `workers` (worker processes; default: 2 for
-    large sets, where the cores exist). Raises ValueError for an `n` below 1 or a negative `seed`, and FileExistsError
-    when `out_dir` already holds a metadata file and `overwrite` is false. With `overwrite`, the metadata
-    and the images of this run replace what was there, images an earlier run listed but this one does not
-    write are removed, and any other file is left alone.
+    large sets, where the cores exist). The set is written into `out_dir/.synth-partial` and moved into place
+    when complete, so a run that is stopped leaves `out_dir` as it was.
+
+    `out_dir` may hold other files, but no images, subfolders or metadata: FileExistsError, as no data set is
+    overwritten or mixed into. With `overwrite`, a data set that `generate` wrote there (and nothing else in
+    its images) is replaced: images it listed that this run does not write are removed, other files are
+    left alone. Raises ValueError for an `n` below 1 or a negative `seed`.
     """
     if n < 1 or seed < 0:  # no images: a data set that every reader refuses
         raise ValueError(f"n must be >= 1 and seed >= 0 (got n={n}, seed={seed})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    existing = [p.name for p in (out / METADATA, out / "metadata.csv") if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass overwrite=True to replace it")
-    if (out / "metadata.csv").exists():
-        (out / "metadata.csv").unlink()  # two metadata files would make the folder ambiguous
-    earlier = _generated_names(out / METADATA) if overwrite else set()
+    partial = out / PARTIAL
+    shutil.rmtree(partial, ignore_errors=True)  # a killed run's
+    earlier = _replaced_set(out, overwrite)
     digits = max(5, len(str(max(n - 1, 0))))
     names = [f"{i:0{digits}d}.jpg" for i in range(n)]
-    jobs = [(seed, i, str(out), names[i]) for i in range(n)]
+    jobs = [(seed, i, str(partial), names[i]) for i in range(n)]
     if workers is None:
         workers = min(2, os.cpu_count() or 1) if n >= 400 else 1
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_make_and_save, jobs, chunksize=16))
-    else:
-        results = [_make_and_save(job) for job in jobs]
-    lines = [
-        json.dumps({"file_name": name, "text": text, "kind": kind}, ensure_ascii=False)
-        for name, (text, kind) in zip(names, results, strict=True)
-    ]
-    (out / METADATA).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    for stale in sorted(earlier - set(names)):  # images of an earlier, larger run: no longer listed
-        (out / stale).unlink(missing_ok=True)
+    partial.mkdir()
+    try:
+        if workers > 1:
+            pool = ProcessPoolExecutor(max_workers=workers)
+            try:
+                results = list(pool.map(_make_and_save, jobs, chunksize=16))
+            finally:
+                # Stopped (Ctrl-C, SIGTERM): the queued images are dropped, not waited for, and the workers
+                # end with their current chunk instead of living on, orphaned.
+                pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            results = []
+            for job in jobs:
+                check_stop()
+                results.append(_make_and_save(job))
+        lines = [
+            json.dumps({"file_name": name, "text": text, "kind": kind}, ensure_ascii=False)
+            for name, (text, kind) in zip(names, results, strict=True)
+        ]
+        (partial / METADATA).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        for stale in sorted(earlier - set(names)):  # images of an earlier, larger run: no longer listed
+            (out / stale).unlink(missing_ok=True)
+        for name in [*names, METADATA]:  # the metadata last: a folder with it has every image
+            os.replace(partial / name, out / name)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return out
 
 
-def _generated_names(metadata: Path) -> set[str]:
-    """The image names an earlier `generate` listed in `metadata` (only names of the form it writes)."""
-    if not metadata.is_file():
+def _replaced_set(out: Path, overwrite: bool) -> set[str]:
+    """The image names of the data set `generate` may replace in `out` (empty: none there). Raises
+    FileExistsError when `out` holds images, subfolders or metadata it must not overwrite or mix into."""
+    entries = sorted(entry for entry in os.listdir(out) if entry != PARTIAL)
+    data = [e for e in entries if (out / e).is_dir() or is_image_name(Path(e)) or e in (METADATA, "metadata.csv")]
+    if not data:
         return set()
+    shown = ", ".join(data[:3]) + (f" and {len(data) - 3} more" if len(data) > 3 else "")
+    if not overwrite:
+        raise FileExistsError(
+            f"{out} already holds images, folders or metadata ({shown}): write the data set into a new or empty "
+            "folder, or pass --overwrite to replace a data set that data synth wrote there"
+        )
+    earlier = _generated_names(out / METADATA)
+    mine = earlier or set()
+    others = [e for e in data if e != METADATA and e not in mine]
+    if earlier is None or others:
+        if earlier is None and METADATA in data:  # its metadata is the user's: so are the images it lists
+            what = METADATA
+        else:
+            what = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise FileExistsError(
+            f"{out} holds a data set data synth did not write ({what}); --overwrite replaces only one it wrote: "
+            "choose a new or empty folder"
+        )
+    return earlier
+
+
+def _generated_names(metadata: Path) -> set[str] | None:
+    """The image names `generate` listed in `metadata`; None when there is no such file, or any line of it is
+    not one `generate` writes (a file name of its form, a text and a kind)."""
+    try:
+        text = metadata.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
     names = set()
-    for line in metadata.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         try:
-            name = json.loads(line).get("file_name")
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(name, str) and re.fullmatch(r"\d{5,}\.jpg", name):
-            names.add(name)
+            row = json.loads(line)
+        except ValueError:
+            return None
+        if not (isinstance(row, dict) and set(row) == {"file_name", "text", "kind"}
+                and isinstance(row["file_name"], str) and re.fullmatch(r"\d{5,}\.jpg", row["file_name"])):
+            return None
+        names.add(row["file_name"])
     return names
