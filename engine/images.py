@@ -233,6 +233,15 @@ def _whiten_16_bit_key(image: Image.Image, handle: IO[bytes]) -> None:
 EXTERNAL_PROGRAM_FORMATS = frozenset({"EPS"})
 
 
+def open_lazily(path: str | os.PathLike[str]) -> Image.Image:
+    """`Image.open(path)` of any readable format (pixels not decoded yet), without PIL's bomb warning: the
+    caller checks the size against its own cap, and the warning would only print Pillow's source line first.
+    Raises what Image.open raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path, formats=readable_formats())
+
+
 def readable_formats() -> list[str]:
     """Every format Pillow has a reader for (plugins registered later, as HEIF, included), in its own
     detection order, less EXTERNAL_PROGRAM_FORMATS."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 import json
 import logging
 import re
@@ -214,6 +215,13 @@ def test_image_above_the_pixel_cap_is_a_problem_before_training_meets_it(folder:
     Image.new("1", (8000, 7000)).save(folder / "b.png")
     problem = _only_problem(folder)
     assert problem.startswith("b.png: image too large: 8000x7000 = 56.0 MP, above the 50 MP"), problem
+    # Above PIL's own warning size (89 MP) the check said the same after Pillow's "DecompressionBombWarning"
+    # and its source line.
+    Image.new("1", (12000, 12000)).save(folder / "b.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        problem = _only_problem(folder)
+    assert problem.startswith("b.png: image too large: 12000x12000 = 144.0 MP"), problem
 
 
 @pytest.mark.parametrize(

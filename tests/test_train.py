@@ -985,7 +985,7 @@ def test_resume_gives_the_same_losses_and_weights(small_data: Path, tmp_path: Pa
 
     # The finished run is guarded: nothing is overwritten without --resume or by a different run.
     before = (tmp_path / "full" / "last" / "model.safetensors").stat().st_mtime_ns
-    with pytest.raises(TrainError, match="already holds this run"):
+    with pytest.raises(TrainError, match="already holds a run with these settings; pass --resume"):
         train(TrainConfig(data=small_data, out=tmp_path / "full", epochs=2, seed=5, **FAST))
     with pytest.raises(TrainError, match="different run.*lr"):
         train(

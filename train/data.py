@@ -45,7 +45,7 @@ from PIL import Image, UnidentifiedImageError
 
 from engine.errors import EdlightError
 from engine.folder import IMAGE_EXTENSIONS, is_image_name  # what the engine's folder walk captions
-from engine.images import DEFAULT_MAX_PIXELS, HEIF_MISSING, enable_heif, is_heif_file, readable_formats
+from engine.images import DEFAULT_MAX_PIXELS, HEIF_MISSING, enable_heif, is_heif_file, open_lazily
 from engine.preprocess import PatchConfig, position_error
 from train.checkpoint import RUN_CONFIG
 
@@ -428,7 +428,7 @@ def _inspect_image(example: Example) -> tuple[tuple[int, int] | None, Problem | 
         return None, Problem(name, f"cannot access the file: {exc.strerror or exc}", name)
     enable_heif()  # HEIC photos train when the engine can caption them
     try:
-        with Image.open(example.path, formats=readable_formats()) as im:
+        with open_lazily(example.path) as im:
             size = im.size
             if size[0] * size[1] > DEFAULT_MAX_PIXELS:  # checked before decoding, as training loads it
                 return None, Problem(

@@ -39,7 +39,7 @@ from engine.bundle import stated_max_new_tokens
 from engine.click_types import TolerantStream, check_stop, is_terminal, say
 from engine.errors import EdlightError, ImageError, is_count
 from engine.folder import OutputError, output_lock, write_report
-from engine.images import enable_heif, readable_formats
+from engine.images import enable_heif, open_lazily
 from engine.preprocess import (
     DEFAULT_POSITION_LIMIT,
     PatchConfig,
@@ -266,7 +266,7 @@ class CaptionDataset:
         view = self._full_views.get(i)
         enable_heif()  # in each DataLoader worker
         try:
-            handle = Image.open(path, formats=readable_formats())
+            handle = open_lazily(path)
         except (OSError, UnidentifiedImageError) as exc:  # checked before training; gone or changed since
             raise ImageError(f"{path}: cannot read the image any more: {getattr(exc, 'strerror', None) or exc}") from exc
         with handle as f:
@@ -447,7 +447,8 @@ def _check_out(cfg: TrainConfig) -> str:
             )
         if not cfg.resume:
             raise TrainError(
-                f"--out {out} already holds this run; pass --resume to continue it or choose a new --out"
+                f"--out {out} already holds a run with these settings; pass --resume to continue it (on the same "
+                "data) or choose a new --out"
             )
         if (out / "last" / "trainer_state.pt").is_file():
             return "resume"
