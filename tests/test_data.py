@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import io
-import warnings
 import json
 import logging
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
