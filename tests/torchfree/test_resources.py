@@ -98,7 +98,7 @@ def test_too_many_threads_names_the_quota(monkeypatch: pytest.MonkeyPatch) -> No
         monkeypatch.setattr(module, "cgroup_cpu_quota", lambda: 0.5)
     assert session.too_many_threads(4) is None
     assert session.too_many_threads(5) == (
-        "threads 5 on 1 CPU cores (this cgroup's CPU quota: 0.5 CPUs): at most 4 (4 per core); "
+        "threads 5 on 1 CPU core (this cgroup's CPU quota: 0.5 CPUs): at most 4 (4 per core); "
         "threads beyond the cores only wait for each other"
     )
 
