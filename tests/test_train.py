@@ -935,18 +935,21 @@ def test_a_stderr_that_takes_nothing_costs_only_the_log(small_data: Path, tmp_pa
 @pytest.mark.slow
 def test_a_service_managers_stop_says_how_to_resume(small_data: Path, tmp_path: Path) -> None:
     """SIGTERM (systemd, `timeout`, a batch scheduler) unwinds as Ctrl-C does: the resume note, exit 143;
-    it killed the run without a word."""
+    it killed the run without a word. They signal the whole process group: the data workers died of it too,
+    and their death turned the exit into 1, with a traceback."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "engine.cli", "train", "--data", str(small_data), "--out", str(out), "--preset", "tiny",
-           "--epochs", "30", "--batch-size", "8", "--max-patches", "64", "--no-progress"]  # fmt: skip
+           "--epochs", "30", "--batch-size", "8", "--max-patches", "64", "--no-progress", "--workers", "1"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None and not (out / "last" / "trainer_state.pt").is_file():
             time.sleep(0.1)
+        time.sleep(1.0)  # within the next epoch's steps, its worker at work
         assert proc.poll() is None, "the run ended before it could be stopped"
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)  # as `timeout` and systemd do
         stderr = proc.communicate(timeout=120)[1]
     finally:
         if proc.poll() is None:

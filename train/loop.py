@@ -460,6 +460,30 @@ def _check_out(cfg: TrainConfig) -> str:
     return "fresh"
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """In a DataLoader worker: let the first SIGTERM or SIGHUP pass. `timeout`, systemd and Kubernetes signal
+    the whole process group; torch's workers died of it, and their death raised a RuntimeError in the main
+    process while it was unwinding from the same signal (exit 1, with a traceback, instead of 143 and the resume
+    note). The main process shuts its workers down as it unwinds (`_shut_down_workers`); a second signal (as
+    multiprocessing sends its children at exit) ends a worker as before."""
+    import signal
+
+    def let_pass(signum: int, _frame: object) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), let_pass)
+
+
+def _shut_down_workers(loader: Any) -> None:
+    """Stop a DataLoader's persistent workers now (they read their queue's end and exit), as its iterator's
+    finaliser would: at interpreter exit that came after multiprocessing's own, which signals and joins them."""
+    shut_down = getattr(getattr(loader, "_iterator", None), "_shutdown_workers", None)
+    if callable(shut_down):
+        shut_down()
+
+
 def best_record(metrics: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The metrics of the epoch best/ holds: the last one marked best (test BLEU, its ties broken by chrF;
     the training loss without a test split)."""
@@ -938,7 +962,9 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         # persistent workers is once per process. From the global RNG, that draw would come in epoch 1 of an
         # uninterrupted run but after the restored RNG of a resumed one, shifting every later dropout mask.
         generator=torch.Generator().manual_seed(cfg.seed),
+        worker_init_fn=_ignore_stop_signals,
     )
+    held.callback(_shut_down_workers, loader)
     steps_per_epoch = len(epoch_batches(len(train_ex), cfg.batch_size, world, rank, cfg.seed, 0))
     opt_steps_per_epoch = math.ceil(steps_per_epoch / cfg.grad_accum)
     total_steps = opt_steps_per_epoch * cfg.epochs
