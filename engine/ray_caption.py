@@ -67,6 +67,10 @@ class RayStallError(EdlightError):
     """The Ray job returned no results for longer than the stall timeout."""
 
 
+class RayWorkerError(EdlightError):
+    """The Ray workers do not run this edlight."""
+
+
 class RayConnectionError(EdlightError):
     """The Ray cluster at the given address cannot be reached or joined."""
 
@@ -178,6 +182,21 @@ class CaptionActor:
         return _result_table(indices, captions, errors, [sizes[i] for i in indices], [None] * len(indices))
 
 
+# What CaptionActor answers for each image (_result_table), checked by the driver.
+RESULT_COLUMNS = ("index", "caption", "error", "bytes", "failure")
+
+
+def _require_result_columns(results: list[dict[str, Any]]) -> None:
+    """Raise RayWorkerError when the actors answered with other columns than this edlight's: they run
+    another edlight (a local Ray's workers import `engine` from the driver's working folder first)."""
+    if results and (missing := [c for c in RESULT_COLUMNS if c not in results[0]]):
+        raise RayWorkerError(
+            f"the Ray workers run another edlight than this one (their answers lack {', '.join(missing)}): a local "
+            f"Ray's workers import `engine` from the working folder ({os.getcwd()}) before the installed one, so run "
+            "from a folder without an edlight checkout; on a cluster, install this edlight on every node"
+        )
+
+
 def _result_table(
     indices: list[int], captions: list[str | None], errors: list[bytes | None], sizes: list[int | None],
     failures: list[str | None],
@@ -284,6 +303,7 @@ def caption_folder_ray(
             try:
                 with RecordWriter(summary.out, fmt, model) as writer:
                     for results in _stream_records(ray, rows, constructor, plan, batch_size, stall_timeout):
+                        _require_result_columns(results)
                         for failure in (r["failure"] for r in results if r["failure"] is not None):
                             ActorFailure.raise_from(failure)
                         records = [
@@ -384,6 +404,11 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
             return
         address, where = auto
         found = f" (where --ray-address auto leads: {where})"
+    if address.lower().startswith(("http://", "https://")):
+        raise RayConnectionError(
+            f"--ray-address {address}: that is a Ray dashboard's address (for `ray job submit`), not a cluster's: "
+            "give the address `ray start --head` printed (HOST:6379), or ray://HOST:10001"
+        )
     target = address.removeprefix("ray://")
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():

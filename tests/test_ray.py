@@ -28,8 +28,10 @@ from engine.folder import OutputError
 from engine.ray_caption import (
     RayConnectionError,
     RayStallError,
+    RayWorkerError,
     _check_reachable,
     _connect,
+    _require_result_columns,
     caption_folder_ray,
     plan_actors,
 )
@@ -92,6 +94,21 @@ def test_an_unreachable_address_fails_at_once(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     with pytest.raises(RayConnectionError, match=r"auto leads: RAY_ADDRESS"):
         _check_reachable("auto")
+
+
+def test_a_dashboard_address_is_named_as_one() -> None:
+    # Split at its last colon, http://127.0.0.1:8265 was "cannot reach ... (Name or service not known)".
+    with pytest.raises(RayConnectionError, match=r"http://127.0.0.1:8265: that is a Ray dashboard's address .*HOST:6379"):
+        _check_reachable("http://127.0.0.1:8265")
+
+
+def test_answers_of_another_edlights_actors_are_one_named_error() -> None:
+    # A local Ray's workers import `engine` from the driver's working folder first: an older checkout there
+    # answered without the failure column, and the driver died in KeyError: 'failure'.
+    _require_result_columns([{"index": 0, "caption": "c", "error": None, "bytes": 3, "failure": None}])
+    _require_result_columns([])
+    with pytest.raises(RayWorkerError, match=r"the Ray workers run another edlight than this one \(their answers lack bytes, failure\)"):
+        _require_result_columns([{"index": 0, "caption": "c", "error": None}])
 
 
 # ------------------------------------------------------------------------------------ missing extra
