@@ -93,8 +93,8 @@ def _pillow_warnings_named(label: str) -> Iterator[None]:
 
     Raw, they name a line of Pillow's source and not the image (a fuzzed TIFF gave three, a phone photo
     with a damaged EXIF block one), and a folder run could not tell which file was meant. Other code's
-    warnings are passed on as they were. catch_warnings is process-wide, as for the bomb warning below:
-    a warning another thread gives meanwhile is passed on too, only later.
+    warnings are passed on as they were. catch_warnings is process-wide: a warning another thread gives
+    meanwhile (the model runs while the next batch is decoded) is passed on too, only later.
     """
     try:
         with warnings.catch_warnings(record=True) as caught:
