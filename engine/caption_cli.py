@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import click
 
@@ -72,7 +72,7 @@ def describe_bundle(bundle: Any) -> str:
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run on Ray: a pool of actors, each loading the model once (needs edlight[distributed]).")
 @click.option("--ray-address", default=None, metavar="ADDRESS",
-              help="With --ray: an existing Ray cluster (default: start a local Ray with this machine's cores).")
+              help="With --ray: an existing Ray cluster (default: start a local Ray with the cores this process may use).")
 @click.option("--actors", type=click.IntRange(min=1), default=None,
               help="With --ray: number of actors (default: one per 2 CPUs of the cluster).")
 @click.option("--ray-timeout", type=FiniteFloatRange(min=1), default=300.0, show_default=True, metavar="SECONDS",
@@ -141,10 +141,22 @@ def caption(
         raise click.UsageError("--ray-address and --actors need --ray")
     from engine.captioner import Captioner
 
+    shown = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None,
+             line: str | None = None) -> None:
+        # The engine's own (a batch that cannot fit, a bundle this CPU computes differently) as the CLI words
+        # them, and at once: the memory warning is said before the weights load, which a kill may cut short.
+        if issubclass(category, UserWarning):
+            say(f"warning: {message}")
+        else:
+            shown(message, category, filename, lineno, file, line)
+
     try:
         # The bundle is opened and verified before any input is looked at.
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings():
             warnings.simplefilter("always", UserWarning)
+            warnings.showwarning = show
             captioner = Captioner(
                 model, threads=threads, batch_size=batch_size, num_beams=num_beams,
                 max_new_tokens=max_new_tokens, max_pixels=max_pixels,
@@ -152,11 +164,6 @@ def caption(
     except EdlightError as exc:
         _fail(exc)
     say(describe_bundle(captioner.bundle))
-    for caught_warning in caught:  # the engine's own (a bundle this CPU computes differently), as the CLI words them
-        if issubclass(caught_warning.category, UserWarning):
-            say(f"warning: {caught_warning.message}")
-        else:
-            warnings.warn_explicit(caught_warning.message, caught_warning.category, caught_warning.filename, caught_warning.lineno)
     try:
         summary = captioner.caption_folder(list(inputs), out=out, fmt=fmt, overwrite=overwrite, progress=not quiet,
                                            recaption_changed=recaption_changed)

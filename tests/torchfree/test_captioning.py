@@ -1015,6 +1015,8 @@ def test_a_batch_beyond_the_memory_left_is_warned_about_before_the_weights_load(
     assert result.exit_code == 0, result.output  # a warning: the run goes on
     assert f"warning: {engine_bundle}: a batch of 4 images needs at least " in result.output, result.output
     assert "(its cgroup's memory limit is " in result.output and "lower the batch size (at most 3 can fit)" in result.output
+    # Said as the Captioner is built (before the weights load, which a kill may cut short), not after it.
+    assert result.output.index("a batch of 4 images") < result.output.index("model: "), result.output
     assert len(records(out)) == 4
     result = CliRunner().invoke(caption_command, [str(tmp_path / "in"), "--model", str(engine_bundle), "--out",
                                                   str(tmp_path / "b3.jsonl"), "--batch-size", "3", "--quiet"])
