@@ -1205,11 +1205,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
                 save(out / "best", False, epoch + 1, wall)
             _write_jsonl(out / "metrics.jsonl", metrics)
             _write_jsonl(out / "steps.jsonl", steps_log)
-            try:
-                plot_curves(metrics, steps_log, out / "curves.png")
-            except Exception as exc:  # a plot must never stop a training run
-                log(f"warning: could not draw curves.png ({exc})")
-            check_stop()
+            # Said before the plot, the slow part: a stop during it (resumed "after epoch N") kept this line.
             bleu_txt = f"BLEU {record['bleu']:.2f} chrF {record['chrf']:.2f}" if test_ex else "no test split"
             log(
                 f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}  {record['images_per_s']:.1f} img/s  "
@@ -1218,6 +1214,11 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             )
             if hyps:
                 log(f"  e.g. {hyps[0]!r}\n   vs {test_ex[0].text!r}")
+            try:
+                plot_curves(metrics, steps_log, out / "curves.png")
+            except Exception as exc:  # a plot must never stop a training run
+                log(f"warning: could not draw curves.png ({exc})")
+            check_stop()
         if improved:
             best_key = (record["bleu"], record["chrf"]) if test_ex else best_key
             best_loss = min(best_loss, record["loss"])
