@@ -140,40 +140,49 @@ def caption(
     if ray_address is not None or actors is not None:
         raise click.UsageError("--ray-address and --actors need --ray")
     from engine.captioner import Captioner
+    from engine.images import image_being_loaded
 
     shown = warnings.showwarning
+    said: set[tuple[str | None, str]] = set()
 
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None,
              line: str | None = None) -> None:
-        # The engine's own (a batch that cannot fit, a bundle this CPU computes differently) as the CLI words
-        # them, and at once: the memory warning is said before the weights load, which a kill may cut short.
-        if issubclass(category, UserWarning):
+        # Pillow's (a damaged EXIF block, odd TIFF tags) name a line of its source: said once per image, naming
+        # it (this hook runs in the thread that decodes it). The engine's own (a batch that cannot fit, a bundle
+        # this CPU computes differently) as the CLI words them, and at once: the memory warning comes before the
+        # weights load, which a kill may cut short.
+        if f"{os.sep}PIL{os.sep}" in filename:
+            image, text = image_being_loaded(), " ".join(str(message).split())
+            if (image, text) not in said:
+                said.add((image, text))
+                say(f"warning: {image}: {text}" if image else f"warning: {text}")
+        elif issubclass(category, UserWarning):
             say(f"warning: {message}")
         else:
             shown(message, category, filename, lineno, file, line)
 
-    try:
-        # The bundle is opened and verified before any input is looked at.
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", UserWarning)
-            warnings.showwarning = show
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)  # each image's own, and the engine's
+        warnings.showwarning = show
+        try:
+            # The bundle is opened and verified before any input is looked at.
             captioner = Captioner(
                 model, threads=threads, batch_size=batch_size, num_beams=num_beams,
                 max_new_tokens=max_new_tokens, max_pixels=max_pixels,
             )
-    except EdlightError as exc:
-        _fail(exc)
-    say(describe_bundle(captioner.bundle))
-    try:
-        summary = captioner.caption_folder(list(inputs), out=out, fmt=fmt, overwrite=overwrite, progress=not quiet,
-                                           recaption_changed=recaption_changed)
-    except (EdlightError, FileNotFoundError) as exc:
-        _fail(exc)
-    except MemoryError:
-        cannot_run(f"out of memory with --batch-size {batch_size} and --num-beams {num_beams}; lower them "
-                   "(the records written so far are kept)")
-    except KeyboardInterrupt as exc:
-        _interrupted(out, fmt, overwrite, exc)
+        except EdlightError as exc:
+            _fail(exc)
+        say(describe_bundle(captioner.bundle))
+        try:
+            summary = captioner.caption_folder(list(inputs), out=out, fmt=fmt, overwrite=overwrite, progress=not quiet,
+                                               recaption_changed=recaption_changed)
+        except (EdlightError, FileNotFoundError) as exc:
+            _fail(exc)
+        except MemoryError:
+            cannot_run(f"out of memory with --batch-size {batch_size} and --num-beams {num_beams}; lower them "
+                       "(the records written so far are kept)")
+        except KeyboardInterrupt as exc:
+            _interrupted(out, fmt, overwrite, exc)
     _finish(summary, strict)
 
 

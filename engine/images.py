@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import logging
 import os
 import stat
 import threading
@@ -33,8 +32,6 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engine.errors import ImageError, install_hint
-
-log = logging.getLogger(__name__)
 
 # About 50 megapixels: a 8000x6000 photo fits, a 100k x 100k PNG bomb does not.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -79,38 +76,27 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: 
 
     `max_pixels` caps width*height (checked before decoding; 0 or negative disables the cap).
     `name` is used in error messages instead of the path (e.g. for bytes inputs).
-    Raises ImageError naming the source for anything that is not a decodable, safe image. Pillow's
-    warnings about it (corrupt EXIF, odd TIFF tags) are logged once each, naming it.
+    Raises ImageError naming the source for anything that is not a decodable, safe image. While it
+    loads, `image_being_loaded()` in this thread names it (for a warnings hook: Pillow's warnings name a
+    line of Pillow's source, not the image).
     """
     label = name or describe(source)
-    with _pillow_warnings_named(label):
-        return _load(source, max_pixels, label)
-
-
-@contextlib.contextmanager
-def _pillow_warnings_named(label: str) -> Iterator[None]:
-    """Log each distinct warning Pillow gives while an image loads as `label: message` (engine.images logger).
-
-    Raw, they name a line of Pillow's source and not the image (a fuzzed TIFF gave three, a phone photo
-    with a damaged EXIF block one), and a folder run could not tell which file was meant. Other code's
-    warnings are passed on as they were. catch_warnings is process-wide: a warning another thread gives
-    meanwhile (the model runs while the next batch is decoded) is passed on too, only later.
-    """
+    previous = getattr(_loading, "label", None)
+    _loading.label = label
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")  # every image's own: "default" would say a message once per process
-            # Our own pixel cap decides; PIL's bomb warning would only repeat it less precisely.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
-    finally:  # outside the block, where a warning passed on is not recorded again
-        said: set[str] = set()
-        for warning in caught:
-            if f"{os.sep}PIL{os.sep}" in warning.filename:
-                if (message := " ".join(str(warning.message).split())) not in said:
-                    said.add(message)
-                    log.warning("%s: %s", label, message)
-            else:
-                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        return _load(source, max_pixels, label)
+    finally:
+        _loading.label = previous
+
+
+_loading = threading.local()
+
+
+def image_being_loaded() -> str | None:
+    """The name of the image `load_image` is loading in this thread, or None. A `warnings.showwarning` hook
+    runs in the thread that warned, so it can say which image a Pillow warning (a damaged EXIF block, odd
+    TIFF tags) is about; `edlight caption` does."""
+    return getattr(_loading, "label", None)
 
 
 def _load(source: ImageSource, max_pixels: int, label: str) -> Image.Image:
@@ -118,7 +104,12 @@ def _load(source: ImageSource, max_pixels: int, label: str) -> Image.Image:
         _check_pixels(source.size, max_pixels, label)
         try:
             image = _first_frame(source)
+            keyed_16_bit = _keys_16_bit_rgb(image)  # opened lazily from a file (training's loader does)
             image.load()  # an image opened lazily from a damaged file fails here, not in the model
+            if keyed_16_bit and isinstance(getattr(image, "filename", None), str) and image.filename:  # type: ignore[attr-defined]
+                image = image.copy()  # the caller's image is left as it was
+                with open(source.filename, "rb") as handle:  # type: ignore[attr-defined]
+                    _whiten_16_bit_key(image, handle)
         except (*DECODE_ERRORS, AssertionError) as exc:
             # Closed before its pixels were read: im.close() (ValueError), the end of a `with Image.open()`
             # block (Pillow asserts it still has a file), or the file object it was opened from closed.
@@ -200,15 +191,23 @@ def _megapixels(pixels: int) -> str:
 
 
 def _open_checked(handle: IO[bytes], max_pixels: int, label: str) -> Image.Image:
-    image = Image.open(handle, formats=readable_formats())  # PIL's bomb warning: see _pillow_warnings_named
+    image = open_lazily(handle)  # our own cap decides, below
     _check_pixels(image.size, max_pixels, label)
-    keyed_16_bit = image.format == "PNG" and image.mode == "RGB" and "transparency" in image.info and any(
-        getattr(tile, "args", None) == "RGB;16B" for tile in image.tile
-    )
+    keyed_16_bit = _keys_16_bit_rgb(image)
     image.load()  # decodes the first frame only
     if keyed_16_bit:
         _whiten_16_bit_key(image, handle)
     return image
+
+
+_BOMB_WARNING_LOCK = threading.Lock()
+
+
+def _keys_16_bit_rgb(image: Image.Image) -> bool:
+    """Whether `image`, opened and not yet loaded, is a 16-bit RGB PNG with a tRNS colour key."""
+    return image.format == "PNG" and image.mode == "RGB" and "transparency" in image.info and any(
+        len(tile) > 3 and tile[3] == "RGB;16B" for tile in getattr(image, "tile", ())  # its raw mode (Pillow < 11: a tuple)
+    )
 
 
 def _whiten_16_bit_key(image: Image.Image, handle: IO[bytes]) -> None:
@@ -221,7 +220,8 @@ def _whiten_16_bit_key(image: Image.Image, handle: IO[bytes]) -> None:
     key = image.info.pop("transparency")
     handle.seek(0)
     low = Image.open(handle, formats=["PNG"])
-    low.tile = [tile._replace(args="RGB;16L") for tile in low.tile]
+    low.tile = [(*tile[:3], "RGB;16L", *tile[4:]) if type(tile) is tuple else tile._replace(args="RGB;16L")  # type: ignore[misc]
+                for tile in low.tile]  # Pillow < 11: plain tuples
     low.load()
     values = np.asarray(image).astype(np.uint16) << 8 | np.asarray(low)
     transparent = np.all(values == np.asarray(key, dtype=np.uint16), axis=-1)
@@ -233,13 +233,17 @@ def _whiten_16_bit_key(image: Image.Image, handle: IO[bytes]) -> None:
 EXTERNAL_PROGRAM_FORMATS = frozenset({"EPS"})
 
 
-def open_lazily(path: str | os.PathLike[str]) -> Image.Image:
-    """`Image.open(path)` of any readable format (pixels not decoded yet), without PIL's bomb warning: the
+def open_lazily(source: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
+    """`Image.open(source)` of any readable format (pixels not decoded yet), without PIL's bomb warning: the
     caller checks the size against its own cap, and the warning would only print Pillow's source line first.
-    Raises what Image.open raises."""
-    with warnings.catch_warnings():
+    Raises what Image.open raises.
+
+    The lock: catch_warnings saves and restores the process's filters, and threads leaving it out of order
+    (a Captioner serves several) left its filter behind. Only the header is read under it.
+    """
+    with _BOMB_WARNING_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(path, formats=readable_formats())
+        return Image.open(source, formats=readable_formats())
 
 
 def readable_formats() -> list[str]:

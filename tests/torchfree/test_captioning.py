@@ -2014,3 +2014,16 @@ def test_folder_inputs_as_bytes_paths_and_wrong_kinds_of_input(captioner: Captio
             captioner.caption_folder(wrong, out=tmp_path / "p.jsonl", progress=False)  # type: ignore[arg-type]
     with pytest.raises(BundleError, match="an empty path was given as the bundle"):
         Captioner("")  # not the working folder
+
+
+def test_cli_names_the_image_pillow_warns_about(engine_bundle: Path, tmp_path: Path) -> None:
+    # "PIL/TiffImagePlugin.py:982: UserWarning: Corrupt EXIF data" named no image; once per image now.
+    (tmp_path / "in").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        photo(1).save(tmp_path / "in" / name, exif=b"Exif\x00\x00II*\x00\xff\xff\xff\xff")
+    result = CliRunner().invoke(caption_command, [str(tmp_path / "in"), "--model", str(engine_bundle), "--out",
+                                                  str(tmp_path / "o.jsonl"), "--quiet", "--batch-size", "1"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "Corrupt EXIF" in line]
+    assert lines == [f"warning: {tmp_path / 'in' / name}: Corrupt EXIF data. Expecting to read 2 bytes but only got 0."
+                     for name in ("a.jpg", "b.jpg")], result.output

@@ -300,7 +300,7 @@ def _png(width: int, height: int, depth: int, colour_type: int, rows: bytes, *ch
     return b"\x89PNG\r\n\x1a\n" + b"".join(body) + chunk(b"IEND", b"")
 
 
-def test_a_sixteen_bit_rgb_png_keying_a_colour_whitens_that_colour_only() -> None:
+def test_a_sixteen_bit_rgb_png_keying_a_colour_whitens_that_colour_only(tmp_path: Path) -> None:
     # Pillow keeps the 16-bit key but only the high bytes of the pixels: matched as it stands, the key
     # (1, 2, 3) whitened the pixels of 8-bit (1, 2, 3) and left the transparent ones black.
     samples = np.zeros((2, 3, 3), dtype=">u2")
@@ -312,23 +312,47 @@ def test_a_sixteen_bit_rgb_png_keying_a_colour_whitens_that_colour_only() -> Non
     rgb = np.asarray(load_image(png))
     assert rgb[0].tolist() == [[255, 255, 255]] * 3
     assert rgb[1].tolist() == [[1, 2, 3], [1, 156, 255], [0, 0, 0]]
+    # A PIL image opened from the file, as training's loader passes it, gives the same pixels; the caller's
+    # image keeps its own.
+    path = tmp_path / "keyed.png"
+    path.write_bytes(png)
+    with Image.open(path) as lazy:
+        assert np.asarray(load_image(lazy)).tolist() == rgb.tolist()
+        assert np.asarray(lazy)[0, 0].tolist() == [0, 0, 0] and "transparency" in lazy.info
 
 
-def test_pillows_warnings_name_the_image_once_each(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    # Raw, "UserWarning: Corrupt EXIF data" named a line of Pillow's source, not the photo.
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_a_warnings_hook_can_tell_which_image_pillow_warns_about(tmp_path: Path) -> None:
+    # Raw, "UserWarning: Corrupt EXIF data" named a line of Pillow's source, not the photo. A hook (as
+    # `edlight caption` installs) asks image_being_loaded(), which is per thread: recording the warnings
+    # with catch_warnings instead left the process's warnings broken when threads loaded images at once.
+    import threading
     import warnings
+
+    from engine.images import image_being_loaded
 
     damaged = tmp_path / "phone.jpg"
     Image.new("RGB", (6, 4), (90, 90, 90)).save(damaged, exif=b"Exif\x00\x00II*\x00\xff\xff\xff\xff")
+    seen: list[tuple[str | None, str]] = []
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nothing escapes as a warning
-        for _ in range(2):  # every image's warnings, not the first one's only
-            caplog.clear()
-            with caplog.at_level("WARNING", logger="engine.images"):
-                assert np.asarray(load_image(damaged))[0, 0].tolist() == [90, 90, 90]
-            assert [r.getMessage() for r in caplog.records] == [f"{damaged}: Corrupt EXIF data. Expecting to read 2 bytes but only got 0."]
-        signalling_nan = np.full((2, 2), 0.5, dtype=np.float32)
-        signalling_nan.view(np.uint32)[0, 0] = 0x7F800001  # numpy warns as it widens one
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_: seen.append((image_being_loaded(), str(message)))
+        assert np.asarray(load_image(damaged))[0, 0].tolist() == [90, 90, 90]
+        assert np.asarray(load_image(damaged.read_bytes(), name="photo 2"))[0, 0].tolist() == [90, 90, 90]
+    assert [name for name, text in seen if "Corrupt EXIF" in text] == [str(damaged), "photo 2"]
+    assert image_being_loaded() is None
+    hook = warnings.showwarning
+    filters = list(warnings.filters)
+    threads = [threading.Thread(target=lambda: [load_image(damaged) for _ in range(30)]) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert warnings.showwarning is hook and warnings.filters == filters
+    signalling_nan = np.full((2, 2), 0.5, dtype=np.float32)
+    signalling_nan.view(np.uint32)[0, 0] = 0x7F800001  # numpy warned as it widened one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         assert np.asarray(load_image(Image.fromarray(signalling_nan, mode="F")))[1, 1].tolist() == [128] * 3
 
 
