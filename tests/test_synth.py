@@ -157,11 +157,18 @@ def test_generate_neither_overwrites_nor_mixes_into_a_data_set_it_did_not_write(
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "README.txt").write_text("a folder with other files takes a data set")
     assert len(_rows(generate(tmp_path / "notes", 2))) == 2
+    # Hidden entries and a training run written inside the folder are no data set to protect.
+    (tmp_path / "notes" / ".git").mkdir()
+    (tmp_path / "notes" / "._00000.jpg").write_bytes(b"macOS resource fork")
+    (tmp_path / "notes" / "runs" / "tiny").mkdir(parents=True)
+    assert len(_rows(generate(tmp_path / "notes", 3, overwrite=True))) == 3
 
 
 def test_a_stopped_synth_leaves_the_folder_as_it_was_and_no_workers(tmp_path: Path) -> None:
     # SIGTERM killed the main process at once: its pool's workers lived on, orphaned, holding the caller's
-    # pipes, and the folder kept the images written so far.
+    # pipes, and the folder kept the images written so far. Signalled to the whole group, workers stopped
+    # inside multiprocessing's queue code could hang the pool.
+    import contextlib
     import os
     import signal
     import subprocess
@@ -177,12 +184,22 @@ def test_a_stopped_synth_leaves_the_folder_as_it_was_and_no_workers(tmp_path: Pa
     while not (out / ".synth-partial").is_dir() or len(os.listdir(out / ".synth-partial")) < 20:  # workers at work
         assert run.poll() is None and time.monotonic() < deadline, run.communicate()
         time.sleep(0.1)
-    run.send_signal(signal.SIGTERM)
-    stdout, stderr = run.communicate(timeout=120)  # returns only when no process holds the pipes
+    try:
+        os.killpg(run.pid, signal.SIGTERM)  # the whole group, as `timeout` and systemd do: the workers too
+        stdout, stderr = run.communicate(timeout=120)  # returns only when no process holds the pipes
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode == 143 and "interrupted" in stderr.decode(), (run.returncode, stderr.decode())
     assert _files(out) == before  # the partial set is gone, the earlier one is as it was
-    alive = subprocess.run(["pgrep", "-s", str(run.pid)], capture_output=True, text=True).stdout.split()
-    assert alive == []
+
+    def session(pid: str) -> int | None:
+        try:
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
+        except (OSError, IndexError, ValueError):
+            return None
+
+    assert [pid for pid in os.listdir("/proc") if pid.isdigit() and session(pid) == run.pid] == []
 
 
 def test_cli_synth_then_check(tmp_path: Path) -> None:

@@ -24,13 +24,15 @@ seed gives byte-identical files whatever the number of worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import re
 import shutil
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,7 @@ from PIL import Image, ImageChops, ImageDraw
 
 from engine.click_types import check_stop
 from engine.folder import is_image_name
+from train.data import SPLIT_FOLDERS
 
 KINDS = ("arithmetic", "groups", "fraction", "number_line", "bar_graph", "tally", "clock", "shapes")
 PAPERS = ("plain", "lined", "grid")
@@ -772,7 +775,7 @@ def generate(
     partial.mkdir()
     try:
         if workers > 1:
-            pool = ProcessPoolExecutor(max_workers=workers)
+            pool = ProcessPoolExecutor(max_workers=workers, initializer=_leave_stops_to_the_parent)
             try:
                 results = list(pool.map(_make_and_save, jobs, chunksize=16))
             finally:
@@ -789,20 +792,52 @@ def generate(
             for name, (text, kind) in zip(names, results, strict=True)
         ]
         (partial / METADATA).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        for stale in sorted(earlier - set(names)):  # images of an earlier, larger run: no longer listed
-            (out / stale).unlink(missing_ok=True)
-        for name in [*names, METADATA]:  # the metadata last: a folder with it has every image
-            os.replace(partial / name, out / name)
+        with _stops_held():  # the earlier set or this one, never a mix: a stop now waits for the moves
+            for stale in sorted(earlier - set(names)):  # images of an earlier, larger run: no longer listed
+                (out / stale).unlink(missing_ok=True)
+            for name in [*names, METADATA]:  # the metadata last: a folder with it has every image
+                os.replace(partial / name, out / name)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out
 
 
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _leave_stops_to_the_parent() -> None:
+    """In a pool worker: ignore Ctrl-C, SIGTERM and SIGHUP, which `timeout` and service managers send to the
+    whole process group. A worker stopped inside multiprocessing's queue code could die holding its lock and
+    hang the pool; the parent unwinds instead, cancels the queued images and the workers end with their chunk
+    (or when the parent is gone and their queue closes)."""
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _stops_held() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP until the block ends (they are delivered then), where the platform can."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set(_STOP_SIGNALS))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def _replaced_set(out: Path, overwrite: bool) -> set[str]:
     """The image names of the data set `generate` may replace in `out` (empty: none there). Raises
     FileExistsError when `out` holds images, subfolders or metadata it must not overwrite or mix into."""
-    entries = sorted(entry for entry in os.listdir(out) if entry != PARTIAL)
-    data = [e for e in entries if (out / e).is_dir() or is_image_name(Path(e)) or e in (METADATA, "metadata.csv")]
+    # Hidden entries (.git, macOS's ._00000.jpg) are no data; a subfolder is when it is a split folder or holds
+    # metadata (a training run written inside the folder is neither).
+    entries = sorted(entry for entry in os.listdir(out) if not entry.startswith("."))
+    data = [
+        e for e in entries
+        if is_image_name(Path(e)) or e in (METADATA, "metadata.csv")
+        or ((out / e).is_dir() and (e.lower() in SPLIT_FOLDERS or any((out / e / m).exists() for m in (METADATA, "metadata.csv"))))
+    ]
     if not data:
         return set()
     shown = ", ".join(data[:3]) + (f" and {len(data) - 3} more" if len(data) > 3 else "")
