@@ -1007,7 +1007,7 @@ def plan_folder_job(
 ) -> tuple[list[InputFile], FolderSummary]:
     """The resume rule, shared by local and Ray runs: (images still to caption, summary so far).
 
-    `overwrite` deletes `out` first (only a caption file: anything else is refused); otherwise images
+    `overwrite` empties `out` in place first (only a caption file: anything else is refused); otherwise images
     already captioned in `out` are skipped, images whose record there is an error are tried again
     (those records are dropped from `out` first) and its torn last line is cut off. A symlinked `out`
     is the file it points to; a stream (stdout, a pipe) is only written. The output itself is never an

@@ -404,9 +404,9 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
             return
         address, where = auto
         found = f" (where --ray-address auto leads: {where})"
-    if address.lower().startswith(("http://", "https://")):
+    if address.lower().startswith(("http://", "https://")):  # RAY_ADDRESS for `ray job submit` is one
         raise RayConnectionError(
-            f"--ray-address {address}: that is a Ray dashboard's address (for `ray job submit`), not a cluster's: "
+            f"--ray-address {address}{found}: that is a Ray dashboard's address (for `ray job submit`), not a cluster's: "
             "give the address `ray start --head` printed (HOST:6379), or ray://HOST:10001"
         )
     target = address.removeprefix("ray://")
