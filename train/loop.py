@@ -472,7 +472,7 @@ def _ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(signum, signal.SIG_DFL)
 
     for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
+        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) != signal.SIG_IGN:  # nohup's stays
             signal.signal(getattr(signal, name), let_pass)
 
 
