@@ -216,6 +216,10 @@ def test_cli_synth_then_check(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("x")
     under_a_file = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "a_file" / "d"), "--n", "1"])
     assert under_a_file.exit_code == 2 and "cannot write the data set there" in under_a_file.output
+    a_file = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "a_file"), "--n", "1"])
+    assert a_file.exit_code == 2 and "a_file' is a file" in a_file.output
+    with pytest.raises(NotADirectoryError, match="a file is there, not a folder"):  # not "[Errno 17] File exists"
+        generate(tmp_path / "a_file", 1)
     empty = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "none"), "--n", "0"])
     assert empty.exit_code == 2 and "0 is not in the range x>=1" in empty.output  # a data set of no images
     (tmp_path / "none").mkdir()

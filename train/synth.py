@@ -25,6 +25,7 @@ seed gives byte-identical files whatever the number of worker processes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -763,6 +764,8 @@ def generate(
     if n < 1 or seed < 0:  # no images: a data set that every reader refuses
         raise ValueError(f"n must be >= 1 and seed >= 0 (got n={n}, seed={seed})")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "a file is there, not a folder", str(out))
     out.mkdir(parents=True, exist_ok=True)
     partial = out / PARTIAL
     shutil.rmtree(partial, ignore_errors=True)  # a killed run's
