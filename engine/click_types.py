@@ -28,7 +28,7 @@ def interrupted_status(exc: KeyboardInterrupt) -> int:
     return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
 
 
-_STOP_SIGNALS = (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))  # no SIGHUP on Windows
+STOP_SIGNALS = (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))  # no SIGHUP on Windows
 _unwinding = [0]  # depth of stops_unwind blocks that set a handler
 _requested: list[int | None] = [None]  # the stop signal received within them, if any
 
@@ -38,7 +38,7 @@ def stops_unwind() -> Iterator[None]:
     """Within the block, SIGTERM and SIGHUP raise Stopped. A signal the process was told to ignore (SIGHUP
     under nohup) stays ignored; outside the main thread, where handlers cannot be set, nothing changes."""
     previous = {}
-    for signum in _STOP_SIGNALS:
+    for signum in STOP_SIGNALS:
         try:
             if signal.getsignal(signum) == signal.SIG_DFL:
                 previous[signum] = signal.signal(signum, _stop)
@@ -72,7 +72,7 @@ def reclaim_stop_signals() -> None:
     (ray.init makes SIGTERM exit with status 15 and no word); elsewhere nothing changes."""
     if not _unwinding[0]:
         return
-    for signum in _STOP_SIGNALS:
+    for signum in STOP_SIGNALS:
         try:
             if signal.getsignal(signum) not in (_stop, signal.SIG_IGN):
                 signal.signal(signum, _stop)

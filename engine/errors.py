@@ -23,6 +23,11 @@ class ModelRuntimeError(EdlightError):
     """ONNX Runtime failed while loading or running a model of a bundle."""
 
 
+def some_names(names: list[str], most: int = 3) -> str:
+    """The first `most` of `names`, comma-separated, and how many more there are: for messages."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def is_count(value: object, minimum: int = 1) -> bool:
     """True for a whole number of at least `minimum` (a Python or numpy integer; callers keep int(value));
     False for anything else, including bools (True is an int) and floats."""

@@ -40,7 +40,7 @@ from engine.bundle import (
     checkpoint_weights,
     write_manifest,
 )
-from engine.errors import BundleError, is_count
+from engine.errors import BundleError, is_count, some_names
 from engine.folder import mkdir_failure, sibling_stem
 from export import ExportCheckFailed, ExportError
 
@@ -442,9 +442,8 @@ def _check_replaceable(out: Path, force: bool, inputs: list[Path]) -> None:
     own = _bundle_files(out)
     others = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p.name not in own and not p.name.startswith("."))
     if others and not out.is_symlink():
-        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise ExportError(
-            f"{out}: holds files that are not part of its bundle ({shown}); --force replaces only the bundle: "
+            f"{out}: holds files that are not part of its bundle ({some_names(others, 5)}); --force replaces only the bundle: "
             "move them out or choose another --out"
         )
 

@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate tokenises inside worker processes
 
 from engine.bundle import stated_max_new_tokens
-from engine.click_types import TolerantStream, check_stop, is_terminal, say
+from engine.click_types import STOP_SIGNALS, TolerantStream, check_stop, is_terminal, say
 from engine.errors import EdlightError, ImageError, is_count
 from engine.folder import OutputError, output_lock, write_report
 from engine.images import enable_heif, open_lazily
@@ -471,9 +471,9 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     def let_pass(signum: int, _frame: object) -> None:
         signal.signal(signum, signal.SIG_DFL)
 
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) != signal.SIG_IGN:  # nohup's stays
-            signal.signal(getattr(signal, name), let_pass)
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) != signal.SIG_IGN:  # nohup's stays
+            signal.signal(signum, let_pass)
 
 
 def _shut_down_workers(loader: Any) -> None:

@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
-from engine.click_types import check_stop
+from engine.click_types import STOP_SIGNALS, check_stop
+from engine.errors import some_names
 from engine.folder import is_image_name
-from train.data import SPLIT_FOLDERS
+from train.data import METADATA_FILES, SPLIT_FOLDERS
 
 KINDS = ("arithmetic", "groups", "fraction", "number_line", "bar_graph", "tally", "clock", "shapes")
 PAPERS = ("plain", "lined", "grid")
@@ -805,7 +806,7 @@ def generate(
     return out
 
 
-_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+_STOP_SIGNALS = (signal.SIGINT, *STOP_SIGNALS)  # Ctrl-C too: a pool worker gets it with the whole group
 
 
 def _leave_stops_to_the_parent() -> None:
@@ -838,15 +839,14 @@ def _replaced_set(out: Path, overwrite: bool) -> set[str]:
     entries = sorted(entry for entry in os.listdir(out) if not entry.startswith("."))
     data = [
         e for e in entries
-        if is_image_name(Path(e)) or e in (METADATA, "metadata.csv")
-        or ((out / e).is_dir() and (e.lower() in SPLIT_FOLDERS or any((out / e / m).exists() for m in (METADATA, "metadata.csv"))))
+        if is_image_name(Path(e)) or e in METADATA_FILES
+        or ((out / e).is_dir() and (e.lower() in SPLIT_FOLDERS or any((out / e / m).exists() for m in METADATA_FILES)))
     ]
     if not data:
         return set()
-    shown = ", ".join(data[:3]) + (f" and {len(data) - 3} more" if len(data) > 3 else "")
     if not overwrite:
         raise FileExistsError(
-            f"{out} already holds images, folders or metadata ({shown}): write the data set into a new or empty "
+            f"{out} already holds images, folders or metadata ({some_names(data)}): write the data set into a new or empty "
             "folder, or pass --overwrite to replace a data set that data synth wrote there"
         )
     earlier = _generated_names(out / METADATA)
@@ -856,7 +856,7 @@ def _replaced_set(out: Path, overwrite: bool) -> set[str]:
         if earlier is None and METADATA in data:  # its metadata is the user's: so are the images it lists
             what = METADATA
         else:
-            what = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            what = some_names(others)
         raise FileExistsError(
             f"{out} holds a data set data synth did not write ({what}); --overwrite replaces only one it wrote: "
             "choose a new or empty folder"
