@@ -110,6 +110,7 @@ def caption(
     model, input or output), 130 interrupted (Ctrl-C; 143 SIGTERM, 129 SIGHUP; rerun without --overwrite to
     resume).
     """
+    from engine.resources import cpu_cores
     from engine.session import available_cores, too_many_threads
 
     fmt = resolve_format(fmt, out)
@@ -117,10 +118,10 @@ def caption(
     if threads is not None and threads > cores and not (use_ray and ray_address is not None):  # a cluster's own
         if problem := too_many_threads(threads):
             cannot_run(f"--{problem}")
-        say(f"warning: --threads {threads} on {cores} CPU core{'s' if cores != 1 else ''}: threads beyond the cores wait for each other "
+        say(f"warning: --threads {threads} on {cpu_cores(cores)}: threads beyond the cores wait for each other "
             "and slow the run down")
     if use_ray and actors is not None and ray_address is None and actors > cores:
-        say(f"warning: --actors {actors} on a local Ray with {cores} CPU core{'s' if cores != 1 else ''}: each actor loads the model, and "
+        say(f"warning: --actors {actors} on a local Ray with {cpu_cores(cores)}: each actor loads the model, and "
             "actors beyond the cores only wait for each other")
     elif use_ray and threads is not None and ray_address is None and threads <= cores:
         from engine.ray_caption import plan_actors
@@ -128,7 +129,7 @@ def caption(
         pool = plan_actors(cores, actors, threads).actors  # a local Ray has this machine's cores
         if pool * threads > cores:
             say(f"warning: --threads {threads} is per actor: {pool} actor(s) x {threads} threads on a local Ray with "
-                f"{cores} CPU core{'s' if cores != 1 else ''}; threads beyond the cores wait for each other and slow the run down")
+                f"{cpu_cores(cores)}; threads beyond the cores wait for each other and slow the run down")
     if inputs and all(_is_file(path) for path in inputs):
         # Named files only: no batch is larger than their count, and the memory check (in Captioner) should
         # not warn about a batch of 8 for `edlight caption one.jpg`.

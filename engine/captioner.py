@@ -397,7 +397,8 @@ def memory_shortfall(bundle: Bundle, batch_size: int, num_beams: int, available:
         return None
     weights = bundle.weights_bytes()
     fixed = weights + RUNTIME_BYTES
-    staged = (bundle.cached_bytes_per_image() or 0) if bundle.manifest.batching == "steps" else 0
+    one_beam = bundle.cached_bytes_per_image() or per_image
+    staged = one_beam if bundle.manifest.batching == "steps" else 0
     need = fixed + (staged if batch_size > 1 else 0) + batch_size * per_image
     if need <= available:
         return None
@@ -408,7 +409,7 @@ def memory_shortfall(bundle: Bundle, batch_size: int, num_beams: int, available:
         fits = 1 if fixed + per_image <= available else 0
     if fits >= 1:
         advice = f"lower the batch size (at most {fits} can fit)"
-    elif num_beams > 1 and fixed + (bundle.cached_bytes_per_image() or per_image) <= available:
+    elif num_beams > 1 and fixed + one_beam <= available:
         advice = "use fewer beams"
     else:
         advice = "give it more memory" + ("" if bundle.manifest.quantization else ", or use an int8 bundle (edlight export --quantize int8)")

@@ -106,9 +106,10 @@ def _load(source: ImageSource, max_pixels: int, label: str) -> Image.Image:
             image = _first_frame(source)
             keyed_16_bit = _keys_16_bit_rgb(image)  # opened lazily from a file (training's loader does)
             image.load()  # an image opened lazily from a damaged file fails here, not in the model
-            if keyed_16_bit and isinstance(getattr(image, "filename", None), str) and image.filename:  # type: ignore[attr-defined]
+            filename = getattr(image, "filename", None)
+            if keyed_16_bit and isinstance(filename, str) and filename:
                 image = image.copy()  # the caller's image is left as it was
-                with open(source.filename, "rb") as handle:  # type: ignore[attr-defined]
+                with open(filename, "rb") as handle:
                     _whiten_16_bit_key(image, handle)
         except (*DECODE_ERRORS, AssertionError) as exc:
             # Closed before its pixels were read: im.close() (ValueError), the end of a `with Image.open()`
@@ -200,9 +201,6 @@ def _open_checked(handle: IO[bytes], max_pixels: int, label: str) -> Image.Image
     return image
 
 
-_BOMB_WARNING_LOCK = threading.Lock()
-
-
 def _keys_16_bit_rgb(image: Image.Image) -> bool:
     """Whether `image`, opened and not yet loaded, is a 16-bit RGB PNG with a tRNS colour key."""
     return image.format == "PNG" and image.mode == "RGB" and "transparency" in image.info and any(
@@ -231,6 +229,9 @@ def _whiten_16_bit_key(image: Image.Image, handle: IO[bytes]) -> None:
 # Formats Pillow reads by running another program on the file: EPS runs Ghostscript (a PostScript
 # interpreter) on whatever a folder holds under an image's name. Not for an image service.
 EXTERNAL_PROGRAM_FORMATS = frozenset({"EPS"})
+
+
+_BOMB_WARNING_LOCK = threading.Lock()
 
 
 def open_lazily(source: str | os.PathLike[str] | IO[bytes]) -> Image.Image:

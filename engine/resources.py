@@ -23,6 +23,11 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CPU_MOUNTS = ("cpu,cpuacct", "cpu", "cpuacct,cpu")
 
 
+def cpu_cores(count: int) -> str:
+    """"1 CPU core", "2 CPU cores": for messages."""
+    return f"{count} CPU core{'s' if count != 1 else ''}"
+
+
 def available_cores() -> int:
     """CPU cores this process may use: its affinity, capped by its cgroup's CPU quota rounded down, at
     least 1 (a quota of 1.5 CPUs gives 1: threads beyond the quota are throttled, and a throttled thread

@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from engine.errors import ModelRuntimeError, is_count
-from engine.resources import affinity_cores, available_cores, cgroup_cpu_quota, quota_cores
+from engine.resources import affinity_cores, available_cores, cgroup_cpu_quota, cpu_cores, quota_cores
 
 # ONNX tensor type strings -> numpy dtypes, for the inputs the engine feeds.
 _ORT_TYPES = {
@@ -81,9 +81,9 @@ def too_many_threads(threads: int) -> str | None:
         return None
     quota = cgroup_cpu_quota()
     if quota is not None and quota_cores(quota) < affinity_cores():  # `nproc` says more: name what limits it
-        cores_said = f"{cores} CPU core{'s' if cores != 1 else ''} (this cgroup's CPU quota: {quota:g} CPUs)"
+        cores_said = f"{cpu_cores(cores)} (this cgroup's CPU quota: {quota:g} CPUs)"
     else:
-        cores_said = f"{cores} CPU core{'s' if cores != 1 else ''}"
+        cores_said = cpu_cores(cores)
     return (
         f"threads {threads} on {cores_said}: at most {MAX_THREADS_PER_CORE * cores} "
         f"({MAX_THREADS_PER_CORE} per core); threads beyond the cores only wait for each other"
