@@ -7,14 +7,15 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from benchmarks.settings import DEFAULT_TOKENS, SIZES, SYSTEMS, BenchSettings
 from engine.click_types import FiniteFloatRange, GivenPath, cannot_run, failed, unwinds_on_stop
-from engine.errors import EdlightError
-from engine.resources import available_cores
+from engine.errors import EdlightError, some_names
+from engine.resources import available_cores, readable_bytes
 
 # What a bench run writes into --out (benchmarks.report.write_all and the workers' logs).
 RESULT_FILES = ("results.json", "results.md", "chart.png")
@@ -62,6 +63,33 @@ def _check_writable(folder: Path, what: str) -> None:
         cannot_run(f"{folder}: cannot write the {what} there ({exc.strerror or exc})")
 
 
+def _unused_cache(cache: Path, used: list[Path], prune: bool, log: Callable[[str], None]) -> None:
+    """Say how much of the cache this run leaves unused (each version's builds stay until deleted), or
+    with `prune` delete it. Under the cache's lock: no other bench is using them."""
+    from benchmarks.models import disk_bytes, unused_cache_entries
+
+    unused = unused_cache_entries(cache, used)
+    if not unused:
+        return
+    sizes = {path: disk_bytes(path) for path in unused}
+    names = some_names([path.name for path in unused])
+    if not prune:
+        log(f"the cache also holds {len(unused)} build(s) this run does not use ({readable_bytes(sum(sizes.values()))}: {names}); "
+            "--prune-cache deletes them")
+        return
+    freed, kept = 0, []
+    for path in unused:
+        try:
+            shutil.rmtree(path)
+        except OSError as exc:
+            kept.append(f"{path} ({exc.strerror or exc})")
+        else:
+            freed += sizes[path]
+    log(f"deleted {len(unused) - len(kept)} unused cache build(s) ({readable_bytes(freed)} freed: {names})")
+    for problem in kept:
+        log(f"warning: cannot delete {problem}; the bench goes on")
+
+
 @click.command("bench")
 @click.option("--size", type=click.Choice(SIZES), default="base", show_default=True,
               help="base: random weights, exact textcaps-base architecture (282M, 2048 patches); tiny: a small trained model.")
@@ -85,6 +113,8 @@ def _check_writable(folder: Path, what: str) -> None:
               help="Where results.json, results.md, chart.png and the worker logs go.")
 @click.option("--cache-dir", type=GivenPath(file_okay=False, path_type=Path), default=None,
               help="Built models and exports [default: $EDLIGHT_BENCH_CACHE or ~/.cache/edlight/bench].")
+@click.option("--prune-cache", is_flag=True,
+              help="Delete the cache's models this run does not use (other sizes', other versions', killed builds').")
 @click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in --out.")
 @click.option("--no-interleave", is_flag=True, help="Run the systems one after another instead of round-robin.")
 @click.option("--ceiling-seconds", type=FiniteFloatRange(0.1, 600), default=3.0, show_default=True,
@@ -93,7 +123,7 @@ def _check_writable(folder: Path, what: str) -> None:
 def bench(
     size: str, systems: list[str], batch_sizes: list[int], threads: int | None, repeats: int, warmup: int, tokens: int,
     bundles: tuple[Path, ...], checkpoint: Path | None, optimum_dir: Path | None, images_dir: Path | None, out: Path,
-    cache_dir: Path | None, overwrite: bool, no_interleave: bool, ceiling_seconds: float,
+    cache_dir: Path | None, prune_cache: bool, overwrite: bool, no_interleave: bool, ceiling_seconds: float,
 ) -> None:
     """Latency, throughput and memory of PyTorch, Optimum and the engine (fp32, int8) in one run.
 
@@ -158,6 +188,7 @@ def bench(
                 f"{settings.threads} threads; cache {settings.cache_dir}")
             models = prepare_models(size, settings.systems, settings.cache_dir, log, checkpoint=checkpoint,
                                     bundles=list(bundles), optimum_dir=optimum_dir, images_dir=images_dir)
+            _unused_cache(settings.cache_dir, models.cache_entries, prune_cache, log)
             # Set aside only now that the new run can start (old logs must not mix in), and put back if it
             # does not finish: an interrupted --overwrite must not lose the earlier results.
             for left in sorted(out.glob(".earlier-results-*")):  # under the lock: no run is alive to put them back

@@ -13,8 +13,11 @@ into place only when complete, so an interrupted build is never mistaken for a f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import re
 import shutil
 import struct
 import tempfile
@@ -64,6 +67,7 @@ class ModelSet:
     notes: list[str] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)  # system -> why its model could not be had
     given: list[str] = field(default_factory=list)  # the options that named models ("--checkpoint", "--model")
+    cache_entries: list[Path] = field(default_factory=list)  # the cache's entries this run uses
 
     @property
     def title(self) -> str:
@@ -115,10 +119,14 @@ def _key(recipe: dict[str, Any]) -> str:
 
 
 def _cached(
-    target: Path, build: Callable[[Path], None], what: str, log: Log, check: Callable[[Path], object] | None = None
+    target: Path, build: Callable[[Path], None], what: str, log: Log, check: Callable[[Path], object] | None = None,
+    used: list[Path] | None = None,
 ) -> Path:
     """Return `target` if complete (and `check` of it raises no EdlightError); otherwise build it in a
-    temporary sibling and rename it into place. A damaged entry is rebuilt, not trusted at every run."""
+    temporary sibling and rename it into place. A damaged entry is rebuilt, not trusted at every run.
+    `used` collects the entries a run takes (what `unused_cache_entries` leaves out)."""
+    if used is not None:
+        used.append(target)
     marker = target / ".complete"
     if marker.is_file():
         try:
@@ -141,6 +149,37 @@ def _cached(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# The names `_cached` gives its entries (and their temporary siblings, left behind by a killed build): only
+# these are ever counted or pruned, so other files in a --cache-dir are never touched.
+_ENTRY_NAME = r"(?:(?:base|tiny|optimum|engine|engine-int8)-[0-9a-f]{12}|images-(?:plain|synth))"
+_CACHE_ENTRY = re.compile(rf"{_ENTRY_NAME}|\.{_ENTRY_NAME}\.partial-.+")
+
+
+def unused_cache_entries(cache_dir: Path, used: list[Path]) -> list[Path]:
+    """The entries of the bench cache in `cache_dir` that are not in `used`: builds for other sizes or
+    systems, builds by other versions of edlight or its libraries (whose keys no run asks for again), and
+    the leftovers of builds that were killed. Call it while holding the cache's lock."""
+    taken = {path.name for path in used}
+    try:
+        children = sorted(cache_dir.iterdir())
+    except OSError:
+        return []
+    return [
+        path for path in children
+        if path.name not in taken and _CACHE_ENTRY.fullmatch(path.name) and path.is_dir() and not path.is_symlink()
+    ]
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (links not followed; unreadable parts count as 0)."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
 
 
 def count_parameters(checkpoint: Path) -> int | None:
@@ -168,9 +207,11 @@ def count_parameters(checkpoint: Path) -> int | None:
 # --- images -------------------------------------------------------------------------------------
 
 
-def bench_images(cache_dir: Path, log: Log, folder: Path | None = None, limit: int = BENCH_IMAGES) -> list[Path]:
+def bench_images(
+    cache_dir: Path, log: Log, folder: Path | None = None, limit: int = BENCH_IMAGES, used: list[Path] | None = None
+) -> list[Path]:
     """The images every system captions: the first `limit` of `folder`'s images, or the generated student-work
-    images (cached, BENCH_IMAGES of them)."""
+    images (cached, BENCH_IMAGES of them; their entry appended to `used`)."""
     suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
     if folder is not None:
         images = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in suffixes)[:limit]
@@ -183,10 +224,10 @@ def bench_images(cache_dir: Path, log: Log, folder: Path | None = None, limit: i
         from train.synth import generate
     except ImportError:  # engine-only install: plain drawn pages (content does not change the work done)
         root = _cached(cache_dir / "images-plain", partial(_plain_images, n=BENCH_IMAGES),
-                       f"{BENCH_IMAGES} benchmark images", log)
+                       f"{BENCH_IMAGES} benchmark images", log, used=used)
     else:
         root = _cached(cache_dir / "images-synth", lambda tmp: generate(tmp / "data", n=BENCH_IMAGES, seed=1234),
-                       f"{BENCH_IMAGES} generated benchmark images", log)
+                       f"{BENCH_IMAGES} generated benchmark images", log, used=used)
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes)
     if not images:
         raise BenchSetupError(f"{root}: the cached benchmark images are missing; delete the folder to rebuild it")
@@ -358,7 +399,8 @@ def prepare_models(
         system, path = next(iter(unused.items()))
         kind = "an int8" if system == "engine-int8" else "an fp32"
         raise BenchSetupError(f"{path}: {kind} bundle, timed as system {system}, which --systems leaves out; add it to --systems")
-    images = bench_images(cache_dir, log, images_dir)
+    used: list[Path] = []  # the cache entries this run takes
+    images = bench_images(cache_dir, log, images_dir, used=used)
     have_torch = is_installed("torch") and is_installed("transformers")
     export_versions = _versions("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
 
@@ -379,13 +421,13 @@ def prepare_models(
             captions = _captions_of(images)
             root = _cached(cache_dir / f"base-{_key(recipe)}",
                            lambda tmp: build_base_checkpoint(tmp / "checkpoint", captions),
-                           "the base-size model (282M parameters, random weights)", log)
+                           "the base-size model (282M parameters, random weights)", log, used=used)
             checkpoint = root / "checkpoint"
         else:
             recipe = {"what": "tiny", "images": TINY_TRAIN_IMAGES, **_versions("edlight", "torch", "transformers"),
                       "train": _source_digest("train/*.py")}
             root = _cached(cache_dir / f"tiny-{_key(recipe)}", lambda tmp: train_tiny(tmp, log),
-                           "the tiny model (1 epoch on generated images)", log)
+                           "the tiny model (1 epoch on generated images)", log, used=used)
             checkpoint = root / "checkpoint"
     if checkpoint is not None:
         checkpoint = Path(checkpoint).expanduser()
@@ -396,7 +438,7 @@ def prepare_models(
             recipe = {"what": "optimum", "checkpoint": checkpoint_id, **export_versions}
             try:
                 optimum_dir = _cached(cache_dir / f"optimum-{_key(recipe)}", partial(export_optimum, checkpoint),
-                                      "the plain Optimum ONNX export", log)
+                                      "the plain Optimum ONNX export", log, used=used)
             except Exception as exc:  # as below: the other systems still get measured
                 unavailable["optimum"] = f"the Optimum export failed: {type(exc).__name__}: {exc}"
                 log(f"optimum: the export failed ({type(exc).__name__}: {exc}); it will be skipped")
@@ -416,7 +458,7 @@ def prepare_models(
             root = _cached(cache_dir / f"{system}-{_key(recipe)}",
                            partial(export_engine_bundle, checkpoint, quantize=quantize),
                            f"the {system} bundle (export.onnx.export_bundle, quantize={quantize})", log,
-                           check=_load_cached_bundle)
+                           check=_load_cached_bundle, used=used)
         except Exception as exc:  # one failed export must not cost the other systems' numbers
             unavailable[system] = f"exporting the bundle failed: {type(exc).__name__}: {exc}"
             log(f"{system}: exporting the bundle failed ({type(exc).__name__}: {exc}); it will be skipped")
@@ -443,6 +485,7 @@ def prepare_models(
         parameters=count_parameters(checkpoint) if checkpoint is not None else None,
         notes=notes,
         unavailable=unavailable,
+        cache_entries=used,
     )
 
 

@@ -27,7 +27,7 @@ from engine.decode import Decoder, GenerationSettings, generate
 from engine.errors import BundleError, ImageError, is_count
 from engine.images import DEFAULT_MAX_PIXELS, ImageSource, describe, load_image
 from engine.preprocess import PatchConfig, Patches, image_to_patches, position_error, stack
-from engine.resources import cgroup_memory_limit, memory_available
+from engine.resources import cgroup_memory_limit, memory_available, readable_bytes
 from engine.session import OnnxModel, SessionSettings, int8_products_saturate
 from engine.tokenizer import CaptionTokenizer
 
@@ -402,7 +402,7 @@ def memory_shortfall(bundle: Bundle, batch_size: int, num_beams: int, available:
     need = fixed + (staged if batch_size > 1 else 0) + batch_size * per_image
     if need <= available:
         return None
-    where = f" (its cgroup's memory limit is {_bytes(limit)})" if limit is not None else ""
+    where = f" (its cgroup's memory limit is {readable_bytes(limit)})" if limit is not None else ""
     beams = f" with {num_beams} beams" if num_beams > 1 else ""
     fits = (available - fixed - staged) // per_image
     if fits < 2:  # one image alone copies nothing
@@ -414,14 +414,10 @@ def memory_shortfall(bundle: Bundle, batch_size: int, num_beams: int, available:
     else:
         advice = "give it more memory" + ("" if bundle.manifest.quantization else ", or use an int8 bundle (edlight export --quantize int8)")
     return (
-        f"{bundle.path}: a batch of {batch_size} image{'s' if batch_size > 1 else ''}{beams} needs at least {_bytes(need)} ({_bytes(weights)} "
-        f"of weights, {_bytes(per_image)} per image), and this process can take {_bytes(available)}{where}; past "
+        f"{bundle.path}: a batch of {batch_size} image{'s' if batch_size > 1 else ''}{beams} needs at least {readable_bytes(need)} ({readable_bytes(weights)} "
+        f"of weights, {readable_bytes(per_image)} per image), and this process can take {readable_bytes(available)}{where}; past "
         f"that it would crawl, or be killed for memory (exit 137): {advice}"
     )
-
-
-def _bytes(count: int) -> str:
-    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
 
 
 def pixel_cap(max_pixels: object) -> int:

@@ -28,6 +28,11 @@ def cpu_cores(count: int) -> str:
     return f"{count} CPU core{'s' if count != 1 else ''}"
 
 
+def readable_bytes(count: int) -> str:
+    """A size for messages: GiB with one decimal from 1 GiB, else whole MiB."""
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
+
+
 def available_cores() -> int:
     """CPU cores this process may use: its affinity, capped by its cgroup's CPU quota rounded down, at
     least 1 (a quota of 1.5 CPUs gives 1: threads beyond the quota are throttled, and a throttled thread

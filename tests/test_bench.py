@@ -450,3 +450,33 @@ def test_a_cache_in_use_by_another_bench_names_the_option_to_change(tmp_path: Pa
         result = CliRunner().invoke(bench, ["--out", str(tmp_path / "o"), "--size", "tiny", "--cache-dir", str(cache)])
     assert result.exit_code == 2, result.output
     assert f"another run (pid {os.getpid()}) is writing to it; wait for it to end or pass another --cache-dir" in result.output
+
+
+def test_builds_this_run_does_not_use_are_named_and_pruned_on_request(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Every version of edlight or its libraries built its models again beside the old ones (gigabytes at base
+    size), and nothing said so: the run names what it leaves unused, and --prune-cache deletes only those."""
+    cache = tmp_path / "cache"
+    stale = cache / "engine-0123456789ab" / "bundle"  # a build by another version: a key no run asks for now
+    stale.mkdir(parents=True)
+    (stale / "encoder_model.onnx").write_bytes(b"\0" * 3 * 2**20)
+    killed = cache / ".tiny-0123456789ab.partial-k1ll3d"  # a build that was killed before it was renamed
+    killed.mkdir()
+    (cache / "notes").mkdir()  # the user's own: not the bench's to count or delete
+    (cache / "engine-notes.txt").write_text("mine")
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "examples" / "00000.jpg", images)
+    args = ["--systems", "engine", "--model", str(tiny_bundle), "--batch-sizes", "1", "--warmup", "0", "--repeats", "1",
+            "--images", str(images), "--cache-dir", str(cache), "--ceiling-seconds", "0.1"]
+
+    told = CliRunner().invoke(bench, [*args, "--out", str(tmp_path / "told")])
+    assert told.exit_code == 0, told.output
+    assert ("the cache also holds 2 build(s) this run does not use (3 MiB: .tiny-0123456789ab.partial-k1ll3d, "
+            "engine-0123456789ab); --prune-cache deletes them") in told.output
+    assert stale.is_dir() and killed.is_dir()
+
+    pruned = CliRunner().invoke(bench, [*args, "--out", str(tmp_path / "pruned"), "--prune-cache"])
+    assert pruned.exit_code == 0, pruned.output
+    assert "deleted 2 unused cache build(s) (3 MiB freed: .tiny-0123456789ab.partial-k1ll3d, engine-0123456789ab)" in pruned.output
+    assert sorted(p.name for p in cache.iterdir()) == ["engine-notes.txt", "notes"]
+    assert (tmp_path / "pruned" / "results.json").is_file()
