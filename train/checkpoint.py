@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.bundle import MANIFEST_NAME, checkpoint_weights
-from engine.errors import EdlightError, is_installed
+from engine.errors import EdlightError, is_count, is_installed
 from engine.folder import FULL_DISK_ERRNOS, OutputError
 from engine.preprocess import PatchConfig, position_limit_of
 
@@ -28,6 +28,7 @@ PROCESSOR_FILES = ("preprocessor_config.json",)
 FULL_DISK_BYTES = 16 * 1024**2  # less room than this when a write fails: the disk is full (storage_failure)
 STORAGE_ERRNOS = FULL_DISK_ERRNOS | {errno.EROFS, errno.EIO}
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # either is enough for T5TokenizerFast
+PIX2STRUCT_VOCAB = 50244  # transformers' Pix2StructTextConfig default vocab_size
 
 
 def check_checkpoint_dir(path: str | Path) -> Path:
@@ -50,6 +51,8 @@ def check_checkpoint_dir(path: str | Path) -> Path:
         cfg = json.loads(cfg_file.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{cfg_file}: unreadable config ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_file}: the model config is not a JSON object; is it a save_pretrained checkpoint?")
     model_type = cfg.get("model_type")
     if model_type != "pix2struct":
         raise CheckpointError(f"{path} is not a Pix2Struct checkpoint (model_type={model_type!r})")
@@ -70,7 +73,94 @@ def check_checkpoint_dir(path: str | Path) -> Path:
         )
     if not (path / "tokenizer.json").is_file() and not all(is_installed(m) for m in SENTENCEPIECE_MODULES):
         raise CheckpointError(sentencepiece_only(path))
+    processor = _json_object(path / "preprocessor_config.json", "processor config")
+    generation = _json_object(path / "generation_config.json", "generation config") if (path / "generation_config.json").exists() else {}
+    max_patches = processor.get("max_patches")
+    if not is_count(max_patches):
+        raise CheckpointError(
+            f"{path / 'preprocessor_config.json'}: max_patches is {max_patches!r}; set a whole number of patches "
+            "(at least 1) and re-save the processor"
+        )
+    check_model_settings(path, cfg, processor, generation)
     return path
+
+
+def _json_object(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable {what} ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: the {what} is not a JSON object")
+    return data
+
+
+def check_model_settings(
+    path: Path, config: dict[str, Any], processor: dict[str, Any], generation: dict[str, Any]
+) -> tuple[int, int]:
+    """Check the settings of a checkpoint's config files (config.json, preprocessor_config.json and
+    generation_config.json, read) that loading the model and captioning with it read, naming the file and
+    the setting: transformers' own errors for them named neither ("'list' object has no attribute 'get'",
+    "mat1 and mat2 shapes cannot be multiplied"), or came after a whole export or evaluation. Shared by
+    every command that takes a checkpoint. Returns the patch size (height, width); raises CheckpointError.
+    """
+    from engine.bundle import ModelSettings
+    from engine.decode import GenerationSettings
+
+    config_file = path / "config.json"
+    for key in ("text_config", "vision_config"):  # else transformers builds defaults, and the checks below blame them
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise CheckpointError(f"{config_file}: {key} is {config[key]!r}, not an object of the {key.split('_')[0]} model's settings")
+    if processor.get("is_vqa"):
+        raise CheckpointError(
+            f"{path / 'preprocessor_config.json'}: is_vqa is true: a VQA checkpoint reads a question rendered above "
+            "each image, and edlight captions images without one; use a captioning checkpoint "
+            "(e.g. pix2struct-textcaps-base)"
+        )
+    if generation:
+        _check_token_ids(path / "generation_config.json", generation)
+    _check_token_ids(config_file, config)
+    try:
+        # As the engine will read them: transformers' own errors for a bad length ("'<=' not supported
+        # between instances of 'str' and 'int') came from loading the model, naming neither file nor setting.
+        settings = ModelSettings(path=path, config=config, generation_config=generation)
+        settings.check_generation_settings()
+        processors = settings.token_processors
+    except EdlightError as exc:
+        raise CheckpointError(str(exc)) from exc
+    vocab = (config.get("text_config") or {}).get("vocab_size", PIX2STRUCT_VOCAB)
+    if is_count(vocab) and (unknown := GenerationSettings(max_new_tokens=0, **processors).unknown_tokens(int(vocab))):
+        raise CheckpointError(
+            f"{path / 'generation_config.json'}: names tokens the model does not have (vocabulary of {vocab}): {unknown}"
+        )
+    size = processor.get("patch_size") or {"height": 16, "width": 16}
+    if not isinstance(size, dict) or not all(is_count(size.get(side)) for side in ("height", "width")):
+        raise CheckpointError(
+            f"{path / 'preprocessor_config.json'}: patch_size is {size!r}; write it as "
+            '{"height": H, "width": W} with whole numbers of pixels (Pix2Struct uses 16 and 16)'
+        )
+    patch = (int(size["height"]), int(size["width"]))
+    # The vision encoder embeds a patch of height x width x 3 values: a processor cutting other patches fails
+    # deep inside the model ("mat1 and mat2 shapes cannot be multiplied").
+    width = (config.get("vision_config") or {}).get("patch_embed_hidden_size", 768)  # Pix2Struct's default: 16 x 16 x 3
+    if is_count(width) and patch[0] * patch[1] * 3 != width:
+        raise CheckpointError(
+            f"{path / 'preprocessor_config.json'}: patch_size {patch[0]}x{patch[1]} gives patches of "
+            f"{patch[0] * patch[1] * 3} values, and the model's vision_config.patch_embed_hidden_size "
+            f"(config.json) embeds {width}; use the patch size the model was trained with"
+        )
+    return patch
+
+
+def _check_token_ids(path: Path, settings: dict[str, Any]) -> None:
+    """Token ids the model and the engine read must be whole numbers (a JSON "1" breaks both)."""
+    text = settings.get("text_config")
+    for where, values in ((path.name, settings), (f"{path.name} text_config", text if isinstance(text, dict) else {})):
+        for key in ("decoder_start_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
+            value = values.get(key)
+            ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
+            if value is not None and not all(is_count(i, minimum=0) for i in ids):
+                raise CheckpointError(f"{path}: {key} in {where} is {value!r}; token ids are whole numbers >= 0")
 
 
 # What transformers needs to turn a SentencePiece spiece.model into the fast tokenizer edlight uses.
