@@ -36,11 +36,10 @@ from engine.bundle import (
     TRANSFORMERS_MAX_LENGTH,
     Bundle,
     Manifest,
-    ModelSettings,
     checkpoint_weights,
     write_manifest,
 )
-from engine.errors import BundleError, is_count, some_names
+from engine.errors import some_names
 from engine.folder import mkdir_failure, sibling_stem
 from export import ExportCheckFailed, ExportError
 
@@ -109,7 +108,14 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
     `checkpoint` may also be a hub id (train.checkpoint.resolve_checkpoint: its folder in huggingface_hub's
     cache). Raises ExportError (one line, naming the path and what to do) for each problem.
     """
-    from train.checkpoint import CheckpointError, hub_id_hint, resolve_checkpoint
+    try:
+        return _inspect_checkpoint(checkpoint)
+    except OSError as exc:  # a name too long for the file system, a folder that cannot be listed
+        raise ExportError(f"{checkpoint}: cannot read the checkpoint ({exc.strerror or exc})") from exc
+
+
+def _inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
+    from train.checkpoint import CheckpointError, check_model_settings, hub_id_hint, resolve_checkpoint
 
     try:
         path = resolve_checkpoint(checkpoint)
@@ -129,7 +135,6 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
     model_type = config.get("model_type")
     if model_type != "pix2struct":
         raise ExportError(f"{path / 'config.json'}: model_type is {model_type!r}, not 'pix2struct'; edlight exports Pix2Struct only")
-    _check_towers(path / "config.json", config)
     weights = checkpoint_weights(path)
     if weights is None:  # a trainer's training_args.bin is none
         raise ExportError(f"{path}: no model weights ({' or '.join(CHECKPOINT_WEIGHTS)}); re-save the model with save_pretrained")
@@ -146,23 +151,13 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
             f"{path / 'preprocessor_config.json'}: max_patches is {max_patches!r}; Pix2Struct's export fixes the patch "
             f"count to it, so set an integer >= {MIN_PATCHES} and re-save the processor"
         )
-    if pre.get("is_vqa"):
-        raise ExportError(
-            f"{path / 'preprocessor_config.json'}: is_vqa is true: a VQA checkpoint reads a question rendered above "
-            "each image, and edlight captions images without one; export a captioning checkpoint "
-            "(e.g. pix2struct-textcaps-base)"
-        )
     generation: dict[str, Any] = {}
     if (path / "generation_config.json").exists():
         # Optional, but one that is there must be readable: its max_new_tokens goes into the bundle.
         generation = _read_json(path / "generation_config.json", "generation config", "fix or delete it")
-        _check_token_ids(path / "generation_config.json", generation)
-    _check_token_ids(path / "config.json", config)
     try:
-        # As the engine will read them: transformers' own errors for a bad length ("'<=' not supported
-        # between instances of 'str' and 'int') came from loading the model, naming neither file nor setting.
-        ModelSettings(path=path, config=config, generation_config=generation).check_generation_settings()
-    except BundleError as exc:
+        patch_size = check_model_settings(path, config, pre, generation)
+    except CheckpointError as exc:
         raise ExportError(str(exc)) from exc
     if generation:
         _warn_about_generation(path / "generation_config.json", generation)
@@ -173,13 +168,6 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
             "to edlight caption", path, TRANSFORMERS_MAX_LENGTH,
         )
     _check_head_counts(path / "config.json", config)
-    size = pre.get("patch_size") or {"height": 16, "width": 16}
-    if not isinstance(size, dict) or not all(is_count(size.get(side)) for side in ("height", "width")):
-        raise ExportError(
-            f"{path / 'preprocessor_config.json'}: patch_size is {size!r}; write it as "
-            '{"height": H, "width": W} with whole numbers of pixels (Pix2Struct uses 16 and 16)'
-        )
-    _check_patch_embedding(path, config, (int(size["height"]), int(size["width"])))
     if not (path / "tokenizer.json").is_file():
         if (path / "spiece.model").is_file():
             from train.checkpoint import sentencepiece_only
@@ -190,7 +178,7 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
             "processor.tokenizer.save_pretrained(CHECKPOINT)"
         )
     _check_tokenizer(path)
-    return CheckpointInfo(path=path, config=config, max_patches=max_patches, patch_size=(int(size["height"]), int(size["width"])))
+    return CheckpointInfo(path=path, config=config, max_patches=max_patches, patch_size=patch_size)
 
 
 def _carry_space_clean_up(checkpoint: Path, bundle: Path) -> None:
@@ -202,17 +190,6 @@ def _carry_space_clean_up(checkpoint: Path, bundle: Path) -> None:
     config = _read_json(path, "tokenizer config", "fix or delete it")
     if config.get("clean_up_tokenization_spaces") is True:
         (bundle / path.name).write_text(json.dumps({"clean_up_tokenization_spaces": True}) + "\n", encoding="utf-8")
-
-
-def _check_token_ids(path: Path, settings: dict[str, Any]) -> None:
-    """Token ids the export and the engine read must be whole numbers (a JSON "1" breaks both)."""
-    text = settings.get("text_config")
-    for where, values in ((path.name, settings), (f"{path.name} text_config", text if isinstance(text, dict) else {})):
-        for key in ("decoder_start_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
-            value = values.get(key)
-            ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
-            if value is not None and not all(is_count(i, minimum=0) for i in ids):
-                raise ExportError(f"{path}: {key} in {where} is {value!r}; token ids are whole numbers >= 0")
 
 
 def _check_tokenizer(path: Path) -> None:
@@ -228,27 +205,6 @@ def _check_tokenizer(path: Path) -> None:
                           "re-save it with processor.tokenizer.save_pretrained(CHECKPOINT)") from exc
     if (path / "tokenizer_config.json").is_file():
         _read_json(path / "tokenizer_config.json", "tokenizer config", "fix or delete it")
-
-
-def _check_towers(path: Path, config: dict[str, Any]) -> None:
-    """The two towers' configs are objects (else transformers builds defaults, and the messages below would
-    blame what it made up)."""
-    for key in ("text_config", "vision_config"):
-        if config.get(key) is not None and not isinstance(config[key], dict):
-            raise ExportError(f"{path}: {key} is {config[key]!r}, not an object of the {key.split('_')[0]} model's settings")
-
-
-def _check_patch_embedding(path: Path, config: dict[str, Any], patch_size: tuple[int, int]) -> None:
-    """The vision encoder embeds a patch of height x width x 3 values: a processor cutting other patches fails
-    deep inside the export ("mat1 and mat2 shapes cannot be multiplied")."""
-    vision = config.get("vision_config") or {}
-    width = vision.get("patch_embed_hidden_size", 768)  # Pix2Struct's default: 16 x 16 x 3
-    if is_count(width) and patch_size[0] * patch_size[1] * 3 != width:
-        raise ExportError(
-            f"{path / 'preprocessor_config.json'}: patch_size {patch_size[0]}x{patch_size[1]} gives patches of "
-            f"{patch_size[0] * patch_size[1] * 3} values, and the model's vision_config.patch_embed_hidden_size "
-            f"(config.json) embeds {width}; use the patch size the model was trained with"
-        )
 
 
 def _check_head_counts(path: Path, config: dict[str, Any]) -> None:
@@ -420,6 +376,8 @@ def is_mount_point(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -
 
 def _check_replaceable(out: Path, force: bool, inputs: list[Path]) -> None:
     """`--force` replaces an earlier bundle (or an empty folder), never a run, a checkpoint or other files."""
+    if out.is_symlink() and not out.exists():  # found only by the final rename, after the whole export
+        raise ExportError(f"{out}: a link to {os.readlink(out)}, which does not exist; remove the link or choose another --out")
     if not out.exists():
         return
     if not force:
@@ -432,20 +390,25 @@ def _check_replaceable(out: Path, force: bool, inputs: list[Path]) -> None:
     for path in inputs:
         if path.resolve() == resolved or resolved in path.resolve().parents:
             raise ExportError(f"{out}: holds {path}, which this export reads; choose another --out")
-    if not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
+    if not (out / MANIFEST_NAME).is_file() and any(not _is_finder_litter(p.name) for p in out.iterdir()):
         raise ExportError(
             f"{out}: is not an edlight bundle (no {MANIFEST_NAME}); --force replaces only a bundle or an "
             "empty folder, so choose another --out"
         )
-    # Hidden files (a Finder's .DS_Store, ._ metadata) go with the bundle; a linked --out is replaced by
-    # the new bundle while the folder it leads to is kept, whatever that holds.
+    # A Finder's .DS_Store and ._ files go with the bundle, other hidden files (a .git, notes) are the user's; a
+    # linked --out is replaced by the new bundle while the folder it leads to is kept, whatever that holds.
     own = _bundle_files(out)
-    others = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p.name not in own and not p.name.startswith("."))
+    others = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p.name not in own and not _is_finder_litter(p.name))
     if others and not out.is_symlink():
         raise ExportError(
             f"{out}: holds files that are not part of its bundle ({some_names(others, 5)}); --force replaces only the bundle: "
             "move them out or choose another --out"
         )
+
+
+def _is_finder_litter(name: str) -> bool:
+    """What macOS leaves in a folder it showed or copied (.DS_Store, ._NAME AppleDouble files)."""
+    return name == ".DS_Store" or name.startswith("._")
 
 
 def _bundle_files(bundle: Path) -> set[str]:
@@ -625,8 +588,11 @@ def export_bundle(
                 "validation and the parity check (add images, or export without --data)"
             )
     out = Path(out).expanduser().absolute()
-    _refuse_inside_checkpoints(out, Path(info.path))
-    tmp = _place_temp_dir(out, force, [info.path] + ([data_path] if data_path is not None else []))
+    try:
+        _refuse_inside_checkpoints(out, Path(info.path))
+        tmp = _place_temp_dir(out, force, [info.path] + ([data_path] if data_path is not None else []))
+    except OSError as exc:  # a name too long for the file system, a folder above it unreadable
+        raise ExportError(f"{out}: cannot be the bundle's folder ({exc.strerror or exc}); choose another --out") from exc
     try:
         staged = _build(info, tmp, quantize, data_path, examples, decoder_layout, settings, tolerance, min_identical)
         _move_into_place(staged, out, force)
