@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import signal
 import sys
 import time
@@ -98,6 +99,29 @@ def say(message: str) -> None:
         click.echo(message, err=True)
     except OSError:
         pass
+
+
+def print_result(text: str, essential: bool = True) -> None:
+    """`text` on stdout: a command's scores, table or summary. Commands write their files first, so that a
+    stdout that takes nothing loses no work. A reader that stopped reading (`| head`, `| true`) ends the command
+    as SIGPIPE ends other tools (exit 141); another failure (`>/dev/full`) is said on stderr, exit 1. Text that
+    only repeats what a file holds (`essential=False`: export's summary of the bundle's manifest) is dropped
+    instead, the command going on to its own exit status."""
+    try:
+        click.echo(text)  # click flushes: a full disk shows here, not at exit
+    except OSError as exc:
+        # What is left in stdout's buffer would fail again as Python exits ("Exception ignored ..."): let it go
+        # to /dev/null instead.
+        with contextlib.suppress(OSError, ValueError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+        if not essential:
+            return
+        if isinstance(exc, BrokenPipeError):
+            raise SystemExit(128 + 13) from None  # 13: SIGPIPE
+        say(f"error: cannot write to stdout ({exc.strerror or exc})")
+        raise SystemExit(1) from None
 
 
 class TolerantStream:

@@ -9,7 +9,16 @@ from pathlib import Path
 import click
 
 from engine.bundle import MANIFEST_NAME
-from engine.click_types import FiniteFloatRange, cannot_run, failed, interrupted_status, say, unwinds_on_stop
+from engine.click_types import (
+    FiniteFloatRange,
+    GivenPath,
+    cannot_run,
+    failed,
+    interrupted_status,
+    print_result,
+    say,
+    unwinds_on_stop,
+)
 from engine.errors import EdlightError
 from export import ExportCheckFailed
 from train.checkpoint import offline_unless_hub_id, run_data_options
@@ -24,7 +33,7 @@ class _EchoHandler(logging.Handler):
 
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to create.")
+@click.option("--out", "out", required=True, type=GivenPath(path_type=Path), help="Bundle directory to create.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="int8: dynamic int8 with 7-bit per-channel weights for the encoder and the decoder's image rows, 8-bit MatMulNBits for its token rows (see README).")
 @click.option(
     "--data",
@@ -84,18 +93,22 @@ def export(
         logger.propagate = propagate
     manifest = json.loads((bundle / MANIFEST_NAME).read_text(encoding="utf-8"))
     validation = manifest.get("validation", {})
-    click.echo(f"bundle: {bundle}")
-    click.echo(f"  decoder layout: {manifest['decoder_layout']}, quantization: {manifest.get('quantization') or 'fp32'}, max_patches: {manifest['max_patches']}")
+    # The bundle is complete and its manifest holds all of this: a stdout that takes nothing costs only the lines.
+    lines = [
+        f"bundle: {bundle}",
+        f"  decoder layout: {manifest['decoder_layout']}, quantization: {manifest.get('quantization') or 'fp32'}, "
+        f"max_patches: {manifest['max_patches']}",
+    ]
     for kind, result in validation.items():
-        click.echo(
+        lines.append(
             f"  {kind} vs PyTorch on {result['images']} images: identical greedy tokens {result['identical_share']:.0%}, "
             f"token agreement {result['token_agreement']:.1%}, encoder max |diff| {result['encoder_max_abs_diff']:.2g}"
         )
     parity = manifest.get("parity")
     if parity:
-        click.echo(
+        lines.append(
             f"  parity on {parity.get('split')} split ({parity.get('images')} images): BLEU torch {parity['bleu_torch']:.2f}, "
             f"engine {parity['bleu_engine']:.2f}, identical {parity['identical_share']:.1%} -> "
             f"{'passed' if parity['passed'] else 'FAILED'}"
         )
-
+    print_result("\n".join(lines), essential=False)

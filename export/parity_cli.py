@@ -10,7 +10,14 @@ from pathlib import Path
 
 import click
 
-from engine.click_types import FiniteFloatRange, cannot_run, interrupted_status, say, unwinds_on_stop
+from engine.click_types import (
+    FiniteFloatRange,
+    cannot_run,
+    interrupted_status,
+    print_result,
+    say,
+    unwinds_on_stop,
+)
 from engine.errors import EdlightError
 from engine.folder import check_report_out, json_keys, write_report
 from train.checkpoint import offline_unless_hub_id, run_data_options
@@ -75,13 +82,19 @@ def parity(
     except KeyboardInterrupt as exc:  # not exit 1, which says the check failed
         say("interrupted: the check did not finish; nothing was written")
         raise SystemExit(interrupted_status(exc)) from None
-    click.echo(report.table())
+    # The report is written first and the table printed whatever came of that: neither a full disk nor a stdout
+    # that takes nothing (`| head`, `>/dev/full`) loses what the check took.
+    unwritten = None
     if out is not None:
         try:  # whole or not at all: a full disk must not leave half a report
             write_report(out, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
         except EdlightError as exc:
-            cannot_run(str(exc))
-        click.echo(f"report: {out}")
+            unwritten = exc
+    print_result(report.table())
+    if unwritten is not None:
+        cannot_run(str(unwritten))
+    if out is not None:
+        print_result(f"report: {out}")
     if not report.passed:
         click.get_current_context().exit(1)
 

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import click
 
-from engine.click_types import FiniteFloatRange, cannot_run, failed, interrupted_status, say, unwinds_on_stop
+from engine.click_types import (
+    FiniteFloatRange,
+    cannot_run,
+    failed,
+    interrupted_status,
+    print_result,
+    say,
+    unwinds_on_stop,
+)
 from engine.errors import EdlightError, ImageError
 from engine.folder import OutputError
 from train.checkpoint import read_run_config, run_data_options
@@ -250,15 +258,21 @@ def evaluate(
     except KeyboardInterrupt as exc:
         say("interrupted: nothing was written")
         raise SystemExit(interrupted_status(exc)) from None
-    if as_json:
-        click.echo(
-            json.dumps({"split": report.split, "n": report.n, "bleu": report.bleu, "chrf": report.chrf})
-        )
-    else:
-        click.echo(report.summary())
-    if out is not None:  # after the scores: a full disk must not lose what captioning the split took
+    # The predictions are written first and the scores printed whatever came of that: neither a full disk nor a
+    # stdout that takes nothing (`| head`, `>/dev/full`) loses what captioning the split took.
+    unwritten = None
+    if out is not None:
         try:
             report.write_predictions(out)
         except OutputError as exc:
-            cannot_run(str(exc))
-        click.echo(f"predictions: {out}", err=as_json)  # --json: stdout holds the JSON alone
+            unwritten = exc
+    if as_json:
+        print_result(json.dumps({"split": report.split, "n": report.n, "bleu": report.bleu, "chrf": report.chrf}))
+    else:
+        print_result(report.summary())
+    if unwritten is not None:
+        cannot_run(str(unwritten))
+    if out is not None and as_json:
+        say(f"predictions: {out}")  # --json: stdout holds the JSON alone
+    elif out is not None:
+        print_result(f"predictions: {out}")
