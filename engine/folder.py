@@ -905,6 +905,13 @@ def check_report_out(out: Path, what: str, is_ours: Callable[[str], bool] | None
     stream, or a file in a folder that exists or can be made and is writable. Checked before the work that
     makes it. `is_ours(its first MB of text)`: an existing file must pass it to be replaced (a data set's
     metadata, an image, a bundle's manifest must not be)."""
+    try:
+        _check_report_out(out, what, is_ours)
+    except OSError as exc:  # a name too long for the file system, a folder above it that cannot be searched
+        raise OutputError(f"{out}: cannot write {what} there ({exc.strerror or exc})") from exc
+
+
+def _check_report_out(out: Path, what: str, is_ours: Callable[[str], bool] | None) -> None:
     out = _stdout_if_dash(out)
     if out.is_dir():
         raise OutputError(f"{out}: a folder; give a file name for {what}")

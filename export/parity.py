@@ -248,8 +248,9 @@ def run_parity(
     ][:max_differences]
     return ParityReport(
         bundle=str(loaded.path),
-        checkpoint=str(checkpoint),
-        data=str(data),
+        # Absolute, as the manifest's source: the report (and the manifest it goes into) is read from elsewhere.
+        checkpoint=str(Path(checkpoint).absolute()) if Path(checkpoint).exists() else str(checkpoint),  # else a hub id
+        data=str(Path(data).absolute()),
         split=split,
         images=len(examples),
         quantization=quant,
