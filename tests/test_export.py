@@ -409,14 +409,43 @@ def test_existing_out_refused_unless_force(random_checkpoint: Path, tmp_path: Pa
     assert json.loads((out / "edlight.json").read_text())["created"] >= first
     Bundle.load(out)
     assert not _leftovers(tmp_path, "bundle")
-    (out / ".DS_Store").write_bytes(b"a Finder's view settings")  # hidden files go with the bundle
+    (out / ".DS_Store").write_bytes(b"a Finder's view settings")  # a Finder's files go with the bundle
+    (out / "._edlight.json").write_bytes(b"AppleDouble")
     export_bundle(random_checkpoint, out, force=True)
+    # Other hidden files are the user's: a .git of the bundle's history, notes (--force deleted them silently).
+    (out / ".git" / "objects").mkdir(parents=True)
+    (out / ".notes").write_text("mine")
+    with pytest.raises(ExportError, match=r"bundle: holds files that are not part of its bundle \(.git/, .notes\)"):
+        export_bundle(random_checkpoint, out, force=True)
+    assert (out / ".notes").read_text() == "mine" and (out / ".git" / "objects").is_dir()
+    shutil.rmtree(out / ".git")
+    (out / ".notes").unlink()
     # A bundle folder the user also keeps other things in: --force would delete them with the bundle.
     (out / "captions.jsonl").write_text("mine")
     (out / "archive").mkdir()
     with pytest.raises(ExportError, match=r"bundle: holds files that are not part of its bundle \(archive/, captions.jsonl\)"):
         export_bundle(random_checkpoint, out, force=True)
     assert (out / "captions.jsonl").read_text() == "mine" and (out / "archive").is_dir()
+
+
+def test_an_out_that_cannot_be_a_folder_is_refused_before_the_export(random_checkpoint: Path, tmp_path: Path) -> None:
+    """A dangling link at --out was found by the final rename, after the whole export, and called a storage
+    failure; a name too long for the file system, and an empty --out (the current folder), gave a traceback or
+    were taken."""
+    from export.cli import export
+    from export.onnx import export_bundle
+
+    dangling = tmp_path / "current"
+    dangling.symlink_to(tmp_path / "gone")
+    with pytest.raises(ExportError, match=r"current: a link to .*gone, which does not exist; remove the link or choose another --out"):
+        export_bundle(random_checkpoint, dangling, force=True)
+    with pytest.raises(ExportError, match=r"x{300}: cannot be the bundle's folder \(File name too long\)"):
+        export_bundle(random_checkpoint, tmp_path / ("x" * 300))
+    with pytest.raises(ExportError, match=r"y{300}: cannot read the checkpoint \(File name too long\)"):
+        export_bundle(tmp_path / ("y" * 300), tmp_path / "out")
+    empty = CliRunner().invoke(export, [str(random_checkpoint), "--out", ""])
+    assert empty.exit_code == 2 and "an empty path (an unset variable?)" in empty.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current"]
 
 
 def test_force_on_a_mount_point_is_refused_before_the_export(random_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -499,7 +528,9 @@ def test_run_folder_is_refused_with_the_checkpoints_to_pass(random_checkpoint: P
     assert f"is a training run, not a checkpoint; pass {tmp_path / 'run' / 'best'} (best test BLEU)" in result.output
 
 
-def test_export_and_parity_read_the_data_as_the_training_run_did(random_checkpoint: Path, tmp_path: Path) -> None:
+def test_export_and_parity_read_the_data_as_the_training_run_did(
+    random_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A run trained with --caption-column caption on a folder with train/ and test/ (the imagefolder split
     layout): export --data and parity find its captions through RUN/run_config.json and check on test/ only,
     images 1 and 3 pixels high among them; parity's options say the same for a checkpoint without a run."""
@@ -521,9 +552,11 @@ def test_export_and_parity_read_the_data_as_the_training_run_did(random_checkpoi
         rows = [json.dumps({"file_name": f"{i}.png", "caption": CAPTIONS[i]}) + "\n" for i in range(len(images))]
         (data / split / "metadata.jsonl").write_text("".join(rows))
 
-    bundle = Bundle.load(export_bundle(run / "best", tmp_path / "bundle", data=data))
+    monkeypatch.chdir(tmp_path)  # given as typed, relative: the manifest, read from anywhere, holds absolute paths
+    bundle = Bundle.load(export_bundle(Path("run/best"), tmp_path / "bundle", data=Path("data")))
     shipped = bundle.manifest.parity
     assert shipped is not None and shipped["passed"] is True and shipped["images"] == 3  # test/ only
+    assert shipped["checkpoint"] == str(run / "best") and shipped["data"] == str(data)
     assert shipped["data_settings"].startswith("caption column 'caption'") and "run_config.json" in shipped["data_settings"]
 
     bare = tmp_path / "bare"  # the same checkpoint outside its run: nothing recorded
@@ -752,6 +785,14 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         # transformers saves a {(5, 6): 2.0} sequence_bias with string keys, which its generate then refuses
         edit = {"eos_token_id": "1"} if how == "eos_as_text" else {"sequence_bias": {"(5, 6)": 2.0}}
         (ck / "generation_config.json").write_text(json.dumps({**generation, **edit}))
+    elif how == "suppressed_token_outside_the_vocabulary":  # the bundle was written, then every caption run refused it
+        generation = json.loads((ck / "generation_config.json").read_text())
+        (ck / "generation_config.json").write_text(json.dumps({**generation, "suppress_tokens": [10**6]}))
+    elif how == "config_not_an_object":
+        (ck / "config.json").write_text("[1, 2]")
+    elif how == "patches_as_text":
+        processor = json.loads((ck / "preprocessor_config.json").read_text())
+        (ck / "preprocessor_config.json").write_text(json.dumps({**processor, "max_patches": "256"}))
     elif how == "head_counts_differ":
         config = json.loads((ck / "config.json").read_text())
         config["vision_config"]["num_attention_heads"] = 2 * config["text_config"]["num_heads"]
@@ -786,6 +827,9 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         ("eos_as_text", "generation_config.json: eos_token_id in generation_config.json is '1'; token ids are whole"),
         ("head_counts_differ", "config.json: the vision encoder has .* attention heads and the text decoder"),
         ("sequence_bias_as_saved_from_a_dict", r"generation_config.json: sequence_bias must be a non-empty list"),
+        ("suppressed_token_outside_the_vocabulary", r"generation_config.json: names tokens the model does not have "
+                                                    r"\(vocabulary of \d+\): \[1000000\]"),
+        ("config_not_an_object", "config.json: model config is not a JSON object"),
     ],
 )
 def test_bad_checkpoint_is_one_line_error(random_checkpoint: Path, tmp_path: Path, how: str, message: str) -> None:
@@ -796,6 +840,40 @@ def test_bad_checkpoint_is_one_line_error(random_checkpoint: Path, tmp_path: Pat
         export_bundle(ck, tmp_path / "out")
     assert str(ck) in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "out").exists() and not _leftovers(tmp_path, "out")
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("config_not_an_object", "config.json: the model config is not a JSON object"),
+        ("text_config_not_an_object", r"config.json: text_config is \[1\], not an object of the text model's settings"),
+        ("patches_as_text", "preprocessor_config.json: max_patches is '256'; set a whole number of patches"),
+        ("patches_the_model_does_not_embed", r"preprocessor_config.json: patch_size 8x8 gives patches of 192 values"),
+        ("patch_size_number", r"preprocessor_config.json: patch_size is 16; write it as \{"),
+        ("vqa", "preprocessor_config.json: is_vqa is true: a VQA checkpoint"),
+        ("length_as_text", "generation_config.json: max_new_tokens"),
+        ("eos_as_text", "generation_config.json: eos_token_id in generation_config.json is '1'; token ids are whole"),
+        ("suppressed_token_outside_the_vocabulary", r"generation_config.json: names tokens the model does not have"),
+    ],
+)
+def test_checkpoints_refused_by_export_are_refused_by_every_command(random_checkpoint: Path, tmp_path: Path, how: str, message: str) -> None:
+    """evaluate, parity, bench and train --base check a checkpoint with train.checkpoint.check_checkpoint_dir: it ran
+    these into transformers' own errors ("'list' object has no attribute 'get'", "mat1 and mat2 shapes cannot be
+    multiplied"), tracebacks that named no file, or into a BLEU of a model that read no patches."""
+    from train.checkpoint import CheckpointError, check_checkpoint_dir
+
+    ck = _broken_copy(random_checkpoint, tmp_path, how)
+    with pytest.raises(CheckpointError, match=message) as info:
+        check_checkpoint_dir(ck)
+    assert str(ck) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_evaluate_names_a_bad_checkpoint_setting_exit_2(random_checkpoint: Path, synth_data: Path, tmp_path: Path) -> None:
+    from train.cli import evaluate
+
+    ck = _broken_copy(random_checkpoint, tmp_path, "vqa")
+    result = CliRunner().invoke(evaluate, [str(ck), "--data", str(synth_data)])
+    assert result.exit_code == 2 and f"error: {ck / 'preprocessor_config.json'}: is_vqa is true" in result.output, result.output
 
 
 def test_missing_checkpoint_and_unwritable_out(random_checkpoint: Path, tmp_path: Path) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,3 +221,40 @@ def test_a_threshold_is_shown_with_the_digits_it_was_given() -> None:
 
     # A floor of 0.804 printed as "80%" read "identical captions 80.0% < 80%": a failure that looked like a pass.
     assert (percent(0.804), percent(0.8), percent(0.999)) == ("80.4%", "80%", "99.9%")
+
+
+def _run_into(stdout: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`edlight ARGS` with stdout a full disk ("full") or a pipe whose reader has gone ("gone")."""
+    command = [sys.executable, "-m", "engine.cli", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if stdout == "full":
+        with open("/dev/full", "w") as full:
+            return subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=600)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(command, stdout=write, stderr=subprocess.PIPE, text=True, env=env, timeout=600)
+    finally:
+        os.close(write)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_stdout_that_takes_nothing_keeps_the_files(tiny_bundle: Path, tiny_checkpoint: Path, synth_data: Path, tmp_path: Path) -> None:
+    """`evaluate ... >/dev/full` and `parity ... | true` printed their scores first and died of it (a traceback, exit 1)
+    before writing the predictions or the report; export's summary lines failed a finished bundle (exit 1)."""
+    predictions = tmp_path / "predictions.jsonl"
+    full = _run_into("full", "evaluate", str(tiny_checkpoint), "--data", str(synth_data), "--out", str(predictions))
+    assert full.returncode == 1 and "error: cannot write to stdout (No space left on device)" in full.stderr, full.stderr
+    assert "Traceback" not in full.stderr and "Exception ignored" not in full.stderr
+    assert len(predictions.read_text().splitlines()) > 0
+
+    report = tmp_path / "parity.json"
+    gone = _run_into("gone", "parity", "--model", str(tiny_bundle), "--checkpoint", str(tiny_checkpoint), "--data",
+                     str(synth_data), "--out", str(report))
+    assert gone.returncode == 141 and gone.stderr.strip() == "", gone.stderr  # as other tools die of SIGPIPE
+    assert json.loads(report.read_text())["passed"] is True
+
+    bundle = tmp_path / "bundle"
+    exported = _run_into("gone", "export", str(tiny_checkpoint), "--out", str(bundle))
+    assert exported.returncode == 0, exported.stderr  # the summary only repeats the manifest
+    Bundle.load(bundle)

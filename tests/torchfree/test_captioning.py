@@ -1877,6 +1877,8 @@ def test_reports_go_whole_to_files_through_symlinks_and_straight_to_streams(tmp_
     with pytest.raises(OutputError, match="cannot create its folder .*a file, not a folder"):
         check_report_out(tmp_path / "notes.txt" / "r.txt", "the report")
     check_report_out(tmp_path / "new" / "r.txt", "the report", ours)  # a new file in a folder made for it
+    with pytest.raises(OutputError, match=r"x{300}: cannot write the report there \(File name too long\)"):
+        check_report_out(tmp_path / ("x" * 300), "the report", ours)  # was a traceback from Path.is_dir
     # A stream is never read (that would block on a pipe) nor replaced: written as it is.
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
