@@ -72,20 +72,21 @@ def _unused_cache(cache: Path, used: list[Path], prune: bool, log: Callable[[str
     if not unused:
         return
     sizes = {path: disk_bytes(path) for path in unused}
-    names = some_names([path.name for path in unused])
     if not prune:
-        log(f"the cache also holds {len(unused)} build(s) this run does not use ({readable_bytes(sum(sizes.values()))}: {names}); "
-            "--prune-cache deletes them")
+        log(f"the cache also holds {len(unused)} build(s) this run does not use ({readable_bytes(sum(sizes.values()))}: "
+            f"{some_names([path.name for path in unused])}); --prune-cache deletes them")
         return
-    freed, kept = 0, []
+    deleted, kept = [], []
     for path in unused:
         try:
             shutil.rmtree(path)
         except OSError as exc:
             kept.append(f"{path} ({exc.strerror or exc})")
         else:
-            freed += sizes[path]
-    log(f"deleted {len(unused) - len(kept)} unused cache build(s) ({readable_bytes(freed)} freed: {names})")
+            deleted.append(path)
+    if deleted:
+        freed = readable_bytes(sum(sizes[path] for path in deleted))
+        log(f"deleted {len(deleted)} unused cache build(s) ({freed} freed: {some_names([path.name for path in deleted])})")
     for problem in kept:
         log(f"warning: cannot delete {problem}; the bench goes on")
 
@@ -114,7 +115,7 @@ def _unused_cache(cache: Path, used: list[Path], prune: bool, log: Callable[[str
 @click.option("--cache-dir", type=GivenPath(file_okay=False, path_type=Path), default=None,
               help="Built models and exports [default: $EDLIGHT_BENCH_CACHE or ~/.cache/edlight/bench].")
 @click.option("--prune-cache", is_flag=True,
-              help="Delete the cache's models this run does not use (other sizes', other versions', killed builds').")
+              help="Delete the cache's builds this run does not use (other sizes' or systems', other versions', killed builds').")
 @click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in --out.")
 @click.option("--no-interleave", is_flag=True, help="Run the systems one after another instead of round-robin.")
 @click.option("--ceiling-seconds", type=FiniteFloatRange(0.1, 600), default=3.0, show_default=True,

@@ -158,17 +158,29 @@ _CACHE_ENTRY = re.compile(rf"{_ENTRY_NAME}|\.{_ENTRY_NAME}\.partial-.+")
 
 
 def unused_cache_entries(cache_dir: Path, used: list[Path]) -> list[Path]:
-    """The entries of the bench cache in `cache_dir` that are not in `used`: builds for other sizes or
-    systems, builds by other versions of edlight or its libraries (whose keys no run asks for again), and
-    the leftovers of builds that were killed. Call it while holding the cache's lock."""
-    taken = {path.name for path in used}
+    """The entries of the bench cache in `cache_dir` that hold none of the paths in `used` (the entries a run
+    took, and the paths it was given, which may lie inside the cache): builds for other sizes or systems, builds
+    by other versions of edlight or its libraries (whose keys no run asks for again), and the leftovers of builds
+    that were killed. Only folders named and marked as `_cached` makes them count. Call it while holding the
+    cache's lock."""
     try:
+        root = cache_dir.resolve()
         children = sorted(cache_dir.iterdir())
     except OSError:
         return []
+    taken = set()
+    for path in used:
+        try:
+            inside = Path(path).resolve().relative_to(root).parts
+        except (OSError, ValueError):  # elsewhere
+            continue
+        if not inside:  # the cache folder itself was given: all of it is in use
+            return []
+        taken.add(inside[0])
     return [
         path for path in children
         if path.name not in taken and _CACHE_ENTRY.fullmatch(path.name) and path.is_dir() and not path.is_symlink()
+        and (".partial-" in path.name or (path / ".complete").is_file())  # else a folder of the user's own name
     ]
 
 
@@ -485,7 +497,8 @@ def prepare_models(
         parameters=count_parameters(checkpoint) if checkpoint is not None else None,
         notes=notes,
         unavailable=unavailable,
-        cache_entries=used,
+        # With what the run was given: a --checkpoint or --model may be a build inside the cache.
+        cache_entries=[*used, *(p for p in (checkpoint, optimum_dir, images_dir, *given.values()) if p is not None)],
     )
 
 

@@ -459,14 +459,18 @@ def test_builds_this_run_does_not_use_are_named_and_pruned_on_request(tiny_bundl
     stale = cache / "engine-0123456789ab" / "bundle"  # a build by another version: a key no run asks for now
     stale.mkdir(parents=True)
     (stale / "encoder_model.onnx").write_bytes(b"\0" * 3 * 2**20)
+    (stale.parent / ".complete").write_text("ok\n")
     killed = cache / ".tiny-0123456789ab.partial-k1ll3d"  # a build that was killed before it was renamed
     killed.mkdir()
     (cache / "notes").mkdir()  # the user's own: not the bench's to count or delete
     (cache / "engine-notes.txt").write_text("mine")
+    (cache / "images-plain").mkdir()  # a bench name, but no build's mark: the user's folder
+    given = Path(shutil.copytree(tiny_bundle, cache / "engine-aaaaaaaaaaaa" / "bundle"))  # a build, given as --model
+    (given.parent / ".complete").write_text("ok\n")
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(Path(__file__).resolve().parents[1] / "examples" / "00000.jpg", images)
-    args = ["--systems", "engine", "--model", str(tiny_bundle), "--batch-sizes", "1", "--warmup", "0", "--repeats", "1",
+    args = ["--systems", "engine", "--model", str(given), "--batch-sizes", "1", "--warmup", "0", "--repeats", "1",
             "--images", str(images), "--cache-dir", str(cache), "--ceiling-seconds", "0.1"]
 
     told = CliRunner().invoke(bench, [*args, "--out", str(tmp_path / "told")])
@@ -478,5 +482,5 @@ def test_builds_this_run_does_not_use_are_named_and_pruned_on_request(tiny_bundl
     pruned = CliRunner().invoke(bench, [*args, "--out", str(tmp_path / "pruned"), "--prune-cache"])
     assert pruned.exit_code == 0, pruned.output
     assert "deleted 2 unused cache build(s) (3 MiB freed: .tiny-0123456789ab.partial-k1ll3d, engine-0123456789ab)" in pruned.output
-    assert sorted(p.name for p in cache.iterdir()) == ["engine-notes.txt", "notes"]
+    assert sorted(p.name for p in cache.iterdir()) == ["engine-aaaaaaaaaaaa", "engine-notes.txt", "images-plain", "notes"]
     assert (tmp_path / "pruned" / "results.json").is_file()
