@@ -10,9 +10,12 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+
+from engine.errors import EdlightError
 
 
 class Stopped(KeyboardInterrupt):
@@ -113,15 +116,40 @@ def print_result(text: str, essential: bool = True) -> None:
         # What is left in stdout's buffer would fail again as Python exits ("Exception ignored ..."): let it go
         # to /dev/null instead.
         with contextlib.suppress(OSError, ValueError):
+            descriptor = sys.stdout.fileno()  # none under a test runner's capture
             null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, sys.stdout.fileno())
-            os.close(null)
+            try:
+                os.dup2(null, descriptor)
+            finally:
+                os.close(null)
         if not essential:
             return
         if isinstance(exc, BrokenPipeError):
             raise SystemExit(128 + 13) from None  # 13: SIGPIPE
         say(f"error: cannot write to stdout ({exc.strerror or exc})")
         raise SystemExit(1) from None
+
+
+def show_and_save(text: str, out: Path | None, save: Callable[[Path], None]) -> None:
+    """A command's results: `text` printed, and `save(out)` writing them to its --out file (if any). The file is
+    written first, so that neither a full disk nor a stdout that takes nothing (`| head`, `>/dev/full`) loses
+    the work; an `out` that is itself a stream (`--out -`) follows the text, as it reads. An EdlightError from
+    `save` is said last (exit 2), after the text."""
+    from engine.folder import is_stream
+
+    first = out is None or os.fspath(out) == "-" or is_stream(out)
+    if first:
+        print_result(text)
+    unwritten = None
+    if out is not None:
+        try:
+            save(out)
+        except EdlightError as exc:
+            unwritten = exc
+    if not first:
+        print_result(text, essential=unwritten is None)  # else the file's error is the one to say
+    if unwritten is not None:
+        cannot_run(str(unwritten))
 
 
 class TolerantStream:

@@ -588,8 +588,8 @@ def export_bundle(
                 "validation and the parity check (add images, or export without --data)"
             )
     out = Path(out).expanduser().absolute()
+    _refuse_inside_checkpoints(out, Path(info.path))
     try:
-        _refuse_inside_checkpoints(out, Path(info.path))
         tmp = _place_temp_dir(out, force, [info.path] + ([data_path] if data_path is not None else []))
     except OSError as exc:  # a name too long for the file system, a folder above it unreadable
         raise ExportError(f"{out}: cannot be the bundle's folder ({exc.strerror or exc}); choose another --out") from exc

@@ -16,6 +16,7 @@ from engine.click_types import (
     interrupted_status,
     print_result,
     say,
+    show_and_save,
     unwinds_on_stop,
 )
 from engine.errors import EdlightError
@@ -82,17 +83,7 @@ def parity(
     except KeyboardInterrupt as exc:  # not exit 1, which says the check failed
         say("interrupted: the check did not finish; nothing was written")
         raise SystemExit(interrupted_status(exc)) from None
-    # The report is written first and the table printed whatever came of that: neither a full disk nor a stdout
-    # that takes nothing (`| head`, `>/dev/full`) loses what the check took.
-    unwritten = None
-    if out is not None:
-        try:  # whole or not at all: a full disk must not leave half a report
-            write_report(out, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
-        except EdlightError as exc:
-            unwritten = exc
-    print_result(report.table())
-    if unwritten is not None:
-        cannot_run(str(unwritten))
+    show_and_save(report.table(), out, lambda path: write_report(path, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n"))
     if out is not None:
         print_result(f"report: {out}")
     if not report.passed:

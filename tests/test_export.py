@@ -868,6 +868,17 @@ def test_checkpoints_refused_by_export_are_refused_by_every_command(random_check
     assert str(ck) in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_processor_config_without_max_patches_is_transformers_default(random_checkpoint: Path, tmp_path: Path) -> None:
+    """Unset, max_patches is 2048 to transformers and to the engine: no reason to refuse the checkpoint."""
+    from train.checkpoint import check_checkpoint_dir
+
+    ck = Path(shutil.copytree(random_checkpoint, tmp_path / "ck"))
+    processor = json.loads((ck / "preprocessor_config.json").read_text())
+    del processor["max_patches"]
+    (ck / "preprocessor_config.json").write_text(json.dumps(processor))
+    assert check_checkpoint_dir(ck) == ck
+
+
 def test_evaluate_names_a_bad_checkpoint_setting_exit_2(random_checkpoint: Path, synth_data: Path, tmp_path: Path) -> None:
     from train.cli import evaluate
 

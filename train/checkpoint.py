@@ -75,8 +75,8 @@ def check_checkpoint_dir(path: str | Path) -> Path:
         raise CheckpointError(sentencepiece_only(path))
     processor = _json_object(path / "preprocessor_config.json", "processor config")
     generation = _json_object(path / "generation_config.json", "generation config") if (path / "generation_config.json").exists() else {}
-    max_patches = processor.get("max_patches")
-    if not is_count(max_patches):
+    max_patches = processor.get("max_patches")  # unset: transformers' (and the engine's) 2048
+    if max_patches is not None and not is_count(max_patches):
         raise CheckpointError(
             f"{path / 'preprocessor_config.json'}: max_patches is {max_patches!r}; set a whole number of patches "
             "(at least 1) and re-save the processor"

@@ -17,6 +17,7 @@ from engine.click_types import (
     interrupted_status,
     print_result,
     say,
+    show_and_save,
     unwinds_on_stop,
 )
 from engine.errors import EdlightError, ImageError
@@ -258,20 +259,8 @@ def evaluate(
     except KeyboardInterrupt as exc:
         say("interrupted: nothing was written")
         raise SystemExit(interrupted_status(exc)) from None
-    # The predictions are written first and the scores printed whatever came of that: neither a full disk nor a
-    # stdout that takes nothing (`| head`, `>/dev/full`) loses what captioning the split took.
-    unwritten = None
-    if out is not None:
-        try:
-            report.write_predictions(out)
-        except OutputError as exc:
-            unwritten = exc
-    if as_json:
-        print_result(json.dumps({"split": report.split, "n": report.n, "bleu": report.bleu, "chrf": report.chrf}))
-    else:
-        print_result(report.summary())
-    if unwritten is not None:
-        cannot_run(str(unwritten))
+    scores = json.dumps({"split": report.split, "n": report.n, "bleu": report.bleu, "chrf": report.chrf}) if as_json else report.summary()
+    show_and_save(scores, out, report.write_predictions)
     if out is not None and as_json:
         say(f"predictions: {out}")  # --json: stdout holds the JSON alone
     elif out is not None:

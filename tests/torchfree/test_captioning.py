@@ -16,6 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -2029,3 +2030,37 @@ def test_cli_names_the_image_pillow_warns_about(engine_bundle: Path, tmp_path: P
     lines = [line for line in result.output.splitlines() if "Corrupt EXIF" in line]
     assert lines == [f"warning: {tmp_path / 'in' / name}: Corrupt EXIF data. Expecting to read 2 bytes but only got 0."
                      for name in ("a.jpg", "b.jpg")], result.output
+
+
+@pytest.mark.parametrize("out", ["scores.json", "-", None])
+def test_results_are_saved_before_they_are_printed_except_to_stdout(tmp_path: Path, out: str | None) -> None:
+    """evaluate and parity printed their scores first, and a stdout that took nothing lost the file; now the file
+    comes first, unless it is stdout itself (`--out -`), where the order reads as before. A file that cannot be
+    written is said after the scores (exit 2), which are still printed."""
+    from engine.click_types import show_and_save
+    from engine.folder import OutputError
+
+    order: list[str] = []
+
+    @click.command()
+    @click.option("--fail", is_flag=True)
+    def command(fail: bool) -> None:
+        def save(path: Path) -> None:
+            order.append("saved")
+            if fail:
+                raise OutputError(f"{path}: cannot write (No space left on device)")
+            click.echo("records")
+
+        show_and_save("scores", None if out is None else Path(out), save)
+        order.append("done")
+
+    result = CliRunner().invoke(command, [])
+    assert result.exit_code == 0, result.output
+    if out is None:
+        assert order == ["done"] and result.output == "scores\n"
+    elif out == "-":
+        assert result.output == "scores\nrecords\n"
+    else:
+        assert result.output == "records\nscores\n" and order == ["saved", "done"]
+        failed = CliRunner().invoke(command, ["--fail"])
+        assert failed.exit_code == 2 and failed.output == f"scores\nerror: {out}: cannot write (No space left on device)\n"
