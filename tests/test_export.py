@@ -788,6 +788,9 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
     elif how == "suppressed_token_outside_the_vocabulary":  # the bundle was written, then every caption run refused it
         generation = json.loads((ck / "generation_config.json").read_text())
         (ck / "generation_config.json").write_text(json.dumps({**generation, "suppress_tokens": [10**6]}))
+    elif how == "weights_cut_short":  # a copy cut short: the error named the folder only
+        weights = ck / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
     elif how == "config_not_an_object":
         (ck / "config.json").write_text("[1, 2]")
     elif how == "patches_as_text":
@@ -830,6 +833,7 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         ("suppressed_token_outside_the_vocabulary", r"generation_config.json: names tokens the model does not have "
                                                     r"\(vocabulary of \d+\): \[1000000\]"),
         ("config_not_an_object", "config.json: model config is not a JSON object"),
+        ("weights_cut_short", r"model.safetensors: not a readable safetensors file \(Error while deserializing header"),
     ],
 )
 def test_bad_checkpoint_is_one_line_error(random_checkpoint: Path, tmp_path: Path, how: str, message: str) -> None:

@@ -375,6 +375,14 @@ def load_model_weights(path: Path) -> Any:
     hf_logging.set_verbosity_error()  # its lines on missing and unused tensors: said below, in one line each
     try:
         model, loading = Pix2StructForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":  # the others' messages may concern any file: callers name the folder
+            raise
+        # A weights file cut short or overwritten: name it, not the folder (of shards, which one is not told).
+        weights = checkpoint_weights(path) or ""
+        where = f"{path / weights}: not" if weights.endswith(".safetensors") else f"{path}: one of its weights files is not"
+        why = " ".join(str(exc).split())
+        raise CheckpointError(f"{where} a readable safetensors file ({why}); re-save the model with save_pretrained") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = sorted(loading.get("missing_keys") or [])
