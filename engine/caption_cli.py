@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 import click
 
 from engine.click_types import (
+    PIPE_CLOSED_STATUS,
     FiniteFloatRange,
     GivenPath,
     cannot_run,
@@ -215,7 +216,7 @@ def _fail(exc: Exception) -> NoReturn:
     with the status of a process killed by SIGPIPE, as other command-line tools do.
     """
     if isinstance(exc.__cause__, BrokenPipeError):
-        raise SystemExit(128 + 13) from exc
+        raise SystemExit(PIPE_CLOSED_STATUS) from exc
     cannot_run(str(exc))
 
 

@@ -104,6 +104,10 @@ def say(message: str) -> None:
         pass
 
 
+# The exit status of a process killed by SIGPIPE (13), which a command whose stdout reader has gone ends with.
+PIPE_CLOSED_STATUS = 128 + 13
+
+
 def print_result(text: str, essential: bool = True) -> None:
     """`text` on stdout: a command's scores, table or summary. Commands write their files first, so that a
     stdout that takes nothing loses no work. A reader that stopped reading (`| head`, `| true`) ends the command
@@ -125,7 +129,7 @@ def print_result(text: str, essential: bool = True) -> None:
         if not essential:
             return
         if isinstance(exc, BrokenPipeError):
-            raise SystemExit(128 + 13) from None  # 13: SIGPIPE
+            raise SystemExit(PIPE_CLOSED_STATUS) from None
         say(f"error: cannot write to stdout ({exc.strerror or exc})")
         raise SystemExit(1) from None
 

@@ -232,15 +232,14 @@ def _warn_about_generation(path: Path, generation: dict[str, Any]) -> None:
 
 
 def _read_json(path: Path, what: str, hint: str) -> dict[str, Any]:
+    from train.checkpoint import CheckpointError, read_json_object
+
     if not path.is_file():
         raise ExportError(f"{path}: {what} missing; {hint}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path}: unreadable {what} ({exc}); {hint}") from exc
-    if not isinstance(data, dict):
-        raise ExportError(f"{path}: {what} is not a JSON object; {hint}")
-    return data
+        return read_json_object(path, what, hint)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 def library_versions() -> dict[str, str]:

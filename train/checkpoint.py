@@ -73,8 +73,8 @@ def check_checkpoint_dir(path: str | Path) -> Path:
         )
     if not (path / "tokenizer.json").is_file() and not all(is_installed(m) for m in SENTENCEPIECE_MODULES):
         raise CheckpointError(sentencepiece_only(path))
-    processor = _json_object(path / "preprocessor_config.json", "processor config")
-    generation = _json_object(path / "generation_config.json", "generation config") if (path / "generation_config.json").exists() else {}
+    processor = read_json_object(path / "preprocessor_config.json", "processor config")
+    generation = read_json_object(path / "generation_config.json", "generation config") if (path / "generation_config.json").exists() else {}
     max_patches = processor.get("max_patches")  # unset: transformers' (and the engine's) 2048
     if max_patches is not None and not is_count(max_patches):
         raise CheckpointError(
@@ -85,13 +85,16 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
-def _json_object(path: Path, what: str) -> dict[str, Any]:
+def read_json_object(path: Path, what: str, hint: str = "") -> dict[str, Any]:
+    """The JSON object in `path` (`what` it holds, for messages; `hint`: what to do, ending them). Raises
+    CheckpointError when it cannot be read or holds anything else."""
+    then = f"; {hint}" if hint else ""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable {what} ({exc})") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a JSONDecodeError or a UnicodeDecodeError
+        raise CheckpointError(f"{path}: unreadable {what} ({exc}){then}") from exc
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: the {what} is not a JSON object")
+        raise CheckpointError(f"{path}: {what} is not a JSON object{then}")
     return data
 
 
