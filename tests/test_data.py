@@ -350,7 +350,8 @@ def test_problems_in_subfolder_metadata_name_that_file(tmp_path: Path) -> None:
     assert [str(p) for p in report.problems] == [
         "train/metadata.jsonl:1: malformed JSON (Expecting property name enclosed in double quotes at column 2)",
         "train/metadata.jsonl:2: duplicate file_name 'train/b.jpg' (first listed at metadata.jsonl:2)",
-        "train/metadata.jsonl:3: file_name '../other.jpg' points outside the folder",
+        "train/metadata.jsonl:3: file_name '../other.jpg' points outside train/ (the names in train/metadata.jsonl are "
+        "relative to its folder)",
     ]
     assert not report.warnings  # other.jpg is named by the problem already: no "not listed" as well
 
@@ -363,7 +364,8 @@ def test_a_link_listed_in_a_subfolder_is_one_problem_not_also_unlisted(tmp_path:
     _jsonl(tmp_path / "test", [{"file_name": "b.jpg", "text": "b"}, {"file_name": "t.jpg", "text": "t"}])
     report = check_folder(tmp_path)
     assert [str(p) for p in report.problems] == [
-        "test/metadata.jsonl:2: file_name 't.jpg' points outside the folder (through a link)"
+        "test/metadata.jsonl:2: file_name 't.jpg' points outside test/ (the names in test/metadata.jsonl are relative "
+        "to its folder) (through a link)"
     ]
     assert not report.warnings
 
@@ -752,3 +754,126 @@ def test_metadata_without_rows_is_named_not_taken_for_an_empty_split(tmp_path: P
     for split in ("train", "test"):
         with pytest.raises(DataError, match=rf"1 problem in the data folder:\n  {name}: lists no images"):
             load_split(tmp_path, split=split)
+
+
+# What spreadsheets and editors really save: read where it is unambiguous, else one problem saying what to do.
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "file_name;text\na.jpg;Three apples, two pears.\nb.jpg;A number line\n",  # Excel where ',' is the decimal mark
+        "file_name\ttext\na.jpg\tThree apples, two pears.\nb.jpg\tA number line\n",  # tab-separated
+        "sep=;\nfile_name;text\na.jpg;Three apples, two pears.\nb.jpg;A number line\n",  # Excel's separator line
+        "file_name , text\na.jpg,\"Three apples, two pears.\"\nb.jpg,A number line\n",  # spaces around header cells
+    ],
+)
+def test_spreadsheet_csv_variants_are_read_row_by_row(tmp_path: Path, content: str) -> None:
+    _image(tmp_path / "a.jpg")
+    _image(tmp_path / "b.jpg")
+    (tmp_path / "metadata.csv").write_text(content, encoding="utf-8")
+    examples = read_examples(tmp_path)
+    assert [(e.file_name, e.text) for e in examples] == [("a.jpg", "Three apples, two pears."), ("b.jpg", "A number line")]
+    first_row = content.splitlines().index(next(line for line in content.splitlines() if line.startswith("a.jpg"))) + 1
+    assert examples[0].listed_at == f"metadata.csv:{first_row}"
+
+
+def test_utf16_with_its_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Excel's "Unicode Text" and Notepad's "Unicode": UTF-16 (here tab-separated), told by its mark."""
+    _image(tmp_path / "a.jpg")
+    (tmp_path / "metadata.csv").write_text("file_name\ttext\r\na.jpg\tÉlève: 3 × 4\r\n", encoding="utf-16")
+    assert [(e.file_name, e.text) for e in read_examples(tmp_path)] == [("a.jpg", "Élève: 3 × 4")]
+
+
+def test_text_that_is_not_utf8_names_its_line_and_how_to_save_it(tmp_path: Path) -> None:
+    """Windows Excel's "CSV (Comma delimited)" is cp1252: the line of the first foreign byte, counted in the
+    file (past the first 8 KiB a text reader's own offsets restart), and the save option to use."""
+    rows = "".join(f"img{i}.jpg,caption number {i}\n" for i in range(400))
+    (tmp_path / "metadata.csv").write_bytes(("file_name,text\n" + rows).encode() + "x.jpg,élève\n".encode("cp1252"))
+    message = _only_problem(tmp_path)
+    offset = len(("file_name,text\n" + rows).encode()) + len("x.jpg,")
+    assert message == (
+        f"metadata.csv:402: not UTF-8 text (invalid continuation byte at byte {offset} of the file): "
+        'save it as UTF-8 (in Excel: "CSV UTF-8"; in other editors: encoding UTF-8)'
+    )
+    (tmp_path / "metadata.csv").unlink()
+    line = b'{"file_name": "a.jpg", "text": "\xe9l\xe8ve"}\n'
+    (tmp_path / "metadata.jsonl").write_bytes(line)
+    at = line.index(b"\xe9")
+    assert _only_problem(tmp_path).startswith(f"metadata.jsonl:1: not UTF-8 text (invalid continuation byte at byte {at} of")
+
+
+def test_a_workbook_saved_as_csv_is_named_as_such(tmp_path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "metadata.csv", "w") as book:  # an .xlsx is a zip of XML parts
+        book.writestr("[Content_Types].xml", "<Types/>")
+        book.writestr("xl/workbook.xml", "<workbook>\xe9</workbook>".encode("latin-1"))
+    assert _only_problem(tmp_path) == (
+        'metadata.csv: a zip archive (an Excel .xlsx workbook saved under this name?), not text: save the sheet as CSV ("CSV UTF-8")'
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("", "metadata.csv:1: the file is empty; it needs a header row naming 'file_name' and 'text'"),
+        ("\nfile_name,text\na.jpg,x\n", "metadata.csv:1: no header: the first line is blank (the header row must come first); "
+         "it needs a header row naming 'file_name' and 'text'"),
+        ("sep=;\nimage;text\na.jpg;x\n", "metadata.csv:2: no 'file_name' column (header: ['image', 'text'])"),
+    ],
+)  # fmt: skip
+def test_a_csv_without_a_header_says_what_is_wrong(tmp_path: Path, content: str, expected: str) -> None:
+    _image(tmp_path / "a.jpg")
+    (tmp_path / "metadata.csv").write_text(content, encoding="utf-8")
+    assert _only_problem(tmp_path) == expected
+
+
+@pytest.mark.parametrize(
+    ("caption", "problem"),
+    [
+        ("\u200b", "empty caption for a.jpg (only invisible characters: U+200B)"),
+        ("\ufeff \u2060", "empty caption for a.jpg (only invisible characters: U+FEFF, U+2060)"),
+        ("3 apples\x00", "caption of a.jpg contains a control character (U+0000) at character 9: a damaged or mis-decoded file?"),
+        ("\x1b[31mred", "caption of a.jpg contains a control character (U+001B) at character 1: a damaged or mis-decoded file?"),
+        ("it\u00e2\u0080\u0099s", "caption of a.jpg contains a control character (U+0080) at character 4: a damaged or mis-decoded file?"),
+    ],
+)  # fmt: skip
+def test_captions_that_show_nothing_or_hold_control_characters_are_refused(tmp_path: Path, caption: str, problem: str) -> None:
+    _image(tmp_path / "a.jpg")
+    _jsonl(tmp_path, [{"file_name": "a.jpg", "text": caption}])
+    assert _only_problem(tmp_path) == f"metadata.jsonl:1: {problem}"
+
+
+def test_line_breaks_tabs_and_joiners_stay_in_a_caption(tmp_path: Path) -> None:
+    _image(tmp_path / "a.jpg")
+    caption = "Line one\r\nline\ttwo\u2028three \u0085four 👩\u200d🏫"
+    _jsonl(tmp_path, [{"file_name": "a.jpg", "text": caption}])
+    assert [e.text for e in read_examples(tmp_path)] == [caption]
+
+
+def test_a_key_given_twice_in_a_json_line_is_a_problem_not_the_last_one_silently(tmp_path: Path) -> None:
+    _image(tmp_path / "a.jpg")
+    _image(tmp_path / "b.jpg")
+    _jsonl(tmp_path, ['{"file_name": "a.jpg", "text": "first", "text": "second"}', {"file_name": "b.jpg", "text": "b"}])
+    report = check_folder(tmp_path)
+    assert [str(p) for p in report.problems] == ["metadata.jsonl:1: key 'text' appears twice in this object; keep one"]
+
+
+def test_a_json_array_is_one_problem_not_one_per_line(tmp_path: Path) -> None:
+    _image(tmp_path / "a.jpg")
+    rows = [{"file_name": "a.jpg", "text": "a"}, {"file_name": "b.jpg", "text": "b"}]
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    assert _only_problem(tmp_path).startswith("metadata.jsonl: holds one JSON array, not JSON Lines: write one object per line")
+
+
+@pytest.mark.parametrize(("listed", "on_disk"), [("IMG_0001.jpg", "IMG_0001.JPG"), ("a.jpg", "A.jpg")])
+def test_a_name_differing_only_in_letter_case_gets_a_hint(tmp_path: Path, listed: str, on_disk: str) -> None:
+    if (tmp_path / "probe").touch() or (tmp_path / "PROBE").exists():
+        pytest.skip("a case-insensitive file system finds the file anyway")
+    _image(tmp_path / on_disk)
+    _jsonl(tmp_path, [{"file_name": listed, "text": "x"}])
+    assert check_folder(tmp_path).problems[0].message == (
+        f"image not found (the folder has {on_disk!r}, which differs only in letter case (names are case-sensitive "
+        "here); rename one to match) (listed at metadata.jsonl:1)"
+    )

@@ -2,7 +2,8 @@
 
 A folder holds images (subfolders allowed) and metadata files, at its top and/or in subfolders:
 - `metadata.jsonl`: one JSON object per line, `{"file_name": "sub/a.jpg", "text": "..."}`;
-- `metadata.csv`: a header row with `file_name` and the caption column, then one row per image.
+- `metadata.csv`: a header row with `file_name` and the caption column, then one row per image (separated by
+  commas, semicolons or tabs: whichever splits the header into those columns).
 `file_name` is relative to the folder holding that metadata file (so `train/metadata.jsonl` and
 `test/metadata.jsonl` each list their own images, as in the Hugging Face imagefolder layout) and may not leave
 it; examples are named relative to the data folder. One folder may hold only one of the two formats. The
@@ -25,9 +26,12 @@ This module needs only the standard library, Pillow and the engine's errors and 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
+import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -129,8 +133,9 @@ def _as_listed(folder: Path, raw: str) -> str:
     return stripped
 
 
-def _check_name(folder: Path, raw: object, where: str) -> tuple[str | None, Problem | None]:
-    """The normalised file name, or the problem with it (naming that normalised name as its file)."""
+def _check_name(folder: Path, raw: object, where: str, folder_label: str = "the folder") -> tuple[str | None, Problem | None]:
+    """The normalised file name, or the problem with it (naming that normalised name as its file).
+    `folder_label` names `folder` in those problems ("train/ (the names in train/metadata.jsonl are ...)")."""
     if raw is not None and not isinstance(raw, str):
         return None, Problem(where, f"file_name is not text: {raw!r}")
     if not isinstance(raw, str) or not raw.strip():
@@ -142,7 +147,7 @@ def _check_name(folder: Path, raw: object, where: str) -> tuple[str | None, Prob
             inside = Path(name).relative_to(folder.absolute()).as_posix()
             return None, Problem(where, f"file_name {raw!r} is an absolute path; names are relative to the folder: {inside!r}", name)
     if posixpath.isabs(name) or name == ".." or name.startswith("../") or drive:
-        return None, Problem(where, f"file_name {raw!r} points outside the folder", name)
+        return None, Problem(where, f"file_name {raw!r} points outside {folder_label}", name)
     if "\x00" in name:
         return None, Problem(where, f"file_name {raw!r} contains a NUL character", name)
     # A symlink can still lead out of the folder.
@@ -151,7 +156,7 @@ def _check_name(folder: Path, raw: object, where: str) -> tuple[str | None, Prob
     except (OSError, ValueError) as exc:
         return None, Problem(where, f"file_name {raw!r} cannot be resolved ({exc})", name)
     if os.path.commonpath([real, root]) != root:
-        return None, Problem(where, f"file_name {raw!r} points outside the folder (through a link)", name)
+        return None, Problem(where, f"file_name {raw!r} points outside {folder_label} (through a link)", name)
     return name, None
 
 
@@ -175,6 +180,12 @@ class _MetadataFile:
     def label(self) -> str:  # how problems name it: "metadata.jsonl", "train/metadata.jsonl"
         return posixpath.join(self.sub, self.name)
 
+    @property
+    def folder_label(self) -> str:  # how problems name the folder its file names may not leave
+        if not self.sub:
+            return "the folder"
+        return f"{self.sub}/ (the names in {self.label} are relative to its folder)"
+
 
 def _lone_surrogate(text: str) -> str | None:
     """The first UTF-16 surrogate standing alone in `text` (not encodable as UTF-8), if any."""
@@ -182,12 +193,28 @@ def _lone_surrogate(text: str) -> str | None:
     return match.group() if match else None
 
 
+def _visible(text: str) -> bool:
+    """Whether `text` shows anything: a caption of zero-width spaces or byte-order marks reads as empty."""
+    return any(not c.isspace() and unicodedata.category(c) not in _INVISIBLE for c in text)
+
+
+_INVISIBLE = {"Cc", "Cf", "Zs", "Zl", "Zp"}  # controls, format characters (U+200B, U+FEFF, ...), separators
+# Line breaks and tabs a caption may hold (a spreadsheet cell's Alt+Enter, a NEL from an old export).
+_TEXT_CONTROLS = frozenset("\t\n\r\x85")
+
+
+def _control_character(text: str) -> str | None:
+    """The first control character in `text` that is not a line break or tab (NUL, ESC, C1 controls such as
+    the \\x80-\\x9f that UTF-8 read as Latin-1 leaves), if any."""
+    return next((c for c in text if unicodedata.category(c) == "Cc" and c not in _TEXT_CONTROLS), None)
+
+
 def _add_entry(
     parsed: _Parsed, meta: _MetadataFile, seen: dict[str, str], raw_name: object, caption: object, column: str,
     where: str,
 ) -> None:
     """One metadata row of `meta`."""
-    name, problem = _check_name(meta.folder, raw_name, where)
+    name, problem = _check_name(meta.folder, raw_name, where, meta.folder_label)
     if problem is not None:
         if problem.file_name is not None:  # named as the folder walk names it, for the unlisted-image check
             listed = posixpath.normpath(posixpath.join(meta.sub, problem.file_name))
@@ -206,6 +233,15 @@ def _add_entry(
         parsed.problems.append(Problem(where, f"caption {column!r} of {name} is not text: {caption!r}", name))
     elif not caption.strip():
         parsed.problems.append(Problem(where, f"empty caption for {name}", name))
+    elif not _visible(caption):
+        shown = ", ".join(dict.fromkeys(f"U+{ord(c):04X}" for c in caption if not c.isspace()))
+        parsed.problems.append(Problem(where, f"empty caption for {name} (only invisible characters: {shown})", name))
+    elif (control := _control_character(caption)) is not None:
+        parsed.problems.append(Problem(
+            where, f"caption of {name} contains a control character (U+{ord(control):04X}) at character "
+            f"{caption.index(control) + 1}: a damaged or mis-decoded file?",
+            name,
+        ))  # fmt: skip
     elif (half := _lone_surrogate(caption)) is not None:
         # JSON's \ud800-style escapes can carry half of a character (a writer that cut an emoji in two): no
         # tokenizer, log or predictions file can take it.
@@ -218,25 +254,85 @@ def _add_entry(
         parsed.examples.append(Example(name, unicodedata.normalize("NFC", caption.strip()), meta.root / name, where))
 
 
+class _NotText(Exception):
+    """A metadata file that is not text edlight reads; `problem` says why, naming the file (and line)."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
+
+
+_SAVE_AS_UTF8 = 'save it as UTF-8 (in Excel: "CSV UTF-8"; in other editors: encoding UTF-8)'
+
+
+def _metadata_text(meta: _MetadataFile) -> str:
+    """The whole text of a metadata file: UTF-8 (a byte-order mark allowed), or UTF-16 with its byte-order mark
+    (Excel's "Unicode Text", Windows Notepad's "Unicode"), which that mark tells apart without guessing. Raises
+    _NotText naming the line of the first byte that is not UTF-8, or what the file is instead; OSError as open()."""
+    raw = meta.path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            raise _NotText(Problem(meta.label, f"not UTF-16 text, though it starts with UTF-16's byte-order mark ({exc.reason} at byte {exc.start})")) from exc
+    body = raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if raw.startswith(b"PK\x03\x04"):
+            what = "a zip archive (an Excel .xlsx workbook saved under this name?), not text"
+            raise _NotText(Problem(meta.label, f"{what}: save the sheet as CSV (\"CSV UTF-8\")")) from exc
+        at = exc.start + len(raw) - len(body)  # the offset in the file, byte-order mark included
+        line = raw.count(b"\n", 0, at) + 1
+        raise _NotText(Problem(f"{meta.label}:{line}", f"not UTF-8 text ({exc.reason} at byte {at} of the file): {_SAVE_AS_UTF8}")) from exc
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook: a key given twice is refused (json.loads keeps the last silently)."""
+    row: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in row:
+            raise _DuplicateKey(key)
+        row[key] = value
+    return row
+
+
 def _parse_jsonl(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[str, str]) -> None:
     first = len(parsed.problems)
     rows, columns = 0, set[str]()  # JSON objects read, and every key they used
-    with meta.path.open(encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, start=1):
-            where = f"{meta.label}:{number}"
-            if not line.strip():
-                continue  # blank lines (a trailing newline) carry nothing
-            try:
-                row = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
-            except json.JSONDecodeError as exc:
-                parsed.problems.append(Problem(where, f"malformed JSON ({exc.msg} at column {exc.colno})"))
-                continue
-            if not isinstance(row, dict):
-                parsed.problems.append(Problem(where, f"expected a JSON object, got {type(row).__name__}"))
-                continue
-            rows += 1
-            columns.update(row)
-            _add_entry(parsed, meta, seen, row.get("file_name"), row.get(column), column, where)
+    text = _metadata_text(meta)
+    if text.lstrip().startswith("["):
+        with contextlib.suppress(ValueError):
+            if isinstance(json.loads(text), list):  # one error per line would hide the one mistake
+                parsed.fatal = True
+                parsed.problems.append(Problem(
+                    meta.label, "holds one JSON array, not JSON Lines: write one object per line, "
+                    '{"file_name": "a.jpg", "text": "..."}, without the enclosing [ ]',
+                ))  # fmt: skip
+                return
+    # Lines end at \n, \r\n or \r as open() splits them; U+2028 and the like stay inside a caption.
+    for number, line in enumerate(io.StringIO(text, newline=None), start=1):
+        where = f"{meta.label}:{number}"
+        if not line.strip():
+            continue  # blank lines (a trailing newline) carry nothing
+        try:
+            row = json.loads(line.rstrip("\r\n"), object_pairs_hook=_refuse_duplicate_keys)  # an error's column is on this line
+        except json.JSONDecodeError as exc:
+            parsed.problems.append(Problem(where, f"malformed JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        except _DuplicateKey as exc:
+            parsed.problems.append(Problem(where, f"key {exc.args[0]!r} appears twice in this object; keep one"))
+            continue
+        if not isinstance(row, dict):
+            parsed.problems.append(Problem(where, f"expected a JSON object, got {type(row).__name__}"))
+            continue
+        rows += 1
+        columns.update(row)
+        _add_entry(parsed, meta, seen, row.get("file_name"), row.get(column), column, where)
     if rows > 1 and "file_name" not in columns:
         # Rows naming their image under another key ("image", "path") are one mistake too.
         del parsed.problems[first:]
@@ -262,46 +358,76 @@ def _csv_hint(message: str) -> str:
     return ""
 
 
+# What a spreadsheet saves as "CSV" is separated by commas, or by semicolons where the comma is the decimal mark
+# (Excel in much of Europe), or by tabs ("Unicode Text", tab-separated exports).
+_CSV_SEPARATORS = (",", ";", "\t")
+_EXCEL_SEPARATOR_LINE = re.compile(r"sep=(.)\r?\n?")  # Excel's first line naming the separator: "sep=;"
+
+
+def _csv_separator(first_line: str, column: str) -> str:
+    """The separator whose header cells name `file_name` and `column`; a comma when none does (the problem then
+    shows the header as commas split it)."""
+    for separator in _CSV_SEPARATORS:
+        with contextlib.suppress(csv.Error):
+            cells = [cell.strip() for cell in next(csv.reader([first_line], delimiter=separator), [])]
+            if "file_name" in cells and column in cells:
+                return separator
+    return ","
+
+
 def _parse_csv(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[str, str]) -> None:
-    with meta.path.open(encoding="utf-8-sig", newline="") as f:
-        # strict: an unclosed quote is an error, not a caption that swallows the rows after it.
-        reader = csv.reader(f, strict=True)
-        start = 1  # the line where the next row begins (a quoted field may span lines)
-        try:
-            header = next(reader, None) or []
-            start = reader.line_num + 1
-            missing = [c for c in ("file_name", column) if c not in header]
-            if missing:
-                parsed.fatal = True
-                parsed.problems.append(
-                    Problem(f"{meta.label}:1", f"no {' or '.join(repr(c) for c in missing)} column (header: {header})")
-                )
-                return
-            repeated = [c for c in dict.fromkeys(("file_name", column)) if header.count(c) > 1]
-            if repeated:
-                parsed.fatal = True
-                parsed.problems.append(
-                    Problem(
-                        f"{meta.label}:1",
-                        f"column {' and '.join(repr(c) for c in repeated)} appears more than once in the header "
-                        f"({header}); rename or remove the extra one",
-                    )
-                )
-                return
-            name_at, caption_at = header.index("file_name"), header.index(column)
-            for values in reader:
-                where, start = f"{meta.label}:{start}", reader.line_num + 1
-                if not any(value.strip() for value in values):
-                    continue  # a blank line, or one of empty fields (",,": spreadsheets save those)
-                if len(values) != len(header):
-                    parsed.problems.append(Problem(where, f"expected {len(header)} fields, found {len(values)}"))
-                    continue
-                _add_entry(parsed, meta, seen, values[name_at], values[caption_at], column, where)
-        except csv.Error as exc:
-            # Named by the line where the bad row begins; the reader may have gone on to find the error.
-            found = f" (found at line {reader.line_num})" if reader.line_num > start else ""
+    lines = io.StringIO(_metadata_text(meta), newline="")  # the csv module reads line endings itself
+    first_line = lines.readline()
+    skipped = 0  # lines before the header
+    if (hint := _EXCEL_SEPARATOR_LINE.fullmatch(first_line)) is not None:
+        separator, skipped = hint.group(1), 1
+    else:
+        separator = _csv_separator(first_line, column)
+        lines.seek(0)
+    # strict: an unclosed quote is an error, not a caption that swallows the rows after it.
+    reader = csv.reader(lines, delimiter=separator, strict=True)
+    start = 1 + skipped  # the line where the next row begins (a quoted field may span lines)
+    try:
+        # Spaces around a header cell are a spreadsheet's, as around a value: "file_name, text" names "text".
+        header = [cell.strip() for cell in next(reader, None) or []]
+        if not header:
             parsed.fatal = True
-            parsed.problems.append(Problem(f"{meta.label}:{start}", f"malformed CSV{found}: {exc}{_csv_hint(str(exc))}"))
+            what = "the file is empty" if not first_line else "no header: the first line is blank (the header row must come first)"
+            parsed.problems.append(Problem(f"{meta.label}:{start}", f"{what}; it needs a header row naming 'file_name' and {column!r}"))
+            return
+        header_at, start = start, reader.line_num + 1 + skipped
+        missing = [c for c in ("file_name", column) if c not in header]
+        if missing:
+            parsed.fatal = True
+            parsed.problems.append(
+                Problem(f"{meta.label}:{header_at}", f"no {' or '.join(repr(c) for c in missing)} column (header: {header})")
+            )
+            return
+        repeated = [c for c in dict.fromkeys(("file_name", column)) if header.count(c) > 1]
+        if repeated:
+            parsed.fatal = True
+            parsed.problems.append(
+                Problem(
+                    f"{meta.label}:{header_at}",
+                    f"column {' and '.join(repr(c) for c in repeated)} appears more than once in the header "
+                    f"({header}); rename or remove the extra one",
+                )
+            )
+            return
+        name_at, caption_at = header.index("file_name"), header.index(column)
+        for values in reader:
+            where, start = f"{meta.label}:{start}", reader.line_num + 1 + skipped
+            if not any(value.strip() for value in values):
+                continue  # a blank line, or one of empty fields (",,": spreadsheets save those)
+            if len(values) != len(header):
+                parsed.problems.append(Problem(where, f"expected {len(header)} fields, found {len(values)}"))
+                continue
+            _add_entry(parsed, meta, seen, values[name_at], values[caption_at], column, where)
+    except csv.Error as exc:
+        # Named by the line where the bad row begins; the reader may have gone on to find the error.
+        found = f" (found at line {reader.line_num + skipped})" if reader.line_num + skipped > start else ""
+        parsed.fatal = True
+        parsed.problems.append(Problem(f"{meta.label}:{start}", f"malformed CSV{found}: {exc}{_csv_hint(str(exc))}"))
 
 
 def _unreadable_folder(folder: Path, exc: OSError) -> tuple[str, str]:
@@ -382,9 +508,9 @@ def _parse(folder: str | Path, caption_column: str) -> _Parsed:
                 _parse_jsonl(meta, caption_column, parsed, seen)
             else:
                 _parse_csv(meta, caption_column, parsed, seen)
-        except UnicodeDecodeError as exc:
+        except _NotText as exc:
             parsed.fatal = True
-            parsed.problems.append(Problem(meta.label, f"not UTF-8 text ({exc.reason} at byte {exc.start})"))
+            parsed.problems.append(exc.problem)
         except OSError as exc:  # unreadable, a dangling link, a folder named metadata.jsonl
             parsed.fatal = True
             parsed.problems.append(Problem(meta.label, f"cannot read the file ({exc.strerror or exc})"))
@@ -423,7 +549,7 @@ def _inspect_image(example: Example) -> tuple[tuple[int, int] | None, Problem | 
             if example.path.exists():
                 return None, Problem(name, "not a file", name)
             slash = " (file_name uses '\\'; write paths with '/')" if "\\" in name else ""
-            return None, Problem(name, f"image not found{slash}{_normalisation_hint(example.path)}", name)
+            return None, Problem(name, f"image not found{slash}{_near_name_hint(example.path)}", name)
     except OSError as exc:  # e.g. a name longer than the file system allows
         return None, Problem(name, f"cannot access the file: {exc.strerror or exc}", name)
     enable_heif()  # HEIC photos train when the engine can caption them
@@ -464,22 +590,45 @@ def _exif_orientation(image: Image.Image) -> int | None:
         return None
 
 
-def _normalisation_hint(path: Path) -> str:
-    """A hint when a file's name differs from `path`'s only in Unicode normalisation (macOS writes names
-    decomposed, NFD; most editors write metadata composed, NFC): the bytes differ, so the lookup fails."""
-    if path.name.isascii():  # nothing to normalise (and no folder listing for every missing ASCII name)
+def _near_name_hint(path: Path) -> str:
+    """A hint when the folder holds a file whose name differs from `path`'s only in Unicode normalisation (macOS
+    writes names decomposed, NFD; most editors write metadata composed, NFC) or in letter case (IMG_1.JPG listed
+    as IMG_1.jpg: the same file on Windows and macOS, not on Linux): the bytes differ, so the lookup fails."""
+    wanted = path.name
+    twins = _names_by_key(path.parent).get(_name_key(wanted), ())
+    twin = next((name for name in twins if name != wanted), None)
+    if twin is None:
         return ""
-    wanted = unicodedata.normalize("NFC", path.name)
+    if unicodedata.normalize("NFC", twin) == unicodedata.normalize("NFC", wanted):
+        why = "in Unicode normalisation: NFC vs NFD"
+    elif twin.lower() == wanted.lower():
+        why = "in letter case (names are case-sensitive here)"
+    else:
+        why = "in Unicode normalisation and letter case"
+    return f" (the folder has {twin!r}, which differs only {why}; rename one to match)"
+
+
+def _name_key(name: str) -> str:
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+@functools.lru_cache(maxsize=64)
+def _listing(folder: Path, changed: int) -> dict[str, tuple[str, ...]]:
+    names: dict[str, list[str]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            names.setdefault(_name_key(entry.name), []).append(entry.name)
+    return {key: tuple(sorted(found)) for key, found in names.items()}
+
+
+def _names_by_key(folder: Path) -> dict[str, tuple[str, ...]]:
+    """A folder's file names by their normalised, case-folded form. Listed once per folder and change (its
+    mtime): a folder of thousands of photos with many unmatched names is not listed once per name."""
     try:
-        twins = [
-            p.name for p in path.parent.iterdir()
-            if p.name != path.name and not p.name.isascii() and unicodedata.normalize("NFC", p.name) == wanted
-        ]
-    except OSError:
-        return ""
-    if not twins:
-        return ""
-    return f" (the folder has {twins[0]!r}, which differs only in Unicode normalisation: NFC vs NFD; rename one to match)"
+        changed = os.stat(folder).st_mtime_ns
+    except (OSError, ValueError):
+        return {}
+    return _listing(folder, changed)
 
 
 def _inspect_all(examples: Sequence[Example]) -> list[tuple[tuple[int, int] | None, Problem | None]]:
