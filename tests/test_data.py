@@ -786,16 +786,25 @@ def test_utf16_with_its_byte_order_mark_is_read(tmp_path: Path) -> None:
 
 
 def test_text_that_is_not_utf8_names_its_line_and_how_to_save_it(tmp_path: Path) -> None:
+    _SAVE_AS_UTF8 = 'save it as UTF-8 (in Excel: "CSV UTF-8"; in other editors: encoding UTF-8)'
     """Windows Excel's "CSV (Comma delimited)" is cp1252: the line of the first foreign byte, counted in the
     file (past the first 8 KiB a text reader's own offsets restart), and the save option to use."""
     rows = "".join(f"img{i}.jpg,caption number {i}\n" for i in range(400))
     (tmp_path / "metadata.csv").write_bytes(("file_name,text\n" + rows).encode() + "x.jpg,élève\n".encode("cp1252"))
     message = _only_problem(tmp_path)
     offset = len(("file_name,text\n" + rows).encode()) + len("x.jpg,")
-    assert message == (
-        f"metadata.csv:402: not UTF-8 text (invalid continuation byte at byte {offset} of the file): "
-        'save it as UTF-8 (in Excel: "CSV UTF-8"; in other editors: encoding UTF-8)'
-    )
+    assert message == f"metadata.csv:402: not UTF-8 text (invalid continuation byte at byte {offset} of the file): {_SAVE_AS_UTF8}"
+    # A character cut at the end of a chunk the check reads (1 MiB): the offset still counts from the file's start.
+    body = "file_name,text\n" + "a.jpg," + "é" * ((1 << 20) // 2) + "\n"
+    cut = body.encode()[: 1 << 20]  # ends with the first byte of an "é"
+    assert cut[-1:] == "é".encode()[:1]
+    (tmp_path / "metadata.csv").write_bytes(cut + b"x\n")
+    assert _only_problem(tmp_path).startswith(f"metadata.csv:2: not UTF-8 text (invalid continuation byte at byte {(1 << 20) - 1} of")
+    # Old Mac Excel ("CSV (Macintosh)"): lines end with \r alone, text in Mac Roman.
+    (tmp_path / "metadata.csv").write_bytes(b"file_name,text\ra.jpg,x\rb.jpg,\x8el\x8fve\r")
+    assert _only_problem(tmp_path).startswith("metadata.csv:3: not UTF-8 text (invalid start byte at byte 29 of")
+    (tmp_path / "metadata.csv").write_text("file_name,text\na.jpg,x\n", encoding="utf-32")
+    assert _only_problem(tmp_path) == f"metadata.csv: UTF-32 text: {_SAVE_AS_UTF8}"
     (tmp_path / "metadata.csv").unlink()
     line = b'{"file_name": "a.jpg", "text": "\xe9l\xe8ve"}\n'
     (tmp_path / "metadata.jsonl").write_bytes(line)
@@ -808,7 +817,7 @@ def test_a_workbook_saved_as_csv_is_named_as_such(tmp_path: Path) -> None:
 
     with zipfile.ZipFile(tmp_path / "metadata.csv", "w") as book:  # an .xlsx is a zip of XML parts
         book.writestr("[Content_Types].xml", "<Types/>")
-        book.writestr("xl/workbook.xml", "<workbook>\xe9</workbook>".encode("latin-1"))
+        book.writestr("xl/workbook.xml", "<workbook/>")  # stored, all ASCII: the file would pass as UTF-8
     assert _only_problem(tmp_path) == (
         'metadata.csv: a zip archive (an Excel .xlsx workbook saved under this name?), not text: save the sheet as CSV ("CSV UTF-8")'
     )
@@ -818,15 +827,30 @@ def test_a_workbook_saved_as_csv_is_named_as_such(tmp_path: Path) -> None:
     ("content", "expected"),
     [
         ("", "metadata.csv:1: the file is empty; it needs a header row naming 'file_name' and 'text'"),
-        ("\nfile_name,text\na.jpg,x\n", "metadata.csv:1: no header: the first line is blank (the header row must come first); "
+        ("\nfile_name,text\na.jpg,x\n", "metadata.csv:1: no header: line 1 is blank (the header row must come first); "
          "it needs a header row naming 'file_name' and 'text'"),
         ("sep=;\nimage;text\na.jpg;x\n", "metadata.csv:2: no 'file_name' column (header: ['image', 'text'])"),
+        ("sep=;\n\nfile_name;text\n", "metadata.csv:2: no header: line 2 is blank (the header row must come first); "
+         "it needs a header row naming 'file_name' and 'text'"),
+        ("file_name;caption\na.jpg;x\n", "metadata.csv:1: no 'text' column (header: ['file_name', 'caption'])"),
+        ('sep="\nfile_name,text\na.jpg,x\n', "metadata.csv:1: no 'file_name' or 'text' column (header: ['sep=\"'])"),
+        ("file_name,text,text \na.jpg,x,y\n", None),
     ],
 )  # fmt: skip
-def test_a_csv_without_a_header_says_what_is_wrong(tmp_path: Path, content: str, expected: str) -> None:
+def test_a_csv_without_a_header_says_what_is_wrong(tmp_path: Path, content: str, expected: str | None) -> None:
     _image(tmp_path / "a.jpg")
     (tmp_path / "metadata.csv").write_text(content, encoding="utf-8")
-    assert _only_problem(tmp_path) == expected
+    if expected is None:  # "text" and "text " side by side: the exact name is the caption column, as it always was
+        assert [(e.file_name, e.text) for e in read_examples(tmp_path)] == [("a.jpg", "x")]
+    else:
+        assert _only_problem(tmp_path) == expected
+
+
+def test_a_comma_csv_keeps_semicolons_and_tabs_in_its_captions(tmp_path: Path) -> None:
+    _image(tmp_path / "a.jpg")
+    _image(tmp_path / "b.jpg")
+    (tmp_path / "metadata.csv").write_text('file_name,text\na.jpg,3; 4; 5\nb.jpg,"tab\there; and, there"\n', encoding="utf-8")
+    assert [e.text for e in read_examples(tmp_path)] == ["3; 4; 5", "tab\there; and, there"]
 
 
 @pytest.mark.parametrize(
@@ -837,6 +861,7 @@ def test_a_csv_without_a_header_says_what_is_wrong(tmp_path: Path, content: str,
         ("3 apples\x00", "caption of a.jpg contains a control character (U+0000) at character 9: a damaged or mis-decoded file?"),
         ("\x1b[31mred", "caption of a.jpg contains a control character (U+001B) at character 1: a damaged or mis-decoded file?"),
         ("it\u00e2\u0080\u0099s", "caption of a.jpg contains a control character (U+0080) at character 4: a damaged or mis-decoded file?"),
+        ("twenty\x1eone", "caption of a.jpg contains a control character (U+001E) at character 7: Word's non-breaking hyphen (write '-' or U+2011)"),
     ],
 )  # fmt: skip
 def test_captions_that_show_nothing_or_hold_control_characters_are_refused(tmp_path: Path, caption: str, problem: str) -> None:
@@ -847,7 +872,7 @@ def test_captions_that_show_nothing_or_hold_control_characters_are_refused(tmp_p
 
 def test_line_breaks_tabs_and_joiners_stay_in_a_caption(tmp_path: Path) -> None:
     _image(tmp_path / "a.jpg")
-    caption = "Line one\r\nline\ttwo\u2028three \u0085four 👩\u200d🏫"
+    caption = "Line one\r\nline\ttwo\u2028three \u0085four\vfive 👩\u200d🏫"
     _jsonl(tmp_path, [{"file_name": "a.jpg", "text": caption}])
     assert [e.text for e in read_examples(tmp_path)] == [caption]
 
@@ -867,7 +892,7 @@ def test_a_json_array_is_one_problem_not_one_per_line(tmp_path: Path) -> None:
     assert _only_problem(tmp_path).startswith("metadata.jsonl: holds one JSON array, not JSON Lines: write one object per line")
 
 
-@pytest.mark.parametrize(("listed", "on_disk"), [("IMG_0001.jpg", "IMG_0001.JPG"), ("a.jpg", "A.jpg")])
+@pytest.mark.parametrize(("listed", "on_disk"), [("IMG_0001.jpg", "IMG_0001.JPG"), ("a.jpg", "A.jpg"), ("straße.jpg", "STRASSE.jpg")])
 def test_a_name_differing_only_in_letter_case_gets_a_hint(tmp_path: Path, listed: str, on_disk: str) -> None:
     if (tmp_path / "probe").touch() or (tmp_path / "PROBE").exists():
         pytest.skip("a case-insensitive file system finds the file anyway")

@@ -31,7 +31,7 @@ import contextlib
 import csv
 import functools
 import hashlib
-import io
+import itertools
 import json
 import logging
 import os
@@ -199,8 +199,16 @@ def _visible(text: str) -> bool:
 
 
 _INVISIBLE = {"Cc", "Cf", "Zs", "Zl", "Zp"}  # controls, format characters (U+200B, U+FEFF, ...), separators
-# Line breaks and tabs a caption may hold (a spreadsheet cell's Alt+Enter, a NEL from an old export).
-_TEXT_CONTROLS = frozenset("\t\n\r\x85")
+# Line breaks and tabs a caption may hold (a spreadsheet cell's Alt+Enter, FileMaker's vertical tab, a NEL from an
+# old export).
+_TEXT_CONTROLS = frozenset("\t\n\v\f\r\x85")
+
+
+# Controls that text copied out of Word carries, and what to write instead.
+_WORD_HYPHENS = {
+    "\x1e": "Word's non-breaking hyphen (write '-' or U+2011)",
+    "\x1f": "Word's optional hyphen (delete it, or write U+00AD)",
+}
 
 
 def _control_character(text: str) -> str | None:
@@ -237,9 +245,10 @@ def _add_entry(
         shown = ", ".join(dict.fromkeys(f"U+{ord(c):04X}" for c in caption if not c.isspace()))
         parsed.problems.append(Problem(where, f"empty caption for {name} (only invisible characters: {shown})", name))
     elif (control := _control_character(caption)) is not None:
+        what = _WORD_HYPHENS.get(control, "a damaged or mis-decoded file?")
         parsed.problems.append(Problem(
             where, f"caption of {name} contains a control character (U+{ord(control):04X}) at character "
-            f"{caption.index(control) + 1}: a damaged or mis-decoded file?",
+            f"{caption.index(control) + 1}: {what}",
             name,
         ))  # fmt: skip
     elif (half := _lone_surrogate(caption)) is not None:
@@ -263,28 +272,59 @@ class _NotText(Exception):
 
 
 _SAVE_AS_UTF8 = 'save it as UTF-8 (in Excel: "CSV UTF-8"; in other editors: encoding UTF-8)'
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")  # as open() splits lines: old Mac exports end them with \r alone
 
 
-def _metadata_text(meta: _MetadataFile) -> str:
-    """The whole text of a metadata file: UTF-8 (a byte-order mark allowed), or UTF-16 with its byte-order mark
-    (Excel's "Unicode Text", Windows Notepad's "Unicode"), which that mark tells apart without guessing. Raises
-    _NotText naming the line of the first byte that is not UTF-8, or what the file is instead; OSError as open()."""
-    raw = meta.path.read_bytes()
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        try:
-            return raw.decode("utf-16")
-        except UnicodeDecodeError as exc:
-            raise _NotText(Problem(meta.label, f"not UTF-16 text, though it starts with UTF-16's byte-order mark ({exc.reason} at byte {exc.start})")) from exc
-    body = raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if raw.startswith(b"PK\x03\x04"):
+def _metadata_encoding(meta: _MetadataFile) -> str:
+    """How to read a metadata file: UTF-8 (a byte-order mark allowed), or UTF-16 with its byte-order mark
+    (Excel's "Unicode Text", Windows Notepad's "Unicode"), which that mark tells apart without guessing.
+
+    The whole file is checked first, a chunk at a time (the parse then streams it): a foreign byte found
+    halfway would otherwise leave half a file read. Raises _NotText naming the line of the first byte that is
+    not UTF-8, or what the file is instead; OSError as open() raises it."""
+    with meta.path.open("rb") as f:
+        head = f.read(4)
+        if head.startswith(b"PK\x03\x04"):  # checked first: a small stored zip can pass as UTF-8
             what = "a zip archive (an Excel .xlsx workbook saved under this name?), not text"
-            raise _NotText(Problem(meta.label, f"{what}: save the sheet as CSV (\"CSV UTF-8\")")) from exc
-        at = exc.start + len(raw) - len(body)  # the offset in the file, byte-order mark included
-        line = raw.count(b"\n", 0, at) + 1
-        raise _NotText(Problem(f"{meta.label}:{line}", f"not UTF-8 text ({exc.reason} at byte {at} of the file): {_SAVE_AS_UTF8}")) from exc
+            raise _NotText(Problem(meta.label, f'{what}: save the sheet as CSV ("CSV UTF-8")'))
+        if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: it starts with its mark
+            raise _NotText(Problem(meta.label, f"UTF-32 text: {_SAVE_AS_UTF8}"))
+        utf16 = head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+        decoder = codecs.getincrementaldecoder("utf-16" if utf16 else "utf-8")()
+        f.seek(0)
+        offset = 0  # of the chunk in the file
+        while True:
+            chunk = f.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                if utf16:
+                    raise _NotText(Problem(meta.label, f"not UTF-16 text, though it starts with UTF-16's byte-order mark ({exc.reason})")) from exc
+                # The decoder's error counts from the bytes it held back from the last chunk (at most 3).
+                at = offset - len(exc.object) + len(chunk) + exc.start
+                f.seek(0)
+                line = len(_LINE_BREAK.findall(f.read(at))) + 1
+                raise _NotText(Problem(f"{meta.label}:{line}", f"not UTF-8 text ({exc.reason} at byte {at} of the file): {_SAVE_AS_UTF8}")) from exc
+            if not chunk:
+                return "utf-16" if utf16 else "utf-8-sig"
+            offset += len(chunk)
+
+
+def _is_json_array(path: Path, encoding: str) -> bool:
+    """Whether the file holds one JSON array (read whole only when its first character opens one)."""
+    with path.open(encoding=encoding) as f:
+        for line in f:
+            if line.strip():
+                if not line.lstrip().startswith("["):
+                    return False
+                break
+        else:
+            return False
+    with path.open(encoding=encoding) as f:  # from the start again, its byte-order mark skipped
+        try:
+            return isinstance(json.load(f), list)
+        except ValueError:
+            return False
 
 
 class _DuplicateKey(ValueError):
@@ -304,35 +344,34 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _parse_jsonl(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[str, str]) -> None:
     first = len(parsed.problems)
     rows, columns = 0, set[str]()  # JSON objects read, and every key they used
-    text = _metadata_text(meta)
-    if text.lstrip().startswith("["):
-        with contextlib.suppress(ValueError):
-            if isinstance(json.loads(text), list):  # one error per line would hide the one mistake
-                parsed.fatal = True
-                parsed.problems.append(Problem(
-                    meta.label, "holds one JSON array, not JSON Lines: write one object per line, "
-                    '{"file_name": "a.jpg", "text": "..."}, without the enclosing [ ]',
-                ))  # fmt: skip
-                return
-    # Lines end at \n, \r\n or \r as open() splits them; U+2028 and the like stay inside a caption.
-    for number, line in enumerate(io.StringIO(text, newline=None), start=1):
-        where = f"{meta.label}:{number}"
-        if not line.strip():
-            continue  # blank lines (a trailing newline) carry nothing
-        try:
-            row = json.loads(line.rstrip("\r\n"), object_pairs_hook=_refuse_duplicate_keys)  # an error's column is on this line
-        except json.JSONDecodeError as exc:
-            parsed.problems.append(Problem(where, f"malformed JSON ({exc.msg} at column {exc.colno})"))
-            continue
-        except _DuplicateKey as exc:
-            parsed.problems.append(Problem(where, f"key {exc.args[0]!r} appears twice in this object; keep one"))
-            continue
-        if not isinstance(row, dict):
-            parsed.problems.append(Problem(where, f"expected a JSON object, got {type(row).__name__}"))
-            continue
-        rows += 1
-        columns.update(row)
-        _add_entry(parsed, meta, seen, row.get("file_name"), row.get(column), column, where)
+    encoding = _metadata_encoding(meta)
+    if _is_json_array(meta.path, encoding):  # one error per line would hide the one mistake
+        parsed.fatal = True
+        parsed.problems.append(Problem(
+            meta.label, "holds one JSON array, not JSON Lines: write one object per line, "
+            '{"file_name": "a.jpg", "text": "..."}, without the enclosing [ ]',
+        ))  # fmt: skip
+        return
+    # Lines end at \n, \r\n or \r (open() splits them so); U+2028 and the like stay inside a caption.
+    with meta.path.open(encoding=encoding) as f:
+        for number, line in enumerate(f, start=1):
+            where = f"{meta.label}:{number}"
+            if not line.strip():
+                continue  # blank lines (a trailing newline) carry nothing
+            try:
+                row = json.loads(line.rstrip("\r\n"), object_pairs_hook=_refuse_duplicate_keys)  # an error's column is on this line
+            except json.JSONDecodeError as exc:
+                parsed.problems.append(Problem(where, f"malformed JSON ({exc.msg} at column {exc.colno})"))
+                continue
+            except _DuplicateKey as exc:
+                parsed.problems.append(Problem(where, f"key {exc.args[0]!r} appears twice in this object; keep one"))
+                continue
+            if not isinstance(row, dict):
+                parsed.problems.append(Problem(where, f"expected a JSON object, got {type(row).__name__}"))
+                continue
+            rows += 1
+            columns.update(row)
+            _add_entry(parsed, meta, seen, row.get("file_name"), row.get(column), column, where)
     if rows > 1 and "file_name" not in columns:
         # Rows naming their image under another key ("image", "path") are one mistake too.
         del parsed.problems[first:]
@@ -361,73 +400,80 @@ def _csv_hint(message: str) -> str:
 # What a spreadsheet saves as "CSV" is separated by commas, or by semicolons where the comma is the decimal mark
 # (Excel in much of Europe), or by tabs ("Unicode Text", tab-separated exports).
 _CSV_SEPARATORS = (",", ";", "\t")
-_EXCEL_SEPARATOR_LINE = re.compile(r"sep=(.)\r?\n?")  # Excel's first line naming the separator: "sep=;"
+# Excel's first line naming the separator ("sep=;"); only separators a CSV reader can take.
+_EXCEL_SEPARATOR_LINE = re.compile(r"sep=([,;\t|])\r?\n?")
 
 
 def _csv_separator(first_line: str, column: str) -> str:
-    """The separator whose header cells name `file_name` and `column`; a comma when none does (the problem then
-    shows the header as commas split it)."""
-    for separator in _CSV_SEPARATORS:
-        with contextlib.suppress(csv.Error):
-            cells = [cell.strip() for cell in next(csv.reader([first_line], delimiter=separator), [])]
-            if "file_name" in cells and column in cells:
-                return separator
+    """The separator whose header cells name `file_name` and `column` (else `file_name` alone, so that a missing
+    caption column is shown among the real ones); a comma when none does."""
+    for wanted in (("file_name", column), ("file_name",)):
+        for separator in _CSV_SEPARATORS:
+            with contextlib.suppress(csv.Error):
+                cells = [cell.strip() for cell in next(csv.reader([first_line], delimiter=separator), [])]
+                if all(name in cells for name in wanted):
+                    return separator
     return ","
 
 
+def _header_positions(header: list[str], name: str) -> list[int]:
+    """Where `name` is in the header: the cells that are exactly it, else those that are it but for the spaces a
+    spreadsheet cell may carry (so "text" and "text " side by side are not two caption columns)."""
+    exact = [i for i, cell in enumerate(header) if cell == name]
+    return exact or [i for i, cell in enumerate(header) if cell.strip() == name]
+
+
 def _parse_csv(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[str, str]) -> None:
-    lines = io.StringIO(_metadata_text(meta), newline="")  # the csv module reads line endings itself
-    first_line = lines.readline()
-    skipped = 0  # lines before the header
-    if (hint := _EXCEL_SEPARATOR_LINE.fullmatch(first_line)) is not None:
-        separator, skipped = hint.group(1), 1
-    else:
-        separator = _csv_separator(first_line, column)
-        lines.seek(0)
-    # strict: an unclosed quote is an error, not a caption that swallows the rows after it.
-    reader = csv.reader(lines, delimiter=separator, strict=True)
-    start = 1 + skipped  # the line where the next row begins (a quoted field may span lines)
-    try:
-        # Spaces around a header cell are a spreadsheet's, as around a value: "file_name, text" names "text".
-        header = [cell.strip() for cell in next(reader, None) or []]
-        if not header:
-            parsed.fatal = True
-            what = "the file is empty" if not first_line else "no header: the first line is blank (the header row must come first)"
-            parsed.problems.append(Problem(f"{meta.label}:{start}", f"{what}; it needs a header row naming 'file_name' and {column!r}"))
-            return
-        header_at, start = start, reader.line_num + 1 + skipped
-        missing = [c for c in ("file_name", column) if c not in header]
-        if missing:
-            parsed.fatal = True
-            parsed.problems.append(
-                Problem(f"{meta.label}:{header_at}", f"no {' or '.join(repr(c) for c in missing)} column (header: {header})")
-            )
-            return
-        repeated = [c for c in dict.fromkeys(("file_name", column)) if header.count(c) > 1]
-        if repeated:
-            parsed.fatal = True
-            parsed.problems.append(
-                Problem(
-                    f"{meta.label}:{header_at}",
-                    f"column {' and '.join(repr(c) for c in repeated)} appears more than once in the header "
-                    f"({header}); rename or remove the extra one",
+    encoding = _metadata_encoding(meta)
+    with meta.path.open(encoding=encoding, newline="") as f:  # newline="": the csv module reads line endings itself
+        first_line = f.readline()
+        hint = _EXCEL_SEPARATOR_LINE.fullmatch(first_line)
+        skipped = 1 if hint else 0  # lines before the header
+        separator = hint.group(1) if hint else _csv_separator(first_line, column)
+        # strict: an unclosed quote is an error, not a caption that swallows the rows after it.
+        reader = csv.reader(f if hint else itertools.chain([first_line], f), delimiter=separator, strict=True)
+        start = 1 + skipped  # the line where the next row begins (a quoted field may span lines)
+        try:
+            header = next(reader, None) or []
+            if not any(cell.strip() for cell in header):
+                parsed.fatal = True
+                what = "the file is empty" if not first_line else f"no header: line {start} is blank (the header row must come first)"
+                parsed.problems.append(Problem(f"{meta.label}:{start}", f"{what}; it needs a header row naming 'file_name' and {column!r}"))
+                return
+            header_at, start = start, reader.line_num + 1 + skipped
+            positions = {name: _header_positions(header, name) for name in ("file_name", column)}
+            missing = [name for name, found in positions.items() if not found]
+            if missing:
+                parsed.fatal = True
+                parsed.problems.append(
+                    Problem(f"{meta.label}:{header_at}", f"no {' or '.join(repr(c) for c in missing)} column (header: {header})")
                 )
-            )
-            return
-        name_at, caption_at = header.index("file_name"), header.index(column)
-        for values in reader:
-            where, start = f"{meta.label}:{start}", reader.line_num + 1 + skipped
-            if not any(value.strip() for value in values):
-                continue  # a blank line, or one of empty fields (",,": spreadsheets save those)
-            if len(values) != len(header):
-                parsed.problems.append(Problem(where, f"expected {len(header)} fields, found {len(values)}"))
-                continue
-            _add_entry(parsed, meta, seen, values[name_at], values[caption_at], column, where)
-    except csv.Error as exc:
-        # Named by the line where the bad row begins; the reader may have gone on to find the error.
-        found = f" (found at line {reader.line_num + skipped})" if reader.line_num + skipped > start else ""
-        parsed.fatal = True
-        parsed.problems.append(Problem(f"{meta.label}:{start}", f"malformed CSV{found}: {exc}{_csv_hint(str(exc))}"))
+                return
+            repeated = [name for name, found in positions.items() if len(found) > 1]
+            if repeated:
+                parsed.fatal = True
+                parsed.problems.append(
+                    Problem(
+                        f"{meta.label}:{header_at}",
+                        f"column {' and '.join(repr(c) for c in repeated)} appears more than once in the header "
+                        f"({header}); rename or remove the extra one",
+                    )
+                )
+                return
+            name_at, caption_at = positions["file_name"][0], positions[column][0]
+            for values in reader:
+                where, start = f"{meta.label}:{start}", reader.line_num + 1 + skipped
+                if not any(value.strip() for value in values):
+                    continue  # a blank line, or one of empty fields (",,": spreadsheets save those)
+                if len(values) != len(header):
+                    parsed.problems.append(Problem(where, f"expected {len(header)} fields, found {len(values)}"))
+                    continue
+                _add_entry(parsed, meta, seen, values[name_at], values[caption_at], column, where)
+        except csv.Error as exc:
+            # Named by the line where the bad row begins; the reader may have gone on to find the error.
+            found = f" (found at line {reader.line_num + skipped})" if reader.line_num + skipped > start else ""
+            parsed.fatal = True
+            parsed.problems.append(Problem(f"{meta.label}:{start}", f"malformed CSV{found}: {exc}{_csv_hint(str(exc))}"))
 
 
 def _unreadable_folder(folder: Path, exc: OSError) -> tuple[str, str]:
@@ -601,7 +647,7 @@ def _near_name_hint(path: Path) -> str:
         return ""
     if unicodedata.normalize("NFC", twin) == unicodedata.normalize("NFC", wanted):
         why = "in Unicode normalisation: NFC vs NFD"
-    elif twin.lower() == wanted.lower():
+    elif twin.casefold() == wanted.casefold():
         why = "in letter case (names are case-sensitive here)"
     else:
         why = "in Unicode normalisation and letter case"
