@@ -226,9 +226,13 @@ def _whiten_16_bit_key(image: Image.Image, handle: IO[bytes]) -> None:
     image.paste((255, 255, 255), mask=Image.fromarray(transparent.astype(np.uint8) * 255))
 
 
-# Formats Pillow reads by running another program on the file: EPS runs Ghostscript (a PostScript
-# interpreter) on whatever a folder holds under an image's name. Not for an image service.
-EXTERNAL_PROGRAM_FORMATS = frozenset({"EPS"})
+# Formats Pillow has readers for that are not read, none of them student work: EPS, because Pillow reads it by
+# running another program on the file (Ghostscript, a PostScript interpreter, on whatever a folder holds under an
+# image's name); ICO and ICNS, because their pixel count is not known before their pixels are: Pillow decodes an
+# icon's largest image while opening it, and an ICNS entry's PNG need not be the size its table says, so a 250 KB
+# icon holding a 15000x15000 PNG took 310 MB before the pixel cap could refuse it.
+UNREAD_FORMATS = frozenset({"EPS", "ICO", "ICNS"})
+ICON_SIGNATURES = (b"\x00\x00\x01\x00", b"icns")  # ICO, ICNS (Windows and macOS icons)
 
 
 _BOMB_WARNING_LOCK = threading.Lock()
@@ -249,9 +253,9 @@ def open_lazily(source: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
 
 def readable_formats() -> list[str]:
     """Every format Pillow has a reader for (plugins registered later, as HEIF, included), in its own
-    detection order, less EXTERNAL_PROGRAM_FORMATS."""
+    detection order, less UNREAD_FORMATS."""
     Image.init()
-    return [name for name in Image.ID if name not in EXTERNAL_PROGRAM_FORMATS]
+    return [name for name in Image.ID if name not in UNREAD_FORMATS]
 
 
 @contextlib.contextmanager
@@ -292,6 +296,9 @@ def _decode(handle: IO[bytes], max_pixels: int, label: str, heif_tried: bool = F
                 handle.seek(0)
                 return _decode(handle, max_pixels, label, heif_tried=True)
             raise ImageError(f"{label}: {HEIF_MISSING}") from exc
+        if _head(handle).startswith(ICON_SIGNATURES):
+            raise ImageError(f"{label}: an icon file (ICO/ICNS), which is not read (its size cannot be checked before its "
+                             "pixels are decoded): save the picture as PNG or JPEG") from exc
         if (kind := _signature(handle)) is not None:  # Pillow drops the reason (a bad chunk checksum, say)
             raise ImageError(f"{label}: a damaged {kind} image: its header cannot be read") from exc
         raise ImageError(f"{label}: not an image, or an image format that cannot be read") from exc

@@ -152,6 +152,24 @@ def test_postscript_is_not_handed_to_ghostscript(tmp_path: Path) -> None:
         load_image(path)
 
 
+def test_an_icon_is_refused_before_its_pixels_are_decoded(tmp_path: Path) -> None:
+    """Pillow decodes an ICO's largest image while opening it: a small icon holding a PNG past the pixel cap
+    would be decoded whole before the cap could refuse it. Named as an icon, and never opened."""
+    import struct
+
+    png = io.BytesIO()
+    Image.new("L", (4000, 4000), 255).save(png, format="PNG")  # 16 MP, 16 KB on disk
+    entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 8, len(png.getvalue()), 22)
+    path = tmp_path / "scan.png"  # any name: Pillow tells the format from the content
+    path.write_bytes(struct.pack("<HHH", 0, 1, 1) + entry + png.getvalue())
+    # Opened as an icon it would be decoded first and then refused by the cap ("image too large").
+    with pytest.raises(ImageError, match=r"scan.png: an icon file \(ICO/ICNS\), which is not read .*: save the picture as PNG or JPEG"):
+        load_image(path, max_pixels=1_000_000)
+    from engine.images import readable_formats
+
+    assert not {"ICO", "ICNS"} & set(readable_formats())
+
+
 def test_palette_with_transparency_and_cmyk() -> None:
     palette = Image.new("P", (3, 3), 0)
     palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
