@@ -142,6 +142,7 @@ def caption(
     if ray_address is not None or actors is not None:
         raise click.UsageError("--ray-address and --actors need --ray")
     from engine.captioner import Captioner
+    from engine.folder import one_line
     from engine.images import image_being_loaded
 
     shown = warnings.showwarning
@@ -157,7 +158,7 @@ def caption(
             image, text = image_being_loaded(), " ".join(str(message).split())
             if (image, text) not in said:
                 said.add((image, text))
-                say(f"warning: {image}: {text}" if image else f"warning: {text}")
+                say(f"warning: {one_line(image)}: {text}" if image else f"warning: {text}")
         elif issubclass(category, UserWarning):
             say(f"warning: {message}")
         else:

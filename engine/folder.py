@@ -469,6 +469,11 @@ def _printable(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def one_line(name: str) -> str:
+    """A file name as one line of a log or message: its line breaks as \\r and \\n, undecodable bytes as \\xNN."""
+    return _printable(name).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _csv_field(value: object) -> str:
     # Newlines inside a field would split a record over several lines and defeat torn-line repair.
     return " ".join(_printable(str(value)).splitlines())
@@ -1211,7 +1216,7 @@ def _resumed_name(file: str, fmt: str, done: dict[str, bool], taken: set[str]) -
         # its line breaks as spaces (before names kept them). Neither may be another file's record: a
         # single-backslash spelling that reads as this version's escapes ("a\\nb.png" is the current name of
         # "a<line break>b.png") is never taken, nor a spelling that is an input's current name.
-        single = printable.replace("\r", "\\r").replace("\n", "\\n")
+        single = one_line(file)
         legacies = [] if CURRENT_CSV_NAME.fullmatch(single) else [single]
         spaced = " ".join(printable.splitlines())
         if spaced != printable:  # only a name with line breaks was ever written with spaces for them

@@ -2022,14 +2022,14 @@ def test_folder_inputs_as_bytes_paths_and_wrong_kinds_of_input(captioner: Captio
 def test_cli_names_the_image_pillow_warns_about(engine_bundle: Path, tmp_path: Path) -> None:
     # "PIL/TiffImagePlugin.py:982: UserWarning: Corrupt EXIF data" named no image; once per image now.
     (tmp_path / "in").mkdir()
-    for name in ("a.jpg", "b.jpg"):
+    for name in ("a.jpg", "b\nc.jpg"):  # a line break in a name stays on the warning's one line
         photo(1).save(tmp_path / "in" / name, exif=b"Exif\x00\x00II*\x00\xff\xff\xff\xff")
     result = CliRunner().invoke(caption_command, [str(tmp_path / "in"), "--model", str(engine_bundle), "--out",
                                                   str(tmp_path / "o.jsonl"), "--quiet", "--batch-size", "1"])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if "Corrupt EXIF" in line]
     assert lines == [f"warning: {tmp_path / 'in' / name}: Corrupt EXIF data. Expecting to read 2 bytes but only got 0."
-                     for name in ("a.jpg", "b.jpg")], result.output
+                     for name in ("a.jpg", "b\\nc.jpg")], result.output
 
 
 @pytest.mark.parametrize("out", ["scores.json", "-", None])
