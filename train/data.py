@@ -661,8 +661,8 @@ def _name_key(name: str) -> str:
 @functools.lru_cache(maxsize=64)
 def _listing(folder: Path, changed: int) -> dict[str, tuple[str, ...]]:
     names: dict[str, list[str]] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(folder):
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
             names.setdefault(_name_key(entry.name), []).append(entry.name)
     return {key: tuple(sorted(found)) for key, found in names.items()}
 
