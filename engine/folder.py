@@ -320,6 +320,7 @@ class RecordWriter:
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
         self.out, self.fmt, self.model = out, fmt, model
+        self._named = Path(os.path.abspath(out))  # what `out` names now, whatever the working folder becomes
         self.fields: tuple[str, ...] = FIELDS
         self._handle: TextIO | None = None
         self._stream: TextIO | None = None  # this process's stdout or stderr, when `out` is its file
@@ -422,7 +423,7 @@ class RecordWriter:
         """
         assert self._handle is not None
         try:
-            named = os.stat(self.out)
+            named = os.stat(self._named)
         except FileNotFoundError:
             named = None
         except OSError:
@@ -1313,12 +1314,18 @@ def caption_folder(
         started = time.perf_counter()
         read_sizes: dict[str, int | None] = {}
 
+        # Images are opened where they were listed: a host that changes its working folder meanwhile (a
+        # notebook's %cd, a service's os.chdir) would otherwise turn every later relative path into an error.
+        # (A working folder deleted since matters only to relative paths: folder_job has refused those then.)
+        listed_in = None if all(f.path.is_absolute() for f in todo) else Path.cwd()
+
         def items() -> Iterator[tuple[str, Path, str]]:
             for f in todo:
+                path = f.path if listed_in is None else listed_in / f.path
                 # Pulled as its batch is handed to the reading thread: the size of the file read, not the
                 # one listed minutes before (a file still being copied in then).
-                read_sizes[f.file] = file_size(f.path)
-                yield f.file, f.path, str(f.path)
+                read_sizes[f.file] = file_size(path)
+                yield f.file, path, str(f.path)
 
         pending: list[dict[str, Any]] = []
         try:

@@ -1627,6 +1627,32 @@ def test_adding_an_input_that_renames_the_records_is_refused(
     assert (summary.skipped, summary.captioned) == (1, 1)
 
 
+def test_a_run_keeps_its_working_folder_when_the_host_changes_it(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A notebook's %cd or a service's os.chdir while caption_folder runs in another thread: relative inputs
+    were opened from the new folder (every later image "no such file"), and the relative output was "deleted or
+    replaced" after its first batch. Both stay where they were when the run began."""
+    names = make_folder(tmp_path / "photos", 7)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(tmp_path)
+    plain = captioner.iter_captions
+
+    def moving(items):  # type: ignore[no-untyped-def]
+        for done, result in enumerate(plain(items)):
+            if done == 0:
+                os.chdir(elsewhere)  # the next batches are read after this
+            yield result
+
+    monkeypatch.setattr(captioner, "iter_captions", moving)
+    summary = captioner.caption_folder("photos", out="o.jsonl", progress=False)
+    assert (summary.captioned, summary.failed) == (7, 0)
+    assert [r["file"] for r in records(tmp_path / "o.jsonl")] == names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "o.jsonl", "photos"]  # its lock file removed
+    assert not list(elsewhere.iterdir())
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_inputs_spelled_another_way_do_not_caption_the_images_twice(
     captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
