@@ -23,7 +23,7 @@ import os
 import stat
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from struct import error as struct_error  # raised by a few PIL plugins on garbage headers
 from typing import IO
@@ -233,6 +233,8 @@ def _whiten_16_bit_key(image: Image.Image, handle: IO[bytes]) -> None:
 # icon holding a 15000x15000 PNG took 310 MB before the pixel cap could refuse it.
 UNREAD_FORMATS = frozenset({"EPS", "ICO", "ICNS"})
 ICON_SIGNATURES = (b"\x00\x00\x01\x00", b"icns")  # ICO, ICNS (Windows and macOS icons)
+# Said the same way by the engine and by training's data check.
+ICON_REFUSED = "an icon file (ICO/ICNS), which is not read (its size cannot be checked before its pixels are decoded): save the picture as PNG or JPEG"
 
 
 _BOMB_WARNING_LOCK = threading.Lock()
@@ -296,9 +298,8 @@ def _decode(handle: IO[bytes], max_pixels: int, label: str, heif_tried: bool = F
                 handle.seek(0)
                 return _decode(handle, max_pixels, label, heif_tried=True)
             raise ImageError(f"{label}: {HEIF_MISSING}") from exc
-        if _head(handle).startswith(ICON_SIGNATURES):
-            raise ImageError(f"{label}: an icon file (ICO/ICNS), which is not read (its size cannot be checked before its "
-                             "pixels are decoded): save the picture as PNG or JPEG") from exc
+        if _is_icon(handle):
+            raise ImageError(f"{label}: {ICON_REFUSED}") from exc
         if (kind := _signature(handle)) is not None:  # Pillow drops the reason (a bad chunk checksum, say)
             raise ImageError(f"{label}: a damaged {kind} image: its header cannot be read") from exc
         raise ImageError(f"{label}: not an image, or an image format that cannot be read") from exc
@@ -334,13 +335,27 @@ def _is_heif(handle: IO[bytes]) -> bool:
 
 
 def is_heif_file(path: str | os.PathLike[str]) -> bool:
-    """Whether the file at `path` starts like a HEIC/HEIF still image (False if it cannot be read, or is
-    not a regular file: opening a FIFO would wait forever)."""
+    """Whether the file at `path` starts like a HEIC/HEIF still image."""
+    return _file_starts_like(path, _is_heif)
+
+
+def is_icon_file(path: str | os.PathLike[str]) -> bool:
+    """Whether the file at `path` starts like an ICO or ICNS icon (not read: UNREAD_FORMATS)."""
+    return _file_starts_like(path, _is_icon)
+
+
+def _is_icon(handle: IO[bytes]) -> bool:
+    return _head(handle).startswith(ICON_SIGNATURES)
+
+
+def _file_starts_like(path: str | os.PathLike[str], test: Callable[[IO[bytes]], bool]) -> bool:
+    """`test` of the file at `path` (False if it cannot be read, or is not a regular file: opening a FIFO would
+    wait forever)."""
     if not os.path.isfile(path):
         return False
     try:
         with open(path, "rb") as handle:
-            return _is_heif(handle)
+            return test(handle)
     except OSError:
         return False
 

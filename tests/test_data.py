@@ -902,3 +902,17 @@ def test_a_name_differing_only_in_letter_case_gets_a_hint(tmp_path: Path, listed
         f"image not found (the folder has {on_disk!r}, which differs only in letter case (names are case-sensitive "
         "here); rename one to match) (listed at metadata.jsonl:1)"
     )
+
+
+def test_an_icon_listed_as_an_image_is_named_as_one(tmp_path: Path) -> None:
+    """Icons are not read (Pillow decodes an ICO's pixels before its size can be checked): data check says so,
+    as the engine does, rather than calling it a format Pillow cannot read."""
+    import io
+    import struct
+
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 120, 40)).save(png, format="PNG")
+    entry = struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png.getvalue()), 22)
+    (tmp_path / "a.png").write_bytes(struct.pack("<HHH", 0, 1, 1) + entry + png.getvalue())
+    _jsonl(tmp_path, [{"file_name": "a.png", "text": "x"}])
+    assert _only_problem(tmp_path).startswith("a.png: an icon file (ICO/ICNS), which is not read")

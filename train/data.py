@@ -49,7 +49,15 @@ from PIL import Image, UnidentifiedImageError
 
 from engine.errors import EdlightError
 from engine.folder import IMAGE_EXTENSIONS, is_image_name  # what the engine's folder walk captions
-from engine.images import DEFAULT_MAX_PIXELS, HEIF_MISSING, enable_heif, is_heif_file, open_lazily
+from engine.images import (
+    DEFAULT_MAX_PIXELS,
+    HEIF_MISSING,
+    ICON_REFUSED,
+    enable_heif,
+    is_heif_file,
+    is_icon_file,
+    open_lazily,
+)
 from engine.preprocess import PatchConfig, position_error
 from train.checkpoint import RUN_CONFIG
 
@@ -616,6 +624,8 @@ def _inspect_image(example: Example) -> tuple[tuple[int, int] | None, Problem | 
         if is_heif_file(example.path):
             why = "corrupt HEIC/HEIF image" if enable_heif() else HEIF_MISSING
             return None, Problem(name, why, name)
+        if is_icon_file(example.path):
+            return None, Problem(name, ICON_REFUSED, name)
         return None, Problem(name, "unreadable image (not an image format Pillow can read)", name)
     except Image.DecompressionBombError as exc:
         return None, Problem(name, f"image too large to decode safely ({exc})", name)
