@@ -484,7 +484,7 @@ def _csv_name(file: str) -> str:
     # A file name keeps its line breaks as \n, \r: written as spaces, "a\nb.png" and "a b.png" would clash.
     # Its own backslashes are doubled first, so that no two names meet in one escape: a name written
     # a\nb.png (backslash, n) and one with a line break, or \xff and the byte 0xff, stay apart.
-    return _printable(file.replace("\\", "\\\\")).replace("\r", "\\r").replace("\n", "\\n")
+    return one_line(file.replace("\\", "\\\\"))
 
 
 def record_name(file: str, fmt: str) -> str:
