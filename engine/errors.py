@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from pathlib import Path
 
 
 class EdlightError(Exception):
@@ -50,5 +51,10 @@ def is_installed(module: str) -> bool:
 
 
 def install_hint(extra: str) -> str:
-    """How to install an optional extra of edlight, which is installed from its source folder."""
-    return f"in the edlight source folder: pip install '.[{extra}]' -c constraints.txt"
+    """How to install an optional extra of edlight, as it was installed: from its source folder (a checkout, or
+    an editable install of one), which this names, or from a wheel, to which pip adds the extra's packages.
+    Either way with edlight's constraints.txt, which pins torch to its CPU build."""
+    source = Path(__file__).resolve().parent.parent
+    if (source / "pyproject.toml").is_file() and (source / "constraints.txt").is_file():
+        return f"in the edlight source folder ({source}): pip install '.[{extra}]' -c constraints.txt"
+    return f"pip install 'edlight[{extra}]' -c constraints.txt (constraints.txt is in edlight's source; it pins the tested versions)"

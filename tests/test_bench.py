@@ -18,6 +18,8 @@ from PIL import Image
 from benchmarks.cli import bench
 from benchmarks.flops import encoder_flops
 
+ROOT = Path(__file__).resolve().parents[1]
+
 ALL_SYSTEMS = ("torch", "optimum", "engine", "engine-int8")
 TOKENS = 8
 
@@ -260,7 +262,7 @@ def test_systems_without_their_libraries_are_skipped_with_a_note(monkeypatch: py
     assert skipped == {"engine": "not installed here: edlight_no_such_module"}
     monkeypatch.setitem(settings.SYSTEMS, "torch", ("torch needing an absent library", ("edlight_no_such_module",)))
     assert runner.plan_systems(plan, models)[1]["torch"] == (
-        "not installed here: edlight_no_such_module (install them in the edlight source folder: pip install '.[export]' -c constraints.txt)"
+        f"not installed here: edlight_no_such_module (install them in the edlight source folder ({ROOT}): pip install '.[export]' -c constraints.txt)"
     )
     # Nothing left to run: a table without rows would read as a finished run (it exited 0).
     only = settings.BenchSettings(size="tiny", systems=["engine"], out=tmp_path / "out")
@@ -413,7 +415,7 @@ def test_without_torch_the_model_cannot_be_built_and_bundles_are_suggested_only_
     from benchmarks.models import BenchSetupError
 
     monkeypatch.setattr(models, "is_installed", lambda module: module not in ("torch", "transformers"))
-    with pytest.raises(BenchSetupError, match=r"needs torch and transformers \(in the edlight source folder: .*\)$"):
+    with pytest.raises(BenchSetupError, match=r"needs torch and transformers \(in the edlight source folder \(.*\): pip install .*\)$"):
         models.prepare_models("tiny", ["torch"], tmp_path, lambda _message: None)  # a bundle cannot time torch
     with pytest.raises(BenchSetupError, match=r"constraints.txt\); on an engine-only machine pass --model BUNDLE"):
         models.prepare_models("tiny", ["engine"], tmp_path, lambda _message: None)

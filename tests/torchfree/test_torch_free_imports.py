@@ -12,6 +12,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import importlib, importlib.abc, pkgutil, sys
@@ -71,6 +73,20 @@ def test_engine_runs_with_torch_transformers_optimum_blocked(engine_bundle: Path
     assert '"file": "red.png"' in out.read_text()
     assert "error: `edlight train` needs the [train] extra (torch is not installed)" in result.stderr
     assert "error: `edlight export` needs the [export] extra (torch is not installed)" in result.stderr
+
+
+def test_install_hint_fits_how_edlight_was_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import errors
+
+    source = Path(__file__).resolve().parents[2]  # this checkout: its folder is named, as pip needs it
+    assert errors.install_hint("train") == f"in the edlight source folder ({source}): pip install '.[train]' -c constraints.txt"
+    # A wheel's files in site-packages: no source folder to name; pip adds an installed edlight's extra.
+    installed = tmp_path / "site-packages" / "engine"
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(errors, "__file__", str(installed / "errors.py"))
+    hint = errors.install_hint("train")
+    assert hint.startswith("pip install 'edlight[train]' -c constraints.txt (")
+    assert "source folder" not in hint
 
 
 def test_the_blocker_itself_blocks(tmp_path: Path) -> None:
