@@ -18,7 +18,7 @@ from engine.click_types import (
     say,
     unwinds_on_stop,
 )
-from engine.errors import EdlightError
+from engine.errors import MAX_BATCH_SIZE, MAX_NUM_BEAMS, EdlightError
 from engine.folder import IMAGE_EXTENSIONS, is_stream, output_path, resolve_format
 from engine.images import DEFAULT_MAX_PIXELS
 
@@ -55,10 +55,10 @@ def describe_bundle(bundle: Any) -> str:
               help="Output file (default: captions.jsonl, or captions.csv with --format csv); - is stdout.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
               help="Output format (default: csv when --out ends in .csv, else jsonl).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1, max=MAX_BATCH_SIZE), default=8, show_default=True,
               help="Images per model run (and per write to the output).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads (per actor with --ray; default: the cores this process may use, with --ray each actor's share of the cluster's).")
-@click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--num-beams", type=click.IntRange(min=1, max=MAX_NUM_BEAMS), default=1, show_default=True,
               help="Beam search width; 1 is greedy decoding.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
               help="Longest caption in tokens (default: the bundle's generation config).")

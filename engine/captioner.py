@@ -24,7 +24,7 @@ import numpy as np
 
 from engine.bundle import MANIFEST_NAME, Bundle
 from engine.decode import Decoder, GenerationSettings, generate
-from engine.errors import BundleError, ImageError, is_count
+from engine.errors import MAX_BATCH_SIZE, BundleError, ImageError, bounded_count
 from engine.images import DEFAULT_MAX_PIXELS, ImageSource, describe, load_image
 from engine.preprocess import PatchConfig, Patches, image_to_patches, position_error, stack
 from engine.resources import cgroup_memory_limit, memory_available, readable_bytes
@@ -128,8 +128,7 @@ class Captioner:
         loading one seeks it to its first frame. Paths and bytes are safe. It cannot be pickled: build
         one per process (one built before a fork works in the children).
         """
-        if not is_count(batch_size):
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        batch_size = bounded_count("batch_size", batch_size, MAX_BATCH_SIZE)
         max_pixels = pixel_cap(max_pixels)
         settings = SessionSettings(threads=threads)  # checks `threads` before the bundle is read
         # The graphs' hashes (about a second for a base-size bundle) are checked while ONNX Runtime loads them.

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import ModelRuntimeError, is_count, is_finite_number
+from engine.errors import MAX_NUM_BEAMS, ModelRuntimeError, bounded_count, is_count, is_finite_number
 from engine.session import OnnxModel
 
 PAST_PREFIX = "past_key_values."
@@ -63,6 +63,7 @@ class GenerationSettings:
             if not is_count(value, minimum):
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
             object.__setattr__(self, name, int(value))
+        bounded_count("num_beams", self.num_beams, MAX_NUM_BEAMS)
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f'early_stopping must be True, False or "never", got {self.early_stopping!r}')
         if not is_finite_number(self.repetition_penalty) or self.repetition_penalty <= 0:

@@ -35,6 +35,19 @@ def is_count(value: object, minimum: int = 1) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= minimum
 
 
+# Far beyond any use (a batch holds its images' encoder states at once; past a few dozen beams captions stop
+# improving): the bounds keep a typo such as 10**20 a clear error, not an overflow in islice or numpy (C longs).
+MAX_BATCH_SIZE = 65536
+MAX_NUM_BEAMS = 1024
+
+
+def bounded_count(name: str, value: object, maximum: int) -> int:
+    """`value` as an int when it is a whole number from 1 to `maximum`; else ValueError naming `name`."""
+    if not is_count(value) or int(value) > maximum:  # type: ignore[call-overload]
+        raise ValueError(f"{name} must be an integer from 1 to {maximum}, got {value!r}")
+    return int(value)  # type: ignore[call-overload]
+
+
 def is_finite_number(value: object) -> bool:
     """True for an int or float (Python or numpy) that is finite; False for bools, strings and None."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))

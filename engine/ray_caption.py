@@ -38,7 +38,7 @@ from typing import Any
 from engine.bundle import Bundle
 from engine.captioner import pixel_cap, resolve_bundle
 from engine.click_types import reclaim_stop_signals
-from engine.errors import EdlightError, install_hint
+from engine.errors import MAX_BATCH_SIZE, MAX_NUM_BEAMS, EdlightError, bounded_count, install_hint
 from engine.folder import (
     FolderSummary,
     RecordWriter,
@@ -276,8 +276,8 @@ def caption_folder_ray(
     process before that makes the thread's next Ray call start a new local Ray (Ray's auto-init).
     """
     ray = import_ray()
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    bounded_count("batch_size", batch_size, MAX_BATCH_SIZE)
+    bounded_count("num_beams", num_beams, MAX_NUM_BEAMS)  # before Ray starts, not in every actor
     if stall_timeout <= 0:
         raise ValueError(f"stall_timeout must be > 0, got {stall_timeout}")
     max_pixels = pixel_cap(max_pixels)  # here, not in every actor

@@ -24,7 +24,7 @@ from PIL import Image
 
 from engine import Captioner
 from engine.caption_cli import caption as caption_command
-from engine.errors import BundleError, ImageError
+from engine.errors import MAX_BATCH_SIZE, MAX_NUM_BEAMS, BundleError, ImageError
 from engine.folder import (
     OutputError,
     collect_inputs,
@@ -125,12 +125,25 @@ def test_numpy_integers_are_settings_like_ints(engine_bundle: Path) -> None:
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("threads", 0), ("threads", 1.5), ("threads", "2"), ("batch_size", 2.5), ("max_pixels", "50000000"), ("max_pixels", 2.5), ("max_pixels", True)],
+    [("threads", 0), ("threads", 1.5), ("threads", "2"), ("batch_size", 2.5), ("batch_size", 10**20), ("num_beams", 10**20),
+     ("max_pixels", "50000000"), ("max_pixels", 2.5), ("max_pixels", True)],
 )
 def test_bad_settings_raise_value_error_before_loading(engine_bundle: Path, setting: str, value: object) -> None:
     """A max_pixels of another type was taken, and then every image failed with a TypeError."""
     with pytest.raises(ValueError, match=f"{setting} must be an integer" if setting != "max_pixels" else "max_pixels must be a whole number"):
         Captioner(engine_bundle, **{setting: value})  # type: ignore[arg-type]
+
+
+def test_a_batch_or_beam_width_beyond_any_use_is_a_usage_error_not_a_traceback(engine_bundle: Path, tmp_path: Path) -> None:
+    """--batch-size 10**20 on a folder ended in islice's ValueError, --num-beams 10**20 in numpy's OverflowError."""
+    (tmp_path / "in").mkdir()
+    photo(1).save(tmp_path / "in" / "a.png")
+    args = [str(tmp_path / "in"), "--model", str(engine_bundle), "--out", str(tmp_path / "c.jsonl"), "--quiet"]
+    for option, most in (("--batch-size", MAX_BATCH_SIZE), ("--num-beams", MAX_NUM_BEAMS)):
+        refused = CliRunner().invoke(caption_command, [*args, option, str(10**20)])
+        assert refused.exit_code == 2, refused.output
+        assert f"Invalid value for '{option}': 100000000000000000000 is not in the range 1<=x<={most}." in refused.output
+    assert not (tmp_path / "c.jsonl").exists()
 
 
 def test_an_output_path_naming_a_folder_is_refused(engine_bundle: Path, tmp_path: Path) -> None:

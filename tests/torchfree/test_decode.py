@@ -223,6 +223,7 @@ def test_one_beam_is_greedy() -> None:
         ({"max_new_tokens": -1}, "max_new_tokens must be an integer >= 0, got -1"),
         ({"max_new_tokens": 4, "num_beams": 0}, "num_beams must be an integer >= 1, got 0"),
         ({"max_new_tokens": 4, "num_beams": 1.5}, "num_beams must be an integer >= 1, got 1.5"),
+        ({"max_new_tokens": 4, "num_beams": 1025}, "num_beams must be an integer from 1 to 1024, got 1025"),
         ({"max_new_tokens": 4, "min_new_tokens": True}, "min_new_tokens must be an integer >= 0, got True"),
         ({"max_new_tokens": "8"}, "max_new_tokens must be an integer >= 0, got '8'"),
         ({"max_new_tokens": 4, "early_stopping": "always"}, 'early_stopping must be True, False or "never", got \'always\''),
