@@ -68,7 +68,7 @@ def describe_bundle(bundle: Any) -> str:
 @click.option("--recaption-changed", is_flag=True,
               help="Caption again images whose file size changed since their record (replaced or edited photos), "
                    "replacing their records (default: such a resume is refused).")
-@click.option("--strict", is_flag=True, help="Exit 1 if any image failed or a folder could not be listed (default: exit 0).")
+@click.option("--strict", is_flag=True, help="Exit 1 if any image failed, a folder could not be listed or no image was found (default: exit 0).")
 @click.option("--quiet", is_flag=True, help="No progress (a bar on a terminal; elsewhere a line at most every minute).")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run on Ray: a pool of actors, each loading the model once (needs edlight[distributed]).")
@@ -222,13 +222,14 @@ def _fail(exc: Exception) -> NoReturn:
 
 
 def _finish(summary: FolderSummary, strict: bool) -> None:
-    """Warnings and the summary line; exit 1 under --strict when any image failed or folder was unreadable."""
+    """Warnings and the summary line; exit 1 under --strict when any image failed or folder was unreadable, or
+    when the inputs held no image at all (an unmounted share, a mistyped folder: nothing was captioned)."""
     for problem in summary.unreadable:
         say(f"warning: {problem} (skipped)")
     if summary.total == 0:
         say("warning: no image files found (looked for " + " ".join(sorted(IMAGE_EXTENSIONS)) + ")")
     say(summary.line())
-    if strict and summary.any_failed:
+    if strict and (summary.any_failed or summary.total == 0):
         raise SystemExit(1)
 
 

@@ -1435,6 +1435,10 @@ def test_cli_warns_when_no_image_is_found(engine_bundle: Path, tmp_path: Path) -
     result = CliRunner().invoke(caption_command, [str(tmp_path / "in"), "--model", str(engine_bundle), "--out",
                                                   str(tmp_path / "o.jsonl"), "--quiet"])
     assert result.exit_code == 0 and "warning: no image files found (looked for .apng" in result.output
+    # Under --strict nothing captioned is a failure: an unmounted share or a mistyped folder looks like this.
+    strict = CliRunner().invoke(caption_command, [str(tmp_path / "in"), "--model", str(engine_bundle), "--out",
+                                                  str(tmp_path / "o.jsonl"), "--quiet", "--strict"])
+    assert strict.exit_code == 1 and "warning: no image files found" in strict.output
 
 
 def test_a_reader_that_stops_reading_ends_the_run_quietly(engine_bundle: Path, tmp_path: Path) -> None:
