@@ -144,7 +144,9 @@ class Manifest:
             raise BundleError(f"{where}: unknown quantization {data['quantization']!r} (expected int8, or null for fp32)")
         if data["max_patches"] < 1:
             raise BundleError(f"{where}: max_patches must be positive, got {data['max_patches']}")
-        version = data.get("format_version", 0)
+        version = data.get("format_version", 0)  # absent: written before the manifest had a version
+        if "format_version" in data and version < 1:
+            raise BundleError(f"{where}: format_version must be 1 or more, got {version}")
         if version > FORMAT_VERSION:
             raise BundleError(
                 f"{where}: bundle format {version} is newer than this engine understands ({FORMAT_VERSION}); "
@@ -323,7 +325,8 @@ class Bundle(ModelSettings):
         except OSError as exc:  # a folder above it without permission, a name too long
             raise BundleError(f"{root}: cannot open the bundle: {exc.strerror or exc}") from exc
         try:
-            data = json.loads(manifest_path.read_text(encoding="utf-8"))
+            # A byte-order mark is allowed: an editor on Windows (Notepad) adds one to a manifest it saves.
+            data = json.loads(manifest_path.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # the path is named already
             raise BundleError(f"{manifest_path}: unreadable manifest: {why}") from exc

@@ -863,6 +863,7 @@ def test_ctrl_c_while_loading_does_not_wait_for_the_hashes(engine_bundle: Path, 
     ("edit", "message"),
     [
         ({"format_version": "1"}, "format_version must be an integer"),
+        ({"format_version": 0}, "format_version must be 1 or more, got 0"),
         ({"files": ["config.json"]}, "files must be an object"),
         ({"max_patches": True}, "max_patches must be an integer"),
         ({"onnx_files": {"encoder": 3}}, "onnx_files must map file names to strings"),
@@ -885,6 +886,16 @@ def test_a_hand_edited_manifest_is_a_named_error(engine_bundle: Path, tmp_path: 
     (bundle / MANIFEST_NAME).write_text(json.dumps({**manifest, **edit}))
     with pytest.raises(BundleError, match=f"{MANIFEST_NAME}: {message}"):
         Bundle.load(bundle, verify_hashes=False)
+
+
+def test_a_manifest_saved_with_a_byte_order_mark_loads(engine_bundle: Path, tmp_path: Path) -> None:
+    """Notepad adds one to a UTF-8 file it saves; the manifest is not hashed, so the bundle is intact."""
+    from engine.bundle import MANIFEST_NAME, Bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(engine_bundle, bundle)
+    (bundle / MANIFEST_NAME).write_bytes(b"\xef\xbb\xbf" + (bundle / MANIFEST_NAME).read_bytes())
+    assert Bundle.load(bundle).manifest == Bundle.load(engine_bundle).manifest
 
 
 @pytest.mark.parametrize(
