@@ -202,6 +202,30 @@ def test_a_stopped_synth_leaves_the_folder_as_it_was_and_no_workers(tmp_path: Pa
     assert [pid for pid in os.listdir("/proc") if pid.isdigit() and session(pid) == run.pid] == []
 
 
+def test_a_stopped_synth_removes_the_folders_it_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM left the new --out folder behind, empty."""
+    from train import synth
+
+    made = []
+
+    def stopped_after_two(args: tuple[int, int, str, str]) -> tuple[str, str]:
+        if len(made) == 2:
+            raise KeyboardInterrupt
+        made.append(args[3])
+        return real(args)
+
+    real = synth._make_and_save
+    monkeypatch.setattr(synth, "_make_and_save", stopped_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path / "new" / "data", 5, workers=1)
+    assert made and not (tmp_path / "new").exists() and tmp_path.is_dir()
+    (tmp_path / "kept").mkdir()  # a folder that was there before is left, as it was
+    made.clear()
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path / "kept", 5, workers=1)
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
 def test_cli_synth_then_check(tmp_path: Path) -> None:
     out = tmp_path / "data"
     result = CliRunner().invoke(main, ["data", "synth", "--out", str(out), "--n", "8", "--seed", "3"])

@@ -755,7 +755,7 @@ def generate(
     Images are `00000.jpg`, `00001.jpg`, ...; metadata lines hold `file_name`, `text` and `kind`, in index
     order. The same `seed` gives byte-identical files for any `workers` (worker processes; default: 2 for
     large sets, where the cores exist). The set is written into `out_dir/.synth-partial` and moved into place
-    when complete, so a run that is stopped leaves `out_dir` as it was.
+    when complete, so a run that is stopped leaves `out_dir` as it was (one it created is removed again).
 
     `out_dir` may hold other files, but no images, subfolders or metadata: FileExistsError, as no data set is
     overwritten or mixed into. With `overwrite`, a data set that `generate` wrote there (and nothing else in
@@ -767,6 +767,7 @@ def generate(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "a file is there, not a folder", str(out))
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     out.mkdir(parents=True, exist_ok=True)
     partial = out / PARTIAL
     shutil.rmtree(partial, ignore_errors=True)  # a killed run's
@@ -801,6 +802,12 @@ def generate(
                 (out / stale).unlink(missing_ok=True)
             for name in [*names, METADATA]:  # the metadata last: a folder with it has every image
                 os.replace(partial / name, out / name)
+    except BaseException:  # stopped or failed: the folders this run made go too (only while empty)
+        shutil.rmtree(partial, ignore_errors=True)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out
