@@ -66,7 +66,7 @@ def describe_bundle(bundle: Any) -> str:
               help="Refuse images larger than this many pixels (checked before decoding).")
 @click.option("--overwrite", is_flag=True, help="Start a fresh output file instead of resuming (only a caption file is replaced).")
 @click.option("--recaption-changed", is_flag=True,
-              help="Caption again images whose file size changed since their record (replaced or edited photos), "
+              help="Caption again images whose file changed since their record (size or SHA-256: replaced or edited photos), "
                    "replacing their records (default: such a resume is refused).")
 @click.option("--strict", is_flag=True, help="Exit 1 if any image failed, a folder could not be listed or no image was found (default: exit 0).")
 @click.option("--quiet", is_flag=True, help="No progress (a bar on a terminal; elsewhere a line at most every minute).")
@@ -102,8 +102,8 @@ def caption(
 
     Resumes by default: images already captioned in the output are skipped and images whose record
     is an error are tried again. Records name files relative to their input folder; an output whose
-    caption of a name was written for a file of another size (another folder's image of that name,
-    or a replaced photo) is refused unless --recaption-changed. A bad image becomes an error record
+    caption of a name was written for another file (another size or SHA-256: another folder's image of
+    that name, or a replaced photo) is refused unless --recaption-changed. A bad image becomes an error record
     and the run goes on. One run at a time writes an output (a second is refused), and only with the
     model and decoding settings that wrote it.
 

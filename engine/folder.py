@@ -1,13 +1,15 @@
 """Folder jobs: walk inputs, caption, and stream one record per image to JSONL or CSV, resumably.
 
 Records are ``{"file": path relative to its input folder, "caption": str|None, "error": str|None,
-"model": the bundle's captions_id, "bytes": the image file's size as read}``, in input order (folders are
+"model": the bundle's captions_id, "bytes": the image file's size as read, "sha256": its SHA-256 (hex)}``,
+in input order (folders are
 walked recursively in sorted order). They are appended and flushed batch by batch, so a killed run keeps
 everything it finished. By default a rerun resumes: files that already have a caption are skipped, files
 whose record is an error are tried again (their old error records are dropped from the file first), and a
-torn last line (the write a kill interrupted) is cut off. A name whose record was written for a file of
-another size (another folder's image of the same name, or the image since replaced) stops the run before
-anything is written, since skipping it would keep a wrong caption; `recaption_changed` captions those again.
+torn last line (the write a kill interrupted) is cut off. A name whose record was written for another file
+(another size or SHA-256: another folder's image of the same name, or the image since replaced) stops the
+run before anything is written, since skipping it would keep a wrong caption; `recaption_changed` captions
+those again.
 A bad image is an error record, never a crash; a folder that cannot be listed is reported and skipped.
 One run at a time may write an output file (a lock next to it, `.NAME.lock`, says who), and only with
 the model that wrote its records: a resume with another bundle would mix two models' captions.
@@ -58,10 +60,12 @@ FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # A folder (or file system) that takes no changes from this user.
 NOT_WRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
-FIELDS = ("file", "caption", "error", "model", "bytes")
-# CSV files written before records named their model (3 columns) or their file's size (4): resumed as they
-# are, and appended to with their own columns.
-CSV_HEADERS = (FIELDS, FIELDS[:4], FIELDS[:3])
+FIELDS = ("file", "caption", "error", "model", "bytes", "sha256")
+# CSV files written before records named their model (3 columns), their file's size (4) or its digest (5):
+# resumed as they are, and appended to with their own columns.
+CSV_HEADERS = (FIELDS, FIELDS[:5], FIELDS[:4], FIELDS[:3])
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+Digest = bytes  # a SHA-256 digest, raw (a name, as _Line has a field called bytes)
 
 
 class OutputError(EdlightError):
@@ -101,7 +105,7 @@ class FolderSummary:
     seconds: float
     out: Path
     retried: int = 0  # images whose earlier record was an error, tried again by this run
-    changed: int = 0  # images whose size changed since their record, captioned again (recaption_changed)
+    changed: int = 0  # images whose file changed since their record, captioned again (recaption_changed)
     unreadable: list[str] = field(default_factory=list)  # folders that could not be listed (why, per folder)
     duplicates: list[str] = field(default_factory=list)  # paths left out: the same file as another input path
 
@@ -224,12 +228,43 @@ def mkdir_failure(folder: Path, exc: OSError) -> str:
     return str(exc.strerror or exc)
 
 
-def file_size(path: Path) -> int | None:
-    """The size of the file at `path` (symlinks followed), None if it cannot be read."""
+def file_fingerprint(path: Path) -> tuple[int | None, bytes | None]:
+    """The size and SHA-256 digest of the file at `path` (symlinks followed): what a record says of the file
+    it was written for. The size alone cannot tell two scans of one format and page size apart (an
+    uncompressed BMP or TIFF), nor a photo replaced by one of the same length. None for what cannot be
+    read; no digest for anything but a regular file (a FIFO or a device would never end)."""
     try:
-        return os.stat(path).st_size
+        size = os.stat(path).st_size
     except OSError:
-        return None
+        return None, None
+    try:
+        # Non-blocking: opening a FIFO put in the image's place meanwhile would otherwise wait for a writer.
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError:
+        return size, None
+    with open(descriptor, "rb", buffering=0) as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return size, None
+        digest, size, chunk = hashlib.sha256(), 0, bytearray(1 << 20)
+        view = memoryview(chunk)
+        try:
+            while count := handle.readinto(chunk):
+                digest.update(view[:count])
+                size += count
+        except OSError:
+            return size, None
+    return size, digest.digest()
+
+
+def _digests(paths: list[Path]) -> list[bytes | None]:
+    """`file_fingerprint(path)[1]` of each path, read a few at a time: a resume checks every captioned
+    image, and on network storage the reads wait on the network more than on this machine."""
+    if len(paths) < 2:
+        return [file_fingerprint(path)[1] for path in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, len(paths)), thread_name_prefix="edlight-sha256") as pool:
+        return [fingerprint[1] for fingerprint in pool.map(file_fingerprint, paths)]
 
 
 def _is_input_folder(raw: str | os.PathLike[str]) -> bool:
@@ -533,6 +568,7 @@ class _Line:
     failed: bool = False
     model: str | None = None  # the model that wrote it (None: not said, as in records before the field)
     bytes: int | None = None  # the size of the file it was written for (None: not said)
+    sha256: Digest | None = None  # that file's digest (raw, half the memory of its hex; None: not said)
 
 
 JSONL_START = '{"file": '  # how every JSONL record of ours begins (format_record)
@@ -627,10 +663,14 @@ def _parse_line(out: Path, fmt: str, number: int, raw: bytes, end: int, columns:
                 raise ValueError(f"{len(row)} fields where the header has {columns}")
             file, failed, model = row[0], len(row) > 2 and bool(row[2]), row[3] if len(row) > 3 and row[3] else None
             size: object = row[4] if len(row) > 4 and row[4] else None
+            digest: object = row[5] if len(row) > 5 and row[5] else None
         else:
             record = json.loads(text)
             file, failed, model, size = record["file"], record.get("error") is not None, record.get("model"), record.get("bytes")
+            digest = record.get("sha256")
         size = None if size is None else _whole_number(size)
+        if digest is not None and not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
+            raise ValueError(f"sha256 is {digest!r}, not 64 hexadecimal digits")
     except (
         UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError, StopIteration,
         OverflowError, RecursionError, csv.Error,  # 1e400 bytes, JSON nested beyond the parser, a huge CSV field
@@ -640,7 +680,8 @@ def _parse_line(out: Path, fmt: str, number: int, raw: bytes, end: int, columns:
         # A damaged caption file may be started afresh; anything else is not ours to replace.
         remedy = "choose another output" if number == 1 else "fix the file, or start afresh with --overwrite"
         raise OutputError(f"{out}:{number}: not a caption record ({exc}); {remedy}") from exc
-    return _Line(end, str(file), failed, None if model is None else sys.intern(str(model)), size)  # few models
+    return _Line(end, str(file), failed, None if model is None else sys.intern(str(model)), size,  # few models
+                 None if digest is None else bytes.fromhex(digest))
 
 
 def _whole_number(value: object) -> int:
@@ -1025,9 +1066,9 @@ def plan_folder_job(
     (those records are dropped from `out` first) and its torn last line is cut off. A symlinked `out`
     is the file it points to; a stream (stdout, a pipe) is only written. The output itself is never an
     input: found in an input folder it is left out, given as an input file it is refused. `model` (the
-    bundle's captions_id) must be the model of every record in `out` that names one. An image whose size
-    differs from the one its record was written for is refused (see `_refuse_other_files`), or with
-    `recaption_changed` captioned again, its old record dropped. Callers hold
+    bundle's captions_id) must be the model of every record in `out` that names one. An image that is not
+    the file its record was written for (another size or SHA-256; every captioned image is read to tell)
+    is refused (see `_refuse_other_files`), or with `recaption_changed` captioned again, its old record dropped. Callers hold
     `output_lock(out)` from here until their last write (see `folder_job`). Raises ValueError for an
     unknown format, FileNotFoundError for a missing input, OutputError for an output file that is not
     a caption file, is an input file, or holds another model's captions.
@@ -1170,21 +1211,33 @@ def _refuse_respelled(out: Path, respelled: list[tuple[InputFile, str]]) -> None
         )
 
 
-def _changed_files(resumed: list[tuple[InputFile, _Line]]) -> list[tuple[InputFile, int]]:
-    """The inputs whose caption in the output was written for a file of another size, with that size.
+def _changed_files(resumed: list[tuple[InputFile, _Line]]) -> list[tuple[InputFile, str]]:
+    """The inputs whose caption in the output was written for another file, with how it differs: another
+    size, or else another SHA-256 (the file is read; a size is checked first, as it costs nothing).
 
     Names are relative to their input folder, so two folders' images can share one; a replaced or
-    re-tagged photo keeps its name too. Error records are retried anyway; records without a size
-    (written before records had one) are trusted.
+    re-tagged photo keeps its name too. Error records are retried anyway; what a record does not say
+    (written before records had a size or a digest) is trusted.
     """
-    return [(f, line.bytes) for f, line in resumed
-            if not line.failed and line.bytes is not None and f.bytes is not None and line.bytes != f.bytes]
+    captioned = [(f, line) for f, line in resumed if not line.failed]
+    resized = {f.file for f, line in captioned if line.bytes is not None and f.bytes is not None and line.bytes != f.bytes}
+    hashed = [(f, line) for f, line in captioned if f.file not in resized and line.sha256 is not None and f.bytes is not None]
+    digests = dict(zip((f.file for f, _ in hashed), _digests([f.path for f, _ in hashed]), strict=True))
+    changed = []
+    for f, line in captioned:
+        if f.file in resized:
+            changed.append((f, f"{line.bytes} bytes there, {f.path} has {f.bytes}"))
+        elif (digest := digests.get(f.file)) is not None and digest != line.sha256:
+            assert line.sha256 is not None
+            changed.append((f, f"SHA-256 {line.sha256.hex()[:12]}... there, {f.path} has {digest.hex()[:12]}... "
+                               f"(the same size, {f.bytes} bytes)"))
+    return changed
 
 
-def _refuse_other_files(out: Path, other: list[tuple[InputFile, int]]) -> None:
+def _refuse_other_files(out: Path, other: list[tuple[InputFile, str]]) -> None:
     """Raise OutputError for `_changed_files`: skipping them would keep captions of other images, and
     captioning them would replace captions that may belong to another folder's images of those names."""
-    shown = "; ".join(f"{f.file!r}: {size} bytes there, {f.path} has {f.bytes}" for f, size in other[:3])
+    shown = "; ".join(f"{f.file!r}: {why}" for f, why in other[:3])
     more = f"; and {len(other) - 3} more" if len(other) > 3 else ""
     raise OutputError(
         f"{out}: {len(other)} of its captions were written for other files of the same names ({shown}{more}). "
@@ -1302,7 +1355,7 @@ def caption_folder(
 
     `fmt`: "jsonl" or "csv" (default: csv for an `out` ending in .csv, else jsonl).
     Resumes by default (see module docstring); `overwrite` starts a fresh file; `recaption_changed`
-    captions again the images whose size changed since their record (else refused). Image problems are
+    captions again the images whose file changed since their record (another size or SHA-256; else refused). Image problems are
     records, folders that cannot be listed are in the summary's `unreadable`; raises
     FileNotFoundError for a missing input, OutputError for an unusable output file or one another run
     is writing, ModelRuntimeError if ONNX Runtime fails.
@@ -1312,7 +1365,7 @@ def caption_folder(
     with folder_job(inputs, out, fmt, overwrite, model, recaption_changed) as (todo, summary):
         bar = _progress_bar(len(todo), progress)
         started = time.perf_counter()
-        read_sizes: dict[str, int | None] = {}
+        read_files: dict[str, tuple[int | None, bytes | None]] = {}
 
         # Images are opened where they were listed: a host that changes its working folder meanwhile (a
         # notebook's %cd, a service's os.chdir) would otherwise turn every later relative path into an error.
@@ -1322,16 +1375,18 @@ def caption_folder(
         def items() -> Iterator[tuple[str, Path, str]]:
             for f in todo:
                 path = f.path if listed_in is None else listed_in / f.path
-                # Pulled as its batch is handed to the reading thread: the size of the file read, not the
-                # one listed minutes before (a file still being copied in then).
-                read_sizes[f.file] = file_size(path)
+                # Pulled as its batch is handed to the reading thread: the size and digest of the file read,
+                # not of the one listed minutes before (a file still being copied in then).
+                read_files[f.file] = file_fingerprint(path)
                 yield f.file, path, str(f.path)
 
         pending: list[dict[str, Any]] = []
         try:
             with RecordWriter(summary.out, fmt, model) as writer:
                 for file, caption, error in captioner.iter_captions(items()):
-                    pending.append({"file": file, "caption": caption, "error": error, "bytes": read_sizes.pop(file)})
+                    size, digest = read_files.pop(file)
+                    pending.append({"file": file, "caption": caption, "error": error, "bytes": size,
+                                    "sha256": None if digest is None else digest.hex()})
                     if len(pending) >= captioner.batch_size:
                         write_batch(writer, pending, summary, bar)
                         pending = []

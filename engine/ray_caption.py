@@ -43,7 +43,7 @@ from engine.folder import (
     FolderSummary,
     RecordWriter,
     _progress_bar,
-    file_size,
+    file_fingerprint,
     folder_job,
     is_same_file,
     resolve_format,
@@ -160,18 +160,18 @@ class CaptionActor:
             self.failure = ActorFailure(type(exc).__name__, f"a Ray actor on {socket.gethostname()}: {said}").encode()
 
     def __call__(self, batch: dict[str, Any]) -> Any:
-        """Rows {index, path, label} -> a pyarrow table {index, caption, error, bytes, failure} in the same
-        order (bytes: the file's size as it is read, as in a local run; failure: null, or one row saying why
-        this actor cannot caption).
+        """Rows {index, path, label} -> a pyarrow table {index, caption, error, bytes, sha256, failure} in the
+        same order (bytes, sha256: the file's size and digest as it is read, as in a local run; failure: null,
+        or one row saying why this actor cannot caption).
 
         Paths and labels travel as bytes (os.fsencode), and errors go back as bytes: a file name that is
         not valid UTF-8 (surrogate escapes in Python) is no Arrow string, and must not fail the job.
         """
         if self.failure is not None:
-            return _result_table([-1], [None], [None], [None], [self.failure])
+            return _result_table([-1], [None], [None], [(None, None)], [self.failure])
         items = [(int(i), Path(os.fsdecode(bytes(p))), os.fsdecode(bytes(label)))
                  for i, p, label in zip(batch["index"], batch["path"], batch["label"], strict=True)]
-        sizes = {index: file_size(path) for index, path, _ in items}
+        read = {index: file_fingerprint(path) for index, path, _ in items}
         indices: list[int] = []
         captions: list[str | None] = []
         errors: list[bytes | None] = []
@@ -179,11 +179,11 @@ class CaptionActor:
             indices.append(index)
             captions.append(caption)
             errors.append(None if error is None else error.encode("utf-8", "surrogatepass"))
-        return _result_table(indices, captions, errors, [sizes[i] for i in indices], [None] * len(indices))
+        return _result_table(indices, captions, errors, [read[i] for i in indices], [None] * len(indices))
 
 
 # What CaptionActor answers for each image (_result_table), checked by the driver.
-RESULT_COLUMNS = ("index", "caption", "error", "bytes", "failure")
+RESULT_COLUMNS = ("index", "caption", "error", "bytes", "sha256", "failure")
 
 
 def _require_result_columns(results: list[dict[str, Any]]) -> None:
@@ -198,8 +198,8 @@ def _require_result_columns(results: list[dict[str, Any]]) -> None:
 
 
 def _result_table(
-    indices: list[int], captions: list[str | None], errors: list[bytes | None], sizes: list[int | None],
-    failures: list[str | None],
+    indices: list[int], captions: list[str | None], errors: list[bytes | None],
+    files: list[tuple[int | None, bytes | None]], failures: list[str | None],
 ) -> Any:
     import pyarrow as pa
 
@@ -208,7 +208,8 @@ def _result_table(
         "index": pa.array(indices, pa.int64()),
         "caption": pa.array(captions, pa.string()),
         "error": pa.array(errors, pa.binary()),
-        "bytes": pa.array(sizes, pa.int64()),
+        "bytes": pa.array([size for size, _ in files], pa.int64()),
+        "sha256": pa.array([None if digest is None else digest.hex() for _, digest in files], pa.string()),
         "failure": pa.array(failures, pa.string()),
     })
 
@@ -309,7 +310,7 @@ def caption_folder_ray(
                         records = [
                             {"file": files[r["index"]], "caption": r["caption"],
                              "error": None if r["error"] is None else r["error"].decode("utf-8", "surrogatepass"),
-                             "bytes": r["bytes"]}
+                             "bytes": r["bytes"], "sha256": r["sha256"]}
                             for r in results
                         ]
                         write_batch(writer, records, summary, bar)

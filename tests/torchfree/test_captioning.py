@@ -558,7 +558,7 @@ def test_a_line_break_inside_a_csv_cell_is_named(captioner: Captioner, tmp_path:
     with pytest.raises(OutputError, match=r"c\.csv:3: not a caption record \(a quoted field runs on past the end of the line"):
         captioner.caption_folder(tmp_path / "in", out=out, fmt="csv", progress=False)
     out.write_text(f"{header}\n{first}\nline two\n", encoding="utf-8")
-    with pytest.raises(OutputError, match=r"c\.csv:3: not a caption record \(1 fields where the header has 5\)"):
+    with pytest.raises(OutputError, match=r"c\.csv:3: not a caption record \(1 fields where the header has 6\)"):
         captioner.caption_folder(tmp_path / "in", out=out, fmt="csv", progress=False)
     assert names
 
@@ -714,7 +714,7 @@ def test_out_dash_into_a_file_shared_with_stderr_keeps_every_record(engine_bundl
         got = [json.loads(record)["file"] for record in re.findall(r'\{"file": .*\}', text)]
     else:
         got = re.findall(r"((?:nested/)?img_\d+\.png),", text)
-        assert text.count("file,caption,error,model,bytes\n") == 1
+        assert text.count("file,caption,error,model,bytes,sha256\n") == 1
     assert got == names
 
 
@@ -739,10 +739,10 @@ def test_cli_writes_to_a_stream_and_picks_csv_from_the_name(engine_bundle: Path,
     result = runner.invoke(caption_command, [*base, "--out", str(fifo), "--overwrite", "--format", "csv"])
     streamed = reader.communicate(timeout=60)[0].decode()
     assert result.exit_code == 0, result.output
-    assert streamed.startswith("file,caption,error,model,bytes\n") and len(streamed.splitlines()) == 3
+    assert streamed.startswith("file,caption,error,model,bytes,sha256\n") and len(streamed.splitlines()) == 3
     assert fifo.exists()
     named = runner.invoke(caption_command, [*base, "--out", str(tmp_path / "c.csv")])
-    assert named.exit_code == 0 and (tmp_path / "c.csv").read_text().startswith("file,caption,error,model,bytes\n")
+    assert named.exit_code == 0 and (tmp_path / "c.csv").read_text().startswith("file,caption,error,model,bytes,sha256\n")
 
 
 def test_cli_captions_prints_a_summary_and_honours_strict(engine_bundle: Path, tmp_path: Path) -> None:
@@ -760,7 +760,7 @@ def test_cli_captions_prints_a_summary_and_honours_strict(engine_bundle: Path, t
     assert strict.exit_code == 1 and "failed 1 (1 retried after failing before), 4 already done of 5" in strict.output
     assert sorted(r["file"] for r in records(out)) == sorted(names + ["zero.jpg"])  # its old error record is gone
     csv_run = runner.invoke(caption_command, [*args[:-3], "--out", str(tmp_path / "x.csv"), "--format", "csv", "--quiet"])
-    assert csv_run.exit_code == 0 and (tmp_path / "x.csv").read_text().startswith("file,caption,error,model,bytes\n")
+    assert csv_run.exit_code == 0 and (tmp_path / "x.csv").read_text().startswith("file,caption,error,model,bytes,sha256\n")
 
 
 def test_cli_refuses_a_missing_or_tampered_bundle_before_reading_images(engine_bundle: Path, tmp_path: Path) -> None:
@@ -1591,7 +1591,7 @@ def test_records_carry_the_file_size_and_another_file_of_the_same_name_is_refuse
             name: (first / name).stat().st_size for name in ("only_day1.png", "same.png")
         }
     else:
-        assert out.read_text().splitlines()[0] == "file,caption,error,model,bytes"
+        assert out.read_text().splitlines()[0] == "file,caption,error,model,bytes,sha256"
     before = out.read_bytes()
     size = (first / "same.png").stat().st_size
     with pytest.raises(OutputError, match=rf"1 of its captions were written for other files of the same names \('same\.png': {size} bytes there"):
@@ -1618,6 +1618,68 @@ def test_records_carry_the_file_size_and_another_file_of_the_same_name_is_refuse
         )
         summary = captioner.caption_folder(second, out=out, progress=False)
         assert (summary.retried, summary.skipped, summary.captioned) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_records_carry_the_files_sha256_and_a_same_sized_other_file_of_the_same_name_is_refused(
+    captioner: Captioner, tmp_path: Path, fmt: str
+) -> None:
+    """Uncompressed scans of one page size all have one size: the second day's scan0.bmp was "already done"
+    and kept the first day's caption, exit 0."""
+    import hashlib
+
+    first, second = tmp_path / "dayA", tmp_path / "dayB"
+    for folder, seed in ((first, 1), (second, 2)):
+        folder.mkdir()
+        photo(seed).save(folder / "scan0.bmp")
+        photo(seed + 10).save(folder / "scan1.bmp")
+    photo(1).save(second / "scan1.bmp")  # dayB's scan1 is dayA's scan0, byte for byte
+    assert (first / "scan0.bmp").stat().st_size == (second / "scan0.bmp").stat().st_size
+    out = tmp_path / f"captions.{fmt}"
+    captioner.caption_folder(first, out=out, progress=False)
+    written = records(out) if fmt == "jsonl" else records_of_csv(out)
+    digest = {name: hashlib.sha256((first / name).read_bytes()).hexdigest() for name in ("scan0.bmp", "scan1.bmp")}
+    assert {r["file"]: r["sha256"] for r in written} == digest
+    before = out.read_bytes()
+    with pytest.raises(OutputError, match=(
+        rf"2 of its captions were written for other files of the same names \('scan0\.bmp': SHA-256 {digest['scan0.bmp'][:12]}"
+        rf"\.\.\. there, {re.escape(str(second))}/scan0\.bmp has [0-9a-f]{{12}}\.\.\. \(the same size, \d+ bytes\)"
+    )):
+        captioner.caption_folder(second, out=out, progress=False)
+    assert out.read_bytes() == before
+    summary = captioner.caption_folder(second, out=out, recaption_changed=True, progress=False)
+    assert (summary.changed, summary.skipped, summary.captioned) == (2, 0, 2)
+    rewritten = records(out) if fmt == "jsonl" else records_of_csv(out)
+    assert {r["file"]: r["sha256"] for r in rewritten} == {
+        name: hashlib.sha256((second / name).read_bytes()).hexdigest() for name in ("scan0.bmp", "scan1.bmp")
+    }
+    # The same bytes under a new modification time (a copy) resume: the content decides, not the clock.
+    shutil.copy(second / "scan0.bmp", tmp_path / "copy.bmp")
+    os.replace(tmp_path / "copy.bmp", second / "scan0.bmp")
+    assert captioner.caption_folder(second, out=out, progress=False).skipped == 2
+
+
+def test_a_record_with_a_malformed_sha256_is_named(captioner: Captioner, tmp_path: Path) -> None:
+    make_folder(tmp_path / "in", 1)
+    out = tmp_path / "o.jsonl"
+    out.write_text(json.dumps({"file": "x.png", "caption": "c", "error": None, "model": None, "bytes": 3, "sha256": "abc"}) + "\n")
+    with pytest.raises(OutputError, match=r"o\.jsonl:1: not a caption record \(sha256 is 'abc', not 64 hexadecimal digits\)"):
+        captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+
+
+def test_a_csv_from_before_the_sha256_column_keeps_its_columns_and_is_trusted_by_size(
+    captioner: Captioner, tmp_path: Path
+) -> None:
+    import csv
+
+    names = make_folder(tmp_path / "in", 2)
+    size = (tmp_path / "in" / names[0]).stat().st_size
+    out = tmp_path / "o.csv"
+    out.write_text("file,caption,error,model,bytes\n" + f"{names[0]},an old caption,,{captioner.captions_id},{size}\n")
+    summary = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    assert (summary.skipped, summary.captioned) == (1, 1)
+    rows = list(csv.reader(out.open(encoding="utf-8")))
+    assert rows[0] == ["file", "caption", "error", "model", "bytes"] and all(len(row) == 5 for row in rows)
 
 
 def test_adding_an_input_that_renames_the_records_is_refused(
@@ -1903,7 +1965,7 @@ def test_api_details_format_from_the_name_path_likes_and_no_folder_for_a_failed_
     make_folder(tmp_path / "in", 2)
     entry = next(e for e in os.scandir(tmp_path) if e.name == "in")  # os.PathLike, not a Path
     summary = captioner.caption_folder(entry, out=tmp_path / "o.csv", progress=False)
-    assert summary.captioned == 2 and (tmp_path / "o.csv").read_text().startswith("file,caption,error,model,bytes\n")
+    assert summary.captioned == 2 and (tmp_path / "o.csv").read_text().startswith("file,caption,error,model,bytes,sha256\n")
     with pytest.raises(FileNotFoundError, match="nope: no such file or folder"):
         captioner.caption_folder([tmp_path / "nope"], out=tmp_path / "new" / "deep" / "x.jsonl", progress=False)
     assert not (tmp_path / "new").exists()
