@@ -385,6 +385,31 @@ def test_an_image_replaced_during_training_is_read_as_new(tmp_path: Path, monkey
     assert int(mask.sum()) == want.rows * want.cols
 
 
+def test_an_image_beyond_the_cache_is_read_as_it_first_was(tmp_path: Path) -> None:
+    """Past the cache a JPEG was decoded at reduced scale: other patches from the second epoch on, and a run
+    resumed there (whose first read is whole) trained on other images than the uninterrupted run."""
+    import numpy as np
+    from PIL import Image
+    from transformers import Pix2StructImageProcessor, Pix2StructProcessor
+
+    from train.data import Example
+    from train.loop import CaptionDataset
+    from train.presets import train_tokenizer
+
+    processor = Pix2StructProcessor(
+        image_processor=Pix2StructImageProcessor(max_patches=64, is_vqa=False), tokenizer=train_tokenizer(["a b c"], 100)
+    )
+    path = tmp_path / "photo.jpg"
+    small = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((1600, 1200), Image.Resampling.BILINEAR).save(path, quality=90)
+    examples = [Example("photo.jpg", "a", path)]
+    uninterrupted = CaptionDataset(examples, processor, augment=False, seed=0, cache_bytes=0)  # the cache full
+    first, later = uninterrupted[(0, 0)][0], uninterrupted[(1, 0)][0]
+    resumed = CaptionDataset(examples, processor, augment=False, seed=0, cache_bytes=0)[(1, 0)][0]
+    np.testing.assert_array_equal(np.asarray(later), np.asarray(first))
+    np.testing.assert_array_equal(np.asarray(resumed), np.asarray(later))
+
+
 def test_the_image_cache_counts_what_pillow_holds(tmp_path: Path) -> None:
     """Pillow keeps an RGB image in 4 bytes a pixel: counted as 3, the 2 GiB cache held 2.7 GiB and more."""
     from PIL import Image
@@ -618,6 +643,13 @@ def test_tiny_run_learns_and_reloads(tiny_run: Path, synth_data: Path, tmp_path:
     assert metrics[-1]["loss"] < 0.8 * metrics[0]["loss"]
     steps = [json.loads(line) for line in (tiny_run / "steps.jsonl").read_text().splitlines()]
     assert sum(s["loss"] for s in steps[-3:]) < sum(s["loss"] for s in steps[:3])
+    # Each step logs the rate its update used (it logged the next step's: the peak twice, the warm-up's first never).
+    from train.loop import _lr_lambda
+
+    config = json.loads((tiny_run / "run_config.json").read_text())
+    rate = _lr_lambda(len(steps), max(1, int(config["warmup_ratio"] * len(steps))))
+    assert [s["lr"] for s in steps] == pytest.approx([config["lr"] * rate(i) for i in range(len(steps))], rel=1e-9)
+    assert [m["lr"] for m in metrics] == [s["lr"] for s in steps if s["step"] in {m["step"] for m in metrics}]
     assert all(m["bleu"] is not None and m["images_per_s"] > 0 for m in metrics)
     assert (tiny_run / "curves.png").stat().st_size > 1000
     assert (tiny_run / "last" / "trainer_state.pt").is_file()
@@ -713,11 +745,25 @@ def test_cli_refuses_out_of_range_options_before_writing_anything(small_data: Pa
 
 
 def test_a_diverging_run_stops_with_an_error_instead_of_saving_nan_weights(small_data: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
     from train.cli import train as train_cmd
 
     with pytest.raises(TrainError, match="training diverged; lower --lr"):
         train(TrainConfig(data=small_data, out=tmp_path / "run", epochs=1, lr=1e6, **FAST))
     assert not (tmp_path / "run" / "best").exists()
+    # Nine images, one step an epoch: the third update's gradients are NaN while its loss is finite. It ran
+    # "done" (exit 0) with every weight of last/ NaN; now it stops before that update, and what was saved is finite.
+    nine = tmp_path / "nine"
+    nine.mkdir()
+    lines = (small_data / "metadata.jsonl").read_text().splitlines()[:9]
+    (nine / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    for line in lines:
+        shutil.copy(small_data / json.loads(line)["file_name"], nine)
+    with pytest.raises(TrainError, match=r"the gradients became nan at step \d+ .*training diverged; lower --lr"):
+        train(TrainConfig(data=nine, out=tmp_path / "nan", epochs=3, lr=1e4, **FAST))
+    for checkpoint in (tmp_path / "nan").glob("*/model.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(checkpoint).values()), checkpoint
     args = ["--data", str(small_data), "--out", str(tmp_path / "cli"), "--preset", "tiny", "--epochs", "1", "--lr", "1e6", "--batch-size", "8",
             "--max-patches", "64", "--no-progress"]  # fmt: skip
     diverged = CliRunner().invoke(train_cmd, args)

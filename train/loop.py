@@ -273,13 +273,10 @@ class CaptionDataset:
             stored_size = f.size
             if view is not None and view.stored_size != stored_size:
                 view = None  # the file was replaced since: read it as for the first time
-            # The first read is whole, for what the engine sees; a later one (the cache full) decodes a JPEG
-            # at 1/2, 1/4 or 1/8 scale, far cheaper, but at twice the side at least: the DCT's scaling
-            # blurs more than a resize does.
-            if view is not None and f.format == "JPEG":
-                side = 2 * math.sqrt(target / max(1, view.size[0] * view.size[1]))
-                if side < 1:
-                    f.draft("RGB", (max(1, int(f.size[0] * side)), max(1, int(f.size[1] * side))))
+            # Every read is whole, as the first (for what the engine sees), also where the cache is full: a
+            # JPEG decoded at reduced scale (Pillow's draft) is cheaper, but other pixels, and a resumed run
+            # then trained on other images than an uninterrupted one from the first epoch past the cache.
+            # At the sizes that fill the cache (hundreds of images at 2048 patches) a step takes seconds.
             img = load_rgb(f, name=str(path))
         full = standardization(img) if view is None else None
         full_size = img.size if view is None else view.size
@@ -1144,23 +1141,27 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             group_n += 1
             n_images += len(batch["labels"])
             if group_end:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 step += 1
                 # the logged loss is the mean over all processes, so it does not depend on the rank
                 step_loss = float(accelerator.reduce(torch.tensor(group_loss / group_n), reduction="mean"))
-                if not math.isfinite(step_loss):  # every rank sees the same reduced value and stops together
+                # Of the all-reduced gradients: the same on every rank, so all stop together.
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                # Checked before the update: a finite loss with infinite gradients (weights grown huge) turned
+                # every weight into NaN, and on an epoch's last step that model was saved as last/.
+                if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # every rank stops together
+                    what = f"the loss became {step_loss}" if not math.isfinite(step_loss) else f"the gradients became {grad_norm}"
                     raise TrainDiverged(
-                        f"the loss became {step_loss} at step {step} (epoch {epoch + 1}): training diverged; "
-                        f"lower --lr (it was {cfg.lr:g}). Checkpoints of finished epochs in {out} are kept."
+                        f"{what} at step {step} (epoch {epoch + 1}): training diverged; lower --lr (it was {cfg.lr:g}) "
+                        f"and train into a new --out (with --base {out / 'last'} to start from the last finished "
+                        f"epoch). Checkpoints of finished epochs in {out} are kept."
                     )
+                step_lr = scheduler.get_last_lr()[0]  # the rate this update uses (scheduler.step sets the next one's)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
                 loss_sum += step_loss
                 loss_n += 1
-                steps_log.append(
-                    {"step": step, "epoch": epoch + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0]}
-                )
+                steps_log.append({"step": step, "epoch": epoch + 1, "loss": step_loss, "lr": step_lr})
                 group_loss, group_n = 0.0, 0
             elapsed = time.perf_counter() - t0
             bar.set_postfix(
@@ -1189,7 +1190,8 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         eval_s = time.perf_counter() - t1
         wall = prev_wall + time.perf_counter() - run_start
         record = {
-            "epoch": epoch + 1, "step": step, "loss": loss_sum / max(1, loss_n), "lr": scheduler.get_last_lr()[0],
+            "epoch": epoch + 1, "step": step, "loss": loss_sum / max(1, loss_n),
+            "lr": steps_log[-1]["lr"] if steps_log else scheduler.get_last_lr()[0],  # the epoch's last update's
             "images_per_s": total_images / train_s, "train_s": train_s, "eval_s": eval_s, "wall_s": wall,
             "bleu": scores.get("bleu"), "chrf": scores.get("chrf"), "train_images": total_images,
             "unique_images": len(set(seen_flat)), "processes": world,
