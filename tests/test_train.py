@@ -705,6 +705,10 @@ def test_evaluate_cli(tiny_run: Path, synth_data: Path, tmp_path: Path) -> None:
     scores = json.loads(res.stdout)  # stdout is the JSON alone (the predictions line goes to stderr)
     assert scores["split"] == "test" and scores["n"] > 0 and "bleu" in scores and out.is_file()
     assert f"predictions: {out}" in res.stderr
+    # How the data was read goes to stderr, with its warning: another split may hold training images.
+    other = CliRunner().invoke(evaluate, [*args[:-1], "--test-ratio", "0.3", "--json"])
+    assert other.exit_code == 0 and json.loads(other.stdout)["n"] > scores["n"], other.output
+    assert "not the run's test split, so it may hold images the model was trained on" in other.stderr
 
     res = CliRunner().invoke(evaluate, [str(synth_data), "--data", str(synth_data)])
     assert res.exit_code == 2 and "no config.json" in res.output
@@ -725,7 +729,7 @@ def test_evaluate_cli(tiny_run: Path, synth_data: Path, tmp_path: Path) -> None:
     if Path("/dev/full").exists():  # a full disk at the end: the scores are printed before the error
         res = CliRunner().invoke(evaluate, [*args[:3], "--out", "/dev/full", *args[5:]])
         assert res.exit_code == 2 and "/dev/full: cannot write" in res.output, res.output
-        assert json.loads(res.output.splitlines()[0]) == scores
+        assert json.loads(res.stdout.splitlines()[0]) == scores
 
 
 def test_cli_refuses_out_of_range_options_before_writing_anything(small_data: Path, tmp_path: Path) -> None:

@@ -259,6 +259,8 @@ def evaluate(
     except KeyboardInterrupt as exc:
         say("interrupted: nothing was written")
         raise SystemExit(interrupted_status(exc)) from None
+    if as_json and report.data_settings:  # on stderr, so that stdout stays the JSON alone; its warning too
+        say(f"data read with {report.data_settings}")
     scores = json.dumps({"split": report.split, "n": report.n, "bleu": report.bleu, "chrf": report.chrf}) if as_json else report.summary()
     show_and_save(scores, out, report.write_predictions)
     if out is not None and as_json:

@@ -545,8 +545,9 @@ def _check_writable(out: Path) -> None:
 
 
 def data_fingerprint(examples: Sequence[Any], split: dict[str, Any]) -> dict[str, Any]:
-    """What identifies a run's data: a digest of every usable example's file name, caption and image size
-    (not its path, so a copied or moved folder matches), with the counts for messages."""
+    """What identifies a run's data: a digest of every usable example's file name, caption and image file's
+    size in bytes (not its path, so a copied or moved folder matches; nor its content, which would mean
+    reading every image at each start), with the counts for messages."""
     digest = hashlib.sha256()
     for example in sorted(examples, key=lambda e: e.file_name):
         digest.update(f"{example.file_name}\0{example.text}\0{example.path.stat().st_size}\n".encode())
@@ -563,7 +564,7 @@ def _check_same_data(out: Path, fingerprint: dict[str, Any]) -> None:
     now = f"{fingerprint['examples']} ({fingerprint['train']} train, {fingerprint['test']} test)"
     raise TrainError(
         f"--resume: the data changed since {out} started (then {then}, now {now}; or captions, names or image "
-        f"sizes changed). Continuing would re-plan the schedule and compare BLEU across different test sets. "
+        f"file sizes changed). Continuing would re-plan the schedule and compare BLEU across different test sets. "
         f"To train on the new data, start a new run from this one: --base {out / 'last'} --out NEW_FOLDER"
     )
 
