@@ -587,6 +587,28 @@ def test_a_checkpoint_in_pytorch_bin_shards_loads(tmp_path: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
 
 
+def test_a_checkpoint_whose_weights_were_cut_short_is_refused_before_any_work(tmp_path: Path) -> None:
+    """A copy cut short was found only when transformers loaded it, after every image had been checked."""
+    from train.checkpoint import CheckpointError, check_checkpoint_dir
+    from train.presets import build_from_preset
+
+    model, processor = build_from_preset("tiny", ["three groups of two", "a clock at nine"], max_patches=16)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    check_checkpoint_dir(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: cut short \({len(whole) // 2} bytes where its header places {len(whole)}\)"):
+        check_checkpoint_dir(tmp_path)
+    weights.write_bytes(whole[:100])  # the header itself cut
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+        check_checkpoint_dir(tmp_path)
+    weights.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+        check_checkpoint_dir(tmp_path)
+
+
 def test_whole_number_settings_are_checked_and_kept_as_ints() -> None:
     import numpy as np
 

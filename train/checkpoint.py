@@ -56,13 +56,16 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     model_type = cfg.get("model_type")
     if model_type != "pix2struct":
         raise CheckpointError(f"{path} is not a Pix2Struct checkpoint (model_type={model_type!r})")
-    if checkpoint_weights(path) is None:  # a shard index counts: transformers reads it
+    weights = checkpoint_weights(path)
+    if weights is None:  # a shard index counts: transformers reads it
         if (path / MANIFEST_NAME).is_file():
             raise CheckpointError(
                 f"{path} is an ONNX bundle made by `edlight export`, not a PyTorch checkpoint; give the "
                 "checkpoint it was exported from (`edlight parity` scores a bundle against it)"
             )
         raise CheckpointError(f"{path}: no model weights (model.safetensors or pytorch_model.bin)")
+    if weights == "model.safetensors":
+        check_safetensors_whole(path / weights)
     if not all((path / f).is_file() for f in PROCESSOR_FILES):
         raise CheckpointError(
             f"{path}: no preprocessor_config.json; save the Pix2StructProcessor with the model"
@@ -83,6 +86,26 @@ def check_checkpoint_dir(path: str | Path) -> Path:
         )
     check_model_settings(path, cfg, processor, generation)
     return path
+
+
+def check_safetensors_whole(file: Path) -> None:
+    """Raise CheckpointError when `file` is not a whole safetensors file: its header unreadable, or the file
+    shorter than the tensors its header places (a copy or download cut short). Reads the header alone,
+    so a checkpoint is refused before any work rather than when transformers loads it, minutes later."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 + length or length > 100 * 2**20:  # transformers' own header limit is 100 MB
+                raise ValueError(f"its header claims {length} bytes")
+            header = json.loads(handle.read(length))
+        end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({exc}); copy or save the checkpoint again") from exc
+    if size < 8 + length + end:
+        raise CheckpointError(
+            f"{file}: cut short ({size} bytes where its header places {8 + length + end}); copy or save the checkpoint again"
+        )
 
 
 def read_json_object(path: Path, what: str, hint: str = "") -> dict[str, Any]:
