@@ -196,7 +196,7 @@ def estimate_peak_bytes(spec: SystemSpec, models: ModelSet, measured: dict[str, 
     return guess
 
 
-CEILING_SKIPPED = "ceiling: skipped (the onnx package is not installed), so no encoder %-of-ceiling column"
+CEILING_SKIPPED = "ceiling: skipped (the onnx package is not installed), so the encoder's of-ceiling column is empty (-)"
 
 
 def measure_ceiling(settings: BenchSettings, log: Log, when: str) -> dict[str, Any] | None:
