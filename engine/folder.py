@@ -1,8 +1,8 @@
 """Folder jobs: walk inputs, caption, and stream one record per image to JSONL or CSV, resumably.
 
 Records are ``{"file": path relative to its input folder, "caption": str|None, "error": str|None,
-"model": the bundle's captions_id, "bytes": the image file's size as read, "sha256": its SHA-256 (hex)}``,
-in input order (folders are
+"model": the bundle's captions_id, "bytes": the image file's size as read, "sha256": its SHA-256 (hex),
+"mtime_ns": its modification time}``, in input order (folders are
 walked recursively in sorted order). They are appended and flushed batch by batch, so a killed run keeps
 everything it finished. By default a rerun resumes: files that already have a caption are skipped, files
 whose record is an error are tried again (their old error records are dropped from the file first), and a
@@ -60,7 +60,7 @@ FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # A folder (or file system) that takes no changes from this user.
 NOT_WRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
-FIELDS = ("file", "caption", "error", "model", "bytes", "sha256")
+FIELDS = ("file", "caption", "error", "model", "bytes", "sha256", "mtime_ns")
 # CSV files written before records named their model (3 columns), their file's size (4) or its digest (5):
 # resumed as they are, and appended to with their own columns.
 CSV_HEADERS = (FIELDS, FIELDS[:5], FIELDS[:4], FIELDS[:3])
@@ -94,6 +94,7 @@ class InputFile:
     # Its "file" under the other naming rule of collect_inputs (prefixed with its input, or not): records
     # of an earlier run with other inputs may use it.
     other_name: str | None = None
+    mtime_ns: int | None = None  # its modification time when found
 
 
 @dataclass
@@ -168,13 +169,13 @@ def collect_inputs(
             identity: object
             try:
                 info = os.stat(path)
-                size = info.st_size
+                size, mtime_ns = info.st_size, info.st_mtime_ns
                 # Hard links share an inode; trusted only where there are several links to a real inode
                 # number (some network file systems report 0 or reuse them).
                 identity = (info.st_dev, info.st_ino) if info.st_nlink > 1 and info.st_ino else real
             except OSError:  # a broken symlink and the like: known by its path (it becomes an error record)
-                identity, size = real, None
-            found.append(InputFile(path, name, real, size))
+                identity, size, mtime_ns = real, None, None
+            found.append(InputFile(path, name, real, size, mtime_ns=mtime_ns))
             identities.append(identity)
         given += [os.fspath(raw)] * len(walked)
     chosen: dict[object, int] = {}  # identity -> index into found
@@ -199,7 +200,7 @@ def collect_inputs(
     for item, raw in zip(found, given, strict=True):
         prefixed = f"{Path(raw).as_posix().rstrip('/')}/{item.file}" if Path(raw).is_dir() else raw
         file, other = (prefixed, item.file) if prefix else (item.file, prefixed)
-        named.append(InputFile(item.path, file, item.real, item.bytes, other if other != file else None))
+        named.append(InputFile(item.path, file, item.real, item.bytes, other if other != file else None, item.mtime_ns))
     return named
 
 
@@ -228,43 +229,67 @@ def mkdir_failure(folder: Path, exc: OSError) -> str:
     return str(exc.strerror or exc)
 
 
-def file_fingerprint(path: Path) -> tuple[int | None, bytes | None]:
-    """The size and SHA-256 digest of the file at `path` (symlinks followed): what a record says of the file
-    it was written for. The size alone cannot tell two scans of one format and page size apart (an
-    uncompressed BMP or TIFF), nor a photo replaced by one of the same length. None for what cannot be
-    read; no digest for anything but a regular file (a FIFO or a device would never end)."""
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """What a record says of the file it was written for, as read: size, SHA-256 and modification time.
+
+    The size alone cannot tell two scans of one format and page size apart (uncompressed BMP or TIFF), nor
+    a photo replaced by one of the same length; the digest can. The modification time spares a resume from
+    reading again the images that have not been touched since their record."""
+
+    size: int | None = None  # None: cannot be read (a broken symlink)
+    sha256: Digest | None = None  # None: not a regular file, or a read that failed
+    mtime_ns: int | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The record's fields for it."""
+        return {"bytes": self.size, "sha256": None if self.sha256 is None else self.sha256.hex(), "mtime_ns": self.mtime_ns}
+
+
+def file_fingerprint(path: Path) -> Fingerprint:
+    """The Fingerprint of the file at `path` (symlinks followed). Only a regular file is opened: a FIFO would
+    wait for a writer, a device never end (or rewind a tape)."""
     try:
-        size = os.stat(path).st_size
+        listed = os.stat(path)
     except OSError:
-        return None, None
+        return Fingerprint()
+    if not stat.S_ISREG(listed.st_mode):
+        return Fingerprint(listed.st_size)
     try:
-        # Non-blocking: opening a FIFO put in the image's place meanwhile would otherwise wait for a writer.
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        # Non-blocking and without taking a terminal: a FIFO or device may have taken the file's place since.
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+        descriptor = os.open(path, flags)
     except OSError:
-        return size, None
-    with open(descriptor, "rb", buffering=0) as handle:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            return size, None
-        digest, size, chunk = hashlib.sha256(), 0, bytearray(1 << 20)
-        view = memoryview(chunk)
+        return Fingerprint(listed.st_size, None, listed.st_mtime_ns)
+    with open(descriptor, "rb") as handle:
+        opened = os.fstat(descriptor)
+        if not stat.S_ISREG(opened.st_mode):
+            return Fingerprint(opened.st_size)
         try:
-            while count := handle.readinto(chunk):
-                digest.update(view[:count])
-                size += count
-        except OSError:
-            return size, None
-    return size, digest.digest()
+            if hasattr(os, "O_NONBLOCK"):
+                os.set_blocking(descriptor, True)  # some FUSE file systems honour it on files: short reads
+            digest = hashlib.file_digest(handle, "sha256").digest()
+        except (OSError, BlockingIOError):
+            return Fingerprint(opened.st_size, None, opened.st_mtime_ns)
+    return Fingerprint(opened.st_size, digest, opened.st_mtime_ns)
 
 
-def _digests(paths: list[Path]) -> list[bytes | None]:
-    """`file_fingerprint(path)[1]` of each path, read a few at a time: a resume checks every captioned
-    image, and on network storage the reads wait on the network more than on this machine."""
+def _fingerprints(paths: list[Path]) -> list[Fingerprint]:
+    """`file_fingerprint` of each path, several files at a time (on network storage reads wait on the
+    network more than on this machine), a chunk at a time: a stop waits for one chunk, not for them all."""
     if len(paths) < 2:
-        return [file_fingerprint(path)[1] for path in paths]
+        return [file_fingerprint(path) for path in paths]
     from concurrent.futures import ThreadPoolExecutor
 
+    found: list[Fingerprint] = []
     with ThreadPoolExecutor(max_workers=min(8, len(paths)), thread_name_prefix="edlight-sha256") as pool:
-        return [fingerprint[1] for fingerprint in pool.map(file_fingerprint, paths)]
+        try:
+            for start in range(0, len(paths), 256):
+                found += pool.map(file_fingerprint, paths[start : start + 256])
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return found
 
 
 def _is_input_folder(raw: str | os.PathLike[str]) -> bool:
@@ -568,7 +593,8 @@ class _Line:
     failed: bool = False
     model: str | None = None  # the model that wrote it (None: not said, as in records before the field)
     bytes: int | None = None  # the size of the file it was written for (None: not said)
-    sha256: Digest | None = None  # that file's digest (raw, half the memory of its hex; None: not said)
+    sha256: Digest | None = None  # that file's digest (raw: 65 bytes of memory where its hex takes 113; None: not said)
+    mtime_ns: int | None = None  # that file's modification time (None: not said)
 
 
 JSONL_START = '{"file": '  # how every JSONL record of ours begins (format_record)
@@ -664,11 +690,13 @@ def _parse_line(out: Path, fmt: str, number: int, raw: bytes, end: int, columns:
             file, failed, model = row[0], len(row) > 2 and bool(row[2]), row[3] if len(row) > 3 and row[3] else None
             size: object = row[4] if len(row) > 4 and row[4] else None
             digest: object = row[5] if len(row) > 5 and row[5] else None
+            mtime: object = row[6] if len(row) > 6 and row[6] else None
         else:
             record = json.loads(text)
             file, failed, model, size = record["file"], record.get("error") is not None, record.get("model"), record.get("bytes")
-            digest = record.get("sha256")
-        size = None if size is None else _whole_number(size)
+            digest, mtime = record.get("sha256"), record.get("mtime_ns")
+        size = None if size is None else _whole_number(size, "bytes")
+        mtime = None if mtime is None else _whole_number(mtime, "mtime_ns")
         if digest is not None and not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
             raise ValueError(f"sha256 is {digest!r}, not 64 hexadecimal digits")
     except (
@@ -681,13 +709,14 @@ def _parse_line(out: Path, fmt: str, number: int, raw: bytes, end: int, columns:
         remedy = "choose another output" if number == 1 else "fix the file, or start afresh with --overwrite"
         raise OutputError(f"{out}:{number}: not a caption record ({exc}); {remedy}") from exc
     return _Line(end, str(file), failed, None if model is None else sys.intern(str(model)), size,  # few models
-                 None if digest is None else bytes.fromhex(digest))
+                 None if digest is None else bytes.fromhex(digest), mtime)
 
 
-def _whole_number(value: object) -> int:
-    """A record's byte count: an integer, also as a whole float (46135.0: a spreadsheet's or pandas' copy)."""
+def _whole_number(value: object, name: str) -> int:
+    """A record's byte count or time: an integer, also as a whole float (46135.0: a spreadsheet's or pandas'
+    copy; a time in nanoseconds as a float is not exact, and then only ever costs a read of the file)."""
     if isinstance(value, bool):
-        raise ValueError(f"bytes is {value!r}, not a number")
+        raise ValueError(f"{name} is {value!r}, not a number")
     try:
         return int(value)  # type: ignore[call-overload]
     except ValueError:
@@ -1213,24 +1242,28 @@ def _refuse_respelled(out: Path, respelled: list[tuple[InputFile, str]]) -> None
 
 def _changed_files(resumed: list[tuple[InputFile, _Line]]) -> list[tuple[InputFile, str]]:
     """The inputs whose caption in the output was written for another file, with how it differs: another
-    size, or else another SHA-256 (the file is read; a size is checked first, as it costs nothing).
+    size, or else another SHA-256. A file is read to tell only when its modification time is not the
+    record's (a copy with a new date is read, and resumes); the size costs nothing.
 
     Names are relative to their input folder, so two folders' images can share one; a replaced or
     re-tagged photo keeps its name too. Error records are retried anyway; what a record does not say
     (written before records had a size or a digest) is trusted.
     """
-    captioned = [(f, line) for f, line in resumed if not line.failed]
-    resized = {f.file for f, line in captioned if line.bytes is not None and f.bytes is not None and line.bytes != f.bytes}
-    hashed = [(f, line) for f, line in captioned if f.file not in resized and line.sha256 is not None and f.bytes is not None]
-    digests = dict(zip((f.file for f, _ in hashed), _digests([f.path for f, _ in hashed]), strict=True))
-    changed = []
-    for f, line in captioned:
-        if f.file in resized:
+    changed: list[tuple[InputFile, str]] = []
+    unsure: list[tuple[InputFile, _Line]] = []
+    for f, line in resumed:
+        if line.failed or f.bytes is None:
+            continue
+        if line.bytes is not None and line.bytes != f.bytes:
             changed.append((f, f"{line.bytes} bytes there, {f.path} has {f.bytes}"))
-        elif (digest := digests.get(f.file)) is not None and digest != line.sha256:
+        elif line.sha256 is not None and (line.mtime_ns is None or line.mtime_ns != f.mtime_ns):
+            unsure.append((f, line))
+    for (f, line), now in zip(unsure, _fingerprints([f.path for f, _ in unsure]), strict=True):
+        if now.sha256 is not None and now.sha256 != line.sha256:
             assert line.sha256 is not None
-            changed.append((f, f"SHA-256 {line.sha256.hex()[:12]}... there, {f.path} has {digest.hex()[:12]}... "
-                               f"(the same size, {f.bytes} bytes)"))
+            same = "the same size, " if line.bytes == now.size else ""
+            changed.append((f, f"SHA-256 {line.sha256.hex()[:12]}... there, {f.path} has {now.sha256.hex()[:12]}... "
+                               f"({same}{now.size} bytes)"))
     return changed
 
 
@@ -1365,7 +1398,7 @@ def caption_folder(
     with folder_job(inputs, out, fmt, overwrite, model, recaption_changed) as (todo, summary):
         bar = _progress_bar(len(todo), progress)
         started = time.perf_counter()
-        read_files: dict[str, tuple[int | None, bytes | None]] = {}
+        read_files: dict[str, Fingerprint] = {}
 
         # Images are opened where they were listed: a host that changes its working folder meanwhile (a
         # notebook's %cd, a service's os.chdir) would otherwise turn every later relative path into an error.
@@ -1375,8 +1408,8 @@ def caption_folder(
         def items() -> Iterator[tuple[str, Path, str]]:
             for f in todo:
                 path = f.path if listed_in is None else listed_in / f.path
-                # Pulled as its batch is handed to the reading thread: the size and digest of the file read,
-                # not of the one listed minutes before (a file still being copied in then).
+                # Pulled by the reading thread as it loads the batch (beside the model's run on the one before):
+                # the file as read, not as listed minutes before (a file still being copied in then).
                 read_files[f.file] = file_fingerprint(path)
                 yield f.file, path, str(f.path)
 
@@ -1384,9 +1417,7 @@ def caption_folder(
         try:
             with RecordWriter(summary.out, fmt, model) as writer:
                 for file, caption, error in captioner.iter_captions(items()):
-                    size, digest = read_files.pop(file)
-                    pending.append({"file": file, "caption": caption, "error": error, "bytes": size,
-                                    "sha256": None if digest is None else digest.hex()})
+                    pending.append({"file": file, "caption": caption, "error": error, **read_files.pop(file).fields()})
                     if len(pending) >= captioner.batch_size:
                         write_batch(writer, pending, summary, bar)
                         pending = []

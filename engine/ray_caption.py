@@ -40,6 +40,7 @@ from engine.captioner import pixel_cap, resolve_bundle
 from engine.click_types import reclaim_stop_signals
 from engine.errors import MAX_BATCH_SIZE, MAX_NUM_BEAMS, EdlightError, bounded_count, install_hint
 from engine.folder import (
+    Fingerprint,
     FolderSummary,
     RecordWriter,
     _progress_bar,
@@ -160,22 +161,27 @@ class CaptionActor:
             self.failure = ActorFailure(type(exc).__name__, f"a Ray actor on {socket.gethostname()}: {said}").encode()
 
     def __call__(self, batch: dict[str, Any]) -> Any:
-        """Rows {index, path, label} -> a pyarrow table {index, caption, error, bytes, sha256, failure} in the
-        same order (bytes, sha256: the file's size and digest as it is read, as in a local run; failure: null,
+        """Rows {index, path, label} -> a pyarrow table {index, caption, error, bytes, sha256, mtime_ns, failure}
+        in the same order (bytes, sha256, mtime_ns: the file as it is read, as in a local run; failure: null,
         or one row saying why this actor cannot caption).
 
         Paths and labels travel as bytes (os.fsencode), and errors go back as bytes: a file name that is
         not valid UTF-8 (surrogate escapes in Python) is no Arrow string, and must not fail the job.
         """
         if self.failure is not None:
-            return _result_table([-1], [None], [None], [(None, None)], [self.failure])
-        items = [(int(i), Path(os.fsdecode(bytes(p))), os.fsdecode(bytes(label)))
-                 for i, p, label in zip(batch["index"], batch["path"], batch["label"], strict=True)]
-        read = {index: file_fingerprint(path) for index, path, _ in items}
+            return _result_table([-1], [None], [None], [Fingerprint()], [self.failure])
+        read: dict[int, Fingerprint] = {}
+
+        def items() -> Iterator[tuple[int, Path, str]]:  # pulled by the engine's reading thread, as locally
+            for i, p, label in zip(batch["index"], batch["path"], batch["label"], strict=True):
+                path = Path(os.fsdecode(bytes(p)))
+                read[int(i)] = file_fingerprint(path)
+                yield int(i), path, os.fsdecode(bytes(label))
+
         indices: list[int] = []
         captions: list[str | None] = []
         errors: list[bytes | None] = []
-        for index, caption, error in self.captioner.iter_captions(items):
+        for index, caption, error in self.captioner.iter_captions(items()):
             indices.append(index)
             captions.append(caption)
             errors.append(None if error is None else error.encode("utf-8", "surrogatepass"))
@@ -183,7 +189,7 @@ class CaptionActor:
 
 
 # What CaptionActor answers for each image (_result_table), checked by the driver.
-RESULT_COLUMNS = ("index", "caption", "error", "bytes", "sha256", "failure")
+RESULT_COLUMNS = ("index", "caption", "error", "bytes", "sha256", "mtime_ns", "failure")
 
 
 def _require_result_columns(results: list[dict[str, Any]]) -> None:
@@ -199,7 +205,7 @@ def _require_result_columns(results: list[dict[str, Any]]) -> None:
 
 def _result_table(
     indices: list[int], captions: list[str | None], errors: list[bytes | None],
-    files: list[tuple[int | None, bytes | None]], failures: list[str | None],
+    files: list[Fingerprint], failures: list[str | None],
 ) -> Any:
     import pyarrow as pa
 
@@ -208,8 +214,9 @@ def _result_table(
         "index": pa.array(indices, pa.int64()),
         "caption": pa.array(captions, pa.string()),
         "error": pa.array(errors, pa.binary()),
-        "bytes": pa.array([size for size, _ in files], pa.int64()),
-        "sha256": pa.array([None if digest is None else digest.hex() for _, digest in files], pa.string()),
+        "bytes": pa.array([f.size for f in files], pa.int64()),
+        "sha256": pa.array([None if f.sha256 is None else f.sha256.hex() for f in files], pa.string()),
+        "mtime_ns": pa.array([f.mtime_ns for f in files], pa.int64()),
         "failure": pa.array(failures, pa.string()),
     })
 
@@ -310,7 +317,7 @@ def caption_folder_ray(
                         records = [
                             {"file": files[r["index"]], "caption": r["caption"],
                              "error": None if r["error"] is None else r["error"].decode("utf-8", "surrogatepass"),
-                             "bytes": r["bytes"], "sha256": r["sha256"]}
+                             "bytes": r["bytes"], "sha256": r["sha256"], "mtime_ns": r["mtime_ns"]}
                             for r in results
                         ]
                         write_batch(writer, records, summary, bar)

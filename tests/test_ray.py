@@ -105,11 +105,11 @@ def test_a_dashboard_address_is_named_as_one() -> None:
 def test_answers_of_another_edlights_actors_are_one_named_error() -> None:
     # A local Ray's workers import `engine` from the driver's working folder first: an older checkout there
     # answered without the failure column, and the driver died in KeyError: 'failure'.
-    _require_result_columns([{"index": 0, "caption": "c", "error": None, "bytes": 3, "sha256": None, "failure": None}])
+    _require_result_columns([{"index": 0, "caption": "c", "error": None, "bytes": 3, "sha256": None, "mtime_ns": None, "failure": None}])
     _require_result_columns([])
-    with pytest.raises(RayWorkerError, match=r"the Ray workers run another edlight than this one \(their answers lack bytes, sha256, failure\)"):
+    with pytest.raises(RayWorkerError, match=r"the Ray workers run another edlight than this one \(their answers lack bytes, sha256, mtime_ns, failure\)"):
         _require_result_columns([{"index": 0, "caption": "c", "error": None}])
-    with pytest.raises(RayWorkerError, match=r"\(their answers lack sha256\)"):  # an edlight from before records had it
+    with pytest.raises(RayWorkerError, match=r"\(their answers lack sha256, mtime_ns\)"):  # an edlight from before records had it
         _require_result_columns([{"index": 0, "caption": "c", "error": None, "bytes": 3, "failure": None}])
 
 

@@ -558,7 +558,7 @@ def test_a_line_break_inside_a_csv_cell_is_named(captioner: Captioner, tmp_path:
     with pytest.raises(OutputError, match=r"c\.csv:3: not a caption record \(a quoted field runs on past the end of the line"):
         captioner.caption_folder(tmp_path / "in", out=out, fmt="csv", progress=False)
     out.write_text(f"{header}\n{first}\nline two\n", encoding="utf-8")
-    with pytest.raises(OutputError, match=r"c\.csv:3: not a caption record \(1 fields where the header has 6\)"):
+    with pytest.raises(OutputError, match=r"c\.csv:3: not a caption record \(1 fields where the header has 7\)"):
         captioner.caption_folder(tmp_path / "in", out=out, fmt="csv", progress=False)
     assert names
 
@@ -714,7 +714,7 @@ def test_out_dash_into_a_file_shared_with_stderr_keeps_every_record(engine_bundl
         got = [json.loads(record)["file"] for record in re.findall(r'\{"file": .*\}', text)]
     else:
         got = re.findall(r"((?:nested/)?img_\d+\.png),", text)
-        assert text.count("file,caption,error,model,bytes,sha256\n") == 1
+        assert text.count("file,caption,error,model,bytes,sha256,mtime_ns\n") == 1
     assert got == names
 
 
@@ -739,10 +739,10 @@ def test_cli_writes_to_a_stream_and_picks_csv_from_the_name(engine_bundle: Path,
     result = runner.invoke(caption_command, [*base, "--out", str(fifo), "--overwrite", "--format", "csv"])
     streamed = reader.communicate(timeout=60)[0].decode()
     assert result.exit_code == 0, result.output
-    assert streamed.startswith("file,caption,error,model,bytes,sha256\n") and len(streamed.splitlines()) == 3
+    assert streamed.startswith("file,caption,error,model,bytes,sha256,mtime_ns\n") and len(streamed.splitlines()) == 3
     assert fifo.exists()
     named = runner.invoke(caption_command, [*base, "--out", str(tmp_path / "c.csv")])
-    assert named.exit_code == 0 and (tmp_path / "c.csv").read_text().startswith("file,caption,error,model,bytes,sha256\n")
+    assert named.exit_code == 0 and (tmp_path / "c.csv").read_text().startswith("file,caption,error,model,bytes,sha256,mtime_ns\n")
 
 
 def test_cli_captions_prints_a_summary_and_honours_strict(engine_bundle: Path, tmp_path: Path) -> None:
@@ -760,7 +760,7 @@ def test_cli_captions_prints_a_summary_and_honours_strict(engine_bundle: Path, t
     assert strict.exit_code == 1 and "failed 1 (1 retried after failing before), 4 already done of 5" in strict.output
     assert sorted(r["file"] for r in records(out)) == sorted(names + ["zero.jpg"])  # its old error record is gone
     csv_run = runner.invoke(caption_command, [*args[:-3], "--out", str(tmp_path / "x.csv"), "--format", "csv", "--quiet"])
-    assert csv_run.exit_code == 0 and (tmp_path / "x.csv").read_text().startswith("file,caption,error,model,bytes,sha256\n")
+    assert csv_run.exit_code == 0 and (tmp_path / "x.csv").read_text().startswith("file,caption,error,model,bytes,sha256,mtime_ns\n")
 
 
 def test_cli_refuses_a_missing_or_tampered_bundle_before_reading_images(engine_bundle: Path, tmp_path: Path) -> None:
@@ -1591,7 +1591,7 @@ def test_records_carry_the_file_size_and_another_file_of_the_same_name_is_refuse
             name: (first / name).stat().st_size for name in ("only_day1.png", "same.png")
         }
     else:
-        assert out.read_text().splitlines()[0] == "file,caption,error,model,bytes,sha256"
+        assert out.read_text().splitlines()[0] == "file,caption,error,model,bytes,sha256,mtime_ns"
     before = out.read_bytes()
     size = (first / "same.png").stat().st_size
     with pytest.raises(OutputError, match=rf"1 of its captions were written for other files of the same names \('same\.png': {size} bytes there"):
@@ -1657,6 +1657,44 @@ def test_records_carry_the_files_sha256_and_a_same_sized_other_file_of_the_same_
     shutil.copy(second / "scan0.bmp", tmp_path / "copy.bmp")
     os.replace(tmp_path / "copy.bmp", second / "scan0.bmp")
     assert captioner.caption_folder(second, out=out, progress=False).skipped == 2
+
+
+def test_a_resume_reads_only_the_images_touched_since_their_record(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every captioned image was read again at every resume: a rerun over a large archive read all of it."""
+    from engine import folder as folder_module
+
+    names = make_folder(tmp_path / "in", 4)
+    out = tmp_path / "o.jsonl"
+    captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    assert [r["mtime_ns"] for r in records(out)] == [(tmp_path / "in" / n).stat().st_mtime_ns for n in names]
+    checked: list[list[Path]] = []
+    real = folder_module._fingerprints
+    monkeypatch.setattr(folder_module, "_fingerprints", lambda paths: checked.append(paths) or real(paths))
+    assert captioner.caption_folder(tmp_path / "in", out=out, progress=False).skipped == 4
+    assert checked == [[]]
+    touched = tmp_path / "in" / names[1]
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))  # same bytes, new date
+    assert captioner.caption_folder(tmp_path / "in", out=out, progress=False).skipped == 4
+    assert checked[-1] == [touched]
+
+
+def test_fingerprints_open_only_regular_files(tmp_path: Path) -> None:
+    """A FIFO put where an image was would block the open; a device would be read without end."""
+    import hashlib
+
+    from engine.folder import Fingerprint, _fingerprints, file_fingerprint
+
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "a.png").write_bytes(b"a picture")
+    assert file_fingerprint(tmp_path / "pipe.png") == Fingerprint(0)
+    assert file_fingerprint(tmp_path / "missing.png") == Fingerprint()
+    if Path("/dev/zero").exists():
+        assert file_fingerprint(Path("/dev/zero")).sha256 is None
+    whole = file_fingerprint(tmp_path / "a.png")
+    assert (whole.size, whole.sha256) == (9, hashlib.sha256(b"a picture").digest())
+    assert _fingerprints([tmp_path / "a.png", tmp_path / "pipe.png"] * 300) == [whole, Fingerprint(0)] * 300
 
 
 def test_a_record_with_a_malformed_sha256_is_named(captioner: Captioner, tmp_path: Path) -> None:
@@ -1965,7 +2003,7 @@ def test_api_details_format_from_the_name_path_likes_and_no_folder_for_a_failed_
     make_folder(tmp_path / "in", 2)
     entry = next(e for e in os.scandir(tmp_path) if e.name == "in")  # os.PathLike, not a Path
     summary = captioner.caption_folder(entry, out=tmp_path / "o.csv", progress=False)
-    assert summary.captioned == 2 and (tmp_path / "o.csv").read_text().startswith("file,caption,error,model,bytes,sha256\n")
+    assert summary.captioned == 2 and (tmp_path / "o.csv").read_text().startswith("file,caption,error,model,bytes,sha256,mtime_ns\n")
     with pytest.raises(FileNotFoundError, match="nope: no such file or folder"):
         captioner.caption_folder([tmp_path / "nope"], out=tmp_path / "new" / "deep" / "x.jsonl", progress=False)
     assert not (tmp_path / "new").exists()
