@@ -414,7 +414,7 @@ def _bundle_files(bundle: Path) -> set[str]:
     """The names an earlier bundle's manifest lists (with the manifest); for an unreadable manifest, the
     names a bundle's files have, so that --force can still replace a damaged bundle."""
     try:
-        listed = json.loads((bundle / MANIFEST_NAME).read_text(encoding="utf-8"))["files"]
+        listed = json.loads((bundle / MANIFEST_NAME).read_text(encoding="utf-8-sig"))["files"]  # as Bundle.load reads it
         if isinstance(listed, dict) and all(isinstance(name, str) for name in listed):
             return {MANIFEST_NAME, *(name.split("/")[0] for name in listed)}
     except (OSError, ValueError, KeyError, TypeError):

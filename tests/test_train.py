@@ -607,6 +607,15 @@ def test_a_checkpoint_whose_weights_were_cut_short_is_refused_before_any_work(tm
     weights.write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
         check_checkpoint_dir(tmp_path)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="1MB")
+    processor.save_pretrained(sharded)
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (sharded / "model.safetensors").exists()
+    check_checkpoint_dir(sharded)
+    shards[-1].write_bytes(shards[-1].read_bytes()[:-1])
+    with pytest.raises(CheckpointError, match=rf"{shards[-1].name}: cut short"):
+        check_checkpoint_dir(sharded)
 
 
 def test_whole_number_settings_are_checked_and_kept_as_ints() -> None:
@@ -794,6 +803,22 @@ def test_a_diverging_run_stops_with_an_error_instead_of_saving_nan_weights(small
             "--max-patches", "64", "--no-progress"]  # fmt: skip
     diverged = CliRunner().invoke(train_cmd, args)
     assert diverged.exit_code == 1 and "training diverged" in diverged.output, diverged.output  # it ran: not 2
+
+
+def test_accelerates_fp16_mixed_precision_is_refused_before_any_work(
+    small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its loss scaler's overflow steps have infinite gradients, which stop a run as diverged."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    AcceleratorState._reset_state(reset_partial_state=True)  # a process's first Accelerator fixes its settings
+    try:
+        with pytest.raises(TrainError, match="accelerate's fp16 mixed precision is not supported"):
+            train(TrainConfig(data=small_data, out=tmp_path / "run", epochs=1, **FAST))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert not (tmp_path / "run").exists()
 
 
 def test_precision_choice() -> None:

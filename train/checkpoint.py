@@ -66,6 +66,11 @@ def check_checkpoint_dir(path: str | Path) -> Path:
         raise CheckpointError(f"{path}: no model weights (model.safetensors or pytorch_model.bin)")
     if weights == "model.safetensors":
         check_safetensors_whole(path / weights)
+    elif weights == "model.safetensors.index.json":  # shards: each listed one
+        shards = read_json_object(path / weights, "shard index").get("weight_map")
+        for shard in sorted(set(shards.values()) if isinstance(shards, dict) else ()):
+            if isinstance(shard, str) and "/" not in shard and (path / shard).is_file():
+                check_safetensors_whole(path / shard)
     if not all((path / f).is_file() for f in PROCESSOR_FILES):
         raise CheckpointError(
             f"{path}: no preprocessor_config.json; save the Pix2StructProcessor with the model"
@@ -99,7 +104,7 @@ def check_safetensors_whole(file: Path) -> None:
             if size < 8 + length or length > 100 * 2**20:  # transformers' own header limit is 100 MB
                 raise ValueError(f"its header claims {length} bytes")
             header = json.loads(handle.read(length))
-        end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+        end = max((int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"), default=0)
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         raise CheckpointError(f"{file}: not a readable safetensors file ({exc}); copy or save the checkpoint again") from exc
     if size < 8 + length + end:

@@ -825,6 +825,12 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
 
     cfg = config.resolved()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.mixed_precision == "fp16":  # from `accelerate launch --mixed_precision fp16` or its config
+        # Its loss scaler skips steps whose gradients overflow, by design; the run stops at a non-finite one.
+        raise TrainError(
+            "accelerate's fp16 mixed precision is not supported: launch without --mixed_precision fp16 (or set it to "
+            "no or bf16 in accelerate's config); edlight's --precision trains in bf16 where the processor has it"
+        )
     # One process's worker preparing images plus intra-op threads must not exceed the cores: an
     # oversubscribed OpenMP pool spins and waits (measured here: ~10x slower steps on a busy 2-core box).
     # The processes that share this machine's cores: torchrun's ranks on this node, not those of every node.
@@ -1145,16 +1151,18 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
                 step += 1
                 # the logged loss is the mean over all processes, so it does not depend on the rank
                 step_loss = float(accelerator.reduce(torch.tensor(group_loss / group_n), reduction="mean"))
-                # Of the all-reduced gradients: the same on every rank, so all stop together.
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                # Of the all-reduced gradients: the same on every rank, so all stop together. (None: DeepSpeed's
+                # engine clips inside its own step, and says nothing here.)
+                norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                grad_norm = 0.0 if norm is None else float(norm)
                 # Checked before the update: a finite loss with infinite gradients (weights grown huge) turned
                 # every weight into NaN, and on an epoch's last step that model was saved as last/.
                 if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # every rank stops together
                     what = f"the loss became {step_loss}" if not math.isfinite(step_loss) else f"the gradients became {grad_norm}"
+                    since = f" (with --base {out / 'last'} to start from the last finished epoch)" if epoch > 0 else ""
                     raise TrainDiverged(
                         f"{what} at step {step} (epoch {epoch + 1}): training diverged; lower --lr (it was {cfg.lr:g}) "
-                        f"and train into a new --out (with --base {out / 'last'} to start from the last finished "
-                        f"epoch). Checkpoints of finished epochs in {out} are kept."
+                        f"and train into a new --out{since}. Checkpoints of finished epochs in {out} are kept."
                     )
                 step_lr = scheduler.get_last_lr()[0]  # the rate this update uses (scheduler.step sets the next one's)
                 optimizer.step()
