@@ -101,8 +101,12 @@ def check_safetensors_whole(file: Path) -> None:
         size = file.stat().st_size
         with open(file, "rb") as handle:
             length = int.from_bytes(handle.read(8), "little")
-            if size < 8 + length or length > 100 * 2**20:  # transformers' own header limit is 100 MB
-                raise ValueError(f"its header claims {length} bytes")
+            if length > 100 * 2**20 or size < 8:  # transformers' own header limit is 100 MB
+                raise ValueError(f"its header claims {length} bytes" if size >= 8 else "no header")
+            if size < 8 + length:
+                raise CheckpointError(
+                    f"{file}: cut short ({size} bytes where its header alone takes {8 + length}); copy or save the checkpoint again"
+                )
             header = json.loads(handle.read(length))
         end = max((int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"), default=0)
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
