@@ -1096,8 +1096,9 @@ def plan_folder_job(
     is the file it points to; a stream (stdout, a pipe) is only written. The output itself is never an
     input: found in an input folder it is left out, given as an input file it is refused. `model` (the
     bundle's captions_id) must be the model of every record in `out` that names one. An image that is not
-    the file its record was written for (another size or SHA-256; every captioned image is read to tell)
-    is refused (see `_refuse_other_files`), or with `recaption_changed` captioned again, its old record dropped. Callers hold
+    the file its record was written for (another size or SHA-256, read where its modification time is not
+    the record's) is refused (see `_refuse_other_files`), or with `recaption_changed` captioned again, its old
+    record dropped. Callers hold
     `output_lock(out)` from here until their last write (see `folder_job`). Raises ValueError for an
     unknown format, FileNotFoundError for a missing input, OutputError for an output file that is not
     a caption file, is an input file, or holds another model's captions.
