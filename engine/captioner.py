@@ -275,19 +275,17 @@ class Captioner:
         """Stream `(key, caption, error)` for `(key, source, label)` items, in input order.
 
         Exactly one of caption/error is None. Image problems become error strings (naming `label`);
-        model failures raise ModelRuntimeError. `items` is advanced by the reading thread, one batch at a time,
-        beside the model's run on the batch before (what a generator does per item overlaps it too).
+        model failures raise ModelRuntimeError.
         """
         batches = _chunks(map(_checked_item, items), self.batch_size)
-
-        def load_next() -> _Prepared | None:
-            batch = next(batches, None)
-            return self._prepare(batch) if batch else None
-
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edlight-preprocess") as pool:
-            pending: Future[_Prepared | None] = pool.submit(load_next)
-            while (prepared := pending.result()) is not None:
-                pending = pool.submit(load_next)  # the next batch loads while the model runs on this one
+            first = next(batches, None)
+            pending: Future[_Prepared] | None = pool.submit(self._prepare, first) if first else None
+            while pending is not None:
+                prepared = pending.result()
+                following = next(batches, None)
+                # Start loading the next batch before running the model on this one.
+                pending = pool.submit(self._prepare, following) if following else None
                 yield from self._finish(prepared)
 
     # ------------------------------------------------------------------------------------ internals

@@ -45,6 +45,8 @@ except ImportError:  # Windows: runs on one output are not locked against each o
     fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from engine.captioner import Captioner
 
 # Photo and scan formats (HEIC/HEIF read with pillow-heif installed; without it they are error records
@@ -61,9 +63,9 @@ FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 NOT_WRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 FIELDS = ("file", "caption", "error", "model", "bytes", "sha256", "mtime_ns")
-# CSV files written before records named their model (3 columns), their file's size (4) or its digest (5):
-# resumed as they are, and appended to with their own columns.
-CSV_HEADERS = (FIELDS, FIELDS[:5], FIELDS[:4], FIELDS[:3])
+# CSV files written before records named their model (3 columns), their file's size (4), its digest (5) or
+# its modification time (6): resumed as they are, and appended to with their own columns.
+CSV_HEADERS = (FIELDS, FIELDS[:6], FIELDS[:5], FIELDS[:4], FIELDS[:3])
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 Digest = bytes  # a SHA-256 digest, raw (a name, as _Line has a field called bytes)
 
@@ -272,6 +274,20 @@ def file_fingerprint(path: Path) -> Fingerprint:
         except (OSError, BlockingIOError):
             return Fingerprint(opened.st_size, None, opened.st_mtime_ns)
     return Fingerprint(opened.st_size, digest, opened.st_mtime_ns)
+
+
+@contextlib.contextmanager
+def fingerprinting() -> Iterator[Callable[[Path], Future[Fingerprint]]]:
+    """A function that starts a file's fingerprint in a thread of its own, beside the model's run (hashing a
+    photo takes milliseconds; the caller's thread and its items stay as they are). Fingerprints not yet
+    started when the block ends (a stop) are dropped."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edlight-sha256")
+    try:
+        yield lambda path: pool.submit(file_fingerprint, path)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _fingerprints(paths: list[Path]) -> list[Fingerprint]:
@@ -715,8 +731,8 @@ def _parse_line(out: Path, fmt: str, number: int, raw: bytes, end: int, columns:
 def _whole_number(value: object, name: str) -> int:
     """A record's byte count or time: an integer, also as a whole float (46135.0: a spreadsheet's or pandas'
     copy; a time in nanoseconds as a float is not exact, and then only ever costs a read of the file)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} is {value!r}, not a number")
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):  # int(10.7) is 10
+        raise ValueError(f"{name} is {value!r}, not a whole number")
     try:
         return int(value)  # type: ignore[call-overload]
     except ValueError:
@@ -1399,7 +1415,7 @@ def caption_folder(
     with folder_job(inputs, out, fmt, overwrite, model, recaption_changed) as (todo, summary):
         bar = _progress_bar(len(todo), progress)
         started = time.perf_counter()
-        read_files: dict[str, Fingerprint] = {}
+        read_files: dict[str, Future[Fingerprint]] = {}
 
         # Images are opened where they were listed: a host that changes its working folder meanwhile (a
         # notebook's %cd, a service's os.chdir) would otherwise turn every later relative path into an error.
@@ -1409,16 +1425,16 @@ def caption_folder(
         def items() -> Iterator[tuple[str, Path, str]]:
             for f in todo:
                 path = f.path if listed_in is None else listed_in / f.path
-                # Pulled by the reading thread as it loads the batch (beside the model's run on the one before):
-                # the file as read, not as listed minutes before (a file still being copied in then).
-                read_files[f.file] = file_fingerprint(path)
+                # Started as its batch is handed to the reading thread: the file as read, not as listed
+                # minutes before (a file still being copied in then).
+                read_files[f.file] = fingerprint(path)
                 yield f.file, path, str(f.path)
 
         pending: list[dict[str, Any]] = []
         try:
-            with RecordWriter(summary.out, fmt, model) as writer:
+            with RecordWriter(summary.out, fmt, model) as writer, fingerprinting() as fingerprint:
                 for file, caption, error in captioner.iter_captions(items()):
-                    pending.append({"file": file, "caption": caption, "error": error, **read_files.pop(file).fields()})
+                    pending.append({"file": file, "caption": caption, "error": error, **read_files.pop(file).result().fields()})
                     if len(pending) >= captioner.batch_size:
                         write_batch(writer, pending, summary, bar)
                         pending = []

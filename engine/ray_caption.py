@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from engine.folder import (
     FolderSummary,
     RecordWriter,
     _progress_bar,
-    file_fingerprint,
+    fingerprinting,
     folder_job,
     is_same_file,
     resolve_format,
@@ -170,22 +171,24 @@ class CaptionActor:
         """
         if self.failure is not None:
             return _result_table([-1], [None], [None], [Fingerprint()], [self.failure])
-        read: dict[int, Fingerprint] = {}
-
-        def items() -> Iterator[tuple[int, Path, str]]:  # pulled by the engine's reading thread, as locally
-            for i, p, label in zip(batch["index"], batch["path"], batch["label"], strict=True):
-                path = Path(os.fsdecode(bytes(p)))
-                read[int(i)] = file_fingerprint(path)
-                yield int(i), path, os.fsdecode(bytes(label))
-
+        read: dict[int, Future[Fingerprint]] = {}
         indices: list[int] = []
         captions: list[str | None] = []
         errors: list[bytes | None] = []
-        for index, caption, error in self.captioner.iter_captions(items()):
-            indices.append(index)
-            captions.append(caption)
-            errors.append(None if error is None else error.encode("utf-8", "surrogatepass"))
-        return _result_table(indices, captions, errors, [read[i] for i in indices], [None] * len(indices))
+        with fingerprinting() as fingerprint:
+
+            def items() -> Iterator[tuple[int, Path, str]]:  # fingerprinted as they are read, as locally
+                for i, p, label in zip(batch["index"], batch["path"], batch["label"], strict=True):
+                    path = Path(os.fsdecode(bytes(p)))
+                    read[int(i)] = fingerprint(path)
+                    yield int(i), path, os.fsdecode(bytes(label))
+
+            for index, caption, error in self.captioner.iter_captions(items()):
+                indices.append(index)
+                captions.append(caption)
+                errors.append(None if error is None else error.encode("utf-8", "surrogatepass"))
+            files = [read[i].result() for i in indices]
+        return _result_table(indices, captions, errors, files, [None] * len(indices))
 
 
 # What CaptionActor answers for each image (_result_table), checked by the driver.

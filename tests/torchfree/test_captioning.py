@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -1703,6 +1704,40 @@ def test_a_record_with_a_malformed_sha256_is_named(captioner: Captioner, tmp_pat
     out.write_text(json.dumps({"file": "x.png", "caption": "c", "error": None, "model": None, "bytes": 3, "sha256": "abc"}) + "\n")
     with pytest.raises(OutputError, match=r"o\.jsonl:1: not a caption record \(sha256 is 'abc', not 64 hexadecimal digits\)"):
         captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    # A fraction is no byte count (int() cut 10.7 to 10); a whole float is, as a spreadsheet's copy writes it.
+    out.write_text(json.dumps({"file": "x.png", "caption": "c", "error": None, "model": None, "bytes": 10.7}) + "\n")
+    with pytest.raises(OutputError, match=r"o\.jsonl:1: not a caption record \(bytes is 10\.7, not a whole number\)"):
+        captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+
+
+def test_a_csv_with_the_sha256_column_but_no_time_resumes(captioner: Captioner, tmp_path: Path) -> None:
+    """The columns an edlight of a few commits wrote, before records had mtime_ns."""
+    import csv
+    import hashlib
+
+    names = make_folder(tmp_path / "in", 2)
+    first = tmp_path / "in" / names[0]
+    out = tmp_path / "o.csv"
+    out.write_text("file,caption,error,model,bytes,sha256\n"
+                   f"{names[0]},c,,{captioner.captions_id},{first.stat().st_size},{hashlib.sha256(first.read_bytes()).hexdigest()}\n")
+    summary = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    assert (summary.skipped, summary.captioned) == (1, 1)
+    assert all(len(row) == 6 for row in csv.reader(out.open(encoding="utf-8")))
+
+
+def test_iter_captions_advances_its_items_in_the_callers_thread(captioner: Captioner) -> None:
+    """A database cursor or a thread-local connection feeding items works only in the thread that made it."""
+    import threading
+
+    caller, seen = threading.current_thread(), []
+
+    def items() -> Iterator[tuple[int, Image.Image, str]]:
+        for i in range(5):
+            seen.append(threading.current_thread())
+            yield i, photo(i), f"photo {i}"
+
+    assert [key for key, _, _ in captioner.iter_captions(items())] == list(range(5))
+    assert seen == [caller] * 5
 
 
 def test_a_csv_from_before_the_sha256_column_keeps_its_columns_and_is_trusted_by_size(
