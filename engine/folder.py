@@ -249,8 +249,8 @@ class Fingerprint:
 
 
 def file_fingerprint(path: Path) -> Fingerprint:
-    """The Fingerprint of the file at `path` (symlinks followed). Only a regular file is opened: a FIFO would
-    wait for a writer, a device never end (or rewind a tape)."""
+    """The Fingerprint of the file at `path` (symlinks followed). Only a regular file is opened, as the image
+    loader opens only those (engine.images._check_path): a FIFO would wait for a writer, a device never end."""
     try:
         listed = os.stat(path)
     except OSError:
@@ -258,22 +258,11 @@ def file_fingerprint(path: Path) -> Fingerprint:
     if not stat.S_ISREG(listed.st_mode):
         return Fingerprint(listed.st_size)
     try:
-        # Non-blocking and without taking a terminal: a FIFO or device may have taken the file's place since.
-        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
-        descriptor = os.open(path, flags)
+        with open(path, "rb") as handle:
+            opened = os.fstat(handle.fileno())  # the size and time of what is hashed, not of what was listed
+            return Fingerprint(opened.st_size, hashlib.file_digest(handle, "sha256").digest(), opened.st_mtime_ns)
     except OSError:
         return Fingerprint(listed.st_size, None, listed.st_mtime_ns)
-    with open(descriptor, "rb") as handle:
-        opened = os.fstat(descriptor)
-        if not stat.S_ISREG(opened.st_mode):
-            return Fingerprint(opened.st_size)
-        try:
-            if hasattr(os, "O_NONBLOCK"):
-                os.set_blocking(descriptor, True)  # some FUSE file systems honour it on files: short reads
-            digest = hashlib.file_digest(handle, "sha256").digest()
-        except (OSError, BlockingIOError):
-            return Fingerprint(opened.st_size, None, opened.st_mtime_ns)
-    return Fingerprint(opened.st_size, digest, opened.st_mtime_ns)
 
 
 @contextlib.contextmanager
