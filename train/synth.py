@@ -802,14 +802,12 @@ def generate(
                 (out / stale).unlink(missing_ok=True)
             for name in [*names, METADATA]:  # the metadata last: a folder with it has every image
                 os.replace(partial / name, out / name)
-    except BaseException:  # stopped or failed: the folders this run made go too (only while empty)
-        shutil.rmtree(partial, ignore_errors=True)
-        for folder in created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
+        created = []  # complete: the folders it made hold the set
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+        for folder in created:  # stopped or failed: the folders this run made go too (only while empty)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return out
 
 
