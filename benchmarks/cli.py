@@ -204,7 +204,7 @@ def bench(
             try:
                 measuring = True
                 results = run_benchmark(settings, models, log)
-                nothing_measured = bool(results["results"]) and all(r.get("status") == "failed" for r in results["results"])
+                nothing_measured = bool(results["results"]) and not any(r.get("total_s_per_image") for r in results["results"])
                 if aside is not None and nothing_measured:
                     for cell in results["results"]:
                         first_line = ((cell.get("error") or "").splitlines() or ["failed"])[0]
@@ -238,6 +238,12 @@ def bench(
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     if nothing_measured:
         failed(f"every measurement failed; see the worker logs in {out / 'logs'}")
+    # Written all the same (what did run is worth keeping), but a script or a cron job must see that a cell the
+    # run was asked for is missing or cut short.
+    unfinished = [f"{r['system']} at batch {r['batch_size']}" for r in results["results"] if r.get("status") == "failed"]
+    if unfinished:
+        failed(f"{len(unfinished)} of {len(results['results'])} measurements failed or were cut short "
+               f"({', '.join(unfinished)}); see the table and notes above and the worker logs in {out / 'logs'}")
 
 
 def _put_back(aside: Path, out: Path) -> None:

@@ -81,8 +81,9 @@ def markdown(results: dict[str, Any]) -> str:
         ratio = f"{total['median'] / optimum[r['batch_size']]:.2f}x" if r["batch_size"] in optimum else "-"
         gflops = f"{r['encoder_gflops_per_s']:.0f}" if r.get("encoder_gflops_per_s") else "-"
         share = f"{100 * r['encoder_ceiling_fraction']:.0f}%" if r.get("encoder_ceiling_fraction") else "-"
+        cut_short = " (cut short, see notes)" if r.get("status") == "failed" else ""
         lines.append(
-            f"| {r['system']} | {r['batch_size']} | {_num(r['preprocess_s_per_image'])} | {_num(r['encoder_s_per_image'])} "
+            f"| {r['system']}{cut_short} | {r['batch_size']} | {_num(r['preprocess_s_per_image'])} | {_num(r['encoder_s_per_image'])} "
             f"| {_num(r['decode_s_per_image'])} | {_num(r['decode_ms_per_step'], 1)} "
             f"| {total['median']:.3f} ({total['min']:.3f}-{total['max']:.3f}) | {r['images_per_s']:.3g} | {ratio} "
             f"| {_load(r.get('load_s'))} | {_gib(r.get('peak_rss_bytes'))} | {gflops} | {share} |"
@@ -104,6 +105,10 @@ def markdown(results: dict[str, Any]) -> str:
             for row in scaling
         ]
     notes = [f"- {system}: skipped ({why})" for system, why in results.get("skipped", {}).items()]
+    wanted = results.get("settings", {}).get("repeats")
+    notes += [f"- {r['system']} at batch {r['batch_size']}: failed after {r['repeats']} of {wanted or '?'} timed runs "
+              f"({r.get('error') or 'no reason given'}); its row is those runs'"
+              for r in results["results"] if r.get("status") == "failed" and r.get("total_s_per_image")]
     notes += [f"- {note}" for note in results.get("notes", [])]
     alone = [r for r in results["results"] if not r.get("interleaved", True)]
     if alone and results.get("settings", {}).get("interleave", True):

@@ -75,7 +75,7 @@ class Worker:
         line = self.process.stdout.readline()
         if not line:
             code = self.process.wait()
-            why = f"killed by signal {-code}" + (" (likely out of memory)" if code == -9 else "") if code < 0 else f"exit code {code}"
+            why = f"killed by signal {-code}" + (" (SIGKILL: out of memory, or a kill -9)" if code == -9 else "") if code < 0 else f"exit code {code}"
             raise WorkerError(f"worker died ({why}); log: {self.log_path}\n{self.log_tail()}")
         reply: dict[str, Any] = json.loads(line)
         if reply.get("peak_rss_bytes"):
@@ -260,9 +260,11 @@ def run_batch_size(
                         continue
                     try:
                         reply = workers[system].request({"cmd": "run"})
-                    except WorkerError as exc:
+                    except WorkerError as exc:  # the runs it made are kept, and marked as cut short
                         _fail(cells[system], exc, log)
-                        workers.pop(system)
+                        dead = workers.pop(system)
+                        dead.close()
+                        cells[system].peak_rss_bytes = dead.peak_rss_bytes
                         continue
                     run = RunTiming(**reply["timing"])
                     cells[system].runs.append(run)
@@ -345,6 +347,9 @@ def _start(
         worker.close()
         cell.peak_rss_bytes = worker.peak_rss_bytes
         return None
+    except BaseException:  # stopped while loading or warming up: the worker is not the caller's to end yet
+        worker.close()
+        raise
     return worker
 
 

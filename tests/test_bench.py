@@ -486,3 +486,57 @@ def test_builds_this_run_does_not_use_are_named_and_pruned_on_request(tiny_bundl
     assert "deleted 2 unused cache build(s) (3 MiB freed: .tiny-0123456789ab.partial-k1ll3d, engine-0123456789ab)" in pruned.output
     assert sorted(p.name for p in cache.iterdir()) == ["engine-aaaaaaaaaaaa", "engine-notes.txt", "images-plain", "notes"]
     assert (tmp_path / "pruned" / "results.json").is_file()
+
+
+def test_a_worker_stopped_while_loading_or_warming_up_is_ended(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or SIGTERM) before a worker joined the run's list left it running, orphaned, timing itself
+    against whatever ran next."""
+    from benchmarks import runner, settings
+    from benchmarks.timing import SystemSpec
+
+    started: list[runner.Worker] = []
+
+    class StoppedWhileLoading(runner.Worker):
+        def receive(self) -> dict[str, object]:
+            started.append(self)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "Worker", StoppedWhileLoading)
+    spec = SystemSpec(system="engine", model_path=str(tmp_path), processor_path=str(tmp_path), threads=1, batch_size=1,
+                      tokens=2, max_patches=16, images=[])
+    plan = settings.BenchSettings(size="tiny", systems=["engine"], out=tmp_path / "out")
+    cell = runner.Cell(system="engine", batch_size=1)
+    with pytest.raises(KeyboardInterrupt):
+        runner._start("engine", spec, plan, cell, lambda _message: None)
+    assert len(started) == 1 and started[0].process.returncode is not None
+
+
+@pytest.mark.slow
+def test_a_worker_dying_mid_run_keeps_its_runs_marked_and_fails_the_run(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A worker killed after some timed runs: its row is those runs, marked as cut short with the reason and its
+    peak memory, and the bench exits 1 (it exited 0 with a row that read as a finished cell)."""
+    import psutil
+
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(ROOT / "examples" / "00000.jpg", images)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "engine.cli", "bench", "--systems", "engine", "--model", str(tiny_bundle),
+               "--batch-sizes", "1", "--warmup", "0", "--repeats", "100000", "--images", str(images),
+               "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--ceiling-seconds", "0.1"]
+    run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert run.stdout is not None
+    for line in run.stdout:
+        if "repeat 3/" in line:
+            break
+    [worker] = psutil.Process(run.pid).children(recursive=True)
+    worker.kill()
+    rest = run.stdout.read()
+    assert run.wait(timeout=120) == 1, rest
+    assert "1 of 1 measurements failed or were cut short (engine at batch 1)" in rest
+    [cell] = json.loads((out / "results.json").read_text())["results"]
+    assert cell["status"] == "failed" and "worker died (killed by signal 9" in cell["error"]
+    assert cell["repeats"] >= 3 and cell["peak_rss_bytes"] and cell["total_s_per_image"]
+    table = (out / "results.md").read_text()
+    assert "| engine (cut short, see notes) | 1 |" in table
+    assert f"- engine at batch 1: failed after {cell['repeats']} of 100000 timed runs (worker died" in table
