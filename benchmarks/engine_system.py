@@ -42,4 +42,15 @@ class EngineSystem:
             # Steps per model run: int8 bundles run one image at a time, so a batch makes several runs.
             decode_steps=round(t.decode_steps / max(t.model_runs, 1)),
             captions=list(captions),
+            encoder_patches=self._encoder_patches(images),
         )
+
+    def _encoder_patches(self, images: list[Any]) -> list[int] | None:
+        """Each image's own patch count where the captioner runs the encoder on it without padding (its grid,
+        as the processor lays it out), so the encoder's GFLOP/s counts only the work it did."""
+        from engine.preprocess import grid_size
+
+        if not self.captioner.trims_padding:
+            return None
+        config = self.captioner.patch_config
+        return [rows * cols for rows, cols in (grid_size(image.height, image.width, config) for image in images)]

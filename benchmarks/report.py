@@ -62,7 +62,8 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if ceiling:
         lines.append(f"Ceiling: ONNX Runtime fp32 MatMul 2048x768 @ 768x2048 at {ceiling:.0f} GFLOP/s; "
-                     f"encoder work {flops / 1e9:.3g} GFLOP per image." if flops else
+                     f"encoder work {flops / 1e9:.3g} GFLOP per image at {model.get('max_patches')} patches (an engine "
+                     "that cuts an image's padding off is credited with the patches it ran)." if flops else
                      f"Ceiling: ONNX Runtime fp32 MatMul at {ceiling:.0f} GFLOP/s.")
     lines += [
         "",

@@ -367,8 +367,11 @@ def _stats(values: list[float]) -> dict[str, float] | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def summarise(cell: Cell, flops_per_image: float | None, ceiling_gflops: float | None) -> dict[str, Any]:
-    """Per-image figures of one cell: medians and ranges over its timed repeats."""
+def summarise(
+    cell: Cell, ceiling_gflops: float | None, vision_config: dict[str, Any] | None = None, max_patches: int | None = None
+) -> dict[str, Any]:
+    """Per-image figures of one cell: medians and ranges over its timed repeats. The encoder's GFLOP/s counts
+    the patches each image ran over: max_patches, or its own count where the system cut the padding off."""
     b = cell.batch_size
     runs = cell.runs
     out: dict[str, Any] = {
@@ -404,6 +407,10 @@ def summarise(cell: Cell, flops_per_image: float | None, ceiling_gflops: float |
         captions=runs[-1].captions,
         raw_runs=[{k: v for k, v in r.to_dict().items() if k != "captions"} for r in runs],
     )
+    patches = runs[-1].encoder_patches or ([max_patches] * b if max_patches else [])
+    flops_per_image = sum(encoder_flops(vision_config, n).total for n in patches) / b if vision_config and patches else None
+    if patches:
+        out["encoder_patches_per_image"] = sum(patches) / len(patches)
     if flops_per_image and encoder_s["median"] > 0:
         gflops = flops_per_image / encoder_s["median"] / 1e9
         out["encoder_gflops_per_s"] = gflops
@@ -443,8 +450,7 @@ def run_benchmark(settings: BenchSettings, models: ModelSet, log: Log) -> dict[s
         if end:
             ceilings.append(end)
     ceiling_gflops = statistics.mean(c["gflops_median"] for c in ceilings) if ceilings else None
-    flops_total = flops.total if flops else None
-    results = [summarise(cell, flops_total, ceiling_gflops) for cell in cells]
+    results = [summarise(cell, ceiling_gflops, models.vision_config if flops else None, models.max_patches) for cell in cells]
     _compare_captions(results)
     return {
         "machine": machine_info(settings.threads),

@@ -19,6 +19,9 @@ class RunTiming:
     total_s: float  # end to end: preprocessing + generate + detokenising
     decode_steps: int  # decoder calls actually made (forced generation: the token count)
     captions: list[str]
+    # Patches each image's encoder pass ran over, for systems that cut padding off (the engine on bundles with
+    # a dynamic patch axis); None: every image ran at the padded max_patches.
+    encoder_patches: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

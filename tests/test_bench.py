@@ -17,6 +17,7 @@ from PIL import Image
 
 from benchmarks.cli import bench
 from benchmarks.flops import encoder_flops
+from engine.preprocess import PatchConfig, grid_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -328,6 +329,11 @@ def test_tiny_benchmark_writes_json_table_and_chart(
         assert r["peak_rss_bytes"] > 50 << 20  # a real process, not a placeholder
         assert r["load_s"] > 0
         assert 0 < r["encoder_ceiling_fraction"] < 5
+        # The engine's bundles cut each image's padding off: its GFLOP/s counts the patches it ran.
+        images = [Image.open(doc["model"]["images"][i % len(doc["model"]["images"])]) for i in range(batch)]
+        own = [rows * cols for rows, cols in (grid_size(im.height, im.width, PatchConfig(doc["model"]["max_patches"])) for im in images)]
+        expected = sum(own) / batch if system.startswith("engine") else doc["model"]["max_patches"]
+        assert r["encoder_patches_per_image"] == expected, system
         assert len(r["captions"]) == batch and all(isinstance(c, str) for c in r["captions"])
         if system not in ("torch", "engine-int8"):  # int8 captions may differ by design: not compared
             assert isinstance(r["captions_match_torch"], bool)
@@ -486,6 +492,29 @@ def test_builds_this_run_does_not_use_are_named_and_pruned_on_request(tiny_bundl
     assert "deleted 2 unused cache build(s) (3 MiB freed: .tiny-0123456789ab.partial-k1ll3d, engine-0123456789ab)" in pruned.output
     assert sorted(p.name for p in cache.iterdir()) == ["engine-aaaaaaaaaaaa", "engine-notes.txt", "images-plain", "notes"]
     assert (tmp_path / "pruned" / "results.json").is_file()
+
+
+def test_encoder_gflops_count_the_patches_each_image_ran_over() -> None:
+    """An engine that cut the padding off was credited with max_patches per image: its GFLOP/s and share of the
+    ceiling read up to 10% high on the tiny examples."""
+    from benchmarks.runner import Cell, summarise
+    from benchmarks.timing import RunTiming
+
+    config = {"hidden_size": 64, "num_attention_heads": 2, "d_kv": 32, "d_ff": 128, "num_hidden_layers": 2}
+
+    def cell(patches: list[int] | None) -> Cell:
+        run = RunTiming(batch_size=2, preprocess_s=0.1, encoder_s=2.0, decode_s=1.0, total_s=3.1, decode_steps=4,
+                        captions=["a", "b"], encoder_patches=patches)
+        return Cell(system="engine", batch_size=2, runs=[run])
+
+    trimmed = summarise(cell([100, 200]), 10.0, config, max_patches=256)
+    expected = (encoder_flops(config, 100).total + encoder_flops(config, 200).total) / 2 / 1.0 / 1e9
+    assert trimmed["encoder_patches_per_image"] == 150
+    assert trimmed["encoder_gflops_per_s"] == pytest.approx(expected)
+    assert trimmed["encoder_ceiling_fraction"] == pytest.approx(expected / 10.0)
+    padded = summarise(cell(None), 10.0, config, max_patches=256)
+    assert padded["encoder_patches_per_image"] == 256
+    assert padded["encoder_gflops_per_s"] == pytest.approx(encoder_flops(config, 256).total / 1e9)
 
 
 def test_a_worker_stopped_while_loading_or_warming_up_is_ended(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
