@@ -61,7 +61,8 @@ def measure(
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the rounds as JSON.")
 def main(bundles: tuple[Path, ...], sizes: list[int], rounds: int, tokens: int, threads: int | None, folder: Path | None, json_out: Path | None) -> None:
     """Seconds per image of engine bundles at several batch sizes, interleaved in one process."""
-    from benchmarks.models import BENCH_IMAGES, bench_images
+    from benchmarks.models import bench_images
+    from benchmarks.settings import BENCH_IMAGES
     from engine.errors import EdlightError
     from engine.folder import check_report_out, json_keys, write_report
 

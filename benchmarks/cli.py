@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from benchmarks.settings import DEFAULT_TOKENS, SIZES, SYSTEMS, BenchSettings
+from benchmarks.settings import BENCH_IMAGES, DEFAULT_TOKENS, SIZES, SYSTEMS, BenchSettings
 from engine.click_types import FiniteFloatRange, GivenPath, cannot_run, failed, unwinds_on_stop
 from engine.errors import EdlightError, some_names
 from engine.resources import available_cores, readable_bytes
@@ -109,7 +109,8 @@ def _unused_cache(cache: Path, used: list[Path], prune: bool, log: Callable[[str
 @click.option("--optimum-model", "optimum_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A plain Optimum export to use for the optimum system. Default: exported here from the checkpoint.")
 @click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="A folder of images to caption. Default: generated student-work images.")
+              help=f"A folder of images to caption: the first {BENCH_IMAGES} by name; a batch of b takes the first b "
+                   f"of those, in turn. Default: {BENCH_IMAGES} generated student-work images.")
 @click.option("--out", type=GivenPath(file_okay=False, path_type=Path), default=Path("bench-results"), show_default=True,
               help="Where results.json, results.md, chart.png and the worker logs go.")
 @click.option("--cache-dir", type=GivenPath(file_okay=False, path_type=Path), default=None,

@@ -29,13 +29,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks.settings import missing_modules
+from benchmarks.settings import BENCH_IMAGES, missing_modules
 from engine.errors import EdlightError, install_hint, is_installed
 
 Log = Callable[[str], None]
 BASE_SEED = 0
 TINY_TRAIN_IMAGES = 64  # the quick path: enough to train one epoch in well under a minute
-BENCH_IMAGES = 8  # distinct images fed to the systems (batches cycle through them)
 OPTIMUM_TASK = "image-to-text-with-past"
 # Captions for the base tokenizer when the synthetic generator is not installed.
 FALLBACK_CAPTIONS = [

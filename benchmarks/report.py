@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"(min_new_tokens = max_new_tokens, greedy); {settings['warmup']} warm-up and {settings['repeats']} timed "
         "runs per cell, median (min-max) over the timed runs; each system in its own process.",
     ]
+    images = model.get("images") or []
+    if images:
+        folder = os.path.commonpath(images) if len(images) > 1 else os.path.dirname(images[0])
+        lines.append(f"Images: {len(images)} from {folder}; every run at batch b captions the first b of them "
+                     "(repeated in turn when b is larger).")
     if ceiling:
         lines.append(f"Ceiling: ONNX Runtime fp32 MatMul 2048x768 @ 768x2048 at {ceiling:.0f} GFLOP/s; "
                      f"encoder work {flops / 1e9:.3g} GFLOP per image at {model.get('max_patches')} patches (an engine "

@@ -17,6 +17,7 @@ SYSTEMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "engine-int8": ("edlight engine, int8 bundle", ("engine.captioner", "onnxruntime")),
 }
 SIZES = ("tiny", "base")
+BENCH_IMAGES = 8  # distinct images fed to the systems (batches cycle through them)
 DEFAULT_TOKENS = 20  # forced length: min_new_tokens = max_new_tokens, so every system does the same work
 
 

@@ -312,6 +312,8 @@ def test_tiny_benchmark_writes_json_table_and_chart(
     flops = doc["model"]["encoder_flops_per_image"]
     assert flops["patches"] == doc["model"]["max_patches"] and flops["total"] > 0
     assert doc["ceiling"]["matmul_gflops"] > 0 and len(doc["ceiling"]["measurements"]) == 2
+    folder = Path(doc["model"]["images"][0]).parent
+    assert f"Images: {len(doc['model']['images'])} from {folder}; every run at batch b captions the first b" in (out / "results.md").read_text()
 
     cells = {(r["system"], r["batch_size"]): r for r in doc["results"]}
     assert set(cells) == {(s, b) for s in ALL_SYSTEMS for b in (1, 2)}
