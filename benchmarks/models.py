@@ -410,6 +410,9 @@ def prepare_models(
         system, path = next(iter(unused.items()))
         kind = "an int8" if system == "engine-int8" else "an fp32"
         raise BenchSetupError(f"{path}: {kind} bundle, timed as system {system}, which --systems leaves out; add it to --systems")
+    if optimum_dir is not None and "optimum" not in systems:  # results.json would name an export that never ran
+        raise BenchSetupError(f"{optimum_dir}: an Optimum export for system optimum, which --systems leaves out; "
+                              "add it to --systems")
     used: list[Path] = []  # the cache entries this run takes
     images = bench_images(cache_dir, log, images_dir, used=used)
     have_torch = is_installed("torch") and is_installed("transformers")

@@ -80,6 +80,12 @@ def test_earlier_results_are_kept_unless_overwrite(tmp_path: Path) -> None:
                                         "--model", str(bundle), "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 2 and "an int8 bundle, timed as system engine-int8, which --systems leaves out" in result.output
     assert (tmp_path / "results.json").read_text() == "{}"
+    # So is an Optimum export without the optimum system (results.json named it as if it had been timed).
+    result = CliRunner().invoke(bench, ["--out", str(tmp_path), "--size", "tiny", "--overwrite", "--systems", "engine-int8",
+                                        "--model", str(bundle), "--optimum-model", str(tmp_path),
+                                        "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 2 and f"{tmp_path}: an Optimum export for system optimum, which --systems leaves out" in result.output
+    assert (tmp_path / "results.json").read_text() == "{}"
 
 
 def test_a_logs_folder_of_the_users_own_is_refused_and_left_alone(tmp_path: Path) -> None:
