@@ -183,7 +183,9 @@ def write_manifest(directory: Path, manifest: Manifest) -> Path:
 @dataclass
 class ModelSettings:
     """The generation settings of a model folder (a bundle, or a checkpoint before it is exported), read as
-    transformers' `generate` reads them; each raises BundleError naming the file and the setting."""
+    transformers' `generate` reads them; each raises BundleError naming the file and the setting. Where
+    generation_config.json leaves a token id out, config.json's is taken (transformers would use none: no start
+    token is an error there, and no EOS means no caption ends before its length limit)."""
 
     path: Path
     config: dict[str, Any]
@@ -208,6 +210,10 @@ class ModelSettings:
 
     @property
     def decoder_start_token_id(self) -> int:
+        # transformers starts from the generation config's bos_token_id when it states no decoder start.
+        generation = self.generation_config
+        if generation.get("decoder_start_token_id") is None and generation.get("bos_token_id") is not None:
+            return _setting(generation["bos_token_id"], "bos_token_id", self.path / "generation_config.json")
         found = self._token_setting("decoder_start_token_id")
         return self.pad_token_id if found is None else _setting(*found)
 

@@ -63,6 +63,10 @@ GENERATION_DEFAULTS: dict[str, object] = {
     "encoder_no_repeat_ngram_size": 0, "exponential_decay_length_penalty": None,
     "num_beam_groups": 1, "diversity_penalty": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
     "min_p": None, "renormalize_logits": False,
+    # Classifier-free guidance and watermarking change greedy tokens too; the rest are other decoding modes.
+    "guidance_scale": None, "watermarking_config": None, "penalty_alpha": None, "dola_layers": None,
+    "num_return_sequences": 1, "max_time": None, "stop_strings": None, "force_words_ids": None,
+    "remove_invalid_values": False, "token_healing": False,
 }  # fmt: skip
 # Above this many tokens per caption, export warns: a model that rarely says EOS would take minutes an image.
 LONG_CAPTION_TOKENS = 512

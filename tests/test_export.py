@@ -982,8 +982,11 @@ def test_generation_settings_the_engine_ignores_are_warned_about(tmp_path: Path,
         _warn_about_generation(tmp_path / "g.json", {"do_sample": False, "num_beams": 1, "top_k": 50, "max_new_tokens": 48})
         assert not caplog.records  # transformers' defaults: nothing to say
         _warn_about_generation(tmp_path / "g.json", {"do_sample": True, "top_k": 1, "max_new_tokens": 100_000})
+        _warn_about_generation(tmp_path / "g.json", {"guidance_scale": 1.5, "watermarking_config": {"bias": 2.0},
+                                                     "num_return_sequences": 1, "stop_strings": ["."]})
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "do_sample, top_k not used by the engine" in messages and "may run to 100000 tokens" in messages
+    assert "guidance_scale, watermarking_config, stop_strings not used by the engine" in messages
 
 
 def test_a_bind_mount_of_the_same_file_system_is_a_mount_point(tmp_path: Path) -> None:

@@ -899,6 +899,22 @@ def test_a_manifest_saved_with_a_byte_order_mark_loads(engine_bundle: Path, tmp_
     assert Bundle.load(bundle).manifest == Bundle.load(engine_bundle).manifest
 
 
+def test_the_start_token_is_the_generation_configs_bos_when_it_states_no_decoder_start(tmp_path: Path) -> None:
+    """transformers' generate starts from generation_config's bos_token_id when decoder_start_token_id is unset
+    there; the engine took config.json's decoder start (another first token, so other captions)."""
+    from engine.bundle import ModelSettings
+
+    config = {"decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}
+    settings = ModelSettings(path=tmp_path, config=config, generation_config={"bos_token_id": 3, "eos_token_id": 1})
+    assert settings.decoder_start_token_id == 3
+    stated = ModelSettings(path=tmp_path, config=config, generation_config={"decoder_start_token_id": 2, "bos_token_id": 3})
+    assert stated.decoder_start_token_id == 2
+    assert ModelSettings(path=tmp_path, config=config, generation_config={}).decoder_start_token_id == 0
+    bad = ModelSettings(path=tmp_path, config=config, generation_config={"bos_token_id": "x"})
+    with pytest.raises(BundleError, match=r"generation_config.json: bos_token_id must be an integer >= 0, got 'x'"):
+        bad.decoder_start_token_id  # noqa: B018
+
+
 @pytest.mark.parametrize(
     ("file", "path", "value", "message"),
     [
