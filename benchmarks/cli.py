@@ -5,17 +5,29 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from benchmarks.settings import BENCH_IMAGES, DEFAULT_TOKENS, SIZES, SYSTEMS, BenchSettings
-from engine.click_types import FiniteFloatRange, GivenPath, cannot_run, failed, unwinds_on_stop
+from engine.click_types import (
+    FiniteFloatRange,
+    GivenPath,
+    cannot_run,
+    failed,
+    interrupted_status,
+    unwinds_on_stop,
+)
 from engine.errors import EdlightError, some_names
 from engine.resources import available_cores, readable_bytes
+
+if TYPE_CHECKING:
+    from benchmarks.runner import BenchRun
 
 # What a bench run writes into --out (benchmarks.report.write_all and the workers' logs).
 RESULT_FILES = ("results.json", "results.md", "chart.png")
@@ -135,7 +147,7 @@ def bench(
     """
     from benchmarks.models import BenchSetupError, prepare_models
     from benchmarks.report import markdown, write_all
-    from benchmarks.runner import run_benchmark
+    from benchmarks.runner import BenchRun
     from engine.folder import output_lock
 
     # Workers run in the repository root: every path the user gave is resolved here, against theirs.
@@ -204,7 +216,13 @@ def bench(
                 path.rename(aside / path.name)
             try:
                 measuring = True
-                results = run_benchmark(settings, models, log)
+                run = BenchRun(settings, models, log)
+                try:
+                    run.measure()
+                except KeyboardInterrupt as stop:
+                    _keep_what_was_measured(run, stop, out, log, earlier_kept=aside is not None)
+                    raise
+                results = run.document()
                 nothing_measured = bool(results["results"]) and not any(r.get("total_s_per_image") for r in results["results"])
                 if aside is not None and nothing_measured:
                     for cell in results["results"]:
@@ -245,6 +263,26 @@ def bench(
     if unfinished:
         failed(f"{len(unfinished)} of {len(results['results'])} measurements failed or were cut short "
                f"({', '.join(unfinished)}); see the table and notes above and the worker logs in {out / 'logs'}")
+
+
+def _keep_what_was_measured(run: BenchRun, stop: KeyboardInterrupt, out: Path, log: Callable[[str], None], earlier_kept: bool) -> None:
+    """A run stopped partway (Ctrl-C, SIGTERM) writes the timed runs it made, marked as partial, unless it was
+    to replace an earlier run's results (those are put back whole instead)."""
+    from benchmarks.report import write_all
+
+    if not run.measured_anything():
+        return
+    if earlier_kept:
+        log(f"stopped: the earlier results in {out} are kept; this run's measurements so far are not written")
+        return
+    stopped = signal.Signals(interrupted_status(stop) - 128).name
+    try:
+        paths = write_all(run.document(stopped=stopped), out)
+    except BaseException:  # a second stop or a full disk: no half-written files that would pass for results
+        for name in RESULT_FILES:
+            (out / name).unlink(missing_ok=True)
+        return
+    log("stopped: what was measured so far is in " + ", ".join(str(p) for p in paths.values()))
 
 
 def _put_back(aside: Path, out: Path) -> None:

@@ -88,7 +88,7 @@ def markdown(results: dict[str, Any]) -> str:
         ratio = f"{total['median'] / optimum[r['batch_size']]:.2f}x" if r["batch_size"] in optimum else "-"
         gflops = f"{r['encoder_gflops_per_s']:.0f}" if r.get("encoder_gflops_per_s") else "-"
         share = f"{100 * r['encoder_ceiling_fraction']:.0f}%" if r.get("encoder_ceiling_fraction") else "-"
-        cut_short = " (cut short, see notes)" if r.get("status") == "failed" else ""
+        cut_short = " (cut short, see notes)" if r.get("status") == "failed" or _stopped_early(r, settings) else ""
         lines.append(
             f"| {r['system']}{cut_short} | {r['batch_size']} | {_num(r['preprocess_s_per_image'])} | {_num(r['encoder_s_per_image'])} "
             f"| {_num(r['decode_s_per_image'])} | {_num(r['decode_ms_per_step'], 1)} "
@@ -116,6 +116,8 @@ def markdown(results: dict[str, Any]) -> str:
     notes += [f"- {r['system']} at batch {r['batch_size']}: failed after {r['repeats']} of {wanted or '?'} timed runs "
               f"({r.get('error') or 'no reason given'}); its row is those runs'"
               for r in results["results"] if r.get("status") == "failed" and r.get("total_s_per_image")]
+    notes += [f"- {r['system']} at batch {r['batch_size']}: stopped after {r['repeats']} of {wanted} timed runs"
+              for r in results["results"] if r.get("status") != "failed" and _stopped_early(r, settings)]
     notes += [f"- {note}" for note in results.get("notes", [])]
     alone = [r for r in results["results"] if not r.get("interleaved", True)]
     if alone and results.get("settings", {}).get("interleave", True):
@@ -129,6 +131,11 @@ def markdown(results: dict[str, Any]) -> str:
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines) + "\n"
+
+
+def _stopped_early(row: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """A cell with timed runs, but fewer than asked for: the run was stopped while it measured."""
+    return bool(row.get("total_s_per_image")) and row.get("repeats", 0) < settings.get("repeats", 0)
 
 
 def write_markdown(results: dict[str, Any], out: Path) -> Path:

@@ -226,11 +226,14 @@ def _describe(run: RunTiming) -> str:
 
 def run_batch_size(
     systems: list[str], batch_size: int, settings: BenchSettings, models: ModelSet, log: Log,
-    measured: dict[str, tuple[int, int]],
+    measured: dict[str, tuple[int, int]], into: list[Cell] | None = None,
 ) -> list[Cell]:
-    """All systems at one batch size: start, warm up, interleaved timed repeats, close."""
+    """All systems at one batch size: start, warm up, interleaved timed repeats, close. The cells are also
+    appended to `into` as soon as they exist, so that a run stopped partway still has the runs they made."""
     specs = {s: spec for s in systems if (spec := _spec(s, models, settings, batch_size)) is not None}
     cells = {s: Cell(system=s, batch_size=batch_size) for s in specs}
+    if into is not None:
+        into.extend(cells.values())
     _, available = memory_bytes()
     for system, spec in list(specs.items()):
         alone = estimate_peak_bytes(spec, models, measured)
@@ -420,49 +423,72 @@ def summarise(
 
 def run_benchmark(settings: BenchSettings, models: ModelSet, log: Log) -> dict[str, Any]:
     """Run every runnable system at every batch size; returns the results document (see report.py)."""
-    started = time.perf_counter()
-    settings.out.mkdir(parents=True, exist_ok=True)
-    systems, skipped = plan_systems(settings, models)
-    if not systems:  # a results table with no row would read as a run that measured something
-        raise BenchSetupError("nothing to measure: " + "; ".join(f"{system}: {why}" for system, why in skipped.items()))
-    for system, why in skipped.items():
-        log(f"skipping {system}: {why}")
-    flops = encoder_flops(models.vision_config, models.max_patches) if models.vision_config else None
-    if flops:
-        log(f"encoder work: {flops.total / 1e9:.1f} GFLOP per image at {models.max_patches} patches "
-            f"({flops.linear / 1e9:.1f} linear, {flops.attention / 1e9:.1f} attention)")
-    ceilings = [c for c in [measure_ceiling(settings, log, "start")] if c]
+    run = BenchRun(settings, models, log)
+    run.measure()
+    return run.document()
 
-    measured: dict[str, tuple[int, int]] = {}
-    cells: list[Cell] = []
-    for batch_size in settings.batch_sizes:
-        if not systems:
-            break
-        log(f"batch size {batch_size}: {', '.join(systems)} ({settings.warmup} warm-up + {settings.repeats} timed each)")
-        cells += run_batch_size(systems, batch_size, settings, models, log, measured)
 
-    scaling: list[dict[str, Any]] = []
-    if systems and len(settings.batch_sizes) > 1 and settings.interleave:
-        scaling = run_batch_scaling(systems, settings, models, log, measured)
+class BenchRun:
+    """One bench run: `measure()` times every runnable system at every batch size; `document()` gives the
+    results document (see report.py) of what it measured, also after a stop (Ctrl-C, SIGTERM) cut it short."""
 
-    if systems:
+    def __init__(self, settings: BenchSettings, models: ModelSet, log: Log) -> None:
+        self.settings, self.models, self.log = settings, models, log
+        self.started = time.perf_counter()
+        settings.out.mkdir(parents=True, exist_ok=True)
+        self.systems, self.skipped = plan_systems(settings, models)
+        if not self.systems:  # a results table with no row would read as a run that measured something
+            raise BenchSetupError("nothing to measure: " + "; ".join(f"{system}: {why}" for system, why in self.skipped.items()))
+        self.flops = encoder_flops(models.vision_config, models.max_patches) if models.vision_config else None
+        self.ceilings: list[dict[str, Any]] = []
+        self.cells: list[Cell] = []
+        self.scaling: list[dict[str, Any]] = []
+
+    def measure(self) -> None:
+        settings, models, log, systems = self.settings, self.models, self.log, self.systems
+        for system, why in self.skipped.items():
+            log(f"skipping {system}: {why}")
+        if self.flops:
+            log(f"encoder work: {self.flops.total / 1e9:.1f} GFLOP per image at {models.max_patches} patches "
+                f"({self.flops.linear / 1e9:.1f} linear, {self.flops.attention / 1e9:.1f} attention)")
+        self.ceilings += [c for c in [measure_ceiling(settings, log, "start")] if c]
+        measured: dict[str, tuple[int, int]] = {}
+        for batch_size in settings.batch_sizes:
+            log(f"batch size {batch_size}: {', '.join(systems)} ({settings.warmup} warm-up + {settings.repeats} timed each)")
+            run_batch_size(systems, batch_size, settings, models, log, measured, into=self.cells)
+        if len(settings.batch_sizes) > 1 and settings.interleave:
+            self.scaling = run_batch_scaling(systems, settings, models, log, measured)
         end = measure_ceiling(settings, log, "end")
         if end:
-            ceilings.append(end)
-    ceiling_gflops = statistics.mean(c["gflops_median"] for c in ceilings) if ceilings else None
-    results = [summarise(cell, ceiling_gflops, models.vision_config if flops else None, models.max_patches) for cell in cells]
-    _compare_captions(results)
-    return {
-        "machine": machine_info(settings.threads),
-        "settings": settings.to_dict(),
-        "model": models.to_dict() | {"encoder_flops_per_image": flops.to_dict() if flops else None},
-        "ceiling": {"matmul_gflops": ceiling_gflops, "measurements": ceilings},
-        "skipped": skipped,
-        "notes": models.notes + ([] if ceilings or is_installed("onnx") else [CEILING_SKIPPED]),
-        "results": results,
-        "batch_scaling": scaling,
-        "wall_s": time.perf_counter() - started,
-    }
+            self.ceilings.append(end)
+
+    def measured_anything(self) -> bool:
+        return any(cell.runs for cell in self.cells)
+
+    def document(self, stopped: str | None = None) -> dict[str, Any]:
+        """The results document. `stopped` names the signal that cut the run short: the cells it never reached
+        are left out, and a note says the run is partial."""
+        cells = [cell for cell in self.cells if cell.runs or cell.status != "ok" or not stopped]
+        ceiling_gflops = statistics.mean(c["gflops_median"] for c in self.ceilings) if self.ceilings else None
+        config = self.models.vision_config if self.flops else None
+        results = [summarise(cell, ceiling_gflops, config, self.models.max_patches) for cell in cells]
+        _compare_captions(results)
+        notes = self.models.notes + ([] if self.ceilings or is_installed("onnx") else [CEILING_SKIPPED])
+        if stopped:
+            notes.append(f"stopped by {stopped} partway: what it had not reached is left out (the batch-scaling "
+                         "table too, unless it was done)")
+        return {
+            "machine": machine_info(self.settings.threads),
+            "settings": self.settings.to_dict(),
+            "model": self.models.to_dict() | {"encoder_flops_per_image": self.flops.to_dict() if self.flops else None},
+            "ceiling": {"matmul_gflops": ceiling_gflops, "measurements": self.ceilings},
+            "skipped": self.skipped,
+            "notes": notes,
+            "stopped": stopped,
+            "results": results,
+            "batch_scaling": self.scaling,
+            "wall_s": time.perf_counter() - self.started,
+        }
 
 
 def _compare_captions(results: list[dict[str, Any]]) -> None:

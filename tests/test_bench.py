@@ -154,7 +154,7 @@ def test_a_failed_or_stopped_overwrite_keeps_the_earlier_results(tiny_bundle: Pa
     run.send_signal(signal.SIGTERM)  # to the bench alone, not its process group
     rest = run.stdout.read()
     assert run.wait(timeout=60) == 143, rest
-    assert "interrupted" in rest
+    assert "interrupted" in rest and f"stopped: the earlier results in {out} are kept" in rest
     assert (out / "results.json").read_text() == "earlier" and (out / "logs" / "engine-b1.log").read_text() == "earlier log"
     assert not list(out.glob(".earlier-results-*"))
     _, alive = psutil.wait_procs(workers, timeout=10)
@@ -577,3 +577,38 @@ def test_a_worker_dying_mid_run_keeps_its_runs_marked_and_fails_the_run(tiny_bun
     table = (out / "results.md").read_text()
     assert "| engine (cut short, see notes) | 1 |" in table
     assert f"- engine at batch 1: failed after {cell['repeats']} of 100000 timed runs (worker died" in table
+
+
+@pytest.mark.slow
+def test_a_stopped_run_writes_what_it_measured_marked_as_partial(tiny_bundle: Path, tmp_path: Path) -> None:
+    """SIGTERM (or Ctrl-C) partway through a long run threw every timed run away; with no earlier results to
+    put back, the runs made are written, marked as cut short, and the exit status is still the stop's."""
+    import psutil
+
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(ROOT / "examples" / "00000.jpg", images)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "engine.cli", "bench", "--systems", "engine", "--model", str(tiny_bundle),
+               "--batch-sizes", "1,2", "--warmup", "0", "--repeats", "100000", "--images", str(images),
+               "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--ceiling-seconds", "0.1"]
+    run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert run.stdout is not None
+    for line in run.stdout:
+        if "repeat 3/" in line:
+            break
+    workers = psutil.Process(run.pid).children(recursive=True)
+    run.send_signal(signal.SIGTERM)
+    rest = run.stdout.read()
+    assert run.wait(timeout=120) == 143, rest
+    assert "stopped: what was measured so far is in" in rest and "interrupted" in rest
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["stopped"] == "SIGTERM"
+    [cell] = doc["results"]  # batch 2 was never reached: left out, not a failed row
+    assert (cell["system"], cell["batch_size"], cell["status"]) == ("engine", 1, "ok") and 3 <= cell["repeats"] < 100000
+    table = (out / "results.md").read_text()
+    assert "| engine (cut short, see notes) | 1 |" in table
+    assert f"- engine at batch 1: stopped after {cell['repeats']} of 100000 timed runs" in table
+    assert "- stopped by SIGTERM partway" in table
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
