@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import click
 
 from benchmarks.cli import default_cache
+from benchmarks.machine import peak_rss_bytes
 
 PARTS = ("import_s", "load_s", "first_caption_s")
 
@@ -41,7 +41,7 @@ def measure_once(bundle: Path, image: Path, tokens: int, threads: int | None) ->
         "import_s": imported - started,
         "load_s": loaded - imported,
         "first_caption_s": captioned - loaded,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
+        "peak_rss_gib": peak_rss_bytes() / 2**30,  # VmHWM: ru_maxrss would carry the parent's RSS at fork over
     }
 
 
