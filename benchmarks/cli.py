@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -122,7 +124,8 @@ def _unused_cache(cache: Path, used: list[Path], prune: bool, log: Callable[[str
               help="A plain Optimum export to use for the optimum system. Default: exported here from the checkpoint.")
 @click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help=f"A folder of images to caption: the first {BENCH_IMAGES} by name; a batch of b takes the first b "
-                   f"of those, in turn. Default: {BENCH_IMAGES} generated student-work images.")
+                   f"of those, in turn. Default: {BENCH_IMAGES} generated student-work images (plain drawn pages on an "
+                   "engine-only install).")
 @click.option("--out", type=GivenPath(file_okay=False, path_type=Path), default=Path("bench-results"), show_default=True,
               help="Where results.json, results.md, chart.png and the worker logs go.")
 @click.option("--cache-dir", type=GivenPath(file_okay=False, path_type=Path), default=None,
@@ -233,28 +236,31 @@ def bench(
                     failed(f"every measurement failed; the earlier results in {out} are kept (run into another "
                            "--out to keep this run's worker logs)")
                 try:
-                    paths = write_all(results, settings.out)
+                    # A stop now would lose a finished run or leave half-written files: it waits until they are
+                    # written and the earlier results they replace are gone (then ends the run as usual).
+                    with _stops_deferred():
+                        paths = write_all(results, settings.out)
+                        if aside is not None:
+                            shutil.rmtree(aside, ignore_errors=True)
+                            aside = None
+                        click.echo("")
+                        click.echo(paths["markdown"].read_text(encoding="utf-8"))
+                        log("wrote " + ", ".join(str(p) for p in paths.values()))
                 except OSError as exc:  # a full disk, a folder made read-only meanwhile: the table is still shown
                     click.echo("")
                     click.echo(markdown(results))
-                    for name in RESULT_FILES:  # half-written files would pass for an earlier run's results
-                        (out / name).unlink(missing_ok=True)
+                    _remove_results(out)  # half-written files would pass for an earlier run's results
                     failed(f"{out}: cannot write the results ({exc.strerror or exc}); the table above is what this run measured")
             except BaseException:
                 if aside is not None:
                     _put_back(aside, out)
                 raise
-            if aside is not None:
-                shutil.rmtree(aside, ignore_errors=True)
     except BenchSetupError as exc:  # the job cannot run here (like a missing extra): exit 2
         cannot_run(str(exc))
     except (EdlightError, ValueError) as exc:
         if not measuring:  # settings, another bench holding the results folder or cache, models that cannot load
             cannot_run(str(exc))
         failed(str(exc))
-    click.echo("")
-    click.echo(paths["markdown"].read_text(encoding="utf-8"))
-    log("wrote " + ", ".join(str(p) for p in paths.values()))
     if nothing_measured:
         failed(f"every measurement failed; see the worker logs in {out / 'logs'}")
     # Written all the same (what did run is worth keeping), but a script or a cron job must see that a cell the
@@ -277,12 +283,37 @@ def _keep_what_was_measured(run: BenchRun, stop: KeyboardInterrupt, out: Path, l
         return
     stopped = signal.Signals(interrupted_status(stop) - 128).name
     try:
-        paths = write_all(run.document(stopped=stopped), out)
-    except BaseException:  # a second stop or a full disk: no half-written files that would pass for results
-        for name in RESULT_FILES:
-            (out / name).unlink(missing_ok=True)
+        with _stops_deferred():  # a second Ctrl-C waits for the files
+            paths = write_all(run.document(stopped=stopped), out)
+            log("stopped: what was measured so far is in " + ", ".join(str(p) for p in paths.values()))
+    except Exception as exc:  # a full disk, or a bug: no half-written files that would pass for results
+        _remove_results(out)
+        log(f"stopped: could not write what was measured ({type(exc).__name__}: {exc})")
+
+
+@contextlib.contextmanager
+def _stops_deferred() -> Iterator[None]:
+    """Within the block SIGINT, SIGTERM and SIGHUP are noted, not acted on; the first is raised again as soon as
+    it ends, to the handlers it would have met. (Handlers, not a signal mask: a mask holds for one thread only,
+    and the kernel hands a process's signal to any thread that does not block it.)"""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
         return
-    log("stopped: what was measured so far is in " + ", ".join(str(p) for p in paths.values()))
+    caught: list[int] = []
+    previous = {stop: signal.signal(stop, lambda signum, _frame: caught.append(signum))
+                for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for stop, handler in previous.items():  # None: a handler set outside Python, which cannot be put back
+            signal.signal(stop, signal.SIG_DFL if handler is None else handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
+def _remove_results(out: Path) -> None:
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _put_back(aside: Path, out: Path) -> None:

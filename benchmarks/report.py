@@ -67,9 +67,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"Images: {len(images)} from {folder}; every run at batch b captions the first b of them "
                      "(repeated in turn when b is larger).")
     if ceiling:
+        trimmed = any(r.get("encoder_patches_per_image", model["max_patches"]) != model["max_patches"] for r in results["results"])
+        credit = " (an engine that cuts an image's padding off is credited with the patches it ran)" if trimmed else ""
         lines.append(f"Ceiling: ONNX Runtime fp32 MatMul 2048x768 @ 768x2048 at {ceiling:.0f} GFLOP/s; "
-                     f"encoder work {flops / 1e9:.3g} GFLOP per image at {model.get('max_patches')} patches (an engine "
-                     "that cuts an image's padding off is credited with the patches it ran)." if flops else
+                     f"encoder work {flops / 1e9:.3g} GFLOP per image at {model['max_patches']} patches{credit}." if flops else
                      f"Ceiling: ONNX Runtime fp32 MatMul at {ceiling:.0f} GFLOP/s.")
     lines += [
         "",
@@ -81,8 +82,8 @@ def markdown(results: dict[str, Any]) -> str:
                if r["system"] == "optimum" and r.get("total_s_per_image")}
     for r in results["results"]:
         if not r.get("total_s_per_image"):
-            lines.append(f"| {r['system']} | {r['batch_size']} | failed: {r.get('error') or 'no timed run'} "
-                         "| | | | | | | | | | |")
+            why = r.get("error") if r.get("status") == "not run" else f"failed: {r.get('error') or 'no timed run'}"
+            lines.append(f"| {r['system']} | {r['batch_size']} | {why} | | | | | | | | | | |")
             continue
         total = r["total_s_per_image"]
         ratio = f"{total['median'] / optimum[r['batch_size']]:.2f}x" if r["batch_size"] in optimum else "-"
@@ -113,7 +114,7 @@ def markdown(results: dict[str, Any]) -> str:
         ]
     notes = [f"- {system}: skipped ({why})" for system, why in results.get("skipped", {}).items()]
     wanted = results.get("settings", {}).get("repeats")
-    notes += [f"- {r['system']} at batch {r['batch_size']}: failed after {r['repeats']} of {wanted or '?'} timed runs "
+    notes += [f"- {r['system']} at batch {r['batch_size']}: failed after {r['repeats']} of {wanted} timed runs "
               f"({r.get('error') or 'no reason given'}); its row is those runs'"
               for r in results["results"] if r.get("status") == "failed" and r.get("total_s_per_image")]
     notes += [f"- {r['system']} at batch {r['batch_size']}: stopped after {r['repeats']} of {wanted} timed runs"

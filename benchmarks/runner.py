@@ -124,7 +124,7 @@ class Cell:
 
     system: str
     batch_size: int
-    status: str = "ok"  # "ok" or "failed"
+    status: str = "ok"  # "ok", "failed", or "not run" (a batch refused for memory: asked for, not a failure)
     error: str | None = None
     interleaved: bool = True
     load_s: float | None = None
@@ -240,7 +240,8 @@ def run_batch_size(
         # The estimate errs high (about 3x for the engine), so only a batch far beyond memory is not started.
         if available is not None and alone > NOT_STARTED_ABOVE * available:
             why = f"not run: would need ~{alone / 2**30:.0f} GiB, {available / 2**30:.1f} GiB available"
-            _fail(cells[system], MemoryError(why), log)
+            cells[system].status, cells[system].error = "not run", why
+            log(f"  b={batch_size} {system}: {why}")
             del specs[system]
     need = sum(estimate_peak_bytes(spec, models, measured) for spec in specs.values())
     interleave = settings.interleave and (available is None or need <= MEMORY_HEADROOM * available)
@@ -475,8 +476,7 @@ class BenchRun:
         _compare_captions(results)
         notes = self.models.notes + ([] if self.ceilings or is_installed("onnx") else [CEILING_SKIPPED])
         if stopped:
-            notes.append(f"stopped by {stopped} partway: what it had not reached is left out (the batch-scaling "
-                         "table too, unless it was done)")
+            notes.append(f"stopped by {stopped} partway: what it had not reached is left out")
         return {
             "machine": machine_info(self.settings.threads),
             "settings": self.settings.to_dict(),

@@ -182,12 +182,11 @@ def compare_greedy(
     import torch
     from transformers import GenerationConfig
 
-    text_config = model.config.text_config
-    gen = model.generation_config
-    start_id = int(gen.decoder_start_token_id if gen.decoder_start_token_id is not None else text_config.pad_token_id)
-    pad_id = int(gen.pad_token_id if gen.pad_token_id is not None else text_config.pad_token_id)
-    eos = gen.eos_token_id if gen.eos_token_id is not None else text_config.eos_token_id
-    eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    from engine.bundle import ModelSettings
+
+    # The token ids as the engine will read them from the bundle (start, pad, EOS and their fallbacks).
+    ids = ModelSettings(path=directory, config=model.config.to_dict(), generation_config=model.generation_config.to_dict())
+    start_id, pad_id, eos_ids = ids.decoder_start_token_id, ids.pad_token_id, ids.eos_token_ids
 
     # Plain greedy search with only the ids: this compares the graphs, so the checkpoint's logits processors
     # (repetition penalty, minimum length, ...) stay out, as they do in the ONNX loop below.

@@ -194,7 +194,7 @@ def test_a_batch_far_beyond_memory_is_not_started(tmp_path: Path) -> None:
     plan = settings.BenchSettings(size="base", systems=["engine"], out=tmp_path)
     logged: list[str] = []
     cells = runner.run_batch_size(["engine"], 100_000, plan, models, logged.append, {})
-    assert [(c.status, c.runs, c.load_s) for c in cells] == [("failed", [], None)]
+    assert [(c.status, c.runs, c.load_s) for c in cells] == [("not run", [], None)]
     assert cells[0].error is not None and cells[0].error.startswith("not run: would need ~")
     assert any("not run" in line for line in logged)
 
@@ -612,3 +612,35 @@ def test_a_stopped_run_writes_what_it_measured_marked_as_partial(tiny_bundle: Pa
     assert "- stopped by SIGTERM partway" in table
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive
+
+
+def test_a_stop_while_the_results_are_written_waits_for_them() -> None:
+    """Ctrl-C while results.json, results.md and chart.png were written lost a finished run (the earlier results
+    were put back) or left half-written files; the stop now acts once they are written."""
+    import time
+
+    from benchmarks.cli import _stops_deferred
+
+    written: list[str] = []
+    with pytest.raises(KeyboardInterrupt), _stops_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        written.append("results")
+    assert written == ["results"]
+
+
+def test_results_that_cannot_be_written_after_a_stop_say_why(tmp_path: Path) -> None:
+    from benchmarks.cli import _keep_what_was_measured
+
+    class Broken:
+        def measured_anything(self) -> bool:
+            return True
+
+        def document(self, stopped: str | None = None) -> dict[str, object]:
+            raise ValueError("no medians")
+
+    (tmp_path / "results.json").write_text("half")
+    logged: list[str] = []
+    _keep_what_was_measured(Broken(), KeyboardInterrupt(), tmp_path, logged.append, earlier_kept=False)  # type: ignore[arg-type]
+    assert logged == ["stopped: could not write what was measured (ValueError: no medians)"]
+    assert not (tmp_path / "results.json").exists()
