@@ -185,15 +185,38 @@ def _inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
     return CheckpointInfo(path=path, config=config, max_patches=max_patches, patch_size=patch_size)
 
 
-def _carry_space_clean_up(checkpoint: Path, bundle: Path) -> None:
-    """A tokenizer whose config asks transformers' decode to clean up spaces ("it is n't ." -> "it isn't.")
-    gets a tokenizer_config.json in the bundle saying so, the one setting of that file the engine reads."""
-    path = checkpoint / "tokenizer_config.json"
-    if not path.is_file():
-        return
-    config = _read_json(path, "tokenizer config", "fix or delete it")
-    if config.get("clean_up_tokenization_spaces") is True:
-        (bundle / path.name).write_text(json.dumps({"clean_up_tokenization_spaces": True}) + "\n", encoding="utf-8")
+def _write_tokenizer(processor: Any, bundle: Path) -> None:
+    """The bundle's tokenizer as transformers loaded it, so that the engine decodes as `processor.batch_decode`
+    does: tokenizer.json with what tokenizer_config.json adds (tokens it marks special, which decode drops),
+    and a tokenizer_config.json asking for the clean-up of spaces ("it is n't ." -> "it isn't.") when
+    transformers' decode does it (any true value, as Python reads it: 1 and "true" too), the one setting of that
+    file the engine reads. A copy of the checkpoint's tokenizer.json alone decoded such tokens as text."""
+    tokenizer = processor.tokenizer
+    tokenizer.backend_tokenizer.save(str(bundle / "tokenizer.json"))
+    if tokenizer.clean_up_tokenization_spaces:
+        (bundle / "tokenizer_config.json").write_text(json.dumps({"clean_up_tokenization_spaces": True}) + "\n", encoding="utf-8")
+
+
+# Random id sequences that export decodes with transformers and with the engine's tokenizer (fixed seed: the
+# same check at every export of a checkpoint).
+DECODE_CHECKS, DECODE_CHECK_SEED = 512, 0
+
+
+def _check_decoding(processor: Any, bundle: Path) -> None:
+    """Refuse a bundle whose tokenizer turns ids into other text than transformers does (every id of the
+    tokenizer, special or not, in random sequences): captions would differ from PyTorch's for the same tokens."""
+    import numpy as np
+
+    from engine.tokenizer import CaptionTokenizer
+
+    engine = CaptionTokenizer.from_bundle_dir(bundle)
+    rng = np.random.default_rng(DECODE_CHECK_SEED)
+    sequences = [rng.integers(0, engine.vocab_size, size=int(rng.integers(1, 24))).tolist() for _ in range(DECODE_CHECKS)]
+    expected = processor.batch_decode(sequences, skip_special_tokens=True)
+    for ids, want, have in zip(sequences, expected, engine.decode_batch(sequences), strict=True):
+        if want != have:
+            raise ExportError(f"{bundle / 'tokenizer.json'}: the engine decodes ids {ids} as {have!r} where transformers "
+                              f"gives {want!r}; the checkpoint's tokenizer files hold settings edlight does not carry")
 
 
 def _check_tokenizer(path: Path) -> None:
@@ -647,7 +670,8 @@ def _build(
         if not source.is_file():
             raise ExportError(f"{info.path / name}: missing; re-save the checkpoint with model and processor save_pretrained")
         shutil.copy2(source, bundle / name)
-    _carry_space_clean_up(info.path, bundle)
+    _write_tokenizer(processor, bundle)
+    _check_decoding(processor, bundle)
     shutil.rmtree(raw)
     rewrites = _optimize_graphs(bundle, onnx_files)
 

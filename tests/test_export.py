@@ -963,7 +963,14 @@ def test_logits_processors_lengths_and_space_clean_up_of_a_checkpoint(
                     "suppress_tokens": [5], "bad_words_ids": [[7, 8]]})
     )
     tokenizer = json.loads((ck / "tokenizer_config.json").read_text())
-    (ck / "tokenizer_config.json").write_text(json.dumps({**tokenizer, "clean_up_tokenization_spaces": True}))
+    # Any true value turns the clean-up on in transformers' decode (1 was left out: only `true` was carried).
+    (ck / "tokenizer_config.json").write_text(json.dumps({**tokenizer, "clean_up_tokenization_spaces": 1}))
+    # tokenizer_config.json marks <unk> special and tokenizer.json does not: transformers' decode drops it (the
+    # engine, reading a copy of tokenizer.json alone, wrote "<unk>" into captions).
+    pieces = json.loads((ck / "tokenizer.json").read_text())
+    for token in pieces["added_tokens"]:
+        token["special"] = token["content"] != "<unk>"
+    (ck / "tokenizer.json").write_text(json.dumps(pieces))
     with caplog.at_level(logging.WARNING, logger="edlight.export"):
         export_bundle(ck, tmp_path / "b")
     assert "not used by the engine" not in caplog.text
@@ -973,6 +980,32 @@ def test_logits_processors_lengths_and_space_clean_up_of_a_checkpoint(
     assert (captioner.generation.suppress_tokens, captioner.generation.bad_words_ids) == ((5,), ((7, 8),))
     assert captioner.tokenizer.clean_up_spaces
     assert json.loads((tmp_path / "b" / "tokenizer_config.json").read_text()) == {"clean_up_tokenization_spaces": True}
+    from transformers import Pix2StructProcessor
+
+    processor = Pix2StructProcessor.from_pretrained(ck)
+    ids = [2, *processor.tokenizer.encode("it is n't so , is it ?", add_special_tokens=False), 2]
+    assert captioner.tokenizer.decode(ids) == processor.batch_decode([ids], skip_special_tokens=True)[0]
+    assert "<unk>" not in captioner.tokenizer.decode(ids) and "n't" in captioner.tokenizer.decode(ids)
+
+
+def test_a_bundle_tokenizer_that_decodes_other_text_than_transformers_is_refused(
+    random_checkpoint: Path, tmp_path: Path
+) -> None:
+    from transformers import Pix2StructProcessor
+
+    from export.onnx import _check_decoding, _write_tokenizer
+
+    processor = Pix2StructProcessor.from_pretrained(random_checkpoint)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    _write_tokenizer(processor, bundle)
+    _check_decoding(processor, bundle)  # as transformers loaded it: the same text
+    pieces = json.loads((bundle / "tokenizer.json").read_text())
+    for token in pieces["added_tokens"]:
+        token["special"] = False  # "</s>" and "<pad>" would come out as text
+    (bundle / "tokenizer.json").write_text(json.dumps(pieces))
+    with pytest.raises(ExportError, match=r"tokenizer.json: the engine decodes ids \[.*\] as '.*' where transformers gives"):
+        _check_decoding(processor, bundle)
 
 
 def test_generation_settings_the_engine_ignores_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
