@@ -548,24 +548,32 @@ def test_a_worker_stopped_while_loading_or_warming_up_is_ended(tmp_path: Path, m
     assert len(started) == 1 and started[0].process.returncode is not None
 
 
-@pytest.mark.slow
-def test_a_worker_dying_mid_run_keeps_its_runs_marked_and_fails_the_run(tiny_bundle: Path, tmp_path: Path) -> None:
-    """A worker killed after some timed runs: its row is those runs, marked as cut short with the reason and its
-    peak memory, and the bench exits 1 (it exited 0 with a row that read as a finished cell)."""
-    import psutil
-
+def _bench_at_its_third_timed_run(bundle: Path, tmp_path: Path, out: Path, batch_sizes: str) -> subprocess.Popen[str]:
+    """`edlight bench` of `bundle` with endless repeats, in its own process, returned once its third timed run is
+    logged (the rest of its output still to read)."""
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(ROOT / "examples" / "00000.jpg", images)
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "engine.cli", "bench", "--systems", "engine", "--model", str(tiny_bundle),
-               "--batch-sizes", "1", "--warmup", "0", "--repeats", "100000", "--images", str(images),
+    command = [sys.executable, "-m", "engine.cli", "bench", "--systems", "engine", "--model", str(bundle),
+               "--batch-sizes", batch_sizes, "--warmup", "0", "--repeats", "100000", "--images", str(images),
                "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--ceiling-seconds", "0.1"]
     run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert run.stdout is not None
     for line in run.stdout:
         if "repeat 3/" in line:
             break
+    return run
+
+
+@pytest.mark.slow
+def test_a_worker_dying_mid_run_keeps_its_runs_marked_and_fails_the_run(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A worker killed after some timed runs: its row is those runs, marked as cut short with the reason and its
+    peak memory, and the bench exits 1 (it exited 0 with a row that read as a finished cell)."""
+    import psutil
+
+    out = tmp_path / "out"
+    run = _bench_at_its_third_timed_run(tiny_bundle, tmp_path, out, "1")
+    assert run.stdout is not None
     [worker] = psutil.Process(run.pid).children(recursive=True)
     worker.kill()
     rest = run.stdout.read()
@@ -585,18 +593,9 @@ def test_a_stopped_run_writes_what_it_measured_marked_as_partial(tiny_bundle: Pa
     put back, the runs made are written, marked as cut short, and the exit status is still the stop's."""
     import psutil
 
-    images = tmp_path / "images"
-    images.mkdir()
-    shutil.copy(ROOT / "examples" / "00000.jpg", images)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "engine.cli", "bench", "--systems", "engine", "--model", str(tiny_bundle),
-               "--batch-sizes", "1,2", "--warmup", "0", "--repeats", "100000", "--images", str(images),
-               "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--ceiling-seconds", "0.1"]
-    run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = _bench_at_its_third_timed_run(tiny_bundle, tmp_path, out, "1,2")
     assert run.stdout is not None
-    for line in run.stdout:
-        if "repeat 3/" in line:
-            break
     workers = psutil.Process(run.pid).children(recursive=True)
     run.send_signal(signal.SIGTERM)
     rest = run.stdout.read()
