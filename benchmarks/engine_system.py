@@ -48,9 +48,11 @@ class EngineSystem:
     def _encoder_patches(self, images: list[Any]) -> list[int] | None:
         """Each image's own patch count where the captioner runs the encoder on it without padding (its grid,
         as the processor lays it out), so the encoder's GFLOP/s counts only the work it did."""
+        from engine.images import to_rgb
         from engine.preprocess import grid_size
 
         if not self.captioner.trims_padding:
             return None
         config = self.captioner.patch_config
-        return [rows * cols for rows, cols in (grid_size(image.height, image.width, config) for image in images)]
+        upright = [to_rgb(image) for image in images]  # as the captioner turns them (EXIF orientation)
+        return [rows * cols for rows, cols in (grid_size(image.height, image.width, config) for image in upright)]
