@@ -102,7 +102,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "",
             f"Batch scaling, timed interleaved (a batch-{small} and a batch-{large} worker alive together, their "
-            f"{scaling[0]['repeats']} timed runs alternating; the table's batch sizes ran one after another):",
+            f"{scaling[0]['repeats']} timed runs alternating, every run of both captioning the same {large} images; "
+            "the table's batch sizes ran one after another):",
             "",
             f"| system | batch {small} s/img | batch {large} s/img | throughput batch {large} / batch {small} |",
             "|---|---:|---:|---:|",

@@ -295,6 +295,9 @@ def run_batch_scaling(
         specs = {size: _spec(system, models, settings, size) for size in (small, large)}
         if any(spec is None for spec in specs.values()):
             continue
+        for spec in specs.values():  # both sizes caption the same images: the larger batch's
+            assert spec is not None
+            spec.images_per_run = large
         _, available = memory_bytes()
         if available is not None and any(
             estimate_peak_bytes(spec, models, measured or {}) > NOT_STARTED_ABOVE * available for spec in specs.values() if spec
@@ -321,10 +324,10 @@ def run_batch_scaling(
         finally:
             for worker in workers.values():
                 worker.close()
-        per_image = {size: statistics.median(r.total_s / size for r in cells[size].runs) for size in cells if cells[size].runs}
+        per_image = {size: statistics.median(r.total_s / r.batch_size for r in cells[size].runs) for size in cells if cells[size].runs}
         if len(per_image) == 2:
             scaling.append({
-                "system": system, "batch_sizes": [small, large], "repeats": settings.repeats,
+                "system": system, "batch_sizes": [small, large], "repeats": settings.repeats, "images_per_run": large,
                 "s_per_image": {str(size): value for size, value in per_image.items()},
                 "throughput_ratio": per_image[small] / per_image[large],
             })  # fmt: skip

@@ -26,6 +26,21 @@ class RunTiming:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def combined(cls, runs: list[RunTiming]) -> RunTiming:
+        """Several batches run one after another, as one run over all their images (batch_size: the images)."""
+        patches = [run.encoder_patches for run in runs]
+        return cls(
+            batch_size=sum(run.batch_size for run in runs),
+            preprocess_s=sum(run.preprocess_s for run in runs),
+            encoder_s=sum(run.encoder_s for run in runs),
+            decode_s=sum(run.decode_s for run in runs),
+            total_s=sum(run.total_s for run in runs),
+            decode_steps=max(run.decode_steps for run in runs),
+            captions=[caption for run in runs for caption in run.captions],
+            encoder_patches=None if any(p is None for p in patches) else [n for p in patches if p for n in p],
+        )
+
 
 @dataclass
 class SystemSpec:
@@ -39,6 +54,9 @@ class SystemSpec:
     tokens: int
     max_patches: int
     images: list[str]
+    # A timed run captions this many images, in batches of batch_size (0: one batch). The batch-scaling
+    # comparison gives the smaller batch size the larger one's images, so both time the same images.
+    images_per_run: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -47,7 +47,7 @@ def _load_images(paths: list[str]) -> list[Any]:
 
 
 def serve(commands: TextIO, channel: TextIO) -> int:
-    from benchmarks.timing import SystemSpec, load_system
+    from benchmarks.timing import RunTiming, SystemSpec, load_system
 
     hello = json.loads(commands.readline() or "{}")
     if "ceiling" in hello:
@@ -61,7 +61,8 @@ def serve(commands: TextIO, channel: TextIO) -> int:
     system = load_system(spec)
     load_s = time.perf_counter() - start
     pool = _load_images(spec.images)
-    batch = [pool[i % len(pool)] for i in range(spec.batch_size)]
+    chosen = [pool[i % len(pool)] for i in range(spec.images_per_run or spec.batch_size)]
+    batches = [chosen[first : first + spec.batch_size] for first in range(0, len(chosen), spec.batch_size)]
     _reply(channel, event="ready", load_s=load_s)
     for line in commands:
         command = json.loads(line)
@@ -69,7 +70,7 @@ def serve(commands: TextIO, channel: TextIO) -> int:
             break
         if command.get("cmd") != "run":
             raise ValueError(f"unknown command {command!r}")
-        timing = system.run(batch)
+        timing = RunTiming.combined([system.run(batch) for batch in batches])
         _reply(channel, event="result", timing=timing.to_dict())
     _reply(channel, event="bye")
     return 0
