@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
 import signal
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +21,7 @@ from engine.click_types import (
     cannot_run,
     failed,
     interrupted_status,
+    stops_held,
     unwinds_on_stop,
 )
 from engine.errors import EdlightError, some_names
@@ -238,7 +237,7 @@ def bench(
                 try:
                     # A stop now would lose a finished run or leave half-written files: it waits until they are
                     # written and the earlier results they replace are gone (then ends the run as usual).
-                    with _stops_deferred():
+                    with stops_held():
                         paths = write_all(results, settings.out)
                         if aside is not None:
                             shutil.rmtree(aside, ignore_errors=True)
@@ -283,32 +282,12 @@ def _keep_what_was_measured(run: BenchRun, stop: KeyboardInterrupt, out: Path, l
         return
     stopped = signal.Signals(interrupted_status(stop) - 128).name
     try:
-        with _stops_deferred():  # a second Ctrl-C waits for the files
+        with stops_held():  # a second Ctrl-C waits for the files
             paths = write_all(run.document(stopped=stopped), out)
             log("stopped: what was measured so far is in " + ", ".join(str(p) for p in paths.values()))
     except Exception as exc:  # a full disk, or a bug: no half-written files that would pass for results
         _remove_results(out)
         log(f"stopped: could not write what was measured ({type(exc).__name__}: {exc})")
-
-
-@contextlib.contextmanager
-def _stops_deferred() -> Iterator[None]:
-    """Within the block SIGINT, SIGTERM and SIGHUP are noted, not acted on; the first is raised again as soon as
-    it ends, to the handlers it would have met. (Handlers, not a signal mask: a mask holds for one thread only,
-    and the kernel hands a process's signal to any thread that does not block it.)"""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    caught: list[int] = []
-    previous = {stop: signal.signal(stop, lambda signum, _frame: caught.append(signum))
-                for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for stop, handler in previous.items():  # None: a handler set outside Python, which cannot be put back
-            signal.signal(stop, signal.SIG_DFL if handler is None else handler)
-        if caught:
-            signal.raise_signal(caught[0])
 
 
 def _remove_results(out: Path) -> None:

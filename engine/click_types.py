@@ -84,6 +84,32 @@ def reclaim_stop_signals() -> None:
             pass
 
 
+@contextlib.contextmanager
+def stops_held() -> Iterator[None]:
+    """Within the block Ctrl-C, SIGTERM and SIGHUP are noted, not acted on; the first is raised again as soon as
+    it ends, to the handlers it would have met (for a few writes that must not be cut in half). Handlers, not a
+    signal mask: a mask holds for one thread only, and the kernel hands a process's signal to any thread that
+    does not block it (a thread pool's, OpenMP's), whose arrival Python then acts on in the main thread. Outside
+    the main thread, where handlers cannot be set, and for a signal ignored or handled outside Python, nothing
+    changes."""
+    caught: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, *STOP_SIGNALS):
+        try:
+            handler = signal.getsignal(signum)
+            if handler not in (None, signal.SIG_IGN):
+                previous[signum] = signal.signal(signum, lambda number, _frame: caught.append(number))
+        except (ValueError, OSError):  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
 def unwinds_on_stop(function: Callable[..., Any]) -> Callable[..., Any]:
     """A command (under its click decorators) that runs within `stops_unwind`."""
 

@@ -613,21 +613,6 @@ def test_a_stopped_run_writes_what_it_measured_marked_as_partial(tiny_bundle: Pa
     assert not alive
 
 
-def test_a_stop_while_the_results_are_written_waits_for_them() -> None:
-    """Ctrl-C while results.json, results.md and chart.png were written lost a finished run (the earlier results
-    were put back) or left half-written files; the stop now acts once they are written."""
-    import time
-
-    from benchmarks.cli import _stops_deferred
-
-    written: list[str] = []
-    with pytest.raises(KeyboardInterrupt), _stops_deferred():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.1)
-        written.append("results")
-    assert written == ["results"]
-
-
 def test_results_that_cannot_be_written_after_a_stop_say_why(tmp_path: Path) -> None:
     from benchmarks.cli import _keep_what_was_measured
 

@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
-from engine.click_types import STOP_SIGNALS, check_stop
+from engine.click_types import STOP_SIGNALS, check_stop, stops_held
 from engine.errors import some_names
 from engine.folder import is_image_name
 from train.data import METADATA_FILES, SPLIT_FOLDERS
@@ -797,7 +797,7 @@ def generate(
             for name, (text, kind) in zip(names, results, strict=True)
         ]
         (partial / METADATA).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        with _stops_held():  # the earlier set or this one, never a mix: a stop now waits for the moves
+        with stops_held():  # the earlier set or this one, never a mix: a stop now waits for the moves
             for stale in sorted(earlier - set(names)):  # images of an earlier, larger run: no longer listed
                 (out / stale).unlink(missing_ok=True)
             for name in [*names, METADATA]:  # the metadata last: a folder with it has every image
@@ -821,19 +821,6 @@ def _leave_stops_to_the_parent() -> None:
     (or when the parent is gone and their queue closes)."""
     for signum in _STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
-
-
-@contextlib.contextmanager
-def _stops_held() -> Iterator[None]:
-    """Hold Ctrl-C, SIGTERM and SIGHUP until the block ends (they are delivered then), where the platform can."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, set(_STOP_SIGNALS))
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _replaced_set(out: Path, overwrite: bool) -> set[str]:

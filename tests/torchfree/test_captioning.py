@@ -2269,3 +2269,28 @@ def test_results_are_saved_before_they_are_printed_except_to_stdout(tmp_path: Pa
         assert result.output == "records\nscores\n" and order == ["saved", "done"]
         failed = CliRunner().invoke(command, ["--fail"])
         assert failed.exit_code == 2 and failed.output == f"scores\nerror: {out}: cannot write (No space left on device)\n"
+
+
+def test_stops_held_wait_for_the_block_whatever_thread_the_signal_reaches() -> None:
+    """`edlight bench` writing its results and `data synth` moving its images into place hold Ctrl-C, SIGTERM
+    and SIGHUP until the block ends (a stop there lost a finished run, or left a mixed data set). A signal mask
+    held only for the main thread: with another thread alive (a pool's, OpenMP's) the stop came through."""
+    import threading
+
+    from engine.click_types import Stopped, stops_held, stops_unwind
+
+    done = threading.Event()
+    other = threading.Thread(target=done.wait)  # a thread that does not block the signals
+    other.start()
+    try:
+        for signum, stop in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Stopped)):
+            written: list[str] = []
+            with stops_unwind(), pytest.raises(stop):
+                with stops_held():
+                    os.kill(os.getpid(), signum)
+                    time.sleep(0.1)
+                    written.append("results")
+            assert written == ["results"]
+    finally:
+        done.set()
+        other.join()
