@@ -1,4 +1,4 @@
-"""Writes a results document (runner.run_benchmark) as results.json, results.md and chart.png."""
+"""Writes a results document (runner.BenchRun.document) as results.json, results.md and chart.png."""
 
 from __future__ import annotations
 

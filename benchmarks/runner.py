@@ -425,13 +425,6 @@ def summarise(
     return out
 
 
-def run_benchmark(settings: BenchSettings, models: ModelSet, log: Log) -> dict[str, Any]:
-    """Run every runnable system at every batch size; returns the results document (see report.py)."""
-    run = BenchRun(settings, models, log)
-    run.measure()
-    return run.document()
-
-
 class BenchRun:
     """One bench run: `measure()` times every runnable system at every batch size; `document()` gives the
     results document (see report.py) of what it measured, also after a stop (Ctrl-C, SIGTERM) cut it short."""

@@ -274,7 +274,7 @@ def test_systems_without_their_libraries_are_skipped_with_a_note(monkeypatch: py
     # Nothing left to run: a table without rows would read as a finished run (it exited 0).
     only = settings.BenchSettings(size="tiny", systems=["engine"], out=tmp_path / "out")
     with pytest.raises(BenchSetupError, match=r"nothing to measure: engine: not installed here: edlight_no_such_module"):
-        runner.run_benchmark(only, models, lambda _message: None)
+        runner.BenchRun(only, models, lambda _message: None)
 
 
 def test_a_worker_that_cannot_load_its_model_fails_with_its_log(tmp_path: Path) -> None:
