@@ -2282,6 +2282,8 @@ def test_stops_held_wait_for_the_block_whatever_thread_the_signal_reaches() -> N
     done = threading.Event()
     other = threading.Thread(target=done.wait)  # a thread that does not block the signals
     other.start()
+    # As a fresh process has it: a library loaded by an earlier test (ray.init) may have set its own handler.
+    earlier_sigterm = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         for signum, stop in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Stopped)):
             written: list[str] = []
@@ -2292,5 +2294,6 @@ def test_stops_held_wait_for_the_block_whatever_thread_the_signal_reaches() -> N
                     written.append("results")
             assert written == ["results"]
     finally:
+        signal.signal(signal.SIGTERM, earlier_sigterm)
         done.set()
         other.join()
