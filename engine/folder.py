@@ -111,6 +111,8 @@ class FolderSummary:
     changed: int = 0  # images whose file changed since their record, captioned again (recaption_changed)
     unreadable: list[str] = field(default_factory=list)  # folders that could not be listed (why, per folder)
     duplicates: list[str] = field(default_factory=list)  # paths left out: the same file as another input path
+    # Records in the output of files not among these inputs (deleted, renamed, or from other inputs): kept.
+    unlisted: int = 0
 
     @property
     def any_failed(self) -> bool:
@@ -128,9 +130,10 @@ class FolderSummary:
         retried = f" ({'; '.join(again)})" if again else ""
         unreadable = f"; {len(self.unreadable)} folder(s) could not be listed" if self.unreadable else ""
         duplicates = f"; {len(self.duplicates)} path(s) to files already captioned under another name" if self.duplicates else ""
+        unlisted = f"; {self.unlisted} record(s) there of files not among these inputs, kept" if self.unlisted else ""
         return (
             f"captioned {self.captioned}, failed {self.failed}{retried}{resumed} of {self.total} images "
-            f"in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s){unreadable}{duplicates} -> {self.out}"
+            f"in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s){unreadable}{duplicates} -> {self.out}{unlisted}"
         )
 
 
@@ -144,8 +147,8 @@ def collect_inputs(
     """Expand files and folders into image files, in a reproducible order.
 
     A folder is walked recursively, entries sorted by name, keeping names with an image extension
-    (broken symlinks and the like are kept too: they become error records, not silence). Folders
-    named like images are walked like any folder; symlinked folders are followed, except back into a
+    (broken symlinks and the like are kept too: they become error records, not silence). Hidden folders
+    below it (.thumbnails, .Trash-1000) are not walked; folders named like images are walked like any folder; symlinked folders are followed, except back into a
     folder being walked (a loop). A file given explicitly is kept whatever its name.
 
     One record per real file: a file reached by several paths (`A A`, `A A/x.png`, a symlinked folder
@@ -353,6 +356,8 @@ def _walk(folder: Path, ancestors: frozenset[tuple[int, int]], unreadable: list[
         except OSError:
             is_folder = False  # e.g. a symlink loop: kept if named like an image, to become an error record
         if is_folder:
+            if entry.name.startswith("."):
+                continue  # hidden: a .thumbnails cache, a .Trash-1000, a .git (as the data folder reader skips them)
             below = listing(path, inside, False)
             if below is not None:
                 stack.append(below)
@@ -380,11 +385,14 @@ def _is_apple_double(path: Path) -> bool:
 class RecordWriter:
     """Appends records to a JSONL or CSV file, one physical line each, flushed per batch."""
 
-    def __init__(self, out: Path, fmt: str, model: str | None = None) -> None:
-        """`model`: stamped into every record (Bundle.captions_id: the bundle and non-default decoding)."""
+    def __init__(self, out: Path, fmt: str, model: str | None = None, replace: bool = False) -> None:
+        """`model`: stamped into every record (Bundle.captions_id: the bundle and non-default decoding).
+        `replace`: start the file afresh, emptying it in place (its permissions, owner, hard links and the
+        run's lock kept) when the first records are written, not before."""
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
         self.out, self.fmt, self.model = out, fmt, model
+        self._replace = replace
         self._named = Path(os.path.abspath(out))  # what `out` names now, whatever the working folder becomes
         self.fields: tuple[str, ...] = FIELDS
         self._handle: TextIO | None = None
@@ -407,6 +415,8 @@ class RecordWriter:
             # A stream (/dev/stdout, a pipe, a device) is never read back, truncated or synced.
             self._regular = not is_stream(self.out)
             fresh = not self._regular or not self.out.is_file() or self.out.stat().st_size == 0
+            self._replace = self._replace and not fresh  # else nothing to empty
+            fresh = fresh or self._replace
             first = b"" if fresh else _first_line(self.out)
             if self.fmt == "csv" and (header := _columns(first.decode("utf-8", "replace"))) in CSV_HEADERS:
                 self.fields = header  # appended rows keep the file's columns
@@ -423,7 +433,7 @@ class RecordWriter:
                     self._lock_created()
         except OSError as exc:
             raise OutputError(f"{self.out}: cannot write: {exc.strerror or exc}") from exc
-        if fresh and self.fmt == "csv":
+        if fresh and self.fmt == "csv" and not self._replace:
             self._write(",".join(FIELDS) + "\n")
         return self
 
@@ -456,7 +466,20 @@ class RecordWriter:
         lines = (format_record({**r, "model": self.model}, self.fmt, self.fields) for r in records)
         if self._newline != "\n":  # every record is one line ending in "\n" (format_record)
             lines = (line[:-1] + self._newline for line in lines)
-        self._write("".join(lines))
+        text = "".join(lines)
+        if self._replace:
+            self._empty()
+            text = (",".join(FIELDS) + "\n" if self.fmt == "csv" else "") + text
+        self._write(text)
+
+    def _empty(self) -> None:
+        """Empty the file for `replace`, once, just before its first records."""
+        assert self._handle is not None
+        try:
+            self._handle.truncate(0)  # appends still go to the end: now 0
+        except OSError as exc:
+            raise OutputError(f"{self.out}: cannot start afresh: {exc.strerror or exc}") from exc
+        self._replace, self._written = False, 0
 
     def _write(self, text: str) -> None:
         try:
@@ -659,7 +682,10 @@ def _read_lines(out: Path, fmt: str, repair: bool = True) -> list[_Line]:
                 handle.truncate(end)
         except OSError as exc:
             raise OutputError(f"{out}: cannot cut off its torn last line: {exc.strerror or exc}") from exc
-        shown = tail[:60].decode("utf-8", "replace") + ("..." if len(tail) > 60 else "")
+        text = tail.rstrip(b"\x00")
+        shown = text[:60].decode("utf-8", "replace") + ("..." if len(text) > 60 else "")
+        if len(text) < len(tail):
+            shown += f"{' then ' if text else ''}{len(tail) - len(text)} zero bytes"
         log.warning("%s: cut off its last line, a record whose writing was cut short (%d bytes: %s)", out, len(tail), shown)
     return lines
 
@@ -698,7 +724,9 @@ def _parse_line(out: Path, fmt: str, number: int, raw: bytes, end: int, columns:
             mtime: object = row[6] if len(row) > 6 and row[6] else None
         else:
             record = json.loads(text)
-            file, failed, model, size = record["file"], record.get("error") is not None, record.get("model"), record.get("bytes")
+            if not _is_jsonl_record(record):
+                raise ValueError(f"a JSON line without the keys {', '.join(RECORD_KEYS)}")
+            file, failed, model, size = record["file"], record["error"] is not None, record.get("model"), record.get("bytes")
             digest, mtime = record.get("sha256"), record.get("mtime_ns")
         size = None if size is None else _whole_number(size, "bytes")
         mtime = None if mtime is None else _whole_number(mtime, "mtime_ns")
@@ -739,12 +767,25 @@ def _caption_format(first_line: bytes) -> str | None:
             record = json.loads(text)
         except (ValueError, RecursionError):
             return "jsonl" if text.startswith(JSONL_START) else None
-        return "jsonl" if isinstance(record, dict) and "file" in record else None
+        return "jsonl" if _is_jsonl_record(record) else None
     return "csv" if _columns(text) in CSV_HEADERS else None
 
 
+# Every record this tool has written holds these; a JSON line with only a "file" (a labelling tool's export,
+# a manifest) is someone else's file, never skipped images to resume from nor one for --overwrite to empty.
+RECORD_KEYS = FIELDS[:3]
+
+
+def _is_jsonl_record(record: object) -> bool:
+    return isinstance(record, dict) and all(key in record for key in RECORD_KEYS)
+
+
 def _is_torn_record(tail: bytes, fmt: str, first_line: bool) -> bool:
-    """Whether `tail` (after the last newline) can be the start of a record whose write was cut short."""
+    """Whether `tail` (after the last newline) can be the start of a record whose write was cut short.
+
+    Zero bytes at its end are what a crash leaves of appends whose data never reached the disk (the file's
+    size was, as XFS and ext4 can after a power loss): the cut record, if any, is what comes before them."""
+    tail = tail.rstrip(b"\x00")
     for cut in range(4):  # the cut may split a UTF-8 character of up to 4 bytes
         try:
             text = tail[: len(tail) - cut].decode("utf-8")
@@ -767,20 +808,27 @@ def _is_torn_record(tail: bytes, fmt: str, first_line: bool) -> bool:
 def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
     """Rewrite `out` without the records of `files` (atomically: a kill leaves the old file or the new).
 
-    In a folder where no new file may be made, the records stay: the retries' records follow them, and
-    the later record of a file is the one a resume reads.
+    Where the file cannot be replaced, the records stay: the retries' records follow them, and the later
+    record of a file is the one a resume reads. So in a folder where no new file may be made, for a file
+    with other hard links (a new file would leave them holding the old records), and for a file mounted
+    on its own (a container's single-file volume: no rename may replace a mount point).
     """
+
+    def records_stay(why: str) -> None:
+        log.warning(
+            "%s: %s, so the output is not rewritten without the error records of the %d image(s) retried: "
+            "they stay, and each image's later record is the one that counts", out, why, len(files),
+        )
+
+    with contextlib.suppress(OSError):
+        if os.stat(out).st_nlink > 1:
+            return records_stay("it has other hard links")
     temporary = out.with_name(f"{sibling_stem(out.name, REWRITE_SUFFIX_BYTES)}.{os.getpid()}.tmp")
     try:
         handle = open(temporary, "wb")
     except OSError as exc:
         if exc.errno in NOT_WRITABLE_ERRNOS:
-            log.warning(
-                "%s: its folder takes no new file, so the output cannot be rewritten without the error records "
-                "of the %d image(s) retried: they stay, and each image's later record is the one that counts",
-                out, len(files),
-            )
-            return
+            return records_stay("its folder takes no new file")
         raise OutputError(f"{out}: cannot drop the error records of images to retry: {exc.strerror or exc}") from exc
     try:
         with handle, open(out, "rb") as source:  # the lines as read: the lock kept anyone else from writing
@@ -799,6 +847,8 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             temporary.unlink()
+        if exc.errno in (errno.EBUSY, errno.EXDEV):  # `out` is a mount point (Docker's -v file:file, a subPath)
+            return records_stay("it is mounted on its own and cannot be replaced")
         raise OutputError(f"{out}: cannot drop the error records of images to retry: {exc.strerror or exc}") from exc
 
 
@@ -1095,7 +1145,8 @@ def plan_folder_job(
 ) -> tuple[list[InputFile], FolderSummary]:
     """The resume rule, shared by local and Ray runs: (images still to caption, summary so far).
 
-    `overwrite` empties `out` in place first (only a caption file: anything else is refused); otherwise images
+    `overwrite` ignores the records in `out` (only a caption file: anything else is refused), which the run's
+    RecordWriter(replace=True) empties at its first record; otherwise images
     already captioned in `out` are skipped, images whose record there is an error are tried again
     (those records are dropped from `out` first) and its torn last line is cut off. A symlinked `out`
     is the file it points to; a stream (stdout, a pipe) is only written. The output itself is never an
@@ -1132,18 +1183,15 @@ def plan_folder_job(
         owner = _other_owner(target)
         why = f"it belongs to {owner}, and this user may not write it" if owner else "the file is read-only; make it writable"
         raise OutputError(f"{out_path}: cannot write: {why} (or choose another output)")
-    if overwrite and not stream and target.is_file():
-        if not _is_caption_file(target):
-            raise OutputError(
-                f"{out_path}: not a caption file (its first line is not a caption record); --overwrite replaces "
-                "only caption files: choose another output, or remove it yourself"
-            )
-        try:
-            # Emptied, not replaced: the file keeps its permissions, owner, hard links and the run's lock.
-            os.truncate(target, 0)
-        except OSError as exc:
-            raise OutputError(f"{out_path}: cannot start afresh: {exc.strerror or exc}") from exc
-    lines = [] if stream else _read_lines(target, fmt)
+    if overwrite and not stream and target.is_file() and not _is_caption_file(target):
+        raise OutputError(
+            f"{out_path}: not a caption file (its first line is not a caption record); --overwrite replaces "
+            "only caption files: choose another output, or remove it yourself"
+        )
+    # With `overwrite` the earlier records count for nothing, but RecordWriter(replace=True) empties the file
+    # only when it writes the first record: a run with no image to caption (a share not mounted) or stopped
+    # before its first batch leaves the earlier run's records as they were.
+    lines = [] if stream or overwrite else _read_lines(target, fmt)
     others = sorted({line.model for line in lines if line.model is not None} - {model}) if model else []
     if others:
         raise OutputError(
@@ -1161,6 +1209,7 @@ def plan_folder_job(
         and (other := _resumed_name(f.other_name, fmt, done, taken)) in records and other not in current
     ])
     _refuse_respelled(out_path, _respelled(files, names, records, current, fmt))
+    _refuse_rescoped(out_path, _rescoped(files, names, records, current))
     changed = _changed_files([(f, records[names[f.file]]) for f in files if names[f.file] in records])
     if changed and not recaption_changed:
         _refuse_other_files(out_path, changed)
@@ -1171,6 +1220,7 @@ def plan_folder_job(
     summary = FolderSummary(
         total=len(files), skipped=len(files) - len(todo), captioned=0, failed=0, seconds=0.0, out=out_path,
         retried=len(retry) - len(changed), changed=len(changed), unreadable=unreadable, duplicates=duplicates,
+        unlisted=sum(1 for name in records if name not in current),
     )
     return todo, summary
 
@@ -1242,6 +1292,57 @@ def _refuse_respelled(out: Path, respelled: list[tuple[InputFile, str]]) -> None
         raise OutputError(
             f"{out}: holds records of {len(respelled)} of these images under another spelling of their paths: "
             f"{shown}. Record names start with the inputs as given: resume with the inputs spelled as before, "
+            "or caption into another output"
+        )
+
+
+def _rescoped(
+    files: list[InputFile], names: dict[str, str], records: dict[str, _Line], current: set[str]
+) -> list[tuple[InputFile, str]]:
+    """Inputs that have a record under a name relative to a folder above or below their input's, in a run
+    that would resume none by its own name: `x.png` for `2024/x.png` when `photos/2024` was captioned before
+    and now `photos` is (or the other way round, or the files of a folder given one by one). Told by the
+    path below the shorter name, the size, and the SHA-256 where the record has one (only those few inputs
+    are read). A run that resumes other images is on the same folder: a few files moved into or out of a
+    subfolder are captioned under their new names, as any new file."""
+    if not current.isdisjoint(records):
+        return []
+    missing = {names[f.file]: f for f in files}
+    candidates: list[tuple[InputFile, str]] = []
+    if missing:
+        for name, line in records.items():
+            if name in current or line.bytes is None:
+                continue
+            cut = name.find("/")
+            while cut != -1:  # the record's name is longer: the input folder is now one below
+                if (f := missing.get(name[cut + 1 :])) is not None and f.bytes == line.bytes:
+                    candidates.append((f, name))
+                cut = name.find("/", cut + 1)
+        for now, f in missing.items():
+            cut = now.find("/")
+            while cut != -1:  # the input's name is longer: the input folder is now one above
+                held = records.get(old := now[cut + 1 :])
+                if held is not None and old not in current and f.bytes == held.bytes:
+                    candidates.append((f, old))
+                cut = now.find("/", cut + 1)
+    checked = [(f, old) for f, old in candidates if records[old].sha256 is not None]
+    digests = _fingerprints([f.path for f, _ in checked])
+    same = {(f.file, old) for (f, old), read in zip(checked, digests, strict=True) if read.sha256 == records[old].sha256}
+    found: dict[str, tuple[InputFile, str]] = {}
+    for f, old in candidates:
+        if records[old].sha256 is None or (f.file, old) in same:
+            found.setdefault(f.file, (f, old))
+    return list(found.values())
+
+
+def _refuse_rescoped(out: Path, rescoped: list[tuple[InputFile, str]]) -> None:
+    """Raise OutputError for `_rescoped`: captioning them would give the output two records per image."""
+    if rescoped:
+        shown = ", ".join(f"{old!r} (now {f.file!r})" for f, old in rescoped[:3])
+        raise OutputError(
+            f"{out}: holds records of {len(rescoped)} of these images under names relative to another folder: "
+            f"{shown}. Record names are relative to the input folders given, so a folder above or below the "
+            "earlier run's would caption them again under new names: resume with the inputs that wrote it, "
             "or caption into another output"
         )
 
@@ -1355,7 +1456,7 @@ def _is_caption_file(path: Path) -> bool:
         first = _first_line(path)
     except OSError:
         return False
-    return not first or _caption_format(first) is not None
+    return not first.rstrip(b"\x00") or _caption_format(first) is not None  # zero bytes only: see _is_torn_record
 
 
 def output_path(out: str | os.PathLike[str] | None, fmt: str) -> Path:
@@ -1367,7 +1468,17 @@ def output_path(out: str | os.PathLike[str] | None, fmt: str) -> Path:
         raise OutputError("the output path is empty (an unset variable?); give a file name")
     if isinstance(given, str) and given.endswith(("/", os.sep)):  # Path() would drop the slash: a file named like the folder
         raise OutputError(f"{given}: names a folder, not an output file; give a file name (e.g. {given}{default_output(fmt)})")
-    return Path("/dev/stdout") if given == "-" else Path(out)
+    if given == "-":
+        return Path("/dev/stdout")
+    if (suffix := Path(out).suffix.lower()) in COMPRESSED_SUFFIXES:
+        raise OutputError(f"{given}: records are written as plain text, which a {suffix} name would misstate; "
+                          f"name the output without {suffix} and compress it after the run")
+    return Path(out)
+
+
+# Output names that promise a compressed file. Records are appended and flushed batch by batch so that a
+# stopped run resumes: a compressed stream cut by a kill cannot be read back (nor appended to).
+COMPRESSED_SUFFIXES = frozenset({".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4", ".7z", ".tgz"})
 
 
 def write_batch(writer: RecordWriter, records: list[dict[str, Any]], summary: FolderSummary, bar: Any) -> None:
@@ -1421,7 +1532,7 @@ def caption_folder(
 
         pending: list[dict[str, Any]] = []
         try:
-            with RecordWriter(summary.out, fmt, model) as writer, fingerprinting() as fingerprint:
+            with RecordWriter(summary.out, fmt, model, replace=overwrite) as writer, fingerprinting() as fingerprint:
                 for file, caption, error in captioner.iter_captions(items()):
                     pending.append({"file": file, "caption": caption, "error": error, **read_files.pop(file).result().fields()})
                     if len(pending) >= captioner.batch_size:

@@ -298,7 +298,7 @@ def caption_folder_ray(
     fmt = resolve_format(fmt, out)
     with folder_job(inputs, out, fmt, overwrite, model, recaption_changed) as (todo, summary):
         if not todo:
-            with RecordWriter(summary.out, fmt, model):  # the file exists afterwards, as after a local run
+            with RecordWriter(summary.out, fmt, model, replace=overwrite):  # the file exists afterwards, as after a local run
                 return summary  # nothing left: no need for a cluster
         started_here = _connect(ray, address, num_cpus, records_on_stdout=is_same_file(summary.out, sys.stdout))
         try:
@@ -312,7 +312,7 @@ def caption_folder_ray(
             files = [f.file for f in todo]
             bar = _progress_bar(len(todo), progress)
             try:
-                with RecordWriter(summary.out, fmt, model) as writer:
+                with RecordWriter(summary.out, fmt, model, replace=overwrite) as writer:
                     for results in _stream_records(ray, rows, constructor, plan, batch_size, stall_timeout):
                         _require_result_columns(results)
                         for failure in (r["failure"] for r in results if r["failure"] is not None):

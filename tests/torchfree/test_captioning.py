@@ -2297,3 +2297,189 @@ def test_stops_held_wait_for_the_block_whatever_thread_the_signal_reaches() -> N
         signal.signal(signal.SIGTERM, earlier_sigterm)
         done.set()
         other.join()
+
+
+def test_a_jsonl_whose_lines_only_name_files_is_not_a_caption_file(captioner: Captioner, tmp_path: Path) -> None:
+    """A labelling tool's export has a "file" key too: it was resumed from (its images skipped as captioned),
+    appended to, and emptied by --overwrite. Every record this tool writes has file, caption and error."""
+    make_folder(tmp_path / "in", 2)
+    labels = tmp_path / "labels.jsonl"
+    text = '{"file": "img_001.png", "label": "counting"}\n{"file": "nested/img_000.png", "label": "sums"}\n'
+    labels.write_text(text)
+    with pytest.raises(OutputError, match=r"labels\.jsonl:1: not a caption record \(a JSON line without the keys "
+                                          r"file, caption, error\); choose another output"):
+        captioner.caption_folder(tmp_path / "in", out=labels, progress=False)
+    with pytest.raises(OutputError, match=r"labels\.jsonl: not a caption file"):
+        captioner.caption_folder(tmp_path / "in", out=labels, overwrite=True, progress=False)
+    assert labels.read_text() == text
+    ours = tmp_path / "o.jsonl"  # a later line of a caption file without them is damage, named by its line
+    ours.write_text('{"file": "a.png", "caption": "x", "error": null}\n{"file": "b.png"}\n')
+    with pytest.raises(OutputError, match=r"o\.jsonl:2: not a caption record \(a JSON line without the keys"):
+        captioner.caption_folder(tmp_path / "in", out=ours, progress=False)
+
+
+def test_overwrite_empties_the_output_only_when_it_writes_the_first_records(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--overwrite used to empty the output before anything was found or captioned: a folder not mounted
+    (no images) or a stop before the first batch left the earlier run's records lost."""
+    make_folder(tmp_path / "in", 4)
+    (tmp_path / "empty").mkdir()
+    for fmt in ("jsonl", "csv"):
+        out = tmp_path / f"o.{fmt}"
+        captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+        before = out.read_bytes()
+        none = captioner.caption_folder(tmp_path / "empty", out=out, overwrite=True, progress=False)
+        assert none.total == 0 and out.read_bytes() == before
+
+        def stopped(*args: object, **kwargs: object) -> Iterator[object]:
+            raise KeyboardInterrupt
+            yield
+
+        with monkeypatch.context() as patch:
+            patch.setattr(captioner, "iter_captions", stopped)
+            with pytest.raises(KeyboardInterrupt):
+                captioner.caption_folder(tmp_path / "in", out=out, overwrite=True, progress=False)
+        assert out.read_bytes() == before
+        again = captioner.caption_folder([tmp_path / "in" / "nested"], out=out, overwrite=True, progress=False)
+        assert again.captioned == 2 and again.skipped == 0  # the first batch emptied it: only the new records
+        rows = records(out) if fmt == "jsonl" else records_of_csv(out)
+        assert [r["file"] for r in rows] == ["img_000.png", "img_003.png"]
+        assert fmt == "jsonl" or out.read_text().count("file,caption,error") == 1  # one header
+
+
+def test_retried_error_records_stay_where_the_output_cannot_be_replaced(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The retry rewrites the output and renames the copy over it. That detached its other hard links (left
+    with the old records), and on a file mounted on its own (Docker's -v file:file) the rename fails with
+    EBUSY: every resume stopped with exit 2. The records stay there instead, as in a read-only folder."""
+    import errno
+
+    import engine.folder
+
+    make_folder(tmp_path / "in", 2)
+    out, link = tmp_path / "o.jsonl", tmp_path / "link.jsonl"
+    for case in ("hard link", "mount point"):
+        (tmp_path / "in" / "late.png").write_bytes(b"still copying")
+        captioner.caption_folder(tmp_path / "in", out=out, overwrite=True, progress=False)
+        photo(5).save(tmp_path / "in" / "late.png")
+        caplog.clear()
+        with monkeypatch.context() as patch:
+            if case == "hard link":
+                os.link(out, link)
+                why = "it has other hard links"
+            else:
+                def busy(src: object, dst: object) -> None:
+                    raise OSError(errno.EBUSY, "Device or resource busy")
+
+                patch.setattr(engine.folder.os, "replace", busy)
+                why = "it is mounted on its own and cannot be replaced"
+            summary = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+        assert (summary.retried, summary.captioned) == (1, 1), case
+        assert [r["error"] is None for r in records(out) if r["file"] == "late.png"] == [False, True], case
+        assert f"{why}, so the output is not rewritten without the error records" in caplog.text, case
+        assert not list(tmp_path.glob(".*.tmp")), case
+        if case == "hard link":
+            assert os.path.samefile(out, link)
+            link.unlink()
+        assert captioner.caption_folder(tmp_path / "in", out=out, progress=False).skipped == 3, case
+
+
+def test_resume_cuts_off_the_zero_bytes_a_crash_left_at_the_end(
+    captioner: Captioner, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a power loss a file system can keep a file's new size without its data: zero bytes after the last
+    record written to disk, or inside a record cut short. Resuming refused the file as not a caption file."""
+    names = make_folder(tmp_path / "in", 4)
+    out = tmp_path / "o.jsonl"
+    captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    complete = out.read_bytes()
+    lines = complete.splitlines(keepends=True)
+    for damaged in (lines[0] + lines[1] + b"\x00" * 4096, lines[0] + lines[1][:20] + b"\x00" * 100, b"\x00" * 512):
+        out.write_bytes(damaged)
+        caplog.clear()
+        summary = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+        assert b"\x00" not in out.read_bytes() and [r["file"] for r in records(out)] == names
+        assert summary.captioned == 4 - damaged.count(b"\n")
+        assert "zero bytes" in caplog.text
+    out.write_bytes(b"\x00" * 64)
+    assert captioner.caption_folder(tmp_path / "in", out=out, overwrite=True, progress=False).captioned == 4
+    out.write_bytes(lines[0] + b"{\x00\x00}\x00\n")  # zeros inside a line ended by a newline: damage, named
+    with pytest.raises(OutputError, match=r"o\.jsonl:2: not a caption record"):
+        captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+
+
+def test_an_output_named_as_compressed_is_refused(captioner: Captioner, tmp_path: Path) -> None:
+    """captions.csv.gz was written as uncompressed JSONL (the format was told by the last suffix)."""
+    make_folder(tmp_path / "in", 1)
+    for name in ("captions.csv.gz", "captions.jsonl.zst", "c.GZ"):
+        with pytest.raises(OutputError, match=re.escape(name) + r": records are written as plain text.*compress it after"):
+            captioner.caption_folder(tmp_path / "in", out=tmp_path / name, progress=False)
+        assert not (tmp_path / name).exists()
+
+
+def test_hidden_folders_below_an_input_are_not_walked(tmp_path: Path) -> None:
+    """A photo folder's .thumbnails cache or a .Trash-1000 of deleted photos held images that were captioned."""
+    photo(1).save(tmp_path / "a.png")
+    photo(2).save(tmp_path / ".b.png")  # a hidden file is the user's: kept, as before
+    for hidden in (".thumbnails/normal/t.png", ".Trash-1000/files/old.png", "sub/.cache/c.png"):
+        (tmp_path / hidden).parent.mkdir(parents=True)
+        photo(3).save(tmp_path / hidden)
+    photo(4).save(tmp_path / "sub" / "d.png")
+    assert [f.file for f in collect_inputs([tmp_path])] == [".b.png", "a.png", "sub/d.png"]
+    assert [f.file for f in collect_inputs([tmp_path / ".thumbnails"])] == ["normal/t.png"]  # given: walked
+
+
+def test_an_input_folder_above_or_below_the_earlier_runs_is_refused(captioner: Captioner, tmp_path: Path) -> None:
+    """Record names are relative to the input folder: captioning `photos` into an output written for
+    `photos/2024` (or the other way round, or the folder's files one by one) captioned every image again under
+    new names, two records each."""
+    photos = tmp_path / "photos"
+    names = make_folder(photos / "2024", 4)
+    (photos / "2025").mkdir()
+    for i in range(2):
+        photo(10 + i).save(photos / "2025" / f"img_{i:03d}.png")  # the same names, other photos
+    out = tmp_path / "o.jsonl"
+    captioner.caption_folder(photos / "2024", out=out, progress=False)
+    before = out.read_bytes()
+    shown = re.escape(f"'{names[0]}' (now '2024/{names[0]}')")
+    with pytest.raises(OutputError, match=r"o\.jsonl: holds records of 4 of these images under names relative to "
+                                          rf"another folder: {shown}.*resume with the inputs that wrote it"):
+        captioner.caption_folder(photos, out=out, progress=False)
+    assert out.read_bytes() == before
+    wide = tmp_path / "wide.jsonl"
+    captioner.caption_folder(photos, out=wide, progress=False)
+    with pytest.raises(OutputError, match=r"holds records of 4 of these images under names relative to another folder"):
+        captioner.caption_folder(photos / "2024", out=wide, progress=False)
+    with pytest.raises(OutputError, match=r"holds records of 2 of these images under names relative to another folder"):
+        captioner.caption_folder(sorted((photos / "2024" / "nested").iterdir()), out=wide, progress=False)
+    assert captioner.caption_folder(photos, out=wide, progress=False).skipped == 6  # the same inputs resume
+
+
+def test_a_file_moved_within_the_input_is_captioned_under_its_new_name(captioner: Captioner, tmp_path: Path) -> None:
+    """Unlike a whole folder's change of level, a few files moved into a subfolder are new names in a run that
+    resumes the rest; their old records stay, counted in the summary."""
+    names = make_folder(tmp_path / "in", 4)
+    out = tmp_path / "o.jsonl"
+    captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    moved = next(name for name in names if "/" not in name)
+    (tmp_path / "in" / "sorted").mkdir()
+    os.rename(tmp_path / "in" / moved, tmp_path / "in" / "sorted" / moved)
+    summary = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    assert (summary.captioned, summary.skipped, summary.unlisted) == (1, 3, 1)
+    assert "; 1 record(s) there of files not among these inputs, kept" in summary.line()
+    assert [r["file"] for r in records(out)][-1] == f"sorted/{moved}"
+
+
+def test_a_same_sized_other_file_one_level_away_is_no_earlier_record(captioner: Captioner, tmp_path: Path) -> None:
+    """The SHA-256 a record holds tells a file of the same size under a name one folder level away apart."""
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    photo(1).save(tmp_path / "a" / "sub" / "x.bmp")  # uncompressed: the same size for the same dimensions
+    out = tmp_path / "o.jsonl"
+    captioner.caption_folder(tmp_path / "a" / "sub", out=out, progress=False)
+    (tmp_path / "b" / "sub").mkdir(parents=True)
+    photo(2).save(tmp_path / "b" / "sub" / "x.bmp")
+    assert (tmp_path / "b" / "sub" / "x.bmp").stat().st_size == (tmp_path / "a" / "sub" / "x.bmp").stat().st_size
+    summary = captioner.caption_folder(tmp_path / "b", out=out, progress=False)
+    assert (summary.captioned, summary.unlisted) == (1, 1)
