@@ -109,7 +109,7 @@ def caption(
 
     Exit status: 0 done (see --strict), 1 --strict and something failed, 2 the job cannot run (bad
     model, input or output), 130 interrupted (Ctrl-C; 143 SIGTERM, 129 SIGHUP; rerun without --overwrite to
-    resume).
+    resume, as the message says).
     """
     from engine.resources import cpu_cores
     from engine.session import available_cores, too_many_threads
@@ -176,6 +176,7 @@ def caption(
         except EdlightError as exc:
             _fail(exc)
         say(describe_bundle(captioner.bundle))
+        before = _output_state(out, fmt)
         try:
             summary = captioner.caption_folder(list(inputs), out=out, fmt=fmt, overwrite=overwrite, progress=not quiet,
                                                recaption_changed=recaption_changed)
@@ -185,7 +186,7 @@ def caption(
             cannot_run(f"out of memory with --batch-size {batch_size} and --num-beams {num_beams}; lower them "
                        "(the records written so far are kept)")
         except KeyboardInterrupt as exc:
-            _interrupted(out, fmt, overwrite, exc)
+            _interrupted(out, fmt, overwrite, exc, before)
     _finish(summary, strict)
 
 
@@ -197,12 +198,29 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _interrupted(out: str | None, fmt: str, overwrite: bool, exc: KeyboardInterrupt) -> NoReturn:
+def _output_state(out: str | None, fmt: str) -> tuple[int, int, int] | None:
+    """The output file's (inode, size, modification time) before a run: an --overwrite run stopped before its
+    first records leaves it as it was (None: no file yet, a stream, or cannot tell)."""
+    try:
+        target = output_path(out, fmt)
+        if is_stream(target):
+            return None
+        info = os.stat(target)
+    except (OSError, EdlightError):
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _interrupted(out: str | None, fmt: str, overwrite: bool, exc: KeyboardInterrupt,
+                 before: tuple[int, int, int] | None = None) -> NoReturn:
     """Ctrl-C, SIGTERM or SIGHUP: say what is kept and how to go on; exit 130 (143, 129; not 1, which
-    means images failed)."""
+    means images failed). `before`: _output_state before the run."""
     target = output_path(out, fmt)
     if is_stream(target):
         say("interrupted")
+    elif overwrite and before is not None and _output_state(out, fmt) == before:
+        say(f"interrupted before the first records: {target} is as it was; run the same command again to "
+            "start it afresh")
     else:
         again = "the same command without --overwrite" if overwrite else "the same command"
         say(f"interrupted: the records written so far are kept in {target}; "
@@ -247,6 +265,7 @@ def _caption_on_ray(
     # executor thread calling Ray after the shutdown, and Ray's auto-init then started a new local Ray there,
     # whose failing connection ended the process a minute later with exit 1. This process never needs it.
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+    before = _output_state(out, fmt)
     try:
         import_ray()  # a missing extra is said first, before any work
         say(describe_bundle(Bundle.load(resolve_bundle(model))))
@@ -259,5 +278,5 @@ def _caption_on_ray(
     except (EdlightError, FileNotFoundError) as exc:
         _fail(exc)
     except KeyboardInterrupt as exc:
-        _interrupted(out, fmt, overwrite, exc)
+        _interrupted(out, fmt, overwrite, exc, before)
     _finish(summary, strict)

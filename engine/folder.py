@@ -130,10 +130,10 @@ class FolderSummary:
         retried = f" ({'; '.join(again)})" if again else ""
         unreadable = f"; {len(self.unreadable)} folder(s) could not be listed" if self.unreadable else ""
         duplicates = f"; {len(self.duplicates)} path(s) to files already captioned under another name" if self.duplicates else ""
-        unlisted = f"; {self.unlisted} record(s) there of files not among these inputs, kept" if self.unlisted else ""
+        unlisted = f"; {self.unlisted} record(s) in the output of files not among these inputs, kept" if self.unlisted else ""
         return (
             f"captioned {self.captioned}, failed {self.failed}{retried}{resumed} of {self.total} images "
-            f"in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s){unreadable}{duplicates} -> {self.out}{unlisted}"
+            f"in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s){unreadable}{duplicates}{unlisted} -> {self.out}"
         )
 
 
@@ -463,6 +463,8 @@ class RecordWriter:
                 raise OutputError(f"{self.out}: cannot write: {error.strerror or error}") from error
 
     def write(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return  # nothing to write: an output to replace stays as it is
         lines = (format_record({**r, "model": self.model}, self.fmt, self.fields) for r in records)
         if self._newline != "\n":  # every record is one line ending in "\n" (format_record)
             lines = (line[:-1] + self._newline for line in lines)
@@ -725,8 +727,8 @@ def _parse_line(out: Path, fmt: str, number: int, raw: bytes, end: int, columns:
         else:
             record = json.loads(text)
             if not _is_jsonl_record(record):
-                raise ValueError(f"a JSON line without the keys {', '.join(RECORD_KEYS)}")
-            file, failed, model, size = record["file"], record["error"] is not None, record.get("model"), record.get("bytes")
+                raise ValueError('a JSON line without "file" and a "caption" or "error"')
+            file, failed, model, size = record["file"], record.get("error") is not None, record.get("model"), record.get("bytes")
             digest, mtime = record.get("sha256"), record.get("mtime_ns")
         size = None if size is None else _whole_number(size, "bytes")
         mtime = None if mtime is None else _whole_number(mtime, "mtime_ns")
@@ -771,13 +773,11 @@ def _caption_format(first_line: bytes) -> str | None:
     return "csv" if _columns(text) in CSV_HEADERS else None
 
 
-# Every record this tool has written holds these; a JSON line with only a "file" (a labelling tool's export,
-# a manifest) is someone else's file, never skipped images to resume from nor one for --overwrite to empty.
-RECORD_KEYS = FIELDS[:3]
-
-
 def _is_jsonl_record(record: object) -> bool:
-    return isinstance(record, dict) and all(key in record for key in RECORD_KEYS)
+    """Every record this tool writes has "file", "caption" and "error"; a tool that drops null fields (Spark's
+    JSON writer) keeps "file" and one of the others. A JSON line with only a "file" (a labelling tool's export,
+    a manifest) is someone else's: never images to skip as captioned, nor a file for --overwrite to empty."""
+    return isinstance(record, dict) and "file" in record and ("caption" in record or "error" in record)
 
 
 def _is_torn_record(tail: bytes, fmt: str, first_line: bool) -> bool:
@@ -799,6 +799,9 @@ def _is_torn_record(tail: bytes, fmt: str, first_line: bool) -> bool:
     if first_line:
         text = text.removeprefix(BOM)
     if fmt == "jsonl":
+        with contextlib.suppress(ValueError, RecursionError):
+            # Whole: someone else's line, not a record cut short; or ours before the zeros (its newline lost).
+            return _is_jsonl_record(json.loads(text))
         return text.startswith(JSONL_START) or JSONL_START.startswith(text)
     if first_line:
         return any(",".join(header).startswith(text) for header in CSV_HEADERS)
@@ -1298,49 +1301,53 @@ def _refuse_respelled(out: Path, respelled: list[tuple[InputFile, str]]) -> None
 
 def _rescoped(
     files: list[InputFile], names: dict[str, str], records: dict[str, _Line], current: set[str]
-) -> list[tuple[InputFile, str]]:
-    """Inputs that have a record under a name relative to a folder above or below their input's, in a run
-    that would resume none by its own name: `x.png` for `2024/x.png` when `photos/2024` was captioned before
-    and now `photos` is (or the other way round, or the files of a folder given one by one). Told by the
-    path below the shorter name, the size, and the SHA-256 where the record has one (only those few inputs
-    are read). A run that resumes other images is on the same folder: a few files moved into or out of a
-    subfolder are captioned under their new names, as any new file."""
-    if not current.isdisjoint(records):
-        return []
-    missing = {names[f.file]: f for f in files}
-    candidates: list[tuple[InputFile, str]] = []
-    if missing:
-        for name, line in records.items():
-            if name in current or line.bytes is None:
-                continue
-            cut = name.find("/")
-            while cut != -1:  # the record's name is longer: the input folder is now one below
-                if (f := missing.get(name[cut + 1 :])) is not None and f.bytes == line.bytes:
-                    candidates.append((f, name))
-                cut = name.find("/", cut + 1)
-        for now, f in missing.items():
-            cut = now.find("/")
-            while cut != -1:  # the input's name is longer: the input folder is now one above
-                held = records.get(old := now[cut + 1 :])
-                if held is not None and old not in current and f.bytes == held.bytes:
-                    candidates.append((f, old))
-                cut = now.find("/", cut + 1)
-    checked = [(f, old) for f, old in candidates if records[old].sha256 is not None]
-    digests = _fingerprints([f.path for f, _ in checked])
-    same = {(f.file, old) for (f, old), read in zip(checked, digests, strict=True) if read.sha256 == records[old].sha256}
-    found: dict[str, tuple[InputFile, str]] = {}
-    for f, old in candidates:
-        if records[old].sha256 is None or (f.file, old) in same:
-            found.setdefault(f.file, (f, old))
-    return list(found.values())
+) -> tuple[int, list[tuple[InputFile, str]]]:
+    """(how many, examples) of the inputs recorded under a name relative to a folder above or below their
+    input's, when they are most of the inputs or of the records: `x.png` for `2024/x.png` when `photos/2024`
+    was captioned before and now `photos` is (or the other way round, or the folder's files one by one).
+    Told by the path below the shorter name and the size, confirmed by the SHA-256 records hold: at most
+    RESCOPE_SAMPLE of those inputs are read. A few files moved into or out of a subfolder, or a copy of
+    another run's photo, are not most: captioned under their names as any new file."""
+    missing = {names[f.file]: f for f in files if names[f.file] not in records}
+    candidates: dict[str, tuple[InputFile, str]] = {}  # one per input
+    for name, line in records.items() if missing else ():
+        if name in current or line.bytes is None:
+            continue
+        cut = name.find("/")
+        while cut != -1:  # the record's name is longer: the input folder is now one below
+            if (f := missing.get(name[cut + 1 :])) is not None and f.bytes == line.bytes:
+                candidates.setdefault(f.file, (f, name))
+            cut = name.find("/", cut + 1)
+    for now, f in missing.items():
+        cut = now.find("/") if f.bytes is not None else -1
+        while cut != -1:  # the input's name is longer: the input folder is now one above
+            held = records.get(old := now[cut + 1 :])
+            if held is not None and old not in current and f.bytes == held.bytes:
+                candidates.setdefault(f.file, (f, old))
+            cut = now.find("/", cut + 1)
+    if 2 * len(candidates) <= min(len(files), len(records)):
+        return 0, []
+    pairs = list(candidates.values())
+    hashed = [pair for pair in pairs if records[pair[1]].sha256 is not None]
+    sample = hashed[:: max(1, -(-len(hashed) // RESCOPE_SAMPLE))]  # spread over the inputs
+    read = _fingerprints([f.path for f, _ in sample])
+    same = [pair for pair, got in zip(sample, read, strict=True) if got.sha256 == records[pair[1]].sha256]
+    if sample and 2 * len(same) <= len(sample):  # same names and sizes, other files (scans of one size)
+        return 0, []
+    unread = [pair for pair in pairs if records[pair[1]].sha256 is None]
+    return len(pairs), (same + unread)[:3]
 
 
-def _refuse_rescoped(out: Path, rescoped: list[tuple[InputFile, str]]) -> None:
+RESCOPE_SAMPLE = 64
+
+
+def _refuse_rescoped(out: Path, rescoped: tuple[int, list[tuple[InputFile, str]]]) -> None:
     """Raise OutputError for `_rescoped`: captioning them would give the output two records per image."""
-    if rescoped:
-        shown = ", ".join(f"{old!r} (now {f.file!r})" for f, old in rescoped[:3])
+    count, examples = rescoped
+    if count:
+        shown = ", ".join(f"{old!r} (now {f.file!r})" for f, old in examples)
         raise OutputError(
-            f"{out}: holds records of {len(rescoped)} of these images under names relative to another folder: "
+            f"{out}: holds records of {count} of these images under names relative to another folder: "
             f"{shown}. Record names are relative to the input folders given, so a folder above or below the "
             "earlier run's would caption them again under new names: resume with the inputs that wrote it, "
             "or caption into another output"
@@ -1456,7 +1463,17 @@ def _is_caption_file(path: Path) -> bool:
         first = _first_line(path)
     except OSError:
         return False
-    return not first.rstrip(b"\x00") or _caption_format(first) is not None  # zero bytes only: see _is_torn_record
+    return not first or _caption_format(first) is not None or _only_zero_bytes(path)
+
+
+def _only_zero_bytes(path: Path, limit: int = 64 * 2**20) -> bool:
+    """Whether `path` holds nothing but zero bytes (at most `limit` of them): what a crash can leave of a caption
+    file's first appends (see _is_torn_record)."""
+    with contextlib.suppress(OSError), open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size > limit:
+            return False
+        return not any(chunk.strip(b"\x00") for chunk in iter(lambda: handle.read(2**20), b""))
+    return False
 
 
 def output_path(out: str | os.PathLike[str] | None, fmt: str) -> Path:
@@ -1478,7 +1495,7 @@ def output_path(out: str | os.PathLike[str] | None, fmt: str) -> Path:
 
 # Output names that promise a compressed file. Records are appended and flushed batch by batch so that a
 # stopped run resumes: a compressed stream cut by a kill cannot be read back (nor appended to).
-COMPRESSED_SUFFIXES = frozenset({".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4", ".7z", ".tgz"})
+COMPRESSED_SUFFIXES = frozenset({".gz", ".bz2", ".xz", ".lzma", ".zst", ".zip", ".lz4", ".lz", ".br", ".z", ".7z", ".tgz"})
 
 
 def write_batch(writer: RecordWriter, records: list[dict[str, Any]], summary: FolderSummary, bar: Any) -> None:
