@@ -32,6 +32,21 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "edlight.json"
 # transformers' GenerationConfig().max_length: the caption length of a checkpoint that sets none.
 TRANSFORMERS_MAX_LENGTH = 20
+# Generation settings the engine does not take from a checkpoint, with the transformers values that switch them
+# off: sampling, beams, and the logits processors that act on the image or on probabilities. Export warns
+# about them; edlight's PyTorch decoding (train's test BLEU, evaluate, parity) switches them off too, so that
+# it decodes as the engine will. (The engine follows the caption lengths, length_penalty, early_stopping and
+# the processors that act on tokens: engine.decode.process_scores.)
+UNAPPLIED_GENERATION: dict[str, object] = {
+    "do_sample": False, "num_beams": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+    "encoder_no_repeat_ngram_size": 0, "exponential_decay_length_penalty": None,
+    "num_beam_groups": 1, "diversity_penalty": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "min_p": None, "renormalize_logits": False,
+    # Classifier-free guidance and watermarking change greedy tokens too; the rest are other decoding modes.
+    "guidance_scale": None, "watermarking_config": None, "penalty_alpha": None, "dola_layers": None,
+    "num_return_sequences": 1, "max_time": None, "stop_strings": None, "force_words_ids": None,
+    "remove_invalid_values": False, "token_healing": False,
+}  # fmt: skip
 SUPPORT_FILES = ("tokenizer.json", "preprocessor_config.json", "config.json", "generation_config.json")
 DECODER_LAYOUTS = {
     "merged": ("decoder_merged",),

@@ -34,6 +34,7 @@ from engine.bundle import (
     MANIFEST_NAME,
     SUPPORT_FILES,
     TRANSFORMERS_MAX_LENGTH,
+    UNAPPLIED_GENERATION,
     Bundle,
     Manifest,
     checkpoint_weights,
@@ -54,20 +55,6 @@ TASK = "image-to-text-with-past"
 LEFTOVER_SUFFIX_BYTES = 96
 # Optimum's dummy inputs need at least a 2x2 patch grid.
 MIN_PATCHES = 4
-# Generation settings the engine does not take from a checkpoint (their transformers defaults): sampling,
-# beams, and the logits processors that act on the image or on probabilities. The export's validation runs
-# PyTorch without any logits processor, since it checks the graphs. (The engine follows the caption lengths,
-# length_penalty, early_stopping and the processors that act on tokens: engine.decode.process_scores.)
-GENERATION_DEFAULTS: dict[str, object] = {
-    "do_sample": False, "num_beams": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-    "encoder_no_repeat_ngram_size": 0, "exponential_decay_length_penalty": None,
-    "num_beam_groups": 1, "diversity_penalty": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-    "min_p": None, "renormalize_logits": False,
-    # Classifier-free guidance and watermarking change greedy tokens too; the rest are other decoding modes.
-    "guidance_scale": None, "watermarking_config": None, "penalty_alpha": None, "dola_layers": None,
-    "num_return_sequences": 1, "max_time": None, "stop_strings": None, "force_words_ids": None,
-    "remove_invalid_values": False, "token_healing": False,
-}  # fmt: skip
 # Above this many tokens per caption, export warns: a model that rarely says EOS would take minutes an image.
 LONG_CAPTION_TOKENS = 512
 # Which decoder the bundle ships. Measured on this 2-core machine (ORT 1.32, 2 threads, shared and
@@ -253,7 +240,7 @@ def _warn_about_generation(path: Path, generation: dict[str, Any]) -> None:
     if isinstance(longest, int) and longest > LONG_CAPTION_TOKENS:
         log.warning("%s: captions may run to %d tokens; the engine stops only there or at EOS (set max_new_tokens)",
                     path, longest)
-    ignored = [k for k, default in GENERATION_DEFAULTS.items() if generation.get(k, default) not in (None, default)]
+    ignored = [k for k, default in UNAPPLIED_GENERATION.items() if generation.get(k, default) not in (None, default)]
     if ignored:
         log.warning("%s: %s not used by the engine (greedy unless `edlight caption --num-beams`)", path, ", ".join(ignored))
 

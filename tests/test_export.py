@@ -937,6 +937,29 @@ def test_trained_fp32_bundle_tokens_equal_pytorch_on_test_images(tiny_checkpoint
     assert result.mismatches == [] and result.identical_share == 1.0
 
 
+def test_pytorch_captions_leave_out_the_generation_settings_the_engine_does_not_apply(
+    tiny_checkpoint: Path, tiny_bundle: Path, synth_data: Path
+) -> None:
+    """A checkpoint's stop_strings crashed train's per-epoch BLEU (after a whole epoch), evaluate and parity
+    (transformers wants a tokenizer for them); max_time, an exponential length penalty or no EOS in
+    generation_config.json changed PyTorch's captions, so parity failed and train chose best/ on a decoding
+    the engine never does. edlight's PyTorch decoding is the engine's: those settings off, EOS from config.json."""
+    from engine import Captioner
+    from train.checkpoint import load_checkpoint
+    from train.data import load_split
+    from train.evaluate import generate_captions
+
+    model, processor = load_checkpoint(tiny_checkpoint)
+    images = [e.path for e in load_split(synth_data, "test")][:6]
+    plain = generate_captions(model, processor, images, batch_size=3)
+    assert plain == Captioner(tiny_bundle, threads=1).caption(images)
+    settings = model.generation_config
+    settings.stop_strings, settings.max_time, settings.eos_token_id = ["a"], 1e-9, None
+    settings.exponential_decay_length_penalty = (1, 3.0)
+    assert generate_captions(model, processor, images, batch_size=3) == plain
+    assert (settings.stop_strings, settings.eos_token_id) == (["a"], None)  # the model's own config is left as it was
+
+
 def test_trained_int8_bundle_verifies(tiny_bundle_int8: Path) -> None:
     bundle = Bundle.load(tiny_bundle_int8)
     assert bundle.manifest.quantization == "int8"
