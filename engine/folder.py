@@ -870,6 +870,23 @@ def _take_owner_and_mode(copy: Path, original: Path) -> None:
             os.chmod(copy, info.st_mode & 0o7777)  # chown clears setuid/setgid bits
 
 
+# Descriptors of the locks output_lock holds. A child forked meanwhile (a DataLoader's worker, multiprocessing's
+# fork) holds copies, which keep the lock after the run is killed, until the child notices (seconds): an
+# immediate resume was refused, naming the dead run. The child's copies are closed (the parent's lock stays).
+_held_locks: set[int] = set()
+
+
+def _drop_held_locks_in_child() -> None:
+    for descriptor in _held_locks:
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+    _held_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_held_locks_in_child)
+
+
 @contextlib.contextmanager
 def output_lock(out: Path, elsewhere: str = "choose another output") -> Iterator[None]:
     """Hold `.NAME.lock` next to `out` (an exclusive flock) while a run reads and writes `out`.
@@ -909,9 +926,12 @@ def output_lock(out: Path, elsewhere: str = "choose another output") -> Iterator
                 os.unlink(lock)
             os.close(handle)
             raise
+    held = {d for d in (handle, itself) if d is not None}
+    _held_locks.update(held)
     try:
         yield
     finally:
+        _held_locks.difference_update(held)
         if itself is not None:
             os.close(itself)
         if handle is not None:

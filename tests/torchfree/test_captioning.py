@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -2555,3 +2556,33 @@ def test_a_stop_before_the_first_records_of_an_overwrite_says_the_output_is_as_i
     result = CliRunner().invoke(caption_command, [*base, "--overwrite"])
     assert result.exit_code == 130 and out.read_bytes() == before
     assert f"interrupted before the first records: {out} is as it was; run the same command again" in result.output
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_under_the_lock_does_not_keep_it_after_the_run_is_killed(tmp_path: Path) -> None:
+    """A DataLoader worker forked by `edlight train` inherited the run's lock and held it for seconds after a
+    kill -9 of the run: the immediate --resume was refused, naming the dead process."""
+    out, child = tmp_path / "run_config.json", tmp_path / "child.pid"
+    program = f"""
+import os, time
+from pathlib import Path
+from engine.folder import output_lock
+with output_lock(Path({str(out)!r})):
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    Path({str(child)!r}).write_text(str(pid))
+    os._exit(0)  # as a kill -9 leaves it: the lock never released
+"""
+    with open(tmp_path / "stderr", "w") as errors:  # no pipe: the child would keep it open
+        started = subprocess.run([sys.executable, "-c", program], cwd=REPO, stdout=subprocess.DEVNULL, stderr=errors,
+                                 timeout=60)
+    assert started.returncode == 0, (tmp_path / "stderr").read_text()
+    try:
+        os.kill(int(child.read_text()), 0)  # the child lives on, with its copies of the lock's descriptors closed
+        with output_lock(out):  # the dead run's lock is gone
+            pass
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(child.read_text()), signal.SIGKILL)
