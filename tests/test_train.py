@@ -875,6 +875,25 @@ def test_lead_weight_reaches_the_loop_and_old_runs_still_resume(small_data: Path
         _check_out(TrainConfig(**settings).resolved())
 
 
+def test_resume_refuses_another_caption_length(small_data: Path, tmp_path: Path) -> None:
+    """--resume --max-new-tokens 10 of a run evaluating 12 tokens went on: its test BLEU fell from the truncation
+    alone, and best/ and last/ then exported captions of different lengths."""
+    from train.cli import train as train_command
+
+    common = ["--data", str(small_data), "--preset", "tiny", "--batch-size", "8", "--max-patches", "64", "--seed", "3",
+              "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
+    first = CliRunner().invoke(train_command, [*common, "--epochs", "1", "--max-new-tokens", "12"])
+    assert first.exit_code == 0, first.output
+    refused = CliRunner().invoke(train_command, [*common, "--epochs", "2", "--resume", "--max-new-tokens", "10"])
+    assert refused.exit_code == 2, refused.output
+    assert "--max-new-tokens 10: this run evaluates 12 tokens per caption" in refused.output
+    assert "resume without --max-new-tokens" in refused.output
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+    again = CliRunner().invoke(train_command, [*common, "--epochs", "2", "--resume", "--max-new-tokens", "12"])
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "run" / "last" / "generation_config.json").read_text())["max_new_tokens"] == 12
+
+
 @pytest.mark.parametrize("base", ["google/pix2struct-textcaps-base", "gone/base-checkpoint"])
 def test_a_run_from_a_hub_id_or_a_base_since_removed_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base: str) -> None:
     """Resuming loads RUN/last: the --base given is compared as given then (a hub id is never a path)."""

@@ -938,9 +938,17 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             cfg.preset, [e.text for e in train_ex], cfg.max_patches, seed=cfg.seed, images=sample
         )
     # The per-epoch evaluation's caption length, saved in every checkpoint for the export and the engine.
+    where = Path(str(checkpoint)) / "generation_config.json"
+    stated = stated_max_new_tokens(model.generation_config.to_diff_dict(), where)
+    if mode == "resume" and cfg.max_new_tokens and stated is not None and cfg.max_new_tokens != stated:
+        # Every epoch's test BLEU, and so best/, is measured at the run's length: a change partway through read
+        # as a drop in BLEU, and left best/ and last/ exporting captions of different lengths.
+        raise TrainError(
+            f"--max-new-tokens {cfg.max_new_tokens}: this run evaluates {stated} tokens per caption ({where}), and "
+            "its earlier epochs' test BLEU and best/ were measured at that length; resume without "
+            "--max-new-tokens, or start a new --out"
+        )
     if not cfg.max_new_tokens:  # --base or --resume: the checkpoint's own, when it states one
-        where = Path(str(checkpoint)) / "generation_config.json"
-        stated = stated_max_new_tokens(model.generation_config.to_diff_dict(), where)
         cfg.max_new_tokens = BASE_DEFAULTS["max_new_tokens"] if stated is None else max(1, stated)
     model.generation_config.max_new_tokens = cfg.max_new_tokens
     max_patches = int(processor.image_processor.max_patches)
