@@ -28,6 +28,7 @@ class GreedyComparison:
     onnx_tokens: list[list[int]]
     encoder_max_abs_diff: float
     mismatches: list[dict[str, Any]] = field(default_factory=list)
+    max_new_tokens: int | None = None  # how many tokens each side generated at most (the export checks a few)
 
     @property
     def identical_share(self) -> float:
@@ -49,6 +50,7 @@ class GreedyComparison:
             "identical_share": round(self.identical_share, 4),
             "token_agreement": round(self.token_agreement, 4),
             "encoder_max_abs_diff": float(f"{self.encoder_max_abs_diff:.3g}"),
+            **({"max_new_tokens": self.max_new_tokens} if self.max_new_tokens is not None else {}),
         }
 
 
@@ -223,7 +225,7 @@ def compare_greedy(
     # Trailing pads after EOS differ only in how far each side kept going.
     onnx_tokens = [cut_after_eos(row, eos_ids) for row in onnx_tokens]
     diff = float(np.abs(hidden - ref_hidden.numpy()).max())
-    result = GreedyComparison(torch_tokens, onnx_tokens, diff)
+    result = GreedyComparison(torch_tokens, onnx_tokens, diff, max_new_tokens=max_new_tokens)
     for i, (a, b) in enumerate(zip(torch_tokens, onnx_tokens, strict=True)):
         if a != b:
             first = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))

@@ -911,7 +911,9 @@ def test_cli_export_and_errors(random_checkpoint: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(export, [str(random_checkpoint), "--out", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
-    assert "identical greedy tokens 100%" in result.output
+    # A few tokens per image, said as such: an int8 export's 50% "identical" read as whole captions beside parity's 0%.
+    assert re.search(r"identical greedy tokens \(the first \d+\) 100%", result.output), result.output
+    assert Bundle.load(tmp_path / "b").manifest.extra["validation"]["fp32"]["max_new_tokens"] <= 16
     Bundle.load(tmp_path / "b")
     again = runner.invoke(export, [str(random_checkpoint), "--out", str(tmp_path / "b")])
     assert again.exit_code == 2
