@@ -875,15 +875,29 @@ def test_lead_weight_reaches_the_loop_and_old_runs_still_resume(small_data: Path
         _check_out(TrainConfig(**settings).resolved())
 
 
+def test_train_refuses_threads_beyond_the_cores_and_warns_of_a_lead_weight_on_nothing(small_data: Path, tmp_path: Path) -> None:
+    """`caption` refused --threads beyond 4 per CPU, `train` ran with them 5x slower; a lead weight with no lead
+    tokens was taken without a word."""
+    from train.cli import train as train_command
+
+    common = ["--data", str(small_data), "--preset", "tiny", "--out", str(tmp_path / "run"), "--epochs", "1"]
+    many = CliRunner().invoke(train_command, [*common, "--threads", "100000"])
+    assert many.exit_code == 2 and "--threads 100000 on" in many.output and "per core" in many.output
+    assert not (tmp_path / "run").exists()
+    lead = CliRunner().invoke(train_command, [*common, "--lead-tokens", "0", "--lead-weight", "5", "--data", str(tmp_path / "none")])
+    assert "warning: --lead-weight 5 weighs nothing with --lead-tokens 0" in lead.output
+
+
 def test_resume_refuses_another_caption_length(small_data: Path, tmp_path: Path) -> None:
     """--resume --max-new-tokens 10 of a run evaluating 12 tokens went on: its test BLEU fell from the truncation
     alone, and best/ and last/ then exported captions of different lengths."""
     from train.cli import train as train_command
 
     common = ["--data", str(small_data), "--preset", "tiny", "--batch-size", "8", "--max-patches", "64", "--seed", "3",
-              "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
+              "--no-progress", "--out", str(tmp_path / "run"), "--grad-accum", "50"]  # fmt: skip
     first = CliRunner().invoke(train_command, [*common, "--epochs", "1", "--max-new-tokens", "12"])
     assert first.exit_code == 0, first.output
+    assert re.search(r"warning: --grad-accum 50 is more than the \d+ batch\(es\) of an epoch", first.output)
     refused = CliRunner().invoke(train_command, [*common, "--epochs", "2", "--resume", "--max-new-tokens", "10"])
     assert refused.exit_code == 2, refused.output
     assert "--max-new-tokens 10: this run evaluates 12 tokens per caption" in refused.output

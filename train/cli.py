@@ -144,9 +144,14 @@ def train(
 
     Runs unchanged under `torchrun` for several processes (or `accelerate launch` on GPUs; on CPUs it starts one).
     """
+    from engine.session import too_many_threads
     from train.loop import TrainConfig
     from train.loop import train as run_training
 
+    if threads is not None and (problem := too_many_threads(threads)):
+        cannot_run(f"--{problem}")  # torch's threads beyond the cores only wait (64 on 2 cores: 5x slower)
+    if lead_tokens == 0 and lead_weight is not None and lead_weight != 1.0:
+        say(f"warning: --lead-weight {lead_weight:g} weighs nothing with --lead-tokens 0")
     if (base is None) == (preset is None):
         saved = read_run_config(out) if resume and base is None and preset is None else {}
         started = (f"--preset {saved['preset']}" if isinstance(saved.get("preset"), str)

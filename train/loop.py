@@ -1064,6 +1064,10 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             f"{world} process(es) x batch {cfg.batch_size} x accum {cfg.grad_accum}, {total_steps} steps, "
             f"{forward_precision} forward"
         )
+        if cfg.grad_accum > steps_per_epoch:
+            # Accumulation ends with the epoch: an epoch's batches make one update, the mean over fewer batches.
+            log(f"warning: --grad-accum {cfg.grad_accum} is more than the {steps_per_epoch} batch(es) of an epoch: each "
+                f"epoch makes one update from its {steps_per_epoch}; lower --grad-accum or --batch-size")
 
     # The test images never change: encode them once (unless that takes too much memory).
     test_cache: list[dict[str, Any]] | None = None
