@@ -45,7 +45,11 @@ UNAPPLIED_GENERATION: dict[str, object] = {
     # Classifier-free guidance and watermarking change greedy tokens too; the rest are other decoding modes.
     "guidance_scale": None, "watermarking_config": None, "penalty_alpha": None, "dola_layers": None,
     "num_return_sequences": 1, "max_time": None, "stop_strings": None, "force_words_ids": None,
-    "remove_invalid_values": False, "token_healing": False,
+    "remove_invalid_values": False, "token_healing": False, "encoder_repetition_penalty": 1.0,
+    "prompt_lookup_num_tokens": None, "cache_implementation": None, "use_cache": True,
+    # What generate returns: token ids alone, as the engine's callers read them.
+    "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
+    "output_attentions": False, "output_hidden_states": False,
 }  # fmt: skip
 SUPPORT_FILES = ("tokenizer.json", "preprocessor_config.json", "config.json", "generation_config.json")
 DECODER_LAYOUTS = {

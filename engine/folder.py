@@ -926,19 +926,21 @@ def output_lock(out: Path, elsewhere: str = "choose another output") -> Iterator
                 os.unlink(lock)
             os.close(handle)
             raise
-    held = {d for d in (handle, itself) if d is not None}
+    held, owner = {d for d in (handle, itself) if d is not None}, os.getpid()
     _held_locks.update(held)
     try:
         yield
     finally:
         _held_locks.difference_update(held)
-        if itself is not None:
-            os.close(itself)
-        if handle is not None:
-            if not in_place:
-                with contextlib.suppress(OSError):
-                    os.unlink(lock)
-            os.close(handle)
+        # A forked child leaving the block has its copies closed already; the lock and its file are the parent's.
+        if os.getpid() == owner:
+            if itself is not None:
+                os.close(itself)
+            if handle is not None:
+                if not in_place:
+                    with contextlib.suppress(OSError):
+                        os.unlink(lock)
+                os.close(handle)
 
 
 def _flock_lock_file(lock: Path, out: Path, elsewhere: str) -> int | None:

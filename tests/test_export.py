@@ -959,6 +959,9 @@ def test_pytorch_captions_leave_out_the_generation_settings_the_engine_does_not_
     settings.stop_strings, settings.max_time, settings.eos_token_id = ["a"], 1e-9, None
     settings.exponential_decay_length_penalty = (1, 3.0)
     assert generate_captions(model, processor, images, batch_size=3) == plain
+    settings.return_dict_in_generate, settings.output_scores = True, True  # generate returned an object, not ids
+    settings.prompt_lookup_num_tokens, settings.use_cache = 3, False  # assisted decoding without a cache: an error
+    assert generate_captions(model, processor, images, batch_size=3) == plain
     assert (settings.stop_strings, settings.eos_token_id) == (["a"], None)  # the model's own config is left as it was
 
 

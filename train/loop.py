@@ -448,6 +448,7 @@ def _check_out(cfg: TrainConfig) -> str:
                 "data) or choose a new --out"
             )
         if (out / "last" / "trainer_state.pt").is_file():
+            _check_caption_length(cfg.max_new_tokens, out / "last" / "generation_config.json")
             return "resume"
         raise TrainError(f"--resume: {out / 'last'} holds no trainer state to continue from; choose a new --out")
     if out.exists() and any(p.name != RUN_LOCK for p in out.iterdir()):
@@ -455,6 +456,24 @@ def _check_out(cfg: TrainConfig) -> str:
             f"--out {out} is not empty and holds no edlight run; choose a new or empty directory"
         )
     return "fresh"
+
+
+def _check_caption_length(given: int | None, saved: Path) -> None:
+    """Refuse a --resume whose --max-new-tokens is not the run's (`saved`: last/'s generation config). Every
+    epoch's test BLEU, and so best/, is measured at the run's length: a change partway through read as a drop
+    in BLEU, and left best/ and last/ exporting captions of different lengths."""
+    if not given or not saved.is_file():
+        return
+    try:
+        stated = stated_max_new_tokens(json.loads(saved.read_text()), saved)
+    except (ValueError, EdlightError):
+        return  # unreadable: loading the checkpoint says what is wrong with it
+    if stated is not None and given != stated:
+        raise TrainError(
+            f"--max-new-tokens {given}: this run evaluates {stated} tokens per caption ({saved}), and its earlier "
+            "epochs' test BLEU and best/ were measured at that length; resume without --max-new-tokens, or start "
+            "a new --out"
+        )
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -938,17 +957,9 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             cfg.preset, [e.text for e in train_ex], cfg.max_patches, seed=cfg.seed, images=sample
         )
     # The per-epoch evaluation's caption length, saved in every checkpoint for the export and the engine.
-    where = Path(str(checkpoint)) / "generation_config.json"
-    stated = stated_max_new_tokens(model.generation_config.to_diff_dict(), where)
-    if mode == "resume" and cfg.max_new_tokens and stated is not None and cfg.max_new_tokens != stated:
-        # Every epoch's test BLEU, and so best/, is measured at the run's length: a change partway through read
-        # as a drop in BLEU, and left best/ and last/ exporting captions of different lengths.
-        raise TrainError(
-            f"--max-new-tokens {cfg.max_new_tokens}: this run evaluates {stated} tokens per caption ({where}), and "
-            "its earlier epochs' test BLEU and best/ were measured at that length; resume without "
-            "--max-new-tokens, or start a new --out"
-        )
     if not cfg.max_new_tokens:  # --base or --resume: the checkpoint's own, when it states one
+        where = Path(str(checkpoint)) / "generation_config.json"
+        stated = stated_max_new_tokens(model.generation_config.to_diff_dict(), where)
         cfg.max_new_tokens = BASE_DEFAULTS["max_new_tokens"] if stated is None else max(1, stated)
     model.generation_config.max_new_tokens = cfg.max_new_tokens
     max_patches = int(processor.image_processor.max_patches)

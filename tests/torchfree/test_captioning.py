@@ -2586,3 +2586,30 @@ with output_lock(Path({str(out)!r})):
     finally:
         with contextlib.suppress(OSError, ValueError):
             os.kill(int(child.read_text()), signal.SIGKILL)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_under_the_lock_that_leaves_the_block_closes_nothing_of_its_own(tmp_path: Path) -> None:
+    """The child's copies of the lock's descriptors are closed at the fork, so leaving the block closed the
+    numbers again: by then a file the child had opened since."""
+    out = tmp_path / "o.jsonl"
+    program = f"""
+import os, sys
+from pathlib import Path
+from engine.folder import output_lock
+with output_lock(Path({str(out)!r})):
+    pid = os.fork()
+    if pid == 0:
+        own = open({str(tmp_path / "own.txt")!r}, "w")  # takes a number the lock's copy had
+    else:
+        _, status = os.waitpid(pid, 0)  # the parent holds the lock until the child is done
+if pid == 0:
+    with_lock_file = Path({str(tmp_path / ".o.jsonl.lock")!r}).exists()
+    own.write("kept")
+    own.close()
+    os._exit(0 if with_lock_file else 3)  # the parent's lock file is not the child's to remove
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    run = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "own.txt").read_text() == "kept" and not (tmp_path / ".o.jsonl.lock").exists()
