@@ -150,7 +150,7 @@ def train(
 
     if threads is not None and (problem := too_many_threads(threads)):
         cannot_run(f"--{problem}")  # torch's threads beyond the cores only wait (64 on 2 cores: 5x slower)
-    if lead_tokens == 0 and lead_weight is not None and lead_weight != 1.0:
+    if lead_tokens == 0 and lead_weight is not None and lead_weight != 1.0 and os.environ.get("RANK", "0") == "0":
         say(f"warning: --lead-weight {lead_weight:g} weighs nothing with --lead-tokens 0")
     if (base is None) == (preset is None):
         saved = read_run_config(out) if resume and base is None and preset is None else {}
