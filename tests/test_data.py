@@ -916,3 +916,63 @@ def test_an_icon_listed_as_an_image_is_named_as_one(tmp_path: Path) -> None:
     (tmp_path / "a.png").write_bytes(struct.pack("<HHH", 0, 1, 1) + entry + png.getvalue())
     _jsonl(tmp_path, [{"file_name": "a.png", "text": "x"}])
     assert _only_problem(tmp_path).startswith("a.png: an icon file (ICO/ICNS), which is not read")
+
+
+def test_an_image_listed_under_two_names_is_a_duplicate(tmp_path: Path) -> None:
+    """A link to a listed image, or a hard link, passed as another image: the split hashes names, so one name
+    could train and the other test (seen: p0.jpg in train, its link dup.jpg in test)."""
+    import os
+
+    _image(tmp_path / "img" / "p0.jpg")
+    _image(tmp_path / "img" / "p1.jpg", (30, 30))
+    (tmp_path / "img" / "dup.jpg").symlink_to("p0.jpg")
+    os.link(tmp_path / "img" / "p1.jpg", tmp_path / "img" / "again.jpg")
+    _jsonl(tmp_path, [{"file_name": f"img/{n}.jpg", "text": f"picture {n}"} for n in ("p0", "p1", "dup", "again")])
+    report = check_folder(tmp_path)
+    assert [str(p) for p in report.problems] == [
+        "metadata.jsonl:3: img/dup.jpg is the image file img/p0.jpg (listed at metadata.jsonl:1) through a link: an "
+        "image listed twice could be both trained on and tested on; list it once",
+        "metadata.jsonl:4: img/again.jpg is the image file img/p1.jpg (listed at metadata.jsonl:2) under another "
+        "name: an image listed twice could be both trained on and tested on; list it once",
+    ]
+    kept = load_split(tmp_path, "all", skip_bad=True)
+    assert [e.file_name for e in kept] == ["img/p0.jpg", "img/p1.jpg"] and len(kept.skipped) == 2
+
+
+def test_split_folders_below_the_top_are_warned_about(tmp_path: Path) -> None:
+    """data/train/ and data/test/ under one top-level metadata: their images were split by hash, held-out ones
+    into training, without a word."""
+    rows = []
+    for split in ("train", "test"):
+        for i in range(3):
+            _image(tmp_path / "data" / split / f"{split}{i}.jpg")
+            rows.append({"file_name": f"data/{split}/{split}{i}.jpg", "text": f"{split} picture {i}"})
+    _jsonl(tmp_path, rows)
+    report = check_folder(tmp_path)
+    assert report.ok
+    assert [str(w) for w in report.warnings] == [
+        f"data/{split}/: named like a split folder but below the top, so its 3 image(s) are split by hash with the "
+        "rest (test images may be trained on); only top-level train/, test/ and validation/ decide a split: move "
+        "them up" for split in ("test", "train")
+    ]
+
+
+def test_thousands_of_problems_are_counted_not_all_spelled_out(tmp_path: Path) -> None:
+    """45,000 "image not found" lines scrolled the count, said only on the first line, out of sight."""
+    _jsonl(tmp_path, [{"file_name": f"gone{i}.jpg", "text": "a picture"} for i in range(75)])
+    with pytest.raises(DataError) as info:
+        load_split(tmp_path, "all")
+    lines = str(info.value).splitlines()
+    assert len(lines) == 1 + 50 + 1 and len(info.value.problems) == 75
+    assert lines[-1] == f"  ... and 25 more: 75 problems in all (`edlight data check {tmp_path}` lists every one)"
+
+
+def test_data_check_output_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    """`data check` printed with click.echo: a full disk gave a traceback (and `| head` made a clean folder's
+    check exit 1, "problems found"; now 141, as print_result ends any command's output)."""
+    _image(tmp_path / "a.jpg")
+    _jsonl(tmp_path, [{"file_name": "a.jpg", "text": "a picture"}])
+    command = [sys.executable, "-m", "engine.cli", "data", "check", str(tmp_path)]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(command, cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr

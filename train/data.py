@@ -37,6 +37,7 @@ import logging
 import os
 import posixpath
 import re
+import shlex
 import statistics
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -568,7 +569,55 @@ def _parse(folder: str | Path, caption_column: str) -> _Parsed:
         except OSError as exc:  # unreadable, a dangling link, a folder named metadata.jsonl
             parsed.fatal = True
             parsed.problems.append(Problem(meta.label, f"cannot read the file ({exc.strerror or exc})"))
+    _drop_second_names(parsed)
+    parsed.warnings += _nested_split_folders(parsed.examples)
     return parsed
+
+
+def _nested_split_folders(examples: Sequence[Example]) -> list[Problem]:
+    """Folders named like splits below the top (`data/train/`, `data/test/`: a layout the Hugging Face Hub also
+    takes): only top-level ones decide a split, so their images are split by hash, held-out ones into training."""
+    nested: dict[str, int] = {}
+    for example in examples:
+        parts = example.file_name.split("/")[:-1]
+        if split_folder(example.file_name) is None and any(part.lower() in SPLIT_FOLDERS for part in parts[1:]):
+            below = next(i for i, part in enumerate(parts) if i and part.lower() in SPLIT_FOLDERS)
+            folder = "/".join(parts[: below + 1]) + "/"
+            nested[folder] = nested.get(folder, 0) + 1
+    return [
+        Problem(folder, f"named like a split folder but below the top, so its {n} image(s) are split by hash with the "
+                "rest (test images may be trained on); only top-level train/, test/ and validation/ decide a split: "
+                "move them up", None)
+        for folder, n in sorted(nested.items())
+    ]
+
+
+def _drop_second_names(parsed: _Parsed) -> None:
+    """An image file listed under two names (a link to it, a hard link, or a letter case a case-insensitive file
+    system folds) is a duplicate, as a file_name listed twice is: the split hashes names, so one name could put
+    it in training and the other in the test split, whose BLEU it would then inflate. The later name is the
+    problem. (Told by the file system's identity of the file; byte-identical copies are separate files.)"""
+    first: dict[object, Example] = {}
+    kept: list[Example] = []
+    for example in parsed.examples:
+        try:
+            info = os.stat(example.path)
+            identity: object = (info.st_dev, info.st_ino) if info.st_ino else os.path.realpath(example.path)
+        except (OSError, ValueError):
+            kept.append(example)  # missing or unreadable: the image check names it
+            continue
+        earlier = first.setdefault(identity, example)
+        if earlier is example:
+            kept.append(example)
+            continue
+        how = "through a link" if example.path.is_symlink() or earlier.path.is_symlink() else "under another name"
+        parsed.problems.append(Problem(
+            example.listed_at or example.file_name,
+            f"{example.file_name} is the image file {earlier.file_name} (listed at {earlier.listed_at}) {how}: an "
+            "image listed twice could be both trained on and tested on; list it once",
+            example.file_name,
+        ))  # fmt: skip
+    parsed.examples = kept
 
 
 def read_examples(folder: str | Path, caption_column: str = "text") -> list[Example]:
@@ -924,11 +973,21 @@ def load_split(
     if bad and not skip_bad:
         raise _error(folder, bad)
     if bad:
-        log.warning("%s: skipped %d bad entries:\n  %s", folder, len(bad), "\n  ".join(map(str, bad)))
+        shown = "\n  ".join(map(str, bad[:SHOWN_PROBLEMS]))
+        more = f"\n  ... and {len(bad) - SHOWN_PROBLEMS} more" if len(bad) > SHOWN_PROBLEMS else ""
+        log.warning("%s: skipped %d bad entries:\n  %s%s", folder, len(bad), shown, more)
     return Examples(good, skipped=bad)
 
 
+# Problems a DataError spells out: beyond, they are counted (`edlight data check` lists every one).
+SHOWN_PROBLEMS = 50
+
+
 def _error(folder: Path, problems: Sequence[Problem]) -> DataError:
-    lines = "\n".join(f"  {p}" for p in problems)
     noun = "problem" if len(problems) == 1 else "problems"
-    return DataError(f"{folder}: {len(problems)} {noun} in the data folder:\n{lines}", problems)
+    lines = [f"  {p}" for p in problems[:SHOWN_PROBLEMS]]
+    if len(problems) > SHOWN_PROBLEMS:
+        # 45,000 lines of "image not found" scrolled the count, on the first line, out of sight.
+        lines.append(f"  ... and {len(problems) - SHOWN_PROBLEMS} more: {len(problems)} {noun} in all "
+                     f"(`edlight data check {shlex.quote(str(folder))}` lists every one)")
+    return DataError(f"{folder}: {len(problems)} {noun} in the data folder:\n" + "\n".join(lines), problems)

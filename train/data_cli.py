@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from engine.click_types import FiniteFloatRange, cannot_run, unwinds_on_stop
+from engine.click_types import FiniteFloatRange, cannot_run, print_result, unwinds_on_stop
 from train.data import DataError, check_folder
 
 
@@ -49,11 +49,11 @@ def check(folder: Path, caption_column: str, test_ratio: float, split_seed: int)
         report = check_folder(folder, caption_column=caption_column)
     except DataError as exc:  # the check cannot run (e.g. --caption-column file_name): 2, as for train
         cannot_run(str(exc))
-    for problem in report.problems:
-        click.echo(f"error: {problem}")
-    for warning in report.warnings:
-        click.echo(f"warning: {warning}")
+    lines = [f"error: {problem}" for problem in report.problems] + [f"warning: {warning}" for warning in report.warnings]
     if not report.ok:
-        click.echo(f"{len(report.problems)} problem(s) in {folder}; {len(report.examples)} usable examples.")
+        lines.append(f"{len(report.problems)} problem(s) in {folder}; {len(report.examples)} usable examples.")
+    else:
+        lines.append(report.summary(test_ratio=test_ratio, seed=split_seed))
+    print_result("\n".join(lines))  # `| head` ends it as SIGPIPE would (141), a full disk is one line (exit 1)
+    if not report.ok:
         raise SystemExit(1)
-    click.echo(report.summary(test_ratio=test_ratio, seed=split_seed))
