@@ -976,3 +976,17 @@ def test_data_check_output_that_cannot_be_written_is_one_line(tmp_path: Path) ->
     with open("/dev/full", "w") as full:
         result = subprocess.run(command, cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_folder_name_differing_in_case_or_normalisation_is_hinted_at(tmp_path: Path) -> None:
+    """The hint named only a file's own name: `sub/b.jpg` listed with `Sub/b.jpg` on disk, or a folder written
+    decomposed (NFD) by a Mac, was a bare "image not found"."""
+    import unicodedata
+
+    _image(tmp_path / "Sub" / "b.jpg")
+    _image(tmp_path / unicodedata.normalize("NFD", "café") / "c.jpg")
+    _jsonl(tmp_path, [{"file_name": "sub/b.jpg", "text": "a picture"},
+                      {"file_name": unicodedata.normalize("NFC", "café") + "/c.jpg", "text": "a picture"}])
+    messages = [p.message for p in check_folder(tmp_path).problems]
+    assert "(the folder has 'Sub', which differs only in letter case" in messages[0]
+    assert "which differs only in Unicode normalisation: NFC vs NFD" in messages[1]

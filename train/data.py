@@ -699,6 +699,9 @@ def _near_name_hint(path: Path) -> str:
     """A hint when the folder holds a file whose name differs from `path`'s only in Unicode normalisation (macOS
     writes names decomposed, NFD; most editors write metadata composed, NFC) or in letter case (IMG_1.JPG listed
     as IMG_1.jpg: the same file on Windows and macOS, not on Linux): the bytes differ, so the lookup fails."""
+    with contextlib.suppress(OSError, ValueError):
+        while not path.parent.is_dir() and path.parent != path.parent.parent:
+            path = path.parent  # a folder on the way is missing: the hint is about its name (Sub/ for sub/)
     wanted = path.name
     twins = _names_by_key(path.parent).get(_name_key(wanted), ())
     twin = next((name for name in twins if name != wanted), None)
