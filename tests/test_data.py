@@ -22,8 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _image(path: Path, size: tuple[int, int] = (40, 30), fmt: str = "JPEG") -> Path:
+    """A solid image of a colour of its own (`data check` warns about listed images with the same bytes)."""
+    import hashlib
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (200, 120, 40)).save(path, format=fmt)
+    colour = tuple(hashlib.sha256(path.name.encode("utf-8", "surrogateescape")).digest()[:3])
+    Image.new("RGB", size, colour).save(path, format=fmt)
     return path
 
 
@@ -990,3 +994,18 @@ def test_a_folder_name_differing_in_case_or_normalisation_is_hinted_at(tmp_path:
     messages = [p.message for p in check_folder(tmp_path).problems]
     assert "(the folder has 'Sub', which differs only in letter case" in messages[0]
     assert "which differs only in Unicode normalisation: NFC vs NFD" in messages[1]
+
+
+def test_listed_copies_of_one_image_are_warned_about(tmp_path: Path) -> None:
+    """IMG_1.jpg and `IMG_1 (1).jpg` (a download made twice) are split by name each: one could train, one test."""
+    import shutil
+
+    _image(tmp_path / "IMG_1.jpg")
+    shutil.copy(tmp_path / "IMG_1.jpg", tmp_path / "IMG_1 (1).jpg")
+    _image(tmp_path / "IMG_2.jpg")
+    _jsonl(tmp_path, [{"file_name": n, "text": "a picture"} for n in ("IMG_1.jpg", "IMG_2.jpg", "IMG_1 (1).jpg")])
+    report = check_folder(tmp_path)
+    assert report.ok and [str(w) for w in report.warnings] == [
+        "metadata.jsonl:3: IMG_1 (1).jpg has the same bytes as IMG_1.jpg (listed at metadata.jsonl:1): a copy may "
+        "land in the other split, and be both trained and tested on"
+    ]

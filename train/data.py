@@ -861,10 +861,38 @@ def check_folder(folder: str | Path, caption_column: str = "text") -> CheckRepor
                 "extension the engine knows (such as .jpg or .png)", e.file_name)
         for e in good if not is_image_name(e.path)
     ]
+    warnings += _copies(good)
     if not parsed.fatal:
         listed = {e.file_name for e in parsed.examples} | {p.file_name for p in parsed.problems if p.file_name}
         warnings += _unlisted(folder, listed, parsed.metadata)
     return CheckReport(folder, parsed.metadata, good, problems, warnings, sizes)
+
+
+def _copies(examples: Sequence[Example]) -> list[Problem]:
+    """Listed images whose bytes are another listed image's (`IMG_1.jpg` and `IMG_1 (1).jpg`, a download made
+    twice): each name is split on its own, so a copy can be trained on and tested on."""
+
+    def digest(example: Example) -> bytes | None:
+        with contextlib.suppress(OSError), open(example.path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").digest()
+        return None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        digests = list(pool.map(digest, examples))
+    first: dict[bytes, Example] = {}
+    found = []
+    for example, key in zip(examples, digests, strict=True):
+        if key is None:
+            continue
+        earlier = first.setdefault(key, example)
+        if earlier is not example:
+            found.append(Problem(
+                example.listed_at or example.file_name,
+                f"{example.file_name} has the same bytes as {earlier.file_name} (listed at {earlier.listed_at}): "
+                "a copy may land in the other split, and be both trained and tested on",
+                example.file_name,
+            ))  # fmt: skip
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------
