@@ -819,8 +819,9 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
 
     def records_stay(why: str) -> None:
         log.warning(
-            "%s: %s, so the output is not rewritten without the error records of the %d image(s) retried: "
-            "they stay, and each image's later record is the one that counts", out, why, len(files),
+            "%s: %s, so the output is not rewritten without the earlier records (errors, or of changed files) of "
+            "the %d image(s) captioned again: they stay, and each image's later record is the one that counts",
+            out, why, len(files),
         )
 
     with contextlib.suppress(OSError):
@@ -852,6 +853,8 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
             temporary.unlink()
         if exc.errno in (errno.EBUSY, errno.EXDEV):  # `out` is a mount point (Docker's -v file:file, a subPath)
             return records_stay("it is mounted on its own and cannot be replaced")
+        if exc.errno in NOT_WRITABLE_ERRNOS:  # a sticky folder (/tmp, 1777): only its owner may replace it
+            return records_stay("this user may not replace it in its folder (a sticky folder's file of another user)")
         raise OutputError(f"{out}: cannot drop the error records of images to retry: {exc.strerror or exc}") from exc
 
 
@@ -865,8 +868,14 @@ def _take_owner_and_mode(copy: Path, original: Path) -> None:
     with contextlib.suppress(OSError):
         os.chmod(copy, info.st_mode & 0o7777)
     if hasattr(os, "chown"):
-        with contextlib.suppress(OSError):
+        try:
             os.chown(copy, info.st_uid, info.st_gid)
+        except OSError:
+            # Only root may give a file away: a teammate's rewrite keeps the group at least (a member may set
+            # it), and the mode that lets the owner, through it, write the file again.
+            with contextlib.suppress(OSError):
+                os.chown(copy, -1, info.st_gid)
+        with contextlib.suppress(OSError):
             os.chmod(copy, info.st_mode & 0o7777)  # chown clears setuid/setgid bits
 
 
@@ -1019,6 +1028,14 @@ def _flock(path: Path, out: Path, elsewhere: str, in_place: bool = False) -> int
         log.warning("%s: the file system does not lock files (%s); make sure no other run writes it", out, exc.strerror or exc)
         return None
     return handle
+
+
+def _on_read_only_mount(path: Path) -> bool:
+    """Whether `path` lies on a file system mounted read-only (where no chmod can make it writable)."""
+    try:
+        return bool(os.statvfs(path).f_flag & getattr(os, "ST_RDONLY", 0))
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return False
 
 
 def _other_owner(path: Path) -> str | None:
@@ -1207,6 +1224,9 @@ def plan_folder_job(
         # --overwrite): a file made read-only, or another user's, is kept as it is.
         owner = _other_owner(target)
         why = f"it belongs to {owner}, and this user may not write it" if owner else "the file is read-only; make it writable"
+        if _on_read_only_mount(target):
+            raise OutputError(f"{out_path}: cannot write: it is on a file system mounted read-only; choose an output "
+                              "on a writable one")
         raise OutputError(f"{out_path}: cannot write: {why} (or choose another output)")
     if overwrite and not stream and target.is_file() and not _is_caption_file(target):
         raise OutputError(

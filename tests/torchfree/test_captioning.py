@@ -2034,7 +2034,7 @@ def test_retried_error_records_stay_with_a_warning_where_the_output_cannot_be_re
     assert (summary.retried, summary.captioned) == (1, 1)
     late = [r for r in records(out) if r["file"] == "late.png"]
     assert [r["error"] is None for r in late] == [False, True]  # the error first, the caption after it
-    assert "the 1 image(s) retried: they stay, and each image's later record is the one that counts" in caplog.text
+    assert "the 1 image(s) captioned again: they stay, and each image's later record is the one that counts" in caplog.text
     monkeypatch.undo()
     assert captioner.caption_folder(tmp_path / "in", out=out, progress=False).skipped == 3  # the later one counts
 
@@ -2379,7 +2379,7 @@ def test_retried_error_records_stay_where_the_output_cannot_be_replaced(
             summary = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
         assert (summary.retried, summary.captioned) == (1, 1), case
         assert [r["error"] is None for r in records(out) if r["file"] == "late.png"] == [False, True], case
-        assert f"{why}, so the output is not rewritten without the error records" in caplog.text, case
+        assert f"{why}, so the output is not rewritten without the earlier records" in caplog.text, case
         assert not list(tmp_path.glob(".*.tmp")), case
         if case == "hard link":
             assert os.path.samefile(out, link)
@@ -2613,3 +2613,69 @@ sys.exit(os.waitstatus_to_exitcode(status))
     run = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "own.txt").read_text() == "kept" and not (tmp_path / ".o.jsonl.lock").exists()
+
+
+def test_a_teammates_retry_keeps_the_outputs_group_and_a_sticky_folder_keeps_the_records(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The retry's rewritten copy took the output's owner and group in one chown, which only root may do: for a
+    teammate both failed, the file became theirs alone, and its owner's next resume was refused. In a sticky
+    folder (1777) the rename over another user's file failed with EPERM: exit 2, nothing captioned."""
+    import errno
+
+    import engine.folder
+
+    make_folder(tmp_path / "in", 2)
+    out = tmp_path / "o.jsonl"
+    real_chown = os.chown
+
+    def as_a_member(path: object, uid: int, gid: int) -> None:  # what chown lets a non-root group member do
+        if uid != -1:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        real_chown(path, uid, gid)  # type: ignore[arg-type]
+
+    for case in ("group", "sticky"):
+        (tmp_path / "in" / "late.png").write_bytes(b"still copying")
+        captioner.caption_folder(tmp_path / "in", out=out, overwrite=True, progress=False)
+        os.chown(out, 12345, 23456)
+        out.chmod(0o664)
+        photo(5).save(tmp_path / "in" / "late.png")
+        caplog.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(engine.folder.os, "chown", as_a_member)
+            if case == "sticky":
+                def not_yours(src: object, dst: object) -> None:
+                    raise PermissionError(errno.EPERM, "Operation not permitted")
+
+                patch.setattr(engine.folder.os, "replace", not_yours)
+            summary = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+        assert (summary.retried, summary.captioned) == (1, 1), case
+        info = out.stat()
+        assert (info.st_gid, info.st_mode & 0o777) == (23456, 0o664), case
+        if case == "sticky":
+            assert "this user may not replace it in its folder" in caplog.text
+            assert [r["error"] is None for r in records(out) if r["file"] == "late.png"] == [False, True]
+        else:
+            assert info.st_uid == os.getuid() and len(records(out)) == 3
+
+
+def test_an_output_on_a_read_only_mount_is_named_as_such(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`the file is read-only; make it writable` sent people to chmod a file on a read-only file system."""
+    import engine.folder
+
+    make_folder(tmp_path / "in", 1)
+    out = tmp_path / "o.jsonl"
+    captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    real_statvfs = os.statvfs
+
+    class ReadOnly:
+        def __init__(self, path: object) -> None:
+            self.f_flag = real_statvfs(path).f_flag | os.ST_RDONLY  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.folder.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(engine.folder.os, "statvfs", ReadOnly)
+    with pytest.raises(OutputError, match=r"o\.jsonl: cannot write: it is on a file system mounted read-only; choose "
+                                          r"an output on a writable one$"):
+        captioner.caption_folder(tmp_path / "in", out=out, progress=False)
