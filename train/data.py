@@ -569,9 +569,43 @@ def _parse(folder: str | Path, caption_column: str) -> _Parsed:
         except OSError as exc:  # unreadable, a dangling link, a folder named metadata.jsonl
             parsed.fatal = True
             parsed.problems.append(Problem(meta.label, f"cannot read the file ({exc.strerror or exc})"))
-    _drop_second_names(parsed)
-    parsed.warnings += _nested_split_folders(parsed.examples)
+    parsed.warnings += _second_names(parsed.examples) + _nested_split_folders(parsed.examples)
     return parsed
+
+
+def _may_split_apart(one: str, other: str) -> bool:
+    """Whether two listed names can fall in different splits: not both below one top-level split folder."""
+    folder = split_folder(one)
+    return folder is None or folder != split_folder(other)
+
+
+def _second_names(examples: Sequence[Example]) -> list[Problem]:
+    """Warnings for an image file listed under two names that may split apart (a link to it, a hard link a
+    dedup tool made, a letter case a case-insensitive file system folds): the split hashes names, so one name
+    could be trained on and the other tested on, inflating the test BLEU. A warning, as for copies (_copies):
+    the captions are the folder's to give. Told by the file system's identity of the file."""
+    first: dict[object, Example] = {}
+    found = []
+    for example in examples:
+        try:
+            info = os.stat(example.path)
+        except (OSError, ValueError):
+            continue  # missing or unreadable: the image check names it
+        identity: object = (info.st_dev, info.st_ino) if info.st_ino else os.path.realpath(example.path)
+        earlier = first.setdefault(identity, example)
+        if earlier is not example and _may_split_apart(example.file_name, earlier.file_name):
+            how = "through a link" if example.path.is_symlink() or earlier.path.is_symlink() else "under another name"
+            found.append(Problem(
+                example.listed_at or example.file_name,
+                f"{example.file_name} is the image file {earlier.file_name} (listed at {earlier.listed_at}) {how}: "
+                "the two names may split apart, and the image be both trained and tested on",
+                example.file_name,
+            ))  # fmt: skip
+    return found
+
+
+# Nested split folders named one by one up to this many; beyond, counted with a few named.
+NAMED_NESTED_FOLDERS = 5
 
 
 def _nested_split_folders(examples: Sequence[Example]) -> list[Problem]:
@@ -584,40 +618,14 @@ def _nested_split_folders(examples: Sequence[Example]) -> list[Problem]:
             below = next(i for i, part in enumerate(parts) if i and part.lower() in SPLIT_FOLDERS)
             folder = "/".join(parts[: below + 1]) + "/"
             nested[folder] = nested.get(folder, 0) + 1
-    return [
-        Problem(folder, f"named like a split folder but below the top, so its {n} image(s) are split by hash with the "
-                "rest (test images may be trained on); only top-level train/, test/ and validation/ decide a split: "
-                "move them up", None)
-        for folder, n in sorted(nested.items())
-    ]
-
-
-def _drop_second_names(parsed: _Parsed) -> None:
-    """An image file listed under two names (a link to it, a hard link, or a letter case a case-insensitive file
-    system folds) is a duplicate, as a file_name listed twice is: the split hashes names, so one name could put
-    it in training and the other in the test split, whose BLEU it would then inflate. The later name is the
-    problem. (Told by the file system's identity of the file; byte-identical copies are separate files.)"""
-    first: dict[object, Example] = {}
-    kept: list[Example] = []
-    for example in parsed.examples:
-        try:
-            info = os.stat(example.path)
-            identity: object = (info.st_dev, info.st_ino) if info.st_ino else os.path.realpath(example.path)
-        except (OSError, ValueError):
-            kept.append(example)  # missing or unreadable: the image check names it
-            continue
-        earlier = first.setdefault(identity, example)
-        if earlier is example:
-            kept.append(example)
-            continue
-        how = "through a link" if example.path.is_symlink() or earlier.path.is_symlink() else "under another name"
-        parsed.problems.append(Problem(
-            example.listed_at or example.file_name,
-            f"{example.file_name} is the image file {earlier.file_name} (listed at {earlier.listed_at}) {how}: an "
-            "image listed twice could be both trained on and tested on; list it once",
-            example.file_name,
-        ))  # fmt: skip
-    parsed.examples = kept
+    why = ("split by hash with the rest (test images may be trained on); only top-level train/, test/ and "
+           "validation/ decide a split: move them up")  # fmt: skip
+    if len(nested) > NAMED_NESTED_FOLDERS:  # 1000 classes with a val/ each: one line, not 1000
+        shown = ", ".join(sorted(nested)[:3])
+        return [Problem(f"{len(nested)} folders", f"named like split folders but below the top ({shown}, ...), so "
+                        f"their {sum(nested.values())} image(s) are {why}")]
+    return [Problem(folder, f"named like a split folder but below the top, so its {n} image(s) are {why}")
+            for folder, n in sorted(nested.items())]
 
 
 def read_examples(folder: str | Path, caption_column: str = "text") -> list[Example]:
@@ -868,6 +876,14 @@ def check_folder(folder: str | Path, caption_column: str = "text") -> CheckRepor
     return CheckReport(folder, parsed.metadata, good, problems, warnings, sizes)
 
 
+def _same_file(one: Example, other: Example) -> bool:
+    """Whether two examples are one file (a link: _second_names says so already)."""
+    try:
+        return os.path.samefile(one.path, other.path)
+    except (OSError, ValueError):
+        return False
+
+
 def _copies(examples: Sequence[Example]) -> list[Problem]:
     """Listed images whose bytes are another listed image's (`IMG_1.jpg` and `IMG_1 (1).jpg`, a download made
     twice): each name is split on its own, so a copy can be trained on and tested on."""
@@ -877,15 +893,23 @@ def _copies(examples: Sequence[Example]) -> list[Problem]:
             return hashlib.file_digest(handle, "sha256").digest()
         return None
 
+    sizes: dict[int, list[Example]] = {}
+    for example in examples:
+        with contextlib.suppress(OSError, ValueError):
+            sizes.setdefault(os.stat(example.path).st_size, []).append(example)
+    # Only files sharing a size can share bytes: most folders have none to read again.
+    alike = [e for group in sizes.values() if len(group) > 1 for e in group]
+    order = {e.file_name: i for i, e in enumerate(examples)}
+    alike.sort(key=lambda e: order[e.file_name])
     with ThreadPoolExecutor(max_workers=4) as pool:
-        digests = list(pool.map(digest, examples))
+        digests = list(pool.map(digest, alike))
     first: dict[bytes, Example] = {}
     found = []
-    for example, key in zip(examples, digests, strict=True):
+    for example, key in zip(alike, digests, strict=True):
         if key is None:
             continue
         earlier = first.setdefault(key, example)
-        if earlier is not example:
+        if earlier is not example and _may_split_apart(example.file_name, earlier.file_name) and not _same_file(example, earlier):
             found.append(Problem(
                 example.listed_at or example.file_name,
                 f"{example.file_name} has the same bytes as {earlier.file_name} (listed at {earlier.listed_at}): "
