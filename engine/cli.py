@@ -8,12 +8,14 @@ is missing says which extra to install and exits 2.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
+from typing import Any
 
 import click
 
-from engine.click_types import interrupted_status, say
+from engine.click_types import interrupted_status, output_failed, say
 from engine.errors import install_hint, is_installed
 
 # name -> (module, attribute, extra that provides its dependencies, one-line help)
@@ -58,6 +60,16 @@ class MissingExtraCommand(click.Command):
 
 
 class LazyGroup(click.Group):
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        # click writes --help, --version and usage errors itself: a stdout that takes nothing (`| head`,
+        # `>/dev/full`) ended them in a traceback. Commands handle their own output (print_result, say).
+        try:
+            return super().main(*args, **kwargs)
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ENOSPC):
+                raise
+            output_failed(exc)
+
     def invoke(self, ctx: click.Context) -> object:
         # Ctrl-C before a command's own handling starts (while it imports or loads a model): click would
         # say "Aborted!" and exit 1, the status of a failed run; an interruption is 130.

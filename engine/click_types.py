@@ -143,21 +143,32 @@ def print_result(text: str, essential: bool = True) -> None:
     try:
         click.echo(text)  # click flushes: a full disk shows here, not at exit
     except OSError as exc:
-        # What is left in stdout's buffer would fail again as Python exits ("Exception ignored ..."): let it go
-        # to /dev/null instead.
-        with contextlib.suppress(OSError, ValueError):
-            descriptor = sys.stdout.fileno()  # none under a test runner's capture
-            null = os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(null, descriptor)
-            finally:
-                os.close(null)
         if not essential:
+            _drop_stdout()
             return
-        if isinstance(exc, BrokenPipeError):
-            raise SystemExit(PIPE_CLOSED_STATUS) from None
-        say(f"error: cannot write to stdout ({exc.strerror or exc})")
-        raise SystemExit(1) from None
+        output_failed(exc)
+
+
+def _drop_stdout() -> None:
+    """What is left in stdout's buffer would fail again as Python exits ("Exception ignored ..."): let it go to
+    /dev/null instead."""
+    with contextlib.suppress(OSError, ValueError):
+        descriptor = sys.stdout.fileno()  # none under a test runner's capture
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, descriptor)
+        finally:
+            os.close(null)
+
+
+def output_failed(exc: OSError) -> NoReturn:
+    """End a command whose stdout took nothing: exit 141 as SIGPIPE would for a reader gone (`| head`), else one
+    line on stderr and exit 1 (`>/dev/full`)."""
+    _drop_stdout()
+    if isinstance(exc, BrokenPipeError):
+        raise SystemExit(PIPE_CLOSED_STATUS) from None
+    say(f"error: cannot write to stdout ({exc.strerror or exc})")
+    raise SystemExit(1) from None
 
 
 def show_and_save(text: str, out: Path | None, save: Callable[[Path], None]) -> None:

@@ -2680,3 +2680,14 @@ def test_an_output_on_a_read_only_mount_is_named_as_such(
     with pytest.raises(OutputError, match=r"o\.jsonl: cannot write: it is on a file system mounted read-only; choose "
                                           r"an output on a writable one$"):
         captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+
+
+def test_help_and_version_into_a_full_disk_are_one_line(tmp_path: Path) -> None:
+    """click writes --help and --version itself: `>/dev/full` ended them in a traceback."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    for args in (["--version"], ["--help"], ["caption", "--help"]):
+        with open("/dev/full", "w") as full:
+            run = subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=REPO, stdout=full,
+                                 stderr=subprocess.PIPE, text=True, timeout=120)
+        assert run.returncode == 1 and run.stderr == "error: cannot write to stdout (No space left on device)\n", run.stderr
