@@ -432,7 +432,11 @@ class RecordWriter:
                 if created:
                     self._lock_created()
         except OSError as exc:
-            raise OutputError(f"{self.out}: cannot write: {exc.strerror or exc}") from exc
+            # A relative name (the default captions.jsonl) is said with its folder: the working folder of a
+            # service or cron job is rarely the one its author had in mind.
+            where = self.out if self.out.is_absolute() else f"{self.out} (in {self._named.parent})"
+            hint = "; give --out a path this user may write" if exc.errno in NOT_WRITABLE_ERRNOS else ""
+            raise OutputError(f"{where}: cannot write: {exc.strerror or exc}{hint}") from exc
         if fresh and self.fmt == "csv" and not self._replace:
             self._write(",".join(FIELDS) + "\n")
         return self

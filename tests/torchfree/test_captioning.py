@@ -2691,3 +2691,27 @@ def test_help_and_version_into_a_full_disk_are_one_line(tmp_path: Path) -> None:
             run = subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=REPO, stdout=full,
                                  stderr=subprocess.PIPE, text=True, timeout=120)
         assert run.returncode == 1 and run.stderr == "error: cannot write to stdout (No space left on device)\n", run.stderr
+
+
+def test_an_unwritable_default_output_is_named_with_its_folder(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service whose working folder it may not write said only `captions.jsonl: cannot write: Permission
+    denied`: neither where that is nor what to do."""
+    import builtins
+    import errno
+
+    import engine.folder
+
+    make_folder(tmp_path / "in", 1)
+    monkeypatch.chdir(tmp_path)
+
+    def refused(path: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        if "a" in mode and Path(str(path)).name == "captions.jsonl":  # root may write anywhere: say it cannot
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return builtins.open(path, mode, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(engine.folder, "open", refused, raising=False)
+    with pytest.raises(OutputError, match=re.escape(f"captions.jsonl (in {tmp_path}): cannot write: Permission denied; "
+                                                    "give --out a path this user may write")):
+        captioner.caption_folder(tmp_path / "in", progress=False)
