@@ -40,7 +40,7 @@ import re
 import shlex
 import statistics
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -584,23 +584,34 @@ def _second_names(examples: Sequence[Example]) -> list[Problem]:
     dedup tool made, a letter case a case-insensitive file system folds): the split hashes names, so one name
     could be trained on and the other tested on, inflating the test BLEU. A warning, as for copies (_copies):
     the captions are the folder's to give. Told by the file system's identity of the file."""
-    first: dict[object, Example] = {}
-    found = []
-    for example in examples:
+
+    def identity(example: Example) -> object:
         try:
             info = os.stat(example.path)
         except (OSError, ValueError):
-            continue  # missing or unreadable: the image check names it
-        identity: object = (info.st_dev, info.st_ino) if info.st_ino else os.path.realpath(example.path)
-        earlier = first.setdefault(identity, example)
+            return None  # missing or unreadable: the image check names it
+        return (info.st_dev, info.st_ino) if info.st_ino else os.path.realpath(example.path)
+
+    def why(example: Example, earlier: Example) -> str:
+        how = "through a link" if example.path.is_symlink() or earlier.path.is_symlink() else "under another name"
+        return (f"is the image file {earlier.file_name} (listed at {earlier.listed_at}) {how}: the two names may "
+                "split apart, and the image be both trained and tested on")
+
+    return _listed_twice([(e, identity(e)) for e in examples], why)
+
+
+def _listed_twice(keyed: Sequence[tuple[Example, object]], why: Callable[[Example, Example], str | None]) -> list[Problem]:
+    """A warning for each example whose key (not None) an earlier one has, where their names may split apart;
+    `why(example, earlier)` words it (None: nothing to say)."""
+    first: dict[object, Example] = {}
+    found = []
+    for example, key in keyed:
+        if key is None:
+            continue
+        earlier = first.setdefault(key, example)
         if earlier is not example and _may_split_apart(example.file_name, earlier.file_name):
-            how = "through a link" if example.path.is_symlink() or earlier.path.is_symlink() else "under another name"
-            found.append(Problem(
-                example.listed_at or example.file_name,
-                f"{example.file_name} is the image file {earlier.file_name} (listed at {earlier.listed_at}) {how}: "
-                "the two names may split apart, and the image be both trained and tested on",
-                example.file_name,
-            ))  # fmt: skip
+            if (message := why(example, earlier)) is not None:
+                found.append(Problem(example.listed_at or example.file_name, f"{example.file_name} {message}", example.file_name))
     return found
 
 
@@ -903,20 +914,14 @@ def _copies(examples: Sequence[Example]) -> list[Problem]:
     alike.sort(key=lambda e: order[e.file_name])
     with ThreadPoolExecutor(max_workers=4) as pool:
         digests = list(pool.map(digest, alike))
-    first: dict[bytes, Example] = {}
-    found = []
-    for example, key in zip(alike, digests, strict=True):
-        if key is None:
-            continue
-        earlier = first.setdefault(key, example)
-        if earlier is not example and _may_split_apart(example.file_name, earlier.file_name) and not _same_file(example, earlier):
-            found.append(Problem(
-                example.listed_at or example.file_name,
-                f"{example.file_name} has the same bytes as {earlier.file_name} (listed at {earlier.listed_at}): "
-                "a copy may land in the other split, and be both trained and tested on",
-                example.file_name,
-            ))  # fmt: skip
-    return found
+
+    def why(example: Example, earlier: Example) -> str | None:
+        if _same_file(example, earlier):
+            return None  # one file under two names: _second_names says so
+        return (f"has the same bytes as {earlier.file_name} (listed at {earlier.listed_at}): a copy may land in "
+                "the other split, and be both trained and tested on")
+
+    return _listed_twice(list(zip(alike, digests, strict=True)), why)
 
 
 # ---------------------------------------------------------------------------------------------------------
