@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import logging
 import sys
 from typing import Any
 
@@ -59,8 +60,27 @@ class MissingExtraCommand(click.Command):
         ctx.exit(2)
 
 
+class _WarningLine(logging.Handler):
+    """edlight's logged warnings as the CLI words its others: `warning: ...` on stderr (Python's last-resort
+    handler printed them bare: a torn line cut off, bad entries skipped)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        say(f"{record.levelname.lower()}: {record.getMessage()}")
+
+
+# The packages whose modules log through logging.getLogger(__name__), and export's and parity's "edlight.*".
+LOGGING_PACKAGES = ("engine", "train", "export", "benchmarks", "edlight")
+
+
 class LazyGroup(click.Group):
     def main(self, *args: Any, **kwargs: Any) -> Any:
+        for name in LOGGING_PACKAGES:
+            logger = logging.getLogger(name)
+            if not any(isinstance(handler, _WarningLine) for handler in logger.handlers):
+                logger.addHandler(_WarningLine())
         # click writes --help, --version and usage errors itself: a stdout that takes nothing (`| head`,
         # `>/dev/full`) ended them in a traceback. Commands handle their own output (print_result, say).
         try:

@@ -1217,6 +1217,8 @@ def plan_folder_job(
     if not stream:
         if any(os.path.realpath(raw) == str(target) for raw in inputs):
             raise OutputError(f"{out_path}: the output file is one of the input images; choose another output")
+        if target.is_file() and any(f.real == str(target) for f in files) and not _is_caption_file(target):
+            raise OutputError(f"{out_path}: the output file is one of the images in an input folder; choose another output")
         files = [f for f in files if f.real != str(target)]  # an earlier run's output inside an input folder
         stem = sibling_stem(target.name, REWRITE_SUFFIX_BYTES)
         for stale in target.parent.glob(f"{glob.escape(stem)}.*.tmp"):  # a rewrite a kill cut short
