@@ -148,8 +148,9 @@ def collect_inputs(
 
     A folder is walked recursively, entries sorted by name, keeping names with an image extension
     (broken symlinks and the like are kept too: they become error records, not silence). Hidden folders
-    below it (.thumbnails, .Trash-1000) are not walked; folders named like images are walked like any folder; symlinked folders are followed, except back into a
-    folder being walked (a loop). A file given explicitly is kept whatever its name.
+    below it (.thumbnails, .Trash-1000) are not walked; folders named like images are walked like any
+    folder; symlinked folders are followed, except back into a folder being walked (a loop). A file given
+    explicitly is kept whatever its name.
 
     One record per real file: a file reached by several paths (`A A`, `A A/x.png`, a symlinked folder
     or file, hard links) keeps the path without symlinks if it has one, else the first in walk order;
@@ -817,8 +818,9 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
 
     Where the file cannot be replaced, the records stay: the retries' records follow them, and the later
     record of a file is the one a resume reads. So in a folder where no new file may be made, for a file
-    with other hard links (a new file would leave them holding the old records), and for a file mounted
-    on its own (a container's single-file volume: no rename may replace a mount point).
+    with other hard links (a new file would leave them holding the old records), for a file mounted on its
+    own (a container's single-file volume: no rename may replace a mount point), and for another user's
+    file in a sticky folder.
     """
 
     def records_stay(why: str) -> None:
