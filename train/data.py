@@ -27,6 +27,7 @@ This module needs only the standard library, Pillow and the engine's errors and 
 from __future__ import annotations
 
 import codecs
+import collections
 import contextlib
 import csv
 import functools
@@ -625,8 +626,8 @@ def _nested_split_folders(examples: Sequence[Example]) -> list[Problem]:
     nested: dict[str, int] = {}
     for example in examples:
         parts = example.file_name.split("/")[:-1]
-        if split_folder(example.file_name) is None and any(part.lower() in SPLIT_FOLDERS for part in parts[1:]):
-            below = next(i for i, part in enumerate(parts) if i and part.lower() in SPLIT_FOLDERS)
+        below = next((i for i, part in enumerate(parts) if i and part.lower() in SPLIT_FOLDERS), None)
+        if below is not None and split_folder(example.file_name) is None:
             folder = "/".join(parts[: below + 1]) + "/"
             nested[folder] = nested.get(folder, 0) + 1
     why = ("split by hash with the rest (test images may be trained on); only top-level train/, test/ and "
@@ -904,14 +905,15 @@ def _copies(examples: Sequence[Example]) -> list[Problem]:
             return hashlib.file_digest(handle, "sha256").digest()
         return None
 
-    sizes: dict[int, list[Example]] = {}
-    for example in examples:
+    def size(example: Example) -> int | None:
         with contextlib.suppress(OSError, ValueError):
-            sizes.setdefault(os.stat(example.path).st_size, []).append(example)
+            return os.stat(example.path).st_size
+        return None
+
+    sized = [(e, n) for e in examples if (n := size(e)) is not None]
     # Only files sharing a size can share bytes: most folders have none to read again.
-    alike = [e for group in sizes.values() if len(group) > 1 for e in group]
-    order = {e.file_name: i for i, e in enumerate(examples)}
-    alike.sort(key=lambda e: order[e.file_name])
+    count = collections.Counter(n for _, n in sized)
+    alike = [e for e, n in sized if count[n] > 1]
     with ThreadPoolExecutor(max_workers=4) as pool:
         digests = list(pool.map(digest, alike))
 
@@ -1033,9 +1035,7 @@ def load_split(
     if bad and not skip_bad:
         raise _error(folder, bad)
     if bad:
-        shown = "\n  ".join(map(str, bad[:SHOWN_PROBLEMS]))
-        more = f"\n  ... and {len(bad) - SHOWN_PROBLEMS} more" if len(bad) > SHOWN_PROBLEMS else ""
-        log.warning("%s: skipped %d bad entries:\n  %s%s", folder, len(bad), shown, more)
+        log.warning("%s: skipped %d bad entries:\n%s", folder, len(bad), _spelled_out(bad))
     return Examples(good, skipped=bad)
 
 
@@ -1043,11 +1043,17 @@ def load_split(
 SHOWN_PROBLEMS = 50
 
 
-def _error(folder: Path, problems: Sequence[Problem]) -> DataError:
-    noun = "problem" if len(problems) == 1 else "problems"
+def _spelled_out(problems: Sequence[Problem], after_more: str = "") -> str:
+    """The first SHOWN_PROBLEMS of `problems`, one indented line each, then how many more (`after_more` added)."""
     lines = [f"  {p}" for p in problems[:SHOWN_PROBLEMS]]
     if len(problems) > SHOWN_PROBLEMS:
-        # 45,000 lines of "image not found" scrolled the count, on the first line, out of sight.
-        lines.append(f"  ... and {len(problems) - SHOWN_PROBLEMS} more: {len(problems)} {noun} in all "
-                     f"(`edlight data check {shlex.quote(str(folder))}` lists every one)")
-    return DataError(f"{folder}: {len(problems)} {noun} in the data folder:\n" + "\n".join(lines), problems)
+        lines.append(f"  ... and {len(problems) - SHOWN_PROBLEMS} more{after_more}")
+    return "\n".join(lines)
+
+
+def _error(folder: Path, problems: Sequence[Problem]) -> DataError:
+    noun = "problem" if len(problems) == 1 else "problems"
+    # 45,000 lines of "image not found" scrolled the count, on the first line, out of sight.
+    listed = _spelled_out(problems, f": {len(problems)} {noun} in all (`edlight data check {shlex.quote(str(folder))}` "
+                                    "lists every one)")
+    return DataError(f"{folder}: {len(problems)} {noun} in the data folder:\n{listed}", problems)
