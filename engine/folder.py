@@ -1230,11 +1230,11 @@ def plan_folder_job(
     if not stream and target.is_file() and not os.access(target, os.W_OK):
         # Before anything rewrites or replaces it (a torn line cut off, error records dropped for a retry,
         # --overwrite): a file made read-only, or another user's, is kept as it is.
-        owner = _other_owner(target)
-        why = f"it belongs to {owner}, and this user may not write it" if owner else "the file is read-only; make it writable"
         if _on_read_only_mount(target):
             raise OutputError(f"{out_path}: cannot write: it is on a file system mounted read-only; choose an output "
                               "on a writable one")
+        owner = _other_owner(target)
+        why = f"it belongs to {owner}, and this user may not write it" if owner else "the file is read-only; make it writable"
         raise OutputError(f"{out_path}: cannot write: {why} (or choose another output)")
     if overwrite and not stream and target.is_file() and not _is_caption_file(target):
         raise OutputError(
