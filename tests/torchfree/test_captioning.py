@@ -2319,6 +2319,12 @@ def test_a_jsonl_whose_lines_only_name_files_is_not_a_caption_file(captioner: Ca
         captioner.caption_folder(tmp_path / "in", out=ours, progress=False)
 
 
+def stopped_before_the_first_caption(*args: object, **kwargs: object) -> Iterator[object]:
+    """Captioner.iter_captions as a Ctrl-C before its first caption leaves it."""
+    raise KeyboardInterrupt
+    yield
+
+
 def test_overwrite_empties_the_output_only_when_it_writes_the_first_records(
     captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -2333,12 +2339,8 @@ def test_overwrite_empties_the_output_only_when_it_writes_the_first_records(
         none = captioner.caption_folder(tmp_path / "empty", out=out, overwrite=True, progress=False)
         assert none.total == 0 and out.read_bytes() == before
 
-        def stopped(*args: object, **kwargs: object) -> Iterator[object]:
-            raise KeyboardInterrupt
-            yield
-
         with monkeypatch.context() as patch:
-            patch.setattr(captioner, "iter_captions", stopped)
+            patch.setattr(captioner, "iter_captions", stopped_before_the_first_caption)
             with pytest.raises(KeyboardInterrupt):
                 captioner.caption_folder(tmp_path / "in", out=out, overwrite=True, progress=False)
         assert out.read_bytes() == before
@@ -2548,11 +2550,7 @@ def test_a_stop_before_the_first_records_of_an_overwrite_says_the_output_is_as_i
     assert CliRunner().invoke(caption_command, base).exit_code == 0
     before = out.read_bytes()
 
-    def stopped(*args: object, **kwargs: object) -> Iterator[object]:
-        raise KeyboardInterrupt
-        yield
-
-    monkeypatch.setattr(Captioner, "iter_captions", stopped)
+    monkeypatch.setattr(Captioner, "iter_captions", stopped_before_the_first_caption)
     result = CliRunner().invoke(caption_command, [*base, "--overwrite"])
     assert result.exit_code == 130 and out.read_bytes() == before
     assert f"interrupted before the first records: {out} is as it was; run the same command again" in result.output
