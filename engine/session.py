@@ -74,16 +74,23 @@ def int8_products_saturate() -> bool:
 MAX_THREADS_PER_CORE = 4
 
 
-def too_many_threads(threads: int) -> str | None:
-    """Why `threads` is more than this process's CPUs can use (MAX_THREADS_PER_CORE each), else None."""
+def too_many_threads(threads: int, processes: int = 1) -> str | None:
+    """Why `threads` in each of `processes` processes on this machine (torchrun's ranks) are more than its
+    CPUs can use (MAX_THREADS_PER_CORE each), else None."""
     cores = available_cores()
-    if threads <= MAX_THREADS_PER_CORE * cores:
+    if threads * processes <= MAX_THREADS_PER_CORE * cores:
         return None
     quota = cgroup_cpu_quota()
     if quota is not None and quota_cores(quota) < affinity_cores():  # `nproc` says more: name what limits it
         cores_said = f"{cpu_cores(cores)} (this cgroup's CPU quota: {quota:g} CPUs)"
     else:
         cores_said = cpu_cores(cores)
+    if processes > 1:
+        return (
+            f"threads {threads} in each of {processes} processes on this machine ({threads * processes} in all) on "
+            f"{cores_said}: at most {MAX_THREADS_PER_CORE * cores} in all ({MAX_THREADS_PER_CORE} per core); "
+            "threads beyond the cores only wait for each other"
+        )
     return (
         f"threads {threads} on {cores_said}: at most {MAX_THREADS_PER_CORE * cores} "
         f"({MAX_THREADS_PER_CORE} per core); threads beyond the cores only wait for each other"

@@ -888,6 +888,24 @@ def test_train_refuses_threads_beyond_the_cores_and_warns_of_a_lead_weight_on_no
     assert "warning: --lead-weight 5 weighs nothing with --lead-tokens 0" in lead.output
 
 
+def test_train_counts_the_threads_of_every_torchrun_process_on_the_machine(
+    small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun each process checked its own --threads: 2 ranks of 4 per core together oversubscribed the
+    cores 2x without a word."""
+    from engine.resources import available_cores
+    from engine.session import MAX_THREADS_PER_CORE
+    from train.cli import train as train_command
+
+    most = MAX_THREADS_PER_CORE * available_cores()  # what one process may take
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    args = ["--data", str(small_data), "--preset", "tiny", "--out", str(tmp_path / "run"), "--threads", str(most)]
+    refused = CliRunner().invoke(train_command, args)
+    assert refused.exit_code == 2, refused.output
+    assert f"--threads {most} in each of 2 processes on this machine ({2 * most} in all)" in refused.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_refuses_another_caption_length(small_data: Path, tmp_path: Path) -> None:
     """--resume --max-new-tokens 10 of a run evaluating 12 tokens went on: its test BLEU fell from the truncation
     alone, and best/ and last/ then exported captions of different lengths."""

@@ -148,8 +148,11 @@ def train(
     from train.loop import TrainConfig
     from train.loop import train as run_training
 
-    if threads is not None and (problem := too_many_threads(threads)):
-        cannot_run(f"--{problem}")  # torch's threads beyond the cores only wait (64 on 2 cores: 5x slower)
+    # torch's threads beyond the cores only wait (64 on 2 cores: 5x slower). Under torchrun every process on
+    # this machine (LOCAL_WORLD_SIZE) runs that many.
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or "1")
+    if threads is not None and (problem := too_many_threads(threads, max(1, processes))):
+        cannot_run(f"--{problem}")
     if lead_tokens == 0 and lead_weight is not None and lead_weight != 1.0 and os.environ.get("RANK", "0") == "0":
         say(f"warning: --lead-weight {lead_weight:g} weighs nothing with --lead-tokens 0")
     if (base is None) == (preset is None):

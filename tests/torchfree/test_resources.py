@@ -101,6 +101,11 @@ def test_too_many_threads_names_the_quota(monkeypatch: pytest.MonkeyPatch) -> No
         "threads 5 on 1 CPU core (this cgroup's CPU quota: 0.5 CPUs): at most 4 (4 per core); "
         "threads beyond the cores only wait for each other"
     )
+    assert session.too_many_threads(2, processes=2) is None
+    assert session.too_many_threads(3, processes=2) == (
+        "threads 3 in each of 2 processes on this machine (6 in all) on 1 CPU core (this cgroup's CPU quota: 0.5 CPUs): "
+        "at most 4 in all (4 per core); threads beyond the cores only wait for each other"
+    )
 
 
 def test_sessions_take_one_thread_per_cpu_of_the_quota(monkeypatch: pytest.MonkeyPatch) -> None:
