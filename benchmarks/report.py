@@ -154,6 +154,7 @@ def write_chart(results: dict[str, Any], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [r for r in results["results"] if r.get("total_s_per_image")]
+    settings = results.get("settings", {})
     systems = list(dict.fromkeys(r["system"] for r in results["results"]))
     batches = sorted({r["batch_size"] for r in results["results"]})
     width = 0.8 / max(len(systems), 1)
@@ -169,11 +170,14 @@ def write_chart(results: dict[str, Any], out: Path) -> Path:
         errors = [[t - c["total_s_per_image"]["min"] for t, c in zip(totals, found, strict=True)],
                   [c["total_s_per_image"]["max"] - t for t, c in zip(totals, found, strict=True)]]
         colour = SYSTEM_COLOURS.get(system, "grey")
-        ax.bar(xs, totals, width, color=colour, alpha=0.45, label=system, yerr=errors, capsize=3)
-        ax.bar(xs, encoders, width, color=colour, alpha=0.95)
-        for x, t, c in zip(xs, totals, found, strict=True):  # above the whisker, so they never overlap
-            ax.annotate(f"{t:.3g}", (x, c["total_s_per_image"]["max"]), ha="center", va="bottom", fontsize=7,
-                        xytext=(0, 2), textcoords="offset points")
+        # A cell that failed or was stopped partway has fewer timed runs than asked: hatched, and said above it.
+        short = [c.get("status") == "failed" or _stopped_early(c, settings) for c in found]
+        hatches = ["///" if cut else None for cut in short]
+        ax.bar(xs, totals, width, color=colour, alpha=0.45, label=system, yerr=errors, capsize=3, hatch=hatches)
+        ax.bar(xs, encoders, width, color=colour, alpha=0.95, hatch=hatches)
+        for x, t, c, cut in zip(xs, totals, found, short, strict=True):  # above the whisker, so they never overlap
+            ax.annotate(f"{t:.3g}" + ("\ncut short" if cut else ""), (x, c["total_s_per_image"]["max"]), ha="center",
+                        va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
     totals_all = [r["total_s_per_image"]["median"] for r in rows]
     log_scale = bool(totals_all) and max(totals_all) > 15 * min(totals_all)
     if log_scale:

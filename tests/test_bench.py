@@ -445,6 +445,29 @@ def test_cells_run_alone_say_why() -> None:
     assert "(memory)" not in table and "- each system ran alone, not interleaved (--no-interleave)" in table
 
 
+def test_the_chart_marks_cut_short_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table said "cut short" for a cell with fewer timed runs than asked for; the chart drew it as a full
+    measurement."""
+    import matplotlib.pyplot as plt
+
+    from benchmarks.report import write_chart
+
+    results = json.loads((ROOT / "benchmarks/results/base-2026-11-27/results.json").read_text())
+    [short] = [r for r in results["results"] if (r["system"], r["batch_size"]) == ("engine", 4)]
+    short["repeats"] = results["settings"]["repeats"] - 1  # stopped before its last timed run
+    drawn = []
+    monkeypatch.setattr(plt, "close", drawn.append)  # keep the figure to look at
+    write_chart(results, tmp_path)
+    [ax] = drawn[0].axes
+    hatched = [bar for bar in ax.patches if bar.get_hatch()]
+    assert len(hatched) == 2  # the total and its encoder part, of that one cell
+    assert {round(bar.get_height(), 3) for bar in hatched} == {
+        round(short["total_s_per_image"]["median"], 3), round(short["encoder_s_per_image"]["median"], 3)
+    }
+    labels = [t.get_text() for t in ax.texts]
+    assert sum("cut short" in label for label in labels) == 1 and len(labels) == len(results["results"])
+
+
 @pytest.mark.parametrize(
     ("checkpoint", "given", "title"),
     [(True, [], "base size"), (True, ["--model"], "base size, and given bundles"), (True, ["--checkpoint"], "given models"),
