@@ -357,30 +357,28 @@ def _walk(folder: Path, ancestors: frozenset[tuple[int, int]], unreadable: list[
         except OSError:
             is_folder = False  # e.g. a symlink loop: kept if named like an image, to become an error record
         if is_folder:
-            if entry.name.startswith("."):
-                continue  # hidden: a .thumbnails cache, a .Trash-1000, a .git (as the data folder reader skips them)
+            if is_system_folder(entry.name):
+                continue
             below = listing(path, inside, False)
             if below is not None:
                 stack.append(below)
-        elif is_image_name(path) and not _is_apple_double(path):
+        elif is_image_name(path) and not entry.name.startswith("."):
             yield path
 
 
-# macOS writes a file's metadata beside it as "._<name>" on volumes without its attributes (USB sticks,
-# network shares, zip files): an AppleDouble file, never an image whatever its name says. Told by these
-# first bytes, not the name: any other "._" file is the user's, captioned or reported as usual.
-APPLE_DOUBLE_MAGIC = b"\x00\x05\x16\x07"
+# Folders that operating systems and file servers keep beside photos: thumbnails of every image (Synology's
+# @eaDir holds three to five per photo), recycle bins and snapshots of deleted or older copies.
+SYSTEM_FOLDERS = frozenset(
+    name.casefold() for name in ("@eaDir", "#recycle", "#snapshot", "@Recycle", "$RECYCLE.BIN", "System Volume Information", "__MACOSX")
+)
 
 
-def _is_apple_double(path: Path) -> bool:
-    # Only a regular file is read: opening a FIFO (or a link to a terminal) would wait forever.
-    if not path.name.startswith("._") or not path.is_file():
-        return False
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(4) == APPLE_DOUBLE_MAGIC
-    except OSError:
-        return False  # unreadable: kept, to become an error record like any other
+def is_system_folder(name: str) -> bool:
+    """Whether a folder met in a walk is not the user's pictures: hidden ones (a `.thumbnails` cache, a
+    `.Trash-1000`, a `.git`) and SYSTEM_FOLDERS. The walks of inputs and of data folders skip them, as they skip
+    hidden files (Android's `.trashed-...` photos in its bin, `.pending-...` ones still being written, the `._`
+    files macOS writes beside photos on USB sticks and shares); an input given by name is read whatever its name."""
+    return name.startswith(".") or name.casefold() in SYSTEM_FOLDERS
 
 
 class RecordWriter:

@@ -314,6 +314,18 @@ def test_unlisted_images_are_warnings_only(folder: Path) -> None:
     assert [str(w) for w in report.warnings] == ["sub/extra.png: image is not listed in metadata.jsonl"]
 
 
+def test_system_folders_are_neither_read_nor_reported(folder: Path) -> None:
+    """A data folder on a Synology share has an @eaDir of thumbnails beside the photos, and a #recycle that may
+    hold an old metadata file: neither is data (as `edlight caption` leaves them out)."""
+    listed = [e.file_name for e in check_folder(folder).examples]
+    _image(folder / "@eaDir" / "a.jpg" / "SYNOPHOTO_THUMB_M.jpg")
+    _image(folder / "#recycle" / "old" / "x.jpg")
+    _jsonl(folder / "#recycle" / "old", [{"file_name": "x.jpg", "text": "deleted"}])
+    report = check_folder(folder)
+    assert report.ok and not report.warnings, [str(w) for w in report.warnings]
+    assert [e.file_name for e in report.examples] == listed
+
+
 def test_metadata_file_missing_or_ambiguous(tmp_path: Path) -> None:
     _image(tmp_path / "a.jpg")
     assert "no metadata.jsonl or metadata.csv" in _only_problem(tmp_path)

@@ -50,7 +50,11 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from engine.errors import EdlightError
-from engine.folder import IMAGE_EXTENSIONS, is_image_name  # what the engine's folder walk captions
+from engine.folder import (  # what the engine's folder walk captions
+    IMAGE_EXTENSIONS,
+    is_image_name,
+    is_system_folder,
+)
 from engine.images import (
     DEFAULT_MAX_PIXELS,
     HEIF_MISSING,
@@ -498,7 +502,7 @@ def _metadata_files(folder: Path, unreadable: list[tuple[str, str]], linked: lis
     `linked`: the walk does not follow links, and skipping either could drop a whole split unseen."""
     found = []
     for root, dirs, files in os.walk(folder, onerror=lambda exc: unreadable.append(_unreadable_folder(folder, exc))):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not is_system_folder(d))
         rel = Path(root).relative_to(folder).as_posix()
         present = [_MetadataFile(folder, "" if rel == "." else rel, name) for name in METADATA_FILES if name in files]
         if present:
@@ -517,10 +521,10 @@ def _outside(link: str, folder: Path) -> bool:
 
 
 def _holds_metadata(linked_folder: str) -> bool:
-    """Whether a metadata file lies in `linked_folder` or below, outside hidden folders (as the data
-    walk reads them); stops at the first."""
+    """Whether a metadata file lies in `linked_folder` or below, outside hidden and system folders (as the
+    data walk reads them); stops at the first."""
     for _, dirs, files in os.walk(linked_folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if not is_system_folder(d)]
         if any(name in files for name in METADATA_FILES):
             return True
     return False
@@ -770,8 +774,9 @@ def _inspect_all(examples: Sequence[Example]) -> list[tuple[tuple[int, int] | No
 def _unlisted(folder: Path, listed: set[str], metadata: str) -> list[Problem]:
     found = []
     for root, dirs, files in os.walk(folder):
-        # Hidden folders, and training runs written inside the data folder (their curves.png is no data).
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not os.path.isfile(os.path.join(root, d, RUN_CONFIG)))
+        # Hidden and system folders (as `edlight caption` walks), and training runs written inside the data folder
+        # (their curves.png is no data).
+        dirs[:] = sorted(d for d in dirs if not is_system_folder(d) and not os.path.isfile(os.path.join(root, d, RUN_CONFIG)))
         for name in sorted(files):
             rel = Path(root, name).relative_to(folder).as_posix()
             if Path(name).suffix.lower() in IMAGE_EXTENSIONS and rel not in listed and not name.startswith("."):

@@ -1173,9 +1173,8 @@ def test_macos_metadata_files_are_not_walked_as_images(tmp_path: Path) -> None:
     photo(1).save(tmp_path / "a.png")
     (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
     (tmp_path / "__MACOSX").mkdir()  # as unzipping a Mac's archive leaves it
-    (tmp_path / "__MACOSX" / "._a.png").write_bytes((tmp_path / "._a.png").read_bytes())
-    photo(2).save(tmp_path / "._b.png")  # an image that only has such a name is still one
-    assert [f.file for f in collect_inputs([tmp_path])] == ["._b.png", "a.png"]
+    photo(2).save(tmp_path / "__MACOSX" / "b.png")
+    assert [f.file for f in collect_inputs([tmp_path])] == ["a.png"]
     assert [f.file for f in collect_inputs([tmp_path / "._a.png"])] == ["._a.png"]  # given explicitly: an error record
 
 
@@ -2422,16 +2421,23 @@ def test_an_output_named_as_compressed_is_refused(captioner: Captioner, tmp_path
         assert not (tmp_path / name).exists()
 
 
-def test_hidden_folders_below_an_input_are_not_walked(tmp_path: Path) -> None:
-    """A photo folder's .thumbnails cache or a .Trash-1000 of deleted photos held images that were captioned."""
+def test_hidden_and_system_files_below_an_input_are_not_walked(tmp_path: Path) -> None:
+    """A photo folder's .thumbnails cache or a .Trash-1000 of deleted photos held images that were captioned; so
+    did Android's bin (.trashed-<time>-<name> beside the photos) and a Synology share's @eaDir thumbnails (three
+    to five of every photo)."""
     photo(1).save(tmp_path / "a.png")
-    photo(2).save(tmp_path / ".b.png")  # a hidden file is the user's: kept, as before
-    for hidden in (".thumbnails/normal/t.png", ".Trash-1000/files/old.png", "sub/.cache/c.png"):
-        (tmp_path / hidden).parent.mkdir(parents=True)
-        photo(3).save(tmp_path / hidden)
+    photo(2).save(tmp_path / ".trashed-1767000000-b.png")
+    litter = (".thumbnails/normal/t.png", ".Trash-1000/files/old.png", "sub/.cache/c.png", "@eaDir/a.png/SYNOPHOTO_THUMB_M.png",
+              "#recycle/old.png", "$RECYCLE.BIN/S-1-5-21/$R1.png", "System Volume Information/x.png")  # fmt: skip
+    for name in litter:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        photo(3).save(tmp_path / name)
     photo(4).save(tmp_path / "sub" / "d.png")
-    assert [f.file for f in collect_inputs([tmp_path])] == [".b.png", "a.png", "sub/d.png"]
+    assert [f.file for f in collect_inputs([tmp_path])] == ["a.png", "sub/d.png"]
     assert [f.file for f in collect_inputs([tmp_path / ".thumbnails"])] == ["normal/t.png"]  # given: walked
+    assert [f.file for f in collect_inputs([tmp_path / "#recycle", tmp_path / ".trashed-1767000000-b.png"])] == [
+        "old.png", ".trashed-1767000000-b.png"
+    ]
 
 
 def test_an_input_folder_above_or_below_the_earlier_runs_is_refused(captioner: Captioner, tmp_path: Path) -> None:
