@@ -49,10 +49,10 @@ if TYPE_CHECKING:
 
     from engine.captioner import Captioner
 
-# Photo and scan formats (HEIC/HEIF read with pillow-heif installed; without it they are error records
+# Photo and scan formats (HEIC/HEIF, and .hif as Canon and Fujifilm cameras name it, read with pillow-heif installed; without it they are error records
 # that say so, never silently left out).
 IMAGE_EXTENSIONS = frozenset({
-    ".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".webp", ".avif", ".heic", ".heif",
+    ".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".webp", ".avif", ".heic", ".heif", ".hif",
     ".bmp", ".dib", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".jpf", ".jpx",
 })
 FORMATS = ("jsonl", "csv")

@@ -263,6 +263,10 @@ def test_heic_photos_are_read_with_pillow_heif_or_named(tmp_path: Path) -> None:
         import pillow_heif
     except ImportError:
         pillow_heif = None
+    from engine.folder import is_image_name
+
+    # Canon's and Fujifilm's cameras name their HEIF photos .HIF: walked as images, not left out.
+    assert all(is_image_name(Path(name)) for name in ("IMG_0001.HEIC", "a.heif", "DSCF0001.HIF"))
     path = tmp_path / "IMG_0001.HEIC"
     if pillow_heif is None:  # the engine-only install: say what to install
         path.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
