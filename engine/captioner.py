@@ -24,7 +24,7 @@ import numpy as np
 
 from engine.bundle import MANIFEST_NAME, Bundle
 from engine.decode import Decoder, GenerationSettings, generate
-from engine.errors import MAX_BATCH_SIZE, BundleError, ImageError, bounded_count
+from engine.errors import MAX_BATCH_SIZE, BundleError, ImageError, bounded_count, is_count
 from engine.images import DEFAULT_MAX_PIXELS, ImageSource, describe, load_image
 from engine.preprocess import PatchConfig, Patches, image_to_patches, position_error, stack
 from engine.resources import cgroup_memory_limit, memory_available, readable_bytes
@@ -98,6 +98,28 @@ def _in_daemon_thread(work: Callable[[], None], name: str) -> Future[None]:
     return future
 
 
+def generation_settings(
+    bundle: Bundle, num_beams: int = 1, max_new_tokens: int | None = None, min_new_tokens: int | None = None
+) -> GenerationSettings:
+    """How `bundle` decodes with these overrides (None: its generation config, read as transformers' `generate`
+    reads it). Raises ValueError for a bad setting, e.g. a `max_new_tokens` below 1 (transformers and the CLI
+    refuse it too: 0 would caption every image as "")."""
+    if max_new_tokens is not None and not is_count(max_new_tokens, 1):
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    return GenerationSettings(
+        max_new_tokens=bundle.default_max_new_tokens if max_new_tokens is None else max_new_tokens,
+        min_new_tokens=bundle.default_min_new_tokens if min_new_tokens is None else min_new_tokens,
+        num_beams=num_beams,
+        length_penalty=bundle.length_penalty,
+        early_stopping=bundle.early_stopping,
+        repetition_penalty=bundle.repetition_penalty,
+        no_repeat_ngram_size=bundle.no_repeat_ngram_size,
+        decoder_start_token_id=bundle.decoder_start_token_id,
+        eos_token_ids=tuple(bundle.eos_token_ids),
+        **bundle.token_processors,
+    )
+
+
 class Captioner:
     """Caption images with a verified ONNX bundle.
 
@@ -142,18 +164,7 @@ class Captioner:
         # than max_patches cannot embed the grid of a very long, thin image (e.g. 10000x10).
         self.position_limit = self.bundle.position_limit
         self.tokenizer = CaptionTokenizer.from_bundle_dir(self.bundle.path)
-        self.generation = GenerationSettings(
-            max_new_tokens=self.bundle.default_max_new_tokens if max_new_tokens is None else max_new_tokens,
-            min_new_tokens=self.bundle.default_min_new_tokens if min_new_tokens is None else min_new_tokens,
-            num_beams=num_beams,
-            length_penalty=self.bundle.length_penalty,
-            early_stopping=self.bundle.early_stopping,
-            repetition_penalty=self.bundle.repetition_penalty,
-            no_repeat_ngram_size=self.bundle.no_repeat_ngram_size,
-            decoder_start_token_id=self.bundle.decoder_start_token_id,
-            eos_token_ids=tuple(self.bundle.eos_token_ids),
-            **self.bundle.token_processors,
-        )
+        self.generation = generation_settings(self.bundle, num_beams, max_new_tokens, min_new_tokens)
         path = self.bundle.path
         if self.bundle.manifest.full_range_int8 and int8_products_saturate():
             warnings.warn(

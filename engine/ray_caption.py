@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.bundle import Bundle
-from engine.captioner import pixel_cap, resolve_bundle
+from engine.captioner import generation_settings, pixel_cap, resolve_bundle
 from engine.click_types import reclaim_stop_signals
-from engine.errors import MAX_BATCH_SIZE, MAX_NUM_BEAMS, EdlightError, bounded_count, install_hint
+from engine.errors import MAX_BATCH_SIZE, EdlightError, bounded_count, install_hint, is_count
 from engine.folder import (
     Fingerprint,
     FolderSummary,
@@ -93,22 +93,24 @@ class ActorPlan:
         )
 
 
-def plan_actors(cluster_cpus: float, actors: int | None = None, threads: int | None = None) -> ActorPlan:
+def plan_actors(
+    cluster_cpus: float, actors: int | None = None, threads: int | None = None, images: int | None = None
+) -> ActorPlan:
     """Size the actor pool for a cluster with `cluster_cpus` CPUs (from `ray.cluster_resources()`).
 
-    Default: one actor per 2 cores (at least 1). Actors together reserve all but one CPU (half the CPUs
-    below 2), so Ray Data's tasks can always be scheduled; the threads of each actor match its share of
-    the cores (`cluster_cpus / actors`, at least 1) unless `threads` is given.
-    Raises EdlightError when the cluster has no CPU, ValueError for actors/threads below 1.
+    Default: one actor per 2 cores (at least 1); never more than `images` (an actor without an image would
+    only load the model). Actors together reserve all but one CPU (half the CPUs below 2), so Ray Data's
+    tasks can always be scheduled; the threads of each actor match its share of the cores
+    (`cluster_cpus / actors`, at least 1) unless `threads` is given.
+    Raises EdlightError when the cluster has no CPU, ValueError for actors/threads that are not integers >= 1.
     """
+    check_actors_and_threads(actors, threads)
     if cluster_cpus <= 0:
         raise EdlightError("the Ray cluster has no CPU: it cannot run the captioning actors")
     if actors is None:
         actors = max(1, int(cluster_cpus // 2))
-    if actors < 1:
-        raise ValueError(f"actors must be >= 1, got {actors}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+    if images is not None:
+        actors = max(1, min(actors, images))
     reserve = 1.0 if cluster_cpus >= 2 else cluster_cpus / 2
     # Rounded down to 1/1000: Ray accepts at most 4 decimals and the sum must stay within the budget.
     per_actor = math.floor((cluster_cpus - reserve) / actors * 1000) / 1000
@@ -119,6 +121,13 @@ def plan_actors(cluster_cpus: float, actors: int | None = None, threads: int | N
         threads=threads if threads is not None else max(1, int(cluster_cpus // actors)),
         cluster_cpus=cluster_cpus,
     )
+
+
+def check_actors_and_threads(actors: int | None, threads: int | None) -> None:
+    """Raise ValueError unless `actors` and `threads` are None or integers >= 1."""
+    for name, value in (("actors", actors), ("threads", threads)):
+        if value is not None and not is_count(value, 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def import_ray() -> Any:
@@ -144,7 +153,7 @@ class CaptionActor:
     """
 
     def __init__(self, bundle: str, threads: int, batch_size: int, num_beams: int,
-                 max_new_tokens: int | None, max_pixels: int) -> None:
+                 max_new_tokens: int | None, max_pixels: int, min_new_tokens: int | None = None) -> None:
         from engine.captioner import Captioner
         from engine.session import MAX_THREADS_PER_CORE
 
@@ -155,7 +164,7 @@ class CaptionActor:
             threads = min(threads, MAX_THREADS_PER_CORE * available_cores())
             self.captioner = Captioner(
                 bundle, threads=threads, batch_size=batch_size, num_beams=num_beams,
-                max_new_tokens=max_new_tokens, max_pixels=max_pixels,
+                max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, max_pixels=max_pixels,
             )
         except Exception as exc:  # noqa: BLE001 - anything that stops the bundle loading here is the run's error
             said = str(exc) if isinstance(exc, EdlightError) else f"{type(exc).__name__}: {exc}"
@@ -260,6 +269,7 @@ def caption_folder_ray(
     num_beams: int = 1,
     max_new_tokens: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    min_new_tokens: int | None = None,
     fmt: str | None = None,
     overwrite: bool = False,
     recaption_changed: bool = False,
@@ -272,8 +282,8 @@ def caption_folder_ray(
     Ray: if this process is already connected (`ray.init` was called), that cluster is used; otherwise
     `address` connects to an existing cluster, and without it a local Ray is started with `num_cpus`
     (default: this machine's cores) and shut down at the end. `actors`/`threads`: see `plan_actors`.
-    Engine settings (`bundle`, `batch_size`, `num_beams`, `max_new_tokens`, `max_pixels`) are those of
-    `Captioner`; output, format, resume, `overwrite` and `recaption_changed` are those of a local run. `log` (a callable
+    Engine settings (`bundle`, `batch_size`, `num_beams`, `max_new_tokens`, `min_new_tokens`, `max_pixels`) are
+    those of `Captioner`, checked here before Ray starts; output, format, resume, `overwrite` and `recaption_changed` are those of a local run. `log` (a callable
     taking one str, e.g. click.echo) receives a line describing the actor pool.
 
     Returns the FolderSummary (its `seconds` start when the cluster is connected, so they include the
@@ -287,14 +297,15 @@ def caption_folder_ray(
     process before that makes the thread's next Ray call start a new local Ray (Ray's auto-init).
     """
     ray = import_ray()
-    bounded_count("batch_size", batch_size, MAX_BATCH_SIZE)
-    bounded_count("num_beams", num_beams, MAX_NUM_BEAMS)  # before Ray starts, not in every actor
+    bounded_count("batch_size", batch_size, MAX_BATCH_SIZE)  # before Ray starts, not in every actor
+    check_actors_and_threads(actors, threads)
     if stall_timeout <= 0:
         raise ValueError(f"stall_timeout must be > 0, got {stall_timeout}")
     max_pixels = pixel_cap(max_pixels)  # here, not in every actor
     # Verified here, before Ray starts; actors reload it by absolute path (their working dir may differ).
     loaded = Bundle.load(resolve_bundle(bundle))
-    bundle_dir, model = loaded.path.absolute(), loaded.captions_id(num_beams, max_new_tokens)
+    generation_settings(loaded, num_beams, max_new_tokens, min_new_tokens)  # the actors' settings, checked
+    bundle_dir, model = loaded.path.absolute(), loaded.captions_id(num_beams, max_new_tokens, min_new_tokens)
     fmt = resolve_format(fmt, out)
     with folder_job(inputs, out, fmt, overwrite, model, recaption_changed) as (todo, summary):
         if not todo:
@@ -303,10 +314,10 @@ def caption_folder_ray(
         started_here = _connect(ray, address, num_cpus, records_on_stdout=is_same_file(summary.out, sys.stdout))
         try:
             started = time.perf_counter()
-            plan = plan_actors(float(ray.cluster_resources().get("CPU", 0)), actors, threads)
+            plan = plan_actors(float(ray.cluster_resources().get("CPU", 0)), actors, threads, images=len(todo))
             if log is not None:
                 log(plan.line())
-            constructor = (str(bundle_dir), plan.threads, batch_size, num_beams, max_new_tokens, max_pixels)
+            constructor = (str(bundle_dir), plan.threads, batch_size, num_beams, max_new_tokens, max_pixels, min_new_tokens)
             rows = [{"index": i, "path": os.fsencode(f.path.absolute()), "label": os.fsencode(f.path)}
                     for i, f in enumerate(todo)]
             files = [f.file for f in todo]

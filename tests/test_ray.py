@@ -51,6 +51,34 @@ def test_plan_leaves_a_cpu_for_ray_data_tasks(cpus: int, actors: int | None) -> 
     assert plan.threads == max(1, cpus // plan.actors)
 
 
+def test_plan_starts_no_actor_without_an_image_and_refuses_what_is_no_count() -> None:
+    """12 actors for 10 images started 12 processes, each loading the model (3x slower than 1 actor on 2 cores);
+    actors=2.5 reached Ray's internals and came back as a bare TypeError after its traceback."""
+    assert (plan_actors(8.0, 12, images=10).actors, plan_actors(8.0, None, images=1).actors) == (10, 1)
+    assert plan_actors(8.0, None, images=1).threads == 8  # the one actor gets the cores
+    for actors, threads in ((2.5, None), (0, None), (None, 1.5), (None, "2")):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            plan_actors(8.0, actors, threads)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("max_new_tokens", -1), ("max_new_tokens", "5"), ("min_new_tokens", -2), ("threads", 1.5), ("actors", 2.5)]
+)
+def test_bad_settings_are_refused_before_ray_starts(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str, value: object
+) -> None:
+    """They were found by every actor, after Ray and the actors had started, and came back as a model failure."""
+    import engine.ray_caption as ray_caption
+
+    def no_ray(*args: object, **kwargs: object) -> bool:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray_caption, "_connect", no_ray)
+    with pytest.raises(ValueError, match=f"{setting} must be an integer"):
+        caption_folder_ray([EXAMPLES], tmp_path / "out.jsonl", tiny_bundle, progress=False, **{setting: value})  # type: ignore[arg-type]
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_plan_on_two_cores_gives_fractional_actors() -> None:
     # The case seen to stall with whole-CPU actors: 2 actors on 2 cores must reserve half a CPU each.
     plan = plan_actors(2.0, 2)
@@ -211,6 +239,23 @@ def test_ray_records_equal_the_local_engine(local_ray: object, tiny_bundle: Path
     assert _records(tmp_path / "ray.jsonl") == [r for r in records if r["error"] is None] + [
         r for r in records if r["error"] is not None
     ]
+
+
+@pytest.mark.slow
+def test_ray_takes_the_minimum_caption_length_as_a_local_run(local_ray: object, tiny_bundle: Path, tmp_path: Path) -> None:
+    """caption_folder_ray had no min_new_tokens, though its settings are said to be Captioner's."""
+    from engine.captioner import Captioner
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("00000.jpg", "00003.jpg"):
+        shutil.copy(EXAMPLES / name, folder / name)
+    local = Captioner(tiny_bundle, threads=1, min_new_tokens=30)
+    local.caption_folder([folder], tmp_path / "local.jsonl", progress=False)
+    caption_folder_ray([folder], tmp_path / "ray.jsonl", tiny_bundle, actors=1, min_new_tokens=30, progress=False)
+    records = _records(tmp_path / "ray.jsonl")
+    assert [r["caption"] for r in records] == [r["caption"] for r in _records(tmp_path / "local.jsonl")]
+    assert {r["model"] for r in records} == {local.captions_id} and "min_new_tokens=30" in local.captions_id
 
 
 @pytest.mark.slow

@@ -128,10 +128,11 @@ def test_numpy_integers_are_settings_like_ints(engine_bundle: Path) -> None:
 @pytest.mark.parametrize(
     ("setting", "value"),
     [("threads", 0), ("threads", 1.5), ("threads", "2"), ("batch_size", 2.5), ("batch_size", 10**20), ("num_beams", 10**20),
-     ("max_pixels", "50000000"), ("max_pixels", 2.5), ("max_pixels", True)],
+     ("max_pixels", "50000000"), ("max_pixels", 2.5), ("max_pixels", True), ("max_new_tokens", 0), ("max_new_tokens", "5")],
 )
 def test_bad_settings_raise_value_error_before_loading(engine_bundle: Path, setting: str, value: object) -> None:
-    """A max_pixels of another type was taken, and then every image failed with a TypeError."""
+    """A max_pixels of another type was taken, and then every image failed with a TypeError; max_new_tokens 0
+    captioned every image as "" (the CLI and transformers refuse it)."""
     with pytest.raises(ValueError, match=f"{setting} must be an integer" if setting != "max_pixels" else "max_pixels must be a whole number"):
         Captioner(engine_bundle, **{setting: value})  # type: ignore[arg-type]
 
