@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -39,7 +39,7 @@ DEFAULT_BUNDLE = Path(__file__).resolve().parent / "default_bundle"
 Key = TypeVar("Key")
 
 
-def resolve_bundle(bundle: str | Path | None) -> Path:
+def resolve_bundle(bundle: str | os.PathLike[str] | None) -> Path:
     """The bundle directory to use: `bundle`, or the default one shipped in the package.
 
     Raises BundleError when no bundle is given and the package has no default bundle.
@@ -129,7 +129,7 @@ class Captioner:
 
     def __init__(
         self,
-        bundle: str | Path | None = None,
+        bundle: str | os.PathLike[str] | None = None,
         threads: int | None = None,
         batch_size: int = 8,
         num_beams: int = 1,
@@ -230,7 +230,7 @@ class Captioner:
             )
 
     # ----------------------------------------------------------------------------------- public API
-    def caption(self, images: Sequence[ImageSource] | ImageSource) -> list[str]:
+    def caption(self, images: Iterable[ImageSource] | np.ndarray | ImageSource) -> list[str]:
         """Captions for paths, encoded bytes, binary file objects or PIL images, in input order.
 
         A single image of any of these kinds is accepted too (a list of one caption is returned).
@@ -246,7 +246,7 @@ class Captioner:
             or hasattr(images, "getbands") or hasattr(images, "read") or not isinstance(images, Iterable)
         ):
             images = [images]  # type: ignore[list-item]  # one image; anything else is named by load_image
-        items: list[tuple[int, ImageSource, str]] = [(i, source, describe(source, i)) for i, source in enumerate(images)]  # type: ignore[arg-type,misc]
+        items: list[tuple[int, ImageSource, str]] = [(i, source, describe(source, i)) for i, source in enumerate(images)]
         captions: list[str] = []
         for _, caption, error in self.iter_captions(items):
             if error is not None:
