@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 from benchmarks.settings import BENCH_IMAGES, DEFAULT_TOKENS, SIZES, SYSTEMS, BenchSettings
+from benchmarks.settings import default_cache as settings_default_cache
 from engine.click_types import (
     FiniteFloatRange,
     GivenPath,
@@ -57,9 +58,11 @@ def _system_list(ctx: click.Context, param: click.Parameter, value: str) -> list
 
 
 def default_cache() -> Path:
-    """Where generated benchmark models, bundles and images are kept (EDLIGHT_BENCH_CACHE overrides; set
-    but empty, as an unset variable's expansion leaves it, counts as not set rather than the current folder)."""
-    return Path(os.environ.get("EDLIGHT_BENCH_CACHE") or Path.home() / ".cache" / "edlight" / "bench")
+    """benchmarks.settings.default_cache for a command: no home folder is a usage error (exit 2)."""
+    try:
+        return settings_default_cache()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _logs_are_ours(logs: Path) -> bool:
@@ -128,7 +131,7 @@ def _unused_cache(cache: Path, used: list[Path], prune: bool, log: Callable[[str
 @click.option("--out", type=GivenPath(file_okay=False, path_type=Path), default=Path("bench-results"), show_default=True,
               help="Where results.json, results.md, chart.png and the worker logs go.")
 @click.option("--cache-dir", type=GivenPath(file_okay=False, path_type=Path), default=None,
-              help="Built models and exports [default: $EDLIGHT_BENCH_CACHE or ~/.cache/edlight/bench].")
+              help="Built models and exports [default: $EDLIGHT_BENCH_CACHE, else $XDG_CACHE_HOME/edlight/bench or ~/.cache/edlight/bench].")
 @click.option("--prune-cache", is_flag=True,
               help="Delete the cache's builds this run does not use (other sizes' or systems', other versions', killed builds').")
 @click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in --out.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,25 @@ BENCH_IMAGES = 8  # distinct images fed to the systems (batches cycle through th
 DEFAULT_TOKENS = 20  # forced length: min_new_tokens = max_new_tokens, so every system does the same work
 
 
+def default_cache() -> Path:
+    """Where generated benchmark models, bundles and images are kept: EDLIGHT_BENCH_CACHE, else the user's cache
+    folder (XDG_CACHE_HOME, else ~/.cache) /edlight/bench. A variable set but empty, as an unset variable's
+    expansion leaves it, counts as not set rather than the current folder. Raises ValueError when neither is set
+    and the user has no home folder (HOME unset for a user without a passwd entry: `docker run --user 12345`)."""
+    if chosen := os.environ.get("EDLIGHT_BENCH_CACHE"):
+        return Path(chosen)
+    caches = os.environ.get("XDG_CACHE_HOME")
+    if caches and os.path.isabs(caches):  # the XDG rule: a relative one is to be ignored
+        return Path(caches) / "edlight" / "bench"
+    try:
+        return Path.home() / ".cache" / "edlight" / "bench"
+    except RuntimeError:  # Path.home() without HOME or a passwd entry
+        raise ValueError(
+            "no home folder to keep the benchmark's models in (HOME is not set and this user has none): "
+            "pass --cache-dir, or set EDLIGHT_BENCH_CACHE"
+        ) from None
+
+
 @dataclass
 class BenchSettings:
     """One run of `edlight bench`."""
@@ -33,7 +53,7 @@ class BenchSettings:
     warmup: int = 1
     tokens: int = DEFAULT_TOKENS
     out: Path = Path("bench-results")
-    cache_dir: Path = Path.home() / ".cache" / "edlight" / "bench"
+    cache_dir: Path = field(default_factory=default_cache)
     ceiling_seconds: float = 3.0
     interleave: bool = True  # rotate systems within each repeat; False (or too little memory) runs them in turn
 

@@ -110,11 +110,44 @@ def test_empty_paths_and_threads_beyond_the_cpus_are_refused_before_anything_run
         result = CliRunner().invoke(bench, [option, "", "--size", "tiny"])
         assert result.exit_code == 2 and "an empty path (an unset variable?)" in result.output
     monkeypatch.setenv("EDLIGHT_BENCH_CACHE", "")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     assert default_cache() == Path.home() / ".cache" / "edlight" / "bench"
     threads = MAX_THREADS_PER_CORE * available_cores() + 1
     result = CliRunner().invoke(bench, ["--threads", str(threads), "--out", str(tmp_path / "o"), "--size", "tiny"])
     assert result.exit_code == 2 and f"error: threads {threads} on {available_cores()} CPU cores" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_the_cache_follows_xdg_and_a_user_without_a_home_is_told_what_to_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`docker run --user 12345` (no passwd entry, no HOME): `edlight bench`, even --help, ended in a traceback
+    ("Could not determine home directory"), with --cache-dir given too; XDG_CACHE_HOME was not read."""
+    import pwd
+
+    from benchmarks import settings
+    from benchmarks.cli import default_cache
+
+    for name in ("EDLIGHT_BENCH_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "caches"))
+    assert default_cache() == tmp_path / "caches" / "edlight" / "bench"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # not an XDG location: ignored, as the spec says
+    assert default_cache() == Path.home() / ".cache" / "edlight" / "bench"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.delenv("HOME", raising=False)
+
+    def no_entry(uid: int) -> None:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    with pytest.raises(RuntimeError):
+        Path.home()  # the state a user without a passwd entry is in
+    assert settings.BenchSettings(size="tiny", cache_dir=tmp_path / "c").cache_dir == tmp_path / "c"
+    result = CliRunner().invoke(bench, ["--size", "tiny", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "no home folder to keep the benchmark's models in" in result.output
+    assert "pass --cache-dir, or set EDLIGHT_BENCH_CACHE" in result.output and not (tmp_path / "o").exists()
+    assert CliRunner().invoke(bench, ["--help"]).exit_code == 0
 
 
 def test_a_failed_or_stopped_overwrite_keeps_the_earlier_results(tiny_bundle: Path, tmp_path: Path) -> None:
