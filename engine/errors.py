@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import shlex
 from pathlib import Path
 
 
@@ -66,8 +67,10 @@ def is_installed(module: str) -> bool:
 def install_hint(extra: str) -> str:
     """How to install an optional extra of edlight, as it was installed: from its source folder (a checkout, or
     an editable install of one), which this names, or from a wheel, to which pip adds the extra's packages.
-    Either way with edlight's constraints.txt, which pins torch to its CPU build."""
-    source = Path(__file__).resolve().parent.parent
+    Either way with edlight's constraints.txt, which pins the tested versions (torch to its CPU build: unpinned,
+    pip takes a multi-GB CUDA build); a wheel carries a copy in the engine package."""
+    here = Path(__file__).resolve().parent
+    source = here.parent
     if (source / "pyproject.toml").is_file() and (source / "constraints.txt").is_file():
         return f"in the edlight source folder ({source}): pip install '.[{extra}]' -c constraints.txt"
-    return f"pip install 'edlight[{extra}]' -c constraints.txt (constraints.txt is in edlight's source; it pins the tested versions)"
+    return f"with pip install 'edlight[{extra}]' -c {shlex.quote(str(here / 'constraints.txt'))} (the tested versions)"

@@ -85,8 +85,11 @@ def test_install_hint_fits_how_edlight_was_installed(tmp_path: Path, monkeypatch
     installed.mkdir(parents=True)
     monkeypatch.setattr(errors, "__file__", str(installed / "errors.py"))
     hint = errors.install_hint("train")
-    assert hint.startswith("pip install 'edlight[train]' -c constraints.txt (")
+    assert hint == f"with pip install 'edlight[train]' -c {installed / 'constraints.txt'} (the tested versions)"
     assert "source folder" not in hint
+    # The wheel carries the pins it names: the source's own file, as package data.
+    assert (source / "engine" / "constraints.txt").read_text() == (source / "constraints.txt").read_text()
+    assert '"constraints.txt"' in (source / "pyproject.toml").read_text()
 
 
 def test_the_blocker_itself_blocks(tmp_path: Path) -> None:
