@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -702,22 +701,3 @@ def test_runs_of_several_batches_combine_into_one_run_over_their_images() -> Non
     assert (both.preprocess_s, both.encoder_s, both.decode_s, both.total_s) == pytest.approx((0.2, 2.0, 1.0, 3.2))
     assert RunTiming.combined([run(["a"], None), run(["b"], None)]).encoder_patches is None
 
-
-def test_cross_attention_orders_agree_and_are_timed() -> None:
-    """benchmarks.cross_attention compares two orders of the same sums; its graphs must compute the same thing."""
-    from benchmarks.cross_attention import Shapes, build, measure
-
-    shapes = Shapes(layers=2, heads=3, head_dim=4, positions=10)
-    result = measure(shapes, batch=2, tokens=3, rounds=1, threads=1)
-    assert result["folded_total_ms"] == pytest.approx(3 * result["folded_step_ms"])
-    assert result["cached_total_ms"] == pytest.approx(result["projections_ms"] + 3 * result["cached_step_ms"])
-    # And against numpy: head 1 of layer 0, written out.
-    project, cached, folded = build(shapes, threads=1)
-    rng = np.random.default_rng(5)
-    hidden = rng.standard_normal((1, 10, 12), dtype=np.float32)
-    query = rng.standard_normal((1, 3, 1, 4), dtype=np.float32)
-    keys = project.run(None, {"H": hidden})
-    k0, v0 = keys[0][0, 1], keys[1][0, 1]  # [positions, head_dim] of head 1
-    scores = query[0, 1] @ k0.T
-    weights = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
-    np.testing.assert_allclose(folded.run(None, {"q": query, "H": hidden})[0][0, 1], weights @ v0, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 """Cross-attention in the decoder: keys/values computed once per image, or folded into every step.
 
-    python -m benchmarks.cross_attention [--batch-sizes 1,8] [--tokens 20] [--rounds 5] [--threads N]
+    .venv/bin/python benchmarks/results/base-2026-11-28-cross-attention/cross_attention_fold.py \
+        [--batch-sizes 1,8] [--tokens 20] [--rounds 5] [--threads N]
 
 The exported decoder computes each layer's cross-attention keys and values from the encoder output at its
 first step (K = H Wk, V = H Wv: 2 x 12 layers of (2048 x 768) @ (768 x 768) per image at base size, 58 GFLOP,
@@ -22,8 +23,6 @@ from typing import Any
 
 import click
 import numpy as np
-
-from benchmarks.cli import batch_size_list
 
 
 @dataclass(frozen=True)
@@ -143,16 +142,16 @@ def measure(shapes: Shapes, batch: int, tokens: int, rounds: int, threads: int |
 
 
 @click.command()
-@click.option("--batch-sizes", callback=batch_size_list, default="1,8", show_default=True)
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated.")
 @click.option("--tokens", type=click.IntRange(min=1), default=20, show_default=True, help="Decoder steps per caption.")
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Default: the CPUs this process may use.")
-def main(batch_sizes: list[int], tokens: int, rounds: int, threads: int | None) -> None:
+def main(batch_sizes: str, tokens: int, rounds: int, threads: int | None) -> None:
     """Print ms per image of both cross-attention orders at base-size shapes."""
     click.echo(f"cross-attention at base size, {tokens} steps; ms per image (median of {rounds})")
     click.echo("| batch | first-step K/V projections | cached step | folded step | cached, all steps | folded, all steps |")
     click.echo("|---:|---:|---:|---:|---:|---:|")
-    for batch in batch_sizes:
+    for batch in (int(size) for size in batch_sizes.split(",")):
         m = measure(Shapes(), batch, tokens, rounds, threads)
         click.echo(
             f"| {batch} | {m['projections_ms']:.1f} | {m['cached_step_ms']:.2f} | {m['folded_step_ms']:.2f} "
