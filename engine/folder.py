@@ -1023,10 +1023,11 @@ def _flock(path: Path, out: Path, elsewhere: str, in_place: bool = False) -> int
     except BlockingIOError as exc:
         holder = "" if in_place else os.pread(handle, 32, 0).decode("ascii", "replace").strip()
         os.close(handle)
-        raise OutputError(
-            f"{out}: another run{f' (pid {holder})' if holder else ''} is writing to it; "
-            f"wait for it to end or {elsewhere}"
-        ) from exc
+        if holder == str(os.getpid()):  # a caption_folder of this program, in another thread, or one it is inside of
+            who = "another run in this process"
+        else:
+            who = f"another run{f' (pid {holder})' if holder else ''}"
+        raise OutputError(f"{out}: {who} is writing to it; wait for it to end or {elsewhere}") from exc
     except OSError as exc:
         os.close(handle)
         log.warning("%s: the file system does not lock files (%s); make sure no other run writes it", out, exc.strerror or exc)
