@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from engine.captioner import Captioner, Timings
     from engine.folder import FolderSummary
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place it is stated: pyproject.toml reads it
 __all__ = [
     "BundleError",
     "Captioner",
@@ -33,6 +33,10 @@ __all__ = [
 ]
 
 _LAZY = {"Captioner": "engine.captioner", "Timings": "engine.captioner", "FolderSummary": "engine.folder"}
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 def __getattr__(name: str) -> Any:

@@ -92,6 +92,15 @@ def test_install_hint_fits_how_edlight_was_installed(tmp_path: Path, monkeypatch
     assert '"constraints.txt"' in (source / "pyproject.toml").read_text()
 
 
+def test_python_m_engine_is_the_edlight_command() -> None:
+    """For an environment whose scripts folder is not on PATH; the version is the package's one."""
+    import engine
+
+    result = subprocess.run([sys.executable, "-m", "engine", "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith(f"version {engine.__version__}"), result
+    assert "Captioner" in dir(engine)  # the names loaded on first use are listed too
+
+
 def test_the_blocker_itself_blocks(tmp_path: Path) -> None:
     """Guard against a hook that blocks nothing: importing transformers under it must fail."""
     code = SCRIPT.split("import engine")[0] + "import transformers\n"
