@@ -956,6 +956,17 @@ def output_lock(out: Path, elsewhere: str = "choose another output") -> Iterator
                 os.close(handle)
 
 
+def _held_here(handle: int) -> bool:
+    """Whether this process holds a lock on the file `handle` is open on (through any descriptor)."""
+    try:
+        file = os.fstat(handle)
+        return any(
+            (held.st_dev, held.st_ino) == (file.st_dev, file.st_ino) for held in map(os.fstat, list(_held_locks))
+        )
+    except OSError:
+        return False
+
+
 def _flock_lock_file(lock: Path, out: Path, elsewhere: str) -> int | None:
     """An open, flocked descriptor of `lock` holding this process's pid (None: no locks on this file system)."""
     while True:
@@ -1022,11 +1033,11 @@ def _flock(path: Path, out: Path, elsewhere: str, in_place: bool = False) -> int
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
         holder = "" if in_place else os.pread(handle, 32, 0).decode("ascii", "replace").strip()
+        # Held here: a caption_folder of this program, in another thread or one it is inside of. Told by the
+        # file, not the pid written in it: two containers sharing a volume both run as pid 1.
+        here = _held_here(handle)
         os.close(handle)
-        if holder == str(os.getpid()):  # a caption_folder of this program, in another thread, or one it is inside of
-            who = "another run in this process"
-        else:
-            who = f"another run{f' (pid {holder})' if holder else ''}"
+        who = "another run in this process" if here else f"another run{f' (pid {holder})' if holder else ''}"
         raise OutputError(f"{out}: {who} is writing to it; wait for it to end or {elsewhere}") from exc
     except OSError as exc:
         os.close(handle)

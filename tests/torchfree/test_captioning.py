@@ -1442,6 +1442,27 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(
     assert summary.captioned == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["in", "o.jsonl"]
 
 
+def test_a_lock_held_in_this_process_is_told_from_another_process_with_our_pid(tmp_path: Path) -> None:
+    """A second caption_folder on one output from the same program named its own pid as "another run"; the pid
+    in the lock file cannot tell (two containers sharing a volume both run as pid 1), the held file can."""
+    from engine.folder import output_lock
+
+    out = tmp_path / "o.jsonl"
+    with output_lock(out), pytest.raises(OutputError, match=r"o\.jsonl: another run in this process is writing to it"):
+        with output_lock(out):
+            pass
+    holder = _lock_in_another_process(out)
+    try:
+        lock = next(p for p in tmp_path.iterdir() if p.name.endswith(".lock"))
+        lock.write_text(f"{os.getpid()}\n")  # as another container's pid 1 would write it
+        with pytest.raises(OutputError, match=rf"o\.jsonl: another run \(pid {os.getpid()}\) is writing to it"):
+            with output_lock(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_run_through_a_hard_link_to_an_output_in_use_is_refused(captioner: Captioner, tmp_path: Path) -> None:
     make_folder(tmp_path / "in", 2)
     out, link = tmp_path / "o.jsonl", tmp_path / "same.jsonl"
