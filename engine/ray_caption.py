@@ -98,10 +98,11 @@ def plan_actors(
 ) -> ActorPlan:
     """Size the actor pool for a cluster with `cluster_cpus` CPUs (from `ray.cluster_resources()`).
 
-    Default: one actor per 2 cores (at least 1); never more than `images` (an actor without an image would
-    only load the model). Actors together reserve all but one CPU (half the CPUs below 2), so Ray Data's
-    tasks can always be scheduled; the threads of each actor match its share of the cores
-    (`cluster_cpus / actors`, at least 1) unless `threads` is given.
+    Default: one actor per 2 cores (at least 1). Actors together reserve all but one CPU (half the CPUs
+    below 2), so Ray Data's tasks can always be scheduled; the threads of each actor match its share of
+    the cores (`cluster_cpus / actors`, at least 1) unless `threads` is given. No more actors than `images`
+    start (one without an image would only load the model), each with the share it would have had: a larger
+    one might fit on no node of the cluster.
     Raises EdlightError when the cluster has no CPU, ValueError for actors/threads that are not integers >= 1.
     """
     check_actors_and_threads(actors, threads)
@@ -109,14 +110,12 @@ def plan_actors(
         raise EdlightError("the Ray cluster has no CPU: it cannot run the captioning actors")
     if actors is None:
         actors = max(1, int(cluster_cpus // 2))
-    if images is not None:
-        actors = max(1, min(actors, images))
     reserve = 1.0 if cluster_cpus >= 2 else cluster_cpus / 2
     # Rounded down to 1/1000: Ray accepts at most 4 decimals and the sum must stay within the budget.
     per_actor = math.floor((cluster_cpus - reserve) / actors * 1000) / 1000
     per_actor = max(per_actor, 0.001)
     return ActorPlan(
-        actors=actors,
+        actors=actors if images is None else max(1, min(actors, images)),
         cpus_per_actor=per_actor,
         threads=threads if threads is not None else max(1, int(cluster_cpus // actors)),
         cluster_cpus=cluster_cpus,

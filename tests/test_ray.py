@@ -55,7 +55,9 @@ def test_plan_starts_no_actor_without_an_image_and_refuses_what_is_no_count() ->
     """12 actors for 10 images started 12 processes, each loading the model (3x slower than 1 actor on 2 cores);
     actors=2.5 reached Ray's internals and came back as a bare TypeError after its traceback."""
     assert (plan_actors(8.0, 12, images=10).actors, plan_actors(8.0, None, images=1).actors) == (10, 1)
-    assert plan_actors(8.0, None, images=1).threads == 8  # the one actor gets the cores
+    # Each keeps the share it would have had: on 2 nodes of 8 CPUs one actor reserving 15 would fit on neither.
+    assert plan_actors(16.0, None, images=1).cpus_per_actor == plan_actors(16.0).cpus_per_actor == 1.875
+    assert plan_actors(16.0, None, images=1).threads == plan_actors(16.0).threads == 2
     for actors, threads in ((2.5, None), (0, None), (None, 1.5), (None, "2")):
         with pytest.raises(ValueError, match="must be an integer >= 1"):
             plan_actors(8.0, actors, threads)  # type: ignore[arg-type]
