@@ -131,7 +131,7 @@ def _unused_cache(cache: Path, used: list[Path], prune: bool, log: Callable[[str
 @click.option("--out", type=GivenPath(file_okay=False, path_type=Path), default=Path("bench-results"), show_default=True,
               help="Where results.json, results.md, chart.png and the worker logs go.")
 @click.option("--cache-dir", type=GivenPath(file_okay=False, path_type=Path), default=None,
-              help="Built models and exports [default: $EDLIGHT_BENCH_CACHE, else $XDG_CACHE_HOME/edlight/bench or ~/.cache/edlight/bench].")
+              help="Built models and exports [default: $EDLIGHT_BENCH_CACHE or ~/.cache/edlight/bench].")
 @click.option("--prune-cache", is_flag=True,
               help="Delete the cache's builds this run does not use (other sizes' or systems', other versions', killed builds').")
 @click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in --out.")

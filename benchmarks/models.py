@@ -225,7 +225,8 @@ def bench_images(
     images (cached, BENCH_IMAGES of them; their entry appended to `used`)."""
     suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
     if folder is not None:
-        images = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in suffixes)[:limit]
+        # Hidden files are not images of the folder (macOS's "._" twins), as `edlight caption` walks it.
+        images = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))[:limit]
         if not images:
             raise BenchSetupError(f"{folder}: no images (.png/.jpg/...) to benchmark with")
         _check_images(images)

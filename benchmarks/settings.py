@@ -23,15 +23,12 @@ DEFAULT_TOKENS = 20  # forced length: min_new_tokens = max_new_tokens, so every 
 
 
 def default_cache() -> Path:
-    """Where generated benchmark models, bundles and images are kept: EDLIGHT_BENCH_CACHE, else the user's cache
-    folder (XDG_CACHE_HOME, else ~/.cache) /edlight/bench. A variable set but empty, as an unset variable's
-    expansion leaves it, counts as not set rather than the current folder. Raises ValueError when neither is set
-    and the user has no home folder (HOME unset for a user without a passwd entry: `docker run --user 12345`)."""
+    """Where generated benchmark models, bundles and images are kept: EDLIGHT_BENCH_CACHE, else
+    ~/.cache/edlight/bench. A variable set but empty, as an unset variable's expansion leaves it, counts as not
+    set rather than the current folder. Raises ValueError when it is not set and the user has no home folder
+    (HOME unset for a user without a passwd entry: `docker run --user 12345`)."""
     if chosen := os.environ.get("EDLIGHT_BENCH_CACHE"):
         return Path(chosen)
-    caches = os.environ.get("XDG_CACHE_HOME")
-    if caches and os.path.isabs(caches):  # the XDG rule: a relative one is to be ignored
-        return Path(caches) / "edlight" / "bench"
     try:
         return Path.home() / ".cache" / "edlight" / "bench"
     except RuntimeError:  # Path.home() without HOME or a passwd entry

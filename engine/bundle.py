@@ -511,7 +511,7 @@ def stated_max_new_tokens(generation_config: dict[str, Any], where: Path) -> int
     if generation_config.get("max_new_tokens") is not None:
         return _setting(generation_config["max_new_tokens"], "max_new_tokens", where, 1)
     if generation_config.get("max_length") is not None:
-        length = _setting(generation_config["max_length"], "max_length", where, 1)
+        length = _setting(generation_config["max_length"], "max_length", where, 2)  # 1 is the start token alone
         return None if length == TRANSFORMERS_MAX_LENGTH else length - 1
     return None
 

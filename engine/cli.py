@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from engine import __version__
 from engine.click_types import interrupted_status, output_failed, say
 from engine.errors import install_hint, is_installed
 
@@ -133,7 +134,7 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup)
-@click.version_option(package_name="edlight")
+@click.version_option(version=__version__, package_name="edlight")  # the package's own, not an install's record
 def main() -> None:
     """edlight: describe photos of student work with Pix2Struct."""
 

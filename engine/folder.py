@@ -147,10 +147,10 @@ def collect_inputs(
     """Expand files and folders into image files, in a reproducible order.
 
     A folder is walked recursively, entries sorted by name, keeping names with an image extension
-    (broken symlinks and the like are kept too: they become error records, not silence). Hidden folders
-    below it (.thumbnails, .Trash-1000) are not walked; folders named like images are walked like any
-    folder; symlinked folders are followed, except back into a folder being walked (a loop). A file given
-    explicitly is kept whatever its name.
+    (broken symlinks and the like are kept too: they become error records, not silence). Hidden files and
+    folders below it and system folders (is_system_folder: .thumbnails, .Trash-1000, @eaDir, ...) are left
+    out; folders named like images are walked like any folder; symlinked folders are followed, except back
+    into a folder being walked (a loop). A file or folder given explicitly is read whatever its name.
 
     One record per real file: a file reached by several paths (`A A`, `A A/x.png`, a symlinked folder
     or file, hard links) keeps the path without symlinks if it has one, else the first in walk order;

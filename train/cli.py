@@ -150,7 +150,8 @@ def train(
 
     # torch's threads beyond the cores only wait (64 on 2 cores: 5x slower). Under torchrun every process on
     # this machine (LOCAL_WORLD_SIZE) runs that many.
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or "1")
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    processes = int(local) if local.isdigit() else 1  # set by torchrun; anything else is no count of processes
     if threads is not None and (problem := too_many_threads(threads, max(1, processes))):
         cannot_run(f"--{problem}")
     if lead_tokens == 0 and lead_weight is not None and lead_weight != 1.0 and os.environ.get("RANK", "0") == "0":

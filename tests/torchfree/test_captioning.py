@@ -965,6 +965,25 @@ def test_a_bad_model_setting_in_a_bundle_is_a_named_error_before_any_image(
         Captioner(bundle)
 
 
+def test_a_max_length_with_room_for_no_token_is_a_named_error(engine_bundle: Path, tmp_path: Path) -> None:
+    """max_length counts the start token: 1 left 0 new tokens, taken as the bundle's length (every caption empty),
+    and `parity` then passed that 0 on, to be refused as its own setting."""
+    from engine.bundle import MANIFEST_NAME, sha256_file
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(engine_bundle, bundle)
+    file = bundle / "generation_config.json"
+    config = json.loads(file.read_text())
+    config.pop("max_new_tokens", None)
+    config["max_length"] = 1
+    file.write_text(json.dumps(config))
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    manifest["files"]["generation_config.json"] = sha256_file(file)
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=re.escape(f"{file}: max_length must be an integer >= 2, got 1")):
+        Captioner(bundle)
+
+
 def test_cli_prints_the_parity_recorded_in_the_manifest(engine_bundle: Path, tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(engine_bundle, bundle)
