@@ -1991,7 +1991,7 @@ def test_a_writable_output_in_a_folder_without_room_for_a_lock_file(
 
     monkeypatch.setattr(os, "access", access)
     monkeypatch.setattr("builtins.open", no_new_files)
-    with output_lock(out), pytest.raises(OutputError, match="another run is writing to it"):
+    with output_lock(out), pytest.raises(OutputError, match="another run in this process is writing to it"):
         captioner.caption_folder(tmp_path / "in", out=out, progress=False)  # the output itself is the lock
     again = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
     monkeypatch.undo()
@@ -2014,7 +2014,7 @@ def test_a_lock_file_left_by_another_user_still_locks(
         return real_open(path, flags, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "open", read_only_lock)
-    with output_lock(out), pytest.raises(OutputError, match="another run is writing to it"):
+    with output_lock(out), pytest.raises(OutputError, match="another run in this process is writing to it"):
         captioner.caption_folder(tmp_path / "in", out=out, progress=False)  # both opened it read-only
     assert not lock.exists()  # the folder is ours to write: the run that held it removed it
     monkeypatch.undo()
