@@ -131,9 +131,12 @@ class FolderSummary:
         unreadable = f"; {len(self.unreadable)} folder(s) could not be listed" if self.unreadable else ""
         duplicates = f"; {len(self.duplicates)} path(s) to files already captioned under another name" if self.duplicates else ""
         unlisted = f"; {self.unlisted} record(s) in the output of files not among these inputs, kept" if self.unlisted else ""
+        # With nothing captioned, a time and a rate would be those of no work: say there was none.
+        timing = (f"in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s)" if self.captioned + self.failed
+                  else "(nothing left to caption)")  # fmt: skip
         return (
             f"captioned {self.captioned}, failed {self.failed}{retried}{resumed} of {self.total} images "
-            f"in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s){unreadable}{duplicates}{unlisted} -> {self.out}"
+            f"{timing}{unreadable}{duplicates}{unlisted} -> {self.out}"
         )
 
 

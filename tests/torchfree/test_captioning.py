@@ -2774,3 +2774,13 @@ def test_logged_warnings_read_as_warnings_on_the_command_line(engine_bundle: Pat
                                        "--quiet", "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert re.search(rf"^warning: {re.escape(str(out))}: cut off its last line", result.stderr, re.MULTILINE), result.stderr
+
+
+def test_a_rerun_with_nothing_left_says_so_instead_of_a_rate() -> None:
+    """A rerun over 100,000 captioned images said "in 0.0 s (0.00 images/s)" after 12 s of checking them."""
+    from engine.folder import FolderSummary
+
+    done = FolderSummary(total=5, skipped=5, captioned=0, failed=0, seconds=0.0, out=Path("o.jsonl"))
+    assert done.line() == "captioned 0, failed 0, 5 already done of 5 images (nothing left to caption) -> o.jsonl"
+    some = FolderSummary(total=5, skipped=3, captioned=2, failed=0, seconds=4.0, out=Path("o.jsonl"))
+    assert some.line() == "captioned 2, failed 0, 3 already done of 5 images in 4.0 s (0.50 images/s) -> o.jsonl"
