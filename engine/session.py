@@ -85,14 +85,9 @@ def too_many_threads(threads: int, processes: int = 1) -> str | None:
         cores_said = f"{cpu_cores(cores)} (this cgroup's CPU quota: {quota:g} CPUs)"
     else:
         cores_said = cpu_cores(cores)
-    if processes > 1:
-        return (
-            f"threads {threads} in each of {processes} processes on this machine ({threads * processes} in all) on "
-            f"{cores_said}: at most {MAX_THREADS_PER_CORE * cores} in all ({MAX_THREADS_PER_CORE} per core); "
-            "threads beyond the cores only wait for each other"
-        )
+    each, in_all = (f" in each of {processes} processes on this machine ({threads * processes} in all)", " in all") if processes > 1 else ("", "")
     return (
-        f"threads {threads} on {cores_said}: at most {MAX_THREADS_PER_CORE * cores} "
+        f"threads {threads}{each} on {cores_said}: at most {MAX_THREADS_PER_CORE * cores}{in_all} "
         f"({MAX_THREADS_PER_CORE} per core); threads beyond the cores only wait for each other"
     )
 
