@@ -667,7 +667,7 @@ def _read_lines(out: Path, fmt: str, repair: bool = True) -> list[_Line]:
                         columns = len(_columns(raw.decode("utf-8", "replace")))
     except OSError as exc:
         raise OutputError(f"{out}: cannot read for resuming: {exc.strerror or exc}") from exc
-    if tail and fmt == "jsonl" and (whole := _whole_record(out, len(lines) + 1, tail, end)) is not None:
+    if tail and fmt == "jsonl" and (whole := _whole_record(out, len(lines) + 1, tail, end + len(line_end))) is not None:
         # A whole record that only lacks its newline (a file saved by hand or by '\n'.join): kept. A cut
         # record never parses: the brace that closes it is what is written last.
         if repair:
@@ -699,9 +699,10 @@ def _read_lines(out: Path, fmt: str, repair: bool = True) -> list[_Line]:
 
 
 def _whole_record(out: Path, number: int, tail: bytes, end: int) -> _Line | None:
-    """`tail` as a complete JSONL record (ending at end + len(tail) + its newline to come), else None."""
+    """`tail` as a complete JSONL record, else None. `end`: where it ends once its line end is added (the
+    file's own: "\r\n" in a file saved on Windows), without the tail itself."""
     try:
-        line = _parse_line(out, "jsonl", number, tail, end + len(tail) + 1)
+        line = _parse_line(out, "jsonl", number, tail, end + len(tail))
     except OutputError:
         return None
     return line if line.file is not None else None

@@ -521,6 +521,25 @@ def test_a_whole_last_record_without_its_newline_is_kept_and_a_cut_one_is_said(
     assert "cut off its last line, a record whose writing was cut short (25 bytes" in caplog.text
 
 
+def test_a_crlf_last_record_without_its_line_end_keeps_its_own_line_when_records_are_dropped(
+    captioner: Captioner, tmp_path: Path
+) -> None:
+    """The whole last record of a CRLF file was taken to end one byte after it (as if "\n" were added): a retry's
+    rewrite then copied its "\r" but not its "\n", glued the next record onto its line, and every later resume
+    was refused."""
+    make_folder(tmp_path / "in", 2)
+    (tmp_path / "in" / "a_empty.png").write_bytes(b"")  # fails on every run: retried each time, first in line
+    out = tmp_path / "o.jsonl"
+    captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    assert records(out)[0]["error"] and not records(out)[-1]["error"]  # the last record stays
+    out.write_bytes(out.read_bytes().replace(b"\n", b"\r\n").removesuffix(b"\r\n"))
+    for _ in range(2):
+        summary = captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+        assert (summary.skipped, summary.failed) == (2, 1)
+        lines = out.read_bytes().split(b"\r\n")
+        assert lines[-1] == b"" and all(json.loads(line) for line in lines[:-1]) and len(lines) == 4
+
+
 def test_caption_files_saved_by_spreadsheets_and_data_tools_are_resumed(captioner: Captioner, tmp_path: Path) -> None:
     """A UTF-8 BOM (Excel's "CSV UTF-8", PowerShell), a quoted header, whole numbers as floats (pandas, when a
     column has a gap) and compact JSON (jq -c) were refused as "not a caption record" (--overwrite too); CRLF
