@@ -837,7 +837,9 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
             return records_stay("it has other hard links")
     temporary = out.with_name(f"{sibling_stem(out.name, REWRITE_SUFFIX_BYTES)}.{os.getpid()}.tmp")
     try:
-        handle = open(temporary, "wb")
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()  # a kill's leftover of this pid, or a link planted there: "x" never opens through it
+        handle = open(temporary, "xb")
     except OSError as exc:
         if exc.errno in NOT_WRITABLE_ERRNOS:
             return records_stay("its folder takes no new file")
@@ -1021,11 +1023,20 @@ def _flock(path: Path, out: Path, elsewhere: str, in_place: bool = False) -> int
         if in_place:
             handle = os.open(path, os.O_RDONLY)
         else:
+            # Never through a symbolic link: the pid written would truncate what it points to (in a shared
+            # folder, anyone's file).
+            flags = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
             try:
-                handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+                handle = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o666)
             except PermissionError:
-                handle = os.open(path, os.O_RDONLY)  # another user's lock file: flock needs no write access
+                handle = os.open(path, os.O_RDONLY | flags)  # another user's lock file: flock needs no write access
+            if not stat.S_ISREG(os.fstat(handle).st_mode):
+                os.close(handle)
+                raise OSError(errno.EINVAL, "it is not a regular file; remove it")
     except OSError as exc:
+        if exc.errno == errno.ELOOP and not in_place:
+            raise OutputError(f"{out}: its lock file {path} is a symbolic link, which this tool never makes; "
+                              "remove it") from exc
         owner = _other_owner(path) if isinstance(exc, PermissionError) and not in_place else None
         if owner is not None:  # unreadable to us (their umask 077): whether their run holds it cannot be told
             raise OutputError(

@@ -1501,6 +1501,31 @@ def test_a_lock_held_in_this_process_is_told_from_another_process_with_our_pid(t
         holder.wait()
 
 
+def test_lock_files_and_rewrites_never_write_through_a_symbolic_link(tmp_path: Path) -> None:
+    """The lock file was opened through a link planted at its name, and the pid written truncated what it named
+    (in a shared folder, another user's file); so could a rewrite's temporary copy."""
+    from engine.folder import REWRITE_SUFFIX_BYTES, _drop_lines, _read_lines, output_lock, sibling_stem
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "o.jsonl"
+    (tmp_path / ".o.jsonl.lock").symlink_to(victim)
+    with pytest.raises(OutputError, match=r"o\.jsonl: its lock file .*\.o\.jsonl\.lock is a symbolic link"):
+        with output_lock(out):
+            pass
+    (tmp_path / ".o.jsonl.lock").unlink()
+    os.mkfifo(tmp_path / ".o.jsonl.lock")  # opened for reading and writing, a FIFO does not block
+    with pytest.raises(OutputError, match=r"cannot open its lock file .*: it is not a regular file; remove it"):
+        with output_lock(out):
+            pass
+
+    out.write_text('{"file": "a.png", "caption": null, "error": "x"}\n{"file": "b.png", "caption": "b", "error": null}\n')
+    temporary = out.with_name(f"{sibling_stem(out.name, REWRITE_SUFFIX_BYTES)}.{os.getpid()}.tmp")
+    temporary.symlink_to(victim)
+    _drop_lines(out, _read_lines(out, "jsonl"), {"a.png"})
+    assert victim.read_text() == "precious" and [r["file"] for r in records(out)] == ["b.png"]
+
+
 def test_a_run_through_a_hard_link_to_an_output_in_use_is_refused(captioner: Captioner, tmp_path: Path) -> None:
     make_folder(tmp_path / "in", 2)
     out, link = tmp_path / "o.jsonl", tmp_path / "same.jsonl"
