@@ -416,7 +416,10 @@ class RecordWriter:
         try:
             # A stream (/dev/stdout, a pipe, a device) is never read back, truncated or synced.
             self._regular = not is_stream(self.out)
-            fresh = not self._regular or not self.out.is_file() or self.out.stat().st_size == 0
+            # A file holding only blank lines (emptied with `echo > out`) is started as a new one: a CSV got
+            # its rows after a blank line and without the header readers take the columns from.
+            blank = self._regular and self.out.is_file() and _is_blank(self.out)
+            fresh = not self._regular or not self.out.is_file() or blank
             self._replace = self._replace and not fresh  # else nothing to empty
             fresh = fresh or self._replace
             first = b"" if fresh else _first_line(self.out)
@@ -430,6 +433,8 @@ class RecordWriter:
             if self._stream is None:
                 created = self._regular and not self.out.exists()
                 self._handle = open(self.out, "a", encoding="utf-8", newline="")
+                if blank:
+                    self._handle.truncate(0)
                 self._written = os.fstat(self._handle.fileno()).st_size
                 if created:
                     self._lock_created()
@@ -1538,16 +1543,16 @@ def _is_caption_file(path: Path) -> bool:
         first = _first_line(path)
     except OSError:
         return False
-    return not first or _caption_format(first) is not None or _only_zero_bytes(path)
+    return not first or _caption_format(first) is not None or _is_blank(path)
 
 
-def _only_zero_bytes(path: Path, limit: int = 64 * 2**20) -> bool:
-    """Whether `path` holds nothing but zero bytes (at most `limit` of them): what a crash can leave of a caption
-    file's first appends (see _is_torn_record)."""
+def _is_blank(path: Path, limit: int = 64 * 2**20) -> bool:
+    """Whether `path` holds nothing but line ends, spaces and zero bytes (at most `limit` bytes): a file emptied
+    with `echo > out`, or what a crash can leave of a caption file's first appends (see _is_torn_record)."""
     with contextlib.suppress(OSError), open(path, "rb") as handle:
         if os.fstat(handle.fileno()).st_size > limit:
             return False
-        return not any(chunk.strip(b"\x00") for chunk in iter(lambda: handle.read(2**20), b""))
+        return not any(chunk.strip(b"\x00 \t\r\n") for chunk in iter(lambda: handle.read(2**16), b""))
     return False
 
 

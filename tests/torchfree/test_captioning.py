@@ -568,6 +568,22 @@ def test_caption_files_saved_by_spreadsheets_and_data_tools_are_resumed(captione
     assert captioner.caption_folder(tmp_path / "more", out=compact, overwrite=True, progress=False).captioned == 3
 
 
+def test_an_output_emptied_with_echo_is_started_afresh_with_its_header(captioner: Captioner, tmp_path: Path) -> None:
+    """`echo > out.csv` leaves one blank line: the rows followed it without the header (csv.DictReader then took
+    the first row for the columns), and --overwrite refused the file as not a caption file."""
+    names = make_folder(tmp_path / "in", 2)
+    for overwrite in (False, True):
+        out = tmp_path / f"o{overwrite}.csv"
+        out.write_text("\n \r\n")
+        summary = captioner.caption_folder(tmp_path / "in", out=out, fmt="csv", overwrite=overwrite, progress=False)
+        assert summary.captioned == 2
+        assert [r["file"] for r in records_of_csv(out)] == names
+    out = tmp_path / "o.jsonl"
+    out.write_text("\n")
+    captioner.caption_folder(tmp_path / "in", out=out, progress=False)
+    assert [r["file"] for r in records(out)] == names
+
+
 def test_a_line_break_inside_a_csv_cell_is_named(captioner: Captioner, tmp_path: Path) -> None:
     """A spreadsheet saves a cell with a line break across two lines: the second was read as a record of its own
     ("line two"), or as another model's."""
