@@ -395,6 +395,7 @@ class RecordWriter:
             raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
         self.out, self.fmt, self.model = out, fmt, model
         self._replace = replace
+        self._again = "run it again without --overwrite" if replace else "run the same command again"
         self._named = Path(os.path.abspath(out))  # what `out` names now, whatever the working folder becomes
         self.fields: tuple[str, ...] = FIELDS
         self._handle: TextIO | None = None
@@ -508,7 +509,7 @@ class RecordWriter:
         except OSError as exc:
             then = ""
             if self._regular and exc.errno in FULL_DISK_ERRNOS:
-                then = ("; the records before are kept: make room and run the same command again to resume "
+                then = (f"; the records before are kept: make room and {self._again} to resume "
                         "(a record cut short is written again)")
             raise OutputError(f"{self.out}: cannot write: {exc.strerror or exc}{then}") from exc
         if self._regular:
@@ -826,8 +827,8 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
     Where the file cannot be replaced, the records stay: the retries' records follow them, and the later
     record of a file is the one a resume reads. So in a folder where no new file may be made, for a file
     with other hard links (a new file would leave them holding the old records), for a file mounted on its
-    own (a container's single-file volume: no rename may replace a mount point), and for another user's
-    file in a sticky folder.
+    own (a container's single-file volume: no rename may replace a mount point), for another user's
+    file in a sticky folder, and on a disk without room for the copy (the retries' records may still fit).
     """
 
     def records_stay(why: str) -> None:
@@ -848,6 +849,8 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
     except OSError as exc:
         if exc.errno in NOT_WRITABLE_ERRNOS:
             return records_stay("its folder takes no new file")
+        if exc.errno in FULL_DISK_ERRNOS:
+            return records_stay(f"there is no room for a rewritten copy ({exc.strerror})")
         raise OutputError(f"{out}: cannot drop the error records of images to retry: {exc.strerror or exc}") from exc
     try:
         with handle, open(out, "rb") as source:  # the lines as read: the lock kept anyone else from writing
@@ -870,6 +873,8 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
             return records_stay("it is mounted on its own and cannot be replaced")
         if exc.errno in NOT_WRITABLE_ERRNOS:  # a sticky folder (/tmp, 1777): only its owner may replace it
             return records_stay("this user may not replace it in its folder (a sticky folder's file of another user)")
+        if exc.errno in FULL_DISK_ERRNOS:  # the copy needs as much room again as the file: the appends may fit
+            return records_stay(f"there is no room for a rewritten copy ({exc.strerror})")
         raise OutputError(f"{out}: cannot drop the error records of images to retry: {exc.strerror or exc}") from exc
 
 

@@ -454,6 +454,29 @@ def test_a_full_disk_keeps_the_records_and_says_how_to_go_on(engine_bundle: Path
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert [r["file"] for r in records(out)] == names  # none lost, none twice, in order
+    # Under --overwrite "the same command" would empty the records kept again.
+    afresh = subprocess.run([*command, "--overwrite"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))  # fmt: skip
+    assert afresh.returncode == 2 and "make room and run it again without --overwrite to resume" in afresh.stderr
+
+
+def test_no_room_for_a_rewritten_copy_keeps_the_records_to_drop(tmp_path: Path) -> None:
+    """Dropping a retried image's error record rewrites a copy of the whole output: on a nearly full disk that
+    failed the run (EFBIG here, as ENOSPC), though the retries' own records would have fitted."""
+    import resource
+
+    out = tmp_path / "o.jsonl"
+    lines = [json.dumps({"file": "a.png", "caption": None, "error": "x"})]
+    lines += [json.dumps({"file": f"{i}.png", "caption": "c" * 100, "error": None}) for i in range(20)]
+    out.write_text("\n".join(lines) + "\n")
+    script = ("import logging, sys; from pathlib import Path; from engine.folder import _drop_lines, _read_lines; "
+              "logging.basicConfig(); out = Path(sys.argv[1]); _drop_lines(out, _read_lines(out, 'jsonl'), {'a.png'})")
+    limit = out.stat().st_size - 200  # smaller than the copy, which leaves out one short record
+    result = subprocess.run([sys.executable, "-c", script, str(out)], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "there is no room for a rewritten copy (File too large)" in result.stderr and "they stay" in result.stderr
+    assert out.read_text() == "\n".join(lines) + "\n" and [p.name for p in tmp_path.iterdir()] == ["o.jsonl"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
