@@ -754,7 +754,8 @@ def _parse_line(out: Path, fmt: str, number: int, raw: bytes, end: int, columns:
         if number == 1 and (other := _caption_format(raw)) not in (None, fmt):
             raise OutputError(f"{out}: a {other.upper()} caption file, not {fmt.upper()}: caption into it with --format {other}") from exc
         # A damaged caption file may be started afresh; anything else is not ours to replace.
-        remedy = "choose another output" if number == 1 else "fix the file, or start afresh with --overwrite"
+        ours = number > 1 or _caption_format(raw) == fmt
+        remedy = "fix the file, or start afresh with --overwrite" if ours else "choose another output"
         raise OutputError(f"{out}:{number}: not a caption record ({exc}); {remedy}") from exc
     return _Line(end, str(file), failed, None if model is None else sys.intern(str(model)), size,  # few models
                  None if digest is None else bytes.fromhex(digest), mtime)
@@ -781,7 +782,8 @@ def _caption_format(first_line: bytes) -> str | None:
         try:
             record = json.loads(text)
         except (ValueError, RecursionError):
-            return "jsonl" if text.startswith(JSONL_START) else None
+            # A record of ours, damaged (by hand, or re-spaced by a JSON tool): fixed or started afresh, not refused.
+            return "jsonl" if re.match(r'\{\s*"file"\s*:', text) else None
         return "jsonl" if _is_jsonl_record(record) else None
     return "csv" if _columns(text) in CSV_HEADERS else None
 

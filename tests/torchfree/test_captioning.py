@@ -2009,6 +2009,13 @@ def test_overwrite_replaces_only_a_caption_file(captioner: Captioner, tmp_path: 
     with pytest.raises(OutputError, match=r"o\.jsonl:2: .*start afresh with --overwrite"):
         captioner.caption_folder(tmp_path / "in", out=damaged, progress=False)
     assert captioner.caption_folder(tmp_path / "in", out=damaged, overwrite=True, progress=False).captioned == 2
+    # Its first record damaged (its closing brace lost; re-spaced by a JSON tool): "choose another output" led
+    # to captioning everything again elsewhere, and --overwrite refused the second.
+    for first in ('{"file": "a.png", "caption": "x", "error": null', '{ "file" : "a.png", "caption": "x", "error": nul}'):
+        damaged.write_text(first + '\n{"file": "b.png", "caption": "y", "error": null}\n')
+        with pytest.raises(OutputError, match=r"o\.jsonl:1: not a caption record .*; fix the file, or start afresh with --overwrite$"):
+            captioner.caption_folder(tmp_path / "in", out=damaged, progress=False)
+        assert captioner.caption_folder(tmp_path / "in", out=damaged, overwrite=True, progress=False).captioned == 2
 
 
 def test_captions_carry_no_surrounding_spaces(engine_bundle: Path) -> None:
@@ -2148,7 +2155,7 @@ def test_retried_error_records_stay_with_a_warning_where_the_output_cannot_be_re
     photo(5).save(tmp_path / "in" / "late.png")
 
     def no_new_files(path: object, mode: str = "r", *args: object, **kwargs: object) -> object:
-        if "w" in mode and Path(str(path)).parent == tmp_path:  # root may write any folder: say it cannot
+        if ("w" in mode or "x" in mode) and Path(str(path)).parent == tmp_path:  # root may write any folder: say it cannot
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return builtins.open(path, mode, *args, **kwargs)  # type: ignore[call-overload]
 
