@@ -821,6 +821,22 @@ def test_accelerates_fp16_mixed_precision_is_refused_before_any_work(
     assert not (tmp_path / "run").exists()
 
 
+def test_accelerates_bf16_is_edlights_own_bf16_forward_and_conflicts_with_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`accelerate launch --mixed_precision bf16` wrapped the model in accelerate's autocast behind edlight's back:
+    a run of --precision fp32 trained (and evaluated) in bf16, while its log and run_config.json said fp32."""
+    from train.loop import precision_with_accelerate
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert [precision_with_accelerate(p) for p in ("auto", "bf16", "fp32")] == ["auto", "bf16", "fp32"]
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "BF16")
+    assert precision_with_accelerate("auto") == precision_with_accelerate("bf16") == "bf16"
+    with pytest.raises(TrainError, match="accelerate asks for bf16 mixed precision .* and --precision asks for fp32"):
+        precision_with_accelerate("fp32")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(TrainError, match="accelerate's fp8 mixed precision is not supported"):
+        precision_with_accelerate("auto")
+
+
 def test_precision_choice() -> None:
     assert uses_bf16("bf16", "cpu") and not uses_bf16("fp32", "cpu")
     assert not uses_bf16("auto", "mps")  # no native-bf16 probe for other devices: stay fp32

@@ -726,6 +726,27 @@ def _lr_lambda(total: int, warmup: int) -> Any:
     return f
 
 
+def precision_with_accelerate(precision: str) -> str:
+    """`precision` (TrainConfig.precision) with what accelerate was asked for: `accelerate launch
+    --mixed_precision` or its config file set ACCELERATE_MIXED_PRECISION. bf16 is edlight's own bf16 forward;
+    against an explicit --precision fp32 it is refused rather than one of the two quietly ignored."""
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    if asked in ("", "no"):
+        return precision
+    if asked != "bf16":
+        # fp16: its loss scaler skips steps whose gradients overflow, by design; the run stops at a non-finite one.
+        raise TrainError(
+            f"accelerate's {asked} mixed precision is not supported: launch without --mixed_precision {asked} (or "
+            "set it to no or bf16 in accelerate's config); edlight's --precision trains in bf16 where the processor has it"
+        )
+    if precision == "fp32":
+        raise TrainError(
+            "accelerate asks for bf16 mixed precision (ACCELERATE_MIXED_PRECISION=bf16: accelerate launch "
+            "--mixed_precision bf16, or its config) and --precision asks for fp32: drop one of them"
+        )
+    return "bf16"
+
+
 def uses_bf16(precision: str, device_type: str) -> bool:
     """Whether the training forward pass runs under bf16 autocast (see TrainConfig.precision).
 
@@ -843,13 +864,10 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     from train.presets import VISION_INIT_IMAGES, build_from_preset, count_parameters
 
     cfg = config.resolved()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if accelerator.mixed_precision == "fp16":  # from `accelerate launch --mixed_precision fp16` or its config
-        # Its loss scaler skips steps whose gradients overflow, by design; the run stops at a non-finite one.
-        raise TrainError(
-            "accelerate's fp16 mixed precision is not supported: launch without --mixed_precision fp16 (or set it to "
-            "no or bf16 in accelerate's config); edlight's --precision trains in bf16 where the processor has it"
-        )
+    precision = precision_with_accelerate(cfg.precision)
+    # edlight autocasts the training forward itself (evaluation stays fp32): accelerate's own mixed precision,
+    # were it on too, would wrap the model and evaluate under bf16.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
     # One process's worker preparing images plus intra-op threads must not exceed the cores: an
     # oversubscribed OpenMP pool spins and waits (measured here: ~10x slower steps on a busy 2-core box).
     # The processes that share this machine's cores: torchrun's ranks on this node, not those of every node.
@@ -866,7 +884,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             f"thread(s) (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; torchrun sets 1 unless it is set) "
             f"of its {cores} cores: pass --threads {cores_each} (per process) to use them"
         )
-    bf16 = uses_bf16(cfg.precision, accelerator.device.type)
+    bf16 = uses_bf16(precision, accelerator.device.type)
     forward_precision = "bf16" if bf16 else "fp32"  # what "auto" resolved to, for the log and run_config.json
     log = _log if is_main else (lambda _msg: None)
     out = Path(cfg.out)
