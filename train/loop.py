@@ -1021,6 +1021,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup))
 
     start_epoch, step, prev_wall = 0, 0, 0.0
+    pending: dict[str, Any] | None = None
     metrics: list[dict[str, Any]] = []
     steps_log: list[dict[str, Any]] = []
     if mode == "resume":
@@ -1030,8 +1031,12 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         _set_rng_state(state["rng"])
         start_epoch, step, prev_wall = state["epoch"], state["step"], state.get("wall_s", 0.0)
         # States written before the logs travelled with them: the log files.
-        metrics = state.get("metrics") or [m for m in _read_jsonl(out / "metrics.jsonl") if m["epoch"] <= start_epoch]
+        logged = _read_jsonl(out / "metrics.jsonl")
+        metrics = state["metrics"] if "metrics" in state else [m for m in logged if m["epoch"] <= start_epoch]
         steps_log = state.get("steps") or [s for s in _read_jsonl(out / "steps.jsonl") if s["step"] <= step]
+        pending = state.get("pending")  # saved before its evaluation: evaluated since, or still to do
+        if pending is not None and (done := [m for m in logged if m["epoch"] == pending["epoch"]]):
+            metrics, pending = [*metrics, done[-1]], None
         log(f"resuming {out} after epoch {start_epoch} (step {step})")
         saved = json.loads((out / "run_config.json").read_text())  # _check_out has parsed it already
         planned = saved.get("epochs")
@@ -1043,7 +1048,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
                 f"schedule is re-planned over {cfg.epochs} epochs (lr {scheduler.get_last_lr()[0]:.3g} at the end of "
                 f"epoch {start_epoch}, {replanned_lr:.3g} from its second step on)"
             )
-        before = metrics[-1].get("processes") if metrics else None
+        before = (pending or (metrics[-1] if metrics else {})).get("processes")
         if isinstance(before, int) and before != world and start_epoch < cfg.epochs:
             # Each process takes --batch-size images: the global batch, the data order and the step count change.
             log(
@@ -1071,7 +1076,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
                 atomic_save(out / "best", write_best)
             _write_jsonl(out / "metrics.jsonl", metrics)
             _write_jsonl(out / "steps.jsonl", steps_log)
-        if start_epoch >= cfg.epochs:
+        if start_epoch >= cfg.epochs and pending is None:
             log(f"nothing to do: {start_epoch} of {cfg.epochs} epochs already done")
     elif is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -1121,20 +1126,56 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         hyps = [h for _, h in flat]
         return corpus_scores(hyps, [e.text for e in test_ex]), hyps
 
-    def save(dest: Path, with_state: bool, epoch: int, wall: float) -> None:
+    def save(dest: Path, with_state: bool, epoch: int, wall: float, pending: dict[str, Any] | None = None) -> None:
         def write(tmp: Path) -> None:
             raw_model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
             if with_state:
                 # The logs travel with the state: a kill before metrics.jsonl is rewritten loses no epoch.
+                # `pending`: the epoch's training record, whose evaluation comes after this save.
                 torch.save(
                     {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
                      "epoch": epoch, "step": step, "wall_s": wall, "config": asdict(cfg),
-                     "metrics": metrics, "steps": steps_log},
+                     "metrics": metrics, "steps": steps_log, "pending": pending},
                     tmp / "trainer_state.pt",
                 )  # fmt: skip
 
         atomic_save(dest, write)
+
+    def finish_epoch(trained: dict[str, Any]) -> None:
+        """Evaluate the epoch just trained (and saved as last/), then best/, the logs and the epoch's line."""
+        nonlocal best_key, best_loss
+        t1 = time.perf_counter()
+        scores, hyps = evaluate() if test_ex else ({}, [])
+        eval_s = time.perf_counter() - t1
+        wall = prev_wall + time.perf_counter() - run_start
+        record = {**trained, "eval_s": eval_s, "wall_s": wall, "bleu": scores.get("bleu"), "chrf": scores.get("chrf")}
+        improved = ((record["bleu"], record["chrf"]) > best_key) if test_ex else (record["loss"] < best_loss)
+        record["best"] = bool(improved)
+        metrics.append(record)
+        if is_main:
+            # best/ after last/: a kill between the two saves leaves a run that --resume continues (and
+            # whose best/ it then completes), never a best/ of an epoch that cannot be resumed.
+            if improved:
+                save(out / "best", False, record["epoch"], wall)
+            _write_jsonl(out / "metrics.jsonl", metrics)
+            _write_jsonl(out / "steps.jsonl", steps_log)
+            # Said before the plot, the slow part: a stop during it (resumed "after epoch N") kept this line.
+            bleu_txt = f"BLEU {record['bleu']:.2f} chrF {record['chrf']:.2f}" if test_ex else "no test split"
+            log(
+                f"epoch {record['epoch']}/{cfg.epochs}: loss {record['loss']:.4f}  {record['images_per_s']:.1f} img/s  "
+                f"{bleu_txt}  (train {record['train_s']:.0f}s, eval {eval_s:.0f}s, total {wall:.0f}s)"
+                + ("  * best" if improved else "")
+            )
+            if hyps:
+                log(f"  e.g. {hyps[0]!r}\n   vs {test_ex[0].text!r}")
+            try:
+                plot_curves(metrics, steps_log, out / "curves.png")
+            except Exception as exc:  # a plot must never stop a training run
+                log(f"warning: could not draw curves.png ({exc})")
+        if improved:
+            best_key = (record["bleu"], record["chrf"]) if test_ex else best_key
+            best_loss = min(best_loss, record["loss"])
 
     # BLEU decides best/, chrF breaks its ties: on short captions corpus BLEU (4-gram matches) can sit at 0
     # for every epoch, and best/ would stay at epoch 1.
@@ -1146,6 +1187,10 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     run_start = time.perf_counter()
     from tqdm.auto import tqdm
 
+    if pending is not None:  # the last epoch was saved, then stopped in its evaluation: evaluated now
+        log(f"evaluating epoch {pending['epoch']}, which was stopped in its evaluation")
+        finish_epoch(pending)
+        accelerator.wait_for_everyone()
     last_epoch_run = min(cfg.epochs, start_epoch + cfg.stop_after) if cfg.stop_after else cfg.epochs
     # Off a terminal (a service's journal, `2> train.log`) a bar's redraws would pile up on one line: lines
     # instead, at each quarter epoch and at least every LINE_PROGRESS_SECONDS.
@@ -1235,45 +1280,19 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         all_seen = gather_object([seen])
         seen_flat = [i for part in all_seen for i in part]
 
-        t1 = time.perf_counter()
-        scores, hyps = evaluate() if test_ex else ({}, [])
-        eval_s = time.perf_counter() - t1
-        wall = prev_wall + time.perf_counter() - run_start
-        record = {
+        trained = {
             "epoch": epoch + 1, "step": step, "loss": loss_sum / max(1, loss_n),
             "lr": steps_log[-1]["lr"] if steps_log else scheduler.get_last_lr()[0],  # the epoch's last update's
-            "images_per_s": total_images / train_s, "train_s": train_s, "eval_s": eval_s, "wall_s": wall,
-            "bleu": scores.get("bleu"), "chrf": scores.get("chrf"), "train_images": total_images,
+            "images_per_s": total_images / train_s, "train_s": train_s, "train_images": total_images,
             "unique_images": len(set(seen_flat)), "processes": world,
         }  # fmt: skip
-        improved = ((record["bleu"], record["chrf"]) > best_key) if test_ex else (record["loss"] < best_loss)
-        record["best"] = bool(improved)
-        metrics.append(record)
         if is_main:
-            # last/ first: a kill between the two saves leaves a run that --resume continues (and
-            # whose best/ it then completes), never a best/ of an epoch that cannot be resumed.
-            save(out / "last", True, epoch + 1, wall)
-            if improved:
-                save(out / "best", False, epoch + 1, wall)
-            _write_jsonl(out / "metrics.jsonl", metrics)
-            _write_jsonl(out / "steps.jsonl", steps_log)
-            # Said before the plot, the slow part: a stop during it (resumed "after epoch N") kept this line.
-            bleu_txt = f"BLEU {record['bleu']:.2f} chrF {record['chrf']:.2f}" if test_ex else "no test split"
-            log(
-                f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}  {record['images_per_s']:.1f} img/s  "
-                f"{bleu_txt}  (train {train_s:.0f}s, eval {eval_s:.0f}s, total {wall:.0f}s)"
-                + ("  * best" if improved else "")
-            )
-            if hyps:
-                log(f"  e.g. {hyps[0]!r}\n   vs {test_ex[0].text!r}")
-            try:
-                plot_curves(metrics, steps_log, out / "curves.png")
-            except Exception as exc:  # a plot must never stop a training run
-                log(f"warning: could not draw curves.png ({exc})")
+            # last/ before the evaluation (at base size on a CPU, minutes per test image): a stop or crash
+            # during it keeps the epoch's training, and --resume evaluates it first.
+            save(out / "last", True, epoch + 1, prev_wall + time.perf_counter() - run_start, pending=trained)
+        finish_epoch(trained)
+        if is_main:
             check_stop()
-        if improved:
-            best_key = (record["bleu"], record["chrf"]) if test_ex else best_key
-            best_loss = min(best_loss, record["loss"])
         accelerator.wait_for_everyone()
 
     accelerator.wait_for_everyone()
