@@ -1123,6 +1123,33 @@ def test_a_service_managers_stop_says_how_to_resume(small_data: Path, tmp_path: 
     assert "Traceback" not in stderr
 
 
+def test_a_data_worker_killed_mid_run_is_said_with_how_to_resume(small_data: Path, tmp_path: Path) -> None:
+    """The kernel's out-of-memory killer takes a DataLoader worker: the run ended in ~80 lines of traceback
+    (a reset connection, or torch's SIGCHLD handler), without a word of the finished epochs kept in last/."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "engine.cli", "train", "--data", str(small_data), "--out", str(out), "--preset", "tiny",
+           "--epochs", "30", "--batch-size", "8", "--max-patches", "64", "--no-progress", "--workers", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        children: list[str] = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and not children:  # its worker started
+            time.sleep(0.1)
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        time.sleep(1.0)  # at work on the first epoch's batches
+        assert proc.poll() is None and children, "the run ended before its worker could be killed"
+        for child in children:
+            os.kill(int(child), signal.SIGKILL)  # as the out-of-memory killer does
+        stderr = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "error: a data-loading worker died (" in stderr and "--workers 0" in stderr, stderr[-3000:]
+    assert f"no epoch was finished; nothing to resume in {out}" in stderr and "Traceback" not in stderr
+
+
 # ----------------------------------------------------------------------------- resume, run dir guards
 
 

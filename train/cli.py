@@ -23,7 +23,7 @@ from engine.click_types import (
 from engine.errors import EdlightError, ImageError
 from engine.folder import OutputError
 from train.checkpoint import read_run_config, run_data_options
-from train.loop import PRECISIONS, TrainDiverged, best_record, lost_another_process
+from train.loop import PRECISIONS, TrainDiverged, best_record, data_worker_died, lost_another_process
 
 
 def _resume_note(out: Path) -> str:
@@ -200,7 +200,12 @@ def train(
         if isinstance(exc, (ImageError, OutputError)):  # an image gone since the data check, a full disk: mid-training
             failed(f"{_own_message(exc)}\n{_resume_note(out)}")
         cannot_run(str(exc))
-    except RuntimeError as exc:
+    except (RuntimeError, ConnectionError, EOFError) as exc:
+        if (worker := data_worker_died(exc)) is not None:
+            failed(
+                f"a data-loading worker died ({worker}); most often the kernel killed it when memory ran out: lower "
+                f"--batch-size, or --workers 0 (images prepared in the training process)\n{_resume_note(out)}"
+            )
         if not lost_another_process(exc):
             raise
         # Another process of a torchrun died (killed, out of memory, its own error above): this one's

@@ -660,6 +660,25 @@ def lost_another_process(exc: BaseException) -> bool:
     )
 
 
+def data_worker_died(exc: BaseException) -> str | None:
+    """What torch said when `exc` comes of a DataLoader worker dying (the kernel's out-of-memory killer, a
+    kill): a RuntimeError from the loader's SIGCHLD handler, or the connection the batch was being passed on
+    reset under it. None for any other error."""
+    import traceback
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, RuntimeError) and "DataLoader worker" in str(seen):
+            return str(seen).strip()
+        if isinstance(seen, (ConnectionError, EOFError)) and any(
+            frame.filename.replace(os.sep, "/").endswith("torch/utils/data/dataloader.py")
+            for frame in traceback.extract_tb(seen.__traceback__)
+        ):
+            return f"{type(seen).__name__}: {seen}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 @contextlib.contextmanager
 def _every_process_agrees(accelerator: Any) -> Iterator[None]:
     """Run the block's checks on every process, then wait for all of them: when any raised an EdlightError,
