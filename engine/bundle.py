@@ -51,6 +51,9 @@ UNAPPLIED_GENERATION: dict[str, object] = {
     "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
     "output_attentions": False, "output_hidden_states": False,
 }  # fmt: skip
+# Of those, settings of how generate computes, not what: the engine's captions are the same either way (it always
+# keeps a cache), and transformers' save_pretrained writes "use_cache": false. Nothing to warn about.
+SPEED_ONLY_GENERATION = frozenset({"use_cache", "cache_implementation"})
 SUPPORT_FILES = ("tokenizer.json", "preprocessor_config.json", "config.json", "generation_config.json")
 DECODER_LAYOUTS = {
     "merged": ("decoder_merged",),

@@ -32,6 +32,7 @@ from engine.bundle import (
     CHECKPOINT_WEIGHTS,
     DECODER_LAYOUTS,
     MANIFEST_NAME,
+    SPEED_ONLY_GENERATION,
     SUPPORT_FILES,
     TRANSFORMERS_MAX_LENGTH,
     UNAPPLIED_GENERATION,
@@ -240,7 +241,8 @@ def _warn_about_generation(path: Path, generation: dict[str, Any]) -> None:
     if isinstance(longest, int) and longest > LONG_CAPTION_TOKENS:
         log.warning("%s: captions may run to %d tokens; the engine stops only there or at EOS (set max_new_tokens)",
                     path, longest)
-    ignored = [k for k, default in UNAPPLIED_GENERATION.items() if generation.get(k, default) not in (None, default)]
+    ignored = [k for k, default in UNAPPLIED_GENERATION.items()
+               if generation.get(k, default) not in (None, default) and k not in SPEED_ONLY_GENERATION]
     if ignored:
         log.warning("%s: %s not used by the engine (greedy unless `edlight caption --num-beams`)", path, ", ".join(ignored))
 

@@ -1041,6 +1041,8 @@ def test_generation_settings_the_engine_ignores_are_warned_about(tmp_path: Path,
 
     with caplog.at_level(logging.WARNING, logger="edlight.export"):
         _warn_about_generation(tmp_path / "g.json", {"do_sample": False, "num_beams": 1, "top_k": 50, "max_new_tokens": 48})
+        # save_pretrained's "use_cache": false was warned about, with a hint on beams: it changes no caption.
+        _warn_about_generation(tmp_path / "g.json", {"use_cache": False, "cache_implementation": "static"})
         assert not caplog.records  # transformers' defaults: nothing to say
         _warn_about_generation(tmp_path / "g.json", {"do_sample": True, "top_k": 1, "max_new_tokens": 100_000})
         _warn_about_generation(tmp_path / "g.json", {"guidance_scale": 1.5, "watermarking_config": {"bias": 2.0},
