@@ -68,6 +68,11 @@ def export(
     test_ratio: float | None,
 ) -> None:
     """Export CHECKPOINT (a Pix2Struct save_pretrained directory, or a hub id) to a verified ONNX bundle."""
+    if data is None:
+        given = {"--tolerance": tolerance, "--min-identical": min_identical, "--caption-column": caption_column,
+                 "--skip-bad/--no-skip-bad": skip_bad, "--test-ratio": test_ratio}  # fmt: skip
+        if unused := [name for name, value in given.items() if value is not None]:
+            raise click.UsageError(f"{', '.join(unused)} only apply with --data (the parity check on its test split)")
     offline_unless_hub_id(checkpoint)
     from export.onnx import DEFAULT_LAYOUT, export_bundle
 

@@ -578,6 +578,12 @@ def export_bundle(
         raise ExportError(f"quantize={quantize!r}: supported values are None (fp32) and 'int8'")
     if decoder_layout not in DECODER_LAYOUTS:
         raise ExportError(f"decoder_layout={decoder_layout!r}: use one of {', '.join(sorted(DECODER_LAYOUTS))}")
+    if data is None:  # they shape the parity check on data's test split: without it they would do nothing
+        given = {"caption_column": caption_column, "skip_bad": skip_bad, "test_ratio": test_ratio,
+                 "split_seed": split_seed, "tolerance": tolerance, "min_identical": min_identical}  # fmt: skip
+        if unused := [name for name, value in given.items() if value is not None]:
+            raise ExportError(f"{', '.join(unused)} given without data: they apply to the parity check on a data "
+                              "folder's test split; pass data too, or leave them out")
     info = inspect_checkpoint(checkpoint)
     data_path = Path(data) if data is not None else None
     if data_path is not None and not data_path.is_dir():

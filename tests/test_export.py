@@ -907,6 +907,7 @@ def test_missing_checkpoint_and_unwritable_out(random_checkpoint: Path, tmp_path
 
 def test_cli_export_and_errors(random_checkpoint: Path, tmp_path: Path) -> None:
     from export.cli import export
+    from export.onnx import export_bundle
 
     runner = CliRunner()
     result = runner.invoke(export, [str(random_checkpoint), "--out", str(tmp_path / "b")])
@@ -920,6 +921,12 @@ def test_cli_export_and_errors(random_checkpoint: Path, tmp_path: Path) -> None:
     assert again.output.strip().count("\n") == 0 and "--force" in again.output
     missing = runner.invoke(export, [str(tmp_path / "missing"), "--out", str(tmp_path / "c")])
     assert missing.exit_code == 2 and "checkpoint not found" in missing.output
+    # The parity check's options without --data did nothing, said nothing, and the manifest had no parity.
+    alone = runner.invoke(export, [str(random_checkpoint), "--out", str(tmp_path / "c"), "--tolerance", "0.5", "--test-ratio", "0.3"])
+    assert alone.exit_code == 2 and "--tolerance, --test-ratio only apply with --data" in alone.output
+    with pytest.raises(ExportError, match="tolerance, min_identical given without data"):
+        export_bundle(random_checkpoint, tmp_path / "c", tolerance=0.5, min_identical=0.9)
+    assert not (tmp_path / "c").exists()
 
 
 def test_trained_fp32_bundle_tokens_equal_pytorch_on_test_images(tiny_checkpoint: Path, tiny_bundle: Path, synth_data: Path) -> None:
