@@ -1215,9 +1215,17 @@ def test_refuses_foreign_out_dir_and_missing_data(small_data: Path, tmp_path: Pa
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(TrainError, match="not empty"):
+    with pytest.raises(TrainError, match=r"not empty \(notes\.txt\)"):
         train(TrainConfig(data=small_data, out=foreign, **FAST))
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    # `edlight train --out RUN ... 2> RUN/train.log`: the shell makes the log first, and the run was refused.
+    from train.loop import _check_out
+
+    logged = tmp_path / "logged"
+    logged.mkdir()
+    for name in ("train.log", "nohup.out", ".DS_Store"):
+        (logged / name).write_text("")
+    assert _check_out(TrainConfig(data=small_data, out=logged, **FAST)) == "fresh"
     with pytest.raises(DataError, match="not found"):
         train(TrainConfig(data=tmp_path / "nope", out=tmp_path / "run", **FAST))
     with pytest.raises(TrainError, match="exactly one"):

@@ -37,7 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate tokenise
 
 from engine.bundle import stated_max_new_tokens
 from engine.click_types import STOP_SIGNALS, TolerantStream, check_stop, is_terminal, say
-from engine.errors import EdlightError, ImageError, is_count
+from engine.errors import EdlightError, ImageError, is_count, some_names
 from engine.folder import OutputError, output_lock, write_report
 from engine.images import enable_heif, open_lazily
 from engine.preprocess import (
@@ -451,11 +451,19 @@ def _check_out(cfg: TrainConfig) -> str:
             _check_caption_length(cfg.max_new_tokens, out / "last" / "generation_config.json")
             return "resume"
         raise TrainError(f"--resume: {out / 'last'} holds no trainer state to continue from; choose a new --out")
-    if out.exists() and any(p.name != RUN_LOCK for p in out.iterdir()):
+    if out.exists() and (others := [p.name for p in out.iterdir() if not _may_sit_beside_a_run(p)]):
         raise TrainError(
-            f"--out {out} is not empty and holds no edlight run; choose a new or empty directory"
+            f"--out {out} is not empty ({some_names(sorted(others))}) and holds no edlight run; choose a new or "
+            "empty directory"
         )
     return "fresh"
+
+
+def _may_sit_beside_a_run(path: Path) -> bool:
+    """Files a new run may start beside: its lock, hidden files (.DS_Store, NFS's .nfs*) and the log it is
+    writing itself (`edlight train --out RUN ... 2> RUN/train.log`: the shell makes it first). None is a
+    name the run writes."""
+    return path.name == RUN_LOCK or path.name.startswith(".") or (path.is_file() and path.suffix in (".log", ".out", ".err"))
 
 
 def _check_caption_length(given: int | None, saved: Path) -> None:
