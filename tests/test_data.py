@@ -522,10 +522,11 @@ def test_csv_problems_have_line_numbers(tmp_path: Path) -> None:
     (tmp_path / "metadata.csv").write_text('file_name,text\na.jpg,"one, two",three\nb.jpg,\nc.jpg\n')
     report = check_folder(tmp_path)
     assert [str(p) for p in report.problems] == [
-        "metadata.csv:2: expected 2 fields, found 3",
+        "metadata.csv:2: expected 2 fields, found 3 (a caption holding ',' must be in double quotes)",
         "metadata.csv:3: empty caption for b.jpg",
         "metadata.csv:4: expected 2 fields, found 1",
     ]
+    assert not report.warnings  # a.jpg's row was named above: not "not listed" as well
     (tmp_path / "metadata.csv").write_text("image,text\na.jpg,x\n")
     assert "metadata.csv:1: no 'file_name' column" in _only_problem(tmp_path)
 

@@ -480,7 +480,11 @@ def _parse_csv(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[str
                 if not any(value.strip() for value in values):
                     continue  # a blank line, or one of empty fields (",,": spreadsheets save those)
                 if len(values) != len(header):
-                    parsed.problems.append(Problem(where, f"expected {len(header)} fields, found {len(values)}"))
+                    hint = f" (a caption holding {separator!r} must be in double quotes)" if len(values) > len(header) else ""
+                    # Its image is named, when the row reaches that far: else it was also said to be unlisted.
+                    named = values[name_at].strip() if len(values) > name_at else ""
+                    listed = posixpath.normpath(posixpath.join(meta.sub, _as_listed(meta.folder, values[name_at]))) if named else None
+                    parsed.problems.append(Problem(where, f"expected {len(header)} fields, found {len(values)}{hint}", listed))
                     continue
                 _add_entry(parsed, meta, seen, values[name_at], values[caption_at], column, where)
         except csv.Error as exc:
