@@ -907,6 +907,12 @@ def test_a_json_array_is_one_problem_not_one_per_line(tmp_path: Path) -> None:
     rows = [{"file_name": "a.jpg", "text": "a"}, {"file_name": "b.jpg", "text": "b"}]
     (tmp_path / "metadata.jsonl").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     assert _only_problem(tmp_path).startswith("metadata.jsonl: holds one JSON array, not JSON Lines: write one object per line")
+    # Pretty-printed objects one after another (jq without -c): 4 errors per row, and every image "not listed".
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(row, indent=2) for row in rows) + "\n", encoding="utf-8")
+    assert _only_problem(tmp_path).startswith("metadata.jsonl: holds JSON objects spread over several lines (pretty-printed)")
+    assert not check_folder(tmp_path).warnings
+    (tmp_path / "metadata.jsonl").write_text('{\n"file_name": "a.jpg",\n"text": "a"\n', encoding="utf-8")  # cut short
+    assert "malformed JSON" in str(check_folder(tmp_path).problems[0])
 
 
 @pytest.mark.parametrize(("listed", "on_disk"), [("IMG_0001.jpg", "IMG_0001.JPG"), ("a.jpg", "A.jpg"), ("straße.jpg", "STRASSE.jpg")])

@@ -341,6 +341,28 @@ def _is_json_array(path: Path, encoding: str) -> bool:
             return False
 
 
+def _is_pretty_printed(path: Path, encoding: str) -> bool:
+    """Whether the file holds JSON objects spread over several lines each (json.dumps(indent=2), jq without -c):
+    its first line opens an object and nothing else, which no JSON Lines row does, and the whole reads as
+    objects one after another."""
+    with path.open(encoding=encoding) as f:
+        first = next((line for line in f if line.strip()), "")
+        if first.strip().removeprefix("\ufeff") != "{":
+            return False
+        text = first + f.read()
+    decoder, space, at, objects = json.JSONDecoder(), re.compile(r"\s*"), 0, 0
+    text = text.removeprefix("\ufeff")
+    while (at := space.match(text, at).end()) < len(text):  # type: ignore[union-attr]  # \s* always matches
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return False
+        if not isinstance(value, dict):
+            return False
+        objects += 1
+    return objects > 0
+
+
 class _DuplicateKey(ValueError):
     pass
 
@@ -364,6 +386,13 @@ def _parse_jsonl(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[s
         parsed.problems.append(Problem(
             meta.label, "holds one JSON array, not JSON Lines: write one object per line, "
             '{"file_name": "a.jpg", "text": "..."}, without the enclosing [ ]',
+        ))  # fmt: skip
+        return
+    if _is_pretty_printed(meta.path, encoding):  # likewise: one error per line of each object
+        parsed.fatal = True
+        parsed.problems.append(Problem(
+            meta.label, "holds JSON objects spread over several lines (pretty-printed), not JSON Lines: write one "
+            "object per line (jq -c . FILE, or json.dumps without indent)",
         ))  # fmt: skip
         return
     # Lines end at \n, \r\n or \r (open() splits them so); U+2028 and the like stay inside a caption.
