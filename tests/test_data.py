@@ -927,6 +927,19 @@ def test_a_name_differing_only_in_letter_case_gets_a_hint(tmp_path: Path, listed
     )
 
 
+def test_a_subfolders_name_written_from_the_data_folder_gets_a_hint(tmp_path: Path) -> None:
+    """train/metadata.jsonl listing "train/a.jpg" (a script that walked the whole folder wrote it) was only
+    "train/train/a.jpg: image not found", beside a.jpg said to be unlisted."""
+    _image(tmp_path / "train" / "a.jpg")
+    _jsonl(tmp_path / "train", [{"file_name": "train/a.jpg", "text": "x"}])
+    assert check_folder(tmp_path).problems[0].message == (
+        "image not found (the names in train/metadata.jsonl are relative to train/; 'train/a.jpg' is a path from "
+        "the data folder: write 'a.jpg') (listed at train/metadata.jsonl:1)"
+    )
+    _jsonl(tmp_path / "train", [{"file_name": "b.jpg", "text": "x"}])  # missing for another reason: no hint
+    assert check_folder(tmp_path).problems[0].message == "image not found (listed at train/metadata.jsonl:1)"
+
+
 def test_an_icon_listed_as_an_image_is_named_as_one(tmp_path: Path) -> None:
     """Icons are not read (Pillow decodes an ICO's pixels before its size can be checked): data check says so,
     as the engine does, rather than calling it a format Pillow cannot read."""

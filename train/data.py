@@ -44,7 +44,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -709,7 +709,8 @@ def _inspect_image(example: Example) -> tuple[tuple[int, int] | None, Problem | 
             if example.path.exists():
                 return None, Problem(name, "not a file", name)
             slash = " (file_name uses '\\'; write paths with '/')" if "\\" in name else ""
-            return None, Problem(name, f"image not found{slash}{_near_name_hint(example.path)}", name)
+            hint = _near_name_hint(example.path) or _named_from_the_top_hint(example)
+            return None, Problem(name, f"image not found{slash}{hint}", name)
     except OSError as exc:  # e.g. a name longer than the file system allows
         return None, Problem(name, f"cannot access the file: {exc.strerror or exc}", name)
     enable_heif()  # HEIC photos train when the engine can caption them
@@ -750,6 +751,23 @@ def _exif_orientation(image: Image.Image) -> int | None:
         return image.getexif().get(0x0112)
     except Exception:  # noqa: BLE001 - a malformed EXIF block: engine.images.to_rgb keeps the image as stored
         return None
+
+
+def _named_from_the_top_hint(example: Example) -> str:
+    """A hint when a subfolder's metadata names an image by its path from the data folder (train/a.jpg in
+    train/metadata.jsonl, as a script walking the whole folder writes it): the name is read from train/."""
+    metadata = example.listed_at.rpartition(":")[0]
+    sub = posixpath.dirname(metadata)
+    if not sub or not example.file_name.startswith(f"{sub}/"):
+        return ""
+    as_written = example.file_name[len(sub) + 1 :]
+    root = example.path.parents[len(PurePosixPath(example.file_name).parts) - 1]
+    with contextlib.suppress(OSError, ValueError):
+        if (root / as_written).is_file():
+            inside = posixpath.relpath(as_written, sub)
+            how = f": write {inside!r}" if not inside.startswith("../") else ""
+            return f" (the names in {metadata} are relative to {sub}/; {as_written!r} is a path from the data folder{how})"
+    return ""
 
 
 def _near_name_hint(path: Path) -> str:
