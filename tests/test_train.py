@@ -996,6 +996,15 @@ def test_evaluation_data_settings_default_to_the_training_runs(tmp_path: Path) -
     assert data_settings(run / "best") == DataSettings()
     (run / "run_config.json").write_text("{torn")
     assert data_settings(run / "best") == DataSettings()
+    # A checkpoint copied out of its run (cp -r runs/r/best models/v1) was scored on the default split, which
+    # may hold images it was trained on: the run now records its data settings inside each checkpoint.
+    (run / "run_config.json").write_text(json.dumps(recorded))
+    inside = {"caption_column": "caption", "skip_bad": False, "test_ratio": 0.05, "split_seed": 3}
+    (run / "best" / "edlight_data.json").write_text(json.dumps(inside))
+    shutil.copytree(run / "best", tmp_path / "v1")
+    for checkpoint in (run / "best", tmp_path / "v1"):
+        expected = DataSettings("caption", False, 0.05, 3, str(checkpoint.resolve() / "edlight_data.json"))
+        assert data_settings(checkpoint) == expected
 
 
 def _split_folder_data(source: Path, dest: Path, column: str) -> Path:
@@ -1625,6 +1634,9 @@ def test_resume_completes_a_save_cut_short_and_says_when_the_schedule_changes(
     run = tmp_path / "run"
     first = train(TrainConfig(data=small_data, out=run, epochs=1, seed=2, **FAST))
     assert first.metrics[-1]["best"]
+    for checkpoint in ("best", "last"):  # its split travels with each checkpoint
+        recorded = json.loads((run / checkpoint / "edlight_data.json").read_text())
+        assert recorded == {"caption_column": "text", "skip_bad": False, "test_ratio": 0.1, "split_seed": 0}
     # A kill after last/ was saved and before best/ and the logs were: only last/ knows epoch 1.
     shutil.rmtree(run / "best")
     (run / "metrics.jsonl").unlink()

@@ -233,8 +233,12 @@ def run_folder_hint(path: str | Path) -> str:
 
 
 RUN_CONFIG = "run_config.json"
+# Inside each checkpoint a training run saves: the settings that read its data and pick its test split, so a
+# checkpoint copied out of its run (cp -r runs/r/best models/v1) is still scored on the run's test split.
+CHECKPOINT_DATA_SETTINGS = "edlight_data.json"
+DATA_SETTING_NAMES = ("caption_column", "skip_bad", "test_ratio", "split_seed")
 # The help of the evaluate/parity/export options whose default is the training run's setting.
-RUN_DEFAULT = "Default: the training run's (RUN/run_config.json beside the checkpoint), else {}."
+RUN_DEFAULT = "Default: the training run's (recorded in the checkpoint, or RUN/run_config.json beside it), else {}."
 
 
 def run_data_options(what: str, skip_bad_help: str) -> Callable[[Any], Any]:
@@ -297,15 +301,19 @@ def data_settings(
     split_seed: int | None = None,
 ) -> DataSettings:
     """The data settings to evaluate `checkpoint` with: the ones given win, the others are what its training
-    run used (RUN/run_config.json beside RUN/best and RUN/last), else `edlight train`'s defaults.
+    run used (CHECKPOINT_DATA_SETTINGS in the checkpoint; for checkpoints saved before it, RUN/run_config.json
+    beside RUN/best and RUN/last), else `edlight train`'s defaults.
 
     So evaluate, parity and export --data read the data, and pick the test split, as training did. A missing
-    or unreadable run_config.json, or a value of the wrong type in it, falls back to the default.
+    or unreadable file, or a value of the wrong type in it, falls back to the default.
     """
     given = {"caption_column": caption_column, "skip_bad": skip_bad, "test_ratio": test_ratio, "split_seed": split_seed}
-    run = Path(checkpoint).expanduser().resolve().parent  # resolved: "." is RUN/best too
-    run_file = run / RUN_CONFIG
-    recorded = read_run_config(run) if any(v is None for v in given.values()) else {}
+    folder = Path(checkpoint).expanduser().resolve()  # resolved: "." is RUN/best too
+    run_file = folder / CHECKPOINT_DATA_SETTINGS
+    recorded = _read_object(run_file) if any(v is None for v in given.values()) else {}
+    if not recorded and not run_file.is_file():
+        run_file = folder.parent / RUN_CONFIG
+        recorded = read_run_config(folder.parent) if any(v is None for v in given.values()) else {}
     values: dict[str, Any] = {}
     used = False
     overridden = []
@@ -322,8 +330,12 @@ def data_settings(
 def read_run_config(run: Path) -> dict[str, Any]:
     """RUN/run_config.json as a dict; {} when it is missing, unreadable or no JSON object (for callers that
     then fall back to defaults; a resumed training run judges the file itself)."""
+    return _read_object(run / RUN_CONFIG)
+
+
+def _read_object(path: Path) -> dict[str, Any]:
     try:
-        loaded = json.loads((run / RUN_CONFIG).read_text(encoding="utf-8"))
+        loaded = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return loaded if isinstance(loaded, dict) else {}

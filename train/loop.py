@@ -871,6 +871,8 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     from accelerate.utils import gather_object, set_seed
 
     from train.checkpoint import (
+        CHECKPOINT_DATA_SETTINGS,
+        DATA_SETTING_NAMES,
         atomic_save,
         check_checkpoint_dir,
         load_checkpoint,
@@ -1157,6 +1159,8 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         def write(tmp: Path) -> None:
             raw_model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
+            identity = cfg.identity()
+            _write_json(tmp / CHECKPOINT_DATA_SETTINGS, {name: identity[name] for name in DATA_SETTING_NAMES})
             if with_state:
                 # The logs travel with the state: a kill before metrics.jsonl is rewritten loses no epoch.
                 # `pending`: the epoch's training record, whose evaluation comes after this save.
