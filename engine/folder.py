@@ -1037,7 +1037,8 @@ def _flock(path: Path, out: Path, elsewhere: str, in_place: bool = False) -> int
         else:
             # Never through a symbolic link: the pid written would truncate what it points to (in a shared
             # folder, anyone's file).
-            flags = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+            # O_NONBLOCK: a FIFO planted there would block a read-only open until a writer came.
+            flags = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
             try:
                 handle = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o666)
             except PermissionError:

@@ -1557,6 +1557,18 @@ def test_lock_files_and_rewrites_never_write_through_a_symbolic_link(tmp_path: P
     with pytest.raises(OutputError, match=r"cannot open its lock file .*: it is not a regular file; remove it"):
         with output_lock(out):
             pass
+    # Another user's FIFO, which this user may only read: opened read-only, it blocked until a writer came.
+    script = (
+        "import os, sys; from pathlib import Path; from engine.folder import output_lock\n"
+        "real = os.open\n"
+        "def open_as_another_user(path, flags, *rest):\n"
+        "    if str(path).endswith('.lock') and flags & os.O_RDWR: raise PermissionError(13, 'Permission denied')\n"
+        "    return real(path, flags, *rest)\n"
+        "os.open = open_as_another_user\n"
+        "try:\n    with output_lock(Path(sys.argv[1])): pass\nexcept Exception as exc: print(exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(out)], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert "it is not a regular file; remove it" in result.stdout, result.stderr
 
     out.write_text('{"file": "a.png", "caption": null, "error": "x"}\n{"file": "b.png", "caption": "b", "error": null}\n')
     temporary = out.with_name(f"{sibling_stem(out.name, REWRITE_SUFFIX_BYTES)}.{os.getpid()}.tmp")
