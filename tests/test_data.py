@@ -938,6 +938,8 @@ def test_a_subfolders_name_written_from_the_data_folder_gets_a_hint(tmp_path: Pa
     )
     _jsonl(tmp_path / "train", [{"file_name": "b.jpg", "text": "x"}])  # missing for another reason: no hint
     assert check_folder(tmp_path).problems[0].message == "image not found (listed at train/metadata.jsonl:1)"
+    _image(tmp_path / "b.jpg")  # a b.jpg above: "b.jpg" in train/ was still written as it should be
+    assert check_folder(tmp_path).problems[0].message == "image not found (listed at train/metadata.jsonl:1)"
 
 
 def test_an_icon_listed_as_an_image_is_named_as_one(tmp_path: Path) -> None:

@@ -761,12 +761,13 @@ def _named_from_the_top_hint(example: Example) -> str:
     if not sub or not example.file_name.startswith(f"{sub}/"):
         return ""
     as_written = example.file_name[len(sub) + 1 :]
+    if not as_written.startswith(f"{sub}/"):  # "a.jpg" in train/ is train/a.jpg: written as it should be
+        return ""
     root = example.path.parents[len(PurePosixPath(example.file_name).parts) - 1]
     with contextlib.suppress(OSError, ValueError):
         if (root / as_written).is_file():
-            inside = posixpath.relpath(as_written, sub)
-            how = f": write {inside!r}" if not inside.startswith("../") else ""
-            return f" (the names in {metadata} are relative to {sub}/; {as_written!r} is a path from the data folder{how})"
+            inside = as_written[len(sub) + 1 :]
+            return f" (the names in {metadata} are relative to {sub}/; {as_written!r} is a path from the data folder: write {inside!r})"
     return ""
 
 
