@@ -1159,6 +1159,21 @@ def test_a_data_worker_killed_mid_run_is_said_with_how_to_resume(small_data: Pat
     assert f"no epoch was finished; nothing to resume in {out}" in stderr and "Traceback" not in stderr
 
 
+def test_only_a_workers_death_is_said_to_be_one() -> None:
+    """torch re-raises a dataset's own error as "Caught RuntimeError in DataLoader worker process 0 ... Original
+    Traceback": that is a bug to see in full, not a worker the out-of-memory killer took."""
+    from train.loop import data_worker_died
+
+    killed = RuntimeError("DataLoader worker (pid 12) is killed by signal: Killed. ")
+    assert data_worker_died(killed) == "DataLoader worker (pid 12) is killed by signal: Killed."
+    caught = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):")
+    assert data_worker_died(caught) is None and data_worker_died(ConnectionResetError(104, "reset")) is None
+    try:
+        raise ValueError("shutting down") from killed
+    except ValueError as chained:
+        assert data_worker_died(chained) == "DataLoader worker (pid 12) is killed by signal: Killed."
+
+
 # ----------------------------------------------------------------------------- resume, run dir guards
 
 
@@ -1190,6 +1205,7 @@ def test_resume_gives_the_same_losses_and_weights(
     second = train(part)
     assert "evaluating epoch 1, which was stopped in its evaluation" in capsys.readouterr().err
     assert [m["epoch"] for m in second.metrics] == [1, 2]
+    assert second.metrics[1]["wall_s"] > second.metrics[0]["wall_s"] > second.metrics[0]["train_s"]
     assert [m["bleu"] for m in second.metrics] == pytest.approx([m["bleu"] for m in full.metrics], abs=1e-6)
 
     def steps(run: Path) -> list[float]:
@@ -1650,6 +1666,9 @@ def test_resume_completes_a_save_cut_short_and_says_when_the_schedule_changes(
     # More epochs than planned: said, with the learning rates, and recorded in run_config.json.
     longer = train(TrainConfig(data=small_data, out=run, epochs=2, seed=2, resume=True, **FAST))
     assert [m["epoch"] for m in longer.metrics] == [1, 2]
+    # The total time goes on from epoch 1's, its evaluation included (last/ is saved before it).
+    one, two = longer.metrics
+    assert two["wall_s"] >= one["wall_s"] + two["train_s"] + two["eval_s"]
     assert "was planned for 1 epochs and now runs to 2" in capsys.readouterr().err
     assert json.loads((run / "run_config.json").read_text())["epochs"] == 2
     # A plain --resume (no --epochs) goes on with the recorded plan, not the preset's default.
@@ -1690,6 +1709,9 @@ def test_an_interrupted_run_says_how_to_continue(tmp_path: Path) -> None:
     (tmp_path / "last").mkdir()
     (tmp_path / "last" / "trainer_state.pt").write_bytes(b"")
     assert "continue with the same command plus --resume" in _resume_note(tmp_path)
+    assert "best" not in _resume_note(tmp_path)  # stopped in the first epoch's evaluation: no best/ yet
+    (tmp_path / "best").mkdir()
+    assert f"(the best so far in {tmp_path / 'best'})" in _resume_note(tmp_path)
 
 
 def test_an_out_that_cannot_be_made_is_refused_before_the_data_is_read(tmp_path: Path) -> None:

@@ -32,10 +32,9 @@ def _resume_note(out: Path) -> str:
     # which --resume puts back (train.checkpoint.recover).
     if not any((folder / "trainer_state.pt").is_file() for folder in (out / "last", out / ".last.old")):
         return f"no epoch was finished; nothing to resume in {out}"
-    return (
-        f"the latest finished epoch is in {out / 'last'} (the best so far in {out / 'best'}); "
-        "continue with the same command plus --resume"
-    )
+    # best/ comes after the epoch's evaluation: a stop during the first one leaves none yet.
+    best = f" (the best so far in {out / 'best'})" if (out / "best").is_dir() else ""
+    return f"the latest finished epoch is in {out / 'last'}{best}; continue with the same command plus --resume"
 
 
 def _own_message(exc: Exception) -> str:

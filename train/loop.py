@@ -676,8 +676,11 @@ def data_worker_died(exc: BaseException) -> str | None:
 
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, RuntimeError) and "DataLoader worker" in str(seen):
-            return str(seen).strip()
+        said = str(seen).strip()
+        # Only torch's words for a death: "DataLoader worker (pid 12) is killed by signal: Killed.", "... exited
+        # unexpectedly"; not "Caught RuntimeError in DataLoader worker process 0" (the dataset's own error).
+        if isinstance(seen, RuntimeError) and said.startswith("DataLoader worker (pid"):
+            return said.splitlines()[0]
         if isinstance(seen, (ConnectionError, EOFError)) and any(
             frame.filename.replace(os.sep, "/").endswith("torch/utils/data/dataloader.py")
             for frame in traceback.extract_tb(seen.__traceback__)
@@ -1064,8 +1067,10 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         metrics = state["metrics"] if "metrics" in state else [m for m in logged if m["epoch"] <= start_epoch]
         steps_log = state.get("steps") or [s for s in _read_jsonl(out / "steps.jsonl") if s["step"] <= step]
         pending = state.get("pending")  # saved before its evaluation: evaluated since, or still to do
-        if pending is not None and (done := [m for m in logged if m["epoch"] == pending["epoch"]]):
+        if pending is not None and (done := [m for m in logged if isinstance(m, dict) and m.get("epoch") == pending["epoch"]]):
+            # Evaluated before the stop: its record, and its time (the state's stops before the evaluation).
             metrics, pending = [*metrics, done[-1]], None
+            prev_wall = max(prev_wall, float(done[-1].get("wall_s") or 0.0))
         log(f"resuming {out} after epoch {start_epoch} (step {step})")
         saved = json.loads((out / "run_config.json").read_text())  # _check_out has parsed it already
         planned = saved.get("epochs")
@@ -1101,6 +1106,8 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
                 def write_best(tmp: Path) -> None:
                     model.save_pretrained(tmp)
                     processor.save_pretrained(tmp)
+                    identity = cfg.identity()
+                    _write_json(tmp / CHECKPOINT_DATA_SETTINGS, {name: identity[name] for name in DATA_SETTING_NAMES})
 
                 atomic_save(out / "best", write_best)
             _write_jsonl(out / "metrics.jsonl", metrics)
@@ -1163,7 +1170,8 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             _write_json(tmp / CHECKPOINT_DATA_SETTINGS, {name: identity[name] for name in DATA_SETTING_NAMES})
             if with_state:
                 # The logs travel with the state: a kill before metrics.jsonl is rewritten loses no epoch.
-                # `pending`: the epoch's training record, whose evaluation comes after this save.
+                # `pending`: the epoch's training record, whose evaluation comes after this save; once
+                # evaluated, its record is in metrics.jsonl (a resume that finds none evaluates it again).
                 torch.save(
                     {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
                      "epoch": epoch, "step": step, "wall_s": wall, "config": asdict(cfg),
@@ -1219,7 +1227,10 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     from tqdm.auto import tqdm
 
     if pending is not None:  # the last epoch was saved, then stopped in its evaluation: evaluated now
-        log(f"evaluating epoch {pending['epoch']}, which was stopped in its evaluation")
+        if test_ex:
+            log(f"evaluating epoch {pending['epoch']}, which was stopped in its evaluation")
+        else:
+            log(f"finishing epoch {pending['epoch']}, which was stopped before its logs were written")
         finish_epoch(pending)
         accelerator.wait_for_everyone()
     last_epoch_run = min(cfg.epochs, start_epoch + cfg.stop_after) if cfg.stop_after else cfg.epochs
