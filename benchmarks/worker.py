@@ -36,14 +36,15 @@ def _reply(channel: TextIO, **message: Any) -> None:
     channel.flush()
 
 
-def _load_images(paths: list[str]) -> list[Any]:
-    from PIL import Image
+def _load_images(paths: list[str], count: int) -> list[Any]:
+    """The first `count` images of `paths`, taken in turn, each decoded once: only those a run captions are
+    held, as they add to the worker's peak memory. Loaded as `edlight caption` and training load them (EXIF
+    rotation applied, transparency on white): every system gets the same pixels. A plain convert("RGB")
+    handed PyTorch and Optimum a phone photo on its side, which the engine then turned upright."""
+    from engine.images import load_image
 
-    images = []
-    for path in paths:
-        with Image.open(path) as image:
-            images.append(image.convert("RGB"))
-    return images
+    decoded = [load_image(path) for path in paths[:count]]
+    return [decoded[i % len(decoded)] for i in range(count)]
 
 
 def serve(commands: TextIO, channel: TextIO) -> int:
@@ -60,8 +61,7 @@ def serve(commands: TextIO, channel: TextIO) -> int:
     start = time.perf_counter()
     system = load_system(spec)
     load_s = time.perf_counter() - start
-    pool = _load_images(spec.images)
-    chosen = [pool[i % len(pool)] for i in range(spec.images_per_run or spec.batch_size)]
+    chosen = _load_images(spec.images, spec.images_per_run or spec.batch_size)
     batches = [chosen[first : first + spec.batch_size] for first in range(0, len(chosen), spec.batch_size)]
     _reply(channel, event="ready", load_s=load_s)
     for line in commands:

@@ -677,6 +677,24 @@ def test_results_that_cannot_be_written_after_a_stop_say_why(tmp_path: Path) -> 
     assert not (tmp_path / "results.json").exists()
 
 
+def test_every_system_gets_the_pixels_edlight_captions(tmp_path: Path) -> None:
+    """The worker opened images with a plain convert("RGB"): PyTorch and Optimum captioned a phone photo on its
+    side (the engine turned it upright), and transparency on black; and it held every image of the set in
+    memory, which counted in each cell's peak RSS."""
+    from benchmarks.worker import _load_images
+
+    photo = Image.new("RGB", (60, 40), "white")
+    exif = photo.getexif()
+    exif[0x0112] = 6  # stored on its side: shown turned 90 degrees
+    photo.save(tmp_path / "sideways.jpg", exif=exif)
+    Image.new("RGBA", (30, 30), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    paths = [str(tmp_path / "sideways.jpg"), str(tmp_path / "clear.png"), str(tmp_path / "missing.png")]
+    upright, clear = _load_images(paths, 2)  # the third is never read: only what a run captions is held
+    assert upright.size == (40, 60) and clear.getpixel((0, 0)) == (255, 255, 255)
+    again = _load_images(paths[:2], 5)
+    assert [image.size for image in again] == [(40, 60), (30, 30)] * 2 + [(40, 60)] and again[0] is again[2]
+
+
 def test_runs_of_several_batches_combine_into_one_run_over_their_images() -> None:
     """The batch-scaling comparison times the smaller batch size over the larger one's images (it captioned only
     its first image, which on the bench's images has the most patches, so the ratio read about 1% high)."""
