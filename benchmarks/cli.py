@@ -268,8 +268,10 @@ def bench(
     # Written all the same (what did run is worth keeping), but a script or a cron job must see that a cell the
     # run was asked for is missing or cut short.
     unfinished = [f"{r['system']} at batch {r['batch_size']}" for r in results["results"] if r.get("status") == "failed"]
+    unfinished += [f"{r['system']}'s batch scaling" for r in results.get("batch_scaling") or [] if r.get("error")]
     if unfinished:
-        failed(f"{len(unfinished)} of {len(results['results'])} measurements failed or were cut short "
+        asked = len(results["results"]) + len(results.get("batch_scaling") or [])
+        failed(f"{len(unfinished)} of {asked} measurements failed or were cut short "
                f"({', '.join(unfinished)}); see the table and notes above and the worker logs in {out / 'logs'}")
 
 

@@ -96,14 +96,16 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {total['median']:.3f} ({total['min']:.3f}-{total['max']:.3f}) | {r['images_per_s']:.3g} | {ratio} "
             f"| {_load(r.get('load_s'))} | {_gib(r.get('peak_rss_bytes'))} | {gflops} | {share} |"
         )
-    scaling = results.get("batch_scaling") or []
+    every_scaling = results.get("batch_scaling") or []
+    scaling = [row for row in every_scaling if "throughput_ratio" in row]  # the others are said in the notes
     if scaling:
         small, large = scaling[0]["batch_sizes"]
+        per_run = scaling[0].get("images_per_run", large)
         lines += [
             "",
             f"Batch scaling, timed interleaved (a batch-{small} and a batch-{large} worker alive together, their "
-            f"{scaling[0]['repeats']} timed runs alternating, every run of both captioning the same {large} images; "
-            "the table's batch sizes ran one after another):",
+            f"{scaling[0]['repeats']} timed runs alternating, every run of both captioning the same {per_run} images "
+            "in whole batches; the table's batch sizes ran one after another):",
             "",
             f"| system | batch {small} s/img | batch {large} s/img | throughput batch {large} / batch {small} |",
             "|---|---:|---:|---:|",
@@ -114,6 +116,8 @@ def markdown(results: dict[str, Any]) -> str:
             for row in scaling
         ]
     notes = [f"- {system}: skipped ({why})" for system, why in results.get("skipped", {}).items()]
+    notes += [f"- {row['system']}: batch scaling {'failed' if row.get('error') else 'skipped'} "
+              f"({row.get('error') or row.get('skipped')})" for row in every_scaling if "throughput_ratio" not in row]
     wanted = results.get("settings", {}).get("repeats")
     notes += [f"- {r['system']} at batch {r['batch_size']}: failed after {r['repeats']} of {wanted} timed runs "
               f"({r.get('error') or 'no reason given'}); its row is those runs'"

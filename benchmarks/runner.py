@@ -11,6 +11,7 @@ The MatMul ceiling is measured in a worker of its own at the start and at the en
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -290,19 +291,25 @@ def run_batch_scaling(
     drifts between them skews the ratio of their throughputs; here drift falls on both alike.
     """
     small, large = min(settings.batch_sizes), max(settings.batch_sizes)
+    # Both sizes caption the same images, in whole batches of each: a batch-3 side of 3 and 4 ran 3+1, and its
+    # batch of one made batch 3 look slower than it is.
+    per_run = math.lcm(small, large)
     scaling: list[dict[str, Any]] = []
     for system in (s for s in systems if s.startswith("engine")):
         specs = {size: _spec(system, models, settings, size) for size in (small, large)}
         if any(spec is None for spec in specs.values()):
             continue
-        for spec in specs.values():  # both sizes caption the same images: the larger batch's
+        for spec in specs.values():
             assert spec is not None
-            spec.images_per_run = large
+            spec.images_per_run = per_run
+        entry = {"system": system, "batch_sizes": [small, large], "repeats": settings.repeats, "images_per_run": per_run}
         _, available = memory_bytes()
         if available is not None and any(
             estimate_peak_bytes(spec, models, measured or {}) > NOT_STARTED_ABOVE * available for spec in specs.values() if spec
         ):  # as run_batch_size refuses to start it
-            log(f"batch scaling, {system}: skipped (batch {large} is too large for this machine's memory)")
+            why = f"batch {large} is too large for this machine's memory"
+            log(f"batch scaling, {system}: skipped ({why})")
+            scaling.append({**entry, "skipped": why})
             continue
         cells = {size: Cell(system=system, batch_size=size) for size in specs}
         workers: dict[int, Worker] = {}
@@ -320,6 +327,7 @@ def run_batch_scaling(
                     log(f"  scaling {system:<11} b={size} repeat {round_index + 1}/{settings.repeats}: {_describe(run)}")
         except WorkerError as exc:
             log(f"  batch scaling of {system} failed: {str(exc).splitlines()[0]}")
+            scaling.append({**entry, "error": str(exc).splitlines()[0]})  # said in the notes; the run fails
             continue
         finally:
             for worker in workers.values():
@@ -327,10 +335,11 @@ def run_batch_scaling(
         per_image = {size: statistics.median(r.total_s / r.batch_size for r in cells[size].runs) for size in cells if cells[size].runs}
         if len(per_image) == 2:
             scaling.append({
-                "system": system, "batch_sizes": [small, large], "repeats": settings.repeats, "images_per_run": large,
-                "s_per_image": {str(size): value for size, value in per_image.items()},
+                **entry, "s_per_image": {str(size): value for size, value in per_image.items()},
                 "throughput_ratio": per_image[small] / per_image[large],
             })  # fmt: skip
+        elif len(workers) < 2:  # a worker that could not start: its cell says why
+            scaling.append({**entry, "error": next((c.error for c in cells.values() if c.error), "a worker did not start")})
     return scaling
 
 
@@ -473,6 +482,9 @@ class BenchRun:
         notes = self.models.notes + ([] if self.ceilings or is_installed("onnx") else [CEILING_SKIPPED])
         if stopped:
             notes.append(f"stopped by {stopped} partway: what it had not reached is left out")
+        if len(self.settings.batch_sizes) > 1 and not self.settings.interleave:
+            notes.append("batch scaling not timed (--no-interleave): the table's batch sizes ran one after another, "
+                         "so drift of the machine between them falls into their ratio")
         return {
             "machine": machine_info(self.settings.threads),
             "settings": self.settings.to_dict(),

@@ -231,7 +231,8 @@ def test_batch_scaling_does_not_start_a_batch_refused_for_memory(tmp_path: Path)
                       max_patches=2048, vision_config={"num_attention_heads": 12}, parameters=None)
     plan = settings.BenchSettings(size="base", systems=["engine"], batch_sizes=[1, 100_000], out=tmp_path)
     logged: list[str] = []
-    assert runner.run_batch_scaling(["engine"], plan, models, logged.append, {}) == []
+    [skipped] = runner.run_batch_scaling(["engine"], plan, models, logged.append, {})
+    assert skipped["skipped"] == "batch 100000 is too large for this machine's memory" and "throughput_ratio" not in skipped
     assert logged == ["batch scaling, engine: skipped (batch 100000 is too large for this machine's memory)"]
 
 
@@ -632,6 +633,40 @@ def test_a_worker_dying_mid_run_keeps_its_runs_marked_and_fails_the_run(tiny_bun
     table = (out / "results.md").read_text()
     assert "| engine (cut short, see notes) | 1 |" in table
     assert f"- engine at batch 1: failed after {cell['repeats']} of 100000 timed runs (worker died" in table
+
+
+def test_a_batch_scaling_worker_that_dies_is_said_and_fails_the_run(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A batch-scaling worker killed (the out-of-memory killer) was one log line: no row, no note, exit 0. And
+    batch sizes that do not divide each other timed a partial batch on the smaller side (3 and 4: 3+1)."""
+    import psutil
+
+    from benchmarks import runner, settings
+    from benchmarks.models import prepare_models
+    from benchmarks.report import markdown
+
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(ROOT / "examples" / "00000.jpg", images)
+    models = prepare_models("tiny", ["engine"], tmp_path / "cache", lambda _line: None, bundles=[tiny_bundle], images_dir=images)
+    plan = settings.BenchSettings(size="tiny", systems=["engine"], batch_sizes=[3, 4], repeats=2, warmup=0,
+                                  tokens=4, out=tmp_path / "out")  # fmt: skip
+    (tmp_path / "out" / "logs").mkdir(parents=True)
+    whole = runner.run_batch_scaling(["engine"], plan, models, lambda _line: None, {})
+    assert [row["images_per_run"] for row in whole] == [12] and whole[0]["throughput_ratio"] > 0
+
+    def kill_a_worker(line: str) -> None:
+        if "repeat 1/" in line:  # between two timed runs: the next request finds its worker dead
+            psutil.Process().children()[-1].kill()
+
+    [failed] = runner.run_batch_scaling(["engine"], plan, models, kill_a_worker, {})
+    assert "worker died" in failed["error"] and "throughput_ratio" not in failed
+    bench = runner.BenchRun(plan, models, lambda _line: None)
+    bench.scaling = [failed]
+    assert f"- engine: batch scaling failed ({failed['error']})" in markdown(bench.document())
+    import dataclasses
+
+    alone = runner.BenchRun(dataclasses.replace(plan, interleave=False), models, lambda _line: None).document()
+    assert any(note.startswith("batch scaling not timed (--no-interleave)") for note in alone["notes"])  # not dropped unsaid
 
 
 @pytest.mark.slow
