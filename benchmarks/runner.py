@@ -175,9 +175,12 @@ def plan_systems(settings: BenchSettings, models: ModelSet) -> tuple[list[str], 
     return runnable, skipped
 
 
+WEIGHT_SUFFIXES = (".onnx", ".onnx.data", ".onnx_data", ".safetensors", ".bin")  # a large graph's weights sit beside it
+
+
 def _model_bytes(path: str) -> int:
     root = Path(path)
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.suffix in {".onnx", ".safetensors", ".bin", ".onnx_data"})
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
 
 def estimate_peak_bytes(spec: SystemSpec, models: ModelSet, measured: dict[str, tuple[int, int]]) -> int:

@@ -223,6 +223,17 @@ def test_a_batch_far_beyond_memory_is_not_started(tmp_path: Path) -> None:
     assert any("not run" in line for line in logged)
 
 
+def test_a_graphs_external_weights_count_in_its_memory_estimate(tmp_path: Path) -> None:
+    """A base-size fp32 graph keeps its weights in encoder_model.onnx.data (Path.suffix ".data"): they were left
+    out of the estimate that decides whether a batch may start."""
+    from benchmarks.runner import _model_bytes
+
+    (tmp_path / "encoder_model.onnx").write_bytes(b"g" * 10)
+    (tmp_path / "encoder_model.onnx.data").write_bytes(b"w" * 1000)
+    (tmp_path / "notes.txt").write_bytes(b"n" * 100)
+    assert _model_bytes(str(tmp_path)) == 1010
+
+
 def test_batch_scaling_does_not_start_a_batch_refused_for_memory(tmp_path: Path) -> None:
     from benchmarks import runner, settings
     from benchmarks.models import ModelSet
