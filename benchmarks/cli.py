@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -167,6 +168,7 @@ def bench(
         problem = too_many_threads(threads)
         if problem:
             cannot_run(problem)
+    made = [folder for folder in (out, cache) if not folder.exists()]  # removed again if the run cannot start
     for folder, what in ((out, "results folder"), (cache, "model cache")):
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -258,9 +260,11 @@ def bench(
                     _put_back(aside, out)
                 raise
     except BenchSetupError as exc:  # the job cannot run here (like a missing extra): exit 2
+        _remove_if_empty(made)
         cannot_run(str(exc))
     except (EdlightError, ValueError) as exc:
         if not measuring:  # settings, another bench holding the results folder or cache, models that cannot load
+            _remove_if_empty(made)
             cannot_run(str(exc))
         failed(str(exc))
     if nothing_measured:
@@ -273,6 +277,15 @@ def bench(
         asked = len(results["results"]) + len(results.get("batch_scaling") or [])
         failed(f"{len(unfinished)} of {asked} measurements failed or were cut short "
                f"({', '.join(unfinished)}); see the table and notes above and the worker logs in {out / 'logs'}")
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders this run made, if they are still empty: a run refused before it built or measured
+    anything leaves no empty --out or cache behind."""
+    for folder in folders:
+        for empty in (folder / "logs", folder):
+            with contextlib.suppress(OSError):  # not there, or not empty: kept
+                empty.rmdir()
 
 
 def _keep_what_was_measured(run: BenchRun, stop: KeyboardInterrupt, out: Path, log: Callable[[str], None], earlier_kept: bool) -> None:

@@ -324,6 +324,19 @@ def export_optimum(checkpoint: Path, out: Path) -> None:
                 path.unlink()
 
 
+def check_optimum_export(folder: Path) -> None:
+    """Raise BenchSetupError unless `folder` holds an Optimum Pix2Struct export ORTModelForPix2Struct can load: its
+    encoder, a decoder, and the processor's and model's configs. A folder without them ran the whole bench, every
+    optimum cell failing at the end; a damaged cached export was trusted at every run."""
+    decoders = ("decoder_model_merged.onnx", "decoder_model.onnx")
+    missing = [name for name in ("encoder_model.onnx", "config.json", "preprocessor_config.json") if not (folder / name).is_file()]
+    if not any((folder / name).is_file() for name in decoders):
+        missing.append(" or ".join(decoders))
+    if missing:
+        raise BenchSetupError(f"{folder}: not an Optimum ONNX export of Pix2Struct (no {', '.join(missing)}); export one "
+                              "with `optimum-cli export onnx --task image-to-text-with-past`")
+
+
 def export_engine_bundle(checkpoint: Path, out: Path, quantize: str | None) -> None:
     from export.onnx import export_bundle
 
@@ -406,6 +419,7 @@ def prepare_models(
     if checkpoint is not None:
         _check_given_checkpoint(Path(checkpoint).expanduser())
     given = classify_bundles([Path(b) for b in bundles or []])
+    user_bundles = dict(given)  # given: not built here from the checkpoint
     unused = {system: path for system, path in given.items() if system not in systems}
     if unused:  # it would be left out silently, and another model timed under its name
         system, path = next(iter(unused.items()))
@@ -414,6 +428,8 @@ def prepare_models(
     if optimum_dir is not None and "optimum" not in systems:  # results.json would name an export that never ran
         raise BenchSetupError(f"{optimum_dir}: an Optimum export for system optimum, which --systems leaves out; "
                               "add it to --systems")
+    if optimum_dir is not None:
+        check_optimum_export(Path(optimum_dir))
     used: list[Path] = []  # the cache entries this run takes
     images = bench_images(cache_dir, log, images_dir, used=used)
     have_torch = is_installed("torch") and is_installed("transformers")
@@ -453,7 +469,7 @@ def prepare_models(
             recipe = {"what": "optimum", "checkpoint": checkpoint_id, **export_versions}
             try:
                 optimum_dir = _cached(cache_dir / f"optimum-{_key(recipe)}", partial(export_optimum, checkpoint),
-                                      "the plain Optimum ONNX export", log, used=used)
+                                      "the plain Optimum ONNX export", log, check=check_optimum_export, used=used)
             except Exception as exc:  # as below: the other systems still get measured
                 unavailable["optimum"] = f"the Optimum export failed: {type(exc).__name__}: {exc}"
                 log(f"optimum: the export failed ({type(exc).__name__}: {exc}); it will be skipped")
@@ -486,7 +502,13 @@ def prepare_models(
     if config_source is None:
         raise BenchSetupError("nothing to benchmark: pass --checkpoint and/or --model, or install the export extra")
     config = _read_json(config_source)
-    max_patches = _max_patches(checkpoint, given)
+    sources = {**given, **({"optimum": Path(optimum_dir)} if optimum_dir is not None else {})}
+    max_patches = _max_patches(checkpoint, sources)
+    if checkpoint is not None and _needs(systems, "torch", "optimum"):
+        for system, bundle in user_bundles.items():
+            if (note := _another_model(bundle, checkpoint)) is not None:
+                log(f"warning: {system}: {note}")
+                notes.append(f"{system}: {note}")
     given_options = [option for option, value in (("--checkpoint", given_checkpoint), ("--model", bundles)) if value]
     return ModelSet(
         size=size,
@@ -522,6 +544,29 @@ def _check_given_checkpoint(checkpoint: Path) -> None:
         raise BenchSetupError(str(exc)) from exc
 
 
+def _another_model(bundle: Path, checkpoint: Path) -> str | None:
+    """Why the given `bundle` may not be the model `checkpoint` holds (which torch and Optimum time), else None.
+    A bundle of another model timed beside them read as one model's rows (the shipped default bundle beside a
+    tiny model built here, say)."""
+    from engine.bundle import MANIFEST_NAME, sha256_file
+
+    source = Path(str(_read_json(bundle / MANIFEST_NAME).get("source") or ""))
+    if not str(source) or not source.is_dir():
+        return (f"{bundle} was exported from {source or 'a checkpoint it does not name'}, which is not here: whether its "
+                f"rows time the model of the torch and optimum rows ({checkpoint}) cannot be checked")
+    if source.resolve() == checkpoint.resolve():
+        return None
+    weights = sorted(p.name for p in checkpoint.glob("*.safetensors"))
+    try:
+        same = bool(weights) and all(sha256_file(source / name) == sha256_file(checkpoint / name) for name in weights)
+    except OSError:
+        same = False
+    if same:
+        return None
+    return (f"{bundle} was exported from {source}, whose weights are not those of {checkpoint} (timed by torch and "
+            "optimum): their rows are not one model's; pass the checkpoint it came from with --checkpoint")
+
+
 def _checkpoint_identity(checkpoint: Path) -> dict[str, Any]:
     """Cheap identity of a checkpoint: its path plus size and mtime of each weight and config file."""
     files = sorted(p for p in checkpoint.iterdir() if p.suffix in {".safetensors", ".bin", ".json"})
@@ -529,7 +574,8 @@ def _checkpoint_identity(checkpoint: Path) -> dict[str, Any]:
 
 
 def _max_patches(checkpoint: Path | None, bundles: dict[str, Path]) -> int:
-    """The patch budget every system runs at; systems that disagree are not one comparison."""
+    """The patch budget every system runs at; systems that disagree are not one comparison. `bundles`: each
+    system's model folder (the engine's bundles, an Optimum export)."""
     sources = [checkpoint / "preprocessor_config.json"] if checkpoint is not None else []
     sources += [b / "preprocessor_config.json" for b in bundles.values()]
     found = {source: int(value) for source in sources if source.is_file() and (value := _read_json(source).get("max_patches"))}

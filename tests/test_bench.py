@@ -223,6 +223,44 @@ def test_a_batch_far_beyond_memory_is_not_started(tmp_path: Path) -> None:
     assert any("not run" in line for line in logged)
 
 
+def test_an_optimum_folder_without_an_export_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    """An --optimum-model without the export ran the whole bench (ceilings, every other system), then failed every
+    optimum cell; and a damaged cached export was trusted at every run."""
+    from benchmarks.models import BenchSetupError, check_optimum_export
+
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(bench, ["--size", "tiny", "--systems", "optimum", "--optimum-model", str(tmp_path / "empty"),
+                                        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "empty: not an Optimum ONNX export of Pix2Struct (no encoder_model.onnx, config.json" in result.output
+    assert not (tmp_path / "cache").exists()  # refused before any image or model was built
+    for name in ("encoder_model.onnx", "decoder_model_merged.onnx", "config.json", "preprocessor_config.json"):
+        (tmp_path / "empty" / name).write_text("{}")
+    check_optimum_export(tmp_path / "empty")
+    (tmp_path / "empty" / "decoder_model_merged.onnx").unlink()
+    with pytest.raises(BenchSetupError, match=r"no decoder_model_merged\.onnx or decoder_model\.onnx"):
+        check_optimum_export(tmp_path / "empty")
+
+
+def test_a_bundle_of_another_model_than_the_checkpoint_is_noted(tmp_path: Path) -> None:
+    """The shipped bundle given with --model beside the tiny model built here: Optimum timed one model, the
+    engine another, in one table without a word."""
+    from benchmarks.models import _another_model
+
+    checkpoint, source, bundle = tmp_path / "checkpoint", tmp_path / "source", tmp_path / "bundle"
+    for folder, weights in ((checkpoint, b"one"), (source, b"two"), (bundle, b"")):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(weights)
+    (bundle / "edlight.json").write_text(json.dumps({"source": str(source)}))
+    assert "whose weights are not those of" in (_another_model(bundle, checkpoint) or "")
+    (source / "model.safetensors").write_bytes(b"one")  # a copy of the same checkpoint
+    assert _another_model(bundle, checkpoint) is None
+    (bundle / "edlight.json").write_text(json.dumps({"source": str(checkpoint)}))
+    assert _another_model(bundle, checkpoint) is None
+    (bundle / "edlight.json").write_text(json.dumps({"source": str(tmp_path / "elsewhere")}))
+    assert "which is not here: whether its rows time the model" in (_another_model(bundle, checkpoint) or "")
+
+
 def test_a_graphs_external_weights_count_in_its_memory_estimate(tmp_path: Path) -> None:
     """A base-size fp32 graph keeps its weights in encoder_model.onnx.data (Path.suffix ".data"): they were left
     out of the estimate that decides whether a batch may start."""
@@ -274,7 +312,7 @@ def test_a_bad_image_or_a_bundle_as_checkpoint_is_refused_before_anything_is_bui
                                         "--cache-dir", str(cache)])
     assert result.exit_code == 2, result.output
     assert f"{tiny_bundle}: an edlight bundle, not a PyTorch checkpoint; pass it with --model" in result.output
-    assert not any(path.name != "models.lock" and not path.name.startswith(".") for path in cache.iterdir())  # nothing built
+    assert not cache.exists() and not (tmp_path / "o").exists()  # nothing built; not even an empty folder left
 
 
 def test_an_unfinished_overwrite_puts_the_earlier_results_back(tmp_path: Path) -> None:
