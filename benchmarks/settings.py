@@ -30,6 +30,13 @@ def default_cache() -> Path:
     if chosen := os.environ.get("EDLIGHT_BENCH_CACHE"):
         return Path(chosen)
     try:
+        if os.environ.get("HOME") == "":  # set but empty, which Path.home() reads as "/": as if not set
+            import pwd
+
+            try:
+                return Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "edlight" / "bench"
+            except KeyError:
+                raise RuntimeError("no passwd entry") from None
         return Path.home() / ".cache" / "edlight" / "bench"
     except RuntimeError:  # Path.home() without HOME or a passwd entry
         raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -138,6 +139,14 @@ def test_a_user_without_a_home_is_told_what_to_pass_for_the_cache(
     assert result.exit_code == 2 and "no home folder to keep the benchmark's models in" in result.output
     assert "pass --cache-dir, or set EDLIGHT_BENCH_CACHE" in result.output and not (tmp_path / "o").exists()
     assert CliRunner().invoke(bench, ["--help"]).exit_code == 0
+    # HOME set but empty, which Path.home() reads as "/": the cache went to /.cache/edlight/bench.
+    monkeypatch.setenv("HOME", "")
+    with pytest.raises(ValueError, match="no home folder"):
+        settings.default_cache()
+    monkeypatch.undo()
+    monkeypatch.setenv("HOME", "")
+    monkeypatch.delenv("EDLIGHT_BENCH_CACHE", raising=False)
+    assert settings.default_cache() == Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "edlight" / "bench"
 
 
 def test_a_failed_or_stopped_overwrite_keeps_the_earlier_results(tiny_bundle: Path, tmp_path: Path) -> None:
