@@ -1168,6 +1168,18 @@ def test_only_a_workers_death_is_said_to_be_one() -> None:
     assert data_worker_died(killed) == "DataLoader worker (pid 12) is killed by signal: Killed."
     caught = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):")
     assert data_worker_died(caught) is None and data_worker_died(ConnectionResetError(104, "reset")) is None
+    import torch.utils.data
+
+    class Truncated(torch.utils.data.Dataset[int]):  # the dataset's own EOFError, re-raised by torch in the main process
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, index: int) -> int:
+            raise EOFError("truncated file")
+
+    with pytest.raises(EOFError) as raised:
+        next(iter(torch.utils.data.DataLoader(Truncated(), num_workers=1)))
+    assert data_worker_died(raised.value) is None
     try:
         raise ValueError("shutting down") from killed
     except ValueError as chained:

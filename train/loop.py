@@ -681,7 +681,7 @@ def data_worker_died(exc: BaseException) -> str | None:
         # unexpectedly"; not "Caught RuntimeError in DataLoader worker process 0" (the dataset's own error).
         if isinstance(seen, RuntimeError) and said.startswith("DataLoader worker (pid"):
             return said.splitlines()[0]
-        if isinstance(seen, (ConnectionError, EOFError)) and any(
+        if isinstance(seen, (ConnectionError, EOFError)) and not said.startswith("Caught ") and any(
             frame.filename.replace(os.sep, "/").endswith("torch/utils/data/dataloader.py")
             for frame in traceback.extract_tb(seen.__traceback__)
         ):
