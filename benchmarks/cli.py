@@ -168,14 +168,19 @@ def bench(
         problem = too_many_threads(threads)
         if problem:
             cannot_run(problem)
-    made = [folder for folder in (out, cache) if not folder.exists()]  # removed again if the run cannot start
+    made = [_first_missing(folder) for folder in (out, cache)]  # removed again, if still empty, when the run cannot start
     for folder, what in ((out, "results folder"), (cache, "model cache")):
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             why = "it or a folder above it is a file" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+            _remove_if_empty(made)
             cannot_run(f"{folder}: cannot create the {what} ({why})")
-        _check_writable(folder, what)
+        try:
+            _check_writable(folder, what)
+        except SystemExit:
+            _remove_if_empty(made)
+            raise
     logs = out / "logs"
     if logs.exists() and not _logs_are_ours(logs):
         cannot_run(f"{logs} holds files edlight bench did not write, and the workers' logs go there; choose another --out")
@@ -279,13 +284,25 @@ def bench(
                f"({', '.join(unfinished)}); see the table and notes above and the worker logs in {out / 'logs'}")
 
 
-def _remove_if_empty(folders: list[Path]) -> None:
-    """Remove the folders this run made, if they are still empty: a run refused before it built or measured
-    anything leaves no empty --out or cache behind."""
-    for folder in folders:
-        for empty in (folder / "logs", folder):
-            with contextlib.suppress(OSError):  # not there, or not empty: kept
-                empty.rmdir()
+def _first_missing(folder: Path) -> Path | None:
+    """The topmost folder of `folder`'s path that does not exist yet (what mkdir(parents=True) will make), else None."""
+    missing = None
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing = path
+    return missing
+
+
+def _remove_if_empty(made: list[Path | None]) -> None:
+    """Remove the folders this run made (each the topmost it made, and all below it) where they are still
+    empty: a run refused before it built or measured anything leaves no empty --out or cache behind."""
+    for top in made:
+        if top is None:
+            continue
+        for folder, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):  # the deepest first
+            with contextlib.suppress(OSError):  # not empty: kept, with everything above it
+                os.rmdir(folder)
 
 
 def _keep_what_was_measured(run: BenchRun, stop: KeyboardInterrupt, out: Path, log: Callable[[str], None], earlier_kept: bool) -> None:

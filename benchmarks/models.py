@@ -328,9 +328,13 @@ def check_optimum_export(folder: Path) -> None:
     """Raise BenchSetupError unless `folder` holds an Optimum Pix2Struct export ORTModelForPix2Struct can load: its
     encoder, a decoder, and the processor's and model's configs. A folder without them ran the whole bench, every
     optimum cell failing at the end; a damaged cached export was trusted at every run."""
+    # Files, not empty ones (a copy cut short). No processor files needed: the worker takes the checkpoint's.
+    def there(name: str) -> bool:
+        return (folder / name).is_file() and (folder / name).stat().st_size > 0
+
     decoders = ("decoder_model_merged.onnx", "decoder_model.onnx")
-    missing = [name for name in ("encoder_model.onnx", "config.json", "preprocessor_config.json") if not (folder / name).is_file()]
-    if not any((folder / name).is_file() for name in decoders):
+    missing = [name for name in ("encoder_model.onnx", "config.json") if not there(name)]
+    if not any(there(name) for name in decoders):
         missing.append(" or ".join(decoders))
     if missing:
         raise BenchSetupError(f"{folder}: not an Optimum ONNX export of Pix2Struct (no {', '.join(missing)}); export one "
@@ -504,9 +508,10 @@ def prepare_models(
     config = _read_json(config_source)
     sources = {**given, **({"optimum": Path(optimum_dir)} if optimum_dir is not None else {})}
     max_patches = _max_patches(checkpoint, sources)
-    if checkpoint is not None and _needs(systems, "torch", "optimum"):
+    beside = [system for system in ("torch", "optimum") if system in systems and system not in unavailable]
+    if checkpoint is not None and beside:
         for system, bundle in user_bundles.items():
-            if (note := _another_model(bundle, checkpoint)) is not None:
+            if (note := _another_model(bundle, checkpoint, " and ".join(beside))) is not None:
                 log(f"warning: {system}: {note}")
                 notes.append(f"{system}: {note}")
     given_options = [option for option, value in (("--checkpoint", given_checkpoint), ("--model", bundles)) if value]
@@ -544,27 +549,31 @@ def _check_given_checkpoint(checkpoint: Path) -> None:
         raise BenchSetupError(str(exc)) from exc
 
 
-def _another_model(bundle: Path, checkpoint: Path) -> str | None:
-    """Why the given `bundle` may not be the model `checkpoint` holds (which torch and Optimum time), else None.
-    A bundle of another model timed beside them read as one model's rows (the shipped default bundle beside a
-    tiny model built here, say)."""
+def _another_model(bundle: Path, checkpoint: Path, beside: str) -> str | None:
+    """Why the given `bundle` may not be the model `checkpoint` holds (which the systems `beside` time), else
+    None. A bundle of another model timed beside them read as one model's rows (the shipped default bundle beside
+    a tiny model built here, say)."""
     from engine.bundle import MANIFEST_NAME, sha256_file
+    from export.parity import WEIGHT_FILE
 
-    source = Path(str(_read_json(bundle / MANIFEST_NAME).get("source") or ""))
-    if not str(source) or not source.is_dir():
-        return (f"{bundle} was exported from {source or 'a checkpoint it does not name'}, which is not here: whether its "
-                f"rows time the model of the torch and optimum rows ({checkpoint}) cannot be checked")
+    named = str(_read_json(bundle / MANIFEST_NAME).get("source") or "")
+    source = Path(named) if named else None
+    unknown = (f"whether its rows time the model of the {beside} rows ({checkpoint}) cannot be checked")
+    if source is None or not source.is_dir():
+        return f"{bundle} was exported from {named or 'a checkpoint it does not name'}, which is not here: {unknown}"
     if source.resolve() == checkpoint.resolve():
         return None
-    weights = sorted(p.name for p in checkpoint.glob("*.safetensors"))
+    weights = sorted(p.name for p in checkpoint.iterdir() if WEIGHT_FILE.fullmatch(p.name) and (source / p.name).is_file())
     try:
-        same = bool(weights) and all(sha256_file(source / name) == sha256_file(checkpoint / name) for name in weights)
+        same = [sha256_file(source / name) == sha256_file(checkpoint / name) for name in weights]
     except OSError:
-        same = False
-    if same:
+        same = []
+    if not same:  # nothing to compare (weights stored another way, unreadable)
+        return f"{bundle} was exported from {source}: {unknown}"
+    if all(same):
         return None
-    return (f"{bundle} was exported from {source}, whose weights are not those of {checkpoint} (timed by torch and "
-            "optimum): their rows are not one model's; pass the checkpoint it came from with --checkpoint")
+    return (f"{bundle} was exported from {source}, whose weights are not those of {checkpoint} (timed by {beside}): "
+            "their rows are not one model's; pass the checkpoint it came from with --checkpoint")
 
 
 def _checkpoint_identity(checkpoint: Path) -> dict[str, Any]:

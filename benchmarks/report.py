@@ -101,11 +101,14 @@ def markdown(results: dict[str, Any]) -> str:
     if scaling:
         small, large = scaling[0]["batch_sizes"]
         per_run = scaling[0].get("images_per_run", large)
+        small_per_run = scaling[0].get("small_images_per_run", per_run)
+        covering = (f"every run of both captioning the same {per_run} images in whole batches" if small_per_run == per_run
+                    else f"every run captioning whole batches: {small_per_run} images at batch {small}, {per_run} at "
+                         f"batch {large}, the same images in turn")  # fmt: skip
         lines += [
             "",
             f"Batch scaling, timed interleaved (a batch-{small} and a batch-{large} worker alive together, their "
-            f"{scaling[0]['repeats']} timed runs alternating, every run of both captioning the same {per_run} images "
-            "in whole batches; the table's batch sizes ran one after another):",
+            f"{scaling[0]['repeats']} timed runs alternating, {covering}; the table's batch sizes ran one after another):",
             "",
             f"| system | batch {small} s/img | batch {large} s/img | throughput batch {large} / batch {small} |",
             "|---|---:|---:|---:|",

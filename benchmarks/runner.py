@@ -295,17 +295,24 @@ def run_batch_scaling(
     """
     small, large = min(settings.batch_sizes), max(settings.batch_sizes)
     # Both sizes caption the same images, in whole batches of each: a batch-3 side of 3 and 4 ran 3+1, and its
-    # batch of one made batch 3 look slower than it is.
-    per_run = math.lcm(small, large)
+    # batch of one made batch 3 look slower than it is. Sizes without a small common multiple (7 and 8: 56)
+    # would take many times longer: then each side takes the fewest whole batches of its own that cover the
+    # larger batch (7 and 8: 14 and 8 images), from the same images in turn.
+    common = math.lcm(small, large)
+    per_run = {small: common, large: common} if common <= 4 * large else {small: -(-large // small) * small, large: large}
+    if per_run[small] != per_run[large]:
+        log(f"batch scaling: batch {small} captions {per_run[small]} images a run and batch {large} {per_run[large]} "
+            f"(the same {common} for both would take {common // large}x longer)")
     scaling: list[dict[str, Any]] = []
     for system in (s for s in systems if s.startswith("engine")):
         specs = {size: _spec(system, models, settings, size) for size in (small, large)}
         if any(spec is None for spec in specs.values()):
             continue
-        for spec in specs.values():
+        for size, spec in specs.items():
             assert spec is not None
-            spec.images_per_run = per_run
-        entry = {"system": system, "batch_sizes": [small, large], "repeats": settings.repeats, "images_per_run": per_run}
+            spec.images_per_run = per_run[size]
+        entry = {"system": system, "batch_sizes": [small, large], "repeats": settings.repeats,
+                 "images_per_run": per_run[large], "small_images_per_run": per_run[small]}  # fmt: skip
         _, available = memory_bytes()
         if available is not None and any(
             estimate_peak_bytes(spec, models, measured or {}) > NOT_STARTED_ABOVE * available for spec in specs.values() if spec

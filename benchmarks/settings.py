@@ -34,14 +34,18 @@ def default_cache() -> Path:
             import pwd
 
             try:
-                return Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "edlight" / "bench"
+                home = Path(pwd.getpwuid(os.getuid()).pw_dir or "/")
             except KeyError:
                 raise RuntimeError("no passwd entry") from None
-        return Path.home() / ".cache" / "edlight" / "bench"
+        else:
+            home = Path.home()
+        if home == Path("/"):  # a system user's "home" (or an empty one): never a place for a cache
+            raise RuntimeError("no home")
+        return home / ".cache" / "edlight" / "bench"
     except RuntimeError:  # Path.home() without HOME or a passwd entry
         raise ValueError(
-            "no home folder to keep the benchmark's models in (HOME is not set and this user has none): "
-            "pass --cache-dir, or set EDLIGHT_BENCH_CACHE"
+            "no home folder to keep the benchmark's models in (HOME is not set, or empty, or /, and this user has no "
+            "other): pass --cache-dir, or set EDLIGHT_BENCH_CACHE"
         ) from None
 
 

@@ -147,6 +147,9 @@ def test_a_user_without_a_home_is_told_what_to_pass_for_the_cache(
     monkeypatch.setenv("HOME", "")
     monkeypatch.delenv("EDLIGHT_BENCH_CACHE", raising=False)
     assert settings.default_cache() == Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "edlight" / "bench"
+    monkeypatch.setenv("HOME", "/")  # a system user's
+    with pytest.raises(ValueError, match="HOME is not set, or empty, or /"):
+        settings.default_cache()
 
 
 def test_a_failed_or_stopped_overwrite_keeps_the_earlier_results(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -239,14 +242,15 @@ def test_an_optimum_folder_without_an_export_is_refused_before_anything_runs(tmp
 
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(bench, ["--size", "tiny", "--systems", "optimum", "--optimum-model", str(tmp_path / "empty"),
-                                        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
+                                        "--cache-dir", str(tmp_path / "c" / "a" / "cache"), "--out", str(tmp_path / "o" / "b" / "out")])
     assert result.exit_code == 2, result.output
-    assert "empty: not an Optimum ONNX export of Pix2Struct (no encoder_model.onnx, config.json" in result.output
-    assert not (tmp_path / "cache").exists()  # refused before any image or model was built
-    for name in ("encoder_model.onnx", "decoder_model_merged.onnx", "config.json", "preprocessor_config.json"):
+    assert "empty: not an Optimum ONNX export of Pix2Struct (no encoder_model.onnx, config.json, decoder_model" in result.output
+    # Refused before any image or model was built: the folders it made for them are gone again, parents too.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    for name in ("encoder_model.onnx", "decoder_model_merged.onnx", "config.json"):  # no processor: the checkpoint's
         (tmp_path / "empty" / name).write_text("{}")
     check_optimum_export(tmp_path / "empty")
-    (tmp_path / "empty" / "decoder_model_merged.onnx").unlink()
+    (tmp_path / "empty" / "decoder_model_merged.onnx").write_bytes(b"")  # a copy cut short
     with pytest.raises(BenchSetupError, match=r"no decoder_model_merged\.onnx or decoder_model\.onnx"):
         check_optimum_export(tmp_path / "empty")
 
@@ -261,13 +265,20 @@ def test_a_bundle_of_another_model_than_the_checkpoint_is_noted(tmp_path: Path) 
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(weights)
     (bundle / "edlight.json").write_text(json.dumps({"source": str(source)}))
-    assert "whose weights are not those of" in (_another_model(bundle, checkpoint) or "")
+    assert "whose weights are not those of" in (_another_model(bundle, checkpoint, "torch") or "")
     (source / "model.safetensors").write_bytes(b"one")  # a copy of the same checkpoint
-    assert _another_model(bundle, checkpoint) is None
+    assert _another_model(bundle, checkpoint, "torch") is None
     (bundle / "edlight.json").write_text(json.dumps({"source": str(checkpoint)}))
-    assert _another_model(bundle, checkpoint) is None
+    assert _another_model(bundle, checkpoint, "torch") is None
     (bundle / "edlight.json").write_text(json.dumps({"source": str(tmp_path / "elsewhere")}))
-    assert "which is not here: whether its rows time the model" in (_another_model(bundle, checkpoint) or "")
+    assert "which is not here: whether its rows time the model of the torch rows" in (_another_model(bundle, checkpoint, "torch") or "")
+    (bundle / "edlight.json").write_text(json.dumps({"source": ""}))
+    assert "a checkpoint it does not name" in (_another_model(bundle, checkpoint, "torch") or "")
+    (bundle / "edlight.json").write_text(json.dumps({"source": str(source)}))
+    for folder in (checkpoint, source):  # .bin weights, the same in both: compared too
+        (folder / "model.safetensors").unlink()
+        (folder / "pytorch_model.bin").write_bytes(b"same")
+    assert _another_model(bundle, checkpoint, "torch") is None
 
 
 def test_a_graphs_external_weights_count_in_its_memory_estimate(tmp_path: Path) -> None:
@@ -711,6 +722,12 @@ def test_a_batch_scaling_worker_that_dies_is_said_and_fails_the_run(tiny_bundle:
     (tmp_path / "out" / "logs").mkdir(parents=True)
     whole = runner.run_batch_scaling(["engine"], plan, models, lambda _line: None, {})
     assert [row["images_per_run"] for row in whole] == [12] and whole[0]["throughput_ratio"] > 0
+    import dataclasses
+
+    # 7 and 8 have no small common multiple (56: 7x the work): each side whole batches of its own covering 8.
+    [wide] = runner.run_batch_scaling(["engine"], dataclasses.replace(plan, batch_sizes=[7, 8], repeats=1), models,
+                                      lambda _line: None, {})  # fmt: skip
+    assert (wide["small_images_per_run"], wide["images_per_run"]) == (14, 8) and wide["throughput_ratio"] > 0
 
     def kill_a_worker(line: str) -> None:
         if "repeat 1/" in line:  # between two timed runs: the next request finds its worker dead
@@ -721,7 +738,6 @@ def test_a_batch_scaling_worker_that_dies_is_said_and_fails_the_run(tiny_bundle:
     bench = runner.BenchRun(plan, models, lambda _line: None)
     bench.scaling = [failed]
     assert f"- engine: batch scaling failed ({failed['error']})" in markdown(bench.document())
-    import dataclasses
 
     alone = runner.BenchRun(dataclasses.replace(plan, interleave=False), models, lambda _line: None).document()
     assert any(note.startswith("batch scaling not timed (--no-interleave)") for note in alone["notes"])  # not dropped unsaid
