@@ -324,43 +324,37 @@ def _metadata_encoding(meta: _MetadataFile) -> str:
             offset += len(chunk)
 
 
-def _is_json_array(path: Path, encoding: str) -> bool:
-    """Whether the file holds one JSON array (read whole only when its first character opens one)."""
-    with path.open(encoding=encoding) as f:
-        for line in f:
-            if line.strip():
-                if not line.lstrip().startswith("["):
-                    return False
-                break
-        else:
-            return False
-    with path.open(encoding=encoding) as f:  # from the start again, its byte-order mark skipped
-        try:
-            return isinstance(json.load(f), list)
-        except ValueError:
-            return False
-
-
-def _is_pretty_printed(path: Path, encoding: str) -> bool:
-    """Whether the file holds JSON objects spread over several lines each (json.dumps(indent=2), jq without -c):
-    its first line opens an object and nothing else, which no JSON Lines row does, and the whole reads as
-    objects one after another."""
+def _not_json_lines(path: Path, encoding: str) -> str | None:
+    """Why a metadata.jsonl holding JSON is not JSON Lines, said once (one error per line would hide the one
+    mistake): one array, or objects spread over several lines each (json.dumps(indent=2), jq without -c), whose
+    first line opens an object and nothing else, which no JSON Lines row does. None otherwise; the file is read
+    whole only when its first line starts one of those. `encoding` (_metadata_encoding) drops a byte-order mark."""
     with path.open(encoding=encoding) as f:
         first = next((line for line in f if line.strip()), "")
-        if first.strip().removeprefix("\ufeff") != "{":
-            return False
+        if not (first.strip().startswith("[") or first.strip() == "{"):
+            return None
         text = first + f.read()
+    if first.strip().startswith("["):
+        try:
+            if isinstance(json.loads(text), list):
+                return ('holds one JSON array, not JSON Lines: write one object per line, {"file_name": "a.jpg", '
+                        '"text": "..."}, without the enclosing [ ]')
+        except ValueError:
+            pass
+        return None
     decoder, space, at, objects = json.JSONDecoder(), re.compile(r"\s*"), 0, 0
-    text = text.removeprefix("\ufeff")
     while (at := space.match(text, at).end()) < len(text):  # type: ignore[union-attr]  # \s* always matches
         try:
             value, at = decoder.raw_decode(text, at)
         except ValueError:
-            return False
+            return None
         if not isinstance(value, dict):
-            return False
+            return None
         objects += 1
-    return objects > 0
+    if not objects:
+        return None
+    return ("holds JSON objects spread over several lines (pretty-printed), not JSON Lines: write one object per "
+            "line (jq -c . FILE, or json.dumps without indent)")
 
 
 class _DuplicateKey(ValueError):
@@ -381,19 +375,9 @@ def _parse_jsonl(meta: _MetadataFile, column: str, parsed: _Parsed, seen: dict[s
     first = len(parsed.problems)
     rows, columns = 0, set[str]()  # JSON objects read, and every key they used
     encoding = _metadata_encoding(meta)
-    if _is_json_array(meta.path, encoding):  # one error per line would hide the one mistake
+    if (whole_file := _not_json_lines(meta.path, encoding)) is not None:
         parsed.fatal = True
-        parsed.problems.append(Problem(
-            meta.label, "holds one JSON array, not JSON Lines: write one object per line, "
-            '{"file_name": "a.jpg", "text": "..."}, without the enclosing [ ]',
-        ))  # fmt: skip
-        return
-    if _is_pretty_printed(meta.path, encoding):  # likewise: one error per line of each object
-        parsed.fatal = True
-        parsed.problems.append(Problem(
-            meta.label, "holds JSON objects spread over several lines (pretty-printed), not JSON Lines: write one "
-            "object per line (jq -c . FILE, or json.dumps without indent)",
-        ))  # fmt: skip
+        parsed.problems.append(Problem(meta.label, whole_file))
         return
     # Lines end at \n, \r\n or \r (open() splits them so); U+2028 and the like stay inside a caption.
     with meta.path.open(encoding=encoding) as f:
