@@ -620,6 +620,17 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     write_report(path, json.dumps(value, indent=2) + "\n")  # whole or not at all: a kill leaves old or new
 
 
+def _save_checkpoint(folder: Path, model: Any, processor: Any, cfg: TrainConfig) -> None:
+    """A checkpoint: the model and processor as save_pretrained writes them, and the run's data settings (a
+    checkpoint copied out of its run is still evaluated on the run's test split)."""
+    from train.checkpoint import CHECKPOINT_DATA_SETTINGS, DATA_SETTING_NAMES
+
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    identity = cfg.identity()
+    _write_json(folder / CHECKPOINT_DATA_SETTINGS, {name: identity[name] for name in DATA_SETTING_NAMES})
+
+
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     write_report(path, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -874,8 +885,6 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     from accelerate.utils import gather_object, set_seed
 
     from train.checkpoint import (
-        CHECKPOINT_DATA_SETTINGS,
-        DATA_SETTING_NAMES,
         atomic_save,
         check_checkpoint_dir,
         load_checkpoint,
@@ -1103,13 +1112,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         if is_main:
             if metrics and metrics[-1]["epoch"] == start_epoch and metrics[-1].get("best") and _older(out / "best", out / "last"):
                 # The last epoch was the best so far, yet best/ predates it: a kill came between its two saves.
-                def write_best(tmp: Path) -> None:
-                    model.save_pretrained(tmp)
-                    processor.save_pretrained(tmp)
-                    identity = cfg.identity()
-                    _write_json(tmp / CHECKPOINT_DATA_SETTINGS, {name: identity[name] for name in DATA_SETTING_NAMES})
-
-                atomic_save(out / "best", write_best)
+                atomic_save(out / "best", lambda tmp: _save_checkpoint(tmp, model, processor, cfg))
             _write_jsonl(out / "metrics.jsonl", metrics)
             _write_jsonl(out / "steps.jsonl", steps_log)
         if start_epoch >= cfg.epochs and pending is None:
@@ -1164,10 +1167,7 @@ def _run(config: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
 
     def save(dest: Path, with_state: bool, epoch: int, wall: float, pending: dict[str, Any] | None = None) -> None:
         def write(tmp: Path) -> None:
-            raw_model.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-            identity = cfg.identity()
-            _write_json(tmp / CHECKPOINT_DATA_SETTINGS, {name: identity[name] for name in DATA_SETTING_NAMES})
+            _save_checkpoint(tmp, raw_model, processor, cfg)
             if with_state:
                 # The logs travel with the state: a kill before metrics.jsonl is rewritten loses no epoch.
                 # `pending`: the epoch's training record, whose evaluation comes after this save; once
