@@ -310,10 +310,9 @@ def data_settings(
     given = {"caption_column": caption_column, "skip_bad": skip_bad, "test_ratio": test_ratio, "split_seed": split_seed}
     folder = Path(checkpoint).expanduser().resolve()  # resolved: "." is RUN/best too
     run_file = folder / CHECKPOINT_DATA_SETTINGS
-    recorded = _read_object(run_file) if any(v is None for v in given.values()) else {}
-    if not recorded and not run_file.is_file():
+    if not run_file.is_file():  # a checkpoint saved before it: its run's settings beside it
         run_file = folder.parent / RUN_CONFIG
-        recorded = read_run_config(folder.parent) if any(v is None for v in given.values()) else {}
+    recorded = _read_object(run_file) if any(v is None for v in given.values()) else {}
     values: dict[str, Any] = {}
     used = False
     overridden = []
