@@ -326,9 +326,10 @@ def export_optimum(checkpoint: Path, out: Path) -> None:
 
 def check_optimum_export(folder: Path) -> None:
     """Raise BenchSetupError unless `folder` holds an Optimum Pix2Struct export ORTModelForPix2Struct can load: its
-    encoder, a decoder, and the processor's and model's configs. A folder without them ran the whole bench, every
-    optimum cell failing at the end; a damaged cached export was trusted at every run."""
-    # Files, not empty ones (a copy cut short). No processor files needed: the worker takes the checkpoint's.
+    encoder, a decoder and the model's config (no processor files: the worker takes the checkpoint's). A folder
+    without them ran the whole bench, every optimum cell failing at the end; a damaged cached export was trusted
+    at every run."""
+    # Files, not empty ones (a copy cut short).
     def there(name: str) -> bool:
         return (folder / name).is_file() and (folder / name).stat().st_size > 0
 

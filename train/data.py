@@ -331,10 +331,11 @@ def _not_json_lines(path: Path, encoding: str) -> str | None:
     whole only when its first line starts one of those. `encoding` (_metadata_encoding) drops a byte-order mark."""
     with path.open(encoding=encoding) as f:
         first = next((line for line in f if line.strip()), "")
-        if not (first.strip().startswith("[") or first.strip() == "{"):
+        opening = first.strip()
+        if not (opening.startswith("[") or opening == "{"):
             return None
         text = first + f.read()
-    if first.strip().startswith("["):
+    if opening.startswith("["):
         try:
             if isinstance(json.loads(text), list):
                 return ('holds one JSON array, not JSON Lines: write one object per line, {"file_name": "a.jpg", '
@@ -342,7 +343,8 @@ def _not_json_lines(path: Path, encoding: str) -> str | None:
         except ValueError:
             pass
         return None
-    decoder, space, at, objects = json.JSONDecoder(), re.compile(r"\s*"), 0, 0
+    # Objects one after another to the end (the first line opened one, so there is at least one).
+    decoder, space, at = json.JSONDecoder(), re.compile(r"\s*"), 0
     while (at := space.match(text, at).end()) < len(text):  # type: ignore[union-attr]  # \s* always matches
         try:
             value, at = decoder.raw_decode(text, at)
@@ -350,9 +352,6 @@ def _not_json_lines(path: Path, encoding: str) -> str | None:
             return None
         if not isinstance(value, dict):
             return None
-        objects += 1
-    if not objects:
-        return None
     return ("holds JSON objects spread over several lines (pretty-printed), not JSON Lines: write one object per "
             "line (jq -c . FILE, or json.dumps without indent)")
 
