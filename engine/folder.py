@@ -840,6 +840,14 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
             out, why, len(files),
         )
 
+    def cannot_rewrite(exc: OSError, not_writable: str) -> None:
+        """Records stay where no copy may be written (`not_writable`: why, in this place) or fit; else the error."""
+        if exc.errno in NOT_WRITABLE_ERRNOS:
+            return records_stay(not_writable)
+        if exc.errno in FULL_DISK_ERRNOS:  # the copy needs as much room again as the file: the appends may fit
+            return records_stay(f"there is no room for a rewritten copy ({exc.strerror})")
+        raise OutputError(f"{out}: cannot drop the error records of images to retry: {exc.strerror or exc}") from exc
+
     with contextlib.suppress(OSError):
         if os.stat(out).st_nlink > 1:
             return records_stay("it has other hard links")
@@ -849,11 +857,7 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
             temporary.unlink()  # a kill's leftover of this pid, or a link planted there: "x" never opens through it
         handle = open(temporary, "xb")
     except OSError as exc:
-        if exc.errno in NOT_WRITABLE_ERRNOS:
-            return records_stay("its folder takes no new file")
-        if exc.errno in FULL_DISK_ERRNOS:
-            return records_stay(f"there is no room for a rewritten copy ({exc.strerror})")
-        raise OutputError(f"{out}: cannot drop the error records of images to retry: {exc.strerror or exc}") from exc
+        return cannot_rewrite(exc, "its folder takes no new file")
     try:
         with handle, open(out, "rb") as source:  # the lines as read: the lock kept anyone else from writing
             start = 0
@@ -873,11 +877,8 @@ def _drop_lines(out: Path, lines: list[_Line], files: set[str]) -> None:
             temporary.unlink()
         if exc.errno in (errno.EBUSY, errno.EXDEV):  # `out` is a mount point (Docker's -v file:file, a subPath)
             return records_stay("it is mounted on its own and cannot be replaced")
-        if exc.errno in NOT_WRITABLE_ERRNOS:  # a sticky folder (/tmp, 1777): only its owner may replace it
-            return records_stay("this user may not replace it in its folder (a sticky folder's file of another user)")
-        if exc.errno in FULL_DISK_ERRNOS:  # the copy needs as much room again as the file: the appends may fit
-            return records_stay(f"there is no room for a rewritten copy ({exc.strerror})")
-        raise OutputError(f"{out}: cannot drop the error records of images to retry: {exc.strerror or exc}") from exc
+        # Not writable here: a sticky folder (/tmp, 1777), where only its owner may replace it.
+        return cannot_rewrite(exc, "this user may not replace it in its folder (a sticky folder's file of another user)")
 
 
 def _take_owner_and_mode(copy: Path, original: Path) -> None:
