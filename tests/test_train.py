@@ -114,6 +114,14 @@ def test_vision_init_whitens_the_patch_projection_on_the_training_patches() -> N
     spread = features.std(0)
     assert spread.max() < 1.0 and spread[0] > 1.0 - PCA_EPSILON, spread[:4]
     assert np.all(np.diff(spread) <= 1e-4)  # strongest direction first
+    # The reference: an SVD of the centred rows in float64 gives the same spreads and the same strongest
+    # direction (the rest are nearly tied in this noise, so any rotation among them is as good).
+    _, singular, directions = np.linalg.svd((patches - patches.mean(0)).astype(np.float64), full_matrices=False)
+    reference = singular[:128] / len(patches) ** 0.5
+    weight = projection.weight.detach().numpy().astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(weight, axis=1), 1 / (reference + PCA_EPSILON), rtol=1e-4)
+    strongest = directions[0] * np.sign(directions[0][np.abs(directions[0]).argmax()])  # largest component > 0
+    np.testing.assert_allclose(weight[0] * (reference[0] + PCA_EPSILON), strongest, atol=1e-5)
     # The same images and seed give the same model; no images leave the projection at its random init.
     again, _ = build_from_preset("tiny", captions, max_patches=64, seed=0, images=pages)
     assert torch.equal(again.encoder.embeddings.patch_projection.weight, projection.weight)
