@@ -50,8 +50,10 @@ run: $(ENGINE_VENV)/.installed
 
 test: test-full test-torchfree
 
+# In one worker process per CPU (pytest-xdist), a test file to a worker: most of the suite waits on
+# subprocesses importing torch, one core each. The tiny model's fixtures are built once for all workers.
 test-full: $(VENV)/.installed
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q -n auto --dist loadfile tests
 
 # The same engine tests again where torch, transformers and optimum are absent.
 test-torchfree: $(ENGINE_VENV)/.installed
