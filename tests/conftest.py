@@ -6,7 +6,6 @@ Heavy libraries are imported inside the fixtures so the torch-free suite
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 from collections.abc import Callable
@@ -18,17 +17,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+def built_once(
+    config: pytest.Config, tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]
+) -> Path:
     """A folder `name` holding what `build(folder)` made, made once per test run.
 
     `make test` runs the suite in pytest-xdist worker processes, each of which runs session fixtures on its
-    own: the first worker to ask builds into a folder they all share (beside the workers' own temporary
-    folders) while the others wait on a lock, then take it. A build that failed is tried again.
+    own: the first worker to ask builds into a folder they all share (the run's temporary folder, which holds
+    each worker's own) while the others wait on a lock, then take it. A build that failed is tried again.
     """
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
+    if not hasattr(config, "workerinput"):  # not an xdist worker (xdist sets it on its workers' config)
         folder = tmp_path_factory.mktemp(name)
         build(folder)
         return folder
+    import fcntl  # POSIX only, as xdist runs are here (make test); a plain run needs no lock
+
     shared = tmp_path_factory.getbasetemp().parent
     folder, done = shared / name, shared / f"{name}.done"
     with open(shared / f"{name}.lock", "w") as lock:
@@ -42,15 +45,15 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
 
 
 @pytest.fixture(scope="session")
-def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def synth_data(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """200 generated student-work images with metadata.jsonl (seed 0)."""
     from train.synth import generate
 
-    return built_once(tmp_path_factory, "synth", lambda folder: generate(folder / "data", n=200, seed=0)) / "data"
+    return built_once(pytestconfig, tmp_path_factory, "synth", lambda folder: generate(folder / "data", n=200, seed=0)) / "data"
 
 
 @pytest.fixture(scope="session")
-def tiny_run(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_run(synth_data: Path, pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory of the `tiny` preset trained briefly on `synth_data`."""
     from train.loop import TrainConfig, train
 
@@ -59,7 +62,7 @@ def tiny_run(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     def run(folder: Path) -> None:
         train(TrainConfig(data=synth_data, out=folder / "tiny", preset="tiny", epochs=3, batch_size=16, lr=2e-3, seed=0))
 
-    return built_once(tmp_path_factory, "runs", run) / "tiny"
+    return built_once(pytestconfig, tmp_path_factory, "runs", run) / "tiny"
 
 
 @pytest.fixture(scope="session")
@@ -68,19 +71,19 @@ def tiny_checkpoint(tiny_run: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_bundle(tiny_checkpoint: Path, pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fp32 bundle exported from `tiny_checkpoint`."""
     from export.onnx import export_bundle
 
-    return built_once(tmp_path_factory, "bundle-fp32", lambda folder: export_bundle(tiny_checkpoint, folder / "fp32")) / "fp32"
+    return built_once(pytestconfig, tmp_path_factory, "bundle-fp32", lambda folder: export_bundle(tiny_checkpoint, folder / "fp32")) / "fp32"
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle_int8(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_bundle_int8(tiny_checkpoint: Path, pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """int8 bundle exported from `tiny_checkpoint`."""
     from export.onnx import export_bundle
 
     def export(folder: Path) -> None:
         export_bundle(tiny_checkpoint, folder / "int8", quantize="int8")
 
-    return built_once(tmp_path_factory, "bundle-int8", export) / "int8"
+    return built_once(pytestconfig, tmp_path_factory, "bundle-int8", export) / "int8"

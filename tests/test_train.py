@@ -122,6 +122,7 @@ def test_vision_init_whitens_the_patch_projection_on_the_training_patches() -> N
     np.testing.assert_allclose(np.linalg.norm(weight, axis=1), 1 / (reference + PCA_EPSILON), rtol=1e-4)
     strongest = directions[0] * np.sign(directions[0][np.abs(directions[0]).argmax()])  # largest component > 0
     np.testing.assert_allclose(weight[0] * (reference[0] + PCA_EPSILON), strongest, atol=1e-5)
+    assert (weight[np.arange(len(weight)), np.abs(weight).argmax(1)] > 0).all()  # every direction's sign is fixed
     # The same images and seed give the same model; no images leave the projection at its random init.
     again, _ = build_from_preset("tiny", captions, max_patches=64, seed=0, images=pages)
     assert torch.equal(again.encoder.embeddings.patch_projection.weight, projection.weight)
@@ -1577,14 +1578,14 @@ def test_two_process_ddp_run_on_cpu(small_data: Path, tmp_path: Path) -> None:
     common = ["--data", str(small_data), "--preset", "tiny", "--epochs", "3", "--lr", "2e-3", "--max-patches", "64",
               "--no-augment", "--no-progress", "--seed", "0"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    runs = {
-        "one": [sys.executable, "-m", "engine.cli", "train", "--out", str(tmp_path / "one"), "--batch-size", "8"],
-        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(_free_port()), "-m", "engine.cli", "train", "--out", str(tmp_path / "two"), "--batch-size", "4"],
+    runs = {  # the port is picked just before torchrun binds it
+        "one": lambda: [sys.executable, "-m", "engine.cli", "train", "--out", str(tmp_path / "one"), "--batch-size", "8"],
+        "two": lambda: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(_free_port()), "-m", "engine.cli", "train", "--out", str(tmp_path / "two"), "--batch-size", "4"],
     }  # fmt: skip
     losses, said = {}, {}
-    for name, cmd in runs.items():
-        proc = subprocess.run(cmd + common, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    for name, command in runs.items():
+        proc = subprocess.run(command() + common, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         losses[name] = [m["loss"] for m in metrics]

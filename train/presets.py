@@ -376,7 +376,7 @@ def init_vision_tower(model: Any, patches: Any) -> None:
         centred = pixels - mean
         # The principal directions as eigenvectors of the pixels' covariance (768 x 768), not from an SVD of
         # the rows themselves: the same directions and spreads (eigenvalues are the squared singular values
-        # over the row count) in a fraction of the time and without the SVD's rows x 768 copy. 300 pages at
+        # over the row count) in a fraction of the time and with fewer rows x 768 copies. 300 pages at
         # 2048 patches are 600k rows: minutes and gigabytes as an SVD, a few seconds as a covariance. The
         # float32 product loses nothing that matters here (about 1e-6 of the spreads kept); the eigen-
         # decomposition runs in float64.
