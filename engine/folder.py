@@ -170,11 +170,11 @@ def collect_inputs(
     for raw in inputs:
         root = Path(raw)
         if _is_input_folder(raw):
-            walked = [(path, path.relative_to(root).as_posix()) for path in _walk(root, frozenset(), unreadable, top=True)]
+            walked = list(_walk(root, frozenset(), unreadable, top=True))
         else:
-            walked = [(root, root.name)]
-        for path, name in walked:
-            real = os.path.realpath(path)
+            walked = [(root, root.name, None)]
+        for path, name, real_or_none in walked:
+            real = os.path.realpath(path) if real_or_none is None else real_or_none
             identity: object
             try:
                 info = os.stat(path)
@@ -205,9 +205,12 @@ def collect_inputs(
     if duplicates is not None:
         duplicates += [str(item.path) for index, item in enumerate(found) if index not in kept_set]
     found, given = [found[i] for i in kept], [given[i] for i in kept]
+    # Per input, not per file: a stat and two Paths for each of a million files were seconds.
+    folder_prefix = {raw: f"{Path(raw).as_posix().rstrip('/')}/" if Path(raw).is_dir() else None for raw in set(given)}
     named = []
     for item, raw in zip(found, given, strict=True):
-        prefixed = f"{Path(raw).as_posix().rstrip('/')}/{item.file}" if Path(raw).is_dir() else raw
+        prefix_of_input = folder_prefix[raw]
+        prefixed = raw if prefix_of_input is None else prefix_of_input + item.file
         file, other = (prefixed, item.file) if prefix else (item.file, prefixed)
         named.append(InputFile(item.path, file, item.real, item.bytes, other if other != file else None, item.mtime_ns))
     return named
@@ -328,11 +331,18 @@ def _without_symlinks(item: InputFile) -> bool:
     return item.real == os.path.abspath(item.path)
 
 
-def _walk(folder: Path, ancestors: frozenset[tuple[int, int]], unreadable: list[str] | None, top: bool = False) -> Iterator[Path]:
-    """Image files below `folder`, sorted by name, depth first; `ancestors`: (device, inode) of the folders
-    above it. A stack of listings, not recursion: a tree may be deeper than Python's recursion limit."""
+def _walk(
+    folder: Path, ancestors: frozenset[tuple[int, int]], unreadable: list[str] | None, top: bool = False
+) -> Iterator[tuple[Path, str, str | None]]:
+    """Image files below `folder`, sorted by name, depth first, each as (path, its name relative to `folder`
+    in POSIX form, its real path or None where only os.path.realpath can tell); `ancestors`: (device, inode)
+    of the folders above it. A stack of listings, not recursion: a tree may be deeper than Python's recursion
+    limit. The real path of a file that is not a symlink is its folder's, resolved once per folder, plus its
+    name: os.path.realpath on each file checked every folder above it again."""
 
-    def listing(current: Path, above: frozenset[tuple[int, int]], is_top: bool) -> tuple[Iterator[os.DirEntry[str]], frozenset[tuple[int, int]]] | None:
+    Listing = tuple[Iterator[os.DirEntry[str]], frozenset[tuple[int, int]], str, str]
+
+    def listing(current: Path, above: frozenset[tuple[int, int]], is_top: bool, relative: str) -> Listing | None:
         try:
             info = os.stat(current)
             if (info.st_dev, info.st_ino) in above:
@@ -344,12 +354,12 @@ def _walk(folder: Path, ancestors: frozenset[tuple[int, int]], unreadable: list[
                 raise OutputError(message) from exc
             unreadable.append(message)
             return None
-        return iter(entries), above | {(info.st_dev, info.st_ino)}
+        return iter(entries), above | {(info.st_dev, info.st_ino)}, relative, os.path.realpath(current)
 
-    first = listing(folder, ancestors, top)
+    first = listing(folder, ancestors, top, "")
     stack = [first] if first is not None else []
     while stack:
-        entries, inside = stack[-1]
+        entries, inside, relative, real_folder = stack[-1]
         entry = next(entries, None)
         if entry is None:
             stack.pop()
@@ -362,11 +372,15 @@ def _walk(folder: Path, ancestors: frozenset[tuple[int, int]], unreadable: list[
         if is_folder:
             if is_system_folder(entry.name):
                 continue
-            below = listing(path, inside, False)
+            below = listing(path, inside, False, f"{relative}{entry.name}/")
             if below is not None:
                 stack.append(below)
         elif is_image_name(path) and not entry.name.startswith("."):
-            yield path
+            try:
+                real = None if entry.is_symlink() else os.path.join(real_folder, entry.name)
+            except OSError:  # the file system gives no type and lstat failed: let realpath find out
+                real = None
+            yield path, relative + entry.name, real
 
 
 # Folders that operating systems and file servers keep beside photos: thumbnails of every image (Synology's

@@ -1256,7 +1256,9 @@ def test_macos_metadata_files_are_not_walked_as_images(tmp_path: Path) -> None:
     assert [f.file for f in collect_inputs([tmp_path / "._a.png"])] == ["._a.png"]  # given explicitly: an error record
 
 
-def test_folders_are_followed_through_symlinks_once_and_files_counted_once(captioner: Captioner, tmp_path: Path) -> None:
+def test_folders_are_followed_through_symlinks_once_and_files_counted_once(
+    captioner: Captioner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = tmp_path / "in"
     make_folder(root / "real", 2)
     (root / "alias").symlink_to(root / "real")  # the same folder twice: its images are captioned once
@@ -1269,6 +1271,14 @@ def test_folders_are_followed_through_symlinks_once_and_files_counted_once(capti
     # A file reached by several paths keeps the one without symlinks, wherever it comes in the walk.
     assert files == ["more/linked.jpe", "real/img_001.png", "real/nested/img_000.png"]
     assert len(duplicates) == 11 - 3  # each root gives 5 paths (2 through alias/), plus the explicit file
+    # Real paths come from each folder's, resolved once: the same as os.path.realpath on every file, also for
+    # a file that is itself a symlink and for a relative input.
+    (root / "real" / "also.png").symlink_to(root / "real" / "img_001.png")
+    monkeypatch.chdir(tmp_path)
+    for given in (root, Path("in"), Path("in/alias")):
+        found = collect_inputs([given])
+        assert found and all(f.real == os.path.realpath(f.path) for f in found), given
+    (root / "real" / "also.png").unlink()
     summary = captioner.caption_folder([root, root], out=tmp_path / "o.jsonl", progress=False)
     assert (summary.total, summary.captioned, len(summary.duplicates)) == (3, 3, 10 - 3)
     assert "path(s) to files already captioned under another name" in summary.line()
