@@ -340,7 +340,8 @@ def _walk(
     limit. The real path of a file that is not a symlink is its folder's, resolved once per folder, plus its
     name: os.path.realpath on each file checked every folder above it again."""
 
-    Listing = tuple[Iterator[os.DirEntry[str]], frozenset[tuple[int, int]], str, str]
+    Listing = tuple[Iterator[os.DirEntry[str]], frozenset[tuple[int, int]], str]
+    real_folders: dict[str, str] = {}  # resolved at a folder's first image: one that holds none is never asked
 
     def listing(current: Path, above: frozenset[tuple[int, int]], is_top: bool, relative: str) -> Listing | None:
         try:
@@ -354,12 +355,12 @@ def _walk(
                 raise OutputError(message) from exc
             unreadable.append(message)
             return None
-        return iter(entries), above | {(info.st_dev, info.st_ino)}, relative, os.path.realpath(current)
+        return iter(entries), above | {(info.st_dev, info.st_ino)}, relative
 
     first = listing(folder, ancestors, top, "")
     stack = [first] if first is not None else []
     while stack:
-        entries, inside, relative, real_folder = stack[-1]
+        entries, inside, relative = stack[-1]
         entry = next(entries, None)
         if entry is None:
             stack.pop()
@@ -377,9 +378,15 @@ def _walk(
                 stack.append(below)
         elif is_image_name(path) and not entry.name.startswith("."):
             try:
-                real = None if entry.is_symlink() else os.path.join(real_folder, entry.name)
-            except OSError:  # the file system gives no type and lstat failed: let realpath find out
-                real = None
+                if entry.is_symlink():
+                    real = None
+                else:
+                    parent = os.path.dirname(entry.path)
+                    if parent not in real_folders:
+                        real_folders[parent] = os.path.realpath(parent)
+                    real = os.path.join(real_folders[parent], entry.name)
+            except OSError:  # no type from the file system and lstat failed, or the folder cannot be resolved
+                real = None  # (a relative one in a deleted working folder): realpath on the file, as before
             yield path, relative + entry.name, real
 
 
