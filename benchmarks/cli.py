@@ -9,7 +9,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -168,120 +168,127 @@ def bench(
         problem = too_many_threads(threads)
         if problem:
             cannot_run(problem)
-    made = [_first_missing(folder) for folder in (out, cache)]  # removed again, if still empty, when the run cannot start
-    for folder, what in ((out, "results folder"), (cache, "model cache")):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            why = "it or a folder above it is a file" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
-            _remove_if_empty(made)
-            cannot_run(f"{folder}: cannot create the {what} ({why})")
-        try:
-            _check_writable(folder, what)
-        except SystemExit:
-            _remove_if_empty(made)
-            raise
-    logs = out / "logs"
-    if logs.exists() and not _logs_are_ours(logs):
-        cannot_run(f"{logs} holds files edlight bench did not write, and the workers' logs go there; choose another --out")
-    results_there = [out / name for name in RESULT_FILES if (out / name).exists()]
-    if results_there and not overwrite:  # like every "cannot run" of the bench: exit 2
-        cannot_run(f"{out} holds the results of an earlier run; pass --overwrite or choose another --out")
-    # Logs without results are an unfinished run's (stopped, or every measurement failed): replaced, not kept.
-    earlier = [*results_there, *([logs] if results_there and logs.exists() else [])]
-    stale_logs = logs.exists() and not results_there
-    started = time.perf_counter()
-
-    def log(message: str) -> None:
-        elapsed = int(time.perf_counter() - started)
-        click.echo(f"[bench {elapsed // 60:02d}:{elapsed % 60:02d}] {message}")
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    measuring = False  # errors before the measurements: the bench cannot run (2); during them: it failed (1)
-    try:
-        settings = BenchSettings(
-            size=size, systems=systems, batch_sizes=batch_sizes, threads=threads or available_cores(), repeats=repeats,
-            warmup=warmup, tokens=tokens, out=out, cache_dir=cache,
-            ceiling_seconds=ceiling_seconds, interleave=not no_interleave,
-        )
-        # One bench at a time per results folder and per cache (two would build the same models at once
-        # and time each other).
-        with (
-            output_lock(out / "results.json", elsewhere="pass another --out"),
-            output_lock(cache / "models", elsewhere="pass another --cache-dir (the models are built again there)"),
-        ):
-            log(f"{size} size; systems {','.join(settings.systems)}; batch sizes {settings.batch_sizes}; "
-                f"{settings.threads} threads; cache {settings.cache_dir}")
-            models = prepare_models(size, settings.systems, settings.cache_dir, log, checkpoint=checkpoint,
-                                    bundles=list(bundles), optimum_dir=optimum_dir, images_dir=images_dir)
-            _unused_cache(settings.cache_dir, models.cache_entries, prune_cache, log)
-            # Set aside only now that the new run can start (old logs must not mix in), and put back if it
-            # does not finish: an interrupted --overwrite must not lose the earlier results.
-            for left in sorted(out.glob(".earlier-results-*")):  # under the lock: no run is alive to put them back
-                click.echo(f"warning: {left} holds the results an --overwrite run set aside and did not live to put "
-                           "back (it was killed); move them back by hand if you want them", err=True)
-            if stale_logs:
-                shutil.rmtree(logs)
-            aside = Path(tempfile.mkdtemp(prefix=".earlier-results-", dir=out)) if earlier else None
-            for path in earlier:
-                assert aside is not None
-                path.rename(aside / path.name)
+    # The folders this run makes for --out and the cache, removed again if still empty when it cannot run.
+    made = [_first_missing(folder) for folder in (out, cache)]
+    with _removed_if_refused(made):
+        for folder, what in ((out, "results folder"), (cache, "model cache")):
             try:
-                measuring = True
-                run = BenchRun(settings, models, log)
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                why = "it or a folder above it is a file" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+                cannot_run(f"{folder}: cannot create the {what} ({why})")
+            _check_writable(folder, what)
+        logs = out / "logs"
+        if logs.exists() and not _logs_are_ours(logs):
+            cannot_run(f"{logs} holds files edlight bench did not write, and the workers' logs go there; choose another --out")
+        results_there = [out / name for name in RESULT_FILES if (out / name).exists()]
+        if results_there and not overwrite:  # like every "cannot run" of the bench: exit 2
+            cannot_run(f"{out} holds the results of an earlier run; pass --overwrite or choose another --out")
+        # Logs without results are an unfinished run's (stopped, or every measurement failed): replaced, not kept.
+        earlier = [*results_there, *([logs] if results_there and logs.exists() else [])]
+        stale_logs = logs.exists() and not results_there
+        started = time.perf_counter()
+
+        def log(message: str) -> None:
+            elapsed = int(time.perf_counter() - started)
+            click.echo(f"[bench {elapsed // 60:02d}:{elapsed % 60:02d}] {message}")
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        measuring = False  # errors before the measurements: the bench cannot run (2); during them: it failed (1)
+        try:
+            settings = BenchSettings(
+                size=size, systems=systems, batch_sizes=batch_sizes, threads=threads or available_cores(), repeats=repeats,
+                warmup=warmup, tokens=tokens, out=out, cache_dir=cache,
+                ceiling_seconds=ceiling_seconds, interleave=not no_interleave,
+            )
+            # One bench at a time per results folder and per cache (two would build the same models at once
+            # and time each other).
+            with (
+                output_lock(out / "results.json", elsewhere="pass another --out"),
+                output_lock(cache / "models", elsewhere="pass another --cache-dir (the models are built again there)"),
+            ):
+                log(f"{size} size; systems {','.join(settings.systems)}; batch sizes {settings.batch_sizes}; "
+                    f"{settings.threads} threads; cache {settings.cache_dir}")
+                models = prepare_models(size, settings.systems, settings.cache_dir, log, checkpoint=checkpoint,
+                                        bundles=list(bundles), optimum_dir=optimum_dir, images_dir=images_dir)
+                _unused_cache(settings.cache_dir, models.cache_entries, prune_cache, log)
+                # Set aside only now that the new run can start (old logs must not mix in), and put back if it
+                # does not finish: an interrupted --overwrite must not lose the earlier results.
+                for left in sorted(out.glob(".earlier-results-*")):  # under the lock: no run is alive to put them back
+                    click.echo(f"warning: {left} holds the results an --overwrite run set aside and did not live to put "
+                               "back (it was killed); move them back by hand if you want them", err=True)
+                if stale_logs:
+                    shutil.rmtree(logs)
+                aside = Path(tempfile.mkdtemp(prefix=".earlier-results-", dir=out)) if earlier else None
+                for path in earlier:
+                    assert aside is not None
+                    path.rename(aside / path.name)
                 try:
-                    run.measure()
-                except KeyboardInterrupt as stop:
-                    _keep_what_was_measured(run, stop, out, log, earlier_kept=aside is not None)
-                    raise
-                results = run.document()
-                nothing_measured = bool(results["results"]) and not any(r.get("total_s_per_image") for r in results["results"])
-                if aside is not None and nothing_measured:
-                    for cell in results["results"]:
-                        first_line = ((cell.get("error") or "").splitlines() or ["failed"])[0]
-                        click.echo(f"{cell['system']} at batch {cell['batch_size']}: {first_line}", err=True)
-                    _put_back(aside, out)  # a run with nothing measured does not replace one that measured
-                    aside = None
-                    failed(f"every measurement failed; the earlier results in {out} are kept (run into another "
-                           "--out to keep this run's worker logs)")
-                try:
-                    # A stop now would lose a finished run or leave half-written files: it waits until they are
-                    # written and the earlier results they replace are gone (then ends the run as usual).
-                    with stops_held():
-                        paths = write_all(results, settings.out)
-                        if aside is not None:
-                            shutil.rmtree(aside, ignore_errors=True)
-                            aside = None
+                    measuring = True
+                    run = BenchRun(settings, models, log)
+                    try:
+                        run.measure()
+                    except KeyboardInterrupt as stop:
+                        _keep_what_was_measured(run, stop, out, log, earlier_kept=aside is not None)
+                        raise
+                    results = run.document()
+                    nothing_measured = bool(results["results"]) and not any(r.get("total_s_per_image") for r in results["results"])
+                    if aside is not None and nothing_measured:
+                        for cell in results["results"]:
+                            first_line = ((cell.get("error") or "").splitlines() or ["failed"])[0]
+                            click.echo(f"{cell['system']} at batch {cell['batch_size']}: {first_line}", err=True)
+                        _put_back(aside, out)  # a run with nothing measured does not replace one that measured
+                        aside = None
+                        failed(f"every measurement failed; the earlier results in {out} are kept (run into another "
+                               "--out to keep this run's worker logs)")
+                    try:
+                        # A stop now would lose a finished run or leave half-written files: it waits until they are
+                        # written and the earlier results they replace are gone (then ends the run as usual).
+                        with stops_held():
+                            paths = write_all(results, settings.out)
+                            if aside is not None:
+                                shutil.rmtree(aside, ignore_errors=True)
+                                aside = None
+                            click.echo("")
+                            click.echo(paths["markdown"].read_text(encoding="utf-8"))
+                            log("wrote " + ", ".join(str(p) for p in paths.values()))
+                    except OSError as exc:  # a full disk, a folder made read-only meanwhile: the table is still shown
                         click.echo("")
-                        click.echo(paths["markdown"].read_text(encoding="utf-8"))
-                        log("wrote " + ", ".join(str(p) for p in paths.values()))
-                except OSError as exc:  # a full disk, a folder made read-only meanwhile: the table is still shown
-                    click.echo("")
-                    click.echo(markdown(results))
-                    _remove_results(out)  # half-written files would pass for an earlier run's results
-                    failed(f"{out}: cannot write the results ({exc.strerror or exc}); the table above is what this run measured")
-            except BaseException:
-                if aside is not None:
-                    _put_back(aside, out)
-                raise
-    except BenchSetupError as exc:  # the job cannot run here (like a missing extra): exit 2
-        _remove_if_empty(made)
-        cannot_run(str(exc))
-    except (EdlightError, ValueError) as exc:
-        if not measuring:  # settings, another bench holding the results folder or cache, models that cannot load
-            _remove_if_empty(made)
+                        click.echo(markdown(results))
+                        _remove_results(out)  # half-written files would pass for an earlier run's results
+                        failed(f"{out}: cannot write the results ({exc.strerror or exc}); the table above is what this run measured")
+                except BaseException:
+                    if aside is not None:
+                        _put_back(aside, out)
+                    raise
+        except BenchSetupError as exc:  # the job cannot run here (like a missing extra): exit 2
             cannot_run(str(exc))
-        failed(str(exc))
-    if nothing_measured:
-        failed(f"every measurement failed; see the worker logs in {out / 'logs'}")
-    # Written all the same (what did run is worth keeping), but a script or a cron job must see that a cell the
-    # run was asked for is missing or cut short.
-    unfinished = [f"{r['system']} at batch {r['batch_size']}" for r in results["results"] if r.get("status") == "failed"]
-    unfinished += [f"{r['system']}'s batch scaling" for r in results.get("batch_scaling") or [] if r.get("error")]
-    if unfinished:
-        asked = len(results["results"]) + len(results.get("batch_scaling") or [])
-        failed(f"{len(unfinished)} of {asked} measurements failed or were cut short "
-               f"({', '.join(unfinished)}); see the table and notes above and the worker logs in {out / 'logs'}")
+        except (EdlightError, ValueError) as exc:
+            if not measuring:  # settings, another bench holding the results folder or cache, models that cannot load
+                cannot_run(str(exc))
+            failed(str(exc))
+        if nothing_measured:
+            failed(f"every measurement failed; see the worker logs in {out / 'logs'}")
+        # Written all the same (what did run is worth keeping), but a script or a cron job must see that a cell the
+        # run was asked for is missing or cut short.
+        unfinished = [f"{r['system']} at batch {r['batch_size']}" for r in results["results"] if r.get("status") == "failed"]
+        unfinished += [f"{r['system']}'s batch scaling" for r in results.get("batch_scaling") or [] if r.get("error")]
+        if unfinished:
+            asked = len(results["results"]) + len(results.get("batch_scaling") or [])
+            failed(f"{len(unfinished)} of {asked} measurements failed or were cut short "
+                   f"({', '.join(unfinished)}); see the table and notes above and the worker logs in {out / 'logs'}")
+
+
+@contextlib.contextmanager
+def _removed_if_refused(made: list[Path | None]) -> Iterator[None]:
+    """A run that cannot run (cannot_run: exit 2, before anything is built or measured) leaves none of the
+    folders it made behind empty."""
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code == 2:
+            _remove_if_empty(made)
+        raise
 
 
 def _first_missing(folder: Path) -> Path | None:

@@ -68,6 +68,9 @@ def test_earlier_results_are_kept_unless_overwrite(tmp_path: Path) -> None:
     result = CliRunner().invoke(bench, ["--out", str(tmp_path), "--size", "tiny"])
     assert result.exit_code == 2 and "earlier run" in result.output and "--overwrite" in result.output
     assert (tmp_path / "results.json").read_text() == "{}"
+    # Refused after it made its cache folder: the folder goes again (as for every refusal before any build).
+    result = CliRunner().invoke(bench, ["--out", str(tmp_path), "--size", "tiny", "--cache-dir", str(tmp_path / "new" / "cache")])
+    assert result.exit_code == 2 and "earlier run" in result.output and not (tmp_path / "new").exists()
     # With --overwrite, a run that cannot start (a --model that is no bundle) keeps them too.
     (tmp_path / "not-a-bundle").mkdir()
     result = CliRunner().invoke(bench, ["--out", str(tmp_path), "--size", "tiny", "--overwrite", "--systems", "engine",
