@@ -772,10 +772,12 @@ def _parse_line(out: Path, fmt: str, number: int, raw: bytes, end: int, columns:
         UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError, StopIteration,
         OverflowError, RecursionError, csv.Error,  # 1e400 bytes, JSON nested beyond the parser, a huge CSV field
     ) as exc:  # fmt: skip
-        if number == 1 and (other := _caption_format(raw)) not in (None, fmt):
+        # The first line says whose file this is: another format's, ours damaged, or not a caption file.
+        other = _caption_format(raw) if number == 1 else fmt
+        if other not in (None, fmt):
             raise OutputError(f"{out}: a {other.upper()} caption file, not {fmt.upper()}: caption into it with --format {other}") from exc
         # A damaged caption file may be started afresh; anything else is not ours to replace.
-        ours = number > 1 or _caption_format(raw) == fmt
+        ours = other == fmt
         remedy = "fix the file, or start afresh with --overwrite" if ours else "choose another output"
         raise OutputError(f"{out}:{number}: not a caption record ({exc}); {remedy}") from exc
     return _Line(end, str(file), failed, None if model is None else sys.intern(str(model)), size,  # few models
